@@ -1,0 +1,438 @@
+// Fused filtered parameter update on the CPU: see update.h.
+#include "update.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#ifdef YTTT_OPENMP
+#include <omp.h>
+#endif
+
+namespace yttt {
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;  // elements per work item (fixed: reductions stay deterministic)
+constexpr int kLanes = 8;            // independent accumulators per work item (vectorisable)
+
+// ---- scalar storage types -------------------------------------------------------------
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3ffu;
+      bits = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t absb = bits & 0x7fffffffu;
+  if (absb > 0x7f800000u) return sign | 0x7e00u;            // NaN
+  if (absb >= 0x477ff000u) return sign | 0x7c00u;           // overflow (>= 65520) -> inf
+  if (absb < 0x38800000u) {                                 // subnormal or zero in fp16
+    if (absb < 0x33000000u) return sign;                    // < 2^-25 rounds to zero
+    const uint32_t exp = absb >> 23;
+    const uint32_t mant = (absb & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - exp;                       // 14..24
+    uint32_t half = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (half & 1u))) ++half;
+    return sign | static_cast<uint16_t>(half);
+  }
+  uint32_t r = absb + 0xfffu + ((absb >> 13) & 1u);
+  r -= (127 - 15) << 23;
+  return sign | static_cast<uint16_t>(r >> 13);
+}
+
+template <DType D> struct Storage;
+template <> struct Storage<DType::F32> {
+  using T = float;
+  using C = float;
+  static C load(T v) { return v; }
+  static T store(C v) { return v; }
+};
+template <> struct Storage<DType::BF16> {
+  using T = uint16_t;
+  using C = float;
+  static C load(T v) { return bf16_to_f32(v); }
+  static T store(C v) { return f32_to_bf16(v); }
+};
+template <> struct Storage<DType::F16> {
+  using T = uint16_t;
+  using C = float;
+  static C load(T v) { return f16_to_f32(v); }
+  static T store(C v) { return f32_to_f16(v); }
+};
+
+template <typename F>
+auto dispatch(DType d, F&& f) {
+  switch (d) {
+    case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
+    case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
+    case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
+  }
+  throw std::invalid_argument("yolozu_ttt._C: unsupported dtype");
+}
+
+DType parse_dtype(const std::string& s, const char* what) {
+  if (s == "torch.float32") return DType::F32;
+  if (s == "torch.bfloat16") return DType::BF16;
+  if (s == "torch.float16") return DType::F16;
+  throw py::type_error(std::string("yolozu_ttt._C: ") + what + " has unsupported dtype " + s +
+                       " (expected float32, bfloat16 or float16)");
+}
+
+double sum_in_order(const std::vector<double>& parts) {
+  double total = 0.0;
+  for (double v : parts) total += v;
+  return total;
+}
+
+template <typename Body>
+void parallel_items(int64_t n, Body&& body) {
+#ifdef YTTT_OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+}  // namespace
+
+Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none) {
+  Buffer b;
+  if (tensor.is_none()) {
+    if (allow_none) return b;
+    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be a tensor, got None");
+  }
+  if (!py::hasattr(tensor, "data_ptr") || !py::hasattr(tensor, "is_contiguous")) {
+    throw py::type_error(std::string("yolozu_ttt._C: ") + what + " must be a torch.Tensor");
+  }
+  if (py::str(tensor.attr("device").attr("type")).cast<std::string>() != "cpu") {
+    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be a CPU tensor");
+  }
+  if (!tensor.attr("is_contiguous")().cast<bool>()) {
+    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be contiguous");
+  }
+  b.ref = tensor;
+  b.ptr = reinterpret_cast<void*>(tensor.attr("data_ptr")().cast<uintptr_t>());
+  b.numel = tensor.attr("numel")().cast<int64_t>();
+  b.dtype = parse_dtype(py::str(tensor.attr("dtype")).cast<std::string>(), what);
+  return b;
+}
+
+ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
+                       py::object exp_avg_sq, py::object base, py::object snap,
+                       std::vector<int64_t> offsets, std::vector<int64_t> sizes,
+                       py::object has_grad)
+    : offsets_(std::move(offsets)), sizes_(std::move(sizes)) {
+  param_ = make_buffer(param, "param", false);
+  grad_ = make_buffer(grad, "grad", false);
+  exp_avg_ = make_buffer(exp_avg, "exp_avg", false);
+  exp_avg_sq_ = make_buffer(exp_avg_sq, "exp_avg_sq", false);
+  base_ = make_buffer(base, "base", false);
+  snap_ = make_buffer(snap, "snap", true);
+  const int64_t n = param_.numel;
+  auto check_same = [&](const Buffer& b, const char* what, bool same_dtype) {
+    if (!b.defined()) return;
+    if (b.numel != n)
+      throw py::value_error(std::string("yolozu_ttt._C: ") + what + " has " +
+                            std::to_string(b.numel) + " elements, param has " +
+                            std::to_string(n));
+    if (same_dtype && b.dtype != param_.dtype)
+      throw py::type_error(std::string("yolozu_ttt._C: ") + what + " dtype differs from param");
+  };
+  check_same(grad_, "grad", true);
+  check_same(base_, "base", true);
+  check_same(snap_, "snap", true);
+  check_same(exp_avg_, "exp_avg", false);
+  check_same(exp_avg_sq_, "exp_avg_sq", false);
+  if (exp_avg_.dtype != DType::F32 || exp_avg_sq_.dtype != DType::F32)
+    throw py::type_error("yolozu_ttt._C: exp_avg and exp_avg_sq must be float32");
+  if (offsets_.size() != sizes_.size())
+    throw py::value_error("yolozu_ttt._C: offsets and sizes differ in length");
+  int64_t expect = 0;
+  for (size_t s = 0; s < offsets_.size(); ++s) {
+    if (offsets_[s] != expect || sizes_[s] < 0)
+      throw py::value_error("yolozu_ttt._C: segments must tile the arena in order");
+    expect += sizes_[s];
+    for (int64_t b = 0; b < sizes_[s]; b += kChunk)
+      work_.push_back({static_cast<int64_t>(s), offsets_[s] + b,
+                       offsets_[s] + std::min(sizes_[s], b + kChunk)});
+  }
+  if (expect != n)
+    throw py::value_error("yolozu_ttt._C: segments cover " + std::to_string(expect) +
+                          " elements, arena has " + std::to_string(n));
+  if (!has_grad.is_none()) {
+    py::buffer_info info = py::buffer(has_grad).request();
+    if (info.itemsize != 1 || info.size != static_cast<py::ssize_t>(offsets_.size()))
+      throw py::value_error("yolozu_ttt._C: has_grad must be a byte buffer with one entry per segment");
+    has_grad_.ref = has_grad;
+    has_grad_.ptr = info.ptr;
+    has_grad_.numel = info.size;
+  }
+  steps_.assign(offsets_.size(), 0);
+}
+
+void ArenaGroup::reset_state() {
+  std::fill(steps_.begin(), steps_.end(), 0);
+  std::memset(exp_avg_.ptr, 0, sizeof(float) * exp_avg_.numel);
+  std::memset(exp_avg_sq_.ptr, 0, sizeof(float) * exp_avg_sq_.numel);
+}
+
+const uint8_t* ArenaGroup::has_grad_ptr() const {
+  return static_cast<const uint8_t*>(has_grad_.ptr);
+}
+
+// grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added) and anchor value.
+StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
+  const int64_t n_items = static_cast<int64_t>(work_.size());
+  std::vector<double> gsq(n_items, 0.0), anc(n_items, 0.0);
+  const uint8_t* hg = has_grad_ptr();
+  dispatch(param_.dtype, [&](auto tag) {
+    using S = Storage<decltype(tag)::value>;
+    using T = typename S::T;
+    using C = typename S::C;
+    const T* p = static_cast<const T*>(param_.ptr);
+    const T* g = static_cast<const T*>(grad_.ptr);
+    const T* b = static_cast<const T*>(base_.ptr);
+    parallel_items(n_items, [&](int64_t i) {
+      const WorkItem w = work_[i];
+      if (hg && !hg[w.seg]) return;
+      const C ak = static_cast<C>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
+      double acc_g[kLanes] = {0}, acc_a[kLanes] = {0};
+      for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
+        const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
+        for (int64_t k = 0; k < m; ++k) {
+          C gv = S::load(g[j0 + k]);
+          if (anchor_lambda != 0.0) {
+            const C d = S::load(p[j0 + k]) - S::load(b[j0 + k]);
+            gv += ak * d;
+            acc_a[k] += static_cast<double>(d) * static_cast<double>(d);
+          }
+          acc_g[k] += static_cast<double>(gv) * static_cast<double>(gv);
+        }
+      }
+      double sg = 0.0, sa = 0.0;
+      for (int k = 0; k < kLanes; ++k) {
+        sg += acc_g[k];
+        sa += acc_a[k];
+      }
+      gsq[i] = sg;
+      anc[i] = sa / static_cast<double>(sizes_[w.seg]);
+    });
+  });
+  StepStats st;
+  st.grad_sumsq = sum_in_order(gsq);
+  st.anchor = sum_in_order(anc);
+  return st;
+}
+
+// One Adam step (torch.optim.Adam defaults and operation order, fp32 math), fused with
+// clipping, the pre-step snapshot and the update / total-update norms.
+StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double eps,
+                                float clip_coef, double anchor_lambda, bool write_snapshot) {
+  if (write_snapshot && !snap_.defined())
+    throw py::value_error("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
+  const int64_t n_seg = num_segments();
+  const uint8_t* hg = has_grad_ptr();
+  // Per-segment bias corrections (torch: Python floats, i.e. double).
+  std::vector<float> neg_step_size(n_seg, 0.f), bc2_sqrt(n_seg, 1.f);
+  for (int64_t s = 0; s < n_seg; ++s) {
+    if (hg && !hg[s]) continue;
+    const double step = static_cast<double>(++steps_[s]);
+    const double bc1 = 1.0 - std::pow(beta1, step);
+    const double bc2 = 1.0 - std::pow(beta2, step);
+    neg_step_size[s] = static_cast<float>(-(lr / bc1));
+    bc2_sqrt[s] = static_cast<float>(std::sqrt(bc2));
+  }
+  const float w1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2);
+  const float w2 = static_cast<float>(1.0 - beta2);
+  const float epsf = static_cast<float>(eps);
+
+  const int64_t n_items = static_cast<int64_t>(work_.size());
+  std::vector<double> gsq(n_items, 0.0), csq(n_items, 0.0), usq(n_items, 0.0),
+      tsq(n_items, 0.0), anc(n_items, 0.0);
+  dispatch(param_.dtype, [&](auto tag) {
+    using S = Storage<decltype(tag)::value>;
+    using T = typename S::T;
+    using C = typename S::C;
+    T* p = static_cast<T*>(param_.ptr);
+    const T* g = static_cast<const T*>(grad_.ptr);
+    const T* b = static_cast<const T*>(base_.ptr);
+    T* sn = static_cast<T*>(snap_.ptr);
+    float* m1 = static_cast<float*>(exp_avg_.ptr);
+    float* m2 = static_cast<float*>(exp_avg_sq_.ptr);
+    parallel_items(n_items, [&](int64_t i) {
+      const WorkItem w = work_[i];
+      double acc_g[kLanes] = {0}, acc_c[kLanes] = {0}, acc_u[kLanes] = {0},
+             acc_t[kLanes] = {0}, acc_a[kLanes] = {0};
+      if (write_snapshot) std::memcpy(sn + w.begin, p + w.begin, sizeof(T) * (w.end - w.begin));
+      if (hg && !hg[w.seg]) {  // no grad: torch's Adam skips the tensor; it still counts in the total
+        for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
+          const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
+          for (int64_t k = 0; k < m; ++k) {
+            const double d = static_cast<double>(S::load(p[j0 + k])) - S::load(b[j0 + k]);
+            acc_t[k] += d * d;
+          }
+        }
+      } else {
+        const C ak = static_cast<C>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
+        const float nss = neg_step_size[w.seg];
+        const float bcs = bc2_sqrt[w.seg];
+        for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
+          const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
+          for (int64_t k = 0; k < m; ++k) {
+            const int64_t j = j0 + k;
+            const C pold = S::load(p[j]);
+            const C base = S::load(b[j]);
+            C gv = S::load(g[j]);
+            // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
+            if (anchor_lambda != 0.0) {
+              const C d = pold - base;
+              gv += ak * d;
+              acc_a[k] += static_cast<double>(d) * static_cast<double>(d);
+            }
+            acc_g[k] += static_cast<double>(gv) * static_cast<double>(gv);
+            // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
+            const float gc = static_cast<float>(gv) * clip_coef;
+            acc_c[k] += static_cast<double>(gc) * static_cast<double>(gc);
+            // 3. Adam moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+            const float mv = m1[j] + w1 * (gc - m1[j]);
+            const float vv = m2[j] * b2 + (w2 * gc) * gc;
+            m1[j] = mv;
+            m2[j] = vv;
+            // 4. p <- p + (-lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+            const float denom = std::sqrt(vv) / bcs + epsf;
+            const T pnew_s = S::store(static_cast<C>(static_cast<float>(pold) + (nss * mv) / denom));
+            p[j] = pnew_s;
+            // 5. norms of the step and of the total drift from the base snapshot
+            const C pnew = S::load(pnew_s);
+            const double du = static_cast<double>(pnew) - static_cast<double>(pold);
+            const double dt = static_cast<double>(pnew) - static_cast<double>(base);
+            acc_u[k] += du * du;
+            acc_t[k] += dt * dt;
+          }
+        }
+      }
+      double sg = 0, sc = 0, su = 0, stt = 0, sa = 0;
+      for (int k = 0; k < kLanes; ++k) {
+        sg += acc_g[k];
+        sc += acc_c[k];
+        su += acc_u[k];
+        stt += acc_t[k];
+        sa += acc_a[k];
+      }
+      gsq[i] = sg;
+      csq[i] = sc;
+      usq[i] = su;
+      tsq[i] = stt;
+      anc[i] = sa / static_cast<double>(sizes_[w.seg]);
+    });
+  });
+  StepStats st;
+  st.grad_sumsq = sum_in_order(gsq);
+  st.clipped_grad_sumsq = sum_in_order(csq);
+  st.update_sumsq = sum_in_order(usq);
+  st.total_sumsq = sum_in_order(tsq);
+  st.anchor = sum_in_order(anc);
+  return st;
+}
+
+// SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
+double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
+  const int64_t n_items = static_cast<int64_t>(work_.size());
+  std::vector<double> parts(n_items, 0.0);
+  const uint8_t* hg = has_grad_ptr();
+  dispatch(param_.dtype, [&](auto tag) {
+    using S = Storage<decltype(tag)::value>;
+    using T = typename S::T;
+    const T* p = static_cast<const T*>(param_.ptr);
+    const T* g = static_cast<const T*>(grad_.ptr);
+    parallel_items(n_items, [&](int64_t i) {
+      const WorkItem w = work_[i];
+      if (hg && !hg[w.seg]) return;
+      double acc[kLanes] = {0};
+      for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
+        const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
+        for (int64_t k = 0; k < m; ++k) {
+          float d = static_cast<float>(S::load(g[j0 + k]));
+          if (adaptive) d *= std::fabs(static_cast<float>(S::load(p[j0 + k])));
+          acc[k] += static_cast<double>(d) * static_cast<double>(d);
+        }
+      }
+      double s = 0.0;
+      for (int k = 0; k < kLanes; ++k) s += acc[k];
+      parts[i] = s;
+    });
+  });
+  return sum_in_order(parts);
+}
+
+// SAR: snapshot <- p ; p <- p + scale * g (adaptive: g*|p|), over tensors with a grad.
+void ArenaGroup::sar_perturb(double scale, bool adaptive) {
+  if (!snap_.defined()) throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
+  const int64_t n_items = static_cast<int64_t>(work_.size());
+  const uint8_t* hg = has_grad_ptr();
+  dispatch(param_.dtype, [&](auto tag) {
+    using S = Storage<decltype(tag)::value>;
+    using T = typename S::T;
+    using C = typename S::C;
+    T* p = static_cast<T*>(param_.ptr);
+    const T* g = static_cast<const T*>(grad_.ptr);
+    T* sn = static_cast<T*>(snap_.ptr);
+    const C sc = static_cast<C>(scale);
+    parallel_items(n_items, [&](int64_t i) {
+      const WorkItem w = work_[i];
+      std::memcpy(sn + w.begin, p + w.begin, sizeof(T) * (w.end - w.begin));
+      if (hg && !hg[w.seg]) return;
+      for (int64_t j = w.begin; j < w.end; ++j) {
+        const C pv = S::load(p[j]);
+        C d = S::load(g[j]);
+        if (adaptive) d = d * std::abs(pv);
+        p[j] = S::store(pv + sc * d);
+      }
+    });
+  });
+}
+
+}  // namespace yttt

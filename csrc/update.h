@@ -1,0 +1,73 @@
+// Fused, filtered in-place parameter update over a flat parameter arena (CPU).
+//
+// One ArenaGroup holds the flat buffers of the selected parameters of one dtype:
+// params, grads, Adam moments (fp32), the base snapshot and the optional pre-step
+// snapshot, plus the segment table (offset, numel) of the parameter tensors packed in it.
+// Every reduction is accumulated in fp64 per fixed-size chunk and the chunks are summed
+// in a fixed order, so results do not depend on the number of OpenMP threads.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace yttt {
+
+namespace py = pybind11;
+
+enum class DType : int { F32 = 0, BF16 = 2, F16 = 3 };
+
+// A view of a contiguous torch tensor that keeps the tensor alive.
+struct Buffer {
+  py::object ref;       // the tensor itself: holds the storage the pointer points into
+  void* ptr = nullptr;
+  int64_t numel = 0;
+  DType dtype = DType::F32;
+  bool defined() const { return ptr != nullptr; }
+};
+
+Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none);
+
+struct WorkItem {
+  int64_t seg;
+  int64_t begin;
+  int64_t end;
+};
+
+struct StepStats {
+  double grad_sumsq = 0.0;          // sum of squares of the (anchor-augmented) grads, before clipping
+  double clipped_grad_sumsq = 0.0;  // the same after clipping
+  double update_sumsq = 0.0;        // ||p_new - p_old||^2
+  double total_sumsq = 0.0;         // ||p_new - base||^2
+  double anchor = 0.0;              // sum_i mean((p_i - base_i)^2) before the update
+};
+
+class ArenaGroup {
+ public:
+  ArenaGroup(py::object param, py::object grad, py::object exp_avg, py::object exp_avg_sq,
+             py::object base, py::object snap, std::vector<int64_t> offsets,
+             std::vector<int64_t> sizes, py::object has_grad);
+
+  int64_t numel() const { return param_.numel; }
+  int64_t num_segments() const { return static_cast<int64_t>(offsets_.size()); }
+  std::vector<int64_t> steps() const { return steps_; }
+  void reset_state();
+
+  // Passes (each parallel over work items, deterministic).
+  StepStats grad_pass(double anchor_lambda) const;
+  StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
+                      double anchor_lambda, bool write_snapshot);
+  double sar_direction_sumsq(bool adaptive) const;
+  void sar_perturb(double scale, bool adaptive);
+
+ private:
+  const uint8_t* has_grad_ptr() const;
+
+  Buffer param_, grad_, exp_avg_, exp_avg_sq_, base_, snap_, has_grad_;
+  std::vector<int64_t> offsets_, sizes_, steps_;
+  std::vector<WorkItem> work_;
+};
+
+}  // namespace yttt

@@ -1,0 +1,1 @@
+"""Triton kernels of yolozu_ttt (shipped as ``yolozu_ttt.kernels``)."""

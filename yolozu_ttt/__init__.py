@@ -1,0 +1,52 @@
+"""yolozu_ttt: a compiled, fused test-time adaptation backend for YOLOZU.
+
+``yolozu_ttt.run_ttt`` is a drop-in replacement for ``yolozu.tta.integration.run_ttt``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+ACCELERATED_METHODS: tuple[str, ...] = ("tent",)
+
+
+def build_info() -> dict[str, Any]:
+    """What this install can do: compiled engine, OpenMP threads, Triton, CUDA, methods."""
+    from . import _native
+
+    try:
+        import triton
+
+        triton_version: str | None = str(triton.__version__)
+    except Exception:  # triton is optional (absent off Linux)
+        triton_version = None
+    try:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+        torch_version: str | None = str(torch.__version__)
+    except Exception:  # pragma: no cover
+        cuda, torch_version = False, None
+    native = _native._C
+    return {
+        "version": __version__,
+        "cpp_extension": native is not None,
+        "cpp_extension_error": _native.LOAD_ERROR,
+        "openmp": bool(native.openmp()) if native is not None else False,
+        "threads": int(native.num_threads()) if native is not None else 1,
+        "triton": triton_version,
+        "cuda": cuda,
+        "torch": torch_version,
+        "accelerated_methods": list(ACCELERATED_METHODS),
+    }
+
+
+def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: Any):
+    """Drop-in ``yolozu.tta.integration.run_ttt`` on the fused engine (see yolozu_ttt.run)."""
+    from .run import run_ttt as _run_ttt
+
+    return _run_ttt(adapter, records, config=config)
+
+
+__all__ = ["ACCELERATED_METHODS", "__version__", "build_info", "run_ttt"]
