@@ -28,9 +28,12 @@ std::vector<ArenaGroup*> as_groups(const py::list& groups) {
   return out;
 }
 
+// A norm from a fp64 sum of squares, overflowing to inf where the reference's fp32 sum would.
+double f32_norm(double sumsq) { return std::sqrt(static_cast<double>(static_cast<float>(sumsq))); }
+
 // clip_grad_norm_'s coefficient, in fp32 like torch: min(max_norm / (||g|| + 1e-6), 1).
 float clip_coefficient(double grad_sumsq, double max_grad_norm) {
-  const float total = static_cast<float>(std::sqrt(grad_sumsq));
+  const float total = static_cast<float>(f32_norm(grad_sumsq));
   const float coef = static_cast<float>(max_grad_norm) / (total + 1e-6f);
   return coef < 1.0f || std::isnan(coef) ? coef : 1.0f;
 }
@@ -62,10 +65,10 @@ py::dict fused_step(const py::list& groups, double lr, double beta1, double beta
     }
   }
   py::dict out;
-  out["grad_norm"] = std::sqrt(total.grad_sumsq);
-  out["grad_norm_clipped"] = std::sqrt(total.clipped_grad_sumsq);
-  out["update_norm"] = std::sqrt(total.update_sumsq);
-  out["total_update_norm"] = std::sqrt(total.total_sumsq);
+  out["grad_norm"] = f32_norm(total.grad_sumsq);
+  out["grad_norm_clipped"] = f32_norm(total.clipped_grad_sumsq);
+  out["update_norm"] = f32_norm(total.update_sumsq);
+  out["total_update_norm"] = f32_norm(total.total_sumsq);
   out["anchor_loss"] = total.anchor;
   out["clip_coef"] = static_cast<double>(coef);
   return out;
@@ -82,7 +85,7 @@ py::tuple grad_stats(const py::list& groups, double anchor_lambda) {
       total.anchor += s.anchor;
     }
   }
-  return py::make_tuple(std::sqrt(total.grad_sumsq), total.anchor);
+  return py::make_tuple(f32_norm(total.grad_sumsq), total.anchor);
 }
 
 // SAR ascent: returns (direction norm, applied): p += rho/(||d||+1e-12) * d with the snapshot
@@ -95,7 +98,7 @@ py::tuple sar_perturb(const py::list& groups, double rho, bool adaptive) {
     py::gil_scoped_release release;
     double sumsq = 0.0;
     for (auto* g : gs) sumsq += g->sar_direction_sumsq(adaptive);
-    norm = static_cast<double>(static_cast<float>(std::sqrt(sumsq)));
+    norm = static_cast<double>(static_cast<float>(f32_norm(sumsq)));
     if (rho > 0.0 && norm > 0.0) {
       const double scale = rho / (norm + 1e-12);
       for (auto* g : gs) g->sar_perturb(scale, adaptive);

@@ -15,7 +15,6 @@ namespace yttt {
 namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per work item (fixed: reductions stay deterministic)
-constexpr int kLanes = 8;            // independent accumulators per work item (vectorisable)
 
 // ---- scalar storage types -------------------------------------------------------------
 inline float bf16_to_f32(uint16_t h) {
@@ -222,48 +221,150 @@ const uint8_t* ArenaGroup::has_grad_ptr() const {
   return static_cast<const uint8_t*>(has_grad_.ptr);
 }
 
+// Sums of a tile are taken in fp32 (vectorised, `omp simd` reduction); tiles and work items are
+// added in fp64 in a fixed order.
+constexpr int64_t kTile = 256;
+
+namespace {
+
+struct Partials {
+  double g = 0, c = 0, u = 0, t = 0, a = 0;
+};
+
 // grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added) and anchor value.
+template <typename S, bool ANCHOR>
+Partials grad_item(const WorkItem& w, const typename S::T* p, const typename S::T* g,
+                   const typename S::T* b, float ak) {
+  Partials out;
+  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, w.end);
+    float sg = 0.f, sa = 0.f;
+#pragma omp simd reduction(+ : sg, sa)
+    for (int64_t j = t0; j < t1; ++j) {
+      float gv = S::load(g[j]);
+      if (ANCHOR) {
+        const float d = S::load(p[j]) - S::load(b[j]);
+        gv += ak * d;
+        sa += d * d;
+      }
+      sg += gv * gv;
+    }
+    out.g += sg;
+    out.a += sa;
+  }
+  return out;
+}
+
+struct AdamScalars {
+  float w1, b2, w2, eps, clip, nss, bcs, ak;
+};
+
+// One Adam step on a work item (torch.optim.Adam's operation order, fp32 math).
+template <typename S, bool ANCHOR, bool SNAP>
+Partials adam_item(const WorkItem& w, typename S::T* p, const typename S::T* g,
+                   const typename S::T* b, typename S::T* sn, float* m1, float* m2,
+                   const AdamScalars k) {
+  Partials out;
+  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, w.end);
+    float sg = 0.f, sc = 0.f, su = 0.f, st = 0.f, sa = 0.f;
+#pragma omp simd reduction(+ : sg, sc, su, st, sa)
+    for (int64_t j = t0; j < t1; ++j) {
+      const auto praw = p[j];
+      const float pold = S::load(praw);
+      const float base = S::load(b[j]);
+      float gv = S::load(g[j]);
+      if (SNAP) sn[j] = praw;
+      // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
+      if (ANCHOR) {
+        const float d = pold - base;
+        gv += k.ak * d;
+        sa += d * d;
+      }
+      sg += gv * gv;
+      // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
+      const float gc = gv * k.clip;
+      sc += gc * gc;
+      // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+      const float mv = m1[j] + k.w1 * (gc - m1[j]);
+      const float vv = m2[j] * k.b2 + (k.w2 * gc) * gc;
+      m1[j] = mv;
+      m2[j] = vv;
+      // 4. p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
+      const float denom = std::sqrt(vv) / k.bcs + k.eps;
+      const auto pnew_s = S::store(pold + (k.nss * mv) / denom);
+      p[j] = pnew_s;
+      // 5. norms of the step and of the drift from the base snapshot
+      const float pnew = S::load(pnew_s);
+      const float du = pnew - pold;
+      const float dt = pnew - base;
+      su += du * du;
+      st += dt * dt;
+    }
+    out.g += sg;
+    out.c += sc;
+    out.u += su;
+    out.t += st;
+    out.a += sa;
+  }
+  return out;
+}
+
+// A tensor without a grad: torch's Adam skips it; it still counts in the total drift.
+template <typename S, bool SNAP>
+Partials idle_item(const WorkItem& w, const typename S::T* p, const typename S::T* b,
+                   typename S::T* sn) {
+  Partials out;
+  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, w.end);
+    float st = 0.f;
+#pragma omp simd reduction(+ : st)
+    for (int64_t j = t0; j < t1; ++j) {
+      if (SNAP) sn[j] = p[j];
+      const float dt = S::load(p[j]) - S::load(b[j]);
+      st += dt * dt;
+    }
+    out.t += st;
+  }
+  return out;
+}
+
+StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>& seg_of,
+                 const std::vector<int64_t>& sizes) {
+  StepStats st;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    st.grad_sumsq += parts[i].g;
+    st.clipped_grad_sumsq += parts[i].c;
+    st.update_sumsq += parts[i].u;
+    st.total_sumsq += parts[i].t;
+    st.anchor += parts[i].a / static_cast<double>(sizes[seg_of[i]]);
+  }
+  return st;
+}
+
+}  // namespace
+
 StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
   const int64_t n_items = static_cast<int64_t>(work_.size());
-  std::vector<double> gsq(n_items, 0.0), anc(n_items, 0.0);
+  std::vector<Partials> parts(n_items);
+  std::vector<int64_t> seg_of(n_items);
   const uint8_t* hg = has_grad_ptr();
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    using C = typename S::C;
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
     const T* b = static_cast<const T*>(base_.ptr);
     parallel_items(n_items, [&](int64_t i) {
-      const WorkItem w = work_[i];
+      const WorkItem& w = work_[i];
+      seg_of[i] = w.seg;
       if (hg && !hg[w.seg]) return;
-      const C ak = static_cast<C>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
-      double acc_g[kLanes] = {0}, acc_a[kLanes] = {0};
-      for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
-        const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
-        for (int64_t k = 0; k < m; ++k) {
-          C gv = S::load(g[j0 + k]);
-          if (anchor_lambda != 0.0) {
-            const C d = S::load(p[j0 + k]) - S::load(b[j0 + k]);
-            gv += ak * d;
-            acc_a[k] += static_cast<double>(d) * static_cast<double>(d);
-          }
-          acc_g[k] += static_cast<double>(gv) * static_cast<double>(gv);
-        }
-      }
-      double sg = 0.0, sa = 0.0;
-      for (int k = 0; k < kLanes; ++k) {
-        sg += acc_g[k];
-        sa += acc_a[k];
-      }
-      gsq[i] = sg;
-      anc[i] = sa / static_cast<double>(sizes_[w.seg]);
+      const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
+      parts[i] = anchor_lambda != 0.0 ? grad_item<S, true>(w, p, g, b, ak)
+                                      : grad_item<S, false>(w, p, g, b, ak);
     });
   });
-  StepStats st;
-  st.grad_sumsq = sum_in_order(gsq);
-  st.anchor = sum_in_order(anc);
-  return st;
+  return reduce(parts, seg_of, sizes_);
 }
 
 // One Adam step (torch.optim.Adam defaults and operation order, fp32 math), fused with
@@ -274,7 +375,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     throw py::value_error("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
   const int64_t n_seg = num_segments();
   const uint8_t* hg = has_grad_ptr();
-  // Per-segment bias corrections (torch: Python floats, i.e. double).
+  // Per-segment bias corrections (torch computes them as Python floats, i.e. fp64).
   std::vector<float> neg_step_size(n_seg, 0.f), bc2_sqrt(n_seg, 1.f);
   for (int64_t s = 0; s < n_seg; ++s) {
     if (hg && !hg[s]) continue;
@@ -284,18 +385,12 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     neg_step_size[s] = static_cast<float>(-(lr / bc1));
     bc2_sqrt[s] = static_cast<float>(std::sqrt(bc2));
   }
-  const float w1 = static_cast<float>(1.0 - beta1);
-  const float b2 = static_cast<float>(beta2);
-  const float w2 = static_cast<float>(1.0 - beta2);
-  const float epsf = static_cast<float>(eps);
-
   const int64_t n_items = static_cast<int64_t>(work_.size());
-  std::vector<double> gsq(n_items, 0.0), csq(n_items, 0.0), usq(n_items, 0.0),
-      tsq(n_items, 0.0), anc(n_items, 0.0);
+  std::vector<Partials> parts(n_items);
+  std::vector<int64_t> seg_of(n_items);
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    using C = typename S::C;
     T* p = static_cast<T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
     const T* b = static_cast<const T*>(base_.ptr);
@@ -303,79 +398,24 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     float* m1 = static_cast<float*>(exp_avg_.ptr);
     float* m2 = static_cast<float*>(exp_avg_sq_.ptr);
     parallel_items(n_items, [&](int64_t i) {
-      const WorkItem w = work_[i];
-      double acc_g[kLanes] = {0}, acc_c[kLanes] = {0}, acc_u[kLanes] = {0},
-             acc_t[kLanes] = {0}, acc_a[kLanes] = {0};
-      if (write_snapshot) std::memcpy(sn + w.begin, p + w.begin, sizeof(T) * (w.end - w.begin));
-      if (hg && !hg[w.seg]) {  // no grad: torch's Adam skips the tensor; it still counts in the total
-        for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
-          const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
-          for (int64_t k = 0; k < m; ++k) {
-            const double d = static_cast<double>(S::load(p[j0 + k])) - S::load(b[j0 + k]);
-            acc_t[k] += d * d;
-          }
-        }
-      } else {
-        const C ak = static_cast<C>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
-        const float nss = neg_step_size[w.seg];
-        const float bcs = bc2_sqrt[w.seg];
-        for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
-          const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
-          for (int64_t k = 0; k < m; ++k) {
-            const int64_t j = j0 + k;
-            const C pold = S::load(p[j]);
-            const C base = S::load(b[j]);
-            C gv = S::load(g[j]);
-            // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
-            if (anchor_lambda != 0.0) {
-              const C d = pold - base;
-              gv += ak * d;
-              acc_a[k] += static_cast<double>(d) * static_cast<double>(d);
-            }
-            acc_g[k] += static_cast<double>(gv) * static_cast<double>(gv);
-            // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
-            const float gc = static_cast<float>(gv) * clip_coef;
-            acc_c[k] += static_cast<double>(gc) * static_cast<double>(gc);
-            // 3. Adam moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
-            const float mv = m1[j] + w1 * (gc - m1[j]);
-            const float vv = m2[j] * b2 + (w2 * gc) * gc;
-            m1[j] = mv;
-            m2[j] = vv;
-            // 4. p <- p + (-lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
-            const float denom = std::sqrt(vv) / bcs + epsf;
-            const T pnew_s = S::store(static_cast<C>(static_cast<float>(pold) + (nss * mv) / denom));
-            p[j] = pnew_s;
-            // 5. norms of the step and of the total drift from the base snapshot
-            const C pnew = S::load(pnew_s);
-            const double du = static_cast<double>(pnew) - static_cast<double>(pold);
-            const double dt = static_cast<double>(pnew) - static_cast<double>(base);
-            acc_u[k] += du * du;
-            acc_t[k] += dt * dt;
-          }
-        }
+      const WorkItem& w = work_[i];
+      seg_of[i] = w.seg;
+      if (hg && !hg[w.seg]) {
+        parts[i] = write_snapshot ? idle_item<S, true>(w, p, b, sn) : idle_item<S, false>(w, p, b, sn);
+        return;
       }
-      double sg = 0, sc = 0, su = 0, stt = 0, sa = 0;
-      for (int k = 0; k < kLanes; ++k) {
-        sg += acc_g[k];
-        sc += acc_c[k];
-        su += acc_u[k];
-        stt += acc_t[k];
-        sa += acc_a[k];
-      }
-      gsq[i] = sg;
-      csq[i] = sc;
-      usq[i] = su;
-      tsq[i] = stt;
-      anc[i] = sa / static_cast<double>(sizes_[w.seg]);
+      const AdamScalars k{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+                          static_cast<float>(1.0 - beta2), static_cast<float>(eps), clip_coef,
+                          neg_step_size[w.seg], bc2_sqrt[w.seg],
+                          static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]))};
+      const bool anchor = anchor_lambda != 0.0;
+      if (anchor && write_snapshot) parts[i] = adam_item<S, true, true>(w, p, g, b, sn, m1, m2, k);
+      else if (anchor) parts[i] = adam_item<S, true, false>(w, p, g, b, sn, m1, m2, k);
+      else if (write_snapshot) parts[i] = adam_item<S, false, true>(w, p, g, b, sn, m1, m2, k);
+      else parts[i] = adam_item<S, false, false>(w, p, g, b, sn, m1, m2, k);
     });
   });
-  StepStats st;
-  st.grad_sumsq = sum_in_order(gsq);
-  st.clipped_grad_sumsq = sum_in_order(csq);
-  st.update_sumsq = sum_in_order(usq);
-  st.total_sumsq = sum_in_order(tsq);
-  st.anchor = sum_in_order(anc);
-  return st;
+  return reduce(parts, seg_of, sizes_);
 }
 
 // SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
@@ -391,18 +431,19 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
     parallel_items(n_items, [&](int64_t i) {
       const WorkItem w = work_[i];
       if (hg && !hg[w.seg]) return;
-      double acc[kLanes] = {0};
-      for (int64_t j0 = w.begin; j0 < w.end; j0 += kLanes) {
-        const int64_t m = std::min<int64_t>(kLanes, w.end - j0);
-        for (int64_t k = 0; k < m; ++k) {
-          float d = static_cast<float>(S::load(g[j0 + k]));
-          if (adaptive) d *= std::fabs(static_cast<float>(S::load(p[j0 + k])));
-          acc[k] += static_cast<double>(d) * static_cast<double>(d);
+      double total = 0.0;
+      for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
+        const int64_t t1 = std::min(t0 + kTile, w.end);
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = t0; j < t1; ++j) {
+          float d = S::load(g[j]);
+          if (adaptive) d *= std::fabs(S::load(p[j]));
+          acc += d * d;
         }
+        total += acc;
       }
-      double s = 0.0;
-      for (int k = 0; k < kLanes; ++k) s += acc[k];
-      parts[i] = s;
+      parts[i] = total;
     });
   });
   return sum_in_order(parts);

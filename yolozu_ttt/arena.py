@@ -1,0 +1,179 @@
+"""ParamArena: the selected parameters packed into flat storage, one group per (device, dtype).
+
+Each Parameter keeps its identity; only its ``.data`` is rebound to a view of the group's flat
+buffer, and its ``.grad`` to a view of the flat grad buffer, so autograd accumulates in place and
+the update engine sees one contiguous array per group. ``with arena:`` (or ``close()``) copies the
+values back into the original storages and restores ``requires_grad`` of the parameters that were
+frozen for the run, on every exit path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from . import _native
+from ._dispatch import use_triton
+
+
+@dataclass
+class ArenaGroup:
+    """The flat buffers of one (device, dtype) group and the tensors packed into them."""
+
+    params: list[torch.nn.Parameter]
+    originals: list[torch.Tensor]
+    offsets: list[int]
+    sizes: list[int]
+    flat: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    base: torch.Tensor
+    snap: torch.Tensor | None
+    has_grad: bytearray
+    backend: str = "cpp"
+    engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup
+    hooks: list[Any] = field(default_factory=list)
+
+
+def _unique(params: Iterable[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters in order, each once (tied parameters are one object)."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class ParamArena:
+    """Flat storage for the selected parameters of ``model``; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor], *, snapshot: bool = True,
+                 freeze_others: bool = True):
+        self.model = model
+        self.params = _unique(params)
+        selected = {id(p) for p in self.params}
+        self._frozen: list[torch.nn.Parameter] = []
+        self.groups: list[ArenaGroup] = []
+        self._closed = False
+        try:
+            if freeze_others:
+                for p in model.parameters():
+                    if id(p) not in selected and p.requires_grad:
+                        p.requires_grad_(False)
+                        self._frozen.append(p)
+            by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
+            for p in self.params:
+                by_key.setdefault((str(p.device), p.dtype), []).append(p)
+            for ps in by_key.values():
+                self._pack(ps, snapshot)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- construction ---------------------------------------------------------------------
+    def _pack(self, ps: list[torch.nn.Parameter], snapshot: bool) -> None:
+        """Copy ``ps`` into one flat buffer and rebind each ``.data``/``.grad`` to views of it."""
+        if ps[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"yolozu_ttt: unsupported parameter dtype {ps[0].dtype} (float32, bfloat16, float16)")
+        sizes = [int(p.numel()) for p in ps]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            grad = torch.zeros_like(flat)
+            group = ArenaGroup(
+                params=ps,
+                originals=[p.data for p in ps],
+                offsets=offsets,
+                sizes=sizes,
+                flat=flat,
+                grad=grad,
+                exp_avg=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
+                exp_avg_sq=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
+                base=flat.clone(),
+                snap=torch.empty_like(flat) if snapshot else None,
+                has_grad=bytearray(len(ps)),
+            )
+            self.groups.append(group)  # registered before rebinding so close() can undo it
+            for p, o, n in zip(ps, offsets, sizes):
+                p.data = flat[o:o + n].view(p.shape)
+                p.grad = grad[o:o + n].view(p.shape)
+        flags = group.has_grad
+        for i, p in enumerate(ps):
+            group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
+        group.backend = "triton" if use_triton(flat) else "cpp"
+        if group.backend == "triton":
+            from .kernels import update as triton_update
+
+            group.engine = triton_update.TritonArenaGroup(
+                flat, grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap, offsets, sizes, flags
+            )
+        else:
+            native = _native.require_native()
+            group.engine = native.ArenaGroup(
+                flat, grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap, offsets, sizes, flags
+            )
+
+    # ---- per step -------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Zero the flat grad buffers and the has-grad flags (never set_to_none)."""
+        for g in self.groups:
+            g.grad.zero_()
+            g.has_grad[:] = bytes(len(g.has_grad))
+
+    def any_grad(self) -> bool:
+        """Whether backward reached any selected parameter."""
+        return any(any(g.has_grad) for g in self.groups)
+
+    def restore_snapshot(self) -> None:
+        """Roll the parameters back to the pre-step snapshot, bit-exactly."""
+        with torch.no_grad():
+            for g in self.groups:
+                if g.snap is None:
+                    raise RuntimeError("yolozu_ttt: rollback needs an arena built with snapshot=True")
+                g.flat.copy_(g.snap)
+
+    @property
+    def numel(self) -> int:
+        return sum(int(g.flat.numel()) for g in self.groups)
+
+    # ---- teardown -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Copy values back into the original storages, unbind views, unfreeze; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with torch.no_grad():
+            for g in self.groups:
+                for h in g.hooks:
+                    h.remove()
+                for p, orig in zip(g.params, g.originals):
+                    if p.data.data_ptr() != orig.data_ptr():
+                        orig.copy_(p.data)
+                        p.data = orig
+                    p.grad = None
+                g.engine = None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+        self.groups = []
+
+    def __enter__(self) -> "ParamArena":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _flag_setter(flags: bytearray, index: int):
+    """A post-accumulate-grad hook that marks segment ``index`` as having a grad."""
+
+    def hook(_param: torch.Tensor) -> None:
+        flags[index] = 1
+
+    return hook

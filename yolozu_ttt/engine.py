@@ -1,0 +1,49 @@
+"""The fused update over a ParamArena: one call per step, one host read of its scalars.
+
+CPU groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
+``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _native
+from .arena import ParamArena
+
+STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef")
+
+
+class UpdateEngine:
+    """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena."""
+
+    def __init__(self, arena: ParamArena, *, lr: float, max_grad_norm: float | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.arena = arena
+        self.lr = float(lr)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        backends = {g.backend for g in arena.groups}
+        if len(backends) != 1:
+            raise RuntimeError(f"yolozu_ttt: parameters span several engines {sorted(backends)}")
+        self.backend = backends.pop()
+
+    def _engines(self) -> list:
+        return [g.engine for g in self.arena.groups]
+
+    def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True,
+             extra: Sequence[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
+        """Apply one update; return its scalars and the values of ``extra`` (one host read)."""
+        kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                      max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
+                      write_snapshot=bool(write_snapshot))
+        if self.backend == "cpp":
+            stats = _native.require_native().fused_step(self._engines(), **kwargs)
+            return stats, [float(t.detach()) for t in extra]
+        from .kernels import update as triton_update
+
+        out = triton_update.fused_step(self._engines(), **kwargs)
+        values = torch.cat([out.float().reshape(-1)] + [t.detach().float().reshape(1).to(out.device) for t in extra]).tolist()
+        return dict(zip(STAT_KEYS, values[: len(STAT_KEYS)])), values[len(STAT_KEYS):]

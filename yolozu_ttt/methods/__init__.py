@@ -1,0 +1,1 @@
+"""One module per TTT method; each exposes ``run(ctx)`` over the shared arena, engine and guards."""

@@ -1,0 +1,150 @@
+"""Tent on the fused engine: entropy minimisation of the selected parameters."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from yolozu.response_selection import detector_response_loss
+from yolozu.tta import tent as _tent
+
+from .. import guards
+from ..arena import ParamArena
+from ..engine import UpdateEngine
+from ..run import BufferSnapshot, RunContext
+
+# Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
+ENTRY_METRICS = (
+    "loss_entropy", "loss_aux_consistency", "aux_target_current_batch", "aux_student_view_mean_abs_delta",
+    "loss_response_class", "loss_response_bbox", "loss_response_foreground_entropy",
+    "response_selected_queries", "response_selected_ratio", "response_selected_confidence_mean",
+    "response_min_selected", "response_abstained", "update_abstained", "buffers_restored_on_abstention",
+)
+
+
+def tent_config(config: Any) -> _tent.TentConfig:
+    """YOLOZU's TentConfig for a TTTConfig."""
+    return _tent.TentConfig(
+        lr=float(config.lr), include=config.include, exclude=config.exclude,
+        update_filter=str(config.update_filter), max_grad_norm=config.max_grad_norm,
+        aux_pose_weight=float(config.aux_pose_weight), aux_keypoints_weight=float(config.aux_keypoints_weight),
+        aux_depth_weight=float(config.aux_depth_weight), aux_seg_weight=float(config.aux_seg_weight),
+        detector_response=bool(config.detector_response), response_conf_min=float(config.response_conf_min),
+        response_topk=int(config.response_topk), response_min_selected=int(config.response_min_selected),
+        response_class_weight=float(config.response_class_weight),
+        response_bbox_weight=float(config.response_bbox_weight),
+        response_entropy_weight=float(config.response_entropy_weight),
+    )
+
+
+def entropy(logits: Any) -> torch.Tensor:
+    """Mean softmax entropy (fused op); non-tensors get the reference's own error."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        return _tent._entropy(logits)
+    try:  # TEMP until yolozu_ttt.ops lands
+        from ..ops import entropy_loss
+    except ImportError:
+        return _tent._entropy(logits)
+    return entropy_loss(logits)
+
+
+def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, has_teacher: bool):
+    """Teacher (eval, no grad) and student forwards and the Tent loss terms, like TentRunner."""
+    teacher_outputs = None
+    student_batch = batch
+    view_delta = 0.0
+    if has_teacher:
+        model.eval()
+        with torch.no_grad():
+            teacher_outputs = _tent._extract_outputs(model(batch))
+        student_batch = _tent._deterministic_weak_photometric_view(batch)
+        if isinstance(batch, torch.Tensor) and isinstance(student_batch, torch.Tensor):
+            view_delta = float((student_batch.detach() - batch.detach()).abs().mean().cpu().item())
+    model.train()
+    output = model(student_batch)
+    outputs = _tent._extract_outputs(output)
+    entropy_loss = entropy(_tent._extract_logits(output))
+    loss = entropy_loss
+    response_metrics: dict[str, float] = {}
+    if bool(tc.detector_response):
+        loss, response_metrics = detector_response_loss(
+            outputs, teacher_outputs, confidence_min=float(tc.response_conf_min), topk=int(tc.response_topk),
+            min_selected=int(tc.response_min_selected), class_weight=float(tc.response_class_weight),
+            bbox_weight=float(tc.response_bbox_weight), entropy_weight=float(tc.response_entropy_weight),
+        )
+    aux_loss, aux_metrics = None, {}
+    if has_aux:
+        aux_loss, aux_metrics = _tent._aux_consistency_loss(
+            outputs, teacher_outputs, pose_weight=float(tc.aux_pose_weight),
+            keypoints_weight=float(tc.aux_keypoints_weight), depth_weight=float(tc.aux_depth_weight),
+            seg_weight=float(tc.aux_seg_weight),
+        )
+        if aux_loss is not None:
+            loss = loss + aux_loss
+    return loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta
+
+
+def backward(loss: torch.Tensor, arena: ParamArena) -> None:
+    """Backward into the arena's grad buffer; a loss that reaches no selected parameter gives no grads."""
+    if loss.requires_grad or not arena._frozen:
+        loss.backward()
+
+
+def run(ctx: RunContext) -> None:
+    """Tent steps with YOLOZU's metrics, guards and rollback."""
+    config, model = ctx.config, ctx.model
+    tc = tent_config(config)
+    runner = _tent.TentRunner(model, config=tc)  # validates and selects exactly like the reference
+    params = list(runner.params)
+    ctx.updated_param_count = int(runner.updated_param_count)
+    has_aux, has_teacher = runner._has_aux, runner._has_teacher
+    del runner
+    snapshot = guards.needs_snapshot(config)
+    with ParamArena(model, params, snapshot=snapshot) as arena:
+        engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
+        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) or bool(config.detector_response) else None
+        total_update_norm = 0.0
+        for step_idx in range(ctx.steps):
+            batch = ctx.batches[step_idx % len(ctx.batches)]
+            if buffers is not None:
+                buffers.save()
+            loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta = forward_losses(
+                model, batch, tc, has_aux, has_teacher)
+            abstained = bool(response_metrics.get("response_abstained", 0.0)) and aux_loss is None
+            arena.zero_grad()
+            if abstained:
+                stats = {"grad_norm": 0.0, "grad_norm_clipped": 0.0, "update_norm": 0.0,
+                         "total_update_norm": total_update_norm}
+                values = [float(t.detach().cpu()) for t in (loss, entropy_loss)]
+            else:
+                backward(loss, arena)
+                stats, values = engine.step(write_snapshot=snapshot, extra=(loss, entropy_loss))
+                total_update_norm = stats["total_update_norm"]
+            loss_value, entropy_value = values
+            metrics: dict[str, float] = {
+                "loss_entropy": entropy_value,
+                "loss_aux_consistency": float(aux_loss.detach().cpu().item()) if aux_loss is not None else 0.0,
+                "aux_target_current_batch": 1.0 if has_aux else 0.0,
+                "aux_student_view_mean_abs_delta": float(view_delta),
+                "update_abstained": 1.0 if abstained else 0.0,
+            }
+            metrics.update(aux_metrics)
+            metrics.update(response_metrics)
+            if abstained:
+                buffers.restore()
+                metrics["buffers_restored_on_abstention"] = 1.0
+            ctx.forward_calls += 2 if has_teacher else 1
+            ctx.backward_calls += 0 if abstained else 1
+            ctx.optimizer_steps += 0 if abstained else 1
+            ctx.abstained_steps += 1 if abstained else 0
+            entry: dict[str, Any] = {
+                "step": int(step_idx),
+                "loss": float(loss_value),
+                "grad_norm": float(stats["grad_norm"]),
+                "grad_norm_clipped": float(stats["grad_norm_clipped"]),
+                "update_norm": float(stats["update_norm"]),
+                "total_update_norm": float(stats["total_update_norm"]),
+                "rolled_back": False,
+            }
+            entry.update({k: float(metrics[k]) for k in ENTRY_METRICS if k in metrics})
+            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers, params_changed=not abstained):
+                break
