@@ -1,0 +1,620 @@
+"""Fused, filtered in-place parameter update over a flat parameter arena (Triton).
+
+The GPU twin of the C++ engine in ``csrc/update.cpp`` (``yolozu_ttt._C``), with the same names
+(``fused_step``, ``grad_stats``, ``sar_perturb``) so the caller can dispatch between them. One
+:class:`TritonArenaGroup` binds the flat buffers of one dtype (float32 / bfloat16 / float16):
+
+    param, grad, base, snap   the arena dtype, ``numel`` elements each (``snap`` optional)
+    exp_avg, exp_avg_sq       float32 Adam moments
+    offsets, sizes            the parameter tensors packed back to back, in order
+    has_grad                  one byte per segment, written on the host by autograd hooks
+
+Every launcher only enqueues work: nothing reads device memory back to the host. The step's
+scalars come back in ONE float32 device tensor (see ``STAT_KEYS``), so a training step costs one
+host read. The clip coefficient is computed on device and read from device memory by the Adam
+pass. Reductions are deterministic: each program writes its partial sums (fp32 block sum,
+stored as fp64) to its own slot of a workspace, and one single-program kernel sums the slots in
+a fixed order; no float atomics anywhere, so two runs give bit-identical results.
+
+Blocks never straddle segments (the block table maps block -> segment, start, end), so the
+per-segment scalars (Adam bias corrections, has_grad, anchor coefficient) are loaded once per
+program. Adam step counts live on the host (they depend only on the host-side ``has_grad``); the
+per-step segment table (4 floats per segment) goes to the device with one non-blocking copy from
+pinned memory.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef")
+SAR_KEYS = ("norm", "applied")
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_N_PART = 5  # partial-sum rows: 0 ||g||^2, 1 ||g*coef||^2, 2 ||dp||^2, 3 ||p-base||^2, 4 anchor
+_SEG_COLS = 4  # per-step segment table: -lr/bc1, sqrt(bc2), 2*lambda/numel, has_grad
+_RBLOCK = 1024  # finalize kernels: slots summed per iteration
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    """Round fp32 ``x`` to the storage dtype, round-to-nearest-even (NaN stays NaN).
+
+    bfloat16 is rounded on the bits so the result is the same on the GPU and in the Triton
+    interpreter (whose fp32 -> bf16 cast truncates); the final cast is then exact.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rne = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        nan = (bits | 0x00400000) & 0xFFFF0000
+        rounded = tl.where(x != x, nan, rne).to(tl.float32, bitcast=True)
+        return rounded.to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _sum_slots(part_ptr, n_slots, RBLOCK: tl.constexpr):
+    """Sum ``n_slots`` fp64 partials in a fixed order (deterministic)."""
+    acc = tl.zeros([RBLOCK], dtype=tl.float64)
+    for i in range(0, n_slots, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        acc += tl.load(part_ptr + idx, mask=idx < n_slots, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _f32_norm(sumsq):
+    """sqrt of a fp64 sum of squares, overflowing to inf where an fp32 sum would (as _C)."""
+    return tl.sqrt(sumsq.to(tl.float32).to(tl.float64)).to(tl.float32)  # fp64 sqrt is IEEE
+
+
+@triton.jit
+def _grad_pass_kernel(
+    p_ptr,
+    g_ptr,
+    base_ptr,
+    blocks_ptr,
+    seg_ptr,
+    part_ptr,
+    part_stride,
+    part_base,
+    HAS_ANCHOR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Per block: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n over segments with a grad."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(blocks_ptr + pid * 4)
+    start = tl.load(blocks_ptr + pid * 4 + 1)
+    end = tl.load(blocks_ptr + pid * 4 + 2)
+    seg_numel = tl.load(blocks_ptr + pid * 4 + 3)
+    anchor_coef = tl.load(seg_ptr + seg * 4 + 2)
+    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
+
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    gmask = offs < grad_end
+    g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+
+    # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
+    if HAS_ANCHOR:
+        p = tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+        base = tl.load(base_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+        d = p - base
+        g = g + anchor_coef * d
+        anchor = tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64)
+        tl.store(part_ptr + 4 * part_stride + part_base + pid, anchor)
+    else:
+        tl.store(part_ptr + 4 * part_stride + part_base + pid, 0.0)
+
+    # 2. ||g||^2 (before clipping)
+    tl.store(part_ptr + part_base + pid, tl.sum(g * g, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _clip_coef_kernel(part_ptr, part_stride, n_slots, stats_ptr, max_norm, RBLOCK: tl.constexpr):
+    """||g||, anchor value and clip_grad_norm_'s coefficient, all on device."""
+    grad_sumsq = _sum_slots(part_ptr, n_slots, RBLOCK)
+    anchor = _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK)
+    # 3. coef = min(max_norm / (||g|| + 1e-6), 1) in fp32, NaN propagates (torch clamp semantics)
+    total = _f32_norm(grad_sumsq)
+    coef = tl.div_rn(max_norm, total + 1e-6)
+    coef = tl.where(coef > 1.0, 1.0, coef)
+    tl.store(stats_ptr + 0, total)
+    tl.store(stats_ptr + 4, anchor.to(tl.float32))
+    tl.store(stats_ptr + 5, coef)
+
+
+@triton.jit
+def _adam_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    base_ptr,
+    snap_ptr,
+    blocks_ptr,
+    seg_ptr,
+    stats_ptr,
+    part_ptr,
+    part_stride,
+    part_base,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    HAS_CLIP: tl.constexpr,
+    HAS_ANCHOR: tl.constexpr,
+    WRITE_SNAPSHOT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math)."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(blocks_ptr + pid * 4)
+    start = tl.load(blocks_ptr + pid * 4 + 1)
+    end = tl.load(blocks_ptr + pid * 4 + 2)
+    seg_numel = tl.load(blocks_ptr + pid * 4 + 3)
+    neg_step_size = tl.load(seg_ptr + seg * 4)  # -lr / (1 - beta1^t)
+    bc2_sqrt = tl.load(seg_ptr + seg * 4 + 1)  # sqrt(1 - beta2^t)
+    anchor_coef = tl.load(seg_ptr + seg * 4 + 2)  # 2 * lambda / n
+    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
+
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    mask = offs < end
+    gmask = offs < grad_end  # torch's Adam skips tensors whose .grad is None
+
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    # 5. pre-step snapshot, bit-exact (every segment)
+    if WRITE_SNAPSHOT:
+        tl.store(snap_ptr + offs, p_raw, mask=mask)
+    p_old = p_raw.to(tl.float32)
+    base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+
+    # 1. EATA anchor gradient: g <- g + 2*lambda*(p-base)/n ; anchor = sum_i mean((p_i-base_i)^2)
+    if HAS_ANCHOR:
+        d = tl.where(gmask, p_old - base, 0.0)
+        g = g + anchor_coef * d
+        if not HAS_CLIP:
+            anchor = tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64)
+            tl.store(part_ptr + 4 * part_stride + part_base + pid, anchor)
+    elif not HAS_CLIP:
+        tl.store(part_ptr + 4 * part_stride + part_base + pid, 0.0)
+
+    # 2-3. clip: g <- g * coef, coef computed on device by _clip_coef_kernel
+    if HAS_CLIP:
+        gc = g * tl.load(stats_ptr + 5)
+    else:
+        gc = g
+        tl.store(part_ptr + part_base + pid, tl.sum(g * g, axis=0).to(tl.float64))
+    tl.store(part_ptr + part_stride + part_base + pid, tl.sum(gc * gc, axis=0).to(tl.float64))
+
+    # 4. Adam: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+    #          p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
+    m = tl.load(m_ptr + offs, mask=gmask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=gmask, other=0.0)
+    m = m + one_minus_beta1 * (gc - m)
+    v = v * beta2 + (one_minus_beta2 * gc) * gc
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p_new_s = _to_storage(p_old + tl.div_rn(neg_step_size * m, denom), p_ptr.dtype.element_ty)
+    tl.store(m_ptr + offs, m, mask=gmask)
+    tl.store(v_ptr + offs, v, mask=gmask)
+    tl.store(p_ptr + offs, p_new_s, mask=gmask)
+
+    # 6. ||p_new - p_old||^2 and ||p_new - base||^2 (the stored, rounded p_new)
+    p_new = tl.where(gmask, p_new_s.to(tl.float32), p_old)
+    du = p_new - p_old
+    dt = p_new - base
+    tl.store(part_ptr + 2 * part_stride + part_base + pid, tl.sum(du * du, axis=0).to(tl.float64))
+    tl.store(part_ptr + 3 * part_stride + part_base + pid, tl.sum(dt * dt, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _step_stats_kernel(part_ptr, part_stride, n_slots, stats_ptr, HAS_CLIP: tl.constexpr, RBLOCK: tl.constexpr):
+    """The step's norms from the partials, in a fixed order."""
+    tl.store(stats_ptr + 1, _f32_norm(_sum_slots(part_ptr + part_stride, n_slots, RBLOCK)))
+    tl.store(stats_ptr + 2, _f32_norm(_sum_slots(part_ptr + 2 * part_stride, n_slots, RBLOCK)))
+    tl.store(stats_ptr + 3, _f32_norm(_sum_slots(part_ptr + 3 * part_stride, n_slots, RBLOCK)))
+    if not HAS_CLIP:
+        tl.store(stats_ptr + 0, _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK)))
+        tl.store(stats_ptr + 4, _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK).to(tl.float32))
+        tl.store(stats_ptr + 5, 1.0)
+
+
+@triton.jit
+def _grad_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, RBLOCK: tl.constexpr):
+    """(||g||, anchor value) from the grad-pass partials."""
+    tl.store(out_ptr + 0, _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK)))
+    tl.store(out_ptr + 1, _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK).to(tl.float32))
+
+
+@triton.jit
+def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, seg_ptr, part_ptr, part_base,
+                     ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Per block: ||d||^2 with d = g (adaptive: g*|p|) over segments with a grad."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(blocks_ptr + pid * 4)
+    start = tl.load(blocks_ptr + pid * 4 + 1)
+    end = tl.load(blocks_ptr + pid * 4 + 2)
+    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    gmask = offs < grad_end
+    d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        d = d * tl.abs(tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32))
+    tl.store(part_ptr + part_base + pid, tl.sum(d * d, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _sar_scale_kernel(part_ptr, n_slots, out_ptr, rho, RHO_POSITIVE: tl.constexpr, RBLOCK: tl.constexpr):
+    """norm = ||d|| ; applied = rho > 0 and norm > 0 ; scale = rho / (norm + 1e-12)."""
+    norm = _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK))
+    scale = (rho / (norm.to(tl.float64) + 1e-12)).to(tl.float32)
+    tl.store(out_ptr + 0, norm)
+    if RHO_POSITIVE:
+        tl.store(out_ptr + 1, tl.where(norm > 0.0, 1.0, 0.0))  # NaN norm: not applied
+    else:
+        tl.store(out_ptr + 1, 0.0)
+    tl.store(out_ptr + 2, scale)
+
+
+@triton.jit
+def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr,
+                      ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad)."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(blocks_ptr + pid * 4)
+    start = tl.load(blocks_ptr + pid * 4 + 1)
+    end = tl.load(blocks_ptr + pid * 4 + 2)
+    applied = tl.load(out_ptr + 1).to(tl.int64)  # 1 or 0, decided on device
+    has_grad = tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)
+    scale = tl.load(out_ptr + 2)
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    mask = offs < start + (end - start) * applied
+    gmask = offs < start + (end - start) * (applied * has_grad)
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    tl.store(snap_ptr + offs, p_raw, mask=mask)
+    p = p_raw.to(tl.float32)
+    d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        d = d * tl.abs(p)
+    tl.store(p_ptr + offs, _to_storage(p + scale * d, p_ptr.dtype.element_ty), mask=gmask)
+
+
+@triton.jit
+def _ema_kernel(t_ptr, s_ptr, n, momentum, one_minus_momentum, BLOCK_SIZE: tl.constexpr):
+    """CoTTA teacher: t <- t*m + (1-m)*s (fp32 math)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(t_ptr + offs, _to_storage(t * momentum + one_minus_momentum * s, t_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_tensor(t: Any, what: str, numel: int | None, device: torch.device | None,
+                  dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"yolozu_ttt.kernels.update: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"yolozu_ttt.kernels.update: {what} must be contiguous")
+    if t.dtype not in dtypes:
+        raise TypeError(f"yolozu_ttt.kernels.update: {what} has dtype {t.dtype}, expected one of {dtypes}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"yolozu_ttt.kernels.update: {what} has {t.numel()} elements, param has {numel}")
+    if device is not None and t.device != device:
+        raise ValueError(f"yolozu_ttt.kernels.update: {what} is on {t.device}, param on {device}")
+    return t
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not _interpret():
+        raise ValueError("yolozu_ttt.kernels.update: CPU tensors need TRITON_INTERPRET=1 "
+                         "(use yolozu_ttt._C for CPU arenas)")
+
+
+def _warps(block_size: int) -> int:
+    return 8 if block_size >= 2048 else 4
+
+
+class TritonArenaGroup:
+    """The flat buffers of one dtype arena group, bound for the Triton kernels.
+
+    Parameters:
+        param: flat contiguous parameter buffer (float32, bfloat16 or float16), updated in place.
+        grad: flat gradient buffer, same dtype and size.
+        exp_avg, exp_avg_sq: float32 Adam moments, same size.
+        base: base snapshot (same dtype), the anchor of the total-update norm and EATA.
+        snap: pre-step snapshot buffer (same dtype) or None (then ``write_snapshot`` and SAR fail).
+        offsets, sizes: the segment table; segments must tile the arena in order.
+        has_grad: a byte buffer (e.g. ``bytearray``) with one entry per segment, read on the host
+            at every step (nonzero = the segment has a grad), or None = every segment has one.
+        block_size: elements per program (power of two); blocks never straddle segments.
+
+    The group keeps references to every tensor. Adam step counts are kept on the host, per
+    segment, and advance only for segments with a grad (like torch.optim.Adam's per-param state).
+    """
+
+    def __init__(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, base: torch.Tensor, snap: torch.Tensor | None,
+                 offsets: Sequence[int], sizes: Sequence[int], has_grad: Any = None, *,
+                 block_size: int = 2048):
+        floats = tuple(_DTYPES)
+        self.param = _check_tensor(param, "param", None, None, floats)
+        n, dev, dt = param.numel(), param.device, param.dtype
+        self.grad = _check_tensor(grad, "grad", n, dev, (dt,))
+        self.exp_avg = _check_tensor(exp_avg, "exp_avg", n, dev, (torch.float32,))
+        self.exp_avg_sq = _check_tensor(exp_avg_sq, "exp_avg_sq", n, dev, (torch.float32,))
+        self.base = _check_tensor(base, "base", n, dev, (dt,))
+        self.snap = None if snap is None else _check_tensor(snap, "snap", n, dev, (dt,))
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError("yolozu_ttt.kernels.update: block_size must be a power of two >= 16")
+        self.block_size = int(block_size)
+        self.offsets = [int(o) for o in offsets]
+        self.sizes = [int(s) for s in sizes]
+        if len(self.offsets) != len(self.sizes):
+            raise ValueError("yolozu_ttt.kernels.update: offsets and sizes differ in length")
+        blocks: list[int] = []
+        expect = 0
+        for s, (off, size) in enumerate(zip(self.offsets, self.sizes)):
+            if off != expect or size < 0:
+                raise ValueError("yolozu_ttt.kernels.update: segments must tile the arena in order")
+            expect += size
+            for b in range(0, size, self.block_size):
+                blocks += [s, off + b, off + min(size, b + self.block_size), size]
+        if expect != n:
+            raise ValueError(f"yolozu_ttt.kernels.update: segments cover {expect} elements, arena has {n}")
+        if has_grad is not None:
+            view = memoryview(has_grad)
+            if view.itemsize != 1 or view.nbytes != len(self.sizes):
+                raise ValueError("yolozu_ttt.kernels.update: has_grad must be a byte buffer with one entry per segment")
+        self.has_grad = has_grad
+        self.num_blocks = len(blocks) // 4
+        # block table (block -> segment, start, end, segment numel), built once on device
+        self._blocks = torch.tensor(blocks or [0, 0, 0, 1], dtype=torch.int64).to(dev)
+        self._anchor_scale = [2.0 / s if s else 0.0 for s in self.sizes]
+        self._steps = [0] * len(self.sizes)
+
+    # ---- mirrors of _C.ArenaGroup ---------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return int(self.param.numel())
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def reset_state(self) -> None:
+        """Zero the Adam moments and step counts."""
+        self._steps = [0] * len(self._steps)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+
+    # ---- per-step host tables ---------------------------------------------------------------
+    def _flags(self) -> list[bool]:
+        if self.has_grad is None:
+            return [True] * len(self.sizes)
+        return [b != 0 for b in bytes(self.has_grad)]
+
+    def _segment_rows(self, anchor_lambda: float, adam: tuple[float, float, float] | None) -> list[float]:
+        """4 floats per segment: -lr/bc1, sqrt(bc2), 2*lambda/n, has_grad. ``adam`` advances steps."""
+        rows: list[float] = []
+        for s, flag in enumerate(self._flags()):
+            neg_step, bc2_sqrt = 0.0, 1.0
+            if adam is not None and flag:
+                lr, beta1, beta2 = adam
+                self._steps[s] += 1
+                step = float(self._steps[s])
+                neg_step = -(lr / (1.0 - beta1 ** step))
+                bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+            rows += [neg_step, bc2_sqrt, anchor_lambda * self._anchor_scale[s], 1.0 if flag else 0.0]
+        return rows
+
+
+def _prepare(groups: Sequence[TritonArenaGroup]) -> tuple[list[TritonArenaGroup], torch.device]:
+    gs = list(groups)
+    if not gs:
+        raise ValueError("yolozu_ttt.kernels.update: groups must not be empty")
+    for g in gs:
+        if not isinstance(g, TritonArenaGroup):
+            raise TypeError(f"yolozu_ttt.kernels.update: expected TritonArenaGroup, got {type(g).__name__}")
+    device = gs[0].device
+    if any(g.device != device for g in gs):
+        raise ValueError("yolozu_ttt.kernels.update: all groups must be on one device")
+    _check_device(device)
+    return gs, device
+
+
+def _upload(rows: list[float], device: torch.device) -> torch.Tensor:
+    """Host floats -> float32 device tensor without a host sync (pinned, non-blocking)."""
+    t = torch.tensor(rows or [0.0], dtype=torch.float32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _segment_tables(gs: list[TritonArenaGroup], device: torch.device, anchor_lambda: float,
+                    adam: tuple[float, float, float] | None) -> list[torch.Tensor]:
+    """One upload for all groups; returns each group's view of it."""
+    rows: list[float] = []
+    starts = []
+    for g in gs:
+        starts.append(len(rows))
+        rows += g._segment_rows(anchor_lambda, adam)
+    table = _upload(rows, device)
+    return [table[s:] for s in starts]
+
+
+def _slots(gs: list[TritonArenaGroup]) -> tuple[list[int], int]:
+    bases, total = [], 0
+    for g in gs:
+        bases.append(total)
+        total += g.num_blocks
+    return bases, total
+
+
+def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9, beta2: float = 0.999,
+               eps: float = 1e-8, max_grad_norm: float | None = None, anchor_lambda: float = 0.0,
+               write_snapshot: bool = True) -> torch.Tensor:
+    """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
+
+    Parameters:
+        groups: the arena groups (one per dtype), all on one device; they share one global grad
+            norm and clip coefficient.
+        lr, beta1, beta2, eps: torch.optim.Adam hyper-parameters (no weight decay, no amsgrad).
+        max_grad_norm: clip like torch.nn.utils.clip_grad_norm_ (None: no clipping).
+        anchor_lambda: EATA anchor weight; adds 2*lambda*(p-base)/n to each segment's grad.
+        write_snapshot: write snap <- p (pre-step values, bit-exact) in the same pass.
+
+    Returns a float32 tensor of shape (6,) on the groups' device, ordered as ``STAT_KEYS``:
+    grad_norm, grad_norm_clipped, update_norm, total_update_norm, anchor_loss, clip_coef.
+    Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``.
+    """
+    if not lr >= 0.0:
+        raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError("yolozu_ttt.kernels.update: betas must lie in [0, 1)")
+    gs, device = _prepare(groups)
+    if write_snapshot and any(g.snap is None for g in gs):
+        raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
+    clip = max_grad_norm is not None
+    anchor_lambda = float(anchor_lambda)
+    has_anchor = anchor_lambda != 0.0
+    # Bias corrections from the host step counts (advanced here, for segments with a grad).
+    tables = _segment_tables(gs, device, anchor_lambda, (float(lr), float(beta1), float(beta2)))
+    bases, n_slots = _slots(gs)
+    part = torch.empty((_N_PART, max(n_slots, 1)), dtype=torch.float64, device=device)
+    if n_slots == 0:
+        part.zero_()
+    stride = part.shape[1]
+    stats = torch.empty(len(STAT_KEYS), dtype=torch.float32, device=device)
+
+    # 1-3. with clipping: grad-norm pass, then the coefficient on device
+    if clip:
+        for g, table, base in zip(gs, tables, bases):
+            if g.num_blocks:
+                _grad_pass_kernel[(g.num_blocks,)](
+                    g.param, g.grad, g.base, g._blocks, table, part, stride, base,
+                    HAS_ANCHOR=has_anchor, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
+        _clip_coef_kernel[(1,)](part, stride, n_slots, stats, float(max_grad_norm), RBLOCK=_RBLOCK)
+
+    # 4-6. Adam pass (reads the coefficient from device memory), snapshot, norms
+    for g, table, base in zip(gs, tables, bases):
+        if g.num_blocks:
+            _adam_kernel[(g.num_blocks,)](
+                g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
+                g.snap if write_snapshot else g.param, g._blocks, table, stats, part, stride, base,
+                1.0 - beta1, beta2, 1.0 - beta2, eps,
+                HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=bool(write_snapshot),
+                BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
+    _step_stats_kernel[(1,)](part, stride, n_slots, stats, HAS_CLIP=clip, RBLOCK=_RBLOCK)
+    return stats
+
+
+def grad_stats(groups: Sequence[TritonArenaGroup], anchor_lambda: float = 0.0) -> torch.Tensor:
+    """(grad norm, anchor value) without changing anything: float32 device tensor of shape (2,).
+
+    Parameters:
+        groups: the arena groups, all on one device.
+        anchor_lambda: EATA anchor weight; the grad norm includes the anchor gradient.
+    """
+    gs, device = _prepare(groups)
+    anchor_lambda = float(anchor_lambda)
+    tables = _segment_tables(gs, device, anchor_lambda, None)
+    bases, n_slots = _slots(gs)
+    part = torch.zeros((_N_PART, max(n_slots, 1)), dtype=torch.float64, device=device)
+    stride = part.shape[1]
+    out = torch.empty(2, dtype=torch.float32, device=device)
+    for g, table, base in zip(gs, tables, bases):
+        if g.num_blocks:
+            _grad_pass_kernel[(g.num_blocks,)](
+                g.param, g.grad, g.base, g._blocks, table, part, stride, base,
+                HAS_ANCHOR=anchor_lambda != 0.0, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
+    _grad_stats_kernel[(1,)](part, stride, n_slots, out, RBLOCK=_RBLOCK)
+    return out
+
+
+def sar_perturb(groups: Sequence[TritonArenaGroup], rho: float, adaptive: bool) -> torch.Tensor:
+    """SAR ascent step with the snapshot as backup; the Triton twin of ``_C.sar_perturb``.
+
+    Parameters:
+        groups: the arena groups (each needs a ``snap`` buffer), all on one device.
+        rho: neighbourhood size (already scaled by the caller, e.g. rho * first_step_scale).
+        adaptive: ASAM direction d = g*|p| instead of g.
+
+    1. norm = ||d|| over segments with a grad (d = g, or g*|p| if adaptive);
+    2. if rho > 0 and norm > 0 (decided on device): snap <- p for every segment, then
+       p <- p + rho/(norm + 1e-12) * d for segments with a grad.
+    Returns a float32 device tensor (2,): [norm, applied (1.0 or 0.0)].
+    """
+    gs, device = _prepare(groups)
+    if any(g.snap is None for g in gs):
+        raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer")
+    tables = _segment_tables(gs, device, 0.0, None)
+    bases, n_slots = _slots(gs)
+    part = torch.zeros(max(n_slots, 1), dtype=torch.float64, device=device)
+    out = torch.empty(3, dtype=torch.float32, device=device)
+    for g, table, base in zip(gs, tables, bases):
+        if g.num_blocks:
+            _sar_norm_kernel[(g.num_blocks,)](g.param, g.grad, g._blocks, table, part, base,
+                                              ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
+                                              num_warps=_warps(g.block_size))
+    _sar_scale_kernel[(1,)](part, n_slots, out, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
+    if float(rho) > 0.0:
+        for g, table in zip(gs, tables):
+            if g.num_blocks:
+                _sar_apply_kernel[(g.num_blocks,)](g.param, g.grad, g.snap, g._blocks, table, out,
+                                                   ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
+                                                   num_warps=_warps(g.block_size))
+    return out[:2]
+
+
+def ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float, *, block_size: int = 4096) -> torch.Tensor:
+    """CoTTA teacher update in place: t <- t*m + (1-m)*s, m clamped to [0, 1]; returns ``teacher``.
+
+    Parameters:
+        teacher: flat contiguous buffer (float32, bfloat16 or float16), updated in place.
+        student: contiguous buffer with as many elements (any of those dtypes), same device.
+        momentum: EMA momentum m.
+    """
+    _check_tensor(teacher, "teacher", None, None, tuple(_DTYPES))
+    _check_tensor(student, "student", teacher.numel(), teacher.device, tuple(_DTYPES))
+    _check_device(teacher.device)
+    m = min(max(float(momentum), 0.0), 1.0)
+    n = teacher.numel()
+    if n:
+        _ema_kernel[(triton.cdiv(n, block_size),)](teacher, student, n, m, 1.0 - m,
+                                                    BLOCK_SIZE=block_size, num_warps=_warps(block_size))
+    return teacher
+
+
+def restore_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst <- src (bit-exact rollback from a snapshot)."""
+    return dst.copy_(src)
+
+
+def stats_dict(stats: torch.Tensor) -> dict[str, float]:
+    """``fused_step``'s tensor as the dict ``_C.fused_step`` returns (one host read)."""
+    return dict(zip(STAT_KEYS, stats.tolist()))

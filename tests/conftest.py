@@ -1,0 +1,150 @@
+"""Shared fixtures: small detectors with every kind of normalisation, a list adapter, report checks."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with a low-rank adapter (selected by lora_only / adapter_only)."""
+
+    def __init__(self, dim: int, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(dim, dim)
+        self.lora_a = nn.Linear(dim, rank, bias=False)
+        self.lora_b = nn.Linear(rank, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+class TinyDet(nn.Module):
+    """Conv+BN, conv+GN, a LoRA block and a LayerNorm'd query head: a detector in miniature.
+
+    Convolutions feeding a norm carry no bias (a bias a norm cancels has a pure-noise gradient
+    that Adam amplifies, which no float implementation can match).
+    """
+
+    def __init__(self, queries: int = 6, classes: int = 7, width: int = 16):
+        super().__init__()
+        self.queries, self.classes = queries, classes
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, width, 3, padding=1, stride=2, bias=False)
+        self.gn = nn.GroupNorm(4, width)
+        self.lora = LoRALinear(width)
+        self.head = nn.Linear(width, queries * classes)
+        self.ln = nn.LayerNorm(classes)
+        self.box = nn.Linear(width, queries * 4)
+        self.depth_head = nn.Linear(width, queries)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.gn(self.conv2(h))).mean(dim=(2, 3))
+        h = h + torch.tanh(self.lora(h))
+        b = h.shape[0]
+        logits = self.ln(self.head(h).view(b, self.queries, self.classes)) * 2.0
+        return {
+            "logits": logits,
+            "bbox": torch.sigmoid(self.box(h)).view(b, self.queries, 4),
+            "depth": self.depth_head(h).view(b, self.queries, 1),
+        }
+
+
+class ListAdapter:
+    """YOLOZU's adapter contract over a fixed list of batches."""
+
+    def __init__(self, model: Any, batches: list[Any]):
+        self.model = model
+        self.batches = batches
+
+    def get_model(self) -> Any:
+        return self.model
+
+    def build_loader(self, records, *, batch_size: int = 1):
+        yield from self.batches
+
+
+def make_model(seed: int = 0, **kwargs: Any) -> TinyDet:
+    torch.manual_seed(seed)
+    return TinyDet(**kwargs)
+
+
+def make_batches(n: int = 2, seed: int = 1, shape=(2, 3, 12, 12)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def run_both(model: nn.Module, batches: list[Any], config: Any):
+    """Run the reference and the fast backend on identical copies; return both models and reports."""
+    from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+    import yolozu_ttt
+
+    ref_model, fast_model = copy.deepcopy(model), copy.deepcopy(model)
+    ref = reference_run_ttt(ListAdapter(ref_model, batches), [], config=config)
+    fast = yolozu_ttt.run_ttt(ListAdapter(fast_model, batches), [], config=config)
+    return ref_model, ref, fast_model, fast
+
+
+EXACT_FIELDS = (
+    "enabled", "method", "reset", "steps_requested", "steps_run", "batches_used", "updated_param_count",
+    "warnings", "stopped_early", "stop_reason", "method_profile", "forward_calls", "backward_calls",
+    "optimizer_steps", "update_ratio", "abstained_steps", "abstention_ratio",
+)
+
+
+def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol, atol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_reports_match(ref: Any, fast: Any, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Same report contract: exact fields equal, floats within tolerance, same step-entry keys."""
+    for name in EXACT_FIELDS:
+        assert getattr(fast, name) == getattr(ref, name), name
+    assert _close(ref.losses, fast.losses, rtol, atol), (ref.losses, fast.losses)
+    assert _close(ref.mask_ratio, fast.mask_ratio, rtol, atol)
+    assert len(ref.step_metrics) == len(fast.step_metrics)
+    for r, f in zip(ref.step_metrics, fast.step_metrics):
+        assert list(r.keys()) == list(f.keys()), (list(r.keys()), list(f.keys()))
+        for key in r:
+            assert _close(r[key], f[key], rtol, atol), (key, r[key], f[key])
+    assert (ref.memory or {}).keys() == (fast.memory or {}).keys()
+    assert ref.to_dict().keys() == fast.to_dict().keys()
+
+
+def assert_models_match(ref_model: nn.Module, fast_model: nn.Module, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Parameters and buffers equal within tolerance (NaN where the reference has NaN)."""
+    ref_state, fast_state = ref_model.state_dict(), fast_model.state_dict()
+    assert ref_state.keys() == fast_state.keys()
+    for name, value in ref_state.items():
+        other = fast_state[name]
+        assert other.dtype == value.dtype and other.shape == value.shape, name
+        torch.testing.assert_close(other, value, rtol=rtol, atol=atol, equal_nan=True, msg=name)
+    assert [p.requires_grad for p in ref_model.parameters()] == [p.requires_grad for p in fast_model.parameters()]
+    assert ref_model.training == fast_model.training
+
+
+@pytest.fixture
+def tiny_model() -> TinyDet:
+    return make_model()
+
+
+@pytest.fixture
+def batches() -> list[torch.Tensor]:
+    return make_batches()

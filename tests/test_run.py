@@ -1,0 +1,281 @@
+"""yolozu_ttt.run_ttt against YOLOZU's run_ttt: Tent options, guards, rollback, errors, reliability."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model,
+                      run_both)
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+import yolozu_ttt
+
+
+def tent(**kw) -> TTTConfig:
+    base = dict(enabled=True, method="tent", steps=3, max_batches=2, lr=1e-2)
+    base.update(kw)
+    return TTTConfig(**base)
+
+
+@pytest.mark.parametrize("update_filter", ["all", "norm_only", "adapter_only", "lora_only", "lora_norm_only"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_tent_filters_match_reference(update_filter, train_mode):
+    model = make_model()
+    model.train(train_mode)
+    ref_model, ref, fast_model, fast = run_both(model, make_batches(), tent(update_filter=update_filter))
+    assert fast.steps_run == 3 and fast.updated_param_count > 0
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(include=["bn", "gn"], exclude=["bias"]),
+    dict(include=["lora"]),
+    dict(max_grad_norm=0.05),
+    dict(max_grad_norm=1e6),
+    dict(update_filter="norm_only", max_grad_norm=0.01, steps=4),
+    dict(rollback_on_stop=False, max_update_norm=1e-9),
+    dict(max_update_norm=1e-9),
+    dict(max_loss_ratio=0.5),
+    dict(max_loss_ratio=1.0, steps=4),
+    dict(max_loss_increase=-1e-4),
+    dict(stop_on_non_finite=False),
+    dict(steps=5, max_batches=1),
+    dict(batch_size=4, max_batches=3, steps=4),
+])
+def test_tent_options_match_reference(kw):
+    ref_model, ref, fast_model, fast = run_both(make_model(), make_batches(3), tent(**kw))
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+
+
+def test_total_update_guard_stops_mid_run_and_rolls_back():
+    """A threshold between the reference's 2nd and 3rd total update norms stops at step 2."""
+    model, batches = make_model(), make_batches()
+    _, free, _, _ = run_both(model, batches, tent(steps=4))
+    totals = [e["total_update_norm"] for e in free.step_metrics]
+    limit = (totals[1] + totals[2]) / 2
+    ref_model, ref, fast_model, fast = run_both(model, batches, tent(steps=4, max_total_update_norm=limit))
+    assert fast.stop_reason == "max_total_update_norm_exceeded" and fast.steps_run == 2
+    assert fast.step_metrics[-1]["rolled_back"] is True
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+    # rolled back bit-exactly to the state after step 1
+    _, _, after2, _ = run_both(model, batches, tent(steps=2))
+    for a, b in zip(after2.parameters(), fast_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nan_batch_stops_with_non_finite_metrics_and_rolls_back_bit_exactly():
+    model = make_model()
+    batches = make_batches(2)
+    batches[1] = torch.full_like(batches[1], float("nan"))
+    ref_model, ref, fast_model, fast = run_both(model, batches, tent(steps=3))
+    assert fast.stop_reason == "non_finite_metrics"
+    assert any(w.startswith("non_finite_fields:") for w in fast.warnings)
+    assert_reports_match(ref, fast)
+    _, _, one_step, _ = run_both(model, batches[:1], tent(steps=1, max_batches=1))
+    for (name, a), b in zip(one_step.state_dict().items(), fast_model.state_dict().values()):
+        assert torch.equal(a, b), name  # params and BN buffers restored exactly
+
+
+def test_aux_consistency_weights_match_reference():
+    cfg = tent(aux_depth_weight=0.5, aux_pose_weight=0.0)
+    ref_model, ref, fast_model, fast = run_both(make_model(), make_batches(), cfg)
+    assert ref.step_metrics[0]["loss_aux_consistency"] >= 0.0
+    assert fast.forward_calls == ref.forward_calls == 6
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+
+
+@pytest.mark.parametrize("conf_min,min_selected", [(0.2, 1), (0.99, 4)])
+def test_detector_response_matches_reference(conf_min, min_selected):
+    """Including steps that abstain (no query passes the threshold) and restore the buffers."""
+    cfg = tent(detector_response=True, response_conf_min=conf_min, response_min_selected=min_selected,
+               response_topk=0)
+    ref_model, ref, fast_model, fast = run_both(make_model(), make_batches(), cfg)
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+    if conf_min > 0.9:
+        assert fast.abstained_steps == ref.abstained_steps == 3
+
+
+def test_disabled_returns_the_identical_report_and_leaves_the_model_alone():
+    model = make_model()
+    before = copy.deepcopy(model.state_dict())
+    cfg = TTTConfig(enabled=False, method="eata", steps=7)
+    fast = yolozu_ttt.run_ttt(ListAdapter(model, make_batches()), [], config=cfg)
+    ref = reference_run_ttt(ListAdapter(model, make_batches()), [], config=cfg)
+    assert fast == ref
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class NoModel:
+    def get_model(self):
+        return None
+
+    def build_loader(self, records, *, batch_size=1):
+        yield torch.zeros(1)
+
+
+class Empty(ListAdapter):
+    def build_loader(self, records, *, batch_size=1):
+        return iter(())
+
+
+@pytest.mark.parametrize("adapter,cfg", [
+    (object(), tent()),
+    (NoModel(), tent()),
+    (Empty(make_model(), []), tent()),
+    (ListAdapter(make_model(), make_batches()), tent(method="bogus")),
+    (ListAdapter(make_model(), make_batches()), tent(steps=0)),
+    (ListAdapter(make_model(), make_batches()), tent(max_batches=0)),
+    (ListAdapter(make_model(), make_batches()), tent(update_filter="weird")),
+    (ListAdapter(make_model(), make_batches()), tent(include=["no_such_param"])),
+    (ListAdapter(make_model(), make_batches()), tent(detector_response=True, response_conf_min=2.0)),
+    (ListAdapter(make_model(), make_batches()), tent(detector_response=True, response_min_selected=0)),
+])
+def test_bad_input_raises_like_the_reference(adapter, cfg):
+    with pytest.raises(Exception) as ref_exc:
+        reference_run_ttt(copy.deepcopy(adapter), [], config=cfg)
+    with pytest.raises(type(ref_exc.value)) as fast_exc:
+        yolozu_ttt.run_ttt(copy.deepcopy(adapter), [], config=cfg)
+    assert str(fast_exc.value) == str(ref_exc.value)
+
+
+def test_aux_consistency_on_structured_batches_raises_like_the_reference():
+    batches = [{"image": torch.zeros(1, 3, 8, 8)}]
+    cfg = tent(aux_depth_weight=1.0, max_batches=1)
+    with pytest.raises(TypeError) as ref_exc:
+        reference_run_ttt(ListAdapter(make_model(), batches), [], config=cfg)
+    model = make_model()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(TypeError) as fast_exc:
+        yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)
+    assert str(fast_exc.value) == str(ref_exc.value)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+class Boom(Exception):
+    pass
+
+
+class FailingModel(torch.nn.Module):
+    """TinyDet that raises ``exc`` on the forward call number ``fail_at`` (0-based)."""
+
+    def __init__(self, exc: type[BaseException], fail_at: int):
+        super().__init__()
+        self.inner = make_model()
+        self.exc, self.fail_at, self.calls = exc, fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls - 1 == self.fail_at:
+            raise self.exc("failure inside the model")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_exception_mid_run_leaves_the_model_as_the_reference_does(exc, train_mode):
+    ref_model, fast_model = FailingModel(exc, 2), FailingModel(exc, 2)
+    fast_model.load_state_dict(ref_model.state_dict())
+    ref_model.inner.head.weight.requires_grad_(False)
+    fast_model.inner.head.weight.requires_grad_(False)
+    ref_model.train(train_mode), fast_model.train(train_mode)
+    params_before = list(fast_model.parameters())
+    with pytest.raises(exc):
+        reference_run_ttt(ListAdapter(ref_model, make_batches()), [], config=tent(steps=4))
+    with pytest.raises(exc):
+        yolozu_ttt.run_ttt(ListAdapter(fast_model, make_batches()), [], config=tent(steps=4))
+    assert list(fast_model.parameters()) == params_before  # same Parameter objects
+    ref_model.calls = fast_model.calls
+    assert_models_match(ref_model, fast_model)
+    for p in fast_model.parameters():
+        assert p.grad is None or p.grad.data_ptr() != 0
+        assert p.is_contiguous()
+
+
+def test_model_after_run_is_plain_again(tmp_path):
+    """Same Parameter objects, original storages, tied weights still tied, frozen ones untouched."""
+    model = make_model()
+    model.tied = torch.nn.Linear(16, 16)
+    model.lora.base.weight = model.tied.weight  # a tied parameter
+    model.head.weight.requires_grad_(False)
+    frozen_before = model.head.weight.detach().clone()
+    ids = [id(p) for p in model.parameters()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    torch.save(model.state_dict(), tmp_path / "before.pt")
+    yolozu_ttt.run_ttt(ListAdapter(model, make_batches()), [], config=tent())
+    assert [id(p) for p in model.parameters()] == ids
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert model.lora.base.weight is model.tied.weight
+    assert torch.equal(model.head.weight, frozen_before) and not model.head.weight.requires_grad
+    torch.save(model.state_dict(), tmp_path / "after.pt")
+    assert os.path.getsize(tmp_path / "after.pt") <= os.path.getsize(tmp_path / "before.pt")
+
+
+def test_non_contiguous_parameters():
+    model = make_model()
+    w = model.head.weight.detach().t().contiguous().t()  # same values, transposed strides
+    model.head.weight = torch.nn.Parameter(w)
+    assert not model.head.weight.is_contiguous()
+    ref_model, ref, fast_model, fast = run_both(model, make_batches(), tent())
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+    assert fast_model.head.weight.stride() == w.stride()
+
+
+def test_bfloat16_parameters_run_and_track_the_reference():
+    model = make_model().to(torch.bfloat16)
+    batches = [b.to(torch.bfloat16) for b in make_batches()]
+    cfg = tent(update_filter="norm_only", lr=1e-3)
+    ref_model, ref, fast_model, fast = run_both(model, batches, cfg)
+    assert fast.steps_run == ref.steps_run == 3
+    assert fast.losses[0] == pytest.approx(ref.losses[0], rel=1e-2)
+    # fp32 Adam moments vs the reference's bf16 ones: within a few bf16 ulps of the reference
+    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_repeated_runs_are_deterministic():
+    cfg = tent(steps=3, max_grad_norm=0.1)
+    _, _, m1, r1 = run_both(make_model(), make_batches(), cfg)
+    _, _, m2, r2 = run_both(make_model(), make_batches(), cfg)
+    assert dataclasses.replace(r1, seconds=0.0, memory=None) == dataclasses.replace(r2, seconds=0.0, memory=None)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_300_consecutive_calls_do_not_grow_memory():
+    model, batches = make_model(width=64), make_batches(1)
+    adapter = ListAdapter(model, batches)
+    cfg = tent(steps=1, max_batches=1, lr=1e-4)
+    for _ in range(30):
+        yolozu_ttt.run_ttt(adapter, [], config=cfg)
+    before = _rss_bytes()
+    for _ in range(300):
+        yolozu_ttt.run_ttt(adapter, [], config=cfg)
+    grown = _rss_bytes() - before
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 300 runs"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_build_info_lists_tent_and_the_engine():
+    info = yolozu_ttt.build_info()
+    assert info["cpp_extension"] is True and info["cpp_extension_error"] is None
+    assert "tent" in info["accelerated_methods"]
+    assert isinstance(info["threads"], int) and info["threads"] >= 1
+    assert isinstance(info["openmp"], bool) and isinstance(info["cuda"], bool)
