@@ -1,0 +1,363 @@
+"""yolozu_ttt.ops against YOLOZU's own reference functions (values and gradients).
+
+Every test runs on three paths:
+
+* in this process on CPU: the torch implementation;
+* in a subprocess with ``TRITON_INTERPRET=1`` (``test_triton_interpreter``): the same file,
+  so every test exercises the Triton kernels in the interpreter;
+* on CUDA when available (``device`` parameter): the Triton kernels natively.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from yolozu.tta.integration import _eata_sample_signals, _entropy_loss_from_logits
+from yolozu.tta.ttt_mim import apply_mask, generate_block_mask, reconstruction_loss
+from yolozu_ttt import ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not INTERPRET else [])
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy noise in the interpreter
+
+
+def _path_name(device: str) -> str:
+    return "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch"
+
+
+def _ref_value_and_grad(fn, *inputs, dtype=None):
+    """Reference value and input gradients (optionally evaluated in ``dtype``)."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _ours_value_and_grad(fn, *inputs):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _close(actual, expected, *, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+# =======================================================================================
+# entropy_loss
+# =======================================================================================
+
+ENTROPY_SHAPES = [(3, 7, 1000), (5, 4097), (2, 3, 5, 81), (6, 2), (2, 65537), (4, 1), (2, 3, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ENTROPY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_entropy_loss_matches_reference(shape, device):
+    gen = torch.Generator().manual_seed(sum(shape))
+    z = (torch.randn(shape, generator=gen) * 3.0).to(device)
+    ref, (ref_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    assert ours.shape == () and ours.dtype == z.dtype
+    assert grad.shape == z.shape and grad.dtype == z.dtype
+    _close(ours, ref, rtol=1e-5, atol=1e-5)
+    _close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    if shape[-1] <= 1:
+        assert float(ours) == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_loss_saturated_and_neg_inf(device):
+    z = torch.randn(6, 300) * 2.0
+    z[0, 3] = 1000.0  # saturated: p = one-hot
+    z[1] = -1.0e4
+    z[1, 7] = 50.0
+    z[2, ::3] = float("-inf")  # p = 0 lanes
+    z[3, 1:] = float("-inf")  # single finite class: H = 0
+    z[4, 10:20] = 80.0  # ties at saturation
+    z[5] = 0.0  # uniform: H = log C
+    z = z.to(device)
+    ref, (ref_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    assert torch.isfinite(ours) and torch.isfinite(grad).all()
+    _close(ours, ref, rtol=1e-5, atol=1e-6)
+    _close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 30, 81), (3, 1203)], ids=lambda s: "x".join(map(str, s)))
+def test_entropy_loss_low_precision(shape, dtype, device):
+    """Error vs fp64 no worse than 2x the reference's own error in the same dtype.
+
+    In fp16 the reference's ``clamp_min(1e-12)`` underflows to 0 and it returns NaN; there
+    the bound is a few fp16 ulps of the fp64 value instead.
+    """
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(shape, generator=gen) * 3.0).to(dtype).to(device)
+    exact, (exact_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    low, (low_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z)
+    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    assert ours.dtype == dtype and grad.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    ref_err = (low.double() - exact).abs().item()
+    our_err = (ours.double() - exact).abs().item()
+    if not torch.isfinite(low) or not torch.isfinite(low_grad).all():
+        assert dtype == torch.float16
+        assert our_err <= 4 * eps * abs(exact.item())
+        assert (grad.double() - exact_grad).abs().max() <= 4 * eps * exact_grad.abs().max()
+        return
+    assert our_err <= 2.0 * ref_err + eps * abs(exact.item()), (our_err, ref_err)
+    ref_gerr = (low_grad.double() - exact_grad).abs().max().item()
+    our_gerr = (grad.double() - exact_grad).abs().max().item()
+    assert our_gerr <= 2.0 * ref_gerr + eps * exact_grad.abs().max().item(), (our_gerr, ref_gerr)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_loss_noncontiguous_and_upstream_grad(device):
+    z = torch.randn(40, 3, 17).to(device).transpose(0, 1)  # (3, 40, 17), non-contiguous
+    leaf = z.detach().requires_grad_(True)
+    ref_leaf = z.detach().double().requires_grad_(True)
+    (3.5 * ops.entropy_loss(leaf)).backward()
+    (3.5 * _entropy_loss_from_logits(ref_leaf)).backward()
+    _close(leaf.grad, ref_leaf.grad, rtol=1e-4, atol=1e-7)
+
+
+# =======================================================================================
+# entropy_stats (EATA signals)
+# =======================================================================================
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape", [(5, 81), (4, 300, 81), (2, 3, 5, 1000), (3, 7, 1), (6, 1)], ids=lambda s: "x".join(map(str, s))
+)
+def test_entropy_stats_matches_reference(shape, device):
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(shape, generator=gen) * 4.0).to(device)
+    if shape[-1] > 1:
+        z[..., 0] += 6.0  # some confident rows
+    conf_min = 0.5
+    ref = _eata_sample_signals(z.double(), conf_min=conf_min)
+    ours = ops.entropy_stats(z, conf_min)
+    for r, o in zip(ref, ours):
+        assert o.dtype == torch.float32 and o.shape == (shape[0],)
+        _close(o, r, rtol=1e-5, atol=1e-6)
+
+
+# =======================================================================================
+# Patch masking / masked reconstruction
+# =======================================================================================
+
+def _grid(shape, prob, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen) < prob
+
+
+MIM_CASES = [
+    # (x shape, patch, grid shape)
+    ((2, 3, 37, 50), 16, (3, 4)),
+    ((2, 3, 32, 48), 16, (2, 3)),
+    ((3, 37, 50), 16, (3, 4)),
+    ((3, 37, 50), 16, (3, 3, 4)),
+    ((2, 3, 37, 50), 16, (2, 3, 4)),
+    ((2, 3, 37, 50), 16, (2, 1, 3, 4)),
+    ((2, 3, 20, 21), 7, (1, 3, 3, 3)),
+    ((1, 2, 5, 9), 4, (2, 3)),
+]
+
+
+def _case_id(case):
+    shape, ps, grid = case
+    return f"{'x'.join(map(str, shape))}-p{ps}-g{'x'.join(map(str, grid))}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0], ids=["empty", "half", "full"])
+@pytest.mark.parametrize("case", MIM_CASES, ids=_case_id)
+def test_apply_patch_mask_matches_reference(case, prob, device):
+    shape, ps, gshape = case
+    grid = _grid(gshape, prob, 11).to(device)
+    full = ops.expand_patch_mask(grid, shape[-2], shape[-1], ps)
+    x = torch.randn(shape).to(device)
+    w = torch.randn(shape).to(device)  # random upstream gradient
+    ref, (ref_grad,) = _ref_value_and_grad(lambda t: (apply_mask(t, full, mask_value=-0.25) * w).sum(), x)
+    ours_out = ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=-0.25)
+    assert torch.equal(ours_out, apply_mask(x, full, mask_value=-0.25))
+    ours, (grad,) = _ours_value_and_grad(lambda t: (ops.apply_patch_mask(t, grid, patch_size=ps, mask_value=-0.25) * w).sum(), x)
+    _close(ours, ref)
+    assert torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0], ids=["empty", "half", "full"])
+@pytest.mark.parametrize("case", MIM_CASES, ids=_case_id)
+def test_masked_reconstruction_loss_matches_reference(case, prob, device):
+    shape, ps, gshape = case
+    grid = _grid(gshape, prob, 5).to(device)
+    full = ops.expand_patch_mask(grid, shape[-2], shape[-1], ps)
+    pred = torch.randn(shape).to(device)
+    target = torch.randn(shape).to(device)
+
+    def ref_fn(p, t):
+        return reconstruction_loss(p, t, mask=full)
+
+    def our_fn(p, t):
+        return ops.masked_reconstruction_loss(p, t, grid, patch_size=ps)
+
+    ref, ref_grads = _ref_value_and_grad(ref_fn, pred, target, dtype=torch.float64)
+    ours, grads = _ours_value_and_grad(our_fn, pred, target)
+    assert ours.shape == () and ours.dtype == pred.dtype
+    _close(ours, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r, rtol=1e-5, atol=1e-8)
+    if prob == 0.0:
+        assert float(ours) == 0.0 and not any(g.any() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mim_pipeline_gradients(device):
+    """apply -> loss chain, gradients through both the masked input and the target."""
+    shape, ps = (2, 3, 37, 50), 16
+    grid = _grid((3, 4), 0.6, 2).to(device)
+    full = ops.expand_patch_mask(grid, 37, 50, ps)
+    x = torch.randn(shape).to(device)
+    scale = torch.randn(shape).to(device)
+
+    def ref_fn(t):
+        return reconstruction_loss(apply_mask(t, full) * scale + t, t.flip(-1), mask=full)
+
+    def our_fn(t):
+        return ops.masked_reconstruction_loss(ops.apply_patch_mask(t, grid, patch_size=ps) * scale + t, t.flip(-1), grid, patch_size=ps)
+
+    ref, (ref_grad,) = _ref_value_and_grad(ref_fn, x, dtype=torch.float64)
+    ours, (grad,) = _ours_value_and_grad(our_fn, x)
+    _close(ours, ref, rtol=1e-5, atol=1e-6)
+    _close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_masked_reconstruction_loss_low_precision(dtype, device):
+    shape, ps = (2, 3, 37, 50), 16
+    grid = _grid((3, 4), 0.5, 9).to(device)
+    full = ops.expand_patch_mask(grid, 37, 50, ps)
+    pred = torch.randn(shape).to(dtype).to(device)
+    target = torch.randn(shape).to(dtype).to(device)
+    exact, exact_grads = _ref_value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target, dtype=torch.float64)
+    low, low_grads = _ref_value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target)
+    ours, grads = _ours_value_and_grad(lambda p, t: ops.masked_reconstruction_loss(p, t, grid, patch_size=ps), pred, target)
+    assert ours.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert (ours.double() - exact).abs() <= 2.0 * (low.double() - exact).abs() + eps * exact.abs()
+    for g, lg, eg in zip(grads, low_grads, exact_grads):
+        assert g.dtype == dtype
+        our_err = (g.double() - eg).abs().max()
+        ref_err = (lg.double() - eg).abs().max()
+        assert our_err <= 2.0 * ref_err + eps * eg.abs().max()
+
+
+def test_expand_patch_mask_equals_generate_block_mask():
+    for (h, w, ps) in [(37, 50, 16), (64, 64, 16), (5, 9, 4), (640, 480, 32)]:
+        ref = generate_block_mask(h, w, patch_size=ps, mask_prob=0.6, generator=torch.Generator().manual_seed(4))
+        gh, gw = -(-h // ps), -(-w // ps)
+        grid = torch.rand((gh, gw), generator=torch.Generator().manual_seed(4)) < 0.6
+        assert torch.equal(ops.expand_patch_mask(grid, h, w, ps), ref)
+
+
+def test_patch_mask_shape_errors():
+    x = torch.randn(2, 3, 37, 50)
+    with pytest.raises(ValueError, match="grid"):
+        ops.apply_patch_mask(x, torch.ones(2, 4, dtype=torch.bool), patch_size=16)
+    with pytest.raises(ValueError, match="broadcast"):
+        ops.apply_patch_mask(x, torch.ones(4, 3, 4, dtype=torch.bool), patch_size=16)
+    with pytest.raises(ValueError, match="3D or 4D"):
+        ops.apply_patch_mask(torch.randn(37, 50), torch.ones(3, 4, dtype=torch.bool), patch_size=16)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.masked_reconstruction_loss(x, x[:1], torch.ones(3, 4, dtype=torch.bool), patch_size=16)
+
+
+# =======================================================================================
+# torch.library: opcheck and torch.compile
+# =======================================================================================
+
+def _opcheck_cases(device):
+    z = torch.randn(3, 5, 81, device=device, requires_grad=True)
+    grid = _grid((3, 4), 0.5, 1).to(device)
+    x = torch.randn(2, 3, 37, 50, device=device, requires_grad=True)
+    t = torch.randn(2, 3, 37, 50, device=device, requires_grad=True)
+    lse = torch.randn(15, device=device)
+    h = torch.rand(15, device=device)
+    g = torch.tensor(1.5, device=device)
+    return [
+        (torch.ops.yolozu_ttt.entropy_loss_fwd.default, (z,)),
+        (torch.ops.yolozu_ttt.entropy_loss_bwd.default, (g, z.detach(), lse, h)),
+        (torch.ops.yolozu_ttt.entropy_stats.default, (z.detach(), 0.3)),
+        (torch.ops.yolozu_ttt.apply_patch_mask.default, (x, grid, 16, 0.5)),
+        (torch.ops.yolozu_ttt.masked_reconstruction_loss.default, (x, t, grid, 16)),
+        (torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd.default, (g, x.detach(), t.detach(), grid, 16)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck(index, device):
+    op, args = _opcheck_cases(device)[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(INTERPRET, reason="tracing is path-independent; run once outside the interpreter")
+def test_torch_compile_fullgraph():
+    grid = _grid((3, 4), 0.5, 1)
+
+    def step(z, x):
+        loss = ops.entropy_loss(z)
+        masked = ops.apply_patch_mask(x, grid, patch_size=16)
+        return loss + ops.masked_reconstruction_loss(masked * 2.0, x, grid, patch_size=16)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z = torch.randn(4, 20, 81, requires_grad=True)
+    x = torch.randn(2, 3, 37, 50, requires_grad=True)
+    out = compiled(z, x)
+    out.backward()
+    z2, x2 = z.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    ref = step(z2, x2)
+    ref.backward()
+    _close(out, ref)
+    _close(z.grad, z2.grad)
+    _close(x.grad, x2.grad)
+
+
+# =======================================================================================
+# The Triton path under the interpreter (subprocess: TRITON_INTERPRET must precede import)
+# =======================================================================================
+
+@pytest.mark.skipif(INTERPRET, reason="already running under the interpreter")
+def test_triton_interpreter():
+    """Re-run this whole file with TRITON_INTERPRET=1: every test above on the Triton kernels."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__).resolve()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(here), "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-rN"],
+        cwd=str(here.parent.parent),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, "Triton interpreter run failed:\n" + proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout
+
+
+def test_dispatch_rule():
+    cpu = torch.empty(0)
+    assert ops.use_triton(cpu) is (INTERPRET and ops._HAVE_TRITON)
+    if torch.cuda.is_available():
+        assert ops.use_triton(cpu.cuda())
+    assert _path_name("cpu") == ("triton" if INTERPRET else "torch")

@@ -1,0 +1,440 @@
+"""Fused, autograd-aware loss ops of yolozu_ttt (entropy, EATA signals, TTT-MIM masking).
+
+Public functions (same semantics as YOLOZU 4.12's reference helpers, see the README):
+
+* :func:`entropy_loss` - ``yolozu.tta.integration._entropy_loss_from_logits``
+* :func:`entropy_stats` - ``yolozu.tta.integration._eata_sample_signals``
+* :func:`apply_patch_mask` - ``yolozu.tta.ttt_mim.apply_mask`` given the patch grid
+* :func:`masked_reconstruction_loss` - ``yolozu.tta.ttt_mim.reconstruction_loss(mask=...)``
+* :func:`expand_patch_mask` - the full-resolution mask ``generate_block_mask`` would return
+
+Layers: Triton kernels (``yolozu_ttt.kernels.entropy`` / ``.mim``) or a torch implementation
+-> ``torch.library.custom_op`` (``yolozu_ttt::*``) with ``register_fake`` and
+``register_autograd`` (so ``torch.compile(fullgraph=True)`` traces through and
+``torch.library.opcheck`` passes) -> the small public functions below.
+
+Dispatch (:func:`use_triton`): CUDA tensors run the Triton kernels; CPU tensors run the torch
+implementation, unless ``TRITON_INTERPRET=1`` was set before import, in which case they run
+the Triton kernels in Triton's interpreter (so the GPU code path can be tested anywhere).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_patch_mask",
+    "entropy_loss",
+    "entropy_stats",
+    "expand_patch_mask",
+    "masked_reconstruction_loss",
+    "use_triton",
+]
+
+#: log(1e-12): the reference clamps p at 1e-12 inside the log.
+_LOG_EPS = math.log(1e-12)
+_FLT_MAX = float(torch.finfo(torch.float32).max)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:  # Triton is optional (absent off Linux); only needed for CUDA / the interpreter.
+    import triton  # noqa: F401
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    _HAVE_TRITON = False
+
+
+def use_triton(tensor: Tensor) -> bool:
+    """Whether ops on ``tensor`` take the Triton kernels.
+
+    CUDA tensors: yes (when Triton is installed).  CPU tensors: only when the environment
+    variable ``TRITON_INTERPRET=1`` was set before ``yolozu_ttt.ops`` was imported (the
+    kernels then run in Triton's interpreter).  Anything else uses the torch implementation.
+    """
+    if not _HAVE_TRITON:
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return _INTERPRET and tensor.device.type == "cpu"
+
+
+def _kernels_entropy():
+    from .kernels import entropy
+
+    return entropy
+
+
+def _kernels_mim():
+    from .kernels import mim
+
+    return mim
+
+
+# =======================================================================================
+# Entropy: torch implementation (CPU and other non-Triton devices)
+# =======================================================================================
+
+def _rows_fp32(z: Tensor) -> Tensor:
+    return z.reshape(-1, z.shape[-1]).to(torch.float32)
+
+
+def _torch_entropy_rows(z: Tensor):
+    """Per-row ``(lse, H, conf)`` in fp32 for ``z (..., C)``, ``C >= 2``.
+
+    1. m = max z,  d = max(z - m, -FLT_MAX)  (a -inf logit gives a finite d and e = 0)
+    2. e = exp(d),  s = sum e,  t = sum e d
+    3. lse = m + log s,  H = log s - t / s,  conf = 1 / s
+    """
+    z2 = _rows_fp32(z)
+    m = z2.amax(dim=-1, keepdim=True)
+    d = torch.sub(z2, m).clamp_min_(-_FLT_MAX)
+    e = d.exp()
+    s = e.sum(dim=-1)
+    t = e.mul_(d).sum(dim=-1)
+    log_s = s.log()
+    lse = m.squeeze(-1) + log_s
+    h = log_s - t / s
+    return lse, h, s.reciprocal()
+
+
+def _torch_entropy_backward(grad: Tensor, z: Tensor, lse: Tensor, h: Tensor) -> Tensor:
+    """``dz = -(g / N) p (max(log p, log 1e-12) + H)`` with ``log p = z - lse``."""
+    z2 = _rows_fp32(z)
+    n_rows = z2.shape[0]
+    coef = grad.reshape(()).to(torch.float32) * (-1.0 / max(n_rows, 1))
+    log_p = torch.sub(z2, lse.unsqueeze(-1))
+    p = log_p.exp()
+    dz = log_p.clamp_min_(_LOG_EPS).add_(h.unsqueeze(-1)).mul_(p).mul_(coef)
+    return dz.to(z.dtype).reshape(z.shape)
+
+
+# =======================================================================================
+# Entropy: custom ops
+# =======================================================================================
+
+def _n_rows(logits: Tensor):
+    c = logits.shape[-1]
+    return 0 if c <= 1 else logits.numel() // c
+
+
+@torch.library.custom_op("yolozu_ttt::entropy_loss_fwd", mutates_args=())
+def _entropy_loss_fwd(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, lse, H)``: loss 0-d in ``logits.dtype``; ``lse``, ``H`` fp32 ``(N,)`` (N = 0 if C <= 1)."""
+    if logits.ndim == 0:
+        raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
+    if use_triton(logits):
+        return _kernels_entropy().entropy_loss_forward(logits)
+    if logits.shape[-1] <= 1:
+        empty = logits.new_empty((0,), dtype=torch.float32)
+        return logits.new_zeros(()), empty, empty.clone()
+    lse, h, _ = _torch_entropy_rows(logits)
+    return h.mean().to(logits.dtype), lse, h
+
+
+@_entropy_loss_fwd.register_fake
+def _(logits: Tensor):
+    n = _n_rows(logits)
+    return (
+        logits.new_empty(()),
+        logits.new_empty((n,), dtype=torch.float32),
+        logits.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("yolozu_ttt::entropy_loss_bwd", mutates_args=())
+def _entropy_loss_bwd(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor) -> Tensor:
+    """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1)."""
+    if use_triton(logits):
+        return _kernels_entropy().entropy_loss_backward(grad, logits, lse, h)
+    if logits.shape[-1] <= 1:
+        return torch.zeros_like(logits)
+    return _torch_entropy_backward(grad, logits, lse, h)
+
+
+@_entropy_loss_bwd.register_fake
+def _(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor):
+    return torch.empty_like(logits)
+
+
+def _entropy_setup_context(ctx, inputs, output):
+    (logits,) = inputs
+    _, lse, h = output
+    ctx.save_for_backward(logits, lse, h)
+    ctx.mark_non_differentiable(lse, h)
+
+
+def _entropy_backward(ctx, grad_loss, grad_lse, grad_h):
+    logits, lse, h = ctx.saved_tensors
+    return torch.ops.yolozu_ttt.entropy_loss_bwd(grad_loss, logits, lse, h)
+
+
+_entropy_loss_fwd.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
+
+
+def _stats_batch(logits: Tensor):
+    return int(logits.shape[0]) if logits.ndim >= 1 else 1
+
+
+@torch.library.custom_op("yolozu_ttt::entropy_stats", mutates_args=())
+def _entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Tensor]:
+    """EATA per-sample ``(conf, entropy, valid)``, fp32 ``(B,)`` (not differentiable)."""
+    batch = _stats_batch(logits)
+    if logits.shape[-1] <= 1:
+        zeros = logits.new_zeros((batch,), dtype=torch.float32)
+        return zeros, zeros.clone(), zeros.clone()
+    if logits.ndim < 2:
+        raise ValueError("entropy_stats: logits must be (B, C) or (B, ..., C)")
+    if use_triton(logits):
+        _, h, conf = _kernels_entropy().entropy_forward(logits, want_conf=True)
+    else:
+        _, h, conf = _torch_entropy_rows(logits)
+    if logits.ndim == 2:
+        return conf, h, torch.ones_like(conf)
+    conf2 = conf.view(batch, -1)
+    valid = (conf2 >= float(conf_min)).to(torch.float32).sum(dim=1)
+    return conf2.mean(dim=1), h.view(batch, -1).mean(dim=1), valid
+
+
+@_entropy_stats.register_fake
+def _(logits: Tensor, conf_min: float):
+    batch = _stats_batch(logits)
+    return tuple(logits.new_empty((batch,), dtype=torch.float32) for _ in range(3))
+
+
+# =======================================================================================
+# Patch masking / masked reconstruction: torch implementation
+# =======================================================================================
+
+def normalize_patch_mask(patch_mask: torch.Tensor, x_shape, patch_size: int):
+    """Check ``patch_mask`` against ``x_shape`` like YOLOZU's ``_expand_mask`` (at grid level).
+
+    ``x_shape`` is ``(B, C, H, W)`` or ``(C, H, W)``.  Accepted grids: ``(gh, gw)``;
+    ``(B or 1, gh, gw)`` for 4-D and ``(C or 1, gh, gw)`` for 3-D input; ``(B or 1, C or 1,
+    gh, gw)`` for 4-D input; ``gh = ceil(H / patch_size)``, ``gw = ceil(W / patch_size)``.
+
+    Returns ``(grid4, stride_b, stride_c, (B, C, H, W))``: ``grid4`` is a contiguous
+    ``(Bm, Cm, gh, gw)`` bool tensor; the strides are 0 along broadcast dimensions.
+    """
+    if int(patch_size) <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    ps = int(patch_size)
+    if len(x_shape) == 4:
+        B, C, H, W = (int(v) for v in x_shape)
+        if patch_mask.ndim == 2:
+            grid4 = patch_mask[None, None]
+        elif patch_mask.ndim == 3:
+            grid4 = patch_mask[:, None]
+        elif patch_mask.ndim == 4:
+            grid4 = patch_mask
+        else:
+            raise ValueError("patch_mask must be 2D, 3D, or 4D for 4D input")
+    elif len(x_shape) == 3:
+        C, H, W = (int(v) for v in x_shape)
+        B = 1
+        if patch_mask.ndim == 2:
+            grid4 = patch_mask[None, None]
+        elif patch_mask.ndim == 3:
+            grid4 = patch_mask[None]
+        else:
+            raise ValueError("patch_mask must be 2D or 3D for 3D input")
+    else:
+        raise ValueError(f"input must be 3D or 4D, got shape {tuple(x_shape)}")
+    gh, gw = -(-H // ps), -(-W // ps)
+    if tuple(grid4.shape[-2:]) != (gh, gw):
+        raise ValueError(
+            f"patch_mask grid {tuple(grid4.shape[-2:])} does not match ceil(H/patch_size), "
+            f"ceil(W/patch_size) = {(gh, gw)} for H, W = {(H, W)}, patch_size = {ps}"
+        )
+    bm, cm = int(grid4.shape[0]), int(grid4.shape[1])
+    if bm not in (1, B) or cm not in (1, C):
+        raise ValueError(f"patch_mask of shape {tuple(patch_mask.shape)} does not broadcast to input {tuple(x_shape)}")
+    grid4 = grid4.to(dtype=torch.bool).contiguous()
+    stride_b = 0 if (bm == 1 and B > 1) else cm * gh * gw
+    stride_c = 0 if (cm == 1 and C > 1) else gh * gw
+    return grid4, stride_b, stride_c, (B, C, H, W)
+
+
+
+
+
+def expand_patch_mask(patch_mask: Tensor, height: int, width: int, patch_size: int) -> Tensor:
+    """Full-resolution bool mask of a patch grid: ``(..., gh, gw) -> (..., height, width)``.
+
+    Equals ``generate_block_mask``'s result for the grid it drew:
+    ``grid.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)[..., :height, :width]``.
+    """
+    ps = int(patch_size)
+    if ps <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    g = patch_mask.to(torch.bool)
+    gh, gw = int(g.shape[-2]), int(g.shape[-1])
+    if gh * ps < height or gw * ps < width:
+        raise ValueError(f"patch grid {(gh, gw)} x patch_size {ps} does not cover {(height, width)}")
+    lead = g.shape[:-2]
+    full = g[..., :, None, :, None].expand(*lead, gh, ps, gw, ps).reshape(*lead, gh * ps, gw * ps)
+    return full[..., :height, :width]
+
+
+def _full_mask_like(patch_mask: Tensor, x: Tensor, patch_size: int) -> Tensor:
+    """Full-res mask broadcastable to ``x`` (``(Bm, Cm, H, W)``, or ``(Cm, H, W)`` for 3-D ``x``)."""
+    grid4, _, _, (_, _, h, w) = normalize_patch_mask(patch_mask, x.shape, patch_size)
+    full = expand_patch_mask(grid4.to(x.device), h, w, patch_size)
+    return full[0] if x.ndim == 3 else full
+
+
+# =======================================================================================
+# Patch masking / masked reconstruction: custom ops
+# =======================================================================================
+
+@torch.library.custom_op("yolozu_ttt::apply_patch_mask", mutates_args=())
+def _apply_patch_mask(x: Tensor, patch_mask: Tensor, patch_size: int, mask_value: float) -> Tensor:
+    """``x`` with every pixel of a masked patch set to ``mask_value``."""
+    if use_triton(x):
+        return _kernels_mim().apply_patch_mask_forward(x, patch_mask, patch_size, mask_value)
+    full = _full_mask_like(patch_mask, x, patch_size)
+    return torch.where(full, torch.tensor(mask_value, dtype=x.dtype, device=x.device), x)
+
+
+@_apply_patch_mask.register_fake
+def _(x: Tensor, patch_mask: Tensor, patch_size: int, mask_value: float):
+    normalize_patch_mask(patch_mask, x.shape, patch_size)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _apply_setup_context(ctx, inputs, output):
+    _, patch_mask, patch_size, _ = inputs
+    ctx.save_for_backward(patch_mask)
+    ctx.patch_size = patch_size
+
+
+def _apply_backward(ctx, grad):
+    (patch_mask,) = ctx.saved_tensors
+    # Gradient flows through unmasked pixels only: the same op with value 0.
+    return torch.ops.yolozu_ttt.apply_patch_mask(grad, patch_mask, ctx.patch_size, 0.0), None, None, None
+
+
+_apply_patch_mask.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+
+
+def mask_count(patch_mask: torch.Tensor, x_shape, patch_size: int) -> torch.Tensor:
+    """Exact number of masked elements of the expanded mask over ``x_shape`` (0-d int64, on device)."""
+    grid4, _, _, (B, C, H, W) = normalize_patch_mask(patch_mask, x_shape, patch_size)
+    ps = int(patch_size)
+    gh, gw = int(grid4.shape[-2]), int(grid4.shape[-1])
+    dev = grid4.device
+    # Rows/cols each cell covers after the crop: min(ps, H - i * ps).
+    rh = (H - torch.arange(gh, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
+    cw = (W - torch.arange(gw, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
+    per = (grid4.to(torch.int64) * (rh[:, None] * cw[None, :])).sum()
+    return per * ((B // int(grid4.shape[0])) * (C // int(grid4.shape[1])))
+
+
+def _diff_fp32(pred: Tensor, target: Tensor) -> Tensor:
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        return pred.to(torch.float32) - target.to(torch.float32)
+    return pred - target.to(pred.dtype)
+
+
+@torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss", mutates_args=())
+def _masked_recon(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
+    """Mean of ``(pred - target)^2`` over masked elements (0-d, ``pred.dtype``; 0 if none)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    if use_triton(pred):
+        loss, _ = _kernels_mim().masked_sse_forward(pred, target, patch_mask, patch_size)
+        return loss
+    full = _full_mask_like(patch_mask, pred, patch_size)
+    d = torch.where(full, _diff_fp32(pred, target), 0.0).reshape(-1)
+    total = torch.dot(d, d)
+    count = mask_count(patch_mask, pred.shape, patch_size).to(pred.device)
+    loss = torch.where(count > 0, total / count.clamp(min=1).to(total.dtype), torch.zeros_like(total))
+    return loss.to(pred.dtype)
+
+
+@_masked_recon.register_fake
+def _(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int):
+    normalize_patch_mask(patch_mask, pred.shape, patch_size)
+    return pred.new_empty(())
+
+
+@torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss_bwd", mutates_args=())
+def _masked_recon_bwd(grad: Tensor, pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
+    """``d loss / d pred = where(mask, 2 g (pred - target) / n_mask, 0)`` (``d/d target`` is minus it)."""
+    if use_triton(pred):
+        return _kernels_mim().masked_sse_backward(grad, pred, target, patch_mask, patch_size)
+    full = _full_mask_like(patch_mask, pred, patch_size)
+    count = mask_count(patch_mask, pred.shape, patch_size).to(pred.device)
+    g = grad.reshape(()).to(torch.float32)
+    scale = torch.where(count > 0, 2.0 * g / count.clamp(min=1).to(torch.float32), torch.zeros_like(g))
+    d = torch.where(full, _diff_fp32(pred, target), 0.0)
+    return d.mul_(scale.to(d.dtype)).to(pred.dtype).contiguous()
+
+
+@_masked_recon_bwd.register_fake
+def _(grad: Tensor, pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _recon_setup_context(ctx, inputs, output):
+    pred, target, patch_mask, patch_size = inputs
+    ctx.save_for_backward(pred, target, patch_mask)
+    ctx.patch_size = patch_size
+
+
+def _recon_backward(ctx, grad):
+    pred, target, patch_mask = ctx.saved_tensors
+    dpred = torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd(grad, pred, target, patch_mask, ctx.patch_size)
+    dtarget = dpred.neg().to(target.dtype) if ctx.needs_input_grad[1] else None
+    return (dpred if ctx.needs_input_grad[0] else None), dtarget, None, None
+
+
+_masked_recon.register_autograd(_recon_backward, setup_context=_recon_setup_context)
+
+
+# =======================================================================================
+# Public API
+# =======================================================================================
+
+def entropy_loss(logits: Tensor) -> Tensor:
+    """Mean softmax entropy over the last axis: ``logits (..., C) -> 0-d`` (dtype of ``logits``).
+
+    ``H = -(p * log(clamp(p, 1e-12))).sum(-1)``, ``p = softmax(logits, -1)``, averaged over
+    every leading element.  ``C <= 1`` gives 0 with a zero gradient.  fp32 accumulation for
+    fp16/bf16 input.  Differentiable w.r.t. ``logits``.
+    """
+    return torch.ops.yolozu_ttt.entropy_loss_fwd(logits)[0]
+
+
+def entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Tensor]:
+    """EATA per-sample signals ``(conf, entropy, valid)``, each fp32 of shape ``(B,)``.
+
+    ``logits (B, C)``: per-row max-probability, entropy and ``valid = 1``.
+    ``logits (B, ..., C)``: per-sample means over ``...`` of the max-probability and entropy,
+    and ``valid`` = number of rows with max-probability ``>= conf_min``.
+    ``C <= 1``: all zeros.  Not differentiable (computed on ``logits.detach()``).
+    """
+    return torch.ops.yolozu_ttt.entropy_stats(logits.detach(), float(conf_min))
+
+
+def apply_patch_mask(x: Tensor, patch_mask: Tensor, *, patch_size: int, mask_value: float = 0.0) -> Tensor:
+    """Fill every pixel of a masked patch with ``mask_value``.
+
+    ``x``: ``(B, C, H, W)`` or ``(C, H, W)``.  ``patch_mask``: bool/uint8 grid ``(gh, gw)``,
+    ``(B|1, gh, gw)`` (4-D ``x``) / ``(C|1, gh, gw)`` (3-D ``x``), or ``(B|1, C|1, gh, gw)``
+    with ``gh = ceil(H / patch_size)``, ``gw = ceil(W / patch_size)``.  Returns a tensor shaped
+    and typed like ``x``; the gradient flows through unmasked elements only.
+    """
+    return torch.ops.yolozu_ttt.apply_patch_mask(x, patch_mask, int(patch_size), float(mask_value))
+
+
+def masked_reconstruction_loss(pred: Tensor, target: Tensor, patch_mask: Tensor, *, patch_size: int) -> Tensor:
+    """Mean of ``(pred - target)^2`` over the masked elements of every channel -> 0-d (``pred.dtype``).
+
+    ``pred``, ``target``: same shape, ``(B, C, H, W)`` or ``(C, H, W)``; ``patch_mask`` as in
+    :func:`apply_patch_mask`.  fp32 accumulation; an empty mask gives 0 with a zero gradient.
+    Differentiable w.r.t. ``pred`` and ``target``.
+    """
+    return torch.ops.yolozu_ttt.masked_reconstruction_loss(pred, target, patch_mask, int(patch_size))
