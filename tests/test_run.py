@@ -279,3 +279,36 @@ def test_build_info_lists_tent_and_the_engine():
     assert "tent" in info["accelerated_methods"]
     assert isinstance(info["threads"], int) and info["threads"] >= 1
     assert isinstance(info["openmp"], bool) and isinstance(info["cuda"], bool)
+
+
+def test_float64_models_run_the_reference_unchanged():
+    model = make_model().double()
+    batches = [b.double() for b in make_batches()]
+    ref_model, ref, fast_model, fast = run_both(model, batches, tent())
+    assert_reports_match(ref, fast, rtol=0, atol=0)
+    assert_models_match(ref_model, fast_model, rtol=0, atol=0)
+
+
+def test_engine_backend_follows_the_dispatch_rule():
+    from yolozu_ttt import ops
+    from yolozu_ttt.arena import ParamArena
+
+    model = make_model()
+    with ParamArena(model, [model.bn.weight, model.bn.bias]) as arena:
+        (group,) = arena.groups
+        assert group.backend == ("triton" if ops.use_triton(group.flat) else "cpp")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+def test_tent_parity_through_the_triton_path():
+    """The GPU code path (Triton entropy + update kernels) end to end, in the interpreter on CPU."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "filters_match_reference or options_match_reference or nan_batch or total_update_guard "
+           "or engine_backend"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from . import _native
-from ._dispatch import use_triton
+from .ops import use_triton
 
 
 @dataclass

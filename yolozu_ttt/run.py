@@ -16,6 +16,7 @@ from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
 
 from . import _native, guards
+from .ops import use_triton
 from .arena import ParamArena
 
 NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -96,12 +97,39 @@ def _accelerated() -> dict[str, Callable[[RunContext], None]]:
     return {"tent": tent.run}
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def engine_supports(model: Any) -> bool:
+    """Whether every trainable parameter has a dtype and device the fused engine handles."""
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+    except Exception:
+        return False
+    for p in params:
+        if p.dtype not in SUPPORTED_DTYPES:
+            return False
+        if p.device.type == "cuda":
+            continue
+        if p.device.type != "cpu" or (_native._C is None and not use_triton(p)):
+            return False
+    return True
+
+
 def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -> TTTReport:
-    """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``."""
+    """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``.
+
+    Disabled configs, methods not accelerated here and models the engine cannot hold (float64,
+    devices other than CPU/CUDA) run YOLOZU's reference unchanged.
+    """
     method = str(config.method or "tent").lower()
     runners = _accelerated()
-    if not config.enabled or method not in runners or _native._C is None:
+    if not config.enabled or method not in runners:
         return _ref.run_ttt(adapter, records, config=config)
+    if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
+        candidate = adapter.get_model()
+        if candidate is not None and not engine_supports(candidate):
+            return _ref.run_ttt(adapter, records, config=config)
 
     if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
         raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")

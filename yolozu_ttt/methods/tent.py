@@ -7,7 +7,7 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from yolozu.tta import tent as _tent
 
-from .. import guards
+from .. import guards, ops
 from ..arena import ParamArena
 from ..engine import UpdateEngine
 from ..run import BufferSnapshot, RunContext
@@ -40,11 +40,7 @@ def entropy(logits: Any) -> torch.Tensor:
     """Mean softmax entropy (fused op); non-tensors get the reference's own error."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         return _tent._entropy(logits)
-    try:  # TEMP until yolozu_ttt.ops lands
-        from ..ops import entropy_loss
-    except ImportError:
-        return _tent._entropy(logits)
-    return entropy_loss(logits)
+    return ops.entropy_loss(logits)
 
 
 def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, has_teacher: bool):

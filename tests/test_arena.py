@@ -1,0 +1,89 @@
+"""ParamArena: views, in-place grads, frozen parameters, restoration on every exit path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from yolozu_ttt.arena import ParamArena
+
+
+def norm_params(model):
+    return [model.bn.weight, model.bn.bias, model.gn.weight, model.gn.bias, model.ln.weight, model.ln.bias]
+
+
+def test_parameters_become_views_of_one_flat_buffer_and_grads_accumulate_in_place():
+    model = make_model()
+    params = norm_params(model)
+    values = [p.detach().clone() for p in params]
+    with ParamArena(model, params) as arena:
+        (group,) = arena.groups
+        assert group.flat.numel() == sum(p.numel() for p in params)
+        for p, o, v in zip(params, group.offsets, values):
+            assert p.data_ptr() == group.flat[o:].data_ptr()
+            assert torch.equal(p, v)
+            assert p.grad.data_ptr() == group.grad[o:].data_ptr()
+        out = model(torch.randn(2, 3, 8, 8))["logits"].sum()
+        out.backward()
+        assert group.grad.abs().sum() > 0
+        assert bytes(group.has_grad) == b"\x01" * len(params)
+        for p, o in zip(params, group.offsets):
+            assert p.grad.data_ptr() == group.grad[o:].data_ptr()  # accumulated in place
+        # the unselected parameters were frozen: no weight grads computed for them
+        assert model.conv1.weight.grad is None and not model.conv1.weight.requires_grad
+        arena.zero_grad()
+        assert group.grad.abs().sum() == 0 and not arena.any_grad()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in params)
+
+
+def test_values_written_to_the_arena_land_in_the_original_storages():
+    model = make_model()
+    params = norm_params(model)
+    ptrs = [p.data_ptr() for p in params]
+    with ParamArena(model, params) as arena:
+        arena.groups[0].flat.add_(1.0)
+        expected = [p.detach().clone() for p in params]
+    assert [p.data_ptr() for p in params] == ptrs
+    for p, e in zip(params, expected):
+        assert torch.equal(p, e)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_flags_and_storages_restored_on_exception(exc):
+    model = make_model()
+    model.head.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(exc):
+        with ParamArena(model, norm_params(model)):
+            raise exc("interrupted")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+
+
+def test_mixed_dtypes_make_one_group_each_and_tied_parameters_pack_once():
+    model = make_model()
+    model.ln.to(torch.bfloat16)
+    params = norm_params(model) + [model.bn.weight]  # duplicate entry, as a tied parameter would be
+    with ParamArena(model, params) as arena:
+        dtypes = sorted(str(g.flat.dtype) for g in arena.groups)
+        assert dtypes == ["torch.bfloat16", "torch.float32"]
+        assert arena.numel == sum(p.numel() for p in norm_params(model))
+
+
+def test_unsupported_dtype_raises_and_leaves_the_model_alone():
+    model = make_model().double()
+    flags = [p.requires_grad for p in model.parameters()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(TypeError, match="unsupported parameter dtype torch.float64"):
+        ParamArena(model, norm_params(model))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+
+
+def test_restore_snapshot_needs_a_snapshot():
+    model = make_model()
+    with ParamArena(model, norm_params(model), snapshot=False) as arena:
+        with pytest.raises(RuntimeError, match="snapshot=True"):
+            arena.restore_snapshot()

@@ -1,0 +1,240 @@
+"""The C++ fused update (yolozu_ttt._C) against torch.optim.Adam + clip_grad_norm_ and YOLOZU's helpers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from yolozu.tta import integration as ref
+
+import yolozu_ttt._C as C
+
+SHAPES = [[7, 1, 1000, 33], [4097], [1, 1, 1], [16385, 3]]
+
+
+class Arena:
+    """Flat buffers for a list of segment sizes; keeps every tensor handed to C++ alive."""
+
+    def __init__(self, values: list[torch.Tensor], dtype: torch.dtype, *, snapshot: bool = True, has_grad=None):
+        self.sizes = [int(v.numel()) for v in values]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.flat = torch.cat([v.reshape(-1) for v in values]).to(dtype)
+        self.grad = torch.zeros_like(self.flat)
+        self.m = torch.zeros(self.flat.numel())
+        self.v = torch.zeros(self.flat.numel())
+        self.base = self.flat.clone()
+        self.snap = torch.empty_like(self.flat) if snapshot else None
+        self.has_grad = has_grad
+        self.group = C.ArenaGroup(self.flat, self.grad, self.m, self.v, self.base, self.snap, self.offsets,
+                                  self.sizes, has_grad)
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        return [buf[o:o + n] for o, n in zip(self.offsets, self.sizes)]
+
+
+def torch_step(params, grads, opt, max_norm):
+    """The reference engine's work for one step: grad norm, clip, Adam (+ norms computed by caller)."""
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    with_grad = [p for p in params if p.grad is not None]
+    gnorm = ref._global_grad_norm(params)
+    if max_norm is not None and with_grad:
+        torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+    clipped = ref._global_grad_norm(params)
+    opt.step()
+    return gnorm, clipped
+
+
+@pytest.mark.parametrize("sizes", SHAPES)
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+def test_fp32_matches_torch_adam_and_clip(sizes, max_norm):
+    g = torch.Generator().manual_seed(len(sizes))
+    values = [torch.randn(n, generator=g) for n in sizes]
+    arena = Arena(values, torch.float32)
+    params = [v.clone().requires_grad_(True) for v in values]
+    base = ref._snapshot_params(params)
+    opt = torch.optim.Adam(params, lr=3e-2)
+    for step in range(4):
+        grads = [torch.randn(n, generator=g) * (step + 1) for n in sizes]
+        pre = ref._snapshot_params(params)
+        gnorm, clipped = torch_step(params, grads, opt, max_norm)
+        before = arena.flat.clone()
+        arena.grad.copy_(torch.cat(grads))
+        stats = C.fused_step([arena.group], lr=3e-2, max_grad_norm=max_norm)
+        assert torch.equal(arena.snap, before)  # pre-step snapshot, bit-exact
+        for p, mine in zip(params, arena.views(arena.flat)):
+            torch.testing.assert_close(mine, p.detach(), rtol=1e-5, atol=1e-6)
+        for p, m, v in zip(params, arena.views(arena.m), arena.views(arena.v)):
+            torch.testing.assert_close(m, opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert stats["grad_norm"] == pytest.approx(gnorm, rel=1e-5)
+        assert stats["grad_norm_clipped"] == pytest.approx(clipped, rel=1e-5)
+        assert stats["update_norm"] == pytest.approx(ref._global_l2_update_norm(pre), rel=1e-3, abs=1e-7)
+        assert stats["total_update_norm"] == pytest.approx(ref._global_l2_update_norm(base), rel=1e-4)
+    assert arena.group.steps == [4] * len(sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_low_precision_params_use_fp32_math(dtype, max_norm):
+    """Adam in fp32 with fp32 moments; the parameter is rounded to its dtype once per step."""
+    sizes = [7, 1, 1000, 33]
+    g = torch.Generator().manual_seed(3)
+    values = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    arena = Arena(values, dtype)
+    master = [v.float().clone().requires_grad_(True) for v in values]
+    opt = torch.optim.Adam(master, lr=1e-2)
+    for _ in range(3):
+        grads = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+        torch_step(master, [gr.float() for gr in grads], opt, max_norm)
+        with torch.no_grad():
+            for p in master:
+                p.copy_(p.to(dtype).float())  # the stored parameter is the rounded one
+        arena.grad.copy_(torch.cat(grads))
+        C.fused_step([arena.group], lr=1e-2, max_grad_norm=max_norm)
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+        for p, mine in zip(master, arena.views(arena.flat)):
+            assert mine.dtype == dtype
+            torch.testing.assert_close(mine.float(), p.detach(), rtol=ulp, atol=1e-3)
+
+
+def test_segment_without_grad_is_skipped_like_torch():
+    sizes = [5, 9, 3]
+    g = torch.Generator().manual_seed(7)
+    values = [torch.randn(n, generator=g) for n in sizes]
+    flags = bytearray(len(sizes))
+    arena = Arena(values, torch.float32, has_grad=flags)
+    params = [v.clone().requires_grad_(True) for v in values]
+    base = ref._snapshot_params(params)
+    opt = torch.optim.Adam(params, lr=1e-1)
+    pattern = [[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 0]]
+    for present in pattern:
+        grads = [torch.randn(n, generator=g) if k else None for n, k in zip(sizes, present)]
+        torch_step(params, grads, opt, None)
+        flags[:] = bytes(present)
+        arena.grad.copy_(torch.cat([gr if gr is not None else torch.zeros(n) for gr, n in zip(grads, sizes)]))
+        stats = C.fused_step([arena.group], lr=1e-1)
+        for p, mine in zip(params, arena.views(arena.flat)):
+            torch.testing.assert_close(mine, p.detach(), rtol=1e-5, atol=1e-6)
+        assert stats["total_update_norm"] == pytest.approx(ref._global_l2_update_norm(base), rel=1e-5)
+    assert arena.group.steps == [sum(col) for col in zip(*pattern)]
+
+
+def test_anchor_gradient_matches_autograd_of_eata_anchor_loss():
+    sizes = [4, 1000, 7]
+    g = torch.Generator().manual_seed(11)
+    values = [torch.randn(n, generator=g) for n in sizes]
+    arena = Arena(values, torch.float32)
+    params = [v.clone().requires_grad_(True) for v in values]
+    base = ref._snapshot_params(params)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    lam = 0.7
+    for _ in range(3):
+        grads = [torch.randn(n, generator=g) for n in sizes]
+        opt.zero_grad(set_to_none=True)
+        anchor = ref._eata_anchor_loss(base)
+        (sum((p * gr).sum() for p, gr in zip(params, grads)) + lam * anchor).backward()
+        gnorm = ref._global_grad_norm(params)
+        opt.step()
+        arena.grad.copy_(torch.cat(grads))
+        stats = C.fused_step([arena.group], lr=1e-2, anchor_lambda=lam)
+        assert stats["anchor_loss"] == pytest.approx(float(anchor.detach()), rel=1e-5, abs=1e-12)
+        assert stats["grad_norm"] == pytest.approx(gnorm, rel=1e-5)
+        for p, mine in zip(params, arena.views(arena.flat)):
+            torch.testing.assert_close(mine, p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sar_perturb_matches_reference_and_snapshots(adaptive):
+    sizes = [6, 300]
+    g = torch.Generator().manual_seed(5)
+    values = [torch.randn(n, generator=g) for n in sizes]
+    grads = [torch.randn(n, generator=g) for n in sizes]
+    arena = Arena(values, torch.float32)
+    params = [v.clone().requires_grad_(True) for v in values]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    backup, rho = ref._sar_perturb_and_backup(params, rho=0.05, adaptive=adaptive, first_step_scale=1.0)
+    arena.grad.copy_(torch.cat(grads))
+    before = arena.flat.clone()
+    norm, applied = C.sar_perturb([arena.group], 0.05, adaptive)
+    assert applied and rho == 0.05
+    assert torch.equal(arena.snap, before)
+    for p, mine in zip(params, arena.views(arena.flat)):
+        torch.testing.assert_close(mine, p.detach(), rtol=1e-6, atol=1e-7)
+    assert C.sar_perturb([arena.group], 0.0, adaptive)[1] is False
+
+
+def test_non_finite_grads_propagate_to_the_norms():
+    arena = Arena([torch.ones(10), torch.ones(3)], torch.float32)
+    arena.grad[4] = float("nan")
+    stats = C.fused_step([arena.group], lr=1e-2, max_grad_norm=1.0)
+    assert math.isnan(stats["grad_norm"]) and math.isnan(stats["update_norm"])
+    assert math.isnan(stats["total_update_norm"])
+    arena2 = Arena([torch.ones(10)], torch.float32)
+    arena2.grad.fill_(3e19)  # the reference's fp32 sum of squares overflows to inf
+    assert math.isinf(C.fused_step([arena2.group], lr=1e-2)["grad_norm"])
+
+
+def test_results_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(1)
+    values = [torch.randn(n, generator=g) for n in [70001, 3, 50000]]
+    grads = torch.randn(120004, generator=g)
+    out = []
+    threads = C.num_threads()
+    try:
+        for n in (1, 2, 1):
+            C.set_num_threads(n)
+            arena = Arena(values, torch.float32)
+            arena.grad.copy_(grads)
+            stats = C.fused_step([arena.group], lr=1e-2, max_grad_norm=0.3)
+            out.append((stats, arena.flat.clone()))
+    finally:
+        C.set_num_threads(threads)
+    for stats, flat in out[1:]:
+        assert stats == out[0][0]
+        assert torch.equal(flat, out[0][1])
+
+
+def test_multiple_groups_share_one_grad_norm():
+    g = torch.Generator().manual_seed(2)
+    a = Arena([torch.randn(50, generator=g)], torch.float32)
+    b = Arena([torch.randn(20, generator=g).to(torch.bfloat16)], torch.bfloat16)
+    a.grad.normal_(generator=g)
+    b.grad.copy_(torch.randn(20, generator=g))
+    total = math.sqrt(float(a.grad.pow(2).sum()) + float(b.grad.float().pow(2).sum()))
+    stats = C.fused_step([a.group, b.group], lr=1e-2, max_grad_norm=0.1)
+    assert stats["grad_norm"] == pytest.approx(total, rel=1e-5)
+    assert stats["grad_norm_clipped"] == pytest.approx(0.1, rel=1e-3)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: C.ArenaGroup(torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4]), "grad has 3 elements"),
+    (lambda: C.ArenaGroup(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [3]), "segments cover 3"),
+    (lambda: C.ArenaGroup(torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.float16), torch.zeros(4), torch.zeros(4), None, [0], [4]), "must be float32"),
+    (lambda: C.ArenaGroup(torch.zeros(4, 2).t(), torch.zeros(8), torch.zeros(8), torch.zeros(8), torch.zeros(8), None, [0], [8]), "param must be contiguous"),
+    (lambda: C.ArenaGroup(torch.zeros(4, dtype=torch.int32), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4]), "unsupported dtype torch.int32"),
+    (lambda: C.ArenaGroup([1.0], torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4]), "param must be a torch.Tensor"),
+    (lambda: C.ArenaGroup(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4], bytearray(2)), "one entry per segment"),
+    (lambda: C.fused_step([], lr=1e-3), "groups must not be empty"),
+])
+def test_bad_inputs_have_clear_errors(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        make()
+
+
+def test_write_snapshot_requires_a_snapshot_buffer():
+    arena = Arena([torch.zeros(3)], torch.float32, snapshot=False)
+    with pytest.raises(ValueError, match="write_snapshot needs a snapshot buffer"):
+        C.fused_step([arena.group], lr=1e-3, write_snapshot=True)
+    C.fused_step([arena.group], lr=1e-3, write_snapshot=False)
+
+
+def test_group_keeps_its_tensors_alive():
+    """Tensors whose pointers the group holds stay valid after the caller drops them."""
+    group = C.ArenaGroup(torch.ones(1000), torch.ones(1000), torch.zeros(1000), torch.zeros(1000),
+                         torch.ones(1000), torch.empty(1000), [0], [1000])
+    junk = [torch.full((1000,), 7.0) for _ in range(50)]  # would reuse freed storage
+    stats = C.fused_step([group], lr=0.5)
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(1000.0), rel=1e-6)
+    del junk
