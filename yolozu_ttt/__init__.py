@@ -8,9 +8,6 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-ACCELERATED_METHODS: tuple[str, ...] = ("tent",)
-
-
 def build_info() -> dict[str, Any]:
     """What this install can do: compiled engine, OpenMP threads, Triton, CUDA, methods."""
     from . import _native
@@ -28,6 +25,8 @@ def build_info() -> dict[str, Any]:
         torch_version: str | None = str(torch.__version__)
     except Exception:  # pragma: no cover
         cuda, torch_version = False, None
+    from .run import accelerated_methods
+
     native = _native._C
     return {
         "version": __version__,
@@ -38,7 +37,7 @@ def build_info() -> dict[str, Any]:
         "triton": triton_version,
         "cuda": cuda,
         "torch": torch_version,
-        "accelerated_methods": list(ACCELERATED_METHODS),
+        "accelerated_methods": accelerated_methods(),
     }
 
 
@@ -49,4 +48,4 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: Any):
     return _run_ttt(adapter, records, config=config)
 
 
-__all__ = ["ACCELERATED_METHODS", "__version__", "build_info", "run_ttt"]
+__all__ = ["__version__", "build_info", "run_ttt"]

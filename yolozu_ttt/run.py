@@ -5,13 +5,16 @@ Validation order, messages, report fields, warnings, stop reasons and counters f
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from yolozu.tta import integration as _ref
-from yolozu.tta.config import TTTConfig
+from yolozu.tta.config import SUPPORTED_TTT_METHODS, TTTConfig
 from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
 
@@ -91,10 +94,19 @@ class RunContext:
         return True
 
 
+@functools.lru_cache(maxsize=None)
 def _accelerated() -> dict[str, Callable[[RunContext], None]]:
-    from .methods import tent
+    """Method name -> ``run(ctx)`` for every YOLOZU method with a module in ``yolozu_ttt.methods``."""
+    runners = {}
+    for name in SUPPORTED_TTT_METHODS:
+        if importlib.util.find_spec(f"{__package__}.methods.{name}") is not None:
+            runners[name] = importlib.import_module(f"{__package__}.methods.{name}").run
+    return runners
 
-    return {"tent": tent.run}
+
+def accelerated_methods() -> list[str]:
+    """The methods that run on the fused engine (the rest run YOLOZU's reference)."""
+    return list(_accelerated())
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
