@@ -126,10 +126,14 @@ double sum_in_order(const std::vector<double>& parts) {
   return total;
 }
 
+// Below this many elements a pass runs on the calling thread: waking an OpenMP team costs more
+// than the work (and much more on a loaded machine, where a descheduled thread stalls the barrier).
+constexpr int64_t kParallelMinElements = 1 << 17;
+
 template <typename Body>
-void parallel_items(int64_t n, Body&& body) {
+void parallel_items(int64_t n, int64_t elements, Body&& body) {
 #ifdef YTTT_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (elements >= kParallelMinElements)
 #endif
   for (int64_t i = 0; i < n; ++i) body(i);
 }
@@ -355,7 +359,7 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
     const T* b = static_cast<const T*>(base_.ptr);
-    parallel_items(n_items, [&](int64_t i) {
+    parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
       if (hg && !hg[w.seg]) return;
@@ -397,7 +401,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     T* sn = static_cast<T*>(snap_.ptr);
     float* m1 = static_cast<float*>(exp_avg_.ptr);
     float* m2 = static_cast<float*>(exp_avg_sq_.ptr);
-    parallel_items(n_items, [&](int64_t i) {
+    parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
       if (hg && !hg[w.seg]) {
@@ -428,7 +432,7 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
     using T = typename S::T;
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
-    parallel_items(n_items, [&](int64_t i) {
+    parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem w = work_[i];
       if (hg && !hg[w.seg]) return;
       double total = 0.0;
@@ -462,7 +466,7 @@ void ArenaGroup::sar_perturb(double scale, bool adaptive) {
     const T* g = static_cast<const T*>(grad_.ptr);
     T* sn = static_cast<T*>(snap_.ptr);
     const C sc = static_cast<C>(scale);
-    parallel_items(n_items, [&](int64_t i) {
+    parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem w = work_[i];
       std::memcpy(sn + w.begin, p + w.begin, sizeof(T) * (w.end - w.begin));
       if (hg && !hg[w.seg]) return;

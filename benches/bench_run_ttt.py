@@ -1,0 +1,91 @@
+"""End-to-end run_ttt on the builtin RT-DETR (CPU): reference vs fast, and the floor.
+
+Tent, 3 steps, one batch of 2x3x320x320, update_filter all and norm_only. ``floor`` is the bare
+model work the engine cannot remove: the same forwards, entropy and backwards with only the
+selected parameters trainable, no optimizer and no bookkeeping.
+
+    python -m pytest benches/bench_run_ttt.py --benchmark-only
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import _entropy_loss_from_logits
+from yolozu.tta.integration import run_ttt as reference_run_ttt
+from yolozu.tta.ttt_mim import select_parameters
+
+import yolozu_ttt
+
+STEPS = 3
+BATCH = (2, 3, 320, 320)
+
+
+class FixedAdapter:
+    """YOLOZU's adapter contract over one fixed batch."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
+
+    def get_model(self):
+        return self.model
+
+    def build_loader(self, records, *, batch_size=1):
+        yield self.batch
+
+
+@pytest.fixture(scope="module")
+def rtdetr():
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model()
+    batch = torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
+    state = copy.deepcopy(model.state_dict())
+    floor_run(model, batch, "norm_only")  # warm the allocator and kernels once for every provider
+    model.load_state_dict(state)
+    return model, state, batch
+
+
+def floor_run(model, batch, update_filter):
+    """Forward + entropy + backward per step with only the selected parameters trainable."""
+    selected = {id(p) for p in select_parameters(model, update_filter=update_filter)}
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in selected)
+    try:
+        model.train()
+        for _ in range(STEPS):
+            for p in model.parameters():
+                p.grad = None
+            _entropy_loss_from_logits(model(batch)["logits"]).backward()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+            p.grad = None
+        model.eval()
+
+
+@pytest.mark.parametrize("update_filter", ["norm_only", "all"])
+@pytest.mark.parametrize("provider", ["reference", "fast", "floor"])
+def test_run_ttt_tent(benchmark, rtdetr, provider, update_filter):
+    model, state, batch = rtdetr
+    config = TTTConfig(enabled=True, method="tent", steps=STEPS, update_filter=update_filter, lr=1e-4)
+    run = {"reference": reference_run_ttt, "fast": yolozu_ttt.run_ttt}.get(provider)
+
+    def setup():
+        model.load_state_dict(state)
+        for p in model.parameters():
+            p.grad = None
+        model.eval()
+
+    def once():
+        if run is None:
+            floor_run(model, batch, update_filter)
+        else:
+            run(FixedAdapter(model, batch), [], config=config)
+
+    benchmark.group = f"run_ttt tent/{update_filter} ({STEPS} steps, {'x'.join(map(str, BATCH))})"
+    benchmark.extra_info.update({"provider": provider, "update_filter": update_filter, "steps": STEPS})
+    benchmark.pedantic(once, setup=setup, rounds=2, iterations=1, warmup_rounds=0)
