@@ -1,0 +1,341 @@
+"""yolozu-ttt CLI: export-predictions (YOLOZU's CLI + --ttt-backend) and doctor."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import yolozu_ttt
+from yolozu_ttt import cli
+
+EXPORT = "yolozu.inference.export_predictions_cli"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic labeled dataset + a fixed checkpoint of the builtin RT-DETR (init_seed=0)."""
+    torch = pytest.importorskip("torch")
+    from yolozu.demos.labeled_dataset import generate_labeled_sample
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    root = tmp_path_factory.mktemp("cli")
+    generate_labeled_sample(run_dir=root / "ds", seed=0)
+    model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model()
+    torch.save(model.state_dict(), root / "ckpt.pt")
+    return {"root": root, "dataset": root / "ds", "checkpoint": root / "ckpt.pt"}
+
+
+def _rtdetr_args(sample: dict[str, Path]) -> list[str]:
+    # smallest configuration that runs quickly: 2 images at 64x64, 3 detections each
+    return [
+        "--adapter", "rtdetr_pose", "--config", "builtin:base", "--checkpoint", str(sample["checkpoint"]),
+        "--dataset", str(sample["dataset"]), "--split", "val", "--max-images", "2", "--image-size", "64",
+        "--score-threshold", "0.0", "--max-detections", "3",
+    ]
+
+
+def _yolozu_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """YOLOZU's own export CLI, as YOLOZU's orchestrator runs it."""
+    return subprocess.run([sys.executable, "-m", EXPORT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _export_module():
+    import importlib
+
+    return importlib.import_module(EXPORT)
+
+
+def _assert_export_module_untouched():
+    import yolozu.tta.cli_options as cli_options
+    import yolozu.tta.integration as integration
+
+    mod = _export_module()
+    assert mod.run_ttt is integration.run_ttt
+    assert mod.build_ttt_settings_from_args is cli_options.build_ttt_settings_from_args
+    assert mod._parse_args.__module__ == EXPORT
+    assert mod.argparse is argparse
+
+
+# ---------------------------------------------------------------------------------------
+# help / parser
+# ---------------------------------------------------------------------------------------
+def test_help_lists_backend_and_every_yolozu_flag(capsys):
+    from yolozu.tta.cli_options import add_ttt_arguments
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export-predictions", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ttt-backend {reference,fast}" in out
+
+    ttt_only = argparse.ArgumentParser()
+    add_ttt_arguments(ttt_only, include_enable_flag=True)
+    yolozu_flags = {s for a in ttt_only._actions for s in a.option_strings if s.startswith("--")}
+    assert {"--ttt", "--ttt-reset", "--ttt-method", "--ttt-log-out", "--ttt-update-filter"} <= yolozu_flags
+    for flag in sorted(yolozu_flags):
+        assert flag in out, flag
+    # the whole of YOLOZU's export parser is there, not just its TTT flags
+    ours = cli.build_export_parser()
+    ours_flags = {s for a in ours._actions for s in a.option_strings}
+    for flag in ("--adapter", "--dataset", "--wrap", "--tta", "--torch-compile", "--lora-r", "--checkpoint"):
+        assert flag in ours_flags and flag in out
+    assert yolozu_flags <= ours_flags
+    _assert_export_module_untouched()
+
+
+def test_console_entry_points(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "yolozu_ttt", "export-predictions", "--help"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--ttt-backend" in res.stdout and "--ttt-reset" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "yolozu_ttt", "--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0
+    for command in ("export-predictions", "demo", "doctor"):
+        assert command in res.stdout
+    assert cli.main(["no-such-command"]) == 2
+
+
+def test_parsing_matches_yolozu(sample):
+    """Our parser is YOLOZU's parser + --ttt-backend: same namespace, same abbreviations."""
+    import yolozu.tta.cli_options  # noqa: F401
+
+    mod = _export_module()
+    argv = [*_rtdetr_args(sample), "--ttt", "--ttt-reset", "sample", "--ttt-ba", "2", "--ttt-ste", "3", "--wrap"]
+    captured = {}
+    real_parse_args = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        captured["ns"] = real_parse_args(self, args, namespace)
+        raise SystemExit(0)
+
+    argparse_module = mod.argparse
+    try:
+        argparse.ArgumentParser.parse_args = grab  # YOLOZU's own parsing of the same argv
+        with pytest.raises(SystemExit):
+            mod._parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse_args
+    assert argparse_module is argparse
+    theirs = vars(captured["ns"])
+    ours = vars(cli.build_export_parser().parse_args([*argv, "--ttt-backend", "fast"]))
+    assert ours.pop("ttt_backend") == "fast"
+    assert ours == theirs
+    assert ours["ttt_batch_size"] == 2 and ours["ttt_steps"] == 3
+    assert cli.build_export_parser().parse_args(["--ttt-backe", "fast"]).ttt_backend == "fast"
+
+
+def test_backend_choices_are_validated(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export-predictions", "--ttt-backend", "turbo"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    _assert_export_module_untouched()
+
+
+# ---------------------------------------------------------------------------------------
+# zero impact
+# ---------------------------------------------------------------------------------------
+def test_zero_impact_without_ttt_byte_identical(sample, tmp_path):
+    args = _rtdetr_args(sample)
+    theirs = tmp_path / "yolozu.json"
+    res = _yolozu_cli([*args, "--output", str(theirs)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for backend in ("reference", "fast"):  # without --ttt the backend flag has no effect
+        ours = tmp_path / f"ours_{backend}.json"
+        assert cli.main(["export-predictions", *args, "--ttt-backend", backend, "--output", str(ours)]) == 0
+        assert ours.read_bytes() == theirs.read_bytes(), backend
+    _assert_export_module_untouched()
+
+
+def _max_prediction_diff(a: list[dict], b: list[dict]) -> float:
+    assert [e["image"] for e in a] == [e["image"] for e in b]
+    worst = 0.0
+    for ea, eb in zip(a, b):
+        assert len(ea["detections"]) == len(eb["detections"])
+        for da, db in zip(ea["detections"], eb["detections"]):
+            assert da["class_id"] == db["class_id"]
+            worst = max(worst, abs(float(da["score"]) - float(db["score"])))
+            for key in ("cx", "cy", "w", "h"):
+                worst = max(worst, abs(float(da["bbox"][key]) - float(db["bbox"][key])))
+    return worst
+
+
+@pytest.mark.slow
+def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch):
+    """--ttt --ttt-reset sample: reference == YOLOZU byte for byte; fast close to it, recorded as fast."""
+    pytest.importorskip("yolozu_ttt.run")
+    args = [*_rtdetr_args(sample), "--ttt", "--ttt-reset", "sample", "--ttt-steps", "2",
+            "--ttt-update-filter", "norm_only", "--ttt-seed", "0"]
+
+    theirs, theirs_log = tmp_path / "yolozu.json", tmp_path / "yolozu_log.json"
+    res = _yolozu_cli([*args, "--output", str(theirs), "--ttt-log-out", str(theirs_log)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    ref, ref_log = tmp_path / "ref.json", tmp_path / "ref_log.json"
+    assert cli.main(["export-predictions", *args, "--output", str(ref), "--ttt-log-out", str(ref_log)]) == 0
+    assert ref.read_bytes() == theirs.read_bytes()
+    ref_ttt, theirs_ttt = json.loads(ref_log.read_text())["ttt"], json.loads(theirs_log.read_text())["ttt"]
+    assert "backend" not in ref_ttt and "engine" not in ref_ttt
+    assert set(ref_ttt) == set(theirs_ttt)
+
+    # fast: every per-record call YOLOZU makes goes through the fast backend
+    calls = []
+    real_call = cli.FastBackend.__call__
+
+    def spy(self, adapter, records, *, config):
+        calls.append(len(records))
+        return real_call(self, adapter, records, config=config)
+
+    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
+    fast, fast_log = tmp_path / "fast.json", tmp_path / "fast_log.json"
+    assert cli.main(["export-predictions", *args, "--ttt-backend", "fast", "--wrap",
+                     "--output", str(fast), "--ttt-log-out", str(fast_log)]) == 0
+    _assert_export_module_untouched()
+    assert calls == [1, 1]  # sample reset: one call per record
+
+    payload = json.loads(fast.read_text())
+    meta_ttt = payload["meta"]["ttt"]
+    assert meta_ttt["backend"] == "fast"
+    engine = meta_ttt["engine"]
+    for key in ("version", "cpp_extension", "openmp", "threads", "accelerated_methods"):
+        assert key in engine
+    assert engine["method"] == "tent"
+    log_ttt = json.loads(fast_log.read_text())["ttt"]
+    assert log_ttt["backend"] == "fast" and log_ttt["engine"] == engine
+
+    ref_preds = json.loads(ref.read_text())
+    assert _max_prediction_diff(ref_preds, payload["predictions"]) <= 1e-4
+    fast_report, ref_report = meta_ttt["report"], ref_ttt["report"]
+    assert fast_report["mode"] == ref_report["mode"] == "sample"
+    assert fast_report["samples_total"] == ref_report["samples_total"] == 2
+    for s_fast, s_ref in zip(fast_report["per_sample"], ref_report["per_sample"]):
+        lf, lr = s_fast["report"]["losses"], s_ref["report"]["losses"]
+        assert len(lf) == len(lr) == 2
+        for a, b in zip(lf, lr):
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# failures
+# ---------------------------------------------------------------------------------------
+def test_dummy_adapter_ttt_fails_like_yolozu(sample, tmp_path, monkeypatch):
+    base = ["--adapter", "dummy", "--dataset", str(sample["dataset"]), "--split", "val", "--ttt"]
+    mod = _export_module()
+    with pytest.raises(SystemExit) as theirs:
+        mod.main([*base, "--output", str(tmp_path / "theirs.json")])
+    message = str(theirs.value.code)
+    assert message.startswith("TTT failed: ")
+
+    for backend in ("reference", "fast"):
+        out = tmp_path / f"{backend}.json"
+        with pytest.raises(SystemExit) as ours:
+            cli.main(["export-predictions", *base, "--ttt-backend", backend, "--output", str(out)])
+        assert str(ours.value.code) == message, backend
+        assert not out.exists()
+        _assert_export_module_untouched()
+
+    # the exit status of the console script is YOLOZU's (1, message on stderr)
+    res = subprocess.run(
+        [sys.executable, "-m", "yolozu_ttt", "export-predictions", *base, "--ttt-backend", "fast",
+         "--output", str(tmp_path / "sub.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 1
+    assert message in res.stderr
+
+
+def test_fast_failure_inside_run_ttt_uses_yolozu_handler(sample, tmp_path, monkeypatch):
+    def boom(adapter, records, *, config):
+        raise RuntimeError("simulated engine failure")
+
+    monkeypatch.setattr(yolozu_ttt, "run_ttt", boom)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export-predictions", *_rtdetr_args(sample), "--ttt", "--ttt-backend", "fast",
+                  "--ttt-update-filter", "norm_only", "--output", str(tmp_path / "x.json")])
+    assert str(exc.value.code).startswith("TTT failed: simulated engine failure")
+    assert "update_filter=norm_only" in str(exc.value.code)  # YOLOZU's own diagnostic suffix
+    _assert_export_module_untouched()
+
+
+# ---------------------------------------------------------------------------------------
+# FastBackend reuse across records (--ttt-reset sample)
+# ---------------------------------------------------------------------------------------
+class _FakeAdapter:
+    def __init__(self):
+        self.model = object()
+
+    def get_model(self):
+        return self.model
+
+
+def test_fast_backend_reuses_prepared_session(monkeypatch):
+    import types
+
+    built, ran = [], []
+
+    class Session:
+        def run(self, records):
+            ran.append(records)
+            return "report"
+
+    def prepare_session(adapter, config):
+        built.append((adapter, config))
+        return Session()
+
+    run_module = pytest.importorskip("yolozu_ttt.run")
+    monkeypatch.setattr(run_module, "prepare_session", prepare_session, raising=False)
+    backend = cli.FastBackend()
+    adapter, config = _FakeAdapter(), types.SimpleNamespace(enabled=True, method="tent")
+    for i in range(3):
+        assert backend(adapter, [{"image": str(i)}], config=config) == "report"
+    assert len(built) == 1 and len(ran) == 3 and backend.calls == 3
+    first = backend.engine("tent")
+    assert first == backend.engine("tent") and first["method"] == "tent"
+
+
+def test_fast_backend_without_session_calls_run_ttt(monkeypatch):
+    seen = []
+    run_module = pytest.importorskip("yolozu_ttt.run")
+    monkeypatch.delattr(run_module, "prepare_session", raising=False)
+    monkeypatch.setattr(yolozu_ttt, "run_ttt", lambda a, r, *, config: seen.append(r) or "rep")
+    backend = cli.FastBackend()
+    for i in range(2):
+        assert backend(_FakeAdapter(), [i], config=object()) == "rep"
+    assert seen == [[0], [1]]
+
+
+# ---------------------------------------------------------------------------------------
+# doctor
+# ---------------------------------------------------------------------------------------
+def test_doctor_ok(capsys):
+    from yolozu_ttt import _native
+
+    if _native._C is None:
+        pytest.skip(f"compiled extension not built here: {_native.LOAD_ERROR}")
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled extension : loaded" in out
+    assert "OpenMP" in out and "Triton" in out and "CUDA" in out and "accelerated methods" in out
+    assert cli.main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpp_extension"] is True and info["cpp_extension_error"] is None
+
+
+def test_doctor_fails_when_extension_missing(monkeypatch, capsys):
+    from yolozu_ttt import _native
+
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: simulated missing _C")
+    assert cli.main(["doctor"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED to load" in captured.out
+    assert "simulated missing _C" in captured.out and "simulated missing _C" in captured.err
+    assert cli.main(["doctor", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["cpp_extension"] is False

@@ -1,0 +1,411 @@
+"""``yolozu-ttt`` command line: ``export-predictions``, ``demo`` and ``doctor``.
+
+``export-predictions`` is YOLOZU's own ``export_predictions`` CLI
+(``yolozu.inference.export_predictions_cli``): its parser is built by YOLOZU's own
+``_parse_args`` (argument builders included), one flag is added
+(``--ttt-backend {reference,fast}``) and YOLOZU's own ``main`` does the work.
+
+* ``--ttt-backend reference`` (the default), or no ``--ttt``: nothing is patched;
+  YOLOZU's ``main`` runs unchanged, so its output is byte-identical.
+* ``--ttt-backend fast`` with ``--ttt``: for the duration of the call, the name
+  ``run_ttt`` that the YOLOZU export module looks up (it does
+  ``from yolozu.tta.integration import run_ttt``) is bound to a wrapper around
+  ``yolozu_ttt.run_ttt``, and ``build_ttt_settings_from_args`` (the name that fills the
+  ``--wrap`` meta ``ttt`` block and the ``--ttt-log-out`` JSON) to a wrapper that adds
+  ``"backend": "fast"`` and an ``engine`` summary from ``build_info()``. Both names are
+  restored afterwards, also on failure. Failures are still raised by YOLOZU's own
+  ``TTT failed: ...`` handler, with its exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import sys
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
+TTT_BACKENDS = ("reference", "fast")
+BACKEND_FLAG = "--ttt-backend"
+COMMANDS = ("export-predictions", "demo", "doctor")
+PROG = "yolozu-ttt"
+
+_PATCH_LOCK = threading.RLock()
+
+
+# --------------------------------------------------------------------------------------
+# export-predictions: parser
+# --------------------------------------------------------------------------------------
+class _ParserCaptured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+class _CapturingParser(argparse.ArgumentParser):
+    """ArgumentParser whose first ``parse_args`` hands the parser back instead of parsing.
+
+    It also keeps YOLOZU's abbreviations working: a prefix that matches one of YOLOZU's
+    flags and ``--ttt-backend`` (``--ttt-b``, ``--ttt-ba``) resolves to YOLOZU's flag, as
+    it does in YOLOZU's own CLI, instead of becoming ambiguous.
+    """
+
+    _capturing = True
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._capturing:
+            self._capturing = False
+            raise _ParserCaptured(self)
+        return super().parse_args(args, namespace)
+
+    def _get_option_tuples(self, option_string):  # type: ignore[override]
+        result = super()._get_option_tuples(option_string)
+        if len(result) > 1:
+            kept = [t for t in result if BACKEND_FLAG not in getattr(t[0], "option_strings", ())]
+            if kept:
+                result = kept
+        return result
+
+
+class _ArgparseProxy:
+    """Stands in for the ``argparse`` module inside YOLOZU's export module only."""
+
+    def __init__(self, real: Any):
+        self._real = real
+        self.ArgumentParser = _CapturingParser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _export_module():
+    return importlib.import_module(EXPORT_MODULE)
+
+
+def _yolozu_export_parser(mod: Any) -> argparse.ArgumentParser:
+    """YOLOZU's export parser, exactly as its ``_parse_args`` builds it (not a copy)."""
+    with _PATCH_LOCK:
+        real = mod.argparse
+        mod.argparse = _ArgparseProxy(real)
+        try:
+            mod._parse_args([])
+        except _ParserCaptured as captured:
+            return captured.parser
+        finally:
+            mod.argparse = real
+    raise RuntimeError(f"{EXPORT_MODULE}._parse_args did not build an argparse parser")
+
+
+def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
+    mod = _export_module() if mod is None else mod
+    parser = _yolozu_export_parser(mod)
+    parser.prog = f"{PROG} export-predictions"
+    parser.description = (
+        "YOLOZU's export_predictions CLI (every flag is YOLOZU's), plus --ttt-backend: "
+        "run --ttt on yolozu_ttt's fused engine (fast) or on YOLOZU's run_ttt (reference)."
+    )
+    parser.add_argument(
+        BACKEND_FLAG,
+        choices=TTT_BACKENDS,
+        default="reference",
+        help=(
+            "Which run_ttt executes --ttt: 'reference' is yolozu.tta.integration.run_ttt "
+            "(YOLOZU unchanged, byte-identical output); 'fast' is yolozu_ttt.run_ttt, "
+            "recorded as backend=fast plus an engine summary in the --wrap meta ttt block "
+            "and the --ttt-log-out JSON (default: reference). Without --ttt it has no effect."
+        ),
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# export-predictions: fast backend
+# --------------------------------------------------------------------------------------
+def engine_summary(method: str | None = None) -> dict[str, Any]:
+    """``build_info()`` as recorded next to ``"backend": "fast"``."""
+    from . import build_info
+
+    info = dict(build_info())
+    if method is not None:
+        info["method"] = str(method)
+    return info
+
+
+class FastBackend:
+    """``run_ttt`` stand-in used for one ``export-predictions`` invocation.
+
+    Built once per invocation and reused for every call YOLOZU makes: with
+    ``--ttt-reset sample`` YOLOZU calls ``run_ttt(adapter, [record], config=...)`` once
+    per record, always with the same adapter (same model object) and the same
+    ``TTTConfig``. Resolved once and reused across those calls:
+
+    * the ``yolozu_ttt.run_ttt`` callable (module import/resolution);
+    * the engine summary (``build_info()``) recorded in the meta / log;
+    * if ``yolozu_ttt.run`` provides ``prepare_session(adapter, config)`` returning an
+      object with ``run(records) -> TTTReport`` (holding parameter selection, flat
+      buffers, engine handles; each ``run`` must start from the model's current
+      parameter values with fresh optimizer state, like ``run_ttt``), that session,
+      built once per (model, config) and reused for every record.
+
+    YOLOZU's own sample loop already snapshots the selected parameters and norm
+    buffers once and restores them in place around each record; the model and adapter
+    are never rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._run_ttt: Callable[..., Any] | None = None
+        self._prepare: Callable[..., Any] | None = None
+        self._session: Any = None
+        self._session_key: tuple[int, int] | None = None
+        self._engine: dict[str, Any] | None = None
+
+    def _resolve(self) -> Callable[..., Any]:
+        if self._run_ttt is None:
+            import yolozu_ttt
+
+            try:
+                run_mod = importlib.import_module("yolozu_ttt.run")
+            except ImportError:
+                run_mod = None
+            prepare = getattr(run_mod, "prepare_session", None) if run_mod is not None else None
+            self._prepare = prepare if callable(prepare) else None
+            self._run_ttt = yolozu_ttt.run_ttt
+        return self._run_ttt
+
+    def __call__(self, adapter: Any, records: list[dict[str, Any]], *, config: Any) -> Any:
+        self.calls += 1
+        run_ttt = self._resolve()
+        if self._prepare is not None and bool(getattr(config, "enabled", True)):
+            model = adapter.get_model() if hasattr(adapter, "get_model") else None
+            if model is not None:
+                key = (id(model), id(config))
+                if self._session is None or self._session_key != key:
+                    self._session = self._prepare(adapter, config)
+                    self._session_key = key
+                return self._session.run(records)
+        return run_ttt(adapter, records, config=config)
+
+    def engine(self, method: str | None) -> dict[str, Any]:
+        if self._engine is None:
+            self._engine = engine_summary(method)
+        return dict(self._engine)
+
+
+@contextlib.contextmanager
+def _patched(mod: Any, **names: Any) -> Iterator[None]:
+    missing = [name for name in names if not hasattr(mod, name)]
+    if missing:
+        raise RuntimeError(
+            f"{mod.__name__} no longer defines {', '.join(missing)}; "
+            "this yolozu version is not supported by yolozu-ttt's fast backend"
+        )
+    saved = {name: getattr(mod, name) for name in names}
+    try:
+        for name, value in names.items():
+            setattr(mod, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mod, name, value)
+
+
+def export_predictions(argv: Sequence[str]) -> int:
+    mod = _export_module()
+    parser = build_export_parser(mod)
+    args = parser.parse_args(list(argv))
+    fast = bool(getattr(args, "ttt", False)) and args.ttt_backend == "fast"
+
+    def _parse_args(_argv: Any) -> argparse.Namespace:
+        return args
+
+    if not fast:
+        # Zero impact: YOLOZU's own main, with the namespace YOLOZU's own parser produced.
+        with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args):
+            mod.main([])
+        return 0
+
+    backend = FastBackend()
+    build_settings = mod.build_ttt_settings_from_args
+
+    def _settings_with_backend(ns: Any) -> dict[str, Any]:
+        settings = build_settings(ns)
+        settings["backend"] = "fast"
+        settings["engine"] = backend.engine(getattr(ns, "ttt_method", None))
+        return settings
+
+    with _PATCH_LOCK, _patched(
+        mod,
+        _parse_args=_parse_args,
+        run_ttt=backend,
+        build_ttt_settings_from_args=_settings_with_backend,
+    ):
+        mod.main([])
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# doctor
+# --------------------------------------------------------------------------------------
+def _yes_no(flag: Any) -> str:
+    return "yes" if flag else "no"
+
+
+def format_doctor(info: dict[str, Any]) -> list[str]:
+    lines = [f"yolozu-ttt {info.get('version')}  (torch {info.get('torch') or 'not importable'})"]
+    if info.get("cpp_extension"):
+        lines.append("compiled extension : loaded (yolozu_ttt._C)")
+    else:
+        lines.append("compiled extension : FAILED to load")
+        lines.append(f"  reason           : {info.get('cpp_extension_error') or 'unknown'}")
+        lines.append("  fix              : reinstall with `pip install -e .` (needs a C++ compiler and CMake)")
+    lines.append(f"OpenMP             : {_yes_no(info.get('openmp'))}, threads={info.get('threads')}")
+    lines.append(f"Triton             : {info.get('triton') or 'not available'}")
+    lines.append(f"CUDA               : {'available' if info.get('cuda') else 'not available'}")
+    methods = info.get("accelerated_methods") or []
+    lines.append(f"accelerated methods: {', '.join(str(m) for m in methods) if methods else 'none'}")
+    return lines
+
+
+def doctor(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} doctor",
+        description="Show what this yolozu-ttt install can do; exit 1 if the compiled extension failed to load.",
+    )
+    parser.add_argument("--json", action="store_true", help="Print build_info() as JSON instead.")
+    args = parser.parse_args(list(argv))
+    from . import build_info
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        for line in format_doctor(info):
+            print(line)
+        try:
+            import yolozu
+
+            print(f"yolozu             : {getattr(yolozu, '__version__', 'installed')}")
+        except Exception as exc:  # pragma: no cover
+            print(f"yolozu             : not importable ({exc})")
+    if not info.get("cpp_extension"):
+        print(
+            f"yolozu-ttt doctor: compiled extension not loaded: {info.get('cpp_extension_error') or 'unknown'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+def _demo_parser() -> argparse.ArgumentParser:
+    from yolozu.tta.cli_options import TTT_METHOD_CHOICES, TTT_UPDATE_FILTER_CHOICES
+
+    from .demo import DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} demo",
+        description=(
+            "Offline: synthetic dataset + builtin RT-DETR (builtin:base, init_seed=0); TTT with the "
+            "reference and the fast backend from the same initial weights; prints a comparison table "
+            "and writes summary.json and PNG plots to the run dir."
+        ),
+    )
+    parser.add_argument("--run-dir", default=DEFAULTS["run_dir"], help=f"Output folder (default: {DEFAULTS['run_dir']}).")
+    parser.add_argument("--method", choices=TTT_METHOD_CHOICES, default=DEFAULTS["method"], help="TTT method (default: tent).")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"TTT steps (default: {DEFAULTS['steps']}).")
+    parser.add_argument("--device", default=DEFAULTS["device"], help="Torch device (default: cpu).")
+    parser.add_argument(
+        "--update-filter",
+        choices=TTT_UPDATE_FILTER_CHOICES,
+        default=DEFAULTS["update_filter"],
+        help=f"Parameters TTT updates (default: {DEFAULTS['update_filter']}).",
+    )
+    parser.add_argument("--images", type=int, default=DEFAULTS["images"], help=f"Images in the TTT batch, 1-8 (default: {DEFAULTS['images']}).")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help=f"Square model input size (default: {DEFAULTS['image_size']}).")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"TTT learning rate (default: {DEFAULTS['lr']}).")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="Dataset / TTT seed (default: 0).")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=DEFAULTS["warmup_steps"],
+        help=f"Untimed steps per backend on a throw-away model before timing (default: {DEFAULTS['warmup_steps']}; 0 disables).",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def demo(argv: Sequence[str]) -> int:
+    args = _demo_parser().parse_args(list(argv))
+    from .demo import DemoError, format_table, run_demo
+
+    try:
+        summary = run_demo(
+            run_dir=args.run_dir,
+            method=args.method,
+            steps=args.steps,
+            device=args.device,
+            update_filter=args.update_filter,
+            images=args.images,
+            image_size=args.image_size,
+            lr=args.lr,
+            seed=args.seed,
+            warmup_steps=args.warmup_steps,
+            progress=not args.no_progress,
+        )
+    except DemoError as exc:
+        print(f"yolozu-ttt demo: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    for name in summary["files"].values():
+        print(name)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+_USAGE = f"""usage: {PROG} {{export-predictions,demo,doctor}} [options]
+
+Compiled, fused test-time adaptation backend for YOLOZU.
+
+commands:
+  export-predictions  YOLOZU's export_predictions CLI (all of its flags) plus
+                      --ttt-backend {{reference,fast}} (default: reference)
+  demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR
+                      (table, summary.json, PNG plots)
+  doctor              show the compiled engine / OpenMP / Triton / CUDA status;
+                      exit 1 if the compiled extension failed to load
+
+Run `{PROG} COMMAND --help` for a command's options.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "export-predictions":
+        return export_predictions(rest)
+    if command == "demo":
+        return demo(rest)
+    if command == "doctor":
+        return doctor(rest)
+    print(_USAGE, end="", file=sys.stderr)
+    print(f"{PROG}: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
