@@ -38,14 +38,37 @@ float clip_coefficient(double grad_sumsq, double max_grad_norm) {
   return coef < 1.0f || std::isnan(coef) ? coef : 1.0f;
 }
 
+uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The CoTTA restore key of one (seed, step counter, group): element j of the group restores
+// when fmix32(j ^ key) >> 8 < prob * 2^24 (the Triton kernel uses the same key and hash).
+uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group) {
+  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
+  h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
+  h = mix32(h ^ static_cast<uint32_t>(counter) * 0x632be5abu);
+  h = mix32(h ^ static_cast<uint32_t>(counter >> 32));
+  return mix32(h ^ (static_cast<uint32_t>(group) + 1u) * 0x85157af5u);
+}
+
 py::dict fused_step(const py::list& groups, double lr, double beta1, double beta2, double eps,
-                    py::object max_grad_norm, double anchor_lambda, bool write_snapshot) {
+                    py::object max_grad_norm, double anchor_lambda, bool write_snapshot,
+                    py::object ema_momentum, double restore_prob, uint64_t restore_seed,
+                    uint64_t restore_counter) {
+  if (!(restore_prob >= 0.0)) throw py::value_error("yolozu_ttt._C: restore_prob must be >= 0");
   if (!(lr >= 0.0)) throw py::value_error("yolozu_ttt._C: lr must be >= 0");
   if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
     throw py::value_error("yolozu_ttt._C: betas must lie in [0, 1)");
   const auto gs = as_groups(groups);
   const bool clip = !max_grad_norm.is_none();
   const double max_norm = clip ? max_grad_norm.cast<double>() : 0.0;
+  const double ema_momentum_value = ema_momentum.is_none() ? 0.0 : ema_momentum.cast<double>();
   StepStats total;
   float coef = 1.0f;
   {
@@ -55,13 +78,20 @@ py::dict fused_step(const py::list& groups, double lr, double beta1, double beta
       for (auto* g : gs) gsq += g->grad_pass(anchor_lambda).grad_sumsq;
       coef = clip_coefficient(gsq, max_norm);
     }
-    for (auto* g : gs) {
-      const StepStats s = g->adam_pass(lr, beta1, beta2, eps, coef, anchor_lambda, write_snapshot);
+    for (size_t i = 0; i < gs.size(); ++i) {
+      auto* g = gs[i];
+      yttt::CottaStep cotta;
+      cotta.ema = !ema_momentum.is_none();
+      cotta.ema_momentum = cotta.ema ? ema_momentum_value : 0.0;
+      cotta.restore_prob = restore_prob;
+      cotta.key = restore_key(restore_seed, restore_counter, i);
+      const StepStats s = g->adam_pass(lr, beta1, beta2, eps, coef, anchor_lambda, write_snapshot, cotta);
       total.grad_sumsq += s.grad_sumsq;
       total.clipped_grad_sumsq += s.clipped_grad_sumsq;
       total.update_sumsq += s.update_sumsq;
       total.total_sumsq += s.total_sumsq;
       total.anchor += s.anchor;
+      total.restored += s.restored;
     }
   }
   py::dict out;
@@ -71,6 +101,7 @@ py::dict fused_step(const py::list& groups, double lr, double beta1, double beta
   out["total_update_norm"] = f32_norm(total.total_sumsq);
   out["anchor_loss"] = total.anchor;
   out["clip_coef"] = static_cast<double>(coef);
+  out["restored"] = total.restored;
   return out;
 }
 
@@ -124,13 +155,21 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("numel", &ArenaGroup::numel)
       .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
-      .def("reset_state", &ArenaGroup::reset_state, "Zero the Adam moments and step counts.");
+      .def("reset_state", &ArenaGroup::reset_state, "Zero the Adam moments and step counts.")
+      .def("set_teacher", &ArenaGroup::set_teacher, py::arg("teacher"),
+           "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.");
 
   m.def("fused_step", &fused_step, py::arg("groups"), py::arg("lr"), py::arg("beta1") = 0.9,
         py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("max_grad_norm") = py::none(),
         py::arg("anchor_lambda") = 0.0, py::arg("write_snapshot") = true,
+        py::arg("ema_momentum") = py::none(), py::arg("restore_prob") = 0.0,
+        py::arg("restore_seed") = 0, py::arg("restore_counter") = 0,
         "One fused step over all groups: grad norm, clip, Adam (torch defaults), snapshot, "
-        "update and total-update norms. Returns a dict of Python floats.");
+        "update and total-update norms; with ema_momentum, the teacher EMA on the updated "
+        "params, and with restore_prob > 0 the CoTTA stochastic restore to base (counter-based "
+        "RNG keyed by restore_seed and restore_counter). Returns a dict of Python floats.");
+  m.def("restore_key", &restore_key, py::arg("seed"), py::arg("counter"), py::arg("group"),
+        "The 32-bit key of the counter-based restore RNG for one group and step.");
   m.def("grad_stats", &grad_stats, py::arg("groups"), py::arg("anchor_lambda") = 0.0,
         "(grad norm, anchor value) without changing anything.");
   m.def("sar_perturb", &sar_perturb, py::arg("groups"), py::arg("rho"), py::arg("adaptive"),

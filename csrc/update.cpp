@@ -232,7 +232,7 @@ constexpr int64_t kTile = 256;
 namespace {
 
 struct Partials {
-  double g = 0, c = 0, u = 0, t = 0, a = 0;
+  double g = 0, c = 0, u = 0, t = 0, a = 0, r = 0;
 };
 
 // grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added) and anchor value.
@@ -261,45 +261,84 @@ Partials grad_item(const WorkItem& w, const typename S::T* p, const typename S::
 
 struct AdamScalars {
   float w1, b2, w2, eps, clip, nss, bcs, ak;
+  // CoTTA: teacher EMA (t <- t*m + (1-m)*p_new) and stochastic restore (p <- base with prob q)
+  float ema_m, ema_w, restore_q;
+  uint32_t key;
+  bool ema, restore;
 };
 
-// One Adam step on a work item (torch.optim.Adam's operation order, fp32 math).
-template <typename S, bool ANCHOR, bool SNAP>
-Partials adam_item(const WorkItem& w, typename S::T* p, const typename S::T* g,
-                   const typename S::T* b, typename S::T* sn, float* m1, float* m2,
-                   const AdamScalars k) {
+template <typename T>
+struct Ptrs {
+  T* p;
+  const T* g;
+  const T* b;
+  T* sn;
+  float* m1;
+  float* m2;
+  T* teacher;
+};
+
+// Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+inline float uniform01(int64_t index, uint32_t key) {
+  return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> 8) * (1.0f / 16777216.0f);
+}
+
+// One step on a work item: Adam (torch.optim.Adam's operation order, fp32 math) when the tensor
+// has a grad (torch skips tensors without one), then the CoTTA extras, then the norms.
+template <typename S, bool GRAD, bool ANCHOR, bool SNAP, bool COTTA>
+Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamScalars k) {
   Partials out;
   for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
     const int64_t t1 = std::min(t0 + kTile, w.end);
-    float sg = 0.f, sc = 0.f, su = 0.f, st = 0.f, sa = 0.f;
-#pragma omp simd reduction(+ : sg, sc, su, st, sa)
+    float sg = 0.f, sc = 0.f, su = 0.f, st = 0.f, sa = 0.f, sr = 0.f;
+#pragma omp simd reduction(+ : sg, sc, su, st, sa, sr)
     for (int64_t j = t0; j < t1; ++j) {
-      const auto praw = p[j];
+      const auto praw = q.p[j];
       const float pold = S::load(praw);
-      const float base = S::load(b[j]);
-      float gv = S::load(g[j]);
-      if (SNAP) sn[j] = praw;
-      // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
-      if (ANCHOR) {
-        const float d = pold - base;
-        gv += k.ak * d;
-        sa += d * d;
+      const float base = S::load(q.b[j]);
+      if (SNAP) q.sn[j] = praw;
+      float pnew = pold;
+      if (GRAD) {
+        float gv = S::load(q.g[j]);
+        // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
+        if (ANCHOR) {
+          const float d = pold - base;
+          gv += k.ak * d;
+          sa += d * d;
+        }
+        sg += gv * gv;
+        // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
+        const float gc = gv * k.clip;
+        sc += gc * gc;
+        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+        const float mv = q.m1[j] + k.w1 * (gc - q.m1[j]);
+        const float vv = q.m2[j] * k.b2 + (k.w2 * gc) * gc;
+        q.m1[j] = mv;
+        q.m2[j] = vv;
+        // 4. p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
+        const float denom = std::sqrt(vv) / k.bcs + k.eps;
+        pnew = S::load(S::store(pold + (k.nss * mv) / denom));
       }
-      sg += gv * gv;
-      // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
-      const float gc = gv * k.clip;
-      sc += gc * gc;
-      // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
-      const float mv = m1[j] + k.w1 * (gc - m1[j]);
-      const float vv = m2[j] * k.b2 + (k.w2 * gc) * gc;
-      m1[j] = mv;
-      m2[j] = vv;
-      // 4. p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
-      const float denom = std::sqrt(vv) / k.bcs + k.eps;
-      const auto pnew_s = S::store(pold + (k.nss * mv) / denom);
-      p[j] = pnew_s;
-      // 5. norms of the step and of the drift from the base snapshot
-      const float pnew = S::load(pnew_s);
+      if (COTTA) {
+        // 5. teacher EMA on the updated student: t <- t*m + (1-m)*p
+        if (k.ema) q.teacher[j] = S::store(S::load(q.teacher[j]) * k.ema_m + k.ema_w * pnew);
+        // 6. stochastic restore: p <- base where u(j) < q
+        if (k.restore && uniform01(j, k.key) < k.restore_q) {
+          pnew = base;
+          sr += 1.f;
+        }
+      }
+      if (GRAD || COTTA) q.p[j] = S::store(pnew);
+      // 7. norms of the step and of the drift from the base snapshot
       const float du = pnew - pold;
       const float dt = pnew - base;
       su += du * du;
@@ -310,27 +349,14 @@ Partials adam_item(const WorkItem& w, typename S::T* p, const typename S::T* g,
     out.u += su;
     out.t += st;
     out.a += sa;
+    out.r += sr;
   }
   return out;
 }
 
-// A tensor without a grad: torch's Adam skips it; it still counts in the total drift.
-template <typename S, bool SNAP>
-Partials idle_item(const WorkItem& w, const typename S::T* p, const typename S::T* b,
-                   typename S::T* sn) {
-  Partials out;
-  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
-    const int64_t t1 = std::min(t0 + kTile, w.end);
-    float st = 0.f;
-#pragma omp simd reduction(+ : st)
-    for (int64_t j = t0; j < t1; ++j) {
-      if (SNAP) sn[j] = p[j];
-      const float dt = S::load(p[j]) - S::load(b[j]);
-      st += dt * dt;
-    }
-    out.t += st;
-  }
-  return out;
+template <typename F>
+auto with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
 StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>& seg_of,
@@ -342,6 +368,7 @@ StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>&
     st.update_sumsq += parts[i].u;
     st.total_sumsq += parts[i].t;
     st.anchor += parts[i].a / static_cast<double>(sizes[seg_of[i]]);
+    st.restored += parts[i].r;
   }
   return st;
 }
@@ -374,9 +401,12 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
 // One Adam step (torch.optim.Adam defaults and operation order, fp32 math), fused with
 // clipping, the pre-step snapshot and the update / total-update norms.
 StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double eps,
-                                float clip_coef, double anchor_lambda, bool write_snapshot) {
+                                float clip_coef, double anchor_lambda, bool write_snapshot,
+                                const CottaStep& cotta) {
   if (write_snapshot && !snap_.defined())
     throw py::value_error("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
+  if (cotta.ema && !teacher_.defined())
+    throw py::value_error("yolozu_ttt._C: ema_momentum needs a teacher buffer (set_teacher)");
   const int64_t n_seg = num_segments();
   const uint8_t* hg = has_grad_ptr();
   // Per-segment bias corrections (torch computes them as Python floats, i.e. fp64).
@@ -389,37 +419,50 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     neg_step_size[s] = static_cast<float>(-(lr / bc1));
     bc2_sqrt[s] = static_cast<float>(std::sqrt(bc2));
   }
+  const double m = std::min(1.0, std::max(0.0, cotta.ema_momentum));
   const int64_t n_items = static_cast<int64_t>(work_.size());
   std::vector<Partials> parts(n_items);
   std::vector<int64_t> seg_of(n_items);
+  const bool anchor = anchor_lambda != 0.0;
+  const bool with_cotta = cotta.ema || cotta.restore_prob > 0.0;
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    T* p = static_cast<T*>(param_.ptr);
-    const T* g = static_cast<const T*>(grad_.ptr);
-    const T* b = static_cast<const T*>(base_.ptr);
-    T* sn = static_cast<T*>(snap_.ptr);
-    float* m1 = static_cast<float*>(exp_avg_.ptr);
-    float* m2 = static_cast<float*>(exp_avg_sq_.ptr);
+    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr),
+                    static_cast<const T*>(base_.ptr), static_cast<T*>(snap_.ptr),
+                    static_cast<float*>(exp_avg_.ptr), static_cast<float*>(exp_avg_sq_.ptr),
+                    static_cast<T*>(teacher_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
-      if (hg && !hg[w.seg]) {
-        parts[i] = write_snapshot ? idle_item<S, true>(w, p, b, sn) : idle_item<S, false>(w, p, b, sn);
-        return;
-      }
       const AdamScalars k{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                           static_cast<float>(1.0 - beta2), static_cast<float>(eps), clip_coef,
                           neg_step_size[w.seg], bc2_sqrt[w.seg],
-                          static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]))};
-      const bool anchor = anchor_lambda != 0.0;
-      if (anchor && write_snapshot) parts[i] = adam_item<S, true, true>(w, p, g, b, sn, m1, m2, k);
-      else if (anchor) parts[i] = adam_item<S, true, false>(w, p, g, b, sn, m1, m2, k);
-      else if (write_snapshot) parts[i] = adam_item<S, false, true>(w, p, g, b, sn, m1, m2, k);
-      else parts[i] = adam_item<S, false, false>(w, p, g, b, sn, m1, m2, k);
+                          static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg])),
+                          static_cast<float>(m), static_cast<float>(1.0 - m),
+                          static_cast<float>(cotta.restore_prob), cotta.key, cotta.ema,
+                          cotta.restore_prob > 0.0};
+      const bool grad = !(hg && !hg[w.seg]);
+      parts[i] = with_flag(grad, [&](auto G) {
+        return with_flag(grad && anchor, [&](auto A) {
+          return with_flag(write_snapshot, [&](auto N) {
+            return with_flag(with_cotta, [&](auto E) {
+              return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
+                               decltype(E)::value>(w, q, k);
+            });
+          });
+        });
+      });
     });
   });
   return reduce(parts, seg_of, sizes_);
+}
+
+void ArenaGroup::set_teacher(py::object teacher) {
+  Buffer t = make_buffer(teacher, "teacher", true);
+  if (t.defined() && (t.numel != param_.numel || t.dtype != param_.dtype))
+    throw py::value_error("yolozu_ttt._C: teacher must match the param buffer's size and dtype");
+  teacher_ = t;
 }
 
 // SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.

@@ -42,6 +42,16 @@ struct StepStats {
   double update_sumsq = 0.0;        // ||p_new - p_old||^2
   double total_sumsq = 0.0;         // ||p_new - base||^2
   double anchor = 0.0;              // sum_i mean((p_i - base_i)^2) before the update
+  double restored = 0.0;            // elements reset to base by the CoTTA stochastic restore
+};
+
+// CoTTA extras fused into the step: EMA of a teacher buffer on the updated parameters, then a
+// stochastic restore to the base snapshot with a counter-based RNG keyed by `key`.
+struct CottaStep {
+  bool ema = false;
+  double ema_momentum = 0.0;
+  double restore_prob = 0.0;
+  uint32_t key = 0;
 };
 
 class ArenaGroup {
@@ -58,14 +68,15 @@ class ArenaGroup {
   // Passes (each parallel over work items, deterministic).
   StepStats grad_pass(double anchor_lambda) const;
   StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
-                      double anchor_lambda, bool write_snapshot);
+                      double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
+  void set_teacher(py::object teacher);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive);
 
  private:
   const uint8_t* has_grad_ptr() const;
 
-  Buffer param_, grad_, exp_avg_, exp_avg_sq_, base_, snap_, has_grad_;
+  Buffer param_, grad_, exp_avg_, exp_avg_sq_, base_, snap_, has_grad_, teacher_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
 };
