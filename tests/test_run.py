@@ -312,3 +312,15 @@ def test_tent_parity_through_the_triton_path():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_fallback_reaches_yolozu_even_when_its_run_ttt_points_here(monkeypatch):
+    """Callers may swap yolozu.tta.integration.run_ttt for ours; the fallback must not recurse."""
+    import yolozu.tta.integration as integration
+
+    monkeypatch.setattr(integration, "run_ttt", yolozu_ttt.run_ttt)
+    cfg = TTTConfig(enabled=False, method="tent")
+    assert yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=cfg).enabled is False
+    model = make_model().double()
+    report = yolozu_ttt.run_ttt(ListAdapter(model, [b.double() for b in make_batches()]), [], config=tent())
+    assert report.steps_run == 3

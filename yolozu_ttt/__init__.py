@@ -8,6 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+
 def build_info() -> dict[str, Any]:
     """What this install can do: compiled engine, OpenMP threads, Triton, CUDA, methods."""
     from . import _native
@@ -41,11 +42,6 @@ def build_info() -> dict[str, Any]:
     }
 
 
-def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: Any):
-    """Drop-in ``yolozu.tta.integration.run_ttt`` on the fused engine (see yolozu_ttt.run)."""
-    from .run import run_ttt as _run_ttt
-
-    return _run_ttt(adapter, records, config=config)
-
+from .run import run_ttt  # noqa: E402  (after __version__: run imports nothing from here)
 
 __all__ = ["__version__", "build_info", "run_ttt"]

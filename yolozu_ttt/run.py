@@ -22,6 +22,10 @@ from . import _native, guards
 from .ops import use_triton
 from .arena import ParamArena
 
+# Captured at import: the fallback must reach YOLOZU's own implementation even where a caller has
+# pointed ``yolozu.tta.integration.run_ttt`` at this backend.
+reference_run_ttt = _ref.run_ttt
+
 NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -137,11 +141,11 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
     method = str(config.method or "tent").lower()
     runners = _accelerated()
     if not config.enabled or method not in runners:
-        return _ref.run_ttt(adapter, records, config=config)
+        return reference_run_ttt(adapter, records, config=config)
     if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
         candidate = adapter.get_model()
         if candidate is not None and not engine_supports(candidate):
-            return _ref.run_ttt(adapter, records, config=config)
+            return reference_run_ttt(adapter, records, config=config)
 
     if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
         raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
