@@ -324,3 +324,37 @@ def test_fallback_reaches_yolozu_even_when_its_run_ttt_points_here(monkeypatch):
     model = make_model().double()
     report = yolozu_ttt.run_ttt(ListAdapter(model, [b.double() for b in make_batches()]), [], config=tent())
     assert report.steps_run == 3
+
+
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+def test_session_reuses_buffers_and_matches_fresh_runs(update_filter):
+    """prepare_session: each run starts from the current values with fresh Adam state, no new arena."""
+    from yolozu_ttt.arena import ParamArena
+    from yolozu_ttt.run import prepare_session
+
+    cfg = tent(update_filter=update_filter, max_grad_norm=0.5)
+    fresh_model, session_model = make_model(), make_model()
+    start = copy.deepcopy(session_model.state_dict())
+    session = prepare_session(ListAdapter(session_model, make_batches()), cfg)
+    flats = []
+    original_pack = ParamArena._pack
+
+    def spy(self, ps, snapshot):
+        original_pack(self, ps, snapshot)
+        if self.model is session_model:
+            flats.append(self.groups[-1].flat.data_ptr())
+
+    ParamArena._pack = spy
+    try:
+        for _ in range(3):
+            session_model.load_state_dict(start)  # YOLOZU's sample reset restores in place
+            got = session.run([])
+            fresh_model.load_state_dict(start)
+            want = yolozu_ttt.run_ttt(ListAdapter(fresh_model, make_batches()), [], config=cfg)
+            assert dataclasses.replace(got, seconds=0.0, memory=None) == dataclasses.replace(want, seconds=0.0, memory=None)
+            for a, b in zip(fresh_model.state_dict().values(), session_model.state_dict().values()):
+                assert torch.equal(a, b)
+    finally:
+        ParamArena._pack = original_pack
+    assert len(set(flats)) == 1  # one flat buffer, reused
+    assert all(p.grad is None for p in session_model.parameters())

@@ -8,13 +8,19 @@ frozen for the run, on every exit path.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from . import _native
 from .ops import use_triton
+
+
+_BUFFER_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("yolozu_ttt_buffer_cache", default=None)
 
 
 @dataclass
@@ -83,41 +89,41 @@ class ParamArena:
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
+        key = (str(ps[0].device), ps[0].dtype, tuple(sizes), bool(snapshot))
+        cache = _BUFFER_CACHE.get()
+        reused = cache.get(key) if cache is not None else None
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            grad = torch.zeros_like(flat)
-            group = ArenaGroup(
-                params=ps,
-                originals=[p.data for p in ps],
-                offsets=offsets,
-                sizes=sizes,
-                flat=flat,
-                grad=grad,
-                exp_avg=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
-                exp_avg_sq=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
-                base=flat.clone(),
-                snap=torch.empty_like(flat) if snapshot else None,
-                has_grad=bytearray(len(ps)),
-            )
+            if reused is None:
+                flat = torch.cat([p.detach().reshape(-1) for p in ps])
+                group = ArenaGroup(
+                    params=ps, originals=[p.data for p in ps], offsets=offsets, sizes=sizes, flat=flat,
+                    grad=torch.zeros_like(flat),
+                    exp_avg=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
+                    exp_avg_sq=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
+                    base=flat.clone(), snap=torch.empty_like(flat) if snapshot else None,
+                    has_grad=bytearray(len(ps)),
+                )
+            else:  # same layout as an earlier run in this session: refill its buffers
+                group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[])
+                torch.cat([p.detach().reshape(-1) for p in ps], out=group.flat)
+                group.grad.zero_()
+                group.base.copy_(group.flat)
+                group.engine.reset_state()  # Adam moments and step counts
             self.groups.append(group)  # registered before rebinding so close() can undo it
             for p, o, n in zip(ps, offsets, sizes):
-                p.data = flat[o:o + n].view(p.shape)
-                p.grad = grad[o:o + n].view(p.shape)
+                p.data = group.flat[o:o + n].view(p.shape)
+                p.grad = group.grad[o:o + n].view(p.shape)
         flags = group.has_grad
         for i, p in enumerate(ps):
             group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
-        group.backend = "triton" if use_triton(flat) else "cpp"
-        if group.backend == "triton":
-            from .kernels import update as triton_update
-
-            group.engine = triton_update.TritonArenaGroup(
-                flat, grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap, offsets, sizes, flags
-            )
-        else:
-            native = _native.require_native()
-            group.engine = native.ArenaGroup(
-                flat, grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap, offsets, sizes, flags
-            )
+        if reused is not None:
+            return
+        group.backend = "triton" if use_triton(group.flat) else "cpp"
+        engine_cls = (_triton_group() if group.backend == "triton" else _native.require_native().ArenaGroup)
+        group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap,
+                                  offsets, sizes, flags)
+        if cache is not None:
+            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[])
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -157,7 +163,7 @@ class ParamArena:
                         orig.copy_(p.data)
                         p.data = orig
                     p.grad = None
-                g.engine = None
+                g.engine = None  # a session's cache keeps its own reference
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -168,6 +174,27 @@ class ParamArena:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _triton_group():
+    """The Triton engine's group class (imported only when a group needs it)."""
+    from .kernels import update as triton_update
+
+    return triton_update.TritonArenaGroup
+
+
+@contextlib.contextmanager
+def reuse_buffers(cache: dict) -> Iterator[None]:
+    """Within the block, an arena with the layout of an earlier one in ``cache`` reuses its flat
+    buffers and engine (refilled from the parameters, fresh Adam state) instead of allocating.
+
+    For callers that adapt the same model over and over, e.g. ``--ttt-reset sample``.
+    """
+    token = _BUFFER_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _BUFFER_CACHE.reset(token)
 
 
 def _flag_setter(flags: bytearray, index: int):

@@ -20,7 +20,7 @@ from yolozu.tta.method_profiles import get_ttt_method_profile
 
 from . import _native, guards
 from .ops import use_triton
-from .arena import ParamArena
+from .arena import ParamArena, reuse_buffers
 
 # Captured at import: the fallback must reach YOLOZU's own implementation even where a caller has
 # pointed ``yolozu.tta.integration.run_ttt`` at this backend.
@@ -207,3 +207,21 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
         abstention_ratio=float(ctx.abstained_steps) / float(max(1, len(ctx.step_metrics))),
         memory=_ref._memory_finish(memory_start),
     )
+
+
+class TTTSession:
+    """``run_ttt`` over and over on one adapter and config, reusing the arena's buffers and engine."""
+
+    def __init__(self, adapter: Any, config: TTTConfig):
+        self.adapter, self.config = adapter, config
+        self.cache: dict = {}
+
+    def run(self, records: list[dict[str, Any]]) -> TTTReport:
+        """One ``run_ttt`` from the model's current values with fresh optimizer state."""
+        with reuse_buffers(self.cache):
+            return run_ttt(self.adapter, records, config=self.config)
+
+
+def prepare_session(adapter: Any, config: TTTConfig) -> TTTSession:
+    """A session for repeated adaptation of the same model (``--ttt-reset sample``)."""
+    return TTTSession(adapter, config)
