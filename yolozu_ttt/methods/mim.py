@@ -1,0 +1,155 @@
+"""TTT-MIM on the fused engine: masked-patch reconstruction of the selected parameters.
+
+Plain models reconstruct the masked input (fused patch-grid ops; the full-resolution mask is
+never built); models with ``enable_mim`` take YOLOZU's structured branch (feature-level
+reconstruction against the geometry teacher, plus 0.1 x the model's entropy term).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from yolozu.tta import integration as _ref
+from yolozu.tta import ttt_mim as _mim
+
+from .. import guards, ops
+from ..arena import ParamArena
+from ..engine import UpdateEngine
+from ..run import BufferSnapshot, RunContext
+from .tent import backward
+
+try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
+    from rtdetr_pose.losses import mim_reconstruction_loss as structured_loss
+except ImportError:  # pragma: no cover
+    structured_loss = _mim.reconstruction_loss
+
+ENTROPY_WEIGHT = 0.1
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def draw_grid(x: torch.Tensor, patch_size: int, mask_prob: float, generator: torch.Generator | None):
+    """The reference's patch grid (same generator call); a seeded draw off the CPU runs on the CPU."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if height <= 0 or width <= 0:
+        raise ValueError("height/width must be positive")
+    if patch_size <= 0:
+        raise ValueError("patch_size must be positive")
+    shape = (max(1, int((height + patch_size - 1) / patch_size)), max(1, int((width + patch_size - 1) / patch_size)))
+    if generator is not None and x.device != generator.device:
+        return (torch.rand(shape, generator=generator, device=generator.device) < float(mask_prob)).to(x.device)
+    return torch.rand(shape, generator=generator, device=x.device) < float(mask_prob)
+
+
+def mask_ratio(grid: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Mean of the cropped full-resolution mask (fp32, as the reference's), counted from the grid."""
+    count = ops.mask_count(grid, (1, 1, height, width), patch_size)
+    return count.to(torch.float32) / float(height * width)
+
+
+def full_mask(grid: torch.Tensor, x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The full-resolution mask ``generate_block_mask`` would have returned for ``grid``."""
+    return ops.expand_patch_mask(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
+
+
+def fast_input(x: Any) -> bool:
+    """Whether the fused patch ops take ``x`` (a float BCHW/CHW tensor)."""
+    return isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.dtype in FAST_DTYPES
+
+
+def mask_input(x: Any, grid: torch.Tensor, patch_size: int, mask_value: float) -> torch.Tensor:
+    """``apply_mask(x, mask)`` on the grid; other inputs take the reference (and its errors)."""
+    if fast_input(x):
+        return ops.apply_patch_mask(x, grid, patch_size=patch_size, mask_value=mask_value)
+    return _mim.apply_mask(x, full_mask(grid, x, patch_size), mask_value=mask_value)
+
+
+def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``reconstruction_loss(pred, x, mask=mask)`` on the grid when shapes, dtypes and devices agree."""
+    if (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
+            and pred.device == x.device):
+        return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size)
+    return _mim.reconstruction_loss(pred, x, mask=full_mask(grid, x, patch_size))
+
+
+def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float):
+    """Masked forward and loss of ``ttt_mim_step``; returns ``(loss, None, None, mask_ratio)``."""
+    output = model(mask_input(x, grid, patch_size, mask_value))
+    loss = recon_loss(_mim._default_recon_fn(output), x, grid, patch_size)
+    return loss, None, None, mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
+
+
+def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float):
+    """Forward and loss of ``ttt_structured_mim_step``; returns ``(loss, loss_mim, entropy, ratio)``."""
+    mask = full_mask(grid, x, patch_size)
+    output = model(x, geom_input=_mim._default_geom_input(x), feature_mask=mask, return_mim=True)
+    if not isinstance(output, dict):
+        raise RuntimeError("structured MIM expects model output dict")
+    mim = output.get("mim")
+    if not isinstance(mim, dict):
+        raise RuntimeError("structured MIM expected output['mim']")
+    recon_feat, teacher_feat = mim.get("recon_feat"), mim.get("teacher_feat")
+    if recon_feat is None or teacher_feat is None:
+        raise RuntimeError("structured MIM expected recon_feat and teacher_feat")
+    mask_out = mim.get("mask")
+    loss_mim = structured_loss(recon_feat, teacher_feat, mask=mask_out)
+    entropy = mim.get("entropy")
+    loss = loss_mim
+    if entropy is not None:
+        entropy = entropy.to(dtype=loss_mim.dtype)
+        loss = loss + (ENTROPY_WEIGHT * entropy)
+    if mask_out is not None:
+        ratio = mask_out.to(dtype=torch.float32).mean()
+    else:
+        ratio = mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
+    return loss, loss_mim, entropy, ratio
+
+
+def run(ctx: RunContext) -> None:
+    """MIM steps with YOLOZU's metrics, guards and rollback (the model's train/eval mode is left as is)."""
+    config, model = ctx.config, ctx.model
+    params = _mim.select_parameters(model, update_filter=str(config.update_filter), include=config.include,
+                                    exclude=config.exclude)
+    if not params:
+        raise RuntimeError("no parameters selected for TTT")
+    lr = float(config.lr)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")  # torch.optim.Adam's check
+    ctx.updated_param_count = _ref._count_unique_params(params)
+    patch_size, mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)
+    mask_value = float(config.mim_mask_value)
+    snapshot = guards.needs_snapshot(config)
+    with ParamArena(model, params, snapshot=snapshot) as arena:
+        engine = UpdateEngine(arena, lr=lr, max_grad_norm=config.max_grad_norm)
+        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
+        for step_idx in range(ctx.steps):
+            x = ctx.batches[step_idx % len(ctx.batches)]
+            if buffers is not None:
+                buffers.save()
+            forward = structured_forward if _mim.supports_structured_mim(model) else plain_forward
+            grid = draw_grid(x, patch_size, mask_prob, ctx.generator)
+            loss, loss_mim, entropy, ratio = forward(model, x, grid, patch_size, mask_value)
+            arena.zero_grad()
+            backward(loss, arena)
+            extra = [t for t in (loss, ratio, loss_mim, entropy) if t is not None]
+            stats, values = engine.step(write_snapshot=snapshot, extra=extra)
+            loss_value, ratio_value = values[0], values[1]
+            mim_value = values[2] if loss_mim is not None else None
+            entropy_value = values[3] if entropy is not None else None
+            ctx.forward_calls += 1
+            ctx.backward_calls += 1
+            ctx.optimizer_steps += 1
+            entry: dict[str, Any] = {
+                "step": int(step_idx),
+                "loss": float(loss_value),
+                "mask_ratio": float(ratio_value),
+                "grad_norm": float(stats["grad_norm"]),
+                "grad_norm_clipped": float(stats["grad_norm_clipped"]),
+                "mim_loss": mim_value,
+                "entropy_loss": entropy_value,
+                "update_norm": float(stats["update_norm"]),
+                "total_update_norm": float(stats["total_update_norm"]),
+                "rolled_back": False,
+            }
+            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers):
+                break
+            ctx.mask_ratios.append(float(ratio_value))
