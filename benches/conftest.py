@@ -30,10 +30,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if session is None or not getattr(session, "benchmarks", None):
         return
     groups: dict[str, dict[str, float]] = {}
+    peaks: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
         provider = bench.extra_info.get("provider") or (bench.params or {}).get("provider")
         if provider and bench.stats is not None:
             groups.setdefault(bench.group or bench.name, {})[provider] = bench.stats.mean
+            if "peak_rss_growth_mib" in bench.extra_info:
+                peaks.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info["peak_rss_growth_mib"]
     rows = [(g, v) for g, v in sorted(groups.items()) if {"reference", "fast"} <= v.keys()]
     if not rows:
         return
@@ -42,6 +45,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         line = f"{group:<56} reference {v['reference'] * 1e3:10.2f} ms  fast {v['fast'] * 1e3:10.2f} ms  speed-up {v['reference'] / v['fast']:6.2f}x"
         if "floor" in v:
             line += f"  (floor {v['floor'] * 1e3:.2f} ms: reference/floor {v['reference'] / v['floor']:.2f}x, fast/floor {v['fast'] / v['floor']:.2f}x)"
+        if group in peaks:
+            line += "  peak RSS growth MiB " + ", ".join(f"{k} {v}" for k, v in sorted(peaks[group].items()))
         terminalreporter.write_line(line)
 
 

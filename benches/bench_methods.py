@@ -1,0 +1,156 @@
+"""End-to-end run_ttt per method on the builtin RT-DETR (CPU): reference vs fast vs floor.
+
+mim (structured branch: the builtin RT-DETR built with enable_mim=True), cotta, eata and sar,
+update_filter norm_only and all, 2 steps on one 1x3x256x256 batch. ``floor`` runs the same
+forwards/backwards each method needs with only the selected parameters trainable and nothing
+else: the part no engine can remove. ``extra_info`` holds the peak RSS growth during the run.
+
+    python -m pytest benches/bench_methods.py --benchmark-only
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+import time
+
+import pytest
+import torch
+from yolozu.tta import ttt_mim
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import _entropy_loss_from_logits, _forward_cotta_augs
+from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+import yolozu_ttt
+
+STEPS = 2
+BATCH = (1, 3, 256, 256)
+METHODS = ["eata", "sar", "cotta", "mim"]
+
+
+class FixedAdapter:
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
+
+    def get_model(self):
+        return self.model
+
+    def build_loader(self, records, *, batch_size=1):
+        yield self.batch
+
+
+class PeakRSS:
+    """Samples the process RSS every few ms; ``growth`` is the peak minus the start."""
+
+    def __init__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+@pytest.fixture(scope="module")
+def models():
+    from rtdetr_pose.config import load_config
+    from rtdetr_pose.factory import build_model
+
+    cfg = load_config("builtin:base")
+    out = {}
+    for mim in (False, True):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(cfg.model, enable_mim=mim))
+        model.eval()
+        out[mim] = (model, copy.deepcopy(model.state_dict()))
+    return out, torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
+
+
+def _frozen_except(model, update_filter):
+    selected = {id(p) for p in ttt_mim.select_parameters(model, update_filter=update_filter)}
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in selected)
+    return flags
+
+
+def floor_run(method, model, x, update_filter):
+    """The forwards/backwards ``method`` needs, selected parameters trainable, nothing else."""
+    flags = _frozen_except(model, update_filter)
+    teacher = copy.deepcopy(model).eval() if method == "cotta" else None
+    try:
+        for _ in range(STEPS):
+            for p in model.parameters():
+                p.grad = None
+            if method == "mim":
+                mask = ttt_mim.generate_block_mask(x.shape[-2], x.shape[-1], patch_size=16, mask_prob=0.6)
+                out = model(x, geom_input=ttt_mim._default_geom_input(x), feature_mask=mask, return_mim=True)
+                mim = out["mim"]
+                (ttt_mim.reconstruction_loss(mim["recon_feat"], mim["teacher_feat"]) + 0.1 * mim["entropy"]).backward()
+                continue
+            passes = 2 if method == "sar" else 1
+            for _ in range(passes):
+                if method == "cotta":
+                    logits, _ = _forward_cotta_augs(model, x, augmentations=("identity", "hflip"),
+                                                    aggregation="confidence_weighted_mean")
+                else:
+                    logits = model(x)["logits"]
+                _entropy_loss_from_logits(logits).backward()
+            if teacher is not None:
+                with torch.no_grad():
+                    _forward_cotta_augs(teacher, x, augmentations=("identity", "hflip"),
+                                        aggregation="confidence_weighted_mean")
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+            p.grad = None
+
+
+@pytest.mark.parametrize("update_filter", ["norm_only", "all"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("provider", ["reference", "fast", "floor"])
+def test_run_ttt_method(benchmark, models, provider, method, update_filter):
+    by_mim, x = models
+    model, state = by_mim[method == "mim"]
+    config = TTTConfig(enabled=True, method=method, steps=STEPS, update_filter=update_filter, lr=1e-4, seed=0,
+                       cotta_restore_prob=0.01, eata_entropy_max=10.0, eata_conf_min=0.0)
+    run = {"reference": reference_run_ttt, "fast": yolozu_ttt.run_ttt}.get(provider)
+    peaks = []
+
+    def setup():
+        model.load_state_dict(state)
+        model.eval()
+
+    def once():
+        with PeakRSS() as rss:
+            if run is None:
+                floor_run(method, model, x, update_filter)
+            else:
+                run(FixedAdapter(model, x), [], config=config)
+        peaks.append(rss.growth)
+
+    benchmark.group = f"run_ttt {method}/{update_filter} ({STEPS} steps, {'x'.join(map(str, BATCH))})"
+    benchmark.extra_info.update({"provider": provider, "method": method, "update_filter": update_filter})
+    benchmark.pedantic(once, setup=setup, rounds=2, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["peak_rss_growth_mib"] = round(max(peaks) / 2**20, 1)
