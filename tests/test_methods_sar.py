@@ -1,0 +1,211 @@
+"""SAR on the fused engine against YOLOZU's run_ttt: ascent/descent passes, clipping, guards, rollback, errors."""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+
+import pytest
+import torch
+from conftest import ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+import yolozu_ttt
+
+
+def sar(**kw) -> TTTConfig:
+    base = dict(enabled=True, method="sar", steps=3, max_batches=2, lr=1e-2)
+    base.update(kw)
+    return TTTConfig(**base)
+
+
+def check(model, batches, cfg):
+    """Run both backends; the reports and the models must match. Returns (ref report, fast report, fast model)."""
+    ref_model, ref, fast_model, fast = run_both(model, batches, cfg)
+    assert_reports_match(ref, fast)
+    assert_models_match(ref_model, fast_model)
+    return ref, fast, fast_model
+
+
+def between(lo: float, hi: float) -> float:
+    assert lo < hi
+    return (lo + hi) / 2
+
+
+def first_rise(values: list[float]) -> tuple[float, int]:
+    """A limit that ``values[k] > limit`` trips first at some k >= 1 (for guards of the form v > limit)."""
+    for k in range(1, len(values)):
+        if values[k] > max(values[:k]):
+            return between(max(values[:k]), values[k]), k
+    raise AssertionError(f"no rise in {values}")
+
+
+def blank_frames():
+    """Eval-mode model; frames alternate with a blank one (the highest entropy), so the loss rises mid-run."""
+    model, (b,) = make_model().eval(), make_batches(1)
+    return model, [b, torch.zeros_like(b)]
+
+
+@functools.lru_cache(maxsize=None)
+def free_run(**cfg):
+    """The reference's report without guards (checked against the fast backend once)."""
+    model, batches = blank_frames()
+    return check(model, batches, sar(**cfg))[0]
+
+
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_sar_filters_match_reference(update_filter, train_mode):
+    model = make_model()
+    model.train(train_mode)
+    _, fast, _ = check(model, make_batches(), sar(update_filter=update_filter))
+    assert fast.steps_run == fast.optimizer_steps == 3
+    assert fast.forward_calls == fast.backward_calls == 6
+    for e in fast.step_metrics:
+        assert e["sar_rho_applied"] == e["sar_rho"] and e["loss_second"] != e["loss_first"]
+
+
+OPTIONS = {
+    "adaptive": dict(sar_adaptive=True),
+    "adaptive_norm_only": dict(sar_adaptive=True, update_filter="norm_only", sar_rho=0.5, steps=4),
+    "rho_0": dict(sar_rho=0.0),
+    "rho_negative": dict(sar_rho=-1.0),
+    "first_step_scale_0": dict(sar_first_step_scale=0.0),
+    "first_step_scale_3": dict(sar_first_step_scale=3.0, sar_rho=0.2),
+    "clip": dict(max_grad_norm=0.05),
+    "clip_adaptive": dict(max_grad_norm=0.05, sar_adaptive=True),
+    "clip_adaptive_norm_only": dict(max_grad_norm=0.01, sar_adaptive=True, update_filter="norm_only", steps=4),
+    "include_lora": dict(include=["lora"]),
+    "include_exclude": dict(include=["bn", "gn"], exclude=["bias"]),
+    "one_batch": dict(steps=5, max_batches=1),
+    "no_finite_guard": dict(stop_on_non_finite=False),
+}
+
+
+@pytest.mark.parametrize("kw", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_sar_options_match_reference(kw):
+    _, fast, _ = check(make_model(), make_batches(3), sar(**kw))
+    applied = max(0.0, fast.step_metrics[0]["sar_rho"]) * max(0.0, fast.step_metrics[0]["sar_first_step_scale"])
+    for e in fast.step_metrics:
+        assert e["sar_rho_applied"] == applied
+        if not applied:
+            assert e["loss_second"] == e["loss_first"]  # no ascent step: the same point twice
+
+
+@pytest.mark.parametrize("guard,rollback", [
+    ("max_total_update_norm", True), ("max_total_update_norm", False), ("max_update_norm", True),
+    ("max_loss_increase", True), ("max_loss_ratio", False),
+])
+def test_guard_stops_mid_run(guard, rollback):
+    model, batches = blank_frames()
+    cfg = dict(steps=5, lr=1e-3)
+    steps = free_run(**cfg).step_metrics
+    if guard == "max_total_update_norm":
+        limit, k = first_rise([e["total_update_norm"] for e in steps])
+    elif guard == "max_update_norm":  # Adam's first step is its largest: trips at step 0
+        limit, k = between(max(e["update_norm"] for e in steps[1:]), steps[0]["update_norm"]), 0
+    elif guard == "max_loss_increase":
+        limit, k = first_rise([e["loss"] - steps[0]["loss"] for e in steps])
+    else:
+        limit, k = first_rise([e["loss"] / steps[0]["loss"] for e in steps])
+    _, fast, _ = check(model, batches, sar(**cfg, **{guard: limit}, rollback_on_stop=rollback))
+    assert fast.stop_reason == f"{guard}_exceeded" and fast.steps_run == k
+    assert fast.step_metrics[-1]["rolled_back"] is rollback
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_rollback_restores_the_state_after_the_last_good_step_bit_exactly(train_mode):
+    model, batches = make_model().train(train_mode), make_batches()
+    _, free, _ = check(model, batches, sar(steps=4, sar_adaptive=True))
+    limit, k = first_rise([e["total_update_norm"] for e in free.step_metrics])
+    _, fast, fast_model = check(model, batches, sar(steps=4, sar_adaptive=True, max_total_update_norm=limit))
+    assert fast.steps_run == k
+    _, _, good = check(model, batches, sar(steps=k, sar_adaptive=True))
+    for (name, a), b in zip(good.state_dict().items(), fast_model.state_dict().values()):
+        assert torch.equal(a, b), name  # params and BN buffers
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.1])
+def test_nan_batch_stops_with_non_finite_metrics_and_rolls_back_bit_exactly(max_grad_norm):
+    """A NaN first-pass gradient: the reference still takes the (NaN) ascent step and reports rho applied."""
+    model, batches = make_model(), make_batches(2)
+    batches[1] = torch.full_like(batches[1], float("nan"))
+    _, fast, fast_model = check(model, batches, sar(steps=3, max_grad_norm=max_grad_norm))
+    assert fast.stop_reason == "non_finite_metrics" and fast.steps_run == 1
+    assert fast.step_metrics[-1]["sar_rho_applied"] == fast.step_metrics[-1]["sar_rho"]
+    _, _, one_step = check(model, batches[:1], sar(steps=1, max_batches=1, max_grad_norm=max_grad_norm))
+    for (name, a), b in zip(one_step.state_dict().items(), fast_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_batch_without_the_guard_poisons_like_the_reference():
+    batches = make_batches(2)
+    batches[1] = torch.full_like(batches[1], float("nan"))
+    _, fast, fast_model = check(make_model(), batches, sar(steps=3, stop_on_non_finite=False))
+    assert fast.steps_run == 3 and torch.isnan(fast_model.gn.weight).all()
+
+
+@pytest.mark.parametrize("model,batches,cfg", [
+    (make_model(), [{"image": torch.zeros(1, 3, 8, 8)}], sar(max_batches=1)),
+    (make_model(), [[torch.zeros(1, 3, 8, 8)]], sar(max_batches=1)),
+    (make_model(), make_batches(), sar(include=["no_such_param"])),
+    (make_model(), make_batches(), sar(lr=-1.0)),
+    (make_model(), make_batches(), sar(update_filter="weird")),
+])
+def test_bad_input_raises_like_the_reference(model, batches, cfg):
+    with pytest.raises(Exception) as ref_exc:
+        reference_run_ttt(ListAdapter(copy.deepcopy(model), batches), [], config=cfg)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(type(ref_exc.value)) as fast_exc:
+        yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)
+    assert str(fast_exc.value) == str(ref_exc.value)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_bfloat16_parameters_run_and_track_the_reference():
+    model = make_model().to(torch.bfloat16)
+    batches = [b.to(torch.bfloat16) for b in make_batches()]
+    ref_model, ref, fast_model, fast = run_both(model, batches, sar(update_filter="norm_only", lr=1e-3))
+    assert fast.steps_run == ref.steps_run == 3
+    assert fast.losses[0] == pytest.approx(ref.losses[0], rel=1e-2)
+    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_build_info_lists_sar():
+    assert "sar" in yolozu_ttt.build_info()["accelerated_methods"]
+
+
+# The interpreter run: each kernel path SAR takes (grad stats, clip, ascent, NaN ascent, update, rollback).
+TRITON_SUBSET = (
+    "test_sar_options_match_reference[clip_adaptive]",
+    "test_sar_options_match_reference[rho_0]",
+    "test_nan_batch_stops_with_non_finite_metrics_and_rolls_back_bit_exactly[0.1]",
+    "test_triton_backend_is_the_one_running",
+)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+def test_sar_parity_through_the_triton_path():
+    """The GPU code path (Triton entropy, grad-stats, perturb and update kernels), in the interpreter on CPU."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    cmd += [f"{__file__}::{name}" for name in TRITON_SUBSET]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the interpreter subprocess")
+def test_triton_backend_is_the_one_running():
+    from yolozu_ttt.arena import ParamArena
+    from yolozu_ttt.methods.eata import kernels
+
+    model = make_model()
+    with ParamArena(model, [model.bn.weight]) as arena:
+        assert arena.groups[0].backend == "triton" and kernels(arena).__name__.endswith("kernels.update")
