@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import FixedAdapter
 from yolozu.tta import ttt_mim
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _entropy_loss_from_logits, _forward_cotta_augs
@@ -27,17 +28,6 @@ import yolozu_ttt
 STEPS = 2
 BATCH = (1, 3, 256, 256)
 METHODS = ["eata", "sar", "cotta", "mim"]
-
-
-class FixedAdapter:
-    def __init__(self, model, batch):
-        self.model, self.batch = model, batch
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size=1):
-        yield self.batch
 
 
 class PeakRSS:

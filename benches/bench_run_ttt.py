@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from conftest import FixedAdapter
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _entropy_loss_from_logits
 from yolozu.tta.integration import run_ttt as reference_run_ttt
@@ -21,19 +22,6 @@ import yolozu_ttt
 
 STEPS = 3
 BATCH = (2, 3, 320, 320)
-
-
-class FixedAdapter:
-    """YOLOZU's adapter contract over one fixed batch."""
-
-    def __init__(self, model, batch):
-        self.model, self.batch = model, batch
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size=1):
-        yield self.batch
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,19 @@ def rtdetr_param_sizes(update_filter: str = "all") -> tuple[int, ...]:
     return tuple(int(p.numel()) for p in select_parameters(model, update_filter=update_filter))
 
 
+class FixedAdapter:
+    """YOLOZU's adapter contract over one fixed batch."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
+
+    def get_model(self):
+        return self.model
+
+    def build_loader(self, records, *, batch_size=1):
+        yield self.batch
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

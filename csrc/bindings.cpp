@@ -38,23 +38,14 @@ float clip_coefficient(double grad_sumsq, double max_grad_norm) {
   return coef < 1.0f || std::isnan(coef) ? coef : 1.0f;
 }
 
-uint32_t mix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
 // The CoTTA restore key of one (seed, step counter, group): element j of the group restores
 // when fmix32(j ^ key) >> 8 < prob * 2^24 (the Triton kernel uses the same key and hash).
 uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group) {
-  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
-  h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
-  h = mix32(h ^ static_cast<uint32_t>(counter) * 0x632be5abu);
-  h = mix32(h ^ static_cast<uint32_t>(counter >> 32));
-  return mix32(h ^ (static_cast<uint32_t>(group) + 1u) * 0x85157af5u);
+  uint32_t h = yttt::fmix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
+  h = yttt::fmix32(h ^ static_cast<uint32_t>(seed >> 32));
+  h = yttt::fmix32(h ^ static_cast<uint32_t>(counter) * 0x632be5abu);
+  h = yttt::fmix32(h ^ static_cast<uint32_t>(counter >> 32));
+  return yttt::fmix32(h ^ (static_cast<uint32_t>(group) + 1u) * 0x85157af5u);
 }
 
 py::dict fused_step(const py::list& groups, double lr, double beta1, double beta2, double eps,

@@ -279,15 +279,6 @@ struct Ptrs {
 };
 
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
 inline float uniform01(int64_t index, uint32_t key) {
   return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> 8) * (1.0f / 16777216.0f);
 }

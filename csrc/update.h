@@ -17,6 +17,16 @@ namespace yttt {
 
 namespace py = pybind11;
 
+// murmur3's 32-bit finaliser: the mixing function of the counter-based restore RNG.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
 enum class DType : int { F32 = 0, BF16 = 2, F16 = 3 };
 
 // A view of a contiguous torch tensor that keeps the tensor alive.
