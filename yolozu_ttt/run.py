@@ -77,11 +77,16 @@ class RunContext:
     initial_loss: float | None = None
 
     def finish_step(self, entry: dict[str, Any], loss: float, *, arena: ParamArena, buffers: BufferSnapshot | None,
-                    params_changed: bool = True) -> bool:
-        """Apply the shared guard policy to a finished step; True when the run must stop."""
+                    params_changed: bool = True, method_stop: str | None = None) -> bool:
+        """Apply the shared guard policy to a finished step; True when the run must stop.
+
+        ``method_stop`` is a stop the method itself decided (e.g. EATA's selected ratio); the
+        guards take precedence over it, as in the reference.
+        """
         if self.initial_loss is None:
             self.initial_loss = loss
         reason, bad = guards.stop_reason(self.config, entry, loss, self.initial_loss)
+        reason = reason or method_stop
         if reason is None:
             self.losses.append(float(loss))
             self.step_metrics.append(entry)
@@ -98,7 +103,6 @@ class RunContext:
         return True
 
 
-@functools.lru_cache(maxsize=None)
 def _accelerated() -> dict[str, Callable[[RunContext], None]]:
     """Method name -> ``run(ctx)`` for every YOLOZU method with a module in ``yolozu_ttt.methods``."""
     runners = {}

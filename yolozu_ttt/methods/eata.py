@@ -92,23 +92,6 @@ def mark_all_grads(arena: ParamArena) -> None:
         g.has_grad[:] = b"\x01" * len(g.has_grad)
 
 
-def finish(ctx: RunContext, entry: dict[str, Any], loss: float, ratio_low: bool, *, arena: ParamArena,
-           buffers: BufferSnapshot | None) -> bool:
-    """The shared guard policy; a selected ratio below the minimum stops the run when no guard trips first."""
-    initial = loss if ctx.initial_loss is None else ctx.initial_loss
-    if not ratio_low or guards.stop_reason(ctx.config, entry, loss, initial)[0] is not None:
-        return ctx.finish_step(entry, loss, arena=arena, buffers=buffers)
-    ctx.initial_loss = initial
-    ctx.stopped_early, ctx.stop_reason = True, RATIO_STOP
-    guards.mark_stop(entry, RATIO_STOP, [], ctx.config, ctx.warnings)
-    if bool(ctx.config.rollback_on_stop):
-        arena.restore_snapshot()
-        if buffers is not None:
-            buffers.restore()
-    ctx.step_metrics.append(entry)
-    return True
-
-
 def skip(ctx: RunContext, entry: dict[str, Any], streak: int, total_update_norm: float) -> bool:
     """Record a step with nothing selected; True when the skip streak ends the run."""
     entry.update({
@@ -183,5 +166,6 @@ def run(ctx: RunContext) -> None:
                 "grad_norm_clipped": float(stats["grad_norm"]) if config.max_grad_norm is not None else None,
                 "update_norm": float(stats["update_norm"]), "total_update_norm": float(total_update_norm),
             })
-            if finish(ctx, entry, float(loss_value), ratio < ratio_min, arena=arena, buffers=buffers):
+            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers,
+                               method_stop=RATIO_STOP if ratio < ratio_min else None):
                 break
