@@ -16,6 +16,11 @@ pass. Reductions are deterministic: each program writes its partial sums (fp32 b
 stored as fp64) to its own slot of a workspace, and one single-program kernel sums the slots in
 a fixed order; no float atomics anywhere, so two runs give bit-identical results.
 
+CoTTA rides on the Adam pass: with a teacher bound (``set_teacher``) the EMA
+``t <- t*m + (1-m)*p_new`` and the stochastic restore ``p <- base`` (counter-based draws keyed by
+``restore_key(seed, counter, group)``, the same hash and key as ``_C``) happen in the same pass, and
+the norms are those of the final parameters.
+
 Blocks never straddle segments (the block table maps block -> segment, start, end), so the
 per-segment scalars (Adam bias corrections, has_grad, anchor coefficient) are loaded once per
 program. Adam step counts live on the host (they depend only on the host-side ``has_grad``); the
@@ -32,11 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef")
+STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
+             "restored")
 SAR_KEYS = ("norm", "applied")
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_N_PART = 5  # partial-sum rows: 0 ||g||^2, 1 ||g*coef||^2, 2 ||dp||^2, 3 ||p-base||^2, 4 anchor
+_N_PART = 6  # partial-sum rows: 0 ||g||^2, 1 ||g*coef||^2, 2 ||dp||^2, 3 ||p-base||^2, 4 anchor, 5 restored
 _SEG_COLS = 4  # per-step segment table: -lr/bc1, sqrt(bc2), 2*lambda/numel, has_grad
 _RBLOCK = 1024  # finalize kernels: slots summed per iteration
 
@@ -59,6 +65,25 @@ def _to_storage(x, DTYPE: tl.constexpr):
         return rounded.to(tl.bfloat16)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _fmix32(h):
+    """murmur3's 32-bit finalizer on uint32; the multiplies wrap on purpose (as in tl.randint's Philox)."""
+    M1: tl.constexpr = 0x85EBCA6B
+    M2: tl.constexpr = 0xC2B2AE35
+    h = h ^ (h >> 16)
+    h = tl.mul(h, M1, sanitize_overflow=False)
+    h = h ^ (h >> 13)
+    h = tl.mul(h, M2, sanitize_overflow=False)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _uniform01(offs, key):
+    """CoTTA restore draw of element ``offs``: ``(fmix32(offs ^ key) >> 8) * 2^-24`` in [0, 1) (as _C)."""
+    h = _fmix32(offs.to(tl.uint32) ^ key)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
 @triton.jit
@@ -132,7 +157,7 @@ def _clip_coef_kernel(part_ptr, part_stride, n_slots, stats_ptr, max_norm, RBLOC
     tl.store(stats_ptr + 5, coef)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["restore_key"])
 def _adam_kernel(
     p_ptr,
     g_ptr,
@@ -140,6 +165,7 @@ def _adam_kernel(
     v_ptr,
     base_ptr,
     snap_ptr,
+    teacher_ptr,
     blocks_ptr,
     seg_ptr,
     stats_ptr,
@@ -150,12 +176,19 @@ def _adam_kernel(
     beta2,
     one_minus_beta2,
     eps,
+    ema_m,
+    ema_w,
+    restore_q,
+    restore_key,
     HAS_CLIP: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
     WRITE_SNAPSHOT: tl.constexpr,
+    HAS_EMA: tl.constexpr,
+    HAS_RESTORE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math)."""
+    """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math), then the
+    CoTTA teacher EMA and stochastic restore when asked."""
     pid = tl.program_id(0).to(tl.int64)
     seg = tl.load(blocks_ptr + pid * 4)
     start = tl.load(blocks_ptr + pid * 4 + 1)
@@ -175,7 +208,8 @@ def _adam_kernel(
     if WRITE_SNAPSHOT:
         tl.store(snap_ptr + offs, p_raw, mask=mask)
     p_old = p_raw.to(tl.float32)
-    base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    base_raw = tl.load(base_ptr + offs, mask=mask, other=0.0)
+    base = base_raw.to(tl.float32)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
     # 1. EATA anchor gradient: g <- g + 2*lambda*(p-base)/n ; anchor = sum_i mean((p_i-base_i)^2)
@@ -206,10 +240,24 @@ def _adam_kernel(
     p_new_s = _to_storage(p_old + tl.div_rn(neg_step_size * m, denom), p_ptr.dtype.element_ty)
     tl.store(m_ptr + offs, m, mask=gmask)
     tl.store(v_ptr + offs, v, mask=gmask)
-    tl.store(p_ptr + offs, p_new_s, mask=gmask)
-
-    # 6. ||p_new - p_old||^2 and ||p_new - base||^2 (the stored, rounded p_new)
     p_new = tl.where(gmask, p_new_s.to(tl.float32), p_old)
+
+    # 6. CoTTA teacher EMA on the updated student: t <- t*m + (1-m)*p_new (every segment)
+    if HAS_EMA:
+        t = tl.load(teacher_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(teacher_ptr + offs, _to_storage(t * ema_m + ema_w * p_new, teacher_ptr.dtype.element_ty), mask=mask)
+
+    # 7. CoTTA stochastic restore: p <- base where u(j) < q (every segment, counter-based RNG)
+    if HAS_RESTORE:
+        hit = (_uniform01(offs, restore_key.to(tl.uint32, bitcast=True)) < restore_q) & mask
+        tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
+        p_new = tl.where(hit, base, p_new)
+        tl.store(part_ptr + 5 * part_stride + part_base + pid, tl.sum(hit.to(tl.float32), axis=0).to(tl.float64))
+    else:
+        tl.store(p_ptr + offs, p_new_s, mask=gmask)
+        tl.store(part_ptr + 5 * part_stride + part_base + pid, 0.0)
+
+    # 8. ||p_new - p_old||^2 and ||p_new - base||^2 (the stored, rounded, final p_new)
     du = p_new - p_old
     dt = p_new - base
     tl.store(part_ptr + 2 * part_stride + part_base + pid, tl.sum(du * du, axis=0).to(tl.float64))
@@ -222,6 +270,7 @@ def _step_stats_kernel(part_ptr, part_stride, n_slots, stats_ptr, HAS_CLIP: tl.c
     tl.store(stats_ptr + 1, _f32_norm(_sum_slots(part_ptr + part_stride, n_slots, RBLOCK)))
     tl.store(stats_ptr + 2, _f32_norm(_sum_slots(part_ptr + 2 * part_stride, n_slots, RBLOCK)))
     tl.store(stats_ptr + 3, _f32_norm(_sum_slots(part_ptr + 3 * part_stride, n_slots, RBLOCK)))
+    tl.store(stats_ptr + 6, _sum_slots(part_ptr + 5 * part_stride, n_slots, RBLOCK).to(tl.float32))
     if not HAS_CLIP:
         tl.store(stats_ptr + 0, _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK)))
         tl.store(stats_ptr + 4, _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK).to(tl.float32))
@@ -388,6 +437,13 @@ class TritonArenaGroup:
         self._blocks = torch.tensor(blocks or [0, 0, 0, 1], dtype=torch.int64).to(dev)
         self._anchor_scale = [2.0 / s if s else 0.0 for s in self.sizes]
         self._steps = [0] * len(self.sizes)
+        self.teacher: torch.Tensor | None = None
+
+    def set_teacher(self, teacher: torch.Tensor | None) -> None:
+        """Bind (or with None, unbind) the CoTTA teacher buffer: same size, dtype and device as param."""
+        if teacher is not None:
+            _check_tensor(teacher, "teacher", self.param.numel(), self.param.device, (self.param.dtype,))
+        self.teacher = teacher
 
     # ---- mirrors of _C.ArenaGroup ---------------------------------------------------------
     @property
@@ -475,9 +531,34 @@ def _slots(gs: list[TritonArenaGroup]) -> tuple[list[int], int]:
     return bases, total
 
 
+def _mix32(h: int) -> int:
+    """murmur3's fmix32 on a Python int (mod 2^32)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def restore_key(seed: int, counter: int, group: int) -> int:
+    """The 32-bit restore key of one (seed, step counter, group); bit-identical to ``_C.restore_key``."""
+    seed, counter, group = (int(v) & 0xFFFFFFFFFFFFFFFF for v in (seed, counter, group))
+    h = _mix32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    h = _mix32(h ^ (seed >> 32))
+    h = _mix32(h ^ ((counter * 0x632BE5AB) & 0xFFFFFFFF))
+    h = _mix32(h ^ ((counter >> 32) & 0xFFFFFFFF))
+    return _mix32(h ^ (((group + 1) * 0x85157AF5) & 0xFFFFFFFF))
+
+
+def _as_i32(key: int) -> int:
+    """A uint32 as the int32 with the same bits (a kernel argument Triton types as i32)."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9, beta2: float = 0.999,
                eps: float = 1e-8, max_grad_norm: float | None = None, anchor_lambda: float = 0.0,
-               write_snapshot: bool = True) -> torch.Tensor:
+               write_snapshot: bool = True, ema_momentum: float | None = None, restore_prob: float = 0.0,
+               restore_seed: int = 0, restore_counter: int = 0) -> torch.Tensor:
     """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
 
     Parameters:
@@ -487,11 +568,20 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
         max_grad_norm: clip like torch.nn.utils.clip_grad_norm_ (None: no clipping).
         anchor_lambda: EATA anchor weight; adds 2*lambda*(p-base)/n to each segment's grad.
         write_snapshot: write snap <- p (pre-step values, bit-exact) in the same pass.
+        ema_momentum: CoTTA teacher EMA t <- t*m + (1-m)*p on the updated params, m clamped to
+            [0, 1], every element (needs ``set_teacher``); None: no EMA.
+        restore_prob: CoTTA stochastic restore after the EMA: element j of group i goes back to
+            ``base`` where ``(fmix32(j ^ restore_key(restore_seed, restore_counter, i)) >> 8) * 2^-24
+            < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
+        restore_seed, restore_counter: the key of the counter-based restore RNG.
 
-    Returns a float32 tensor of shape (6,) on the groups' device, ordered as ``STAT_KEYS``:
-    grad_norm, grad_norm_clipped, update_norm, total_update_norm, anchor_loss, clip_coef.
+    Returns a float32 tensor of shape (7,) on the groups' device, ordered as ``STAT_KEYS``:
+    grad_norm, grad_norm_clipped, update_norm, total_update_norm (norms of the final params),
+    anchor_loss, clip_coef, restored (elements restored; exact below 2^24).
     Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``.
     """
+    if not float(restore_prob) >= 0.0:
+        raise ValueError("yolozu_ttt.kernels.update: restore_prob must be >= 0")
     if not lr >= 0.0:
         raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -499,6 +589,11 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
     gs, device = _prepare(groups)
     if write_snapshot and any(g.snap is None for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
+    has_ema = ema_momentum is not None
+    if has_ema and any(g.teacher is None for g in gs):
+        raise ValueError("yolozu_ttt.kernels.update: ema_momentum needs a teacher buffer (set_teacher)")
+    ema_m = min(max(float(ema_momentum), 0.0), 1.0) if has_ema else 0.0
+    has_restore = float(restore_prob) > 0.0
     clip = max_grad_norm is not None
     anchor_lambda = float(anchor_lambda)
     has_anchor = anchor_lambda != 0.0
@@ -520,14 +615,17 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
                     HAS_ANCHOR=has_anchor, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
         _clip_coef_kernel[(1,)](part, stride, n_slots, stats, float(max_grad_norm), RBLOCK=_RBLOCK)
 
-    # 4-6. Adam pass (reads the coefficient from device memory), snapshot, norms
-    for g, table, base in zip(gs, tables, bases):
+    # 4-8. Adam pass (reads the coefficient from device memory), snapshot, EMA, restore, norms
+    for i, (g, table, base) in enumerate(zip(gs, tables, bases)):
         if g.num_blocks:
+            key = restore_key(restore_seed, restore_counter, i) if has_restore else 0
             _adam_kernel[(g.num_blocks,)](
                 g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
-                g.snap if write_snapshot else g.param, g._blocks, table, stats, part, stride, base,
-                1.0 - beta1, beta2, 1.0 - beta2, eps,
+                g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
+                g._blocks, table, stats, part, stride, base,
+                1.0 - beta1, beta2, 1.0 - beta2, eps, ema_m, 1.0 - ema_m, float(restore_prob), _as_i32(key),
                 HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=bool(write_snapshot),
+                HAS_EMA=has_ema, HAS_RESTORE=has_restore,
                 BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
     _step_stats_kernel[(1,)](part, stride, n_slots, stats, HAS_CLIP=clip, RBLOCK=_RBLOCK)
     return stats

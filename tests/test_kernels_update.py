@@ -11,7 +11,9 @@ test asserts on its own entry.
 
 References: the C++ engine (same arena inputs, run on CPU copies), torch.optim.Adam +
 torch.nn.utils.clip_grad_norm_ on separate parameter tensors (float32), an fp32-math torch
-reference rounded to the dtype (bfloat16 / float16), and plain torch for SAR and EMA.
+reference rounded to the dtype (bfloat16 / float16), and plain torch for SAR and EMA. The fused
+CoTTA step (teacher EMA + counter-based restore) is checked against the C++ one and a numpy port
+of the documented hash.
 """
 from __future__ import annotations
 
@@ -208,7 +210,7 @@ def _vs_cpp(mode, dtype_name, block_size):
         pre = ours["param"].clone()
         out = U.fused_step([g_ours], 1e-2, max_grad_norm=max_norm, anchor_lambda=lam)
         expected = C.fused_step([g_ref], 1e-2, max_grad_norm=max_norm, anchor_lambda=lam)
-        assert out.dtype == torch.float32 and out.shape == (6,) and out.device.type == device.type
+        assert out.dtype == torch.float32 and out.shape == (len(U.STAT_KEYS),) and out.device.type == device.type
         what = f"{dtype_name} step {step}"
         _stats_close(out, expected, stat_rtol, what)
         assert torch.equal(_bits(ours["snap"]), _bits(pre)), f"{what}: snapshot is not the pre-step params"
@@ -571,6 +573,175 @@ def _validation(mode):
     raises(ValueError, lambda: U.fused_step([], 1e-2))
     raises(ValueError, lambda: U.fused_step([group], -1.0, write_snapshot=False))
     U.fused_step([group], 1e-2, write_snapshot=False)  # fine without a snapshot buffer
+
+
+# ---- CoTTA: teacher EMA + stochastic restore fused into the step ---------------------------
+def _restore_mask(n, prob, seed, counter, group):
+    """numpy port of the draw: element j restores where (fmix32(j ^ key) >> 8) * 2^-24 < prob."""
+    import numpy as np
+    import torch
+
+    import yolozu_ttt._C as C
+
+    key = np.uint32(C.restore_key(seed, counter, group))
+    with np.errstate(over="ignore"):
+        h = np.arange(n, dtype=np.uint64).astype(np.uint32) ^ key
+        for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+            h = (h ^ (h >> np.uint32(shift))) * np.uint32(mul)
+        h = h ^ (h >> np.uint32(16))
+    return torch.from_numpy((h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24) < np.float32(prob))
+
+
+@_check("restore_key_port")
+def _restore_key_port(mode):
+    _, U, _ = _env(mode)
+    import yolozu_ttt._C as C
+
+    for seed in (0, 1, 2 ** 31, 2 ** 32 + 5, 2 ** 63 - 1, 2 ** 64 - 1):
+        for counter in (0, 1, 7, 2 ** 33 + 1):
+            for group in (0, 1, 5):
+                expected = C.restore_key(seed, counter, group)
+                assert U.restore_key(seed, counter, group) == expected, (seed, counter, group)
+
+
+# schedule: (has_grad per segment, max_grad_norm, ema momentum, restore prob, seed, counter)
+_COTTA_SCHEDULE = [
+    (b"\x01\x01\x01\x01", None, 0.999, 0.3, 3, 0),
+    (b"\x01\x00\x01\x01", 0.5, 0.9, 0.01, 3, 1),     # a segment without grad: EMA + restore still apply
+    (b"\x00\x00\x00\x00", None, 0.5, 0.3, 3, 2),     # no Adam at all: EMA + restore only
+    (b"\x01\x01\x01\x01", None, 0.9, 0.0, 3, 3),     # EMA only
+    (b"\x01\x01\x01\x01", 100.0, 1.5, 0.3, 2 ** 40 + 1, 4),  # m clamped to 1; a 64-bit seed
+    (b"\x01\x01\x00\x01", None, None, 0.5, 9, 5),    # restore without EMA
+]
+
+
+def _cotta_vs_cpp(mode, dtype_name):
+    torch, U, device = _env(mode)
+    import yolozu_ttt._C as C
+
+    dtype = _dt(dtype_name)
+    ref = _make_buffers(dtype, SIZES, seed=13)
+    ours = _clone_to(ref, device)
+    t_ref = (ref["param"].float() + 0.1).to(dtype)
+    t_ours = t_ref.clone().to(device)
+    hg_ref, hg_ours = bytearray(len(SIZES)), bytearray(len(SIZES))
+    g_ref = _bind(C.ArenaGroup, ref, SIZES, hg_ref)
+    g_ours = _bind(U.TritonArenaGroup, ours, SIZES, hg_ours, block_size=256)
+    g_ref.set_teacher(t_ref)
+    g_ours.set_teacher(t_ours)
+    exact = mode == "interpret"  # the GPU may contract a*b+c into an FMA; the interpreter does not
+    n = ref["param"].numel()
+    for step, (flags, max_norm, m, prob, seed, counter) in enumerate(_COTTA_SCHEDULE):
+        g = _grads(dtype, SIZES, 40 + step)
+        ref["grad"].copy_(g)
+        ours["grad"].copy_(g)
+        hg_ref[:] = flags
+        hg_ours[:] = flags
+        kw = dict(max_grad_norm=max_norm, ema_momentum=m, restore_prob=prob, restore_seed=seed,
+                  restore_counter=counter)
+        out = U.fused_step([g_ours], 1e-2, **kw)
+        expected = C.fused_step([g_ref], 1e-2, **kw)
+        what = f"cotta {dtype_name} step {step}"
+        _stats_close(out, expected, 1e-5 if dtype == torch.float32 else 1e-3, what)
+        mask = _restore_mask(n, prob, seed, counter, 0)
+        assert float(out[6]) == expected["restored"] == float(mask.sum()), (what, float(out[6]), expected["restored"])
+        assert prob == 0.0 or bool(mask.any())
+        # the same restore pattern: restored elements are base, bit for bit, in both engines
+        assert torch.equal(_bits(ours["param"])[mask], _bits(ours["base"])[mask]), f"{what}: restored != base"
+        assert torch.equal(_bits(ref["param"])[mask], _bits(ref["base"])[mask]), f"{what}: _C restored != base"
+        if exact and dtype == torch.float32:
+            assert torch.equal(_bits(ours["param"]), _bits(ref["param"])), f"{what}: param bits"
+            assert torch.equal(_bits(t_ours), _bits(t_ref)), f"{what}: teacher bits"
+        else:
+            _close(ours["param"], ref["param"], dtype, f"{what} param")
+            _close(t_ours, t_ref, dtype, f"{what} teacher")
+        if m is not None and m >= 1.0:
+            assert torch.equal(_bits(t_ours), _bits(t_before)), f"{what}: m >= 1 must leave the teacher"
+        t_before = t_ours.clone()
+        assert g_ours.steps == list(g_ref.steps)
+
+
+for _d in DTYPES:
+    _check(f"cotta_vs_cpp_{_d}")(lambda mode, _d=_d: _cotta_vs_cpp(mode, _d))
+
+
+@_check("cotta_ema_vs_torch")
+def _cotta_ema_vs_torch(mode):
+    """No grads: the fused EMA is the reference's teacher.mul_(m).add_(student, alpha=1-m)."""
+    torch, U, device = _env(mode)
+    for dtype_name in DTYPES:
+        dtype = _dt(dtype_name)
+        bufs = _make_buffers(dtype, SIZES, seed=14, device=device)
+        group = _bind(U.TritonArenaGroup, bufs, SIZES, bytearray(len(SIZES)), block_size=256)
+        t0 = torch.randn(bufs["param"].numel(), generator=torch.Generator().manual_seed(15)).to(dtype)
+        t = t0.clone().to(device)
+        group.set_teacher(t)
+        out = U.fused_step([group], 1e-2, write_snapshot=False, ema_momentum=0.8)
+        p = bufs["param"].cpu()
+        expected = (t0.float() * 0.8 + 0.2 * p.float()).to(dtype)
+        _close(t, expected, dtype, f"ema {dtype_name}")
+        if dtype == torch.float32:
+            _close(t, t0.clone().mul_(0.8).add_(p, alpha=0.2), dtype, "ema vs torch ops")
+        assert float(out[6]) == 0.0 and float(out[2]) == 0.0
+
+
+@_check("cotta_multi_group_keys")
+def _cotta_multi_group(mode):
+    """Group i draws with restore_key(seed, counter, i), as in _C."""
+    torch, U, device = _env(mode)
+    import yolozu_ttt._C as C
+
+    layouts = [(torch.float32, [7, 1000]), (torch.bfloat16, [5, 300])]
+    refs, ours, g_refs, g_ours = [], [], [], []
+    for i, (dt, sizes) in enumerate(layouts):
+        r = _make_buffers(dt, sizes, seed=20 + i)
+        r["grad"].copy_(_grads(dt, sizes, 30 + i))
+        o = _clone_to(r, device)
+        refs.append(r)
+        ours.append(o)
+        g_refs.append(_bind(C.ArenaGroup, r, sizes, bytearray([1] * len(sizes))))
+        g_ours.append(_bind(U.TritonArenaGroup, o, sizes, bytearray([1] * len(sizes)), block_size=128))
+        g_refs[-1].set_teacher(r["param"].clone())
+        g_ours[-1].set_teacher(o["param"].clone())
+    kw = dict(max_grad_norm=0.7, ema_momentum=0.9, restore_prob=0.2, restore_seed=77, restore_counter=3)
+    out = U.fused_step(g_ours, 1e-2, **kw)
+    expected = C.fused_step(g_refs, 1e-2, **kw)
+    _stats_close(out, expected, 1e-4, "cotta multi-group")
+    masks = [_restore_mask(sum(s), 0.2, 77, 3, i) for i, (_, s) in enumerate(layouts)]
+    assert float(out[6]) == sum(float(mk.sum()) for mk in masks)
+    for o, r, mk in zip(ours, refs, masks):
+        assert torch.equal(_bits(o["param"])[mk], _bits(o["base"])[mk])
+        assert torch.equal(_bits(r["param"])[mk], _bits(r["base"])[mk])
+
+
+@_check("cotta_prob_one_and_validation")
+def _cotta_prob_one(mode):
+    torch, U, device = _env(mode)
+    bufs = _make_buffers(torch.float16, SIZES, seed=16, device=device)
+    bufs["grad"].copy_(_grads(torch.float16, SIZES, 2).to(device))
+    group = _bind(U.TritonArenaGroup, bufs, SIZES, bytearray(b"\x01\x00\x01\x01"), block_size=256)
+    pre = bufs["param"].clone()
+    out = U.fused_step([group], 1e-2, restore_prob=1.0, restore_seed=4).cpu()
+    assert float(out[6]) == bufs["param"].numel()
+    assert torch.equal(_bits(bufs["param"]), _bits(bufs["base"]))
+    assert float(out[3]) == 0.0
+    torch.testing.assert_close(float(out[2]), float(torch.linalg.vector_norm(pre.float() - bufs["base"].float())),
+                               rtol=1e-5, atol=0.0)
+
+    def raises(exc, fn):
+        try:
+            fn()
+        except exc:
+            return
+        raise AssertionError(f"expected {exc.__name__}")
+
+    raises(ValueError, lambda: U.fused_step([group], 1e-2, ema_momentum=0.9))  # no teacher bound
+    raises(ValueError, lambda: group.set_teacher(torch.zeros(3, dtype=torch.float16, device=device)))
+    raises(TypeError, lambda: group.set_teacher(torch.zeros(bufs["param"].numel(), device=device)))
+    raises(ValueError, lambda: U.fused_step([group], 1e-2, restore_prob=-0.5))
+    group.set_teacher(bufs["param"].clone())
+    group.set_teacher(None)
+    raises(ValueError, lambda: U.fused_step([group], 1e-2, ema_momentum=0.9))
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from . import _native
 from .arena import ParamArena
 
-STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef")
+STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
+             "restored")
 
 
 class UpdateEngine:
@@ -34,11 +35,15 @@ class UpdateEngine:
         return [g.engine for g in self.arena.groups]
 
     def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True,
-             extra: Sequence[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
-        """Apply one update; return its scalars and the values of ``extra`` (one host read)."""
+             extra: Sequence[torch.Tensor] = (), ema_momentum: float | None = None, restore_prob: float = 0.0,
+             restore_seed: int = 0, restore_counter: int = 0) -> tuple[dict[str, float], list[float]]:
+        """Apply one update (with CoTTA's teacher EMA and restore when asked); return its scalars and
+        the values of ``extra`` (one host read)."""
         kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                       max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
-                      write_snapshot=bool(write_snapshot))
+                      write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum,
+                      restore_prob=float(restore_prob), restore_seed=int(restore_seed),
+                      restore_counter=int(restore_counter))
         if self.backend == "cpp":
             stats = _native.require_native().fused_step(self._engines(), **kwargs)
             return stats, [float(t.detach()) for t in extra]
