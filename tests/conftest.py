@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -148,3 +151,17 @@ def tiny_model() -> TinyDet:
 @pytest.fixture
 def batches() -> list[torch.Tensor]:
     return make_batches()
+
+
+UNDER_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+skip_under_interpreter = pytest.mark.skipif(UNDER_INTERPRETER, reason="already under the interpreter")
+
+
+def run_under_interpreter(*pytest_args: str) -> None:
+    """Run the selected tests again with TRITON_INTERPRET=1 (set before triton is imported, hence a
+    subprocess): the GPU code path, Triton kernels in the interpreter on CPU tensors."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -631,6 +631,7 @@ def _cotta_vs_cpp(mode, dtype_name):
     g_ours.set_teacher(t_ours)
     exact = mode == "interpret"  # the GPU may contract a*b+c into an FMA; the interpreter does not
     n = ref["param"].numel()
+    t_before = t_ours.clone()
     for step, (flags, max_norm, m, prob, seed, counter) in enumerate(_COTTA_SCHEDULE):
         g = _grads(dtype, SIZES, 40 + step)
         ref["grad"].copy_(g)

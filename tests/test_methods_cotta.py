@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both
+from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both,
+                      run_under_interpreter, skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 from yolozu.tta.ttt_mim import select_parameters
@@ -252,19 +253,12 @@ def test_session_runs_match_fresh_runs():
         assert_models_match(fresh, reused, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+@skip_under_interpreter
 def test_parity_through_the_triton_path():
     """The GPU code path (Triton entropy + update kernels with EMA and restore), in the interpreter on CPU."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-           "parity_with_restore_off and (all_cwm_hflip or norm_mean_hflip_clip) or nan_batch or "
-           "restored_fraction or deterministic_for_a_seed or triton_backend"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_under_interpreter(__file__, "-k",
+                          "parity_with_restore_off and (all_cwm_hflip or norm_mean_hflip_clip) or nan_batch or "
+           "restored_fraction or deterministic_for_a_seed or triton_backend")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs inside the interpreter subprocess")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-from conftest import ListAdapter, assert_models_match, assert_reports_match, make_batches
+from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches,
+                      run_under_interpreter, skip_under_interpreter)
 from torch import nn
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
@@ -307,16 +307,9 @@ def test_seeded_cuda_run_draws_the_cpu_reference_masks():
     assert_reports_match(ref, fast, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+@skip_under_interpreter
 def test_mim_parity_through_the_triton_path():
     """The GPU code path (Triton patch-mask, reconstruction and update kernels) in the interpreter on CPU."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-           "plain_matches_reference or total_update_guard or nan_batch or empty_and_full or small_model "
-           "or channels_last or bfloat16"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_under_interpreter(__file__, "-k",
+                          "plain_matches_reference or total_update_guard or nan_batch or empty_and_full or small_model "
+           "or channels_last or bfloat16")

@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both
+from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both,
+                      run_under_interpreter, skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 
@@ -187,18 +188,10 @@ TRITON_SUBSET = (
 )
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+@skip_under_interpreter
 def test_sar_parity_through_the_triton_path():
     """The GPU code path (Triton entropy, grad-stats, perturb and update kernels), in the interpreter on CPU."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-    cmd += [f"{__file__}::{name}" for name in TRITON_SUBSET]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_under_interpreter("-x", *[f"{__file__}::{name}" for name in TRITON_SUBSET])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the interpreter subprocess")

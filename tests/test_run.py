@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model,
-                      run_both)
+                      run_both, run_under_interpreter, skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 
@@ -299,19 +299,12 @@ def test_engine_backend_follows_the_dispatch_rule():
         assert group.backend == ("triton" if ops.use_triton(group.flat) else "cpp")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the interpreter")
+@skip_under_interpreter
 def test_tent_parity_through_the_triton_path():
     """The GPU code path (Triton entropy + update kernels) end to end, in the interpreter on CPU."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-           "filters_match_reference or options_match_reference or nan_batch or total_update_guard "
-           "or engine_backend"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_under_interpreter(__file__, "-k",
+                          "filters_match_reference or options_match_reference or nan_batch or total_update_guard "
+           "or engine_backend")
 
 
 def test_fallback_reaches_yolozu_even_when_its_run_ttt_points_here(monkeypatch):

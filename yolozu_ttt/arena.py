@@ -57,20 +57,12 @@ def _unique(params: Iterable[torch.Tensor]) -> list[torch.nn.Parameter]:
 class ParamArena:
     """Flat storage for the selected parameters of ``model``; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor], *, snapshot: bool = True,
-                 freeze_others: bool = True):
+    def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor], *, snapshot: bool = True):
         self.model = model
         self.params = _unique(params)
-        selected = {id(p) for p in self.params}
-        self._frozen: list[torch.nn.Parameter] = []
         self.groups: list[ArenaGroup] = []
         self._closed = False
         try:
-            if freeze_others:
-                for p in model.parameters():
-                    if id(p) not in selected and p.requires_grad:
-                        p.requires_grad_(False)
-                        self._frozen.append(p)
             by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
             for p in self.params:
                 by_key.setdefault((str(p.device), p.dtype), []).append(p)
@@ -132,6 +124,10 @@ class ParamArena:
             g.grad.zero_()
             g.has_grad[:] = bytes(len(g.has_grad))
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward into the flat grad buffers, computing only what the selected parameters need."""
+        loss.backward(inputs=self.params)
+
     def any_grad(self) -> bool:
         """Whether backward reached any selected parameter."""
         return any(any(g.has_grad) for g in self.groups)
@@ -150,7 +146,7 @@ class ParamArena:
 
     # ---- teardown -------------------------------------------------------------------------
     def close(self) -> None:
-        """Copy values back into the original storages, unbind views, unfreeze; idempotent."""
+        """Copy values back into the original storages and unbind the views; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -164,9 +160,6 @@ class ParamArena:
                         p.data = orig
                     p.grad = None
                 g.engine = None  # a session's cache keeps its own reference
-        for p in self._frozen:
-            p.requires_grad_(True)
-        self._frozen = []
         self.groups = []
 
     def __enter__(self) -> "ParamArena":

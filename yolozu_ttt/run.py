@@ -103,6 +103,7 @@ class RunContext:
         return True
 
 
+@functools.lru_cache(maxsize=None)
 def _accelerated() -> dict[str, Callable[[RunContext], None]]:
     """Method name -> ``run(ctx)`` for every YOLOZU method with a module in ``yolozu_ttt.methods``."""
     runners = {}

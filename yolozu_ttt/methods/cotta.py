@@ -23,7 +23,6 @@ from ..engine import UpdateEngine
 from ..run import BufferSnapshot, RunContext
 from .eata import select_params
 from .sar import entropy
-from .tent import backward
 
 SEED_BITS = 63
 
@@ -84,7 +83,7 @@ def run(ctx: RunContext) -> None:
                 student_logits, aug_meta = forward(model, x, aug_set, aggregation)
                 ctx.forward_calls += int(aug_meta.get("branches") or 0)
                 loss = entropy(student_logits)
-                backward(loss, arena)
+                arena.backward(loss)
                 ctx.backward_calls += 1
                 with torch.no_grad():
                     teacher_logits, teacher_meta = forward(teacher, x, aug_set, aggregation)

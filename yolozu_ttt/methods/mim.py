@@ -16,7 +16,6 @@ from .. import guards, ops
 from ..arena import ParamArena
 from ..engine import UpdateEngine
 from ..run import BufferSnapshot, RunContext
-from .tent import backward
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
     from rtdetr_pose.losses import mim_reconstruction_loss as structured_loss
@@ -129,7 +128,7 @@ def run(ctx: RunContext) -> None:
             grid = draw_grid(x, patch_size, mask_prob, ctx.generator)
             loss, loss_mim, entropy, ratio = forward(model, x, grid, patch_size, mask_value)
             arena.zero_grad()
-            backward(loss, arena)
+            arena.backward(loss)
             extra = [t for t in (loss, ratio, loss_mim, entropy) if t is not None]
             stats, values = engine.step(write_snapshot=snapshot, extra=extra)
             loss_value, ratio_value = values[0], values[1]

@@ -17,7 +17,6 @@ from ..arena import ParamArena
 from ..engine import UpdateEngine
 from ..run import BufferSnapshot, RunContext
 from .eata import kernels, select_params
-from .tent import backward
 
 
 def entropy(logits: Any) -> torch.Tensor:
@@ -31,7 +30,7 @@ def pass_loss(model: Any, x: torch.Tensor, arena: ParamArena) -> torch.Tensor:
     """Forward, entropy and backward into the arena's (zeroed) grad buffers."""
     arena.zero_grad()
     loss = entropy(_ref._extract_logits(model(x)))
-    backward(loss, arena)
+    arena.backward(loss)
     return loss
 
 

@@ -79,12 +79,6 @@ def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, 
     return loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta
 
 
-def backward(loss: torch.Tensor, arena: ParamArena) -> None:
-    """Backward into the arena's grad buffer; a loss that reaches no selected parameter gives no grads."""
-    if loss.requires_grad or not arena._frozen:
-        loss.backward()
-
-
 def run(ctx: RunContext) -> None:
     """Tent steps with YOLOZU's metrics, guards and rollback."""
     config, model = ctx.config, ctx.model
@@ -112,7 +106,7 @@ def run(ctx: RunContext) -> None:
                          "total_update_norm": total_update_norm}
                 values = [float(t.detach().cpu()) for t in (loss, entropy_loss)]
             else:
-                backward(loss, arena)
+                arena.backward(loss)
                 stats, values = engine.step(write_snapshot=snapshot, extra=(loss, entropy_loss))
                 total_update_norm = stats["total_update_norm"]
             loss_value, entropy_value = values
