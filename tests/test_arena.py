@@ -39,13 +39,14 @@ def test_parameters_become_views_of_one_flat_buffer_and_grads_accumulate_in_plac
 
 
 def test_values_written_to_the_arena_land_in_the_original_storages():
+    """The same storage objects as before the run hold the new values."""
     model = make_model()
     params = norm_params(model)
-    ptrs = [p.data_ptr() for p in params]
+    storages = [p.untyped_storage()._cdata for p in params]
     with ParamArena(model, params) as arena:
         arena.groups[0].flat.add_(1.0)
         expected = [p.detach().clone() for p in params]
-    assert [p.data_ptr() for p in params] == ptrs
+    assert [p.untyped_storage()._cdata for p in params] == storages
     for p, e in zip(params, expected):
         assert torch.equal(p, e)
 
@@ -55,12 +56,12 @@ def test_flags_and_storages_restored_on_exception(exc):
     model = make_model()
     model.head.bias.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
-    ptrs = [p.data_ptr() for p in model.parameters()]
+    storages = [p.untyped_storage()._cdata for p in model.parameters()]
     with pytest.raises(exc):
         with ParamArena(model, norm_params(model)):
             raise exc("interrupted")
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert [p.untyped_storage()._cdata for p in model.parameters()] == storages
 
 
 def test_mixed_dtypes_make_one_group_each_and_tied_parameters_pack_once():
@@ -76,11 +77,11 @@ def test_mixed_dtypes_make_one_group_each_and_tied_parameters_pack_once():
 def test_unsupported_dtype_raises_and_leaves_the_model_alone():
     model = make_model().double()
     flags = [p.requires_grad for p in model.parameters()]
-    ptrs = [p.data_ptr() for p in model.parameters()]
+    storages = [p.untyped_storage()._cdata for p in model.parameters()]
     with pytest.raises(TypeError, match="unsupported parameter dtype torch.float64"):
         ParamArena(model, norm_params(model))
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert [p.untyped_storage()._cdata for p in model.parameters()] == storages
 
 
 def test_restore_snapshot_needs_a_snapshot():
@@ -88,3 +89,22 @@ def test_restore_snapshot_needs_a_snapshot():
     with ParamArena(model, norm_params(model), snapshot=False) as arena:
         with pytest.raises(RuntimeError, match="snapshot=True"):
             arena.restore_snapshot()
+
+
+def test_original_storages_are_released_during_the_run_and_restored_after():
+    """Peak memory holds each selected parameter once: unshared originals are emptied meanwhile."""
+    model = make_model()
+    params = norm_params(model)
+    shared_view = model.bn.weight.detach()  # a caller's reference: that storage must stay
+    values = [p.detach().clone() for p in params]
+    storages = [p.untyped_storage()._cdata for p in params]
+    with ParamArena(model, params) as arena:
+        (group,) = arena.groups
+        sizes = {o.untyped_storage()._cdata: o.untyped_storage().nbytes() for o in group.originals}
+        assert sizes[storages[0]] > 0  # bn.weight is shared with shared_view
+        assert all(sizes[s] == 0 for s in storages[1:])
+        group.flat.mul_(2.0)
+    assert [p.untyped_storage()._cdata for p in params] == storages
+    for p, v in zip(params, values):
+        assert torch.equal(p, v * 2.0)
+    assert torch.equal(shared_view, values[0] * 2.0)

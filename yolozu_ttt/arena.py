@@ -41,6 +41,7 @@ class ArenaGroup:
     backend: str = "cpp"
     engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup
     hooks: list[Any] = field(default_factory=list)
+    released: list[tuple[torch.UntypedStorage, int]] = field(default_factory=list)  # (storage, nbytes)
 
 
 def _unique(params: Iterable[torch.Tensor]) -> list[torch.nn.Parameter]:
@@ -96,7 +97,7 @@ class ParamArena:
                     has_grad=bytearray(len(ps)),
                 )
             else:  # same layout as an earlier run in this session: refill its buffers
-                group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[])
+                group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[], released=[])
                 torch.cat([p.detach().reshape(-1) for p in ps], out=group.flat)
                 group.grad.zero_()
                 group.base.copy_(group.flat)
@@ -105,6 +106,7 @@ class ParamArena:
             for p, o, n in zip(ps, offsets, sizes):
                 p.data = group.flat[o:o + n].view(p.shape)
                 p.grad = group.grad[o:o + n].view(p.shape)
+            group.released = _release_unshared(group.originals)
         flags = group.has_grad
         for i, p in enumerate(ps):
             group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
@@ -115,7 +117,7 @@ class ParamArena:
         group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap,
                                   offsets, sizes, flags)
         if cache is not None:
-            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[])
+            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[], released=[])
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -154,6 +156,8 @@ class ParamArena:
             for g in self.groups:
                 for h in g.hooks:
                     h.remove()
+                for storage, nbytes in g.released:
+                    storage.resize_(nbytes)
                 for p, orig in zip(g.params, g.originals):
                     if p.data.data_ptr() != orig.data_ptr():
                         orig.copy_(p.data)
@@ -167,6 +171,27 @@ class ParamArena:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _release_unshared(originals: list[torch.Tensor]) -> list[tuple[torch.UntypedStorage, int]]:
+    """Free the original storages nothing else uses while the values live in the arena.
+
+    The storage objects stay (emptied); ``close`` grows them back and copies the values in, so
+    peak memory during a run holds each selected parameter once, not twice. A storage that any
+    other tensor shares (a view, a tied alias, a caller's reference) is left alone.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    released, seen = [], set()
+    for orig in originals:
+        storage = orig.untyped_storage()
+        key = storage.data_ptr()
+        # one reference from ``orig``, one from the ``storage`` object just made for it
+        if use_count is None or key in seen or use_count(storage._cdata) != 2 or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        released.append((storage, storage.nbytes()))
+        storage.resize_(0)
+    return released
 
 
 def _triton_group():
