@@ -27,6 +27,24 @@ from ..ops import mask_count, normalize_patch_mask
 
 
 @triton.jit
+def _block_pixels(blk, plane, mask_ptr, mask_stride_b, mask_stride_c, n_ch, hw, width, grid_w,
+                  PATCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Pixel offsets of block ``blk`` of ``plane``, their in-bounds flag and their patch-mask bit.
+
+    plane -> (b, c) -> its grid; pixel -> (h, w) -> cell (h // PATCH, w // PATCH).
+    """
+    b = plane // n_ch
+    c = plane - b * n_ch
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hw
+    h = offs // width
+    w = offs - h * width
+    cell = (h // PATCH) * grid_w + (w // PATCH)
+    masked = tl.load(mask_ptr + b * mask_stride_b + c * mask_stride_c + cell, mask=ok, other=0) != 0
+    return offs, ok, masked
+
+
+@triton.jit
 def _apply_patch_mask_kernel(
     x_ptr,
     out_ptr,
@@ -54,15 +72,9 @@ def _apply_patch_mask_kernel(
     """
     blk = tl.program_id(0).to(tl.int64)
     plane = tl.program_id(1).to(tl.int64)
-    # 1. Plane -> (b, c) -> base of its grid; pixel -> (h, w) -> grid cell.
-    b = plane // n_ch
-    c = plane - b * n_ch
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < hw
-    h = offs // width
-    w = offs - h * width
-    cell = (h // PATCH) * grid_w + (w // PATCH)
-    masked = tl.load(mask_ptr + b * mask_stride_b + c * mask_stride_c + cell, mask=ok, other=0) != 0
+    # 1. Pixel -> (h, w) -> its patch cell's mask bit.
+    offs, ok, masked = _block_pixels(blk, plane, mask_ptr, mask_stride_b, mask_stride_c, n_ch, hw, width,
+                                     grid_w, PATCH, BLOCK)
     # 2. out = mask ? value : x.
     base = plane * hw
     x = tl.load(x_ptr + base + offs, mask=ok & ~masked, other=0.0)
@@ -95,14 +107,8 @@ def _masked_sse_kernel(
     blk = tl.program_id(0).to(tl.int64)
     plane = tl.program_id(1).to(tl.int64)
     n_blk = tl.num_programs(0)
-    b = plane // n_ch
-    c = plane - b * n_ch
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < hw
-    h = offs // width
-    w = offs - h * width
-    cell = (h // PATCH) * grid_w + (w // PATCH)
-    masked = tl.load(mask_ptr + b * mask_stride_b + c * mask_stride_c + cell, mask=ok, other=0) != 0
+    offs, ok, masked = _block_pixels(blk, plane, mask_ptr, mask_stride_b, mask_stride_c, n_ch, hw, width,
+                                     grid_w, PATCH, BLOCK)
     # 1. Only masked pixels are read: d = pred - target, fp32.
     base = plane * hw
     ld = ok & masked
@@ -138,14 +144,8 @@ def _masked_sse_bwd_kernel(
     """
     blk = tl.program_id(0).to(tl.int64)
     plane = tl.program_id(1).to(tl.int64)
-    b = plane // n_ch
-    c = plane - b * n_ch
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < hw
-    h = offs // width
-    w = offs - h * width
-    cell = (h // PATCH) * grid_w + (w // PATCH)
-    masked = tl.load(mask_ptr + b * mask_stride_b + c * mask_stride_c + cell, mask=ok, other=0) != 0
+    offs, ok, masked = _block_pixels(blk, plane, mask_ptr, mask_stride_b, mask_stride_c, n_ch, hw, width,
+                                     grid_w, PATCH, BLOCK)
     base = plane * hw
     ld = ok & masked
     scale = tl.load(scale_ptr)
