@@ -146,7 +146,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("numel", &ArenaGroup::numel)
       .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
-      .def("reset_state", &ArenaGroup::reset_state, "Zero the Adam moments and step counts.")
+      .def("reset_state", &ArenaGroup::reset_state,
+           "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")
       .def("set_teacher", &ArenaGroup::set_teacher, py::arg("teacher"),
            "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.");
 

@@ -216,9 +216,8 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
 }
 
 void ArenaGroup::reset_state() {
+  // A segment's first step never reads its moments, so zeroing the step counts is enough.
   std::fill(steps_.begin(), steps_.end(), 0);
-  std::memset(exp_avg_.ptr, 0, sizeof(float) * exp_avg_.numel);
-  std::memset(exp_avg_sq_.ptr, 0, sizeof(float) * exp_avg_sq_.numel);
 }
 
 const uint8_t* ArenaGroup::has_grad_ptr() const {
@@ -265,6 +264,7 @@ struct AdamScalars {
   float ema_m, ema_w, restore_q;
   uint32_t key;
   bool ema, restore;
+  bool first;  // the segment's first Adam step: moments start at 0, their buffers are not read
 };
 
 template <typename T>
@@ -310,9 +310,11 @@ Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamSca
         // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
         const float gc = gv * k.clip;
         sc += gc * gc;
-        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
-        const float mv = q.m1[j] + k.w1 * (gc - q.m1[j]);
-        const float vv = q.m2[j] * k.b2 + (k.w2 * gc) * gc;
+        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g  (m = v = 0 before step 1)
+        const float m_prev = k.first ? 0.f : q.m1[j];
+        const float v_prev = k.first ? 0.f : q.m2[j];
+        const float mv = m_prev + k.w1 * (gc - m_prev);
+        const float vv = v_prev * k.b2 + (k.w2 * gc) * gc;
         q.m1[j] = mv;
         q.m2[j] = vv;
         // 4. p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
@@ -402,9 +404,11 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   const uint8_t* hg = has_grad_ptr();
   // Per-segment bias corrections (torch computes them as Python floats, i.e. fp64).
   std::vector<float> neg_step_size(n_seg, 0.f), bc2_sqrt(n_seg, 1.f);
+  std::vector<uint8_t> first(n_seg, 0);
   for (int64_t s = 0; s < n_seg; ++s) {
     if (hg && !hg[s]) continue;
     const double step = static_cast<double>(++steps_[s]);
+    first[s] = steps_[s] == 1;
     const double bc1 = 1.0 - std::pow(beta1, step);
     const double bc2 = 1.0 - std::pow(beta2, step);
     neg_step_size[s] = static_cast<float>(-(lr / bc1));
@@ -432,7 +436,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
                           static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg])),
                           static_cast<float>(m), static_cast<float>(1.0 - m),
                           static_cast<float>(cotta.restore_prob), cotta.key, cotta.ema,
-                          cotta.restore_prob > 0.0};
+                          cotta.restore_prob > 0.0, first[w.seg] != 0};
       const bool grad = !(hg && !hg[w.seg]);
       parts[i] = with_flag(grad, [&](auto G) {
         return with_flag(grad && anchor, [&](auto A) {

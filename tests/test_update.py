@@ -238,3 +238,25 @@ def test_group_keeps_its_tensors_alive():
     stats = C.fused_step([group], lr=0.5)
     assert stats["grad_norm"] == pytest.approx(math.sqrt(1000.0), rel=1e-6)
     del junk
+
+
+def test_first_step_never_reads_the_moment_buffers():
+    """The arena allocates the moments uninitialised: step 1 must start them at 0 regardless."""
+    g = torch.Generator().manual_seed(21)
+    values = [torch.randn(n, generator=g) for n in [5, 300]]
+    arena = Arena(values, torch.float32, has_grad=bytearray(b"\x01\x00"))
+    arena.m.fill_(float("nan"))
+    arena.v.fill_(float("nan"))
+    params = [v.clone().requires_grad_(True) for v in values]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    schedule = [[1, 0], [1, 1], [1, 1]]  # the second tensor's first step comes later
+    for present in schedule:
+        grads = [torch.randn(p.numel(), generator=g) if k else None for p, k in zip(params, present)]
+        torch_step(params, grads, opt, None)
+        arena.has_grad[:] = bytes(present)
+        arena.grad.copy_(torch.cat([gr if gr is not None else torch.zeros(p.numel()) for gr, p in zip(grads, params)]))
+        C.fused_step([arena.group], lr=1e-2)
+        for p, mine in zip(params, arena.views(arena.flat)):
+            torch.testing.assert_close(mine, p.detach(), rtol=1e-5, atol=1e-6)
+    arena.group.reset_state()  # a fresh run: step counts 0, old moments ignored
+    assert arena.group.steps == [0, 0]

@@ -85,16 +85,19 @@ class ParamArena:
         key = (str(ps[0].device), ps[0].dtype, tuple(sizes), bool(snapshot))
         cache = _BUFFER_CACHE.get()
         reused = cache.get(key) if cache is not None else None
+        backend = "triton" if use_triton(ps[0]) else "cpp"
+        # The C++ engine never reads a segment's moments before its first step: no zero fill.
+        moments = torch.zeros if backend == "triton" else torch.empty
         with torch.no_grad():
             if reused is None:
                 flat = torch.cat([p.detach().reshape(-1) for p in ps])
                 group = ArenaGroup(
                     params=ps, originals=[p.data for p in ps], offsets=offsets, sizes=sizes, flat=flat,
                     grad=torch.zeros_like(flat),
-                    exp_avg=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
-                    exp_avg_sq=torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
+                    exp_avg=moments(flat.numel(), dtype=torch.float32, device=flat.device),
+                    exp_avg_sq=moments(flat.numel(), dtype=torch.float32, device=flat.device),
                     base=flat.clone(), snap=torch.empty_like(flat) if snapshot else None,
-                    has_grad=bytearray(len(ps)),
+                    has_grad=bytearray(len(ps)), backend=backend,
                 )
             else:  # same layout as an earlier run in this session: refill its buffers
                 group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[], released=[])
@@ -112,7 +115,6 @@ class ParamArena:
             group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
         if reused is not None:
             return
-        group.backend = "triton" if use_triton(group.flat) else "cpp"
         engine_cls = (_triton_group() if group.backend == "triton" else _native.require_native().ArenaGroup)
         group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap,
                                   offsets, sizes, flags)
