@@ -2,9 +2,12 @@
 
 Each Parameter keeps its identity; only its ``.data`` is rebound to a view of the group's flat
 buffer, and its ``.grad`` to a view of the flat grad buffer, so autograd accumulates in place and
-the update engine sees one contiguous array per group. ``with arena:`` (or ``close()``) copies the
-values back into the original storages and restores ``requires_grad`` of the parameters that were
-frozen for the run, on every exit path.
+the update engine sees one contiguous array per group. ``backward`` differentiates with respect to
+the selected parameters only, so no weight gradient of any other parameter is computed (freezing
+them instead would change the forward: matmul stops folding batch dimensions into one mm when a
+weight does not require grad, which costs more than the backward saves). While the values live in
+the arena, original storages nobody else shares are emptied; ``with arena:`` (or ``close()``)
+grows them back and copies the values in, on every exit path.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CoTTA on the fused engine: entropy over augmented views, an EMA teacher and stochastic restore.
 
-The teacher shares the student's unselected (frozen) parameters instead of copying them, and its
+The teacher shares the student's unselected (never updated) parameters instead of copying them, and its
 copies of the selected ones are views of one flat buffer per arena group, bound to the update
 engine: Adam, the teacher EMA and the restore run in one fused pass. The teacher forward only
 reads the teacher, so it runs before that pass; the results are the reference's order's.
@@ -29,7 +29,7 @@ SEED_BITS = 63
 
 def build_teacher(model: torch.nn.Module, arena: ParamArena) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """Eval-mode deep copy of ``model`` sharing its unselected parameters; the selected ones are
-    frozen views of one new flat buffer per arena group (same layout), bound as the group's teacher."""
+    non-trainable views of one new flat buffer per arena group (same layout), bound as the group's teacher."""
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
     flats = []
     with torch.no_grad():
