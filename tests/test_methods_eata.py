@@ -311,8 +311,8 @@ def test_eata_parity_through_the_triton_path():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the interpreter subprocess")
 def test_triton_backend_is_the_one_running():
     from yolozu_ttt.arena import ParamArena
-    from yolozu_ttt.methods.eata import kernels
+    from yolozu_ttt.engine import engine_module
 
     model = make_model()
     with ParamArena(model, [model.bn.weight]) as arena:
-        assert arena.groups[0].backend == "triton" and kernels(arena).__name__.endswith("kernels.update")
+        assert arena.groups[0].backend == "triton" and engine_module(arena).__name__.endswith("kernels.update")

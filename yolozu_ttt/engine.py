@@ -5,7 +5,7 @@ CPU groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups u
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -14,6 +14,15 @@ from .arena import ParamArena
 
 STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
              "restored")
+
+
+def engine_module(arena: ParamArena) -> Any:
+    """The module with the fused functions of the arena's backend: ``yolozu_ttt._C`` or Triton's."""
+    if arena.groups[0].backend == "cpp":
+        return _native.require_native()
+    from .kernels import update
+
+    return update
 
 
 class UpdateEngine:
@@ -44,11 +53,9 @@ class UpdateEngine:
                       write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum,
                       restore_prob=float(restore_prob), restore_seed=int(restore_seed),
                       restore_counter=int(restore_counter))
+        fused = engine_module(self.arena).fused_step(self._engines(), **kwargs)
         if self.backend == "cpp":
-            stats = _native.require_native().fused_step(self._engines(), **kwargs)
-            return stats, [float(t.detach()) for t in extra]
-        from .kernels import update as triton_update
-
-        out = triton_update.fused_step(self._engines(), **kwargs)
+            return fused, [float(t.detach()) for t in extra]
+        out = fused
         values = torch.cat([out.float().reshape(-1)] + [t.detach().float().reshape(1).to(out.device) for t in extra]).tolist()
         return dict(zip(STAT_KEYS, values[: len(STAT_KEYS)])), values[len(STAT_KEYS):]

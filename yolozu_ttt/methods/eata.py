@@ -12,9 +12,9 @@ import torch
 from yolozu.tta import integration as _ref
 from yolozu.tta.ttt_mim import select_parameters
 
-from .. import _native, guards, ops
+from .. import guards, ops
 from ..arena import ParamArena
-from ..engine import UpdateEngine
+from ..engine import UpdateEngine, engine_module
 from ..run import BufferSnapshot, RunContext
 
 RATIO_STOP = "eata_selected_ratio_below_min"
@@ -33,15 +33,6 @@ def select_params(ctx: RunContext) -> list[torch.Tensor]:
     torch.optim.Adam(params, lr=float(config.lr))  # the reference's optimizer checks (e.g. lr < 0)
     ctx.updated_param_count = _ref._count_unique_params(params)
     return params
-
-
-def kernels(arena: ParamArena) -> Any:
-    """The module holding ``grad_stats``/``sar_perturb`` for the arena's backend (``_C`` or Triton)."""
-    if arena.groups[0].backend == "cpp":
-        return _native.require_native()
-    from ..kernels import update
-
-    return update
 
 
 def check_batch(x: Any) -> None:
@@ -83,7 +74,7 @@ def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: int, batch: int)
 
 def anchor_value(arena: ParamArena) -> Any:
     """``sum_i mean((theta_i - theta_i^0)^2)`` without changing anything (a float, or a device tensor)."""
-    return kernels(arena).grad_stats([g.engine for g in arena.groups], VALUE_ONLY_LAMBDA)[1]
+    return engine_module(arena).grad_stats([g.engine for g in arena.groups], VALUE_ONLY_LAMBDA)[1]
 
 
 def mark_all_grads(arena: ParamArena) -> None:

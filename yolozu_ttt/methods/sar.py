@@ -14,9 +14,9 @@ from yolozu.tta import integration as _ref
 
 from .. import guards, ops
 from ..arena import ParamArena
-from ..engine import UpdateEngine
+from ..engine import UpdateEngine, engine_module
 from ..run import BufferSnapshot, RunContext
-from .eata import kernels, select_params
+from .eata import select_params
 
 
 def entropy(logits: Any) -> torch.Tensor:
@@ -36,7 +36,7 @@ def pass_loss(model: Any, x: torch.Tensor, arena: ParamArena) -> torch.Tensor:
 
 def grad_norm_and_clip(arena: ParamArena, max_grad_norm: float | None) -> Any:
     """Pre-clip grad norm (float or device scalar); clips the flat grads like ``clip_grad_norm_``."""
-    norm = kernels(arena).grad_stats([g.engine for g in arena.groups], 0.0)[0]
+    norm = engine_module(arena).grad_stats([g.engine for g in arena.groups], 0.0)[0]
     if max_grad_norm is None:
         return norm
     total = norm if torch.is_tensor(norm) else torch.tensor(norm, dtype=torch.float32)
@@ -62,7 +62,7 @@ def perturb(arena: ParamArena, rho: float, adaptive: bool, grad_norm: Any) -> tu
     """Ascent step (snapshot = backup) from the clipped first grads; returns (pre-clip grad norm, applied)."""
     if rho <= 0.0:
         return float(grad_norm), False
-    out = kernels(arena).sar_perturb([g.engine for g in arena.groups], rho, bool(adaptive))
+    out = engine_module(arena).sar_perturb([g.engine for g in arena.groups], rho, bool(adaptive))
     if torch.is_tensor(out):
         grad_norm, direction_norm, applied = torch.cat([torch.as_tensor(grad_norm, device=out.device).reshape(1),
                                                         out.reshape(-1)]).tolist()
