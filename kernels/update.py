@@ -51,6 +51,13 @@ _RBLOCK = 1024  # finalize kernels: slots summed per iteration
 # Triton kernels
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _block(blocks_ptr, pid):
+    """Row ``pid`` of the block table: (segment, first element, end element, segment numel)."""
+    row = blocks_ptr + pid * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def _to_storage(x, DTYPE: tl.constexpr):
     """Round fp32 ``x`` to the storage dtype, round-to-nearest-even (NaN stays NaN).
 
@@ -117,10 +124,7 @@ def _grad_pass_kernel(
 ):
     """Per block: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n over segments with a grad."""
     pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(blocks_ptr + pid * 4)
-    start = tl.load(blocks_ptr + pid * 4 + 1)
-    end = tl.load(blocks_ptr + pid * 4 + 2)
-    seg_numel = tl.load(blocks_ptr + pid * 4 + 3)
+    seg, start, end, seg_numel = _block(blocks_ptr, pid)
     anchor_coef = tl.load(seg_ptr + seg * 4 + 2)
     grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
 
@@ -190,10 +194,7 @@ def _adam_kernel(
     """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math), then the
     CoTTA teacher EMA and stochastic restore when asked."""
     pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(blocks_ptr + pid * 4)
-    start = tl.load(blocks_ptr + pid * 4 + 1)
-    end = tl.load(blocks_ptr + pid * 4 + 2)
-    seg_numel = tl.load(blocks_ptr + pid * 4 + 3)
+    seg, start, end, seg_numel = _block(blocks_ptr, pid)
     neg_step_size = tl.load(seg_ptr + seg * 4)  # -lr / (1 - beta1^t)
     bc2_sqrt = tl.load(seg_ptr + seg * 4 + 1)  # sqrt(1 - beta2^t)
     anchor_coef = tl.load(seg_ptr + seg * 4 + 2)  # 2 * lambda / n
@@ -289,9 +290,7 @@ def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, seg_ptr, part_ptr, part_base,
                      ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Per block: ||d||^2 with d = g (adaptive: g*|p|) over segments with a grad."""
     pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(blocks_ptr + pid * 4)
-    start = tl.load(blocks_ptr + pid * 4 + 1)
-    end = tl.load(blocks_ptr + pid * 4 + 2)
+    seg, start, end, _ = _block(blocks_ptr, pid)
     grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
     offs = start + tl.arange(0, BLOCK_SIZE)
     gmask = offs < grad_end
@@ -319,9 +318,7 @@ def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr,
                       ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad)."""
     pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(blocks_ptr + pid * 4)
-    start = tl.load(blocks_ptr + pid * 4 + 1)
-    end = tl.load(blocks_ptr + pid * 4 + 2)
+    seg, start, end, _ = _block(blocks_ptr, pid)
     applied = tl.load(out_ptr + 1).to(tl.int64)  # 1 or 0, decided on device
     has_grad = tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)
     scale = tl.load(out_ptr + 2)
