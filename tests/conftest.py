@@ -143,6 +143,36 @@ def assert_models_match(ref_model: nn.Module, fast_model: nn.Module, *, rtol: fl
     assert ref_model.training == fast_model.training
 
 
+def assert_raises_like_reference(model: nn.Module, batches: list[Any], config: Any) -> None:
+    """Bad input: YOLOZU's exception type and message; the model keeps its flags and gets no grads."""
+    from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+    import yolozu_ttt
+
+    with pytest.raises(Exception) as ref_exc:
+        reference_run_ttt(ListAdapter(copy.deepcopy(model), batches), [], config=config)
+    fast_model = copy.deepcopy(model)
+    flags = [p.requires_grad for p in fast_model.parameters()]
+    with pytest.raises(type(ref_exc.value)) as fast_exc:
+        yolozu_ttt.run_ttt(ListAdapter(fast_model, batches), [], config=config)
+    assert str(fast_exc.value) == str(ref_exc.value)
+    assert [p.requires_grad for p in fast_model.parameters()] == flags
+    assert all(p.grad is None for p in fast_model.parameters())
+
+
+def assert_bfloat16_tracks_reference(config: Any) -> None:
+    """bf16 parameters: same steps, first loss within 1%, final weights within a few bf16 ulps
+    (our Adam keeps fp32 moments where the reference keeps bf16 ones)."""
+    model = make_model().to(torch.bfloat16)
+    batches = [b.to(torch.bfloat16) for b in make_batches()]
+    ref_model, ref, fast_model, fast = run_both(model, batches, config)
+    assert fast.steps_run == ref.steps_run == 3
+    assert fast.losses[0] == pytest.approx(ref.losses[0], rel=1e-2)
+    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.fixture
 def tiny_model() -> TinyDet:
     return make_model()
