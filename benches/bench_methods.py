@@ -1,24 +1,22 @@
-"""End-to-end run_ttt per method on the builtin RT-DETR (CPU): reference vs fast vs floor.
+"""End-to-end run_ttt per method on the builtin RT-DETR: reference vs fast vs floor.
 
 mim (structured branch: the builtin RT-DETR built with enable_mim=True), cotta, eata and sar,
 update_filter norm_only and all, 2 steps on one 1x3x256x256 batch. ``floor`` runs the same
 forwards/backwards each method needs, computing only the selected parameters' gradients, and
-nothing else: the part no engine can remove. ``extra_info`` holds the peak RSS growth during the run.
+nothing else: the part no engine can remove. ``extra_info`` holds the peak memory growth during the
+run (RSS on the CPU, CUDA max allocated on a GPU). ``YOLOZU_TTT_BENCH_DEVICE=cuda`` runs on the GPU
+(without a seed there: the reference's seeded draws raise on CUDA).
 
     python -m pytest benches/bench_methods.py --benchmark-only
 """
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
-import os
-import threading
-import time
 
 import pytest
 import torch
-from conftest import FixedAdapter
+from conftest import FixedAdapter, PeakMemory, bench_device, sync
 from yolozu.tta import ttt_mim
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _entropy_loss_from_logits, _forward_cotta_augs
@@ -29,47 +27,9 @@ import yolozu_ttt
 STEPS = 2
 BATCH = (1, 3, 256, 256)
 METHODS = ["eata", "sar", "cotta", "mim"]
-
-
-def release_free_heap() -> None:
-    """Hand freed heap memory back to the OS so each run's allocations show up as RSS growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class PeakRSS:
-    """Samples the process RSS every few ms; ``growth`` is the peak minus the start."""
-
-    def __init__(self):
-        release_free_heap()
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
+DEVICE = bench_device()
+# The reference draws seeded masks/restores with a CPU generator, which raises on CUDA: no seed there.
+SEED = 0 if DEVICE.type == "cpu" else None
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +42,9 @@ def models():
     for mim in (False, True):
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(cfg.model, enable_mim=mim))
-        model.eval()
+        model.to(DEVICE).eval()
         out[mim] = (model, copy.deepcopy(model.state_dict()))
-    return out, torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
+    return out, torch.randn(BATCH, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
 
 def floor_run(method, model, x, update_filter):
@@ -96,7 +56,8 @@ def floor_run(method, model, x, update_filter):
             for p in selected:
                 p.grad = None
             if method == "mim":
-                mask = ttt_mim.generate_block_mask(x.shape[-2], x.shape[-1], patch_size=16, mask_prob=0.6)
+                mask = ttt_mim.generate_block_mask(x.shape[-2], x.shape[-1], patch_size=16, mask_prob=0.6,
+                                                   device=x.device)
                 out = model(x, geom_input=ttt_mim._default_geom_input(x), feature_mask=mask, return_mim=True)
                 mim = out["mim"]
                 loss = ttt_mim.reconstruction_loss(mim["recon_feat"], mim["teacher_feat"]) + 0.1 * mim["entropy"]
@@ -113,6 +74,7 @@ def floor_run(method, model, x, update_filter):
                 with torch.no_grad():
                     _forward_cotta_augs(teacher, x, augmentations=("identity", "hflip"),
                                         aggregation="confidence_weighted_mean")
+        sync(x.device)
     finally:
         for p in model.parameters():
             p.grad = None
@@ -124,24 +86,26 @@ def floor_run(method, model, x, update_filter):
 def test_run_ttt_method(benchmark, models, provider, method, update_filter):
     by_mim, x = models
     model, state = by_mim[method == "mim"]
-    config = TTTConfig(enabled=True, method=method, steps=STEPS, update_filter=update_filter, lr=1e-4, seed=0,
+    config = TTTConfig(enabled=True, method=method, steps=STEPS, update_filter=update_filter, lr=1e-4, seed=SEED,
                        cotta_restore_prob=0.01, eata_entropy_max=10.0, eata_conf_min=0.0)
     run = {"reference": reference_run_ttt, "fast": yolozu_ttt.run_ttt}.get(provider)
     peaks = []
+    mem_key = PeakMemory(DEVICE).key
 
     def setup():
         model.load_state_dict(state)
         model.eval()
 
     def once():
-        with PeakRSS() as rss:
+        with PeakMemory(DEVICE) as mem:
             if run is None:
                 floor_run(method, model, x, update_filter)
             else:
                 run(FixedAdapter(model, x), [], config=config)
-        peaks.append(rss.growth)
+        peaks.append(mem.growth)
 
     benchmark.group = f"run_ttt {method}/{update_filter} ({STEPS} steps, {'x'.join(map(str, BATCH))})"
-    benchmark.extra_info.update({"provider": provider, "method": method, "update_filter": update_filter})
+    benchmark.extra_info.update({"provider": provider, "method": method, "update_filter": update_filter,
+                                 "device": str(DEVICE)})
     benchmark.pedantic(once, setup=setup, rounds=2, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["peak_rss_growth_mib"] = round(max(peaks) / 2**20, 1)
+    benchmark.extra_info[mem_key] = round(max(peaks) / 2**20, 1)

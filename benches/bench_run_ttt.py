@@ -1,8 +1,9 @@
-"""End-to-end run_ttt on the builtin RT-DETR (CPU): reference vs fast, and the floor.
+"""End-to-end run_ttt on the builtin RT-DETR: reference vs fast, and the floor.
 
 Tent, 3 steps, one batch of 2x3x320x320, update_filter all and norm_only. ``floor`` is the bare
 model work the engine cannot remove: the same forwards, entropy and backwards computing the
-selected parameters' gradients only, no optimizer and no bookkeeping.
+selected parameters' gradients only, no optimizer and no bookkeeping. CPU unless
+``YOLOZU_TTT_BENCH_DEVICE=cuda``.
 
     python -m pytest benches/bench_run_ttt.py --benchmark-only
 """
@@ -12,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FixedAdapter
+from conftest import FixedAdapter, bench_device, sync
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _entropy_loss_from_logits
 from yolozu.tta.integration import run_ttt as reference_run_ttt
@@ -22,14 +23,15 @@ import yolozu_ttt
 
 STEPS = 3
 BATCH = (2, 3, 320, 320)
+DEVICE = bench_device()
 
 
 @pytest.fixture(scope="module")
 def rtdetr():
     from yolozu.inference.adapter import RTDETRPoseAdapter
 
-    model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model()
-    batch = torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
+    model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model().to(DEVICE)
+    batch = torch.randn(BATCH, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     state = copy.deepcopy(model.state_dict())
     floor_run(model, batch, "norm_only")  # warm the allocator and kernels once for every provider
     model.load_state_dict(state)
@@ -45,6 +47,7 @@ def floor_run(model, batch, update_filter):
             for p in selected:
                 p.grad = None
             _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
+        sync(batch.device)
     finally:
         for p in model.parameters():
             p.grad = None
@@ -71,5 +74,6 @@ def test_run_ttt_tent(benchmark, rtdetr, provider, update_filter):
             run(FixedAdapter(model, batch), [], config=config)
 
     benchmark.group = f"run_ttt tent/{update_filter} ({STEPS} steps, {'x'.join(map(str, BATCH))})"
-    benchmark.extra_info.update({"provider": provider, "update_filter": update_filter, "steps": STEPS})
+    benchmark.extra_info.update({"provider": provider, "update_filter": update_filter, "steps": STEPS,
+                                 "device": str(DEVICE)})
     benchmark.pedantic(once, setup=setup, rounds=2, iterations=1, warmup_rounds=1)

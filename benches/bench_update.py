@@ -2,7 +2,10 @@
 
 reference: what YOLOZU's run_ttt does around each Tent step — pre-step snapshot (clones), grad
 norm, clip_grad_norm_, the clipped grad norm, torch.optim.Adam, update norm and total-update norm.
-fast: one yolozu_ttt._C.fused_step over the flat arena (the same quantities, one pass + clip pass).
+fast: one yolozu_ttt._C.fused_step over the flat arena (the same quantities, one pass + clip pass);
+on CUDA (``device=cuda``, when a GPU is present) the Triton twin ``yolozu_ttt.kernels.update``.
+On CUDA ``extra_info["GB/s"]`` is the fast path's achieved bandwidth over the bytes it must move
+(clip pass: g; Adam pass: read p, g, m, v, base, write p, m, v, snapshot).
 
     python -m pytest benches/bench_update.py --benchmark-only
 """
@@ -15,13 +18,16 @@ from yolozu.tta import integration as ref
 from yolozu.tta.tent import _global_grad_norm
 
 import yolozu_ttt._C as C
+from conftest import sync
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 MAX_GRAD_NORM = 1.0
 
 
-def reference_engine(sizes):
+def reference_engine(sizes, device):
     """Separate parameter tensors with grads, an Adam optimizer and a base snapshot."""
-    params = [torch.randn(n).requires_grad_(True) for n in sizes]
+    params = [torch.randn(n, device=device).requires_grad_(True) for n in sizes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.Adam(params, lr=1e-4)
@@ -35,33 +41,46 @@ def reference_engine(sizes):
         opt.step()
         ref._global_l2_update_norm(pre)
         ref._global_l2_update_norm(base)
+        sync(device)
 
     return step, (params, opt, base)
 
 
-def fast_engine(sizes):
+def fast_engine(sizes, device):
     """One flat arena group over the same sizes."""
     n = sum(sizes)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    bufs = dict(param=torch.randn(n), grad=torch.randn(n) * 1e-3, exp_avg=torch.zeros(n),
-                exp_avg_sq=torch.zeros(n))
+    bufs = dict(param=torch.randn(n, device=device), grad=torch.randn(n, device=device) * 1e-3,
+                exp_avg=torch.zeros(n, device=device), exp_avg_sq=torch.zeros(n, device=device))
     bufs["base"] = bufs["param"].clone()
-    bufs["snap"] = torch.empty(n)
-    group = C.ArenaGroup(offsets=offsets, sizes=list(sizes), **bufs)
+    bufs["snap"] = torch.empty_like(bufs["param"])
+    if device == "cpu":
+        group = C.ArenaGroup(offsets=offsets, sizes=list(sizes), **bufs)
 
-    def step():
-        C.fused_step([group], lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)
+        def step():
+            C.fused_step([group], lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)
+    else:
+        from yolozu_ttt.kernels import update
+
+        group = update.TritonArenaGroup(offsets=offsets, sizes=list(sizes), **bufs)
+
+        def step():
+            update.fused_step([group], lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True).tolist()
 
     return step, (bufs, group)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
 @pytest.mark.parametrize("provider", ["reference", "fast"])
-def test_update(benchmark, provider, update_filter):
+def test_update(benchmark, provider, update_filter, device):
     sizes = rtdetr_param_sizes(update_filter)
-    step, keep = (reference_engine if provider == "reference" else fast_engine)(sizes)
-    benchmark.group = f"update {update_filter} ({sum(sizes) / 1e6:.2f}M params, {len(sizes)} tensors)"
-    benchmark.extra_info.update({"provider": provider, "numel": sum(sizes), "tensors": len(sizes)})
-    rounds = 10 if sum(sizes) > 1_000_000 else 200
+    step, keep = (reference_engine if provider == "reference" else fast_engine)(sizes, device)
+    where = "" if device == "cpu" else f", {device}"
+    benchmark.group = f"update {update_filter} ({sum(sizes) / 1e6:.2f}M params, {len(sizes)} tensors{where})"
+    benchmark.extra_info.update({"provider": provider, "numel": sum(sizes), "tensors": len(sizes), "device": device})
+    rounds = 10 if sum(sizes) > 1_000_000 and device == "cpu" else 200
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)
+    if device == "cuda" and provider == "fast" and benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = 10 * 4 * sum(sizes) / benchmark.stats.stats.mean / 1e9
     del keep

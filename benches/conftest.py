@@ -1,8 +1,12 @@
 """Bench helpers: the builtin RT-DETR's parameter sizes and a reference/fast ratio summary."""
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import platform
+import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +20,71 @@ def rtdetr_param_sizes(update_filter: str = "all") -> tuple[int, ...]:
 
     model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model()
     return tuple(int(p.numel()) for p in select_parameters(model, update_filter=update_filter))
+
+
+def bench_device() -> torch.device:
+    """The end-to-end benches' device: ``YOLOZU_TTT_BENCH_DEVICE`` (default cpu), e.g. ``cuda``."""
+    return torch.device(os.environ.get("YOLOZU_TTT_BENCH_DEVICE", "cpu"))
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS so each run's allocations show up as RSS growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak memory growth over a block: process RSS sampled every few ms on the CPU,
+    ``torch.cuda.max_memory_allocated`` on CUDA. ``growth`` is in bytes; ``key`` names it."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.key = "peak_cuda_growth_mib" if self.cuda else "peak_rss_growth_mib"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            release_free_heap()
+        self.start = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _now(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._now())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        if not self.cuda:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._now())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
 
 
 class FixedAdapter:
@@ -44,12 +113,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, dict[str, float]] = {}
     peaks: dict[str, dict[str, float]] = {}
+    bandwidth: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
         provider = bench.extra_info.get("provider") or (bench.params or {}).get("provider")
         if provider and bench.stats is not None:
             groups.setdefault(bench.group or bench.name, {})[provider] = bench.stats.mean
-            if "peak_rss_growth_mib" in bench.extra_info:
-                peaks.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info["peak_rss_growth_mib"]
+            for key in ("peak_rss_growth_mib", "peak_cuda_growth_mib"):
+                if key in bench.extra_info:
+                    peaks.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info[key]
+            if "GB/s" in bench.extra_info:
+                bandwidth.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info["GB/s"]
     rows = [(g, v) for g, v in sorted(groups.items()) if {"reference", "fast"} <= v.keys()]
     if not rows:
         return
@@ -59,7 +132,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "floor" in v:
             line += f"  (floor {v['floor'] * 1e3:.2f} ms: reference/floor {v['reference'] / v['floor']:.2f}x, fast/floor {v['fast'] / v['floor']:.2f}x)"
         if group in peaks:
-            line += "  peak RSS growth MiB " + ", ".join(f"{k} {v}" for k, v in sorted(peaks[group].items()))
+            line += "  peak memory growth MiB " + ", ".join(f"{k} {v}" for k, v in sorted(peaks[group].items()))
+        if group in bandwidth:
+            line += "  GB/s " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bandwidth[group].items()))
         terminalreporter.write_line(line)
 
 
