@@ -296,7 +296,8 @@ def test_seeded_cuda_run_draws_the_cpu_reference_masks():
     fast = yolozu_ttt.run_ttt(ListAdapter(copy.deepcopy(model).cuda(), [b.cuda() for b in batches]), [],
                               config=cfg())
     assert_same_masks(ref, fast)
-    assert_reports_match(ref, fast, rtol=1e-3, atol=1e-5)
+    assert fast.memory["backend"] == "torch_cuda"
+    assert_reports_match(ref, fast, rtol=1e-3, atol=1e-5, same_device=False)
 
 
 @skip_under_interpreter

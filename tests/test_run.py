@@ -405,10 +405,10 @@ def test_cuda_seeded_cotta_restore_runs_and_repeats_the_cpu_draws():
         report = yolozu_ttt.run_ttt(ListAdapter(m, [b.to(device) for b in batches]), [], config=cfg)
         runs.append((m, report))
     (a, ra), (b, rb), (c, rc) = runs
-    assert ra.to_dict() == rb.to_dict()
+    assert dataclasses.replace(ra, seconds=0.0, memory=None) == dataclasses.replace(rb, seconds=0.0, memory=None)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
     assert ra.steps_run == rc.steps_run == 3
     assert [m["restored_count"] for m in ra.step_metrics] == [m["restored_count"] for m in rc.step_metrics]
     assert sum(m["restored_count"] for m in ra.step_metrics) > 0
-    assert_reports_match(rc, ra, rtol=1e-3, atol=1e-5)
+    assert_reports_match(rc, ra, rtol=1e-3, atol=1e-5, same_device=False)
