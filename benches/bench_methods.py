@@ -3,8 +3,9 @@
 mim (structured branch: the builtin RT-DETR built with enable_mim=True), cotta, eata and sar,
 update_filter norm_only and all, 2 steps on one 1x3x256x256 batch. ``floor`` runs the same
 forwards/backwards each method needs, computing only the selected parameters' gradients, and
-nothing else: the part no engine can remove. ``extra_info`` holds the peak memory growth during the
-run (RSS on the CPU, CUDA max allocated on a GPU). ``YOLOZU_TTT_BENCH_DEVICE=cuda`` runs on the GPU
+nothing else: the part no engine can remove. ``extra_info`` holds the peak memory growth of one more,
+untimed run of reference and fast (``conftest.peak_memory_growth``: the allocator's own accounting,
+CUDA max allocated on a GPU). ``YOLOZU_TTT_BENCH_DEVICE=cuda`` runs on the GPU
 (without a seed there: the reference's seeded draws raise on CUDA).
 
     python -m pytest benches/bench_methods.py --benchmark-only
@@ -16,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import FixedAdapter, PeakMemory, bench_device, sync
+from conftest import FixedAdapter, bench_device, peak_memory_growth, sync
 from yolozu.tta import ttt_mim
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _entropy_loss_from_logits, _forward_cotta_augs
@@ -89,23 +90,22 @@ def test_run_ttt_method(benchmark, models, provider, method, update_filter):
     config = TTTConfig(enabled=True, method=method, steps=STEPS, update_filter=update_filter, lr=1e-4, seed=SEED,
                        cotta_restore_prob=0.01, eata_entropy_max=10.0, eata_conf_min=0.0)
     run = {"reference": reference_run_ttt, "fast": yolozu_ttt.run_ttt}.get(provider)
-    peaks = []
-    mem_key = PeakMemory(DEVICE).key
 
     def setup():
         model.load_state_dict(state)
         model.eval()
 
-    def once():
-        with PeakMemory(DEVICE) as mem:
-            if run is None:
-                floor_run(method, model, x, update_filter)
-            else:
-                run(FixedAdapter(model, x), [], config=config)
-        peaks.append(mem.growth)
+    def adapt(m):
+        if run is None:
+            floor_run(method, m, x, update_filter)
+        else:
+            run(FixedAdapter(m, x), [], config=config)
 
     benchmark.group = f"run_ttt {method}/{update_filter} ({STEPS} steps, {'x'.join(map(str, BATCH))})"
     benchmark.extra_info.update({"provider": provider, "method": method, "update_filter": update_filter,
                                  "device": str(DEVICE)})
-    benchmark.pedantic(once, setup=setup, rounds=2, iterations=1, warmup_rounds=1)
-    benchmark.extra_info[mem_key] = round(max(peaks) / 2**20, 1)
+    benchmark.pedantic(lambda: adapt(model), setup=setup, rounds=2, iterations=1, warmup_rounds=1)
+    if run is not None:  # one more, untimed run for the memory figure
+        setup()
+        key, mib = peak_memory_growth(adapt, model, DEVICE)
+        benchmark.extra_info[key] = mib

@@ -1,12 +1,9 @@
 """Bench helpers: the builtin RT-DETR's parameter sizes and a reference/fast ratio summary."""
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import platform
-import threading
-import time
 
 import pytest
 import torch
@@ -33,58 +30,44 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def release_free_heap() -> None:
-    """Hand freed heap memory back to the OS so each run's allocations show up as RSS growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+def _nbytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-class PeakMemory:
-    """Peak memory growth over a block: process RSS sampled every few ms on the CPU,
-    ``torch.cuda.max_memory_allocated`` on CUDA. ``growth`` is in bytes; ``key`` names it."""
+def peak_memory_growth(run, model, device: torch.device | str) -> tuple[str, float]:
+    """``(key, MiB)``: the allocator's peak growth while ``run(copy)`` adapts a fresh deep copy of
+    ``model`` (made inside the measurement, its own size subtracted, so memory a backend frees from
+    the model's original storages counts as freed).
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.cuda = torch.device(device).type == "cuda"
-        self.key = "peak_cuda_growth_mib" if self.cuda else "peak_rss_growth_mib"
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            release_free_heap()
-        self.start = self.peak = self._now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: every allocation and free that torch's CPU
+    allocator makes, summed in time order (``torch.profiler`` with ``profile_memory``): exact, unlike
+    the process RSS, which the C library's heap keeps high after frees.
+    """
+    import copy
 
-    def _now(self) -> int:
-        if self.cuda:
-            return torch.cuda.memory_allocated()
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    from torch.profiler import ProfilerActivity, profile
 
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._now())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        if not self.cuda:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._now())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
+    size = _nbytes(model)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        clone = copy.deepcopy(model)
+        run(clone)
+        del clone
+        torch.cuda.synchronize()
+        return "peak_cuda_growth_mib", round((torch.cuda.max_memory_allocated() - start - size) / 2**20, 1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        clone = copy.deepcopy(model)
+        run(clone)
+        del clone
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return "peak_cpu_growth_mib", round((peak - size) / 2**20, 1)
 
 
 class FixedAdapter:
@@ -118,7 +101,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         provider = bench.extra_info.get("provider") or (bench.params or {}).get("provider")
         if provider and bench.stats is not None:
             groups.setdefault(bench.group or bench.name, {})[provider] = bench.stats.mean
-            for key in ("peak_rss_growth_mib", "peak_cuda_growth_mib"):
+            for key in ("peak_cpu_growth_mib", "peak_cuda_growth_mib"):
                 if key in bench.extra_info:
                     peaks.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info[key]
             if "GB/s" in bench.extra_info:

@@ -149,7 +149,9 @@ PYBIND11_MODULE(_C, m) {
       .def("reset_state", &ArenaGroup::reset_state,
            "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")
       .def("set_teacher", &ArenaGroup::set_teacher, py::arg("teacher"),
-           "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.");
+           "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.")
+      .def("set_snapshot", &ArenaGroup::set_snapshot, py::arg("snap"),
+           "Bind (or with None, unbind) the pre-step snapshot buffer, same size and dtype as param.");
 
   m.def("fused_step", &fused_step, py::arg("groups"), py::arg("lr"), py::arg("beta1") = 0.9,
         py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("max_grad_norm") = py::none(),

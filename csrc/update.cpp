@@ -453,6 +453,13 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   return reduce(parts, seg_of, sizes_);
 }
 
+void ArenaGroup::set_snapshot(py::object snap) {
+  Buffer b = make_buffer(snap, "snap", true);
+  if (b.defined() && (b.numel != param_.numel || b.dtype != param_.dtype))
+    throw py::value_error("yolozu_ttt._C: snap must match the param buffer's size and dtype");
+  snap_ = b;
+}
+
 void ArenaGroup::set_teacher(py::object teacher) {
   Buffer t = make_buffer(teacher, "teacher", true);
   if (t.defined() && (t.numel != param_.numel || t.dtype != param_.dtype))

@@ -80,6 +80,7 @@ class ArenaGroup {
   StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
                       double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
   void set_teacher(py::object teacher);
+  void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive);
 

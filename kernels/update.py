@@ -436,6 +436,11 @@ class TritonArenaGroup:
         self._steps = [0] * len(self.sizes)
         self.teacher: torch.Tensor | None = None
 
+    def set_snapshot(self, snap: torch.Tensor | None) -> None:
+        """Bind (or with None, unbind) the pre-step snapshot buffer: same size, dtype and device as param."""
+        self.snap = None if snap is None else _check_tensor(snap, "snap", self.param.numel(), self.param.device,
+                                                               (self.param.dtype,))
+
     def set_teacher(self, teacher: torch.Tensor | None) -> None:
         """Bind (or with None, unbind) the CoTTA teacher buffer: same size, dtype and device as param."""
         if teacher is not None:

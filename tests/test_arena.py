@@ -84,11 +84,22 @@ def test_unsupported_dtype_raises_and_leaves_the_model_alone():
     assert [p.untyped_storage()._cdata for p in model.parameters()] == storages
 
 
-def test_restore_snapshot_needs_a_snapshot():
+def test_snapshot_lives_from_hold_to_drop_and_rolls_back_bit_exactly():
+    """No snapshot buffer outside a step (the forward/backward peak never holds one)."""
     model = make_model()
-    with ParamArena(model, norm_params(model), snapshot=False) as arena:
-        with pytest.raises(RuntimeError, match="snapshot=True"):
+    with ParamArena(model, norm_params(model)) as arena:
+        assert all(g.snap is None for g in arena.groups)
+        with pytest.raises(RuntimeError, match="no step wrote one"):
             arena.restore_snapshot()
+        before = [g.flat.clone() for g in arena.groups]
+        arena.hold_snapshot()
+        for g in arena.groups:
+            g.snap.copy_(g.flat)
+            g.flat.add_(1.0)
+        arena.restore_snapshot()
+        assert all(torch.equal(g.flat, b) for g, b in zip(arena.groups, before))
+        arena.drop_snapshot()
+        assert all(g.snap is None for g in arena.groups)
 
 
 def test_original_storages_are_released_during_the_run_and_restored_after():

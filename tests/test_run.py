@@ -324,8 +324,8 @@ def test_session_reuses_buffers_and_matches_fresh_runs(update_filter):
     flats = []
     original_pack = ParamArena._pack
 
-    def spy(self, ps, snapshot):
-        original_pack(self, ps, snapshot)
+    def spy(self, ps):
+        original_pack(self, ps)
         if self.model is session_model:
             flats.append(self.groups[-1].flat.data_ptr())
 

@@ -230,6 +230,26 @@ def test_write_snapshot_requires_a_snapshot_buffer():
     C.fused_step([arena.group], lr=1e-3, write_snapshot=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snapshot_buffer_binds_late_and_unbinds(dtype):
+    """set_snapshot: a buffer bound after construction receives the pre-step values; None unbinds."""
+    arena = Arena([torch.randn(37), torch.randn(5, 3)], dtype, snapshot=False)
+    arena.grad.copy_(torch.randn(arena.flat.numel()).to(dtype))
+    arena.has_grad = None
+    before = arena.flat.clone()
+    snap = torch.full_like(arena.flat, 7.0)
+    arena.group.set_snapshot(snap)
+    C.fused_step([arena.group], lr=1e-2, write_snapshot=True)
+    assert torch.equal(snap, before) and not torch.equal(arena.flat, before)
+    for bad, match in ((torch.empty(3, dtype=dtype), "snap must match"),
+                       (torch.empty_like(arena.flat, dtype=torch.float16), "snap must match")):
+        with pytest.raises(ValueError, match=match):
+            arena.group.set_snapshot(bad)
+    arena.group.set_snapshot(None)
+    with pytest.raises(ValueError, match="write_snapshot needs a snapshot buffer"):
+        C.fused_step([arena.group], lr=1e-3, write_snapshot=True)
+
+
 def test_group_keeps_its_tensors_alive():
     """Tensors whose pointers the group holds stay valid after the caller drops them."""
     group = C.ArenaGroup(torch.ones(1000), torch.ones(1000), torch.zeros(1000), torch.zeros(1000),

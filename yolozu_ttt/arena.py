@@ -35,10 +35,10 @@ class ArenaGroup:
     offsets: list[int]
     sizes: list[int]
     flat: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    base: torch.Tensor
+    grad: torch.Tensor | None  # None only while being built and after close
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor | None
+    base: torch.Tensor | None
     snap: torch.Tensor | None
     has_grad: bytearray
     backend: str = "cpp"
@@ -61,7 +61,7 @@ def _unique(params: Iterable[torch.Tensor]) -> list[torch.nn.Parameter]:
 class ParamArena:
     """Flat storage for the selected parameters of ``model``; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor], *, snapshot: bool = True):
+    def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor]):
         self.model = model
         self.params = _unique(params)
         self.groups: list[ArenaGroup] = []
@@ -71,13 +71,13 @@ class ParamArena:
             for p in self.params:
                 by_key.setdefault((str(p.device), p.dtype), []).append(p)
             for ps in by_key.values():
-                self._pack(ps, snapshot)
+                self._pack(ps)
         except BaseException:
             self.close()
             raise
 
     # ---- construction ---------------------------------------------------------------------
-    def _pack(self, ps: list[torch.nn.Parameter], snapshot: bool) -> None:
+    def _pack(self, ps: list[torch.nn.Parameter]) -> None:
         """Copy ``ps`` into one flat buffer and rebind each ``.data``/``.grad`` to views of it."""
         if ps[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"yolozu_ttt: unsupported parameter dtype {ps[0].dtype} (float32, bfloat16, float16)")
@@ -85,7 +85,7 @@ class ParamArena:
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
-        key = (str(ps[0].device), ps[0].dtype, tuple(sizes), bool(snapshot))
+        key = (str(ps[0].device), ps[0].dtype, tuple(sizes))
         cache = _BUFFER_CACHE.get()
         reused = cache.get(key) if cache is not None else None
         backend = "triton" if use_triton(ps[0]) else "cpp"
@@ -93,33 +93,40 @@ class ParamArena:
         moments = torch.zeros if backend == "triton" else torch.empty
         with torch.no_grad():
             if reused is None:
+                # the values first: the originals are emptied before the other buffers exist, so
+                # the peak during construction holds each selected parameter once
                 flat = torch.cat([p.detach().reshape(-1) for p in ps])
                 group = ArenaGroup(
                     params=ps, originals=[p.data for p in ps], offsets=offsets, sizes=sizes, flat=flat,
-                    grad=torch.zeros_like(flat),
-                    exp_avg=moments(flat.numel(), dtype=torch.float32, device=flat.device),
-                    exp_avg_sq=moments(flat.numel(), dtype=torch.float32, device=flat.device),
-                    base=flat.clone(), snap=torch.empty_like(flat) if snapshot else None,
+                    grad=None, exp_avg=None, exp_avg_sq=None, base=None, snap=None,
                     has_grad=bytearray(len(ps)), backend=backend,
                 )
             else:  # same layout as an earlier run in this session: refill its buffers
                 group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[], released=[])
                 torch.cat([p.detach().reshape(-1) for p in ps], out=group.flat)
-                group.grad.zero_()
-                group.base.copy_(group.flat)
-                group.engine.reset_state()  # Adam moments and step counts
             self.groups.append(group)  # registered before rebinding so close() can undo it
             for p, o, n in zip(ps, offsets, sizes):
                 p.data = group.flat[o:o + n].view(p.shape)
-                p.grad = group.grad[o:o + n].view(p.shape)
             group.released = _release_unshared(group.originals)
+            if reused is None:
+                flat = group.flat
+                group.grad = torch.zeros_like(flat)
+                group.exp_avg = moments(flat.numel(), dtype=torch.float32, device=flat.device)
+                group.exp_avg_sq = moments(flat.numel(), dtype=torch.float32, device=flat.device)
+                group.base = flat.clone()
+            else:
+                group.grad.zero_()
+                group.base.copy_(group.flat)
+                group.engine.reset_state()  # Adam moments and step counts
+            for p, o, n in zip(ps, offsets, sizes):
+                p.grad = group.grad[o:o + n].view(p.shape)
         flags = group.has_grad
         for i, p in enumerate(ps):
             group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
         if reused is not None:
             return
         engine_cls = (_triton_group() if group.backend == "triton" else _native.require_native().ArenaGroup)
-        group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, group.snap,
+        group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, None,
                                   offsets, sizes, flags)
         if cache is not None:
             cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[], released=[])
@@ -139,12 +146,30 @@ class ParamArena:
         """Whether backward reached any selected parameter."""
         return any(any(g.has_grad) for g in self.groups)
 
+    def hold_snapshot(self) -> None:
+        """Give each group a pre-step snapshot buffer (bound to its engine) until ``drop_snapshot``.
+
+        The snapshot lives only from the step that writes it to the step's stop decision, so
+        the forward and backward passes (the run's memory peak) never hold it.
+        """
+        for g in self.groups:
+            if g.snap is None:
+                g.snap = torch.empty_like(g.flat)
+                g.engine.set_snapshot(g.snap)
+
+    def drop_snapshot(self) -> None:
+        """Free the snapshot buffers (the engine unbinds first)."""
+        for g in self.groups:
+            if g.snap is not None:
+                g.engine.set_snapshot(None)
+                g.snap = None
+
     def restore_snapshot(self) -> None:
         """Roll the parameters back to the pre-step snapshot, bit-exactly."""
         with torch.no_grad():
             for g in self.groups:
                 if g.snap is None:
-                    raise RuntimeError("yolozu_ttt: rollback needs an arena built with snapshot=True")
+                    raise RuntimeError("yolozu_ttt: rollback needs a snapshot: no step wrote one")
                 g.flat.copy_(g.snap)
 
     @property
@@ -161,14 +186,18 @@ class ParamArena:
             for g in self.groups:
                 for h in g.hooks:
                     h.remove()
+                for p in g.params:
+                    p.grad = None
+                # drop the work buffers before the originals grow back (a session's cache keeps its own)
+                if g.engine is not None:
+                    g.engine.set_snapshot(None)
+                g.engine = g.grad = g.exp_avg = g.exp_avg_sq = g.base = g.snap = None
                 for storage, nbytes in g.released:
                     storage.resize_(nbytes)
                 for p, orig in zip(g.params, g.originals):
                     if p.data.data_ptr() != orig.data_ptr():
                         orig.copy_(p.data)
                         p.data = orig
-                    p.grad = None
-                g.engine = None  # a session's cache keeps its own reference
         self.groups = []
 
     def __enter__(self) -> "ParamArena":

@@ -90,6 +90,7 @@ class RunContext:
         if reason is None:
             self.losses.append(float(loss))
             self.step_metrics.append(entry)
+            arena.drop_snapshot()
             return False
         self.stopped_early = True
         self.stop_reason = reason
@@ -99,6 +100,7 @@ class RunContext:
                 arena.restore_snapshot()
             if buffers is not None:
                 buffers.restore()
+        arena.drop_snapshot()
         self.step_metrics.append(entry)
         return True
 

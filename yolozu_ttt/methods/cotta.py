@@ -68,7 +68,7 @@ def run(ctx: RunContext) -> None:
     ema_momentum = float(config.cotta_ema_momentum)
     seed = restore_seed(config) if restore_prob > 0.0 else 0
     snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params, snapshot=snapshot) as arena:
+    with ParamArena(model, params) as arena:
         engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
         teacher, _ = build_teacher(model, arena)

@@ -107,7 +107,7 @@ def run(ctx: RunContext) -> None:
     lam = float(config.eata_anchor_lambda)
     ratio_min = float(config.eata_selected_ratio_min)
     snapshot = guards.needs_snapshot(config) or (bool(config.rollback_on_stop) and ratio_min > 0.0)
-    with ParamArena(model, params, snapshot=snapshot) as arena:
+    with ParamArena(model, params) as arena:
         engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
         total_update_norm, streak = 0.0, 0

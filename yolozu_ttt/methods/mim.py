@@ -117,7 +117,7 @@ def run(ctx: RunContext) -> None:
     patch_size, mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)
     mask_value = float(config.mim_mask_value)
     snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params, snapshot=snapshot) as arena:
+    with ParamArena(model, params) as arena:
         engine = UpdateEngine(arena, lr=lr, max_grad_norm=config.max_grad_norm)
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
         for step_idx in range(ctx.steps):

@@ -50,6 +50,7 @@ def grad_norm_and_clip(arena: ParamArena, max_grad_norm: float | None) -> Any:
 
 def poison(arena: ParamArena) -> None:
     """The reference's ascent with a NaN direction norm: back up, then every param with a grad is NaN."""
+    arena.hold_snapshot()
     with torch.no_grad():
         for g in arena.groups:
             g.snap.copy_(g.flat)
@@ -62,6 +63,7 @@ def perturb(arena: ParamArena, rho: float, adaptive: bool, grad_norm: Any) -> tu
     """Ascent step (snapshot = backup) from the clipped first grads; returns (pre-clip grad norm, applied)."""
     if rho <= 0.0:
         return float(grad_norm), False
+    arena.hold_snapshot()  # the ascent's backup, kept through the second pass
     out = engine_module(arena).sar_perturb([g.engine for g in arena.groups], rho, bool(adaptive))
     if torch.is_tensor(out):
         grad_norm, direction_norm, applied = torch.cat([torch.as_tensor(grad_norm, device=out.device).reshape(1),
@@ -83,7 +85,7 @@ def run(ctx: RunContext) -> None:
     first_step_scale = float(config.sar_first_step_scale)
     rho_value = max(0.0, rho) * max(0.0, first_step_scale)
     snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params, snapshot=snapshot or rho_value > 0.0) as arena:  # the snapshot is SAR's backup
+    with ParamArena(model, params) as arena:
         engine = UpdateEngine(arena, lr=config.lr)  # the reference does not clip the second grads
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
         for step_idx in range(ctx.steps):

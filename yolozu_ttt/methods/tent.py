@@ -89,7 +89,7 @@ def run(ctx: RunContext) -> None:
     has_aux, has_teacher = runner._has_aux, runner._has_teacher
     del runner
     snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params, snapshot=snapshot) as arena:
+    with ParamArena(model, params) as arena:
         engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) or bool(config.detector_response) else None
         total_update_norm = 0.0
