@@ -263,7 +263,6 @@ struct AdamScalars {
   // CoTTA: teacher EMA (t <- t*m + (1-m)*p_new) and stochastic restore (p <- base with prob q)
   float ema_m, ema_w, restore_q;
   uint32_t key;
-  bool ema, restore;
   bool first;  // the segment's first Adam step: moments start at 0, their buffers are not read
 };
 
@@ -285,9 +284,14 @@ inline float uniform01(int64_t index, uint32_t key) {
 
 // One step on a work item: Adam (torch.optim.Adam's operation order, fp32 math) when the tensor
 // has a grad (torch skips tensors without one), then the CoTTA extras, then the norms.
-template <typename S, bool GRAD, bool ANCHOR, bool SNAP, bool COTTA>
+// Every per-element choice is a compile-time flag or a select, so the loop vectorises.
+template <typename S, bool GRAD, bool ANCHOR, bool SNAP, bool EMA, bool RESTORE>
 Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamScalars k) {
   Partials out;
+  if (GRAD && k.first) {  // the segment's first step: moments start at 0 (their buffers may be unset)
+    std::memset(q.m1 + w.begin, 0, sizeof(float) * (w.end - w.begin));
+    std::memset(q.m2 + w.begin, 0, sizeof(float) * (w.end - w.begin));
+  }
   for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
     const int64_t t1 = std::min(t0 + kTile, w.end);
     float sg = 0.f, sc = 0.f, su = 0.f, st = 0.f, sa = 0.f, sr = 0.f;
@@ -310,9 +314,9 @@ Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamSca
         // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
         const float gc = gv * k.clip;
         sc += gc * gc;
-        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g  (m = v = 0 before step 1)
-        const float m_prev = k.first ? 0.f : q.m1[j];
-        const float v_prev = k.first ? 0.f : q.m2[j];
+        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+        const float m_prev = q.m1[j];
+        const float v_prev = q.m2[j];
         const float mv = m_prev + k.w1 * (gc - m_prev);
         const float vv = v_prev * k.b2 + (k.w2 * gc) * gc;
         q.m1[j] = mv;
@@ -321,16 +325,15 @@ Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamSca
         const float denom = std::sqrt(vv) / k.bcs + k.eps;
         pnew = S::load(S::store(pold + (k.nss * mv) / denom));
       }
-      if (COTTA) {
-        // 5. teacher EMA on the updated student: t <- t*m + (1-m)*p
-        if (k.ema) q.teacher[j] = S::store(S::load(q.teacher[j]) * k.ema_m + k.ema_w * pnew);
-        // 6. stochastic restore: p <- base where u(j) < q
-        if (k.restore && uniform01(j, k.key) < k.restore_q) {
-          pnew = base;
-          sr += 1.f;
-        }
+      // 5. teacher EMA on the updated student: t <- t*m + (1-m)*p
+      if (EMA) q.teacher[j] = S::store(S::load(q.teacher[j]) * k.ema_m + k.ema_w * pnew);
+      // 6. stochastic restore: p <- base where u(j) < q
+      if (RESTORE) {
+        const bool back = uniform01(j, k.key) < k.restore_q;
+        pnew = back ? base : pnew;
+        sr += back ? 1.f : 0.f;
       }
-      if (GRAD || COTTA) q.p[j] = S::store(pnew);
+      if (GRAD || RESTORE) q.p[j] = S::store(pnew);
       // 7. norms of the step and of the drift from the base snapshot
       const float du = pnew - pold;
       const float dt = pnew - base;
@@ -419,7 +422,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   std::vector<Partials> parts(n_items);
   std::vector<int64_t> seg_of(n_items);
   const bool anchor = anchor_lambda != 0.0;
-  const bool with_cotta = cotta.ema || cotta.restore_prob > 0.0;
+  const bool restore = cotta.restore_prob > 0.0;
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
@@ -435,15 +438,16 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
                           neg_step_size[w.seg], bc2_sqrt[w.seg],
                           static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg])),
                           static_cast<float>(m), static_cast<float>(1.0 - m),
-                          static_cast<float>(cotta.restore_prob), cotta.key, cotta.ema,
-                          cotta.restore_prob > 0.0, first[w.seg] != 0};
+                          static_cast<float>(cotta.restore_prob), cotta.key, first[w.seg] != 0};
       const bool grad = !(hg && !hg[w.seg]);
       parts[i] = with_flag(grad, [&](auto G) {
         return with_flag(grad && anchor, [&](auto A) {
           return with_flag(write_snapshot, [&](auto N) {
-            return with_flag(with_cotta, [&](auto E) {
-              return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
-                               decltype(E)::value>(w, q, k);
+            return with_flag(cotta.ema, [&](auto E) {
+              return with_flag(restore, [&](auto R) {
+                return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
+                                 decltype(E)::value, decltype(R)::value>(w, q, k);
+              });
             });
           });
         });
