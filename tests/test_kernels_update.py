@@ -26,6 +26,7 @@ import traceback
 from typing import Any, Callable
 
 import pytest
+from conftest import triton_interpreter_problem
 
 _MARKER = "KERNELS_UPDATE_RESULTS "
 SIZES = [7, 1, 1000, 33]  # odd sizes: a 1-element segment, a multi-block segment, ragged tails
@@ -60,6 +61,9 @@ def worker_results(request) -> dict[str, Any]:
         pytest.skip("CUDA is not available")
     env = dict(os.environ)
     if mode == "interpret":
+        problem = triton_interpreter_problem()
+        if problem:
+            pytest.skip(problem)
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
