@@ -33,8 +33,8 @@ DEVICE = bench_device()
 SEED = 0 if DEVICE.type == "cpu" else None
 
 
-@pytest.fixture(scope="module")
-def models():
+def build_models():
+    """({enable_mim: (model, state)}, batch): the builtin RT-DETR without and with MIM, one batch."""
     from rtdetr_pose.config import load_config
     from rtdetr_pose.factory import build_model
 
@@ -46,6 +46,11 @@ def models():
         model.to(DEVICE).eval()
         out[mim] = (model, copy.deepcopy(model.state_dict()))
     return out, torch.randn(BATCH, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
 
 
 def floor_run(method, model, x, update_filter):

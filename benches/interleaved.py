@@ -1,0 +1,73 @@
+"""End-to-end reference vs fast, interleaved: one run of each in turn, repeated, in one process.
+
+pytest-benchmark times all rounds of one provider before the next, so a burst of load on a shared
+machine lands on one side of the ratio. This script alternates reference, fast and floor runs
+(builtin RT-DETR, the cases of bench_run_ttt.py / bench_methods.py) and prints each side's median
+and the ratio of medians.
+
+    python benches/interleaved.py --repeats 5 tent/all eata/all sar/all cotta/all mim/all
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+import bench_methods
+import bench_run_ttt
+import yolozu_ttt
+from conftest import FixedAdapter
+
+
+def case(name: str):
+    """(model, state, batch, config, floor) for 'method/update_filter'."""
+    method, update_filter = name.split("/")
+    if method == "tent":
+        from yolozu.inference.adapter import RTDETRPoseAdapter
+
+        model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model()
+        batch = torch.randn(bench_run_ttt.BATCH, generator=torch.Generator().manual_seed(0))
+        config = TTTConfig(enabled=True, method="tent", steps=bench_run_ttt.STEPS, update_filter=update_filter,
+                           lr=1e-4)
+        return model, batch, config, lambda m: bench_run_ttt.floor_run(m, batch, update_filter)
+    by_mim, x = bench_methods.build_models()
+    model, _ = by_mim[method == "mim"]
+    config = TTTConfig(enabled=True, method=method, steps=bench_methods.STEPS, update_filter=update_filter,
+                       lr=1e-4, seed=0, cotta_restore_prob=0.01, eata_entropy_max=10.0, eata_conf_min=0.0)
+    return model, x, config, lambda m: bench_methods.floor_run(method, m, x, update_filter)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="+")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for name in args.cases:
+        model, batch, config, floor = case(name)
+        state = copy.deepcopy(model.state_dict())
+        runs = {"reference": lambda m: reference_run_ttt(FixedAdapter(m, batch), [], config=config),
+                "fast": lambda m: yolozu_ttt.run_ttt(FixedAdapter(m, batch), [], config=config),
+                "floor": floor}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for i in range(args.repeats + 1):  # the first round warms up and is dropped
+            for provider, run in runs.items():
+                model.load_state_dict(state)
+                model.eval()
+                t = time.perf_counter()
+                run(model)
+                if i:
+                    times[provider].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{name:<16} median reference {med['reference'] * 1e3:8.1f} ms  fast {med['fast'] * 1e3:8.1f} ms  "
+              f"floor {med['floor'] * 1e3:8.1f} ms  speed-up {med['reference'] / med['fast']:.2f}x  "
+              f"fast/floor {med['fast'] / med['floor']:.2f}x  ({args.repeats} interleaved repeats)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
