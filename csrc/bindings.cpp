@@ -96,13 +96,13 @@ py::dict fused_step(const py::list& groups, double lr, double beta1, double beta
   return out;
 }
 
-py::tuple grad_stats(const py::list& groups, double anchor_lambda) {
+py::tuple grad_stats(const py::list& groups, double anchor_lambda, bool anchor_value) {
   const auto gs = as_groups(groups);
   StepStats total;
   {
     py::gil_scoped_release release;
     for (auto* g : gs) {
-      const StepStats s = g->grad_pass(anchor_lambda);
+      const StepStats s = g->grad_pass(anchor_lambda, anchor_value);
       total.grad_sumsq += s.grad_sumsq;
       total.anchor += s.anchor;
     }
@@ -165,7 +165,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("restore_key", &restore_key, py::arg("seed"), py::arg("counter"), py::arg("group"),
         "The 32-bit key of the counter-based restore RNG for one group and step.");
   m.def("grad_stats", &grad_stats, py::arg("groups"), py::arg("anchor_lambda") = 0.0,
-        "(grad norm, anchor value) without changing anything.");
+        py::arg("anchor_value") = false,
+        "(grad norm, anchor value) without changing anything; the anchor value is computed when "
+        "anchor_lambda != 0 or anchor_value (else 0), the norm includes the anchor gradient.");
   m.def("sar_perturb", &sar_perturb, py::arg("groups"), py::arg("rho"), py::arg("adaptive"),
         "SAR ascent step with the snapshot as backup. Returns (direction norm, applied).");
   yttt::register_cpu_ops(m);

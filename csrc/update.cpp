@@ -234,8 +234,9 @@ struct Partials {
   double g = 0, c = 0, u = 0, t = 0, a = 0, r = 0;
 };
 
-// grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added) and anchor value.
-template <typename S, bool ANCHOR>
+// grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added when ADD) and, when
+// VALUE, the anchor value's partial sum of (p - base)^2.
+template <typename S, bool ADD, bool VALUE>
 Partials grad_item(const WorkItem& w, const typename S::T* p, const typename S::T* g,
                    const typename S::T* b, float ak) {
   Partials out;
@@ -245,10 +246,10 @@ Partials grad_item(const WorkItem& w, const typename S::T* p, const typename S::
 #pragma omp simd reduction(+ : sg, sa)
     for (int64_t j = t0; j < t1; ++j) {
       float gv = S::load(g[j]);
-      if (ANCHOR) {
+      if (ADD || VALUE) {
         const float d = S::load(p[j]) - S::load(b[j]);
-        gv += ak * d;
-        sa += d * d;
+        if (ADD) gv += ak * d;
+        if (VALUE) sa += d * d;
       }
       sg += gv * gv;
     }
@@ -371,7 +372,7 @@ StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>&
 
 }  // namespace
 
-StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
+StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
   const int64_t n_items = static_cast<int64_t>(work_.size());
   std::vector<Partials> parts(n_items);
   std::vector<int64_t> seg_of(n_items);
@@ -387,8 +388,11 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda) const {
       seg_of[i] = w.seg;
       if (hg && !hg[w.seg]) return;
       const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
-      parts[i] = anchor_lambda != 0.0 ? grad_item<S, true>(w, p, g, b, ak)
-                                      : grad_item<S, false>(w, p, g, b, ak);
+      parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
+        return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
+          return grad_item<S, decltype(A)::value, decltype(V)::value>(w, p, g, b, ak);
+        });
+      });
     });
   });
   return reduce(parts, seg_of, sizes_);

@@ -76,7 +76,7 @@ class ArenaGroup {
   void reset_state();
 
   // Passes (each parallel over work items, deterministic).
-  StepStats grad_pass(double anchor_lambda) const;
+  StepStats grad_pass(double anchor_lambda, bool anchor_value = false) const;
   StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
                       double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
   void set_teacher(py::object teacher);

@@ -120,9 +120,11 @@ def _grad_pass_kernel(
     part_stride,
     part_base,
     HAS_ANCHOR: tl.constexpr,
+    ANCHOR_VALUE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Per block: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n over segments with a grad."""
+    """Per block: ||g + 2*lambda*(p-base)/n||^2 (anchor term with HAS_ANCHOR) and, with
+    ANCHOR_VALUE, sum (p-base)^2 / n, over segments with a grad."""
     pid = tl.program_id(0).to(tl.int64)
     seg, start, end, seg_numel = _block(blocks_ptr, pid)
     anchor_coef = tl.load(seg_ptr + seg * 4 + 2)
@@ -132,12 +134,14 @@ def _grad_pass_kernel(
     gmask = offs < grad_end
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
-    # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
-    if HAS_ANCHOR:
+    # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n, and its value
+    if HAS_ANCHOR or ANCHOR_VALUE:
         p = tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
         base = tl.load(base_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
         d = p - base
-        g = g + anchor_coef * d
+        if HAS_ANCHOR:
+            g = g + anchor_coef * d
+    if ANCHOR_VALUE:
         anchor = tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64)
         tl.store(part_ptr + 4 * part_stride + part_base + pid, anchor)
     else:
@@ -614,7 +618,7 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
             if g.num_blocks:
                 _grad_pass_kernel[(g.num_blocks,)](
                     g.param, g.grad, g.base, g._blocks, table, part, stride, base,
-                    HAS_ANCHOR=has_anchor, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
+                    HAS_ANCHOR=has_anchor, ANCHOR_VALUE=has_anchor, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
         _clip_coef_kernel[(1,)](part, stride, n_slots, stats, float(max_grad_norm), RBLOCK=_RBLOCK)
 
     # 4-8. Adam pass (reads the coefficient from device memory), snapshot, EMA, restore, norms
@@ -633,12 +637,14 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
     return stats
 
 
-def grad_stats(groups: Sequence[TritonArenaGroup], anchor_lambda: float = 0.0) -> torch.Tensor:
+def grad_stats(groups: Sequence[TritonArenaGroup], anchor_lambda: float = 0.0,
+               anchor_value: bool = False) -> torch.Tensor:
     """(grad norm, anchor value) without changing anything: float32 device tensor of shape (2,).
 
     Parameters:
         groups: the arena groups, all on one device.
         anchor_lambda: EATA anchor weight; the grad norm includes the anchor gradient.
+        anchor_value: compute the anchor value even at ``anchor_lambda == 0`` (else it is 0 there).
     """
     gs, device = _prepare(groups)
     anchor_lambda = float(anchor_lambda)
@@ -651,7 +657,8 @@ def grad_stats(groups: Sequence[TritonArenaGroup], anchor_lambda: float = 0.0) -
         if g.num_blocks:
             _grad_pass_kernel[(g.num_blocks,)](
                 g.param, g.grad, g.base, g._blocks, table, part, stride, base,
-                HAS_ANCHOR=anchor_lambda != 0.0, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
+                HAS_ANCHOR=anchor_lambda != 0.0, ANCHOR_VALUE=anchor_lambda != 0.0 or bool(anchor_value),
+                BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
     _grad_stats_kernel[(1,)](part, stride, n_slots, out, RBLOCK=_RBLOCK)
     return out
 

@@ -437,9 +437,10 @@ def _grad_stats(mode):
         g_ref = _bind(C.ArenaGroup, ref, SIZES, bytearray(flags))
         g_ours = _bind(U.TritonArenaGroup, ours, SIZES, bytearray(flags), block_size=256)
         before = {k: v.clone() for k, v in ours.items()}
-        for lam in (0.0, 0.5):
-            out = U.grad_stats([g_ours], anchor_lambda=lam)
-            norm, anchor = C.grad_stats([g_ref], lam)
+        for lam, value in ((0.0, False), (0.0, True), (0.5, False)):
+            out = U.grad_stats([g_ours], anchor_lambda=lam, anchor_value=value)
+            norm, anchor = C.grad_stats([g_ref], lam, anchor_value=value)
+            assert (anchor != 0.0) == (lam != 0.0 or value)
             assert out.shape == (2,) and out.dtype == torch.float32
             torch.testing.assert_close(out.cpu().double(), torch.tensor([norm, anchor], dtype=torch.float64),
                                        rtol=1e-5, atol=1e-8)

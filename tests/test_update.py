@@ -223,6 +223,23 @@ def test_bad_inputs_have_clear_errors(make, match):
         make()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_stats_anchor_value_at_lambda_zero(dtype):
+    """anchor_value=True: the anchor value sum_i mean((p_i - base_i)^2) over segments with a grad,
+    the grad norm untouched (no anchor gradient at lambda 0)."""
+    values = [torch.randn(37), torch.randn(5, 3), torch.randn(300)]
+    arena = Arena(values, dtype, has_grad=bytearray(b"\x01\x00\x01"))
+    arena.grad.copy_(torch.randn(arena.flat.numel()).to(dtype))
+    arena.base.copy_((arena.flat.float() + 0.05 * torch.randn(arena.flat.numel())).to(dtype))
+    plain = C.grad_stats([arena.group], 0.0)
+    norm, anchor = C.grad_stats([arena.group], 0.0, anchor_value=True)
+    assert plain[1] == 0.0 and norm == plain[0]
+    want = sum(((p.float() - b.float()) ** 2).mean().item()
+               for i, (p, b) in enumerate(zip(arena.views(arena.flat), arena.views(arena.base))) if i != 1)
+    assert anchor == pytest.approx(want, rel=1e-5)
+    assert C.grad_stats([arena.group], 0.25)[1] == pytest.approx(anchor, rel=1e-6)
+
+
 def test_write_snapshot_requires_a_snapshot_buffer():
     arena = Arena([torch.zeros(3)], torch.float32, snapshot=False)
     with pytest.raises(ValueError, match="write_snapshot needs a snapshot buffer"):

@@ -19,8 +19,6 @@ from ..run import BufferSnapshot, RunContext
 
 RATIO_STOP = "eata_selected_ratio_below_min"
 SKIP_STOP = "eata_max_skip_streak_exceeded"
-# A nonzero anchor weight whose gradient rounds to 0 in fp32: grad_stats then yields the anchor value only.
-VALUE_ONLY_LAMBDA = 1e-300
 
 
 def select_params(ctx: RunContext) -> list[torch.Tensor]:
@@ -74,7 +72,7 @@ def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: int, batch: int)
 
 def anchor_value(arena: ParamArena) -> Any:
     """``sum_i mean((theta_i - theta_i^0)^2)`` without changing anything (a float, or a device tensor)."""
-    return engine_module(arena).grad_stats([g.engine for g in arena.groups], VALUE_ONLY_LAMBDA)[1]
+    return engine_module(arena).grad_stats([g.engine for g in arena.groups], 0.0, anchor_value=True)[1]
 
 
 def mark_all_grads(arena: ParamArena) -> None:
