@@ -33,6 +33,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -436,8 +437,9 @@ class TritonArenaGroup:
         self.num_blocks = len(blocks) // 4
         # block table (block -> segment, start, end, segment numel), built once on device
         self._blocks = torch.tensor(blocks or [0, 0, 0, 1], dtype=torch.int64).to(dev)
-        self._anchor_scale = [2.0 / s if s else 0.0 for s in self.sizes]
-        self._steps = [0] * len(self.sizes)
+        sizes_f = np.asarray(self.sizes, dtype=np.float64)
+        self._anchor_scale = np.divide(2.0, sizes_f, out=np.zeros_like(sizes_f), where=sizes_f > 0)
+        self._steps = np.zeros(len(self.sizes), dtype=np.int64)
         self.teacher: torch.Tensor | None = None
 
     def set_snapshot(self, snap: torch.Tensor | None) -> None:
@@ -462,7 +464,7 @@ class TritonArenaGroup:
 
     @property
     def steps(self) -> list[int]:
-        return list(self._steps)
+        return [int(s) for s in self._steps]
 
     @property
     def device(self) -> torch.device:
@@ -470,29 +472,36 @@ class TritonArenaGroup:
 
     def reset_state(self) -> None:
         """Zero the Adam moments and step counts."""
-        self._steps = [0] * len(self._steps)
+        self._steps[:] = 0
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
 
     # ---- per-step host tables ---------------------------------------------------------------
-    def _flags(self) -> list[bool]:
+    def _flags(self) -> np.ndarray:
         if self.has_grad is None:
-            return [True] * len(self.sizes)
-        return [b != 0 for b in bytes(self.has_grad)]
+            return np.ones(len(self.sizes), dtype=bool)
+        return np.frombuffer(bytes(self.has_grad), dtype=np.uint8) != 0
 
-    def _segment_rows(self, anchor_lambda: float, adam: tuple[float, float, float] | None) -> list[float]:
-        """4 floats per segment: -lr/bc1, sqrt(bc2), 2*lambda/n, has_grad. ``adam`` advances steps."""
-        rows: list[float] = []
-        for s, flag in enumerate(self._flags()):
-            neg_step, bc2_sqrt = 0.0, 1.0
-            if adam is not None and flag:
-                lr, beta1, beta2 = adam
-                self._steps[s] += 1
-                step = float(self._steps[s])
-                neg_step = -(lr / (1.0 - beta1 ** step))
-                bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-            rows += [neg_step, bc2_sqrt, anchor_lambda * self._anchor_scale[s], 1.0 if flag else 0.0]
-        return rows
+    def _segment_rows(self, anchor_lambda: float, adam: tuple[float, float, float] | None) -> np.ndarray:
+        """(segments, 4) float64: -lr/bc1, sqrt(bc2), 2*lambda/n, has_grad. ``adam`` advances steps.
+
+        Vectorised over segments; the powers come from libm's ``pow`` once per distinct step count
+        (usually one), like the C++ engine's ``std::pow``, so both engines use the same tables.
+        """
+        flags = self._flags()
+        rows = np.zeros((len(self.sizes), 4), dtype=np.float64)
+        rows[:, 1] = 1.0
+        if adam is not None and flags.any():
+            lr, beta1, beta2 = adam
+            self._steps[flags] += 1
+            steps, index = np.unique(self._steps[flags], return_inverse=True)
+            bc1 = np.array([1.0 - math.pow(beta1, float(t)) for t in steps])[index]
+            bc2 = np.array([1.0 - math.pow(beta2, float(t)) for t in steps])[index]
+            rows[flags, 0] = -(lr / bc1)
+            rows[flags, 1] = np.sqrt(bc2)
+        rows[:, 2] = anchor_lambda * self._anchor_scale
+        rows[:, 3] = flags
+        return rows.reshape(-1)
 
 
 def _prepare(groups: Sequence[TritonArenaGroup]) -> tuple[list[TritonArenaGroup], torch.device]:
@@ -509,9 +518,9 @@ def _prepare(groups: Sequence[TritonArenaGroup]) -> tuple[list[TritonArenaGroup]
     return gs, device
 
 
-def _upload(rows: list[float], device: torch.device) -> torch.Tensor:
-    """Host floats -> float32 device tensor without a host sync (pinned, non-blocking)."""
-    t = torch.tensor(rows or [0.0], dtype=torch.float32)
+def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host float64 rows -> float32 device tensor without a host sync (pinned, non-blocking)."""
+    t = torch.from_numpy(rows.astype(np.float32) if rows.size else np.zeros(1, dtype=np.float32))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -520,12 +529,9 @@ def _upload(rows: list[float], device: torch.device) -> torch.Tensor:
 def _segment_tables(gs: list[TritonArenaGroup], device: torch.device, anchor_lambda: float,
                     adam: tuple[float, float, float] | None) -> list[torch.Tensor]:
     """One upload for all groups; returns each group's view of it."""
-    rows: list[float] = []
-    starts = []
-    for g in gs:
-        starts.append(len(rows))
-        rows += g._segment_rows(anchor_lambda, adam)
-    table = _upload(rows, device)
+    parts = [g._segment_rows(anchor_lambda, adam) for g in gs]
+    starts = np.cumsum([0] + [p.size for p in parts[:-1]]).tolist()
+    table = _upload(np.concatenate(parts), device)
     return [table[s:] for s in starts]
 
 
