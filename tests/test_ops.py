@@ -73,6 +73,20 @@ def test_entropy_loss_matches_reference(shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3, 81), (5, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_entropy_loss_eager_path_equals_the_custom_op(shape, dtype, device):
+    """Eager calls skip the torch.library layers; value and gradient are the custom op's, bit for bit."""
+    z = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 4).to(device=device, dtype=dtype)
+    a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    la, lb = ops.entropy_loss(a), torch.ops.yolozu_ttt.entropy_loss_fwd(b)[0]
+    (la * 1.7).backward()
+    (lb * 1.7).backward()
+    assert la.dtype == lb.dtype == dtype and la.shape == lb.shape == ()
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_entropy_loss_saturated_and_neg_inf(device):
     z = torch.randn(6, 300) * 2.0
     z[0, 3] = 1000.0  # saturated: p = one-hot
