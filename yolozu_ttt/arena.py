@@ -66,6 +66,9 @@ class ParamArena:
         self.params = _unique(params)
         self.groups: list[ArenaGroup] = []
         self._closed = False
+        # Hold the snapshot for the whole run: for methods whose passes hold it anyway (SAR's
+        # backup lives through its second pass, the peak), so no step pays to allocate it again.
+        self.keep_snapshot = False
         try:
             by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
             for p in self.params:
@@ -158,7 +161,9 @@ class ParamArena:
                 g.engine.set_snapshot(g.snap)
 
     def drop_snapshot(self) -> None:
-        """Free the snapshot buffers (the engine unbinds first)."""
+        """Free the snapshot buffers (the engine unbinds first), unless ``keep_snapshot`` is set."""
+        if self.keep_snapshot:
+            return
         for g in self.groups:
             if g.snap is not None:
                 g.engine.set_snapshot(None)

@@ -86,6 +86,7 @@ def run(ctx: RunContext) -> None:
     rho_value = max(0.0, rho) * max(0.0, first_step_scale)
     snapshot = guards.needs_snapshot(config)
     with ParamArena(model, params) as arena:
+        arena.keep_snapshot = rho_value > 0.0  # the backup lives through every second pass anyway
         engine = UpdateEngine(arena, lr=config.lr)  # the reference does not clip the second grads
         buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
         for step_idx in range(ctx.steps):
