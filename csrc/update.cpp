@@ -264,7 +264,7 @@ struct AdamScalars {
   // CoTTA: teacher EMA (t <- t*m + (1-m)*p_new) and stochastic restore (p <- base with prob q)
   float ema_m, ema_w, restore_q;
   uint32_t key;
-  bool first;  // the segment's first Adam step: moments start at 0, their buffers are not read
+  bool first;  // the segment's first Adam step: step_item zeroes its moments before reading them
 };
 
 template <typename T>
@@ -461,19 +461,17 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   return reduce(parts, seg_of, sizes_);
 }
 
-void ArenaGroup::set_snapshot(py::object snap) {
-  Buffer b = make_buffer(snap, "snap", true);
+Buffer ArenaGroup::like_param(const py::object& tensor, const char* what) const {
+  Buffer b = make_buffer(tensor, what, true);
   if (b.defined() && (b.numel != param_.numel || b.dtype != param_.dtype))
-    throw py::value_error("yolozu_ttt._C: snap must match the param buffer's size and dtype");
-  snap_ = b;
+    throw py::value_error(std::string("yolozu_ttt._C: ") + what +
+                          " must match the param buffer's size and dtype");
+  return b;
 }
 
-void ArenaGroup::set_teacher(py::object teacher) {
-  Buffer t = make_buffer(teacher, "teacher", true);
-  if (t.defined() && (t.numel != param_.numel || t.dtype != param_.dtype))
-    throw py::value_error("yolozu_ttt._C: teacher must match the param buffer's size and dtype");
-  teacher_ = t;
-}
+void ArenaGroup::set_snapshot(py::object snap) { snap_ = like_param(snap, "snap"); }
+
+void ArenaGroup::set_teacher(py::object teacher) { teacher_ = like_param(teacher, "teacher"); }
 
 // SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
 double ArenaGroup::sar_direction_sumsq(bool adaptive) const {

@@ -86,6 +86,8 @@ class ArenaGroup {
 
  private:
   const uint8_t* has_grad_ptr() const;
+  // `tensor` as a Buffer (None allowed) after checking it matches the param buffer.
+  Buffer like_param(const py::object& tensor, const char* what) const;
 
   Buffer param_, grad_, exp_avg_, exp_avg_sq_, base_, snap_, has_grad_, teacher_;
   std::vector<int64_t> offsets_, sizes_, steps_;
