@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sync
 
 from yolozu.tta.integration import _entropy_loss_from_logits
 from yolozu_ttt import ops
@@ -17,11 +18,6 @@ from yolozu_ttt import ops
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(2, 300, 81), (8, 300, 1203), (64, 32000)]
 PROVIDERS = {"reference": _entropy_loss_from_logits, "fast": ops.entropy_loss}
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -34,7 +30,7 @@ def test_entropy_fwd_bwd(benchmark, provider, shape):
     def step():
         z.grad = None
         fn(z).backward()
-        _sync()
+        sync(DEVICE)
 
     benchmark.group = f"entropy ({','.join(map(str, shape))})"
     benchmark.extra_info.update({"provider": provider, "shape": list(shape), "device": DEVICE})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sync
 
 from yolozu.tta.ttt_mim import apply_mask, generate_block_mask, reconstruction_loss
 from yolozu_ttt import ops
@@ -20,11 +21,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (2, 3, 640, 640)
 PATCH = 16
 PROB = 0.6
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _reference_step(x, gen):
@@ -49,7 +45,7 @@ def test_mim_step(benchmark, provider):
     def step():
         x.grad = None
         fn(x, gen)
-        _sync()
+        sync(DEVICE)
 
     benchmark.group = f"mim mask+apply+loss+grad ({','.join(map(str, SHAPE))}, patch {PATCH})"
     benchmark.extra_info.update({"provider": provider, "shape": list(SHAPE), "patch": PATCH, "device": DEVICE})
