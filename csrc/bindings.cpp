@@ -141,8 +141,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
            py::arg("base"), py::arg("snap"), py::arg("offsets"), py::arg("sizes"),
            py::arg("has_grad") = py::none(),
-           "Bind the flat buffers of one (device, dtype) arena. The group keeps every tensor "
-           "alive; segments (offsets, sizes) must tile the arena in order.")
+           "Bind the flat buffers of one (device, dtype) arena (base: flat, or one tensor per "
+           "segment). The group keeps every tensor alive; segments (offsets, sizes) must tile the "
+           "arena in order.")
       .def_property_readonly("numel", &ArenaGroup::numel)
       .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
@@ -150,8 +151,13 @@ PYBIND11_MODULE(_C, m) {
            "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")
       .def("set_teacher", &ArenaGroup::set_teacher, py::arg("teacher"),
            "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.")
+      .def("set_base", &ArenaGroup::set_base, py::arg("base"),
+           "Bind the base snapshot (the anchor of the total-update norm, EATA and the CoTTA "
+           "restore): a flat tensor like param, or a list with one contiguous tensor per segment.")
       .def("set_snapshot", &ArenaGroup::set_snapshot, py::arg("snap"),
-           "Bind (or with None, unbind) the pre-step snapshot buffer, same size and dtype as param.");
+           "Bind (or with None, unbind) the pre-step snapshot buffer, same size and dtype as param. "
+           "It may be the grad buffer (the step reads each grad before writing the snapshot "
+           "over it), except for sar_perturb, whose backup must outlive the next backward.");
 
   m.def("fused_step", &fused_step, py::arg("groups"), py::arg("lr"), py::arg("beta1") = 0.9,
         py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("max_grad_norm") = py::none(),

@@ -171,7 +171,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   grad_ = make_buffer(grad, "grad", false);
   exp_avg_ = make_buffer(exp_avg, "exp_avg", false);
   exp_avg_sq_ = make_buffer(exp_avg_sq, "exp_avg_sq", false);
-  base_ = make_buffer(base, "base", false);
   snap_ = make_buffer(snap, "snap", true);
   const int64_t n = param_.numel;
   auto check_same = [&](const Buffer& b, const char* what, bool same_dtype) {
@@ -184,7 +183,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
       throw py::type_error(std::string("yolozu_ttt._C: ") + what + " dtype differs from param");
   };
   check_same(grad_, "grad", true);
-  check_same(base_, "base", true);
   check_same(snap_, "snap", true);
   check_same(exp_avg_, "exp_avg", false);
   check_same(exp_avg_sq_, "exp_avg_sq", false);
@@ -213,6 +211,39 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
     has_grad_.numel = info.size;
   }
   steps_.assign(offsets_.size(), 0);
+  set_base(base);
+}
+
+void ArenaGroup::set_base(py::object base) {
+  const size_t n_seg = offsets_.size();
+  const size_t itemsize = param_.dtype == DType::F32 ? 4 : 2;
+  std::vector<Buffer> bufs;
+  std::vector<const char*> seg(n_seg);
+  if (py::isinstance<py::list>(base) || py::isinstance<py::tuple>(base)) {
+    const py::sequence items = base;
+    if (items.size() != n_seg)
+      throw py::value_error("yolozu_ttt._C: base has " + std::to_string(items.size()) +
+                            " tensors, the arena has " + std::to_string(n_seg) + " segments");
+    for (size_t s = 0; s < n_seg; ++s) {
+      Buffer b = make_buffer(items[s], "base segment", false);
+      if (b.numel != sizes_[s] || b.dtype != param_.dtype)
+        throw py::value_error("yolozu_ttt._C: base segment " + std::to_string(s) + " must have " +
+                              std::to_string(sizes_[s]) + " elements of the param dtype");
+      seg[s] = static_cast<const char*>(b.ptr);
+      bufs.push_back(std::move(b));
+    }
+  } else {
+    Buffer b = make_buffer(base, "base", false);
+    if (b.numel != param_.numel)
+      throw py::value_error("yolozu_ttt._C: base has " + std::to_string(b.numel) +
+                            " elements, param has " + std::to_string(param_.numel));
+    if (b.dtype != param_.dtype) throw py::type_error("yolozu_ttt._C: base dtype differs from param");
+    for (size_t s = 0; s < n_seg; ++s)
+      seg[s] = static_cast<const char*>(b.ptr) + offsets_[s] * static_cast<int64_t>(itemsize);
+    bufs.push_back(std::move(b));
+  }
+  base_ = std::move(bufs);  // every tensor a pointer points into stays referenced
+  base_seg_ = std::move(seg);
 }
 
 void ArenaGroup::reset_state() {
@@ -236,12 +267,13 @@ struct Partials {
 
 // grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added when ADD) and, when
 // VALUE, the anchor value's partial sum of (p - base)^2.
+// p, g, b point at the work item's first element; n elements.
 template <typename S, bool ADD, bool VALUE>
-Partials grad_item(const WorkItem& w, const typename S::T* p, const typename S::T* g,
+Partials grad_item(int64_t n, const typename S::T* p, const typename S::T* g,
                    const typename S::T* b, float ak) {
   Partials out;
-  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
-    const int64_t t1 = std::min(t0 + kTile, w.end);
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, n);
     float sg = 0.f, sa = 0.f;
 #pragma omp simd reduction(+ : sg, sa)
     for (int64_t j = t0; j < t1; ++j) {
@@ -278,6 +310,14 @@ struct Ptrs {
   T* teacher;
 };
 
+// The arena-wide pointers of `q` moved to element `i` (unset buffers stay null); the base
+// segment is looked up per work item, so it is passed in already placed.
+template <typename T>
+Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base) {
+  return {q.p + i, q.g + i, base, q.sn ? q.sn + i : nullptr, q.m1 + i, q.m2 + i,
+          q.teacher ? q.teacher + i : nullptr};
+}
+
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
 inline float uniform01(int64_t index, uint32_t key) {
   return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> 8) * (1.0f / 16777216.0f);
@@ -286,25 +326,29 @@ inline float uniform01(int64_t index, uint32_t key) {
 // One step on a work item: Adam (torch.optim.Adam's operation order, fp32 math) when the tensor
 // has a grad (torch skips tensors without one), then the CoTTA extras, then the norms.
 // Every per-element choice is a compile-time flag or a select, so the loop vectorises.
+// `q` points at the work item's first element, `index0` is that element's index in the arena
+// (the restore RNG's counter); n elements.
 template <typename S, bool GRAD, bool ANCHOR, bool SNAP, bool EMA, bool RESTORE>
-Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamScalars k) {
+Partials step_item(int64_t index0, int64_t n, const Ptrs<typename S::T> q, const AdamScalars k) {
   Partials out;
   if (GRAD && k.first) {  // the segment's first step: moments start at 0 (their buffers may be unset)
-    std::memset(q.m1 + w.begin, 0, sizeof(float) * (w.end - w.begin));
-    std::memset(q.m2 + w.begin, 0, sizeof(float) * (w.end - w.begin));
+    std::memset(q.m1, 0, sizeof(float) * n);
+    std::memset(q.m2, 0, sizeof(float) * n);
   }
-  for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
-    const int64_t t1 = std::min(t0 + kTile, w.end);
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, n);
     float sg = 0.f, sc = 0.f, su = 0.f, st = 0.f, sa = 0.f, sr = 0.f;
 #pragma omp simd reduction(+ : sg, sc, su, st, sa, sr)
     for (int64_t j = t0; j < t1; ++j) {
       const auto praw = q.p[j];
       const float pold = S::load(praw);
       const float base = S::load(q.b[j]);
+      float gv = 0.f;
+      if (GRAD) gv = S::load(q.g[j]);
+      // the snapshot is written after the grad is read: it may live in the grad buffer
       if (SNAP) q.sn[j] = praw;
       float pnew = pold;
       if (GRAD) {
-        float gv = S::load(q.g[j]);
         // 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
         if (ANCHOR) {
           const float d = pold - base;
@@ -330,7 +374,7 @@ Partials step_item(const WorkItem& w, const Ptrs<typename S::T> q, const AdamSca
       if (EMA) q.teacher[j] = S::store(S::load(q.teacher[j]) * k.ema_m + k.ema_w * pnew);
       // 6. stochastic restore: p <- base where u(j) < q
       if (RESTORE) {
-        const bool back = uniform01(j, k.key) < k.restore_q;
+        const bool back = uniform01(index0 + j, k.key) < k.restore_q;
         pnew = back ? base : pnew;
         sr += back ? 1.f : 0.f;
       }
@@ -382,7 +426,6 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
     using T = typename S::T;
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
-    const T* b = static_cast<const T*>(base_.ptr);
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
@@ -390,7 +433,8 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
       const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
       parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
         return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
-          return grad_item<S, decltype(A)::value, decltype(V)::value>(w, p, g, b, ak);
+          return grad_item<S, decltype(A)::value, decltype(V)::value>(
+              w.end - w.begin, p + w.begin, g + w.begin, base_at<T>(w), ak);
         });
       });
     });
@@ -430,10 +474,9 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr),
-                    static_cast<const T*>(base_.ptr), static_cast<T*>(snap_.ptr),
-                    static_cast<float*>(exp_avg_.ptr), static_cast<float*>(exp_avg_sq_.ptr),
-                    static_cast<T*>(teacher_.ptr)};
+    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr), nullptr,
+                    static_cast<T*>(snap_.ptr), static_cast<float*>(exp_avg_.ptr),
+                    static_cast<float*>(exp_avg_sq_.ptr), static_cast<T*>(teacher_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
@@ -450,7 +493,8 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
             return with_flag(cotta.ema, [&](auto E) {
               return with_flag(restore, [&](auto R) {
                 return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
-                                 decltype(E)::value, decltype(R)::value>(w, q, k);
+                                 decltype(E)::value, decltype(R)::value>(
+                    w.begin, w.end - w.begin, at(q, w.begin, base_at<T>(w)), k);
               });
             });
           });
@@ -507,6 +551,8 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
 // SAR: snapshot <- p ; p <- p + scale * g (adaptive: g*|p|), over tensors with a grad.
 void ArenaGroup::sar_perturb(double scale, bool adaptive) {
   if (!snap_.defined()) throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
+  if (snap_.ptr == grad_.ptr)
+    throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer apart from the grad buffer");
   const int64_t n_items = static_cast<int64_t>(work_.size());
   const uint8_t* hg = has_grad_ptr();
   dispatch(param_.dtype, [&](auto tag) {

@@ -1,8 +1,11 @@
 // Fused, filtered in-place parameter update over a flat parameter arena (CPU).
 //
 // One ArenaGroup holds the flat buffers of the selected parameters of one dtype:
-// params, grads, Adam moments (fp32), the base snapshot and the optional pre-step
-// snapshot, plus the segment table (offset, numel) of the parameter tensors packed in it.
+// params, grads, Adam moments (fp32), the base snapshot (flat, or one tensor per segment:
+// the parameters' original storages) and the optional pre-step snapshot, plus the segment
+// table (offset, numel) of the parameter tensors packed in it.
+// The pre-step snapshot may be the grad buffer itself: the step reads each grad before it
+// writes the snapshot over it (no 39 MB buffer to fault in per step).
 // Every reduction is accumulated in fp64 per fixed-size chunk and the chunks are summed
 // in a fixed order, so results do not depend on the number of OpenMP threads.
 #pragma once
@@ -80,6 +83,9 @@ class ArenaGroup {
   StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
                       double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
   void set_teacher(py::object teacher);
+  // The base snapshot: one flat tensor like param, or one contiguous tensor per segment (e.g.
+  // the parameters' original storages, so no copy of them is made).
+  void set_base(py::object base);
   void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive);
@@ -89,7 +95,16 @@ class ArenaGroup {
   // `tensor` as a Buffer (None allowed) after checking it matches the param buffer.
   Buffer like_param(const py::object& tensor, const char* what) const;
 
-  Buffer param_, grad_, exp_avg_, exp_avg_sq_, base_, snap_, has_grad_, teacher_;
+  // Segment s's base values start at base_seg_[s] (element w.begin of a work item w at
+  // base_at(w)); base_ holds the tensors those pointers point into.
+  template <typename T>
+  const T* base_at(const WorkItem& w) const {
+    return reinterpret_cast<const T*>(base_seg_[w.seg]) + (w.begin - offsets_[w.seg]);
+  }
+
+  Buffer param_, grad_, exp_avg_, exp_avg_sq_, snap_, has_grad_, teacher_;
+  std::vector<Buffer> base_;
+  std::vector<const char*> base_seg_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
 };

@@ -210,13 +210,13 @@ def _adam_kernel(
     gmask = offs < grad_end  # torch's Adam skips tensors whose .grad is None
 
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    # 5. pre-step snapshot, bit-exact (every segment)
+    g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+    # 5. pre-step snapshot, bit-exact (every segment); after the grad load: it may be the grad buffer
     if WRITE_SNAPSHOT:
         tl.store(snap_ptr + offs, p_raw, mask=mask)
     p_old = p_raw.to(tl.float32)
     base_raw = tl.load(base_ptr + offs, mask=mask, other=0.0)
     base = base_raw.to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
     # 1. EATA anchor gradient: g <- g + 2*lambda*(p-base)/n ; anchor = sum_i mean((p_i-base_i)^2)
     if HAS_ANCHOR:
@@ -391,6 +391,8 @@ class TritonArenaGroup:
         exp_avg, exp_avg_sq: float32 Adam moments, same size.
         base: base snapshot (same dtype), the anchor of the total-update norm and EATA.
         snap: pre-step snapshot buffer (same dtype) or None (then ``write_snapshot`` and SAR fail).
+            It may be ``grad`` itself: the step loads each grad before it stores the snapshot
+            over it (not for ``sar_perturb``, whose backup must outlive the next backward).
         offsets, sizes: the segment table; segments must tile the arena in order.
         has_grad: a byte buffer (e.g. ``bytearray``) with one entry per segment, read on the host
             at every step (nonzero = the segment has a grad), or None = every segment has one.
@@ -685,6 +687,8 @@ def sar_perturb(groups: Sequence[TritonArenaGroup], rho: float, adaptive: bool) 
     gs, device = _prepare(groups)
     if any(g.snap is None for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer")
+    if any(g.snap.data_ptr() == g.grad.data_ptr() for g in gs):
+        raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer apart from the grad buffer")
     tables = _segment_tables(gs, device, 0.0, None)
     bases, n_slots = _slots(gs)
     part = torch.zeros(max(n_slots, 1), dtype=torch.float64, device=device)

@@ -102,20 +102,76 @@ def test_snapshot_lives_from_hold_to_drop_and_rolls_back_bit_exactly():
         assert all(g.snap is None for g in arena.groups)
 
 
-def test_original_storages_are_released_during_the_run_and_restored_after():
-    """Peak memory holds each selected parameter once: unshared originals are emptied meanwhile."""
+def test_step_snapshot_lives_in_the_grad_buffer_until_the_next_zero_grad():
+    """hold_snapshot(in_grad=True): the fused step writes the pre-step values over the grads it
+    has read; rollback restores them bit-exactly; zero_grad (and drop) unbind it."""
+    from yolozu_ttt.engine import UpdateEngine
+
+    model = make_model()
+    with ParamArena(model, norm_params(model)) as arena:
+        engine = UpdateEngine(arena, lr=1e-2)
+        (group,) = arena.groups
+        for _ in range(2):
+            arena.zero_grad()
+            assert group.snap is None
+            arena.backward(model(torch.randn(2, 3, 8, 8))["logits"].square().mean())
+            before = group.flat.clone()
+            engine.step(write_snapshot=True)
+            assert group.snap is group.grad
+            assert torch.equal(group.grad, before) and not torch.equal(group.flat, before)
+            arena.restore_snapshot()
+            assert torch.equal(group.flat, before)
+        arena.zero_grad()
+        assert group.snap is None and not group.grad.any()
+        arena.keep_snapshot = True  # SAR: its own buffer stays, a grad-buffer snapshot never does
+        arena.hold_snapshot(in_grad=True)
+        arena.drop_snapshot()
+        assert group.snap is None
+        arena.hold_snapshot()
+        own = group.snap
+        engine.step(write_snapshot=True)  # uses the held buffer
+        assert group.snap is own and own.data_ptr() != group.grad.data_ptr()
+        arena.drop_snapshot()
+        assert group.snap is own
+
+
+def test_original_storages_are_the_base_snapshot_and_get_the_values_back():
+    """Peak memory holds each selected parameter twice (arena and base), as before: the C++
+    engine reads the original storages as its base snapshot (no copy), and close() copies the
+    values back into them, so every Parameter gets its own storage again."""
+    from yolozu_ttt import _native
+
     model = make_model()
     params = norm_params(model)
-    shared_view = model.bn.weight.detach()  # a caller's reference: that storage must stay
+    shared_view = model.bn.weight.detach()  # a caller's reference sees the final values too
     values = [p.detach().clone() for p in params]
     storages = [p.untyped_storage()._cdata for p in params]
+    pointers = [p.data_ptr() for p in params]
     with ParamArena(model, params) as arena:
         (group,) = arena.groups
-        sizes = {o.untyped_storage()._cdata: o.untyped_storage().nbytes() for o in group.originals}
-        assert sizes[storages[0]] > 0  # bn.weight is shared with shared_view
-        assert all(sizes[s] == 0 for s in storages[1:])
+        assert [b.data_ptr() for b in group.base] == pointers
+        assert all(p.data_ptr() != q for p, q in zip(params, pointers))
         group.flat.mul_(2.0)
+        assert all(torch.equal(o, v) for o, v in zip(group.originals, values))
+        # the engine's base is the originals: sum_i mean((p_i - base_i)^2) with p = 2 * base
+        group.has_grad[:] = b"\x01" * len(params)
+        anchor = _native.require_native().grad_stats([group.engine], 0.0, anchor_value=True)[1]
+        assert anchor == pytest.approx(sum(float(v.square().mean()) for v in values), rel=1e-6)
     assert [p.untyped_storage()._cdata for p in params] == storages
+    assert [p.data_ptr() for p in params] == pointers
     for p, v in zip(params, values):
         assert torch.equal(p, v * 2.0)
     assert torch.equal(shared_view, values[0] * 2.0)
+
+
+def test_non_contiguous_parameters_get_a_contiguous_base():
+    model = make_model()
+    weight = model.bn.weight
+    weight.data = torch.randn(weight.numel(), 2)[:, 0]  # strided view
+    assert not weight.is_contiguous()
+    before = weight.detach().clone()
+    with ParamArena(model, [weight]) as arena:
+        (group,) = arena.groups
+        assert group.base[0].is_contiguous() and torch.equal(group.base[0], before)
+        group.flat.add_(1.0)
+    assert torch.equal(weight, before + 1.0)

@@ -267,6 +267,74 @@ def test_snapshot_buffer_binds_late_and_unbinds(dtype):
         C.fused_step([arena.group], lr=1e-3, write_snapshot=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_norm,anchor_lambda", [(None, 0.0), (0.5, 0.0), (None, 0.3), (0.5, 0.3)])
+def test_snapshot_in_the_grad_buffer_gives_the_same_step(dtype, max_norm, anchor_lambda):
+    """The step reads each grad before writing the snapshot over it: bit-identical to a separate
+    snapshot buffer, and the grad buffer ends holding the pre-step parameters."""
+    g = torch.Generator().manual_seed(5)
+    values = [torch.randn(n, generator=g) for n in [7, 1, 16385, 33]]
+    apart = Arena(values, dtype)
+    inside = Arena(values, dtype, snapshot=False)
+    inside.group.set_snapshot(inside.grad)
+    for step in range(3):
+        grads = torch.randn(apart.flat.numel(), generator=g).to(dtype)
+        apart.grad.copy_(grads)
+        inside.grad.copy_(grads)
+        before = inside.flat.clone()
+        kw = dict(lr=1e-2, max_grad_norm=max_norm, anchor_lambda=anchor_lambda)
+        assert C.fused_step([inside.group], **kw) == C.fused_step([apart.group], **kw)
+        assert torch.equal(inside.grad, before) and torch.equal(apart.snap, before)
+        for k in ("flat", "m", "v"):
+            assert torch.equal(getattr(inside, k), getattr(apart, k)), (step, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("anchor_lambda,restore_prob", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.3)])
+def test_base_given_per_segment_equals_a_flat_base(dtype, anchor_lambda, restore_prob):
+    """A base of one separate tensor per segment (the arena passes the parameters' original
+    storages) reads exactly like the flat base: total-update norm, EATA anchor, CoTTA restore."""
+    g = torch.Generator().manual_seed(9)
+    values = [torch.randn(n, generator=g) for n in [7, 1, 16385, 33]]
+    flat = Arena(values, dtype)
+    split = Arena(values, dtype)
+    pieces = [v.to(dtype).clone() for v in values]  # separate storages, drift below moves flat away
+    split.group.set_base(pieces)
+    for step in range(3):
+        grads = torch.randn(flat.flat.numel(), generator=g).to(dtype)
+        flat.grad.copy_(grads)
+        split.grad.copy_(grads)
+        kw = dict(lr=5e-2, max_grad_norm=0.5, anchor_lambda=anchor_lambda, restore_prob=restore_prob,
+                  restore_seed=3, restore_counter=step)
+        assert C.fused_step([split.group], **kw) == C.fused_step([flat.group], **kw)
+        assert C.grad_stats([split.group], anchor_lambda, True) == C.grad_stats([flat.group], anchor_lambda, True)
+        assert torch.equal(split.flat, flat.flat)
+    if restore_prob:  # about 30% of the elements were put back to the (per-segment) base last step
+        assert (split.flat == torch.cat(pieces)).float().mean() > 0.2
+    assert all(torch.equal(a, v.to(dtype)) for a, v in zip(pieces, values))  # the base is only read
+
+
+@pytest.mark.parametrize("base,match", [
+    ([torch.zeros(3)], "base has 1 tensors, the arena has 2 segments"),
+    ([torch.zeros(3), torch.zeros(5)], "base segment 1 must have 4 elements"),
+    ([torch.zeros(3), torch.zeros(4, dtype=torch.float16)], "base segment 1 must have 4 elements of the param dtype"),
+    ([torch.zeros(3), torch.zeros(4, 2)[:, 0]], "base segment must be contiguous"),
+    (torch.zeros(6), "base has 6 elements, param has 7"),
+])
+def test_bad_base_has_a_clear_error(base, match):
+    arena = Arena([torch.zeros(3), torch.zeros(4)], torch.float32)
+    with pytest.raises(ValueError, match=match):
+        arena.group.set_base(base)
+
+
+def test_sar_perturb_refuses_a_snapshot_in_the_grad_buffer():
+    arena = Arena([torch.randn(9)], torch.float32, snapshot=False)
+    arena.grad.fill_(1.0)
+    arena.group.set_snapshot(arena.grad)
+    with pytest.raises(ValueError, match="apart from the grad buffer"):
+        C.sar_perturb([arena.group], 0.05, False)
+
+
 def test_group_keeps_its_tensors_alive():
     """Tensors whose pointers the group holds stay valid after the caller drops them."""
     group = C.ArenaGroup(torch.ones(1000), torch.ones(1000), torch.zeros(1000), torch.zeros(1000),

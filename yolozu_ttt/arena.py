@@ -6,8 +6,11 @@ the update engine sees one contiguous array per group. ``backward`` differentiat
 the selected parameters only, so no weight gradient of any other parameter is computed (freezing
 them instead would change the forward: matmul stops folding batch dimensions into one mm when a
 weight does not require grad, which costs more than the backward saves). While the values live in
-the arena, original storages nobody else shares are emptied; ``with arena:`` (or ``close()``)
-grows them back and copies the values in, on every exit path.
+the arena, the original storages hold the run's starting values: the C++ engine reads them as its
+base snapshot (one pointer per segment, so no copy is made); for the Triton engine, originals
+nobody else shares are emptied and a flat base copy is made instead. ``with arena:`` (or
+``close()``) copies the values back into the originals (grown back where emptied) and rebinds
+them, on every exit path.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class ArenaGroup:
     grad: torch.Tensor | None  # None only while being built and after close
     exp_avg: torch.Tensor | None
     exp_avg_sq: torch.Tensor | None
-    base: torch.Tensor | None
+    base: torch.Tensor | list[torch.Tensor] | None  # flat (Triton) or the originals, one per segment (C++)
     snap: torch.Tensor | None
     has_grad: bytearray
     backend: str = "cpp"
@@ -110,16 +113,25 @@ class ParamArena:
             self.groups.append(group)  # registered before rebinding so close() can undo it
             for p, o, n in zip(ps, offsets, sizes):
                 p.data = group.flat[o:o + n].view(p.shape)
-            group.released = _release_unshared(group.originals)
+            if backend == "cpp":
+                # The originals themselves are the C++ engine's base snapshot (one pointer per
+                # segment): no copy of them now and nothing to grow back in close().
+                group.base = [o.contiguous().view(-1) for o in group.originals]
+            else:
+                group.released = _release_unshared(group.originals)
             if reused is None:
                 flat = group.flat
                 group.grad = torch.zeros_like(flat)
                 group.exp_avg = moments(flat.numel(), dtype=torch.float32, device=flat.device)
                 group.exp_avg_sq = moments(flat.numel(), dtype=torch.float32, device=flat.device)
-                group.base = flat.clone()
+                if backend == "triton":
+                    group.base = flat.clone()
             else:
                 group.grad.zero_()
-                group.base.copy_(group.flat)
+                if backend == "triton":
+                    group.base.copy_(group.flat)
+                else:
+                    group.engine.set_base(group.base)
                 group.engine.reset_state()  # Adam moments and step counts
             for p, o, n in zip(ps, offsets, sizes):
                 p.grad = group.grad[o:o + n].view(p.shape)
@@ -132,12 +144,17 @@ class ParamArena:
         group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, None,
                                   offsets, sizes, flags)
         if cache is not None:
-            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[], released=[])
+            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[], released=[],
+                                             base=group.base if backend == "triton" else None)
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
-        """Zero the flat grad buffers and the has-grad flags (never set_to_none)."""
+        """Zero the flat grad buffers and the has-grad flags (never set_to_none); a snapshot kept in
+        a grad buffer ends here."""
         for g in self.groups:
+            if g.snap is g.grad:
+                g.engine.set_snapshot(None)
+                g.snap = None
             g.grad.zero_()
             g.has_grad[:] = bytes(len(g.has_grad))
 
@@ -149,23 +166,24 @@ class ParamArena:
         """Whether backward reached any selected parameter."""
         return any(any(g.has_grad) for g in self.groups)
 
-    def hold_snapshot(self) -> None:
+    def hold_snapshot(self, *, in_grad: bool = False) -> None:
         """Give each group a pre-step snapshot buffer (bound to its engine) until ``drop_snapshot``.
 
         The snapshot lives only from the step that writes it to the step's stop decision, so
-        the forward and backward passes (the run's memory peak) never hold it.
+        the forward and backward passes (the run's memory peak) never hold it. With ``in_grad``
+        it is the group's grad buffer itself (the fused step reads each grad before writing the
+        snapshot over it): no buffer to allocate and fault in per step. A snapshot that must
+        outlive the next backward (SAR's ascent backup) needs its own buffer (the default).
         """
         for g in self.groups:
             if g.snap is None:
-                g.snap = torch.empty_like(g.flat)
+                g.snap = g.grad if in_grad else torch.empty_like(g.flat)
                 g.engine.set_snapshot(g.snap)
 
     def drop_snapshot(self) -> None:
-        """Free the snapshot buffers (the engine unbinds first), unless ``keep_snapshot`` is set."""
-        if self.keep_snapshot:
-            return
+        """Unbind the snapshot buffers (freeing any of their own), unless ``keep_snapshot`` is set."""
         for g in self.groups:
-            if g.snap is not None:
+            if g.snap is not None and (g.snap is g.grad or not self.keep_snapshot):
                 g.engine.set_snapshot(None)
                 g.snap = None
 
@@ -196,6 +214,8 @@ class ParamArena:
                 # drop the work buffers before the originals grow back (a session's cache keeps its own)
                 if g.engine is not None:
                     g.engine.set_snapshot(None)
+                    if g.backend == "cpp":  # a cached engine must not keep the originals alive
+                        g.engine.set_base(g.flat)
                 g.engine = g.grad = g.exp_avg = g.exp_avg_sq = g.base = g.snap = None
                 for storage, nbytes in g.released:
                     storage.resize_(nbytes)

@@ -53,8 +53,8 @@ class UpdateEngine:
                       write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum,
                       restore_prob=float(restore_prob), restore_seed=int(restore_seed),
                       restore_counter=int(restore_counter))
-        if write_snapshot:
-            self.arena.hold_snapshot()
+        if write_snapshot:  # a snapshot already held (SAR's backup) is used as it is
+            self.arena.hold_snapshot(in_grad=True)
         fused = engine_module(self.arena).fused_step(self._engines(), **kwargs)
         if self.backend == "cpp":
             return fused, [float(t.detach()) for t in extra]
