@@ -141,9 +141,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
            py::arg("base"), py::arg("snap"), py::arg("offsets"), py::arg("sizes"),
            py::arg("has_grad") = py::none(),
-           "Bind the flat buffers of one (device, dtype) arena (base: flat, or one tensor per "
-           "segment). The group keeps every tensor alive; segments (offsets, sizes) must tile the "
-           "arena in order.")
+           "Bind the buffers of one (device, dtype) arena (base, exp_avg and exp_avg_sq flat or "
+           "one tensor per segment). The group keeps every tensor alive; segments (offsets, "
+           "sizes) must tile the arena in order.")
       .def_property_readonly("numel", &ArenaGroup::numel)
       .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
@@ -154,6 +154,9 @@ PYBIND11_MODULE(_C, m) {
       .def("set_base", &ArenaGroup::set_base, py::arg("base"),
            "Bind the base snapshot (the anchor of the total-update norm, EATA and the CoTTA "
            "restore): a flat tensor like param, or a list with one contiguous tensor per segment.")
+      .def("set_moments", &ArenaGroup::set_moments, py::arg("exp_avg"), py::arg("exp_avg_sq"),
+           "Bind the float32 Adam moments (flat, or a list with one tensor per segment) and reset "
+           "the step counts; a segment's first step zeroes its moments before reading them.")
       .def("set_snapshot", &ArenaGroup::set_snapshot, py::arg("snap"),
            "Bind (or with None, unbind) the pre-step snapshot buffer, same size and dtype as param. "
            "It may be the grad buffer (the step reads each grad before writing the snapshot "

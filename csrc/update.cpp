@@ -169,8 +169,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
     : offsets_(std::move(offsets)), sizes_(std::move(sizes)) {
   param_ = make_buffer(param, "param", false);
   grad_ = make_buffer(grad, "grad", false);
-  exp_avg_ = make_buffer(exp_avg, "exp_avg", false);
-  exp_avg_sq_ = make_buffer(exp_avg_sq, "exp_avg_sq", false);
   snap_ = make_buffer(snap, "snap", true);
   const int64_t n = param_.numel;
   auto check_same = [&](const Buffer& b, const char* what, bool same_dtype) {
@@ -184,10 +182,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   };
   check_same(grad_, "grad", true);
   check_same(snap_, "snap", true);
-  check_same(exp_avg_, "exp_avg", false);
-  check_same(exp_avg_sq_, "exp_avg_sq", false);
-  if (exp_avg_.dtype != DType::F32 || exp_avg_sq_.dtype != DType::F32)
-    throw py::type_error("yolozu_ttt._C: exp_avg and exp_avg_sq must be float32");
   if (offsets_.size() != sizes_.size())
     throw py::value_error("yolozu_ttt._C: offsets and sizes differ in length");
   int64_t expect = 0;
@@ -212,38 +206,53 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   }
   steps_.assign(offsets_.size(), 0);
   set_base(base);
+  set_moments(exp_avg, exp_avg_sq);
 }
 
-void ArenaGroup::set_base(py::object base) {
+Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool moments) const {
+  const DType dtype = moments ? DType::F32 : param_.dtype;
   const size_t n_seg = offsets_.size();
-  const size_t itemsize = param_.dtype == DType::F32 ? 4 : 2;
-  std::vector<Buffer> bufs;
-  std::vector<const char*> seg(n_seg);
-  if (py::isinstance<py::list>(base) || py::isinstance<py::tuple>(base)) {
-    const py::sequence items = base;
+  const int64_t itemsize = dtype == DType::F32 ? 4 : 2;
+  const std::string name = std::string("yolozu_ttt._C: ") + what;
+  const char* dtype_name = moments ? "float32" : "the param dtype";
+  Segmented out;
+  out.dtype = dtype;
+  out.starts.resize(n_seg);
+  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+    const py::sequence items = obj;
     if (items.size() != n_seg)
-      throw py::value_error("yolozu_ttt._C: base has " + std::to_string(items.size()) +
-                            " tensors, the arena has " + std::to_string(n_seg) + " segments");
+      throw py::value_error(name + " has " + std::to_string(items.size()) + " tensors, the arena has " +
+                            std::to_string(n_seg) + " segments");
+    const std::string seg_what = std::string(what) + " segment";
     for (size_t s = 0; s < n_seg; ++s) {
-      Buffer b = make_buffer(items[s], "base segment", false);
-      if (b.numel != sizes_[s] || b.dtype != param_.dtype)
-        throw py::value_error("yolozu_ttt._C: base segment " + std::to_string(s) + " must have " +
-                              std::to_string(sizes_[s]) + " elements of the param dtype");
-      seg[s] = static_cast<const char*>(b.ptr);
-      bufs.push_back(std::move(b));
+      Buffer b = make_buffer(items[s], seg_what.c_str(), false);
+      if (b.numel != sizes_[s] || b.dtype != dtype)
+        throw py::value_error(name + " segment " + std::to_string(s) + " must have " +
+                              std::to_string(sizes_[s]) + " elements of " + dtype_name);
+      out.starts[s] = static_cast<char*>(b.ptr);
+      out.refs.push_back(std::move(b));
     }
-  } else {
-    Buffer b = make_buffer(base, "base", false);
-    if (b.numel != param_.numel)
-      throw py::value_error("yolozu_ttt._C: base has " + std::to_string(b.numel) +
-                            " elements, param has " + std::to_string(param_.numel));
-    if (b.dtype != param_.dtype) throw py::type_error("yolozu_ttt._C: base dtype differs from param");
-    for (size_t s = 0; s < n_seg; ++s)
-      seg[s] = static_cast<const char*>(b.ptr) + offsets_[s] * static_cast<int64_t>(itemsize);
-    bufs.push_back(std::move(b));
+    return out;
   }
-  base_ = std::move(bufs);  // every tensor a pointer points into stays referenced
-  base_seg_ = std::move(seg);
+  Buffer b = make_buffer(obj, what, false);
+  if (b.numel != param_.numel)
+    throw py::value_error(name + " has " + std::to_string(b.numel) + " elements, param has " +
+                          std::to_string(param_.numel));
+  if (b.dtype != dtype)
+    throw py::type_error(name + (moments ? " must be float32" : " dtype differs from param"));
+  for (size_t s = 0; s < n_seg; ++s) out.starts[s] = static_cast<char*>(b.ptr) + offsets_[s] * itemsize;
+  out.refs.push_back(std::move(b));
+  return out;
+}
+
+void ArenaGroup::set_base(py::object base) { base_ = segmented(base, "base", false); }
+
+void ArenaGroup::set_moments(py::object exp_avg, py::object exp_avg_sq) {
+  Segmented m1 = segmented(exp_avg, "exp_avg", true);
+  Segmented m2 = segmented(exp_avg_sq, "exp_avg_sq", true);
+  exp_avg_ = std::move(m1);
+  exp_avg_sq_ = std::move(m2);
+  reset_state();
 }
 
 void ArenaGroup::reset_state() {
@@ -310,11 +319,11 @@ struct Ptrs {
   T* teacher;
 };
 
-// The arena-wide pointers of `q` moved to element `i` (unset buffers stay null); the base
-// segment is looked up per work item, so it is passed in already placed.
+// The flat pointers of `q` moved to element `i` (unset buffers stay null); the segmented ones
+// (base, moments) are looked up per work item, so they are passed in already placed.
 template <typename T>
-Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base) {
-  return {q.p + i, q.g + i, base, q.sn ? q.sn + i : nullptr, q.m1 + i, q.m2 + i,
+Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, float* m1, float* m2) {
+  return {q.p + i, q.g + i, base, q.sn ? q.sn + i : nullptr, m1, m2,
           q.teacher ? q.teacher + i : nullptr};
 }
 
@@ -434,7 +443,7 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
       parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
         return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
           return grad_item<S, decltype(A)::value, decltype(V)::value>(
-              w.end - w.begin, p + w.begin, g + w.begin, base_at<T>(w), ak);
+              w.end - w.begin, p + w.begin, g + w.begin, base_.at<const T>(w, offsets_), ak);
         });
       });
     });
@@ -475,8 +484,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
     const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr), nullptr,
-                    static_cast<T*>(snap_.ptr), static_cast<float*>(exp_avg_.ptr),
-                    static_cast<float*>(exp_avg_sq_.ptr), static_cast<T*>(teacher_.ptr)};
+                    static_cast<T*>(snap_.ptr), nullptr, nullptr, static_cast<T*>(teacher_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
@@ -494,7 +502,10 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
               return with_flag(restore, [&](auto R) {
                 return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
                                  decltype(E)::value, decltype(R)::value>(
-                    w.begin, w.end - w.begin, at(q, w.begin, base_at<T>(w)), k);
+                    w.begin, w.end - w.begin,
+                    at(q, w.begin, base_.at<const T>(w, offsets_), exp_avg_.at<float>(w, offsets_),
+                       exp_avg_sq_.at<float>(w, offsets_)),
+                    k);
               });
             });
           });

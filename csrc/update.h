@@ -49,6 +49,21 @@ struct WorkItem {
   int64_t end;
 };
 
+// A per-element buffer of the arena given flat (one tensor of the arena's size) or as one
+// contiguous tensor per segment (the parameters' original storages as the base; moments from
+// small allocations the C library recycles, instead of one fresh 39 MB mapping per run).
+struct Segmented {
+  std::vector<Buffer> refs;   // the tensors the pointers point into
+  std::vector<char*> starts;  // where segment s starts
+  DType dtype = DType::F32;
+
+  // Element `w.begin` of work item `w` (segment offsets given).
+  template <typename T>
+  T* at(const WorkItem& w, const std::vector<int64_t>& offsets) const {
+    return reinterpret_cast<T*>(starts[w.seg]) + (w.begin - offsets[w.seg]);
+  }
+};
+
 struct StepStats {
   double grad_sumsq = 0.0;          // sum of squares of the (anchor-augmented) grads, before clipping
   double clipped_grad_sumsq = 0.0;  // the same after clipping
@@ -86,6 +101,8 @@ class ArenaGroup {
   // The base snapshot: one flat tensor like param, or one contiguous tensor per segment (e.g.
   // the parameters' original storages, so no copy of them is made).
   void set_base(py::object base);
+  // The Adam moments (float32), flat or one tensor per segment; step counts back to 0.
+  void set_moments(py::object exp_avg, py::object exp_avg_sq);
   void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive);
@@ -95,16 +112,12 @@ class ArenaGroup {
   // `tensor` as a Buffer (None allowed) after checking it matches the param buffer.
   Buffer like_param(const py::object& tensor, const char* what) const;
 
-  // Segment s's base values start at base_seg_[s] (element w.begin of a work item w at
-  // base_at(w)); base_ holds the tensors those pointers point into.
-  template <typename T>
-  const T* base_at(const WorkItem& w) const {
-    return reinterpret_cast<const T*>(base_seg_[w.seg]) + (w.begin - offsets_[w.seg]);
-  }
+  // `obj` (a flat tensor like param, or a list of one contiguous tensor per segment) as a
+  // Segmented buffer of float32 (`moments`) or of the param dtype; errors name it `what`.
+  Segmented segmented(const py::object& obj, const char* what, bool moments) const;
 
-  Buffer param_, grad_, exp_avg_, exp_avg_sq_, snap_, has_grad_, teacher_;
-  std::vector<Buffer> base_;
-  std::vector<const char*> base_seg_;
+  Buffer param_, grad_, snap_, has_grad_, teacher_;
+  Segmented base_, exp_avg_, exp_avg_sq_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
 };

@@ -150,6 +150,7 @@ def test_original_storages_are_the_base_snapshot_and_get_the_values_back():
     with ParamArena(model, params) as arena:
         (group,) = arena.groups
         assert [b.data_ptr() for b in group.base] == pointers
+        assert [m.numel() for m in group.exp_avg] == [p.numel() for p in params]  # moments per segment too
         assert all(p.data_ptr() != q for p, q in zip(params, pointers))
         group.flat.mul_(2.0)
         assert all(torch.equal(o, v) for o, v in zip(group.originals, values))

@@ -291,15 +291,18 @@ def test_snapshot_in_the_grad_buffer_gives_the_same_step(dtype, max_norm, anchor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("anchor_lambda,restore_prob", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.3)])
-def test_base_given_per_segment_equals_a_flat_base(dtype, anchor_lambda, restore_prob):
-    """A base of one separate tensor per segment (the arena passes the parameters' original
-    storages) reads exactly like the flat base: total-update norm, EATA anchor, CoTTA restore."""
+def test_base_and_moments_given_per_segment_equal_flat_ones(dtype, anchor_lambda, restore_prob):
+    """A base and moments of one separate tensor per segment (the arena passes the parameters'
+    original storages, and small moment allocations) work exactly like flat ones: Adam,
+    total-update norm, EATA anchor, CoTTA restore."""
     g = torch.Generator().manual_seed(9)
     values = [torch.randn(n, generator=g) for n in [7, 1, 16385, 33]]
     flat = Arena(values, dtype)
     split = Arena(values, dtype)
     pieces = [v.to(dtype).clone() for v in values]  # separate storages, drift below moves flat away
     split.group.set_base(pieces)
+    moments = [[torch.full((v.numel(),), float("nan")) for v in values] for _ in range(2)]  # never read unset
+    split.group.set_moments(*moments)
     for step in range(3):
         grads = torch.randn(flat.flat.numel(), generator=g).to(dtype)
         flat.grad.copy_(grads)
@@ -309,6 +312,7 @@ def test_base_given_per_segment_equals_a_flat_base(dtype, anchor_lambda, restore
         assert C.fused_step([split.group], **kw) == C.fused_step([flat.group], **kw)
         assert C.grad_stats([split.group], anchor_lambda, True) == C.grad_stats([flat.group], anchor_lambda, True)
         assert torch.equal(split.flat, flat.flat)
+        assert torch.equal(torch.cat(moments[0]), flat.m) and torch.equal(torch.cat(moments[1]), flat.v)
     if restore_prob:  # about 30% of the elements were put back to the (per-segment) base last step
         assert (split.flat == torch.cat(pieces)).float().mean() > 0.2
     assert all(torch.equal(a, v.to(dtype)) for a, v in zip(pieces, values))  # the base is only read
@@ -325,6 +329,17 @@ def test_bad_base_has_a_clear_error(base, match):
     arena = Arena([torch.zeros(3), torch.zeros(4)], torch.float32)
     with pytest.raises(ValueError, match=match):
         arena.group.set_base(base)
+
+
+@pytest.mark.parametrize("moments,match", [
+    ([torch.zeros(3)], "exp_avg has 1 tensors, the arena has 2 segments"),
+    ([torch.zeros(3), torch.zeros(4, dtype=torch.bfloat16)], "exp_avg segment 1 must have 4 elements of float32"),
+    (torch.zeros(7, dtype=torch.bfloat16), "exp_avg must be float32"),
+])
+def test_bad_moments_have_a_clear_error(moments, match):
+    arena = Arena([torch.zeros(3), torch.zeros(4)], torch.bfloat16)
+    with pytest.raises((TypeError, ValueError), match=match):
+        arena.group.set_moments(moments, arena.v)
 
 
 def test_sar_perturb_refuses_a_snapshot_in_the_grad_buffer():
