@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch._utils import _unflatten_dense_tensors
 
 from . import _native
 from .ops import use_triton
@@ -97,8 +98,8 @@ class ParamArena:
         backend = "triton" if use_triton(ps[0]) else "cpp"
         with torch.no_grad():
             if reused is None:
-                # the values first: the originals are emptied before the other buffers exist, so
-                # the peak during construction holds each selected parameter once
+                # the values first: on CUDA the originals are emptied before the other buffers
+                # exist, so the peak during construction holds each selected parameter once
                 flat = torch.cat([p.detach().reshape(-1) for p in ps])
                 group = ArenaGroup(
                     params=ps, originals=[p.data for p in ps], offsets=offsets, sizes=sizes, flat=flat,
@@ -109,12 +110,12 @@ class ParamArena:
                 group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[], released=[])
                 torch.cat([p.detach().reshape(-1) for p in ps], out=group.flat)
             self.groups.append(group)  # registered before rebinding so close() can undo it
-            for p, o, n in zip(ps, offsets, sizes):
-                p.data = group.flat[o:o + n].view(p.shape)
+            for p, view in zip(ps, _unflatten_dense_tensors(group.flat, ps)):
+                p.data = view
             if backend == "cpp":
                 # The originals themselves are the C++ engine's base snapshot (one pointer per
                 # segment): no copy of them now and nothing to grow back in close().
-                group.base = [o.contiguous().view(-1) for o in group.originals]
+                group.base = [o.contiguous() for o in group.originals]
             else:
                 group.released = _release_unshared(group.originals)
             if reused is None:
@@ -130,8 +131,8 @@ class ParamArena:
                 else:
                     group.engine.set_base(group.base)
                 group.engine.reset_state()  # Adam moments and step counts
-            for p, o, n in zip(ps, offsets, sizes):
-                p.grad = group.grad[o:o + n].view(p.shape)
+            for p, view in zip(ps, _unflatten_dense_tensors(group.grad, ps)):
+                p.grad = view
         flags = group.has_grad
         for i, p in enumerate(ps):
             group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
@@ -216,10 +217,11 @@ class ParamArena:
                 g.engine = g.grad = g.exp_avg = g.exp_avg_sq = g.base = g.snap = None
                 for storage, nbytes in g.released:
                     storage.resize_(nbytes)
-                for p, orig in zip(g.params, g.originals):
-                    if p.data.data_ptr() != orig.data_ptr():
-                        orig.copy_(p.data)
-                        p.data = orig
+                moved = [(p, orig) for p, orig in zip(g.params, g.originals) if p.data.data_ptr() != orig.data_ptr()]
+                if moved:
+                    torch._foreach_copy_([orig for _, orig in moved], [p.data for p, _ in moved])
+                for p, orig in moved:
+                    p.data = orig
         self.groups = []
 
     def __enter__(self) -> "ParamArena":
