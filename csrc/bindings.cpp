@@ -158,9 +158,10 @@ PYBIND11_MODULE(_C, m) {
            "Bind the float32 Adam moments (flat, or a list with one tensor per segment) and reset "
            "the step counts; a segment's first step zeroes its moments before reading them.")
       .def("set_snapshot", &ArenaGroup::set_snapshot, py::arg("snap"),
-           "Bind (or with None, unbind) the pre-step snapshot buffer, same size and dtype as param. "
-           "It may be the grad buffer (the step reads each grad before writing the snapshot "
-           "over it), except for sar_perturb, whose backup must outlive the next backward.");
+           "Bind (or with None, unbind) the pre-step snapshot buffer: flat like param, or a list "
+           "with one tensor per segment. It may be the grad buffer (the step reads each grad "
+           "before writing the snapshot over it), except for sar_perturb, whose backup must "
+           "outlive the next backward.");
 
   m.def("fused_step", &fused_step, py::arg("groups"), py::arg("lr"), py::arg("beta1") = 0.9,
         py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("max_grad_norm") = py::none(),

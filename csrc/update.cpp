@@ -169,7 +169,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
     : offsets_(std::move(offsets)), sizes_(std::move(sizes)) {
   param_ = make_buffer(param, "param", false);
   grad_ = make_buffer(grad, "grad", false);
-  snap_ = make_buffer(snap, "snap", true);
   const int64_t n = param_.numel;
   auto check_same = [&](const Buffer& b, const char* what, bool same_dtype) {
     if (!b.defined()) return;
@@ -181,7 +180,6 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
       throw py::type_error(std::string("yolozu_ttt._C: ") + what + " dtype differs from param");
   };
   check_same(grad_, "grad", true);
-  check_same(snap_, "snap", true);
   if (offsets_.size() != sizes_.size())
     throw py::value_error("yolozu_ttt._C: offsets and sizes differ in length");
   int64_t expect = 0;
@@ -207,6 +205,7 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   steps_.assign(offsets_.size(), 0);
   set_base(base);
   set_moments(exp_avg, exp_avg_sq);
+  set_snapshot(snap);
 }
 
 Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool moments) const {
@@ -320,11 +319,10 @@ struct Ptrs {
 };
 
 // The flat pointers of `q` moved to element `i` (unset buffers stay null); the segmented ones
-// (base, moments) are looked up per work item, so they are passed in already placed.
+// (base, snapshot, moments) are looked up per work item, so they are passed in already placed.
 template <typename T>
-Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, float* m1, float* m2) {
-  return {q.p + i, q.g + i, base, q.sn ? q.sn + i : nullptr, m1, m2,
-          q.teacher ? q.teacher + i : nullptr};
+Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, T* snap, float* m1, float* m2) {
+  return {q.p + i, q.g + i, base, snap, m1, m2, q.teacher ? q.teacher + i : nullptr};
 }
 
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
@@ -484,7 +482,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
     const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr), nullptr,
-                    static_cast<T*>(snap_.ptr), nullptr, nullptr, static_cast<T*>(teacher_.ptr)};
+                    nullptr, nullptr, nullptr, static_cast<T*>(teacher_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
@@ -503,8 +501,9 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
                 return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
                                  decltype(E)::value, decltype(R)::value>(
                     w.begin, w.end - w.begin,
-                    at(q, w.begin, base_.at<const T>(w, offsets_), exp_avg_.at<float>(w, offsets_),
-                       exp_avg_sq_.at<float>(w, offsets_)),
+                    at(q, w.begin, base_.at<const T>(w, offsets_),
+                       write_snapshot ? snap_.at<T>(w, offsets_) : nullptr,
+                       exp_avg_.at<float>(w, offsets_), exp_avg_sq_.at<float>(w, offsets_)),
                     k);
               });
             });
@@ -524,7 +523,9 @@ Buffer ArenaGroup::like_param(const py::object& tensor, const char* what) const 
   return b;
 }
 
-void ArenaGroup::set_snapshot(py::object snap) { snap_ = like_param(snap, "snap"); }
+void ArenaGroup::set_snapshot(py::object snap) {
+  snap_ = snap.is_none() ? Segmented{} : segmented(snap, "snap", false);
+}
 
 void ArenaGroup::set_teacher(py::object teacher) { teacher_ = like_param(teacher, "teacher"); }
 
@@ -562,7 +563,7 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
 // SAR: snapshot <- p ; p <- p + scale * g (adaptive: g*|p|), over tensors with a grad.
 void ArenaGroup::sar_perturb(double scale, bool adaptive) {
   if (!snap_.defined()) throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
-  if (snap_.ptr == grad_.ptr)
+  if (snap_.starts[0] == grad_.ptr)
     throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer apart from the grad buffer");
   const int64_t n_items = static_cast<int64_t>(work_.size());
   const uint8_t* hg = has_grad_ptr();
@@ -572,11 +573,10 @@ void ArenaGroup::sar_perturb(double scale, bool adaptive) {
     using C = typename S::C;
     T* p = static_cast<T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
-    T* sn = static_cast<T*>(snap_.ptr);
     const C sc = static_cast<C>(scale);
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem w = work_[i];
-      std::memcpy(sn + w.begin, p + w.begin, sizeof(T) * (w.end - w.begin));
+      std::memcpy(snap_.at<T>(w, offsets_), p + w.begin, sizeof(T) * (w.end - w.begin));
       if (hg && !hg[w.seg]) return;
       for (int64_t j = w.begin; j < w.end; ++j) {
         const C pv = S::load(p[j]);

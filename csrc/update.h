@@ -54,8 +54,10 @@ struct WorkItem {
 // small allocations the C library recycles, instead of one fresh 39 MB mapping per run).
 struct Segmented {
   std::vector<Buffer> refs;   // the tensors the pointers point into
-  std::vector<char*> starts;  // where segment s starts
+  std::vector<char*> starts;  // where segment s starts (empty: unset)
   DType dtype = DType::F32;
+
+  bool defined() const { return !starts.empty(); }
 
   // Element `w.begin` of work item `w` (segment offsets given).
   template <typename T>
@@ -103,6 +105,8 @@ class ArenaGroup {
   void set_base(py::object base);
   // The Adam moments (float32), flat or one tensor per segment; step counts back to 0.
   void set_moments(py::object exp_avg, py::object exp_avg_sq);
+  // The pre-step snapshot (None unbinds): flat like param (possibly the grad buffer) or one
+  // tensor per segment.
   void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive);
@@ -116,8 +120,8 @@ class ArenaGroup {
   // Segmented buffer of float32 (`moments`) or of the param dtype; errors name it `what`.
   Segmented segmented(const py::object& obj, const char* what, bool moments) const;
 
-  Buffer param_, grad_, snap_, has_grad_, teacher_;
-  Segmented base_, exp_avg_, exp_avg_sq_;
+  Buffer param_, grad_, has_grad_, teacher_;
+  Segmented base_, exp_avg_, exp_avg_sq_, snap_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
 };

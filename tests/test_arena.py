@@ -93,8 +93,8 @@ def test_snapshot_lives_from_hold_to_drop_and_rolls_back_bit_exactly():
             arena.restore_snapshot()
         before = [g.flat.clone() for g in arena.groups]
         arena.hold_snapshot()
+        arena.save_snapshot()
         for g in arena.groups:
-            g.snap.copy_(g.flat)
             g.flat.add_(1.0)
         arena.restore_snapshot()
         assert all(torch.equal(g.flat, b) for g, b in zip(arena.groups, before))
@@ -128,11 +128,16 @@ def test_step_snapshot_lives_in_the_grad_buffer_until_the_next_zero_grad():
         arena.drop_snapshot()
         assert group.snap is None
         arena.hold_snapshot()
-        own = group.snap
+        own = group.snap  # C++ engine: one tensor per segment
+        assert [t.numel() for t in own] == group.sizes
+        before = group.flat.clone()
         engine.step(write_snapshot=True)  # uses the held buffer
-        assert group.snap is own and own.data_ptr() != group.grad.data_ptr()
+        assert group.snap is own and torch.equal(torch.cat(own), before)
         arena.drop_snapshot()
         assert group.snap is own
+        group.flat.add_(1.0)
+        arena.restore_snapshot()
+        assert torch.equal(group.flat, before)
 
 
 def test_original_storages_are_the_base_snapshot_and_get_the_values_back():

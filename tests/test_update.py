@@ -145,12 +145,17 @@ def test_anchor_gradient_matches_autograd_of_eata_anchor_loss():
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_sar_perturb_matches_reference_and_snapshots(adaptive):
+@pytest.mark.parametrize("per_segment", [False, True])
+def test_sar_perturb_matches_reference_and_snapshots(adaptive, per_segment):
     sizes = [6, 300]
     g = torch.Generator().manual_seed(5)
     values = [torch.randn(n, generator=g) for n in sizes]
     grads = [torch.randn(n, generator=g) for n in sizes]
     arena = Arena(values, torch.float32)
+    if per_segment:  # the backup as one tensor per segment (what the arena gives the C++ engine)
+        pieces = [torch.empty(n) for n in sizes]
+        arena.group.set_snapshot(pieces)
+        arena.snap = pieces
     params = [v.clone().requires_grad_(True) for v in values]
     for p, gr in zip(params, grads):
         p.grad = gr.clone()
@@ -159,7 +164,7 @@ def test_sar_perturb_matches_reference_and_snapshots(adaptive):
     before = arena.flat.clone()
     norm, applied = C.sar_perturb([arena.group], 0.05, adaptive)
     assert applied and rho == 0.05
-    assert torch.equal(arena.snap, before)
+    assert torch.equal(torch.cat(arena.snap) if per_segment else arena.snap, before)
     for p, mine in zip(params, arena.views(arena.flat)):
         torch.testing.assert_close(mine, p.detach(), rtol=1e-6, atol=1e-7)
     assert C.sar_perturb([arena.group], 0.0, adaptive)[1] is False
@@ -258,10 +263,16 @@ def test_snapshot_buffer_binds_late_and_unbinds(dtype):
     arena.group.set_snapshot(snap)
     C.fused_step([arena.group], lr=1e-2, write_snapshot=True)
     assert torch.equal(snap, before) and not torch.equal(arena.flat, before)
-    for bad, match in ((torch.empty(3, dtype=dtype), "snap must match"),
-                       (torch.empty_like(arena.flat, dtype=torch.float16), "snap must match")):
-        with pytest.raises(ValueError, match=match):
+    for bad, match in ((torch.empty(3, dtype=dtype), "snap has 3 elements, param has 52"),
+                       (torch.empty_like(arena.flat, dtype=torch.float16), "snap dtype differs from param"),
+                       ([torch.empty(37, dtype=dtype)], "snap has 1 tensors, the arena has 2 segments")):
+        with pytest.raises((TypeError, ValueError), match=match):
             arena.group.set_snapshot(bad)
+    pieces = [torch.empty(37, dtype=dtype), torch.empty(15, dtype=dtype)]  # one tensor per segment
+    arena.group.set_snapshot(pieces)
+    before = arena.flat.clone()
+    C.fused_step([arena.group], lr=1e-2, write_snapshot=True)
+    assert torch.equal(torch.cat(pieces), before) and not torch.equal(arena.flat, before)
     arena.group.set_snapshot(None)
     with pytest.raises(ValueError, match="write_snapshot needs a snapshot buffer"):
         C.fused_step([arena.group], lr=1e-3, write_snapshot=True)

@@ -43,7 +43,7 @@ class ArenaGroup:
     exp_avg: torch.Tensor | list[torch.Tensor] | None  # flat (Triton) or one per segment (C++)
     exp_avg_sq: torch.Tensor | list[torch.Tensor] | None
     base: torch.Tensor | list[torch.Tensor] | None  # flat (Triton) or the originals, one per segment (C++)
-    snap: torch.Tensor | None
+    snap: torch.Tensor | list[torch.Tensor] | None  # the grad buffer, flat, or one per segment (C++)
     has_grad: bytearray
     backend: str = "cpp"
     engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup
@@ -171,12 +171,22 @@ class ParamArena:
         the forward and backward passes (the run's memory peak) never hold it. With ``in_grad``
         it is the group's grad buffer itself (the fused step reads each grad before writing the
         snapshot over it): no buffer to allocate and fault in per step. A snapshot that must
-        outlive the next backward (SAR's ascent backup) needs its own buffer (the default).
+        outlive the next backward (SAR's ascent backup) needs its own buffer (the default): for
+        the C++ engine one tensor per segment, from memory the C library recycles.
         """
         for g in self.groups:
             if g.snap is None:
-                g.snap = g.grad if in_grad else torch.empty_like(g.flat)
+                if in_grad:
+                    g.snap = g.grad
+                elif g.backend == "cpp":
+                    g.snap = [torch.empty(n, dtype=g.flat.dtype) for n in g.sizes]
+                else:
+                    g.snap = torch.empty_like(g.flat)
                 g.engine.set_snapshot(g.snap)
+
+    def save_snapshot(self) -> None:
+        """Copy the parameters into the held snapshot buffers."""
+        self._copy_snapshot(to_params=False)
 
     def drop_snapshot(self) -> None:
         """Unbind the snapshot buffers (freeing any of their own), unless ``keep_snapshot`` is set."""
@@ -187,11 +197,21 @@ class ParamArena:
 
     def restore_snapshot(self) -> None:
         """Roll the parameters back to the pre-step snapshot, bit-exactly."""
+        self._copy_snapshot(to_params=True)
+
+    def _copy_snapshot(self, *, to_params: bool) -> None:
         with torch.no_grad():
             for g in self.groups:
                 if g.snap is None:
                     raise RuntimeError("yolozu_ttt: rollback needs a snapshot: no step wrote one")
-                g.flat.copy_(g.snap)
+                if isinstance(g.snap, list):
+                    segments = list(g.flat.split(g.sizes))
+                    dst, src = (segments, g.snap) if to_params else (g.snap, segments)
+                    torch._foreach_copy_(dst, src)
+                elif to_params:
+                    g.flat.copy_(g.snap)
+                else:
+                    g.snap.copy_(g.flat)
 
     @property
     def numel(self) -> int:

@@ -51,9 +51,9 @@ def grad_norm_and_clip(arena: ParamArena, max_grad_norm: float | None) -> Any:
 def poison(arena: ParamArena) -> None:
     """The reference's ascent with a NaN direction norm: back up, then every param with a grad is NaN."""
     arena.hold_snapshot()
+    arena.save_snapshot()
     with torch.no_grad():
         for g in arena.groups:
-            g.snap.copy_(g.flat)
             for flag, offset, size in zip(g.has_grad, g.offsets, g.sizes):
                 if flag:
                     g.flat[offset:offset + size].fill_(float("nan"))
