@@ -2,8 +2,8 @@
 
 pytest-benchmark times all rounds of one provider before the next, so a burst of load on a shared
 machine lands on one side of the ratio. This script alternates reference, fast and floor runs
-(builtin RT-DETR, the cases of bench_run_ttt.py / bench_methods.py) and prints each side's median
-and the ratio of medians.
+(builtin RT-DETR, the cases of bench_run_ttt.py / bench_methods.py) in an order that rotates every
+round, and prints each side's median and the ratio of medians (``--verbose``: every run).
 
     python benches/interleaved.py --repeats 5 tent/all eata/all sar/all cotta/all mim/all
 """
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--verbose", action="store_true", help="print every run's time")
     args = parser.parse_args()
     torch.manual_seed(0)
     for name in args.cases:
@@ -55,8 +56,12 @@ def main() -> None:
                 "fast": lambda m: yolozu_ttt.run_ttt(FixedAdapter(m, batch), [], config=config),
                 "floor": floor}
         times: dict[str, list[float]] = {k: [] for k in runs}
+        order = list(runs)
         for i in range(args.repeats + 1):  # the first round warms up and is dropped
-            for provider, run in runs.items():
+            # the order rotates every round, so each provider follows each other one equally often
+            # (a run inherits the C library heap the previous one left: trimmed or warm)
+            for provider in order[i % 3:] + order[:i % 3]:
+                run = runs[provider]
                 model.load_state_dict(state)
                 model.eval()
                 t = time.perf_counter()
@@ -67,6 +72,9 @@ def main() -> None:
         print(f"{name:<16} median reference {med['reference'] * 1e3:8.1f} ms  fast {med['fast'] * 1e3:8.1f} ms  "
               f"floor {med['floor'] * 1e3:8.1f} ms  speed-up {med['reference'] / med['fast']:.2f}x  "
               f"fast/floor {med['fast'] / med['floor']:.2f}x  ({args.repeats} interleaved repeats)", flush=True)
+        if args.verbose:
+            for k, v in times.items():
+                print(f"    {k:<9} " + " ".join(f"{x * 1e3:7.0f}" for x in v), flush=True)
 
 
 if __name__ == "__main__":
