@@ -150,7 +150,8 @@ PYBIND11_MODULE(_C, m) {
       .def("reset_state", &ArenaGroup::reset_state,
            "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")
       .def("set_teacher", &ArenaGroup::set_teacher, py::arg("teacher"),
-           "Bind (or with None, unbind) the CoTTA teacher buffer, same size and dtype as param.")
+           "Bind (or with None, unbind) the CoTTA teacher buffer: flat like param, or a list "
+           "with one tensor per segment.")
       .def("set_base", &ArenaGroup::set_base, py::arg("base"),
            "Bind the base snapshot (the anchor of the total-update norm, EATA and the CoTTA "
            "restore): a flat tensor like param, or a list with one contiguous tensor per segment.")

@@ -311,18 +311,18 @@ template <typename T>
 struct Ptrs {
   T* p;
   const T* g;
-  const T* b;
-  T* sn;
-  float* m1;
-  float* m2;
-  T* teacher;
+  const T* b = nullptr;
+  T* sn = nullptr;
+  float* m1 = nullptr;
+  float* m2 = nullptr;
+  T* teacher = nullptr;
 };
 
-// The flat pointers of `q` moved to element `i` (unset buffers stay null); the segmented ones
-// (base, snapshot, moments) are looked up per work item, so they are passed in already placed.
+// The flat pointers of `q` (param, grad) moved to element `i`; the segmented ones (base,
+// snapshot, moments, teacher) are looked up per work item, so they are passed in already placed.
 template <typename T>
-Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, T* snap, float* m1, float* m2) {
-  return {q.p + i, q.g + i, base, snap, m1, m2, q.teacher ? q.teacher + i : nullptr};
+Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, T* snap, float* m1, float* m2, T* teacher) {
+  return {q.p + i, q.g + i, base, snap, m1, m2, teacher};
 }
 
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
@@ -481,8 +481,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr), nullptr,
-                    nullptr, nullptr, nullptr, static_cast<T*>(teacher_.ptr)};
+    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
       seg_of[i] = w.seg;
@@ -503,7 +502,8 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
                     w.begin, w.end - w.begin,
                     at(q, w.begin, base_.at<const T>(w, offsets_),
                        write_snapshot ? snap_.at<T>(w, offsets_) : nullptr,
-                       exp_avg_.at<float>(w, offsets_), exp_avg_sq_.at<float>(w, offsets_)),
+                       exp_avg_.at<float>(w, offsets_), exp_avg_sq_.at<float>(w, offsets_),
+                       cotta.ema ? teacher_.at<T>(w, offsets_) : nullptr),
                     k);
               });
             });
@@ -515,19 +515,13 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   return reduce(parts, seg_of, sizes_);
 }
 
-Buffer ArenaGroup::like_param(const py::object& tensor, const char* what) const {
-  Buffer b = make_buffer(tensor, what, true);
-  if (b.defined() && (b.numel != param_.numel || b.dtype != param_.dtype))
-    throw py::value_error(std::string("yolozu_ttt._C: ") + what +
-                          " must match the param buffer's size and dtype");
-  return b;
-}
-
 void ArenaGroup::set_snapshot(py::object snap) {
   snap_ = snap.is_none() ? Segmented{} : segmented(snap, "snap", false);
 }
 
-void ArenaGroup::set_teacher(py::object teacher) { teacher_ = like_param(teacher, "teacher"); }
+void ArenaGroup::set_teacher(py::object teacher) {
+  teacher_ = teacher.is_none() ? Segmented{} : segmented(teacher, "teacher", false);
+}
 
 // SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
 double ArenaGroup::sar_direction_sumsq(bool adaptive) const {

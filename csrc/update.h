@@ -99,6 +99,7 @@ class ArenaGroup {
   StepStats grad_pass(double anchor_lambda, bool anchor_value = false) const;
   StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
                       double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
+  // The CoTTA teacher's selected parameters (None unbinds): flat like param or one tensor per segment.
   void set_teacher(py::object teacher);
   // The base snapshot: one flat tensor like param, or one contiguous tensor per segment (e.g.
   // the parameters' original storages, so no copy of them is made).
@@ -113,15 +114,13 @@ class ArenaGroup {
 
  private:
   const uint8_t* has_grad_ptr() const;
-  // `tensor` as a Buffer (None allowed) after checking it matches the param buffer.
-  Buffer like_param(const py::object& tensor, const char* what) const;
 
   // `obj` (a flat tensor like param, or a list of one contiguous tensor per segment) as a
   // Segmented buffer of float32 (`moments`) or of the param dtype; errors name it `what`.
   Segmented segmented(const py::object& obj, const char* what, bool moments) const;
 
-  Buffer param_, grad_, has_grad_, teacher_;
-  Segmented base_, exp_avg_, exp_avg_sq_, snap_;
+  Buffer param_, grad_, has_grad_;
+  Segmented base_, exp_avg_, exp_avg_sq_, snap_, teacher_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
 };

@@ -97,15 +97,30 @@ def test_ema_follows_the_updated_params(dtype):
         a.grad.mul_(-1.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_per_segment_equals_a_flat_teacher(dtype):
+    """The arena gives the C++ engine one teacher tensor per parameter: the same EMA bit for bit."""
+    flat, split = Arena(SIZES, dtype, seed=3), Arena(SIZES, dtype, seed=3)
+    pieces = [t.clone() for t in split.views(split.teacher)]
+    split.group.set_teacher(pieces)
+    for step in range(3):
+        kw = dict(ema_momentum=0.9, restore_prob=0.2, restore_seed=1, restore_counter=step)
+        assert C.fused_step([split.group], 1e-2, **kw) == C.fused_step([flat.group], 1e-2, **kw)
+        assert torch.equal(torch.cat(pieces), flat.teacher) and torch.equal(split.flat, flat.flat)
+    assert not torch.equal(split.teacher, flat.teacher)  # the flat buffer was unbound
+
+
 def test_ema_needs_a_teacher_and_teacher_must_match():
     a = Arena(SIZES)
     a.group.set_teacher(None)
     with pytest.raises(ValueError, match="teacher"):
         C.fused_step([a.group], 1e-2, ema_momentum=0.9)
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(ValueError, match="teacher has"):
         a.group.set_teacher(torch.zeros(a.flat.numel() + 1))
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(TypeError, match="teacher dtype differs from param"):
         a.group.set_teacher(torch.zeros(a.flat.numel(), dtype=torch.float16))
+    with pytest.raises(ValueError, match="teacher has 1 tensors"):
+        a.group.set_teacher([torch.zeros(a.flat.numel())])
     with pytest.raises(ValueError, match="restore_prob"):
         C.fused_step([a.group], 1e-2, restore_prob=-0.1)
 

@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 import torch
+from torch._utils import _unflatten_dense_tensors
 from yolozu.tta import integration as _ref
 
 from .. import guards
@@ -29,20 +30,29 @@ SEED_BITS = 63
 
 def build_teacher(model: torch.nn.Module, arena: ParamArena) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """Eval-mode deep copy of ``model`` sharing its unselected parameters; the selected ones are
-    non-trainable views of one new flat buffer per arena group (same layout), bound as the group's teacher."""
+    non-trainable copies bound as their arena group's teacher: one tensor each for the C++ engine
+    (small allocations the C library recycles), views of one flat buffer per group for Triton.
+    Returns the teacher and the tensors that hold its selected parameters."""
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
-    flats = []
+    held, bound = [], []
     with torch.no_grad():
         for g in arena.groups:
-            flat = g.flat.clone()
-            flats.append(flat)
-            for p, o, n in zip(g.params, g.offsets, g.sizes):
-                memo[id(p)] = torch.nn.Parameter(flat[o:o + n].view(p.shape), requires_grad=False)
+            if g.backend == "cpp":
+                pieces = [p.detach().clone() for p in g.params]
+                views, buffer = pieces, pieces
+                held += pieces
+            else:
+                buffer = g.flat.clone()
+                views = _unflatten_dense_tensors(buffer, g.params)
+                held.append(buffer)
+            bound.append(buffer)
+            for p, view in zip(g.params, views):
+                memo[id(p)] = torch.nn.Parameter(view, requires_grad=False)
     teacher = copy.deepcopy(model, memo)
     teacher.eval()
-    for g, flat in zip(arena.groups, flats):
-        g.engine.set_teacher(flat)
-    return teacher, flats
+    for g, buffer in zip(arena.groups, bound):
+        g.engine.set_teacher(buffer)
+    return teacher, held
 
 
 def restore_seed(config: Any) -> int:
