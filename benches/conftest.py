@@ -90,17 +90,21 @@ def machine() -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print mean(reference) / mean(fast) for every group that has both providers."""
+    """Print mean(reference) / mean(fast) for every group that has both providers, and the ratio of
+    the fastest rounds (load on a shared machine only ever adds time, so mins are the steadier
+    statistic when a group has few rounds)."""
     session = getattr(config, "_benchmarksession", None)
     if session is None or not getattr(session, "benchmarks", None):
         return
     groups: dict[str, dict[str, float]] = {}
+    mins: dict[str, dict[str, float]] = {}
     peaks: dict[str, dict[str, float]] = {}
     bandwidth: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
         provider = bench.extra_info.get("provider") or (bench.params or {}).get("provider")
         if provider and bench.stats is not None:
             groups.setdefault(bench.group or bench.name, {})[provider] = bench.stats.mean
+            mins.setdefault(bench.group or bench.name, {})[provider] = bench.stats.min
             for key in ("peak_cpu_growth_mib", "peak_cuda_growth_mib"):
                 if key in bench.extra_info:
                     peaks.setdefault(bench.group or bench.name, {})[provider] = bench.extra_info[key]
@@ -111,7 +115,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write_sep("-", f"speed-up reference/fast (means, same run) on {machine()}")
     for group, v in rows:
-        line = f"{group:<56} reference {v['reference'] * 1e3:10.2f} ms  fast {v['fast'] * 1e3:10.2f} ms  speed-up {v['reference'] / v['fast']:6.2f}x"
+        m = mins[group]
+        line = (f"{group:<56} reference {v['reference'] * 1e3:10.2f} ms  fast {v['fast'] * 1e3:10.2f} ms  "
+                f"speed-up {v['reference'] / v['fast']:6.2f}x (mins {m['reference'] / m['fast']:.2f}x)")
         if "floor" in v:
             line += f"  (floor {v['floor'] * 1e3:.2f} ms: reference/floor {v['reference'] / v['floor']:.2f}x, fast/floor {v['fast'] / v['floor']:.2f}x)"
         if group in peaks:
