@@ -215,7 +215,6 @@ Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool mo
   const std::string name = std::string("yolozu_ttt._C: ") + what;
   const char* dtype_name = moments ? "float32" : "the param dtype";
   Segmented out;
-  out.dtype = dtype;
   out.starts.resize(n_seg);
   if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
     const py::sequence items = obj;

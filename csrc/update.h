@@ -50,12 +50,12 @@ struct WorkItem {
 };
 
 // A per-element buffer of the arena given flat (one tensor of the arena's size) or as one
-// contiguous tensor per segment (the parameters' original storages as the base; moments from
-// small allocations the C library recycles, instead of one fresh 39 MB mapping per run).
+// contiguous tensor per segment: the base (the parameters' original storages), the moments,
+// SAR's backup and the CoTTA teacher come per segment from the arena, small allocations the C
+// library recycles instead of one fresh 39 MB mapping per run.
 struct Segmented {
   std::vector<Buffer> refs;   // the tensors the pointers point into
   std::vector<char*> starts;  // where segment s starts (empty: unset)
-  DType dtype = DType::F32;
 
   bool defined() const { return !starts.empty(); }
 
