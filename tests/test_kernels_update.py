@@ -194,16 +194,24 @@ _SCHEDULE = [
 ]
 
 
-def _vs_cpp(mode, dtype_name, block_size):
+def _vs_cpp(mode, dtype_name, block_size, snap_in_grad=False):
+    """The Triton step against the C++ one over a schedule of flags, clipping and anchors. With
+    ``snap_in_grad`` the Triton snapshot is the grad buffer itself (the C++ one stays separate):
+    the same step, the grad buffer ends holding the pre-step params, and sar_perturb refuses it."""
     torch, U, device = _env(mode)
     import yolozu_ttt._C as C
 
     dtype = _dt(dtype_name)
-    ref = _make_buffers(dtype, SIZES, seed=1)
+    ref = _make_buffers(dtype, SIZES, seed=4 if snap_in_grad else 1)
     ours = _clone_to(ref, device)
+    if snap_in_grad:
+        ours["snap"] = None
     hg_ref, hg_ours = bytearray(len(SIZES)), bytearray(len(SIZES))
     g_ref = _bind(C.ArenaGroup, ref, SIZES, hg_ref)
     g_ours = _bind(U.TritonArenaGroup, ours, SIZES, hg_ours, block_size=block_size)
+    if snap_in_grad:
+        g_ours.set_snapshot(ours["grad"])
+    snapshot = "grad" if snap_in_grad else "snap"
     stat_rtol = 1e-5 if dtype == torch.float32 else 1e-3
     for step, (flags, max_norm, lam) in enumerate(_SCHEDULE):
         g = _grads(dtype, SIZES, step)
@@ -217,56 +225,23 @@ def _vs_cpp(mode, dtype_name, block_size):
         assert out.dtype == torch.float32 and out.shape == (len(U.STAT_KEYS),) and out.device.type == device.type
         what = f"{dtype_name} step {step}"
         _stats_close(out, expected, stat_rtol, what)
-        assert torch.equal(_bits(ours["snap"]), _bits(pre)), f"{what}: snapshot is not the pre-step params"
+        assert torch.equal(_bits(ours[snapshot]), _bits(pre)), f"{what}: the {snapshot} buffer is not the pre-step params"
         for k in ("param", "exp_avg", "exp_avg_sq"):
             _close(ours[k], ref[k], dtype if k == "param" else torch.float32, f"{what} {k}")
         assert g_ours.steps == list(g_ref.steps), (g_ours.steps, g_ref.steps)
+    if snap_in_grad:
+        try:
+            U.sar_perturb([g_ours], 0.05, False)
+        except ValueError as exc:
+            assert "apart from the grad buffer" in str(exc), exc
+        else:
+            raise AssertionError("sar_perturb accepted a snapshot in the grad buffer")
 
 
 for _d in DTYPES:
     _check(f"vs_cpp_{_d}")(lambda mode, _d=_d: _vs_cpp(mode, _d, 256))  # multi-block segment
     _check(f"vs_cpp_{_d}_default_block")(lambda mode, _d=_d: _vs_cpp(mode, _d, 2048))
-
-
-def _snapshot_in_grad(mode, dtype_name):
-    """snap bound to the grad buffer: the same step as the C++ engine with a separate snapshot,
-    and the grad buffer ends holding the pre-step params; sar_perturb refuses it."""
-    torch, U, device = _env(mode)
-    import yolozu_ttt._C as C
-
-    dtype = _dt(dtype_name)
-    ref = _make_buffers(dtype, SIZES, seed=4)
-    ours = _clone_to(ref, device)
-    hg_ref, hg_ours = bytearray(len(SIZES)), bytearray(len(SIZES))
-    g_ref = _bind(C.ArenaGroup, ref, SIZES, hg_ref)
-    ours["snap"] = None
-    g_ours = _bind(U.TritonArenaGroup, ours, SIZES, hg_ours, block_size=256)
-    g_ours.set_snapshot(ours["grad"])
-    stat_rtol = 1e-5 if dtype == torch.float32 else 1e-3
-    for step, (flags, max_norm, lam) in enumerate(_SCHEDULE):
-        g = _grads(dtype, SIZES, step)
-        ref["grad"].copy_(g)
-        ours["grad"].copy_(g)
-        hg_ref[:] = flags
-        hg_ours[:] = flags
-        pre = ours["param"].clone()
-        out = U.fused_step([g_ours], 1e-2, max_grad_norm=max_norm, anchor_lambda=lam)
-        expected = C.fused_step([g_ref], 1e-2, max_grad_norm=max_norm, anchor_lambda=lam)
-        what = f"{dtype_name} step {step}"
-        _stats_close(out, expected, stat_rtol, what)
-        assert torch.equal(_bits(ours["grad"]), _bits(pre)), f"{what}: the grad buffer is not the pre-step params"
-        for k in ("param", "exp_avg", "exp_avg_sq"):
-            _close(ours[k], ref[k], dtype if k == "param" else torch.float32, f"{what} {k}")
-    try:
-        U.sar_perturb([g_ours], 0.05, False)
-    except ValueError as exc:
-        assert "apart from the grad buffer" in str(exc), exc
-    else:
-        raise AssertionError("sar_perturb accepted a snapshot in the grad buffer")
-
-
-for _d in DTYPES:
-    _check(f"snapshot_in_grad_{_d}")(lambda mode, _d=_d: _snapshot_in_grad(mode, _d))
+    _check(f"snapshot_in_grad_{_d}")(lambda mode, _d=_d: _vs_cpp(mode, _d, 256, snap_in_grad=True))
 
 
 @_check("vs_torch_adam_float32")
