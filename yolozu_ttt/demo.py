@@ -99,6 +99,13 @@ class _StepClock:
         self._sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
         self._handle = model.register_forward_pre_hook(self._hook)
 
+    def __deepcopy__(self, memo: dict) -> "_StepClock":
+        """Copies of the model (CoTTA's teacher) get a hook that records nothing and holds no
+        progress bar (a tqdm bar cannot be deep-copied: it holds the terminal's stream)."""
+        clone = object.__new__(type(self))
+        clone.times, clone.bar, clone.cap, clone._sync, clone._handle = [], None, 0, None, None
+        return clone
+
     def _hook(self, _module: Any, _inputs: Any) -> None:
         if self._sync is not None:
             self._sync()
