@@ -47,15 +47,18 @@ def test_demo_writes_summary_plots_and_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cotta", "eata", "sar"])
+@pytest.mark.parametrize("method", ["cotta", "eata", "sar", "mim"])
 def test_demo_runs_every_method(tmp_path, capsys, method):
-    """CoTTA deep-copies the model (hooks included): the demo's step clock must survive that."""
+    """CoTTA deep-copies the model (hooks included): the demo's step clock must survive that. MIM
+    runs the structured branch on the builtin RT-DETR built with enable_mim."""
     run_dir = tmp_path / "demo"
     rc = cli.main(["demo", "--run-dir", str(run_dir), "--method", method, "--steps", "1", "--images", "1",
                    "--image-size", "64", "--warmup-steps", "0"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["method"] == method
+    if method == "mim":
+        assert summary["config"]["model"]["config_path"].endswith("rtdetr_base_mim.json")
     ref, fast = (summary["backends"][b]["report"] for b in ("reference", "fast"))
     for key in ("steps_run", "stop_reason", "warnings", "optimizer_steps"):
         assert fast[key] == ref[key], key  # EATA may select nothing at this size: then neither steps

@@ -1,7 +1,8 @@
 """``yolozu-ttt demo``: reference vs fast TTT on the builtin RT-DETR, offline.
 
 One synthetic labeled dataset (``yolozu.demos.labeled_dataset``), one initial set of
-weights (``RTDETRPoseAdapter(config_path="builtin:base", init_seed=0)``), and the same
+weights (``RTDETRPoseAdapter(config_path="builtin:base", init_seed=0)``; for MIM the same config
+with ``enable_mim`` on, so the structured branch runs), and the same
 ``TTTConfig`` run through ``yolozu.tta.integration.run_ttt`` (reference) and
 ``yolozu_ttt.run_ttt`` (fast), each on a fresh adapter loaded with a copy of the same
 initial ``state_dict``. Writes ``summary.json`` and PNG plots to the run dir.
@@ -75,11 +76,26 @@ def load_records(dataset: Path, images: int) -> list[dict[str, Any]]:
     return records[:images]
 
 
-def _new_adapter(device: str, image_size: int, initial_state: dict[str, Any] | None):
+def model_config_path(run_dir: Path, method: str) -> str:
+    """``builtin:base``; for MIM that config with ``enable_mim`` on, written into ``run_dir``, so the
+    structured MIM branch runs (YOLOZU's plain branch needs a model that outputs a reconstruction
+    of its input, which the detector does not)."""
+    if str(method) != "mim":
+        return "builtin:base"
+    import importlib.resources
+
+    data = json.loads(importlib.resources.files("rtdetr_pose").joinpath("configs/base.json").read_text(encoding="utf-8"))
+    data.setdefault("model", {})["enable_mim"] = True
+    path = run_dir / "rtdetr_base_mim.json"
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _new_adapter(device: str, image_size: int, initial_state: dict[str, Any] | None, config_path: str):
     from yolozu.inference.adapter import RTDETRPoseAdapter
 
     adapter = RTDETRPoseAdapter(
-        config_path="builtin:base", init_seed=0, device=device, image_size=(image_size, image_size)
+        config_path=config_path, init_seed=0, device=device, image_size=(image_size, image_size)
     )
     model = adapter.get_model()
     if initial_state is not None:
@@ -166,6 +182,7 @@ def _run_backend(
     device: str,
     image_size: int,
     initial_state: dict[str, Any],
+    config_path: str,
     seed: int,
     bar: Any,
     cap: int,
@@ -173,7 +190,7 @@ def _run_backend(
     import torch
 
     fn = _backend_fn(name)
-    adapter, model = _new_adapter(device, image_size, initial_state)
+    adapter, model = _new_adapter(device, image_size, initial_state, config_path)
     clock = _StepClock(model, bar, cap, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
@@ -288,7 +305,8 @@ def run_demo(
         update_filter=str(update_filter),
         seed=int(seed),
     )
-    _, model0 = _new_adapter(device, int(image_size), None)
+    config_path = model_config_path(run_dir, str(method))
+    _, model0 = _new_adapter(device, int(image_size), None, config_path)
     initial_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
     del model0
 
@@ -310,6 +328,7 @@ def run_demo(
                     device=device,
                     image_size=int(image_size),
                     initial_state=initial_state,
+                    config_path=config_path,
                     seed=int(seed),
                     bar=bar,
                     cap=n,
@@ -363,7 +382,7 @@ def run_demo(
             "image_size": int(image_size),
             "batch_size": len(records),
             "warmup_steps": int(warmup_steps),
-            "model": {"adapter": "RTDETRPoseAdapter", "config_path": "builtin:base", "init_seed": 0},
+            "model": {"adapter": "RTDETRPoseAdapter", "config_path": config_path, "init_seed": 0},
         },
         "dataset": {"root": str(dataset), "images": [str(r.get("image")) for r in records]},
         "engine": build_info(),
