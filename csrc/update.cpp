@@ -170,16 +170,7 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   param_ = make_buffer(param, "param", false);
   grad_ = make_buffer(grad, "grad", false);
   const int64_t n = param_.numel;
-  auto check_same = [&](const Buffer& b, const char* what, bool same_dtype) {
-    if (!b.defined()) return;
-    if (b.numel != n)
-      throw py::value_error(std::string("yolozu_ttt._C: ") + what + " has " +
-                            std::to_string(b.numel) + " elements, param has " +
-                            std::to_string(n));
-    if (same_dtype && b.dtype != param_.dtype)
-      throw py::type_error(std::string("yolozu_ttt._C: ") + what + " dtype differs from param");
-  };
-  check_same(grad_, "grad", true);
+  check_flat(grad_, "grad", false);
   if (offsets_.size() != sizes_.size())
     throw py::value_error("yolozu_ttt._C: offsets and sizes differ in length");
   int64_t expect = 0;
@@ -208,6 +199,15 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
   set_snapshot(snap);
 }
 
+void ArenaGroup::check_flat(const Buffer& b, const char* what, bool moments) const {
+  const std::string name = std::string("yolozu_ttt._C: ") + what;
+  if (b.numel != param_.numel)
+    throw py::value_error(name + " has " + std::to_string(b.numel) + " elements, param has " +
+                          std::to_string(param_.numel));
+  if (b.dtype != (moments ? DType::F32 : param_.dtype))
+    throw py::type_error(name + (moments ? " must be float32" : " dtype differs from param"));
+}
+
 Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool moments) const {
   const DType dtype = moments ? DType::F32 : param_.dtype;
   const size_t n_seg = offsets_.size();
@@ -233,11 +233,7 @@ Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool mo
     return out;
   }
   Buffer b = make_buffer(obj, what, false);
-  if (b.numel != param_.numel)
-    throw py::value_error(name + " has " + std::to_string(b.numel) + " elements, param has " +
-                          std::to_string(param_.numel));
-  if (b.dtype != dtype)
-    throw py::type_error(name + (moments ? " must be float32" : " dtype differs from param"));
+  check_flat(b, what, moments);
   for (size_t s = 0; s < n_seg; ++s) out.starts[s] = static_cast<char*>(b.ptr) + offsets_[s] * itemsize;
   out.refs.push_back(std::move(b));
   return out;

@@ -115,6 +115,8 @@ class ArenaGroup {
  private:
   const uint8_t* has_grad_ptr() const;
 
+  // A flat buffer `b` matches param: its size, and float32 (`moments`) or the param dtype.
+  void check_flat(const Buffer& b, const char* what, bool moments) const;
   // `obj` (a flat tensor like param, or a list of one contiguous tensor per segment) as a
   // Segmented buffer of float32 (`moments`) or of the param dtype; errors name it `what`.
   Segmented segmented(const py::object& obj, const char* what, bool moments) const;
