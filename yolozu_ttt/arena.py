@@ -70,8 +70,9 @@ class ParamArena:
         self.params = _unique(params)
         self.groups: list[ArenaGroup] = []
         self._closed = False
-        # Hold the snapshot for the whole run: for methods whose passes hold it anyway (SAR's
-        # backup lives through its second pass, the peak), so no step pays to allocate it again.
+        # Hold a snapshot buffer of its own for the whole run: for methods whose passes hold it
+        # anyway (SAR's backup lives through its second pass, the peak), so no step pays to
+        # allocate it again. A snapshot in the grad buffer still ends with its step.
         self.keep_snapshot = False
         try:
             by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
