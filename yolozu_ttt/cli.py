@@ -15,6 +15,12 @@
   ``"backend": "fast"`` and an ``engine`` summary from ``build_info()``. Both names are
   restored afterwards, also on failure. Failures are still raised by YOLOZU's own
   ``TTT failed: ...`` handler, with its exit code.
+* Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set), or with ``--resume``: the dataset-scale
+  export of ``yolozu_ttt.export`` (contiguous shards per rank, per-rank part files flushed per
+  image, resume, rank-0 merge through YOLOZU's own ``main``); the ``ttt`` block and log also
+  record ``world_size`` and ``distributed_backend``. Its two flags (``--resume``,
+  ``--dist-timeout``) default to ``argparse.SUPPRESS``, so a namespace without them is exactly
+  YOLOZU's.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ from typing import Any, Callable, Iterator, Sequence
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 TTT_BACKENDS = ("reference", "fast")
 BACKEND_FLAG = "--ttt-backend"
+RESUME_FLAG = "--resume"
+TIMEOUT_FLAG = "--dist-timeout"
+OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG)
 COMMANDS = ("export-predictions", "demo", "doctor")
 PROG = "yolozu-ttt"
 
@@ -48,8 +57,8 @@ class _CapturingParser(argparse.ArgumentParser):
     """ArgumentParser whose first ``parse_args`` hands the parser back instead of parsing.
 
     It also keeps YOLOZU's abbreviations working: a prefix that matches one of YOLOZU's
-    flags and ``--ttt-backend`` (``--ttt-b``, ``--ttt-ba``) resolves to YOLOZU's flag, as
-    it does in YOLOZU's own CLI, instead of becoming ambiguous.
+    flags and one of ours (``--ttt-b``, ``--ttt-ba`` for ``--ttt-backend``) resolves to
+    YOLOZU's flag, as it does in YOLOZU's own CLI, instead of becoming ambiguous.
     """
 
     _capturing = True
@@ -63,7 +72,7 @@ class _CapturingParser(argparse.ArgumentParser):
     def _get_option_tuples(self, option_string):  # type: ignore[override]
         result = super()._get_option_tuples(option_string)
         if len(result) > 1:
-            kept = [t for t in result if BACKEND_FLAG not in getattr(t[0], "option_strings", ())]
+            kept = [t for t in result if not set(OUR_FLAGS) & set(getattr(t[0], "option_strings", ()))]
             if kept:
                 result = kept
         return result
@@ -115,6 +124,29 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "(YOLOZU unchanged, byte-identical output); 'fast' is yolozu_ttt.run_ttt, "
             "recorded as backend=fast plus an engine summary in the --wrap meta ttt block "
             "and the --ttt-log-out JSON (default: reference). Without --ttt it has no effect."
+        ),
+    )
+    from .export import DEFAULT_TIMEOUT_S
+
+    parser.add_argument(
+        RESUME_FLAG,
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=(
+            "Write finished images to part files next to --output as they finish (always on under "
+            "torchrun) and skip the images part files of an earlier run of the same export already "
+            "hold (same flags; any number of workers). Refused if the part files were made with "
+            "other flags."
+        ),
+    )
+    parser.add_argument(
+        TIMEOUT_FLAG,
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=(
+            "Under torchrun: the process group timeout of every collective, and how long rank 0 "
+            f"waits for other ranks without any new finished image before failing (default: {DEFAULT_TIMEOUT_S:g})."
         ),
     )
     return parser
@@ -212,36 +244,54 @@ def _patched(mod: Any, **names: Any) -> Iterator[None]:
             setattr(mod, name, value)
 
 
-def export_predictions(argv: Sequence[str]) -> int:
-    mod = _export_module()
-    parser = build_export_parser(mod)
-    args = parser.parse_args(list(argv))
+def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
+    wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``); empty for
+    the reference backend in one process, which therefore runs YOLOZU unchanged."""
     fast = bool(getattr(args, "ttt", False)) and args.ttt_backend == "fast"
-
-    def _parse_args(_argv: Any) -> argparse.Namespace:
-        return args
-
-    if not fast:
-        # Zero impact: YOLOZU's own main, with the namespace YOLOZU's own parser produced.
-        with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args):
-            mod.main([])
-        return 0
-
-    backend = FastBackend()
+    names: dict[str, Any] = {}
+    if not fast and not extra:
+        return names
+    backend = FastBackend() if fast else None
     build_settings = mod.build_ttt_settings_from_args
 
     def _settings_with_backend(ns: Any) -> dict[str, Any]:
         settings = build_settings(ns)
-        settings["backend"] = "fast"
-        settings["engine"] = backend.engine(getattr(ns, "ttt_method", None))
+        if backend is not None:
+            settings["backend"] = "fast"
+            settings["engine"] = backend.engine(getattr(ns, "ttt_method", None))
+        settings.update(extra or {})
         return settings
 
-    with _PATCH_LOCK, _patched(
-        mod,
-        _parse_args=_parse_args,
-        run_ttt=backend,
-        build_ttt_settings_from_args=_settings_with_backend,
-    ):
+    if backend is not None:
+        names["run_ttt"] = backend
+    names["build_ttt_settings_from_args"] = _settings_with_backend
+    return names
+
+
+def export_predictions(argv: Sequence[str]) -> int:
+    mod = _export_module()
+    parser = build_export_parser(mod)
+    args = parser.parse_args(list(argv))
+    resume = bool(vars(args).pop("resume", False))
+    timeout_s = vars(args).pop("dist_timeout", None)
+    from . import export
+
+    env = export.DistEnv.from_environ()
+    if env is not None or resume:
+        with _PATCH_LOCK:
+            return export.run_sharded(
+                mod, args, env=env, resume=resume,
+                timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
+                patches=lambda extra: _backend_patches(mod, args, extra),
+            )
+
+    def _parse_args(_argv: Any) -> argparse.Namespace:
+        return args
+
+    # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
+    # namespace YOLOZU's own parser produced (byte-identical output).
+    with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args, **_backend_patches(mod, args)):
         mod.main([])
     return 0
 
