@@ -307,6 +307,46 @@ def test_resume_refuses_changed_flags_before_any_work(data, killed, tmp_path, mo
     assert calls == [] and sorted(p.name for p in parts.iterdir()) == before and not out.exists()
 
 
+@pytest.mark.parametrize("reset", ["sample", "stream"])
+def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, tmp_path, monkeypatch, reset):
+    """The final file is written to a temporary file and renamed into place; if the merge fails the
+    part files (and the stream state) stay, and --resume then finishes without adapting again."""
+    n = N_SAMPLE if reset == "sample" else N_STREAM
+    out = tmp_path / "out.json"
+    args = [*_args(data, reset=reset, n=n), "--output", str(out), "--resume"]
+    adapted = []
+    real_call = cli.FastBackend.__call__
+
+    def spy(self, adapter, records, *, config):
+        adapted.append(len(records))
+        return real_call(self, adapter, records, config=config)
+
+    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
+    real_replace = export.os.replace
+
+    def disk_full(src, dst):
+        if Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _single(args)
+    assert not out.exists() and not list(tmp_path.glob(".out.json.tmp-*"))  # no partial output left behind
+    assert sorted(_entries(Path(str(out) + ".parts"))) == list(range(n))
+    assert adapted == ([1] * n if reset == "sample" else [n])
+
+    renamed = []
+    monkeypatch.setattr(export.os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
+    adapted.clear()
+    _single(args)
+    assert adapted == [] and out in renamed
+    merged, one = json.loads(out.read_text()), single[f"{reset}-fast"]
+    assert _max_diff(one["predictions"], merged["predictions"]) <= TOL
+    _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
+    assert not Path(str(out) + ".parts").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # failures
 # ---------------------------------------------------------------------------------------
