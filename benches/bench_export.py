@@ -1,0 +1,151 @@
+"""Dataset-scale export, end to end: ``export-predictions --ttt --ttt-reset sample`` (Tent, norm_only,
+1 step per image) on the builtin RT-DETR at 320x320 over 8 images of YOLOZU's demo dataset.
+
+Providers (same CPU cores):
+
+* ``1 process x N threads``: one process (``--resume``, so it writes part files like the workers do),
+  torch using every core;
+* ``N workers x 1 thread``: ``torchrun --standalone --nproc-per-node N`` (gloo), one thread each.
+
+Each run prints the export's own summary line; ``images/s`` is finished images over the work window
+(first image started on any rank to last image finished on any rank: start-up and the merge
+excluded); ``wall`` is the whole command. ``YOLOZU_TTT_BENCH_DEVICE=cuda`` runs the workers on
+``--device cuda:0`` (sharing one GPU).
+
+    python -m pytest benches/bench_export.py --benchmark-only
+    python benches/bench_export.py --repeats 3     # interleaved, the order rotating every round
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+IMAGES = 8
+SIZE = 320
+RATE = re.compile(r"yolozu-ttt export: (\d+) images, (\d+) worker\(s\)[^:]*: (\d+) computed.*?; ([\d.]+) images/s")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def prepare(root: Path) -> list[str]:
+    """Dataset (the demo sample's 4 val + 4 train images), a checkpoint of builtin:base (init_seed=0),
+    and the export flags."""
+    import torch
+    from yolozu.demos.labeled_dataset import generate_labeled_sample
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    generate_labeled_sample(run_dir=root / "demo", seed=0)
+    images = root / "ds" / "images" / "val"
+    images.mkdir(parents=True)
+    for split in ("val", "train"):
+        for path in sorted((root / "demo" / "images" / split).glob("*.png")):
+            shutil.copy(path, images / f"{split}_{path.name}")
+    torch.save(RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model().state_dict(), root / "ckpt.pt")
+    device = "cuda:0" if os.environ.get("YOLOZU_TTT_BENCH_DEVICE", "cpu").startswith("cuda") else "cpu"
+    return ["--adapter", "rtdetr_pose", "--config", "builtin:base", "--checkpoint", str(root / "ckpt.pt"),
+            "--dataset", str(root / "ds"), "--split", "val", "--max-images", str(IMAGES),
+            "--image-size", str(SIZE), "--device", device, "--score-threshold", "0.0", "--max-detections", "20", "--wrap",
+            "--ttt", "--ttt-reset", "sample", "--ttt-method", "tent", "--ttt-update-filter", "norm_only",
+            "--ttt-steps", "1", "--ttt-backend", "fast"]
+
+
+def providers(workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+    single = [sys.executable, "-m", "yolozu_ttt", "export-predictions"]
+    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers),
+             "-m", "yolozu_ttt", "export-predictions"]
+    return {f"1 process x {cores()} threads": (single + ["--resume"], {"OMP_NUM_THREADS": str(cores())}),
+            f"{workers} workers x {max(1, cores() // workers)} thread(s)": (multi, {})}
+
+
+def run_once(cmd: list[str], env_extra: dict[str, str], args: list[str], out: Path) -> tuple[float, float]:
+    """(images/s over the work window, wall seconds)."""
+    shutil.rmtree(Path(str(out) + ".parts"), ignore_errors=True)
+    env = dict(os.environ, TQDM_DISABLE="1", **env_extra)
+    start = time.perf_counter()
+    res = subprocess.run([*cmd, *args, "--output", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - start
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n{res.stderr[-3000:]}")
+    match = RATE.search(res.stderr)
+    if match is None or int(match.group(3)) != IMAGES:
+        raise RuntimeError(f"no summary line:\n{res.stderr[-3000:]}")
+    return float(match.group(4)), wall
+
+
+# --------------------------------------------------------------------------------------
+# pytest-benchmark
+# --------------------------------------------------------------------------------------
+WORKERS = 2
+PROVIDERS = providers(WORKERS)
+_RATES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def export_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_export")
+    return root, prepare(root)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_export_sample_images_per_s(benchmark, export_args, provider):
+    root, args = export_args
+    cmd, env = PROVIDERS[provider]
+    rates: list[float] = []
+
+    def once():
+        rate, _ = run_once(cmd, env, args, root / "out.json")
+        rates.append(rate)
+
+    benchmark.group = f"export tent/norm_only sample, {IMAGES} images {SIZE}x{SIZE}, end to end"
+    benchmark.pedantic(once, rounds=2, iterations=1, warmup_rounds=0)
+    _RATES[provider] = statistics.median(rates)
+    benchmark.extra_info.update({"provider": provider, "images_per_s": round(_RATES[provider], 3),
+                                 "images_per_s_runs": [round(r, 3) for r in rates]})
+    if len(_RATES) == len(PROVIDERS):
+        base, sharded = (_RATES[p] for p in PROVIDERS)
+        benchmark.extra_info["sharded_over_single"] = round(sharded / base, 3)
+
+
+# --------------------------------------------------------------------------------------
+# interleaved
+# --------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=WORKERS)
+    opts = parser.parse_args()
+    runs = providers(opts.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        args = prepare(root)
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        walls: dict[str, list[float]] = {k: [] for k in runs}
+        order = list(runs)
+        for i in range(opts.repeats):
+            for name in order[i % len(order):] + order[: i % len(order)]:
+                rate, wall = run_once(*runs[name], args, root / "out.json")
+                rates[name].append(rate)
+                walls[name].append(wall)
+                print(f"  round {i}: {name:<28} {rate:6.3f} images/s  wall {wall:6.2f} s", flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for name in runs:
+            print(f"{name:<28} median {med[name]:6.3f} images/s  wall {statistics.median(walls[name]):6.2f} s "
+                  f"({opts.repeats} interleaved repeats)")
+        first, second = (med[k] for k in runs)
+        print(f"sharded / single images/s: {second / first:.3f}")
+
+
+if __name__ == "__main__":
+    main()
