@@ -2,8 +2,9 @@
 
 reference: what YOLOZU's run_ttt does around each Tent step — pre-step snapshot (clones), grad
 norm, clip_grad_norm_, the clipped grad norm, torch.optim.Adam, update norm and total-update norm.
-fast: one yolozu_ttt._C.fused_step over the flat arena (the same quantities, one pass + clip pass);
-on CUDA (``device=cuda``, when a GPU is present) the Triton twin ``yolozu_ttt.kernels.update``.
+fast: one fused_step over the flat arena (the same quantities, one pass + clip pass) into a float64
+stats buffer, and the engine's one host read of it: ``yolozu_ttt._C`` on the CPU, on CUDA
+(``device=cuda``, when a GPU is present) its Triton twin ``yolozu_ttt.kernels.update``.
 On CUDA ``extra_info["GB/s"]`` is the fast path's achieved bandwidth over the bytes it must move
 (clip pass: g; Adam pass: read p, g, m, v, base, write p, m, v, snapshot).
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rtdetr_param_sizes
+from conftest import rtdetr_param_sizes, sync
 from yolozu.tta import integration as ref
 from yolozu.tta.tent import _global_grad_norm
 
 import yolozu_ttt._C as C
-from conftest import sync
+from yolozu_ttt.common import STAT_KEYS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -47,7 +48,7 @@ def reference_engine(sizes, device):
 
 
 def fast_engine(sizes, device):
-    """One flat arena group over the same sizes."""
+    """One flat arena group over the same sizes, on the device's engine."""
     n = sum(sizes)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     bufs = dict(param=torch.randn(n, device=device), grad=torch.randn(n, device=device) * 1e-3,
@@ -55,19 +56,19 @@ def fast_engine(sizes, device):
     bufs["base"] = bufs["param"].clone()
     bufs["snap"] = torch.empty_like(bufs["param"])
     if device == "cpu":
-        group = C.ArenaGroup(offsets=offsets, sizes=list(sizes), **bufs)
-
-        def step():
-            C.fused_step([group], lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)
+        engine, group_cls = C, C.ArenaGroup
     else:
         from yolozu_ttt.kernels import update
 
-        group = update.TritonArenaGroup(offsets=offsets, sizes=list(sizes), **bufs)
+        engine, group_cls = update, update.TritonArenaGroup
+    group = group_cls(offsets=offsets, sizes=list(sizes), **bufs)
+    out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=device)
 
-        def step():
-            update.fused_step([group], lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True).tolist()
+    def step():
+        engine.fused_step([group], out, lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)
+        out.tolist()  # the engine's one host read per step
 
-    return step, (bufs, group)
+    return step, (bufs, group, out)
 
 
 @pytest.mark.parametrize("device", DEVICES)

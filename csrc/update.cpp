@@ -108,6 +108,7 @@ auto dispatch(DType d, F&& f) {
     case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
     case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
     case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
+    case DType::F64: break;  // stats buffers only: no parameter storage
   }
   throw std::invalid_argument("yolozu_ttt._C: unsupported dtype");
 }
@@ -140,7 +141,7 @@ void parallel_items(int64_t n, int64_t elements, Body&& body) {
 
 }  // namespace
 
-Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none) {
+Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none, Holds holds) {
   Buffer b;
   if (tensor.is_none()) {
     if (allow_none) return b;
@@ -158,7 +159,14 @@ Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none) 
   b.ref = tensor;
   b.ptr = reinterpret_cast<void*>(tensor.attr("data_ptr")().cast<uintptr_t>());
   b.numel = tensor.attr("numel")().cast<int64_t>();
-  b.dtype = parse_dtype(py::str(tensor.attr("dtype")).cast<std::string>(), what);
+  const std::string dtype = py::str(tensor.attr("dtype")).cast<std::string>();
+  if (holds == Holds::Stats) {
+    if (dtype != "torch.float64")
+      throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be float64, got " + dtype);
+    b.dtype = DType::F64;
+  } else {
+    b.dtype = parse_dtype(dtype, what);
+  }
   return b;
 }
 
@@ -268,8 +276,9 @@ struct Partials {
   double g = 0, c = 0, u = 0, t = 0, a = 0, r = 0;
 };
 
-// grad norm (with the EATA anchor gradient 2*lambda*(p - base)/numel added when ADD) and, when
-// VALUE, the anchor value's partial sum of (p - base)^2.
+// Steps 1-2 of the fused step (numbering: engine.cpp): 1. the EATA anchor gradient
+// 2*lambda*(p - base)/numel added when ADD, 2. the grad norm's partial sum of squares; when VALUE,
+// the anchor value's partial sum of (p - base)^2.
 // p, g, b point at the work item's first element; n elements.
 template <typename S, bool ADD, bool VALUE>
 Partials grad_item(int64_t n, const typename S::T* p, const typename S::T* g,
@@ -325,8 +334,10 @@ inline float uniform01(int64_t index, uint32_t key) {
   return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> 8) * (1.0f / 16777216.0f);
 }
 
-// One step on a work item: Adam (torch.optim.Adam's operation order, fp32 math) when the tensor
-// has a grad (torch skips tensors without one), then the CoTTA extras, then the norms.
+// One step on a work item, steps 1, 2 and 4-8 of the fused step (numbering: engine.cpp; the
+// step's clip coefficient, 3, comes in `k.clip`): Adam (torch.optim.Adam's operation order, fp32
+// math) when the tensor has a grad (torch skips tensors without one), the pre-step snapshot, then
+// the CoTTA extras, then the norms.
 // Every per-element choice is a compile-time flag or a select, so the loop vectorises.
 // `q` points at the work item's first element, `index0` is that element's index in the arena
 // (the restore RNG's counter); n elements.
@@ -347,7 +358,7 @@ Partials step_item(int64_t index0, int64_t n, const Ptrs<typename S::T> q, const
       const float base = S::load(q.b[j]);
       float gv = 0.f;
       if (GRAD) gv = S::load(q.g[j]);
-      // the snapshot is written after the grad is read: it may live in the grad buffer
+      // 5. pre-step snapshot, bit-exact; written after the grad is read: it may live in the grad buffer
       if (SNAP) q.sn[j] = praw;
       float pnew = pold;
       if (GRAD) {
@@ -357,31 +368,32 @@ Partials step_item(int64_t index0, int64_t n, const Ptrs<typename S::T> q, const
           gv += k.ak * d;
           sa += d * d;
         }
+        // 2. ||g||^2 (before clipping)
         sg += gv * gv;
-        // 2. clip: g <- g * min(max_norm / (||g|| + 1e-6), 1)
+        // 3. clip with the step's coefficient: g <- g * min(max_norm / (||g|| + 1e-6), 1)
         const float gc = gv * k.clip;
         sc += gc * gc;
-        // 3. moments: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
+        // 4. Adam: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
         const float m_prev = q.m1[j];
         const float v_prev = q.m2[j];
         const float mv = m_prev + k.w1 * (gc - m_prev);
         const float vv = v_prev * k.b2 + (k.w2 * gc) * gc;
         q.m1[j] = mv;
         q.m2[j] = vv;
-        // 4. p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
+        //    p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
         const float denom = std::sqrt(vv) / k.bcs + k.eps;
         pnew = S::load(S::store(pold + (k.nss * mv) / denom));
       }
-      // 5. teacher EMA on the updated student: t <- t*m + (1-m)*p
+      // 6. CoTTA teacher EMA on the updated student: t <- t*m + (1-m)*p
       if (EMA) q.teacher[j] = S::store(S::load(q.teacher[j]) * k.ema_m + k.ema_w * pnew);
-      // 6. stochastic restore: p <- base where u(j) < q
+      // 7. CoTTA stochastic restore: p <- base where u(j) < q (and the restored count)
       if (RESTORE) {
         const bool back = uniform01(index0 + j, k.key) < k.restore_q;
         pnew = back ? base : pnew;
         sr += back ? 1.f : 0.f;
       }
       if (GRAD || RESTORE) q.p[j] = S::store(pnew);
-      // 7. norms of the step and of the drift from the base snapshot
+      // 8. update / total-update norms: of the step and of the drift from the base snapshot
       const float du = pnew - pold;
       const float dt = pnew - base;
       su += du * du;
@@ -402,7 +414,7 @@ auto with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>& seg_of,
+StepStats reduce(const std::vector<Partials>& parts, const std::vector<WorkItem>& work,
                  const std::vector<int64_t>& sizes) {
   StepStats st;
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -410,7 +422,7 @@ StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>&
     st.clipped_grad_sumsq += parts[i].c;
     st.update_sumsq += parts[i].u;
     st.total_sumsq += parts[i].t;
-    st.anchor += parts[i].a / static_cast<double>(sizes[seg_of[i]]);
+    st.anchor += parts[i].a / static_cast<double>(sizes[work[i].seg]);
     st.restored += parts[i].r;
   }
   return st;
@@ -418,34 +430,41 @@ StepStats reduce(const std::vector<Partials>& parts, const std::vector<int64_t>&
 
 }  // namespace
 
-StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
-  const int64_t n_items = static_cast<int64_t>(work_.size());
-  std::vector<Partials> parts(n_items);
-  std::vector<int64_t> seg_of(n_items);
+template <typename Body>
+void ArenaGroup::for_items_with_grad(Body&& body) const {
   const uint8_t* hg = has_grad_ptr();
   dispatch(param_.dtype, [&](auto tag) {
-    using S = Storage<decltype(tag)::value>;
-    using T = typename S::T;
+    using T = typename Storage<decltype(tag)::value>::T;
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
-    parallel_items(n_items, param_.numel, [&](int64_t i) {
+    parallel_items(static_cast<int64_t>(work_.size()), param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
-      seg_of[i] = w.seg;
       if (hg && !hg[w.seg]) return;
-      const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
-      parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
-        return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
-          return grad_item<S, decltype(A)::value, decltype(V)::value>(
-              w.end - w.begin, p + w.begin, g + w.begin, base_.at<const T>(w, offsets_), ak);
-        });
+      body(tag, i, w, p + w.begin, g + w.begin);
+    });
+  });
+}
+
+// 1. EATA anchor gradient and 2. ||g||^2 (and the anchor value), without changing anything.
+StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
+  std::vector<Partials> parts(work_.size());
+  for_items_with_grad([&](auto tag, int64_t i, const WorkItem& w, const auto* p, const auto* g) {
+    using S = Storage<decltype(tag)::value>;
+    using T = typename S::T;
+    const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
+    parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
+      return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
+        return grad_item<S, decltype(A)::value, decltype(V)::value>(w.end - w.begin, p, g,
+                                                                     base_.at<const T>(w, offsets_), ak);
       });
     });
   });
-  return reduce(parts, seg_of, sizes_);
+  return reduce(parts, work_, sizes_);
 }
 
-// One Adam step (torch.optim.Adam defaults and operation order, fp32 math), fused with
-// clipping, the pre-step snapshot and the update / total-update norms.
+// Steps 1, 2 and 4-8 of the fused step over the group (numbering: engine.cpp): one Adam step
+// (torch.optim.Adam defaults and operation order, fp32 math), fused with the anchor gradient,
+// clipping by `clip_coef`, the pre-step snapshot, the CoTTA extras and the update norms.
 StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double eps,
                                 float clip_coef, double anchor_lambda, bool write_snapshot,
                                 const CottaStep& cotta) {
@@ -470,7 +489,6 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
   const double m = std::min(1.0, std::max(0.0, cotta.ema_momentum));
   const int64_t n_items = static_cast<int64_t>(work_.size());
   std::vector<Partials> parts(n_items);
-  std::vector<int64_t> seg_of(n_items);
   const bool anchor = anchor_lambda != 0.0;
   const bool restore = cotta.restore_prob > 0.0;
   dispatch(param_.dtype, [&](auto tag) {
@@ -479,7 +497,6 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr)};
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem& w = work_[i];
-      seg_of[i] = w.seg;
       const AdamScalars k{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                           static_cast<float>(1.0 - beta2), static_cast<float>(eps), clip_coef,
                           neg_step_size[w.seg], bc2_sqrt[w.seg],
@@ -507,7 +524,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
       });
     });
   });
-  return reduce(parts, seg_of, sizes_);
+  return reduce(parts, work_, sizes_);
 }
 
 void ArenaGroup::set_snapshot(py::object snap) {
@@ -520,31 +537,23 @@ void ArenaGroup::set_teacher(py::object teacher) {
 
 // SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
 double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
-  const int64_t n_items = static_cast<int64_t>(work_.size());
-  std::vector<double> parts(n_items, 0.0);
-  const uint8_t* hg = has_grad_ptr();
-  dispatch(param_.dtype, [&](auto tag) {
+  std::vector<double> parts(work_.size(), 0.0);
+  for_items_with_grad([&](auto tag, int64_t i, const WorkItem& w, const auto* p, const auto* g) {
     using S = Storage<decltype(tag)::value>;
-    using T = typename S::T;
-    const T* p = static_cast<const T*>(param_.ptr);
-    const T* g = static_cast<const T*>(grad_.ptr);
-    parallel_items(n_items, param_.numel, [&](int64_t i) {
-      const WorkItem w = work_[i];
-      if (hg && !hg[w.seg]) return;
-      double total = 0.0;
-      for (int64_t t0 = w.begin; t0 < w.end; t0 += kTile) {
-        const int64_t t1 = std::min(t0 + kTile, w.end);
-        float acc = 0.f;
+    const int64_t n = w.end - w.begin;
+    double total = 0.0;
+    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+      const int64_t t1 = std::min(t0 + kTile, n);
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = t0; j < t1; ++j) {
-          float d = S::load(g[j]);
-          if (adaptive) d *= std::fabs(S::load(p[j]));
-          acc += d * d;
-        }
-        total += acc;
+      for (int64_t j = t0; j < t1; ++j) {
+        float d = S::load(g[j]);
+        if (adaptive) d *= std::fabs(S::load(p[j]));
+        acc += d * d;
       }
-      parts[i] = total;
-    });
+      total += acc;
+    }
+    parts[i] = total;
   });
   return sum_in_order(parts);
 }

@@ -30,7 +30,7 @@ inline uint32_t fmix32(uint32_t h) {
   return h;
 }
 
-enum class DType : int { F32 = 0, BF16 = 2, F16 = 3 };
+enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 // A view of a contiguous torch tensor that keeps the tensor alive.
 struct Buffer {
@@ -41,7 +41,13 @@ struct Buffer {
   bool defined() const { return ptr != nullptr; }
 };
 
-Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none);
+// What a buffer holds: parameter storage (float32, bfloat16 or float16; another dtype is a
+// TypeError) or a call's float64 stats output (another dtype is a ValueError, like a wrong size).
+enum class Holds { Storage, Stats };
+
+// `tensor` (a contiguous CPU torch tensor; None when allow_none) as a Buffer; errors name it `what`.
+Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none,
+                   Holds holds = Holds::Storage);
 
 struct WorkItem {
   int64_t seg;
@@ -73,6 +79,16 @@ struct StepStats {
   double total_sumsq = 0.0;         // ||p_new - base||^2
   double anchor = 0.0;              // sum_i mean((p_i - base_i)^2) before the update
   double restored = 0.0;            // elements reset to base by the CoTTA stochastic restore
+
+  StepStats& operator+=(const StepStats& o) {
+    grad_sumsq += o.grad_sumsq;
+    clipped_grad_sumsq += o.clipped_grad_sumsq;
+    update_sumsq += o.update_sumsq;
+    total_sumsq += o.total_sumsq;
+    anchor += o.anchor;
+    restored += o.restored;
+    return *this;
+  }
 };
 
 // CoTTA extras fused into the step: EMA of a teacher buffer on the updated parameters, then a
@@ -114,6 +130,10 @@ class ArenaGroup {
 
  private:
   const uint8_t* has_grad_ptr() const;
+  // Runs body(tag, i, w, p, g) in parallel for every work item w = work_[i] of a segment with a
+  // grad: tag is the param dtype's std::integral_constant, p and g point at w's first element.
+  template <typename Body>
+  void for_items_with_grad(Body&& body) const;
 
   // A flat buffer `b` matches param: its size, and float32 (`moments`) or the param dtype.
   void check_flat(const Buffer& b, const char* what, bool moments) const;

@@ -7,9 +7,8 @@ pass, EATA's per-row confidence.  Semantics follow
     p = softmax(z, -1);  H = -(p * log(clamp(p, 1e-12))).sum(-1);  loss = H.mean()
 
 Layout: ``@triton.jit`` kernels first, then the launchers (``entropy_forward``,
-``entropy_backward``), then ``EntropyLossFunction`` (a plain ``torch.autograd.Function``
-usable on its own).  ``yolozu_ttt.ops`` wraps the launchers into ``torch.library``
-custom ops for ``torch.compile``.
+``entropy_backward``).  ``yolozu_ttt.ops`` owns the semantics around them (one class, the
+reference's clamp ``log_eps``, the mean) and wraps them into ``torch.library`` custom ops.
 
 Math (one row, C classes, fp32 accumulation):
 
@@ -26,14 +25,12 @@ The reference's ``clamp(p, 1e-12)`` changes the value by less than ``C * 1e-12 *
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-#: log(1e-12): the reference clamps p at 1e-12 inside the log.
-LOG_EPS = math.log(1e-12)
+from ..common import INTERPRET, SUPPORTED_DTYPES
+
 #: Finite stand-in for -inf as the running max, so ``m_old - m_new`` never is ``inf - inf``.
 _NEG_BIG = tl.constexpr(-1.0e38)
 
@@ -110,7 +107,7 @@ def _entropy_bwd_kernel(
     z_stride,
     dz_stride,
     inv_n,
-    LOG_EPS_C: tl.constexpr,
+    LOG_EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -123,7 +120,7 @@ def _entropy_bwd_kernel(
         g_ptr: 0-d upstream gradient of the scalar loss (read on device: no host sync).
         n_rows, n_cols, z_stride, dz_stride: sizes and row strides (elements).
         inv_n: ``1 / N``, N = number of rows the mean runs over.
-        LOG_EPS_C: ``log(1e-12)``, the reference's clamp.
+        LOG_EPS: the clamp of ``log p`` (``log(1e-12)``, the reference's).
         ROWS, BLOCK_C: tile as in the forward.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -140,7 +137,7 @@ def _entropy_bwd_kernel(
         # 2. log p = z - lse,  p = exp(log p); the clamp keeps p = 0 lanes at exactly 0.
         log_p = z.to(tl.float32) - lse[:, None]
         p = tl.exp(log_p)
-        log_p = tl.maximum(log_p, LOG_EPS_C)
+        log_p = tl.maximum(log_p, LOG_EPS)
         # 3. dz = coef * p * (log p + H).
         dz = coef * p * (log_p + h[:, None])
         tl.store(dz_ptr + rows[:, None] * dz_stride + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
@@ -150,15 +147,9 @@ def _entropy_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_C, num_warps): ~4K-element tiles on GPU, bigger under the interpreter."""
-    budget = 16384 if _interpreting() else 4096
+    budget = 16384 if INTERPRET else 4096
     block_c = min(triton.next_power_of_2(max(n_cols, 1)), budget)
     rows = max(1, min(budget // block_c, triton.next_power_of_2(max(n_rows, 1))))
     num_warps = 8 if rows * block_c >= 4096 else 4
@@ -179,8 +170,8 @@ def entropy_forward(z: torch.Tensor, *, want_conf: bool = False):
     Returns ``(lse, H, conf)``, each fp32 of shape ``(N,)`` with ``N = z.numel() // C``;
     ``conf`` is ``None`` unless ``want_conf``.  Requires ``C >= 1``.
     """
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"entropy: logits must be fp32/fp16/bf16, got {z.dtype}")
+    if z.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"entropy: logits must be one of {SUPPORTED_DTYPES}, got {z.dtype}")
     z2 = _as_rows(z)
     n_rows, n_cols = z2.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=z.device)
@@ -196,8 +187,10 @@ def entropy_forward(z: torch.Tensor, *, want_conf: bool = False):
     return lse, h, (conf if want_conf else None)
 
 
-def entropy_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``d mean(H) / dz`` scaled by the 0-d ``grad``; returns a tensor shaped and typed like ``z``."""
+def entropy_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, *,
+                     log_eps: float) -> torch.Tensor:
+    """``d mean(H) / dz`` scaled by the 0-d ``grad``, ``log p`` clamped at ``log_eps``; returns a
+    tensor shaped and typed like ``z``."""
     z2 = _as_rows(z)
     n_rows, n_cols = z2.shape
     dz = torch.empty((n_rows, n_cols), dtype=z.dtype, device=z.device)
@@ -207,42 +200,6 @@ def entropy_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: 
         grid = (triton.cdiv(n_rows, rows),)
         _entropy_bwd_kernel[grid](
             z2, dz, lse, h, g, n_rows, n_cols, z2.stride(0), dz.stride(0), 1.0 / n_rows,
-            LOG_EPS_C=LOG_EPS, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+            LOG_EPS=log_eps, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     return dz.view(z.shape)
-
-
-def entropy_loss_forward(z: torch.Tensor):
-    """``(loss, lse, H)``: the mean entropy (0-d, dtype of ``z``) and the saved row statistics.
-
-    Class count ``<= 1`` gives ``loss = 0`` (``lse``/``H`` empty), like the reference.
-    """
-    if z.ndim == 0:
-        raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
-    if z.shape[-1] <= 1:
-        empty = torch.empty(0, dtype=torch.float32, device=z.device)
-        return torch.zeros((), dtype=z.dtype, device=z.device), empty, empty.clone()
-    lse, h, _ = entropy_forward(z)
-    return h.mean().to(z.dtype), lse, h
-
-
-def entropy_loss_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Backward of :func:`entropy_loss_forward` (zero gradient when the class count is ``<= 1``)."""
-    if z.shape[-1] <= 1:
-        return torch.zeros_like(z)
-    return entropy_backward(grad, z, lse, h)
-
-
-class EntropyLossFunction(torch.autograd.Function):
-    """``mean(H(softmax(z)))`` with the fused kernels; ``EntropyLossFunction.apply(z)``."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        loss, lse, h = entropy_loss_forward(z)
-        ctx.save_for_backward(z, lse, h)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        z, lse, h = ctx.saved_tensors
-        return entropy_loss_backward(grad, z, lse, h)

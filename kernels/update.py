@@ -1,36 +1,37 @@
 """Fused, filtered in-place parameter update over a flat parameter arena (Triton).
 
-The GPU twin of the C++ engine in ``csrc/update.cpp`` (``yolozu_ttt._C``), with the same names
-(``fused_step``, ``grad_stats``, ``sar_perturb``) so the caller can dispatch between them. One
-:class:`TritonArenaGroup` binds the flat buffers of one dtype (float32 / bfloat16 / float16):
+The GPU twin of the C++ engine (``yolozu_ttt._C``), with its interface: ``fused_step``,
+``grad_stats`` and ``sar_perturb`` take the groups and a caller's float64 ``out`` buffer on the
+groups' device, and write their scalars into it in the layouts of ``yolozu_ttt.common``
+(``STAT_KEYS``, ``GRAD_STAT_KEYS``, ``SAR_STAT_KEYS``). One :class:`TritonArenaGroup` binds the
+flat buffers of one dtype (float32 / bfloat16 / float16):
 
     param, grad, base, snap   the arena dtype, ``numel`` elements each (``snap`` optional)
     exp_avg, exp_avg_sq       float32 Adam moments
     offsets, sizes            the parameter tensors packed back to back, in order
     has_grad                  one byte per segment, written on the host by autograd hooks
 
-Every launcher only enqueues work: nothing reads device memory back to the host. The step's
-scalars come back in ONE float32 device tensor (see ``STAT_KEYS``), so a training step costs one
-host read. The clip coefficient is computed on device and read from device memory by the Adam
-pass. Reductions are deterministic: each program writes its partial sums (fp32 block sum,
-stored as fp64) to its own slot of a workspace, and one single-program kernel sums the slots in
-a fixed order; no float atomics anywhere, so two runs give bit-identical results.
+Every launcher only enqueues work: nothing reads device memory back to the host, so a training
+step costs the caller one host read of ``out``. The clip coefficient is computed on device and
+read from ``out`` by the Adam pass. Reductions are deterministic: each program writes its partial
+sums (fp32 block sum, stored as fp64) to its own slot of a workspace (rows ``PART_*``), and one
+single-program kernel sums the slots in a fixed order; no float atomics anywhere, so two runs give
+bit-identical results.
 
-CoTTA rides on the Adam pass: with a teacher bound (``set_teacher``) the EMA
-``t <- t*m + (1-m)*p_new`` and the stochastic restore ``p <- base`` (counter-based draws keyed by
-``restore_key(seed, counter, group)``, the same hash and key as ``_C``) happen in the same pass, and
-the norms are those of the final parameters.
+The step, numbered as in the C++ engine and the README: 1 EATA anchor gradient, 2 grad norm,
+3 clip coefficient, 4 Adam, 5 pre-step snapshot, 6 CoTTA teacher EMA, 7 CoTTA stochastic restore
+(counter-based draws keyed by ``restore_key(seed, counter, group)``, the same hash and key as
+``_C``), 8 update / total-update norms (of the final parameters) and restored count.
 
-Blocks never straddle segments (the block table maps block -> segment, start, end), so the
-per-segment scalars (Adam bias corrections, has_grad, anchor coefficient) are loaded once per
-program. Adam step counts live on the host (they depend only on the host-side ``has_grad``); the
-per-step segment table (4 floats per segment) goes to the device with one non-blocking copy from
-pinned memory.
+Blocks never straddle segments (the block table maps block -> segment, start, end, segment
+numel; columns ``BLK_*``), so the per-segment scalars (Adam bias corrections, has_grad, anchor
+coefficient; columns ``SEG_*``) are loaded once per program. Adam step counts live on the host
+(they depend only on the host-side ``has_grad``); the per-step segment table goes to the device
+with one non-blocking copy from pinned memory.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,13 +39,50 @@ import torch
 import triton
 import triton.language as tl
 
-STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
-             "restored")
-SAR_KEYS = ("norm", "applied")
+from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES
 
-_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_N_PART = 6  # partial-sum rows: 0 ||g||^2, 1 ||g*coef||^2, 2 ||dp||^2, 3 ||p-base||^2, 4 anchor, 5 restored
-_SEG_COLS = 4  # per-step segment table: -lr/bc1, sqrt(bc2), 2*lambda/numel, has_grad
+
+def _index(keys: Sequence[str], key: str) -> tl.constexpr:
+    """Position of ``key`` in a ``yolozu_ttt.common`` layout, as a kernel constant."""
+    return tl.constexpr(keys.index(key))
+
+
+# Rows of the fp64 partial-sum workspace: one slot per program, summed in a fixed order.
+PART_GRAD = tl.constexpr(0)  # ||g||^2 (with the anchor gradient, before clipping)
+PART_CLIPPED = tl.constexpr(1)  # ||g * coef||^2
+PART_UPDATE = tl.constexpr(2)  # ||p_new - p_old||^2
+PART_TOTAL = tl.constexpr(3)  # ||p_new - base||^2
+PART_ANCHOR = tl.constexpr(4)  # sum_i mean((p_i - base_i)^2)
+PART_RESTORED = tl.constexpr(5)  # elements restored
+PART_ROWS = 6
+
+# Columns of the per-step segment table (float32, one row per segment, filled on the host).
+SEG_NEG_STEP_SIZE = tl.constexpr(0)  # -lr / (1 - beta1^t)
+SEG_BC2_SQRT = tl.constexpr(1)  # sqrt(1 - beta2^t)
+SEG_ANCHOR_COEF = tl.constexpr(2)  # 2 * lambda / n
+SEG_HAS_GRAD = tl.constexpr(3)  # 1.0 or 0.0
+SEG_COLS = tl.constexpr(4)
+
+# Columns of the block table (int64, one row per program, built once per group).
+BLK_SEG = tl.constexpr(0)
+BLK_START = tl.constexpr(1)  # first element
+BLK_END = tl.constexpr(2)  # end element
+BLK_SEG_NUMEL = tl.constexpr(3)
+BLK_COLS = tl.constexpr(4)
+
+# Where the kernels write in ``out`` (the layouts of yolozu_ttt.common).
+GRAD_NORM = _index(STAT_KEYS, "grad_norm")
+GRAD_NORM_CLIPPED = _index(STAT_KEYS, "grad_norm_clipped")
+UPDATE_NORM = _index(STAT_KEYS, "update_norm")
+TOTAL_UPDATE_NORM = _index(STAT_KEYS, "total_update_norm")
+ANCHOR_LOSS = _index(STAT_KEYS, "anchor_loss")
+CLIP_COEF = _index(STAT_KEYS, "clip_coef")
+RESTORED = _index(STAT_KEYS, "restored")
+GS_GRAD_NORM = _index(GRAD_STAT_KEYS, "grad_norm")
+GS_ANCHOR_LOSS = _index(GRAD_STAT_KEYS, "anchor_loss")
+SAR_DIRECTION_NORM = _index(SAR_STAT_KEYS, "direction_norm")
+SAR_APPLIED = _index(SAR_STAT_KEYS, "applied")
+
 _RBLOCK = 1024  # finalize kernels: slots summed per iteration
 
 
@@ -52,10 +90,73 @@ _RBLOCK = 1024  # finalize kernels: slots summed per iteration
 # Triton kernels
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _block(blocks_ptr, pid):
-    """Row ``pid`` of the block table: (segment, first element, end element, segment numel)."""
-    row = blocks_ptr + pid * 4
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+def _seg(seg_ptr, seg, COL: tl.constexpr):
+    """Column ``COL`` (``SEG_*``) of segment ``seg``'s row of the per-step segment table."""
+    return tl.load(seg_ptr + seg * SEG_COLS + COL)
+
+
+@triton.jit
+def _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE: tl.constexpr):
+    """Program ``pid``'s block: (segment, element offsets, in-block mask, with-grad mask, segment numel).
+
+    The with-grad mask is empty when the segment has no grad this step (torch's Adam skips
+    tensors whose ``.grad`` is None).
+    """
+    row = blocks_ptr + pid * BLK_COLS
+    seg = tl.load(row + BLK_SEG)
+    start = tl.load(row + BLK_START)
+    end = tl.load(row + BLK_END)
+    grad_end = start + (end - start) * _seg(seg_ptr, seg, SEG_HAS_GRAD).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    return seg, offs, offs < end, offs < grad_end, tl.load(row + BLK_SEG_NUMEL)
+
+
+@triton.jit
+def _put(part_ptr, part_stride, ROW: tl.constexpr, slot, value):
+    """Store a program's partial into slot ``slot`` of workspace row ``ROW`` (``PART_*``, fp64)."""
+    tl.store(part_ptr + ROW * part_stride + slot, value)
+
+
+@triton.jit
+def _sum_slots(part_ptr, n_slots, RBLOCK: tl.constexpr):
+    """Sum ``n_slots`` fp64 partials in a fixed order (deterministic)."""
+    acc = tl.zeros([RBLOCK], dtype=tl.float64)
+    for i in range(0, n_slots, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        acc += tl.load(part_ptr + idx, mask=idx < n_slots, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_sum(part_ptr, part_stride, ROW: tl.constexpr, n_slots, RBLOCK: tl.constexpr):
+    """The sum of workspace row ``ROW``."""
+    return _sum_slots(part_ptr + ROW * part_stride, n_slots, RBLOCK)
+
+
+@triton.jit
+def _sumsq(x):
+    """A block's sum of squares: summed in fp32, returned as fp64 (NaN stays NaN, inf stays inf)."""
+    return tl.sum(x * x, axis=0).to(tl.float64)
+
+
+@triton.jit
+def _f32_norm(sumsq):
+    """fp32 norm of a fp64 sum of squares, overflowing to inf where an fp32 sum would (as _C).
+
+    The sum is rounded to fp32 first (inf past FLT_MAX, NaN stays NaN), then its fp64 sqrt (IEEE)
+    is rounded to fp32: torch's fp32 sqrt of that sum, correctly rounded.
+    """
+    return tl.sqrt(sumsq.to(tl.float32).to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _clip_coef(norm, max_norm):
+    """3. torch.nn.utils.clip_grad_norm_'s coefficient in fp32: min(max_norm / (||g|| + 1e-6), 1).
+
+    A NaN norm gives a NaN coefficient (torch's clamp propagates it).
+    """
+    coef = tl.div_rn(max_norm, norm + 1e-6)
+    return tl.where(coef > 1.0, 1.0, coef)
 
 
 @triton.jit
@@ -95,19 +196,13 @@ def _uniform01(offs, key):
 
 
 @triton.jit
-def _sum_slots(part_ptr, n_slots, RBLOCK: tl.constexpr):
-    """Sum ``n_slots`` fp64 partials in a fixed order (deterministic)."""
-    acc = tl.zeros([RBLOCK], dtype=tl.float64)
-    for i in range(0, n_slots, RBLOCK):
-        idx = i + tl.arange(0, RBLOCK)
-        acc += tl.load(part_ptr + idx, mask=idx < n_slots, other=0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _f32_norm(sumsq):
-    """sqrt of a fp64 sum of squares, overflowing to inf where an fp32 sum would (as _C)."""
-    return tl.sqrt(sumsq.to(tl.float32).to(tl.float64)).to(tl.float32)  # fp64 sqrt is IEEE
+def _put_grad_partials(part_ptr, part_stride, slot, g, d, seg_numel, ANCHOR_VALUE: tl.constexpr):
+    """2. the block's ||g||^2 and, with ANCHOR_VALUE, its share sum(d^2)/n of the anchor value (else 0)."""
+    _put(part_ptr, part_stride, PART_GRAD, slot, _sumsq(g))
+    if ANCHOR_VALUE:
+        _put(part_ptr, part_stride, PART_ANCHOR, slot, tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64))
+    else:
+        _put(part_ptr, part_stride, PART_ANCHOR, slot, 0.0)
 
 
 @triton.jit
@@ -124,46 +219,34 @@ def _grad_pass_kernel(
     ANCHOR_VALUE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Per block: ||g + 2*lambda*(p-base)/n||^2 (anchor term with HAS_ANCHOR) and, with
-    ANCHOR_VALUE, sum (p-base)^2 / n, over segments with a grad."""
-    pid = tl.program_id(0).to(tl.int64)
-    seg, start, end, seg_numel = _block(blocks_ptr, pid)
-    anchor_coef = tl.load(seg_ptr + seg * 4 + 2)
-    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
+    """Per block, over segments with a grad: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n.
 
-    offs = start + tl.arange(0, BLOCK_SIZE)
-    gmask = offs < grad_end
+    Parameters:
+        p_ptr, g_ptr, base_ptr: the flat parameter, grad and base buffers (arena dtype).
+        blocks_ptr: the block table (int64, ``BLK_COLS`` per program).
+        seg_ptr: the per-step segment table (float32, ``SEG_COLS`` per segment).
+        part_ptr, part_stride: the fp64 workspace (``PART_ROWS`` rows of ``part_stride`` slots);
+            writes rows ``PART_GRAD`` and ``PART_ANCHOR``.
+        part_base: this group's first slot (groups share the workspace).
+        HAS_ANCHOR: add the anchor gradient to g.
+        ANCHOR_VALUE: write the anchor value's partials (else zeros).
+        BLOCK_SIZE: elements per program.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, _, gmask, seg_numel = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
-    # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n, and its value
+    # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
     if HAS_ANCHOR or ANCHOR_VALUE:
         p = tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
-        base = tl.load(base_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
-        d = p - base
-        if HAS_ANCHOR:
-            g = g + anchor_coef * d
-    if ANCHOR_VALUE:
-        anchor = tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64)
-        tl.store(part_ptr + 4 * part_stride + part_base + pid, anchor)
+        d = p - tl.load(base_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
     else:
-        tl.store(part_ptr + 4 * part_stride + part_base + pid, 0.0)
+        d = tl.zeros_like(g)
+    if HAS_ANCHOR:
+        g = g + _seg(seg_ptr, seg, SEG_ANCHOR_COEF) * d
 
-    # 2. ||g||^2 (before clipping)
-    tl.store(part_ptr + part_base + pid, tl.sum(g * g, axis=0).to(tl.float64))
-
-
-@triton.jit
-def _clip_coef_kernel(part_ptr, part_stride, n_slots, stats_ptr, max_norm, RBLOCK: tl.constexpr):
-    """||g||, anchor value and clip_grad_norm_'s coefficient, all on device."""
-    grad_sumsq = _sum_slots(part_ptr, n_slots, RBLOCK)
-    anchor = _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK)
-    # 3. coef = min(max_norm / (||g|| + 1e-6), 1) in fp32, NaN propagates (torch clamp semantics)
-    total = _f32_norm(grad_sumsq)
-    coef = tl.div_rn(max_norm, total + 1e-6)
-    coef = tl.where(coef > 1.0, 1.0, coef)
-    tl.store(stats_ptr + 0, total)
-    tl.store(stats_ptr + 4, anchor.to(tl.float32))
-    tl.store(stats_ptr + 5, coef)
+    # 2. ||g||^2 (before clipping) and the anchor value
+    _put_grad_partials(part_ptr, part_stride, part_base + pid, g, d, seg_numel, ANCHOR_VALUE)
 
 
 @triton.jit(do_not_specialize=["restore_key"])
@@ -177,7 +260,7 @@ def _adam_kernel(
     teacher_ptr,
     blocks_ptr,
     seg_ptr,
-    stats_ptr,
+    out_ptr,
     part_ptr,
     part_stride,
     part_base,
@@ -197,17 +280,28 @@ def _adam_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math), then the
-    CoTTA teacher EMA and stochastic restore when asked."""
-    pid = tl.program_id(0).to(tl.int64)
-    seg, start, end, seg_numel = _block(blocks_ptr, pid)
-    neg_step_size = tl.load(seg_ptr + seg * 4)  # -lr / (1 - beta1^t)
-    bc2_sqrt = tl.load(seg_ptr + seg * 4 + 1)  # sqrt(1 - beta2^t)
-    anchor_coef = tl.load(seg_ptr + seg * 4 + 2)  # 2 * lambda / n
-    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
+    CoTTA teacher EMA and stochastic restore when asked, and the step's partial sums.
 
-    offs = start + tl.arange(0, BLOCK_SIZE)
-    mask = offs < end
-    gmask = offs < grad_end  # torch's Adam skips tensors whose .grad is None
+    Parameters:
+        p_ptr, g_ptr, base_ptr: the flat parameter, grad and base buffers (arena dtype).
+        m_ptr, v_ptr: the float32 Adam moments.
+        snap_ptr: the pre-step snapshot (arena dtype; may be the grad buffer), with WRITE_SNAPSHOT.
+        teacher_ptr: the CoTTA teacher (arena dtype), with HAS_EMA.
+        blocks_ptr, seg_ptr: the block table and the per-step segment table.
+        out_ptr: the caller's float64 stats (``STAT_KEYS``); with HAS_CLIP the coefficient is
+            read from ``out[CLIP_COEF]``.
+        part_ptr, part_stride, part_base: the fp64 workspace and this group's first slot; writes
+            ``PART_CLIPPED``, ``PART_UPDATE``, ``PART_TOTAL``, ``PART_RESTORED`` and, without
+            clipping (no grad pass ran), ``PART_GRAD`` and ``PART_ANCHOR``.
+        one_minus_beta1, beta2, one_minus_beta2, eps: Adam's scalars.
+        ema_m, ema_w: the teacher EMA's m and 1 - m.
+        restore_q, restore_key: the restore probability and this group's 32-bit key (as int32).
+        HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE: the step's parts.
+        BLOCK_SIZE: elements per program.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    slot = part_base + pid
+    seg, offs, mask, gmask, seg_numel = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
 
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
@@ -219,22 +313,18 @@ def _adam_kernel(
     base = base_raw.to(tl.float32)
 
     # 1. EATA anchor gradient: g <- g + 2*lambda*(p-base)/n ; anchor = sum_i mean((p_i-base_i)^2)
+    d = tl.where(gmask, p_old - base, 0.0)
     if HAS_ANCHOR:
-        d = tl.where(gmask, p_old - base, 0.0)
-        g = g + anchor_coef * d
-        if not HAS_CLIP:
-            anchor = tl.sum(d * d, axis=0).to(tl.float64) / seg_numel.to(tl.float64)
-            tl.store(part_ptr + 4 * part_stride + part_base + pid, anchor)
-    elif not HAS_CLIP:
-        tl.store(part_ptr + 4 * part_stride + part_base + pid, 0.0)
+        g = g + _seg(seg_ptr, seg, SEG_ANCHOR_COEF) * d
 
-    # 2-3. clip: g <- g * coef, coef computed on device by _clip_coef_kernel
+    # 2. ||g||^2 and the anchor value (with clipping, the grad pass has summed them already)
+    # 3. clip: g <- g * coef, coef computed on device from the grad pass's sums
     if HAS_CLIP:
-        gc = g * tl.load(stats_ptr + 5)
+        gc = g * tl.load(out_ptr + CLIP_COEF).to(tl.float32)
     else:
+        _put_grad_partials(part_ptr, part_stride, slot, g, d, seg_numel, HAS_ANCHOR)
         gc = g
-        tl.store(part_ptr + part_base + pid, tl.sum(g * g, axis=0).to(tl.float64))
-    tl.store(part_ptr + part_stride + part_base + pid, tl.sum(gc * gc, axis=0).to(tl.float64))
+    _put(part_ptr, part_stride, PART_CLIPPED, slot, _sumsq(gc))
 
     # 4. Adam: m <- m + (1-b1)(g-m) ; v <- v*b2 + ((1-b2)*g)*g
     #          p <- p + ((-lr/bc1) * m) / (sqrt(v)/sqrt(bc2) + eps)
@@ -242,8 +332,9 @@ def _adam_kernel(
     v = tl.load(v_ptr + offs, mask=gmask, other=0.0)
     m = m + one_minus_beta1 * (gc - m)
     v = v * beta2 + (one_minus_beta2 * gc) * gc
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p_new_s = _to_storage(p_old + tl.div_rn(neg_step_size * m, denom), p_ptr.dtype.element_ty)
+    denom = tl.div_rn(tl.sqrt_rn(v), _seg(seg_ptr, seg, SEG_BC2_SQRT)) + eps
+    p_new_s = _to_storage(p_old + tl.div_rn(_seg(seg_ptr, seg, SEG_NEG_STEP_SIZE) * m, denom),
+                          p_ptr.dtype.element_ty)
     tl.store(m_ptr + offs, m, mask=gmask)
     tl.store(v_ptr + offs, v, mask=gmask)
     p_new = tl.where(gmask, p_new_s.to(tl.float32), p_old)
@@ -258,105 +349,130 @@ def _adam_kernel(
         hit = (_uniform01(offs, restore_key.to(tl.uint32, bitcast=True)) < restore_q) & mask
         tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
         p_new = tl.where(hit, base, p_new)
-        tl.store(part_ptr + 5 * part_stride + part_base + pid, tl.sum(hit.to(tl.float32), axis=0).to(tl.float64))
+        n_restored = tl.sum(hit.to(tl.float32), axis=0).to(tl.float64)
     else:
         tl.store(p_ptr + offs, p_new_s, mask=gmask)
-        tl.store(part_ptr + 5 * part_stride + part_base + pid, 0.0)
+        n_restored = 0.0
 
-    # 8. ||p_new - p_old||^2 and ||p_new - base||^2 (the stored, rounded, final p_new)
-    du = p_new - p_old
-    dt = p_new - base
-    tl.store(part_ptr + 2 * part_stride + part_base + pid, tl.sum(du * du, axis=0).to(tl.float64))
-    tl.store(part_ptr + 3 * part_stride + part_base + pid, tl.sum(dt * dt, axis=0).to(tl.float64))
+    # 8. ||p_new - p_old||^2, ||p_new - base||^2 (the stored, rounded, final p_new), restored count
+    _put(part_ptr, part_stride, PART_UPDATE, slot, _sumsq(p_new - p_old))
+    _put(part_ptr, part_stride, PART_TOTAL, slot, _sumsq(p_new - base))
+    _put(part_ptr, part_stride, PART_RESTORED, slot, n_restored)
 
 
 @triton.jit
-def _step_stats_kernel(part_ptr, part_stride, n_slots, stats_ptr, HAS_CLIP: tl.constexpr, RBLOCK: tl.constexpr):
-    """The step's norms from the partials, in a fixed order."""
-    tl.store(stats_ptr + 1, _f32_norm(_sum_slots(part_ptr + part_stride, n_slots, RBLOCK)))
-    tl.store(stats_ptr + 2, _f32_norm(_sum_slots(part_ptr + 2 * part_stride, n_slots, RBLOCK)))
-    tl.store(stats_ptr + 3, _f32_norm(_sum_slots(part_ptr + 3 * part_stride, n_slots, RBLOCK)))
-    tl.store(stats_ptr + 6, _sum_slots(part_ptr + 5 * part_stride, n_slots, RBLOCK).to(tl.float32))
+def _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, NORM_AT: tl.constexpr, ANCHOR_AT: tl.constexpr,
+                    RBLOCK: tl.constexpr):
+    """2. out[NORM_AT] = ||g|| and out[ANCHOR_AT] = the anchor value, from the workspace; returns ||g||."""
+    norm = _f32_norm(_row_sum(part_ptr, part_stride, PART_GRAD, n_slots, RBLOCK))
+    tl.store(out_ptr + NORM_AT, norm)
+    tl.store(out_ptr + ANCHOR_AT, _row_sum(part_ptr, part_stride, PART_ANCHOR, n_slots, RBLOCK).to(tl.float32))
+    return norm
+
+
+@triton.jit
+def _grad_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, max_norm, NORM_AT: tl.constexpr,
+                       ANCHOR_AT: tl.constexpr, CLIP: tl.constexpr, RBLOCK: tl.constexpr):
+    """||g|| and the anchor value from the grad pass's partials and, with CLIP, the clip coefficient.
+
+    Parameters:
+        part_ptr, part_stride, n_slots: the fp64 workspace and the slots in use.
+        out_ptr: the caller's float64 buffer; writes out[NORM_AT], out[ANCHOR_AT] and, with CLIP,
+            out[CLIP_COEF] (``fused_step``'s layout).
+        max_norm: the clipping threshold (with CLIP).
+        RBLOCK: slots summed per iteration.
+    """
+    norm = _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, NORM_AT, ANCHOR_AT, RBLOCK)
+    if CLIP:
+        tl.store(out_ptr + CLIP_COEF, _clip_coef(norm, max_norm))
+
+
+@triton.jit
+def _step_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, HAS_CLIP: tl.constexpr, RBLOCK: tl.constexpr):
+    """The step's stats (``STAT_KEYS``) from the partials, in a fixed order.
+
+    Parameters:
+        part_ptr, part_stride, n_slots: the fp64 workspace and the slots in use.
+        out_ptr: the caller's float64 stats; without HAS_CLIP this kernel also writes the grad
+            norm, the anchor value and the coefficient 1 (with it, ``_grad_stats_kernel`` did).
+        RBLOCK: slots summed per iteration.
+    """
     if not HAS_CLIP:
-        tl.store(stats_ptr + 0, _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK)))
-        tl.store(stats_ptr + 4, _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK).to(tl.float32))
-        tl.store(stats_ptr + 5, 1.0)
-
-
-@triton.jit
-def _grad_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, RBLOCK: tl.constexpr):
-    """(||g||, anchor value) from the grad-pass partials."""
-    tl.store(out_ptr + 0, _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK)))
-    tl.store(out_ptr + 1, _sum_slots(part_ptr + 4 * part_stride, n_slots, RBLOCK).to(tl.float32))
+        _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, GRAD_NORM, ANCHOR_LOSS, RBLOCK)
+        tl.store(out_ptr + CLIP_COEF, 1.0)
+    # 8. the norms of the clipped grad, of the update and of the drift; the restored count
+    tl.store(out_ptr + GRAD_NORM_CLIPPED, _f32_norm(_row_sum(part_ptr, part_stride, PART_CLIPPED, n_slots, RBLOCK)))
+    tl.store(out_ptr + UPDATE_NORM, _f32_norm(_row_sum(part_ptr, part_stride, PART_UPDATE, n_slots, RBLOCK)))
+    tl.store(out_ptr + TOTAL_UPDATE_NORM, _f32_norm(_row_sum(part_ptr, part_stride, PART_TOTAL, n_slots, RBLOCK)))
+    tl.store(out_ptr + RESTORED, _row_sum(part_ptr, part_stride, PART_RESTORED, n_slots, RBLOCK))
 
 
 @triton.jit
 def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, seg_ptr, part_ptr, part_base,
                      ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Per block: ||d||^2 with d = g (adaptive: g*|p|) over segments with a grad."""
+    """Per block: ||d||^2 over segments with a grad.
+
+    Parameters:
+        p_ptr, g_ptr: the flat parameter and grad buffers.
+        blocks_ptr, seg_ptr: the block table and the segment table.
+        part_ptr, part_base: the fp64 workspace (one row) and this group's first slot.
+        ADAPTIVE: d = g*|p| instead of g.  BLOCK_SIZE: elements per program.
+    """
     pid = tl.program_id(0).to(tl.int64)
-    seg, start, end, _ = _block(blocks_ptr, pid)
-    grad_end = start + (end - start) * tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)  # has_grad
-    offs = start + tl.arange(0, BLOCK_SIZE)
-    gmask = offs < grad_end
+    _, offs, _, gmask, _ = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
     d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
     if ADAPTIVE:
         d = d * tl.abs(tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32))
-    tl.store(part_ptr + part_base + pid, tl.sum(d * d, axis=0).to(tl.float64))
+    tl.store(part_ptr + part_base + pid, _sumsq(d))
 
 
 @triton.jit
-def _sar_scale_kernel(part_ptr, n_slots, out_ptr, rho, RHO_POSITIVE: tl.constexpr, RBLOCK: tl.constexpr):
-    """norm = ||d|| ; applied = rho > 0 and norm > 0 ; scale = rho / (norm + 1e-12)."""
+def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: tl.constexpr, RBLOCK: tl.constexpr):
+    """norm = ||d|| (fp32) ; applied = rho > 0 and norm > 0 ; scale = rho / (norm + 1e-12).
+
+    Parameters:
+        part_ptr, n_slots: the direction's partial sums.
+        out_ptr: the caller's float64 buffer (``SAR_STAT_KEYS``): the norm and applied (1.0 / 0.0).
+        scale_ptr: float32 scratch for the scale, read by ``_sar_apply_kernel``.
+        rho: the neighbourhood size.  RHO_POSITIVE: rho > 0.  RBLOCK: slots summed per iteration.
+    """
     norm = _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK))
-    scale = (rho / (norm.to(tl.float64) + 1e-12)).to(tl.float32)
-    tl.store(out_ptr + 0, norm)
+    tl.store(out_ptr + SAR_DIRECTION_NORM, norm)
     if RHO_POSITIVE:
-        tl.store(out_ptr + 1, tl.where(norm > 0.0, 1.0, 0.0))  # NaN norm: not applied
+        tl.store(out_ptr + SAR_APPLIED, tl.where(norm > 0.0, 1.0, 0.0))  # NaN norm: not applied
     else:
-        tl.store(out_ptr + 1, 0.0)
-    tl.store(out_ptr + 2, scale)
+        tl.store(out_ptr + SAR_APPLIED, 0.0)
+    tl.store(scale_ptr, (rho / (norm.to(tl.float64) + 1e-12)).to(tl.float32))
 
 
 @triton.jit
-def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr,
+def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr, scale_ptr,
                       ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad)."""
+    """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad).
+
+    Parameters:
+        p_ptr, g_ptr, snap_ptr: the flat parameter, grad and snapshot buffers.
+        blocks_ptr, seg_ptr: the block table and the segment table.
+        out_ptr: the float64 buffer ``_sar_scale_kernel`` wrote (its applied flag is read).
+        scale_ptr: the float32 scale.  ADAPTIVE: d = g*|p|.  BLOCK_SIZE: elements per program.
+    """
     pid = tl.program_id(0).to(tl.int64)
-    seg, start, end, _ = _block(blocks_ptr, pid)
-    applied = tl.load(out_ptr + 1).to(tl.int64)  # 1 or 0, decided on device
-    has_grad = tl.load(seg_ptr + seg * 4 + 3).to(tl.int64)
-    scale = tl.load(out_ptr + 2)
-    offs = start + tl.arange(0, BLOCK_SIZE)
-    mask = offs < start + (end - start) * applied
-    gmask = offs < start + (end - start) * (applied * has_grad)
+    _, offs, mask, gmask, _ = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
+    applied = tl.load(out_ptr + SAR_APPLIED) != 0.0  # decided on device
+    mask = tl.where(applied, mask, False)
+    gmask = tl.where(applied, gmask, False)
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     tl.store(snap_ptr + offs, p_raw, mask=mask)
     p = p_raw.to(tl.float32)
     d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
     if ADAPTIVE:
         d = d * tl.abs(p)
-    tl.store(p_ptr + offs, _to_storage(p + scale * d, p_ptr.dtype.element_ty), mask=gmask)
-
-
-@triton.jit
-def _ema_kernel(t_ptr, s_ptr, n, momentum, one_minus_momentum, BLOCK_SIZE: tl.constexpr):
-    """CoTTA teacher: t <- t*m + (1-m)*s (fp32 math)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(t_ptr + offs, _to_storage(t * momentum + one_minus_momentum * s, t_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _to_storage(p + tl.load(scale_ptr) * d, p_ptr.dtype.element_ty), mask=gmask)
 
 
 # ------------------------------------------------------------------------------------------
-# Host side
+# Host side: checks, the arena group, its per-step tables
 # ------------------------------------------------------------------------------------------
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_tensor(t: Any, what: str, numel: int | None, device: torch.device | None,
                   dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -372,8 +488,26 @@ def _check_tensor(t: Any, what: str, numel: int | None, device: torch.device | N
     return t
 
 
+def _check_out(out: Any, keys: Sequence[str], device: torch.device) -> torch.Tensor:
+    """``out`` must be a contiguous 1-D float64 tensor on ``device`` with room for ``keys``."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"yolozu_ttt.kernels.update: out must be a torch.Tensor, got {type(out).__name__}")
+    problems = []
+    if out.dtype != torch.float64:
+        problems.append(f"dtype {out.dtype}, expected torch.float64")
+    if out.device != device:
+        problems.append(f"device {out.device}, expected the groups' {device}")
+    if out.dim() != 1 or out.numel() < len(keys):
+        problems.append(f"shape {tuple(out.shape)}, expected 1-D with at least {len(keys)} elements {tuple(keys)}")
+    elif not out.is_contiguous():
+        problems.append("a stride other than 1, expected contiguous")
+    if problems:
+        raise ValueError("yolozu_ttt.kernels.update: out has " + "; ".join(problems))
+    return out
+
+
 def _check_device(device: torch.device) -> None:
-    if device.type == "cpu" and not _interpret():
+    if device.type == "cpu" and not INTERPRET:
         raise ValueError("yolozu_ttt.kernels.update: CPU tensors need TRITON_INTERPRET=1 "
                          "(use yolozu_ttt._C for CPU arenas)")
 
@@ -406,8 +540,7 @@ class TritonArenaGroup:
                  exp_avg_sq: torch.Tensor, base: torch.Tensor, snap: torch.Tensor | None,
                  offsets: Sequence[int], sizes: Sequence[int], has_grad: Any = None, *,
                  block_size: int = 2048):
-        floats = tuple(_DTYPES)
-        self.param = _check_tensor(param, "param", None, None, floats)
+        self.param = _check_tensor(param, "param", None, None, SUPPORTED_DTYPES)
         n, dev, dt = param.numel(), param.device, param.dtype
         self.grad = _check_tensor(grad, "grad", n, dev, (dt,))
         self.exp_avg = _check_tensor(exp_avg, "exp_avg", n, dev, (torch.float32,))
@@ -421,14 +554,15 @@ class TritonArenaGroup:
         self.sizes = [int(s) for s in sizes]
         if len(self.offsets) != len(self.sizes):
             raise ValueError("yolozu_ttt.kernels.update: offsets and sizes differ in length")
-        blocks: list[int] = []
+        columns: tuple[list[int], ...] = ([], [], [], [])  # segment, start, end, segment numel
         expect = 0
         for s, (off, size) in enumerate(zip(self.offsets, self.sizes)):
             if off != expect or size < 0:
                 raise ValueError("yolozu_ttt.kernels.update: segments must tile the arena in order")
             expect += size
             for b in range(0, size, self.block_size):
-                blocks += [s, off + b, off + min(size, b + self.block_size), size]
+                for column, value in zip(columns, (s, off + b, off + min(size, b + self.block_size), size)):
+                    column.append(value)
         if expect != n:
             raise ValueError(f"yolozu_ttt.kernels.update: segments cover {expect} elements, arena has {n}")
         if has_grad is not None:
@@ -436,9 +570,12 @@ class TritonArenaGroup:
             if view.itemsize != 1 or view.nbytes != len(self.sizes):
                 raise ValueError("yolozu_ttt.kernels.update: has_grad must be a byte buffer with one entry per segment")
         self.has_grad = has_grad
-        self.num_blocks = len(blocks) // 4
-        # block table (block -> segment, start, end, segment numel), built once on device
-        self._blocks = torch.tensor(blocks or [0, 0, 0, 1], dtype=torch.int64).to(dev)
+        self.num_blocks = len(columns[0])
+        # the block table (BLK_* columns), built once on device
+        blocks = np.zeros((max(self.num_blocks, 1), BLK_COLS), dtype=np.int64)
+        for col, column in zip((BLK_SEG, BLK_START, BLK_END, BLK_SEG_NUMEL), columns):
+            blocks[:len(column), col] = column
+        self._blocks = torch.from_numpy(blocks.reshape(-1)).to(dev)
         sizes_f = np.asarray(self.sizes, dtype=np.float64)
         self._anchor_scale = np.divide(2.0, sizes_f, out=np.zeros_like(sizes_f), where=sizes_f > 0)
         self._steps = np.zeros(len(self.sizes), dtype=np.int64)
@@ -455,17 +592,9 @@ class TritonArenaGroup:
             _check_tensor(teacher, "teacher", self.param.numel(), self.param.device, (self.param.dtype,))
         self.teacher = teacher
 
-    # ---- mirrors of _C.ArenaGroup ---------------------------------------------------------
-    @property
-    def numel(self) -> int:
-        return int(self.param.numel())
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.sizes)
-
     @property
     def steps(self) -> list[int]:
+        """Adam step count per segment (as ``_C.ArenaGroup.steps``)."""
         return [int(s) for s in self._steps]
 
     @property
@@ -478,35 +607,34 @@ class TritonArenaGroup:
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
 
-    # ---- per-step host tables ---------------------------------------------------------------
     def _flags(self) -> np.ndarray:
         if self.has_grad is None:
             return np.ones(len(self.sizes), dtype=bool)
         return np.frombuffer(bytes(self.has_grad), dtype=np.uint8) != 0
 
     def _segment_rows(self, anchor_lambda: float, adam: tuple[float, float, float] | None) -> np.ndarray:
-        """(segments, 4) float64: -lr/bc1, sqrt(bc2), 2*lambda/n, has_grad. ``adam`` advances steps.
+        """The segment table (``SEG_*`` columns), float64 on the host; ``adam`` advances the steps.
 
         Vectorised over segments; the powers come from libm's ``pow`` once per distinct step count
         (usually one), like the C++ engine's ``std::pow``, so both engines use the same tables.
         """
         flags = self._flags()
-        rows = np.zeros((len(self.sizes), 4), dtype=np.float64)
-        rows[:, 1] = 1.0
+        rows = np.zeros((len(self.sizes), SEG_COLS), dtype=np.float64)
+        rows[:, SEG_BC2_SQRT] = 1.0
         if adam is not None and flags.any():
             lr, beta1, beta2 = adam
             self._steps[flags] += 1
             steps, index = np.unique(self._steps[flags], return_inverse=True)
             bc1 = np.array([1.0 - math.pow(beta1, float(t)) for t in steps])[index]
             bc2 = np.array([1.0 - math.pow(beta2, float(t)) for t in steps])[index]
-            rows[flags, 0] = -(lr / bc1)
-            rows[flags, 1] = np.sqrt(bc2)
-        rows[:, 2] = anchor_lambda * self._anchor_scale
-        rows[:, 3] = flags
+            rows[flags, SEG_NEG_STEP_SIZE] = -(lr / bc1)
+            rows[flags, SEG_BC2_SQRT] = np.sqrt(bc2)
+        rows[:, SEG_ANCHOR_COEF] = anchor_lambda * self._anchor_scale
+        rows[:, SEG_HAS_GRAD] = flags
         return rows.reshape(-1)
 
 
-def _prepare(groups: Sequence[TritonArenaGroup]) -> tuple[list[TritonArenaGroup], torch.device]:
+def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) -> tuple[list[TritonArenaGroup], torch.device]:
     gs = list(groups)
     if not gs:
         raise ValueError("yolozu_ttt.kernels.update: groups must not be empty")
@@ -517,6 +645,7 @@ def _prepare(groups: Sequence[TritonArenaGroup]) -> tuple[list[TritonArenaGroup]
     if any(g.device != device for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: all groups must be on one device")
     _check_device(device)
+    _check_out(out, keys, device)
     return gs, device
 
 
@@ -537,12 +666,14 @@ def _segment_tables(gs: list[TritonArenaGroup], device: torch.device, anchor_lam
     return [table[s:] for s in starts]
 
 
-def _slots(gs: list[TritonArenaGroup]) -> tuple[list[int], int]:
+def _workspace(gs: list[TritonArenaGroup], rows: int, device: torch.device) -> tuple[torch.Tensor, list[int], int]:
+    """The fp64 partial-sum workspace (``rows`` x slots; every slot in use is written before it is
+    read), each group's first slot, and the slots in use."""
     bases, total = [], 0
     for g in gs:
         bases.append(total)
         total += g.num_blocks
-    return bases, total
+    return torch.empty((rows, max(total, 1)), dtype=torch.float64, device=device), bases, total
 
 
 def _mix32(h: int) -> int:
@@ -569,15 +700,34 @@ def _as_i32(key: int) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
-def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9, beta2: float = 0.999,
-               eps: float = 1e-8, max_grad_norm: float | None = None, anchor_lambda: float = 0.0,
-               write_snapshot: bool = True, ema_momentum: float | None = None, restore_prob: float = 0.0,
-               restore_seed: int = 0, restore_counter: int = 0) -> torch.Tensor:
+def _grad_pass(gs: list[TritonArenaGroup], tables: list[torch.Tensor], part: torch.Tensor, bases: list[int],
+               has_anchor: bool, anchor_value: bool) -> None:
+    """1-2. every group's grad-pass partials (rows ``PART_GRAD`` and ``PART_ANCHOR``) into the workspace."""
+    for g, table, base in zip(gs, tables, bases):
+        if g.num_blocks:
+            _grad_pass_kernel[(g.num_blocks,)](
+                g.param, g.grad, g.base, g._blocks, table, part, part.stride(0), base,
+                HAS_ANCHOR=has_anchor, ANCHOR_VALUE=anchor_value, BLOCK_SIZE=g.block_size,
+                num_warps=_warps(g.block_size))
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers (the engine interface, as yolozu_ttt._C's)
+# ------------------------------------------------------------------------------------------
+def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
+               beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
+               anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
+               restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> None:
     """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
 
     Parameters:
         groups: the arena groups (one per dtype), all on one device; they share one global grad
             norm and clip coefficient.
+        out: contiguous 1-D float64 tensor on the groups' device, at least ``len(STAT_KEYS)`` long;
+            out[0:7] receives, in the order of ``yolozu_ttt.common.STAT_KEYS``: grad_norm,
+            grad_norm_clipped, update_norm, total_update_norm (norms of the final params; NaN
+            where the sum of squares holds a NaN, inf where an fp32 sum overflows), anchor_loss,
+            clip_coef, restored (elements restored).
         lr, beta1, beta2, eps: torch.optim.Adam hyper-parameters (no weight decay, no amsgrad).
         max_grad_norm: clip like torch.nn.utils.clip_grad_norm_ (None: no clipping).
         anchor_lambda: EATA anchor weight; adds 2*lambda*(p-base)/n to each segment's grad.
@@ -589,9 +739,6 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
             < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
         restore_seed, restore_counter: the key of the counter-based restore RNG.
 
-    Returns a float32 tensor of shape (7,) on the groups' device, ordered as ``STAT_KEYS``:
-    grad_norm, grad_norm_clipped, update_norm, total_update_norm (norms of the final params),
-    anchor_loss, clip_coef, restored (elements restored; exact below 2^24).
     Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``.
     """
     if not float(restore_prob) >= 0.0:
@@ -600,7 +747,7 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
         raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError("yolozu_ttt.kernels.update: betas must lie in [0, 1)")
-    gs, device = _prepare(groups)
+    gs, device = _prepare(groups, out, STAT_KEYS)
     if write_snapshot and any(g.snap is None for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
     has_ema = ema_momentum is not None
@@ -613,125 +760,82 @@ def fused_step(groups: Sequence[TritonArenaGroup], lr: float, beta1: float = 0.9
     has_anchor = anchor_lambda != 0.0
     # Bias corrections from the host step counts (advanced here, for segments with a grad).
     tables = _segment_tables(gs, device, anchor_lambda, (float(lr), float(beta1), float(beta2)))
-    bases, n_slots = _slots(gs)
-    part = torch.empty((_N_PART, max(n_slots, 1)), dtype=torch.float64, device=device)
-    if n_slots == 0:
-        part.zero_()
-    stride = part.shape[1]
-    stats = torch.empty(len(STAT_KEYS), dtype=torch.float32, device=device)
+    part, bases, n_slots = _workspace(gs, PART_ROWS, device)
+    stride = part.stride(0)
 
     # 1-3. with clipping: grad-norm pass, then the coefficient on device
     if clip:
-        for g, table, base in zip(gs, tables, bases):
-            if g.num_blocks:
-                _grad_pass_kernel[(g.num_blocks,)](
-                    g.param, g.grad, g.base, g._blocks, table, part, stride, base,
-                    HAS_ANCHOR=has_anchor, ANCHOR_VALUE=has_anchor, BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
-        _clip_coef_kernel[(1,)](part, stride, n_slots, stats, float(max_grad_norm), RBLOCK=_RBLOCK)
+        _grad_pass(gs, tables, part, bases, has_anchor, has_anchor)
+        _grad_stats_kernel[(1,)](part, stride, n_slots, out, float(max_grad_norm), NORM_AT=GRAD_NORM,
+                                 ANCHOR_AT=ANCHOR_LOSS, CLIP=True, RBLOCK=_RBLOCK)
 
-    # 4-8. Adam pass (reads the coefficient from device memory), snapshot, EMA, restore, norms
+    # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
     for i, (g, table, base) in enumerate(zip(gs, tables, bases)):
         if g.num_blocks:
             key = restore_key(restore_seed, restore_counter, i) if has_restore else 0
             _adam_kernel[(g.num_blocks,)](
                 g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
                 g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
-                g._blocks, table, stats, part, stride, base,
+                g._blocks, table, out, part, stride, base,
                 1.0 - beta1, beta2, 1.0 - beta2, eps, ema_m, 1.0 - ema_m, float(restore_prob), _as_i32(key),
                 HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=bool(write_snapshot),
                 HAS_EMA=has_ema, HAS_RESTORE=has_restore,
                 BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
-    _step_stats_kernel[(1,)](part, stride, n_slots, stats, HAS_CLIP=clip, RBLOCK=_RBLOCK)
-    return stats
+    _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
 
 
-def grad_stats(groups: Sequence[TritonArenaGroup], anchor_lambda: float = 0.0,
-               anchor_value: bool = False) -> torch.Tensor:
-    """(grad norm, anchor value) without changing anything: float32 device tensor of shape (2,).
+def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lambda: float = 0.0,
+               anchor_value: bool = False) -> None:
+    """The grad norm and the anchor value without changing anything; the twin of ``_C.grad_stats``.
 
     Parameters:
         groups: the arena groups, all on one device.
+        out: contiguous 1-D float64 tensor on the groups' device with at least two elements;
+            out[0:2] receives (grad_norm, anchor_loss), ``yolozu_ttt.common.GRAD_STAT_KEYS``.
         anchor_lambda: EATA anchor weight; the grad norm includes the anchor gradient.
         anchor_value: compute the anchor value even at ``anchor_lambda == 0`` (else it is 0 there).
     """
-    gs, device = _prepare(groups)
+    gs, device = _prepare(groups, out, GRAD_STAT_KEYS)
     anchor_lambda = float(anchor_lambda)
     tables = _segment_tables(gs, device, anchor_lambda, None)
-    bases, n_slots = _slots(gs)
-    part = torch.zeros((_N_PART, max(n_slots, 1)), dtype=torch.float64, device=device)
-    stride = part.shape[1]
-    out = torch.empty(2, dtype=torch.float32, device=device)
-    for g, table, base in zip(gs, tables, bases):
-        if g.num_blocks:
-            _grad_pass_kernel[(g.num_blocks,)](
-                g.param, g.grad, g.base, g._blocks, table, part, stride, base,
-                HAS_ANCHOR=anchor_lambda != 0.0, ANCHOR_VALUE=anchor_lambda != 0.0 or bool(anchor_value),
-                BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
-    _grad_stats_kernel[(1,)](part, stride, n_slots, out, RBLOCK=_RBLOCK)
-    return out
+    part, bases, n_slots = _workspace(gs, PART_ROWS, device)
+    _grad_pass(gs, tables, part, bases, anchor_lambda != 0.0, anchor_lambda != 0.0 or bool(anchor_value))
+    _grad_stats_kernel[(1,)](part, part.stride(0), n_slots, out, 0.0, NORM_AT=GS_GRAD_NORM,
+                             ANCHOR_AT=GS_ANCHOR_LOSS, CLIP=False, RBLOCK=_RBLOCK)
 
 
-def sar_perturb(groups: Sequence[TritonArenaGroup], rho: float, adaptive: bool) -> torch.Tensor:
+def sar_perturb(groups: Sequence[TritonArenaGroup], out: torch.Tensor, rho: float, adaptive: bool) -> None:
     """SAR ascent step with the snapshot as backup; the Triton twin of ``_C.sar_perturb``.
 
     Parameters:
-        groups: the arena groups (each needs a ``snap`` buffer), all on one device.
+        groups: the arena groups (each needs a ``snap`` buffer apart from its grad buffer), all on
+            one device.
+        out: contiguous 1-D float64 tensor on the groups' device with at least two elements;
+            out[0:2] receives (direction norm, applied 1.0 / 0.0), ``yolozu_ttt.common.SAR_STAT_KEYS``.
         rho: neighbourhood size (already scaled by the caller, e.g. rho * first_step_scale).
         adaptive: ASAM direction d = g*|p| instead of g.
 
     1. norm = ||d|| over segments with a grad (d = g, or g*|p| if adaptive);
     2. if rho > 0 and norm > 0 (decided on device): snap <- p for every segment, then
        p <- p + rho/(norm + 1e-12) * d for segments with a grad.
-    Returns a float32 device tensor (2,): [norm, applied (1.0 or 0.0)].
     """
-    gs, device = _prepare(groups)
+    gs, device = _prepare(groups, out, SAR_STAT_KEYS)
     if any(g.snap is None for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer")
     if any(g.snap.data_ptr() == g.grad.data_ptr() for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer apart from the grad buffer")
     tables = _segment_tables(gs, device, 0.0, None)
-    bases, n_slots = _slots(gs)
-    part = torch.zeros(max(n_slots, 1), dtype=torch.float64, device=device)
-    out = torch.empty(3, dtype=torch.float32, device=device)
+    part, bases, n_slots = _workspace(gs, 1, device)
+    scale = torch.empty(1, dtype=torch.float32, device=device)
     for g, table, base in zip(gs, tables, bases):
         if g.num_blocks:
             _sar_norm_kernel[(g.num_blocks,)](g.param, g.grad, g._blocks, table, part, base,
                                               ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
                                               num_warps=_warps(g.block_size))
-    _sar_scale_kernel[(1,)](part, n_slots, out, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
+    _sar_scale_kernel[(1,)](part, n_slots, out, scale, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
     if float(rho) > 0.0:
         for g, table in zip(gs, tables):
             if g.num_blocks:
-                _sar_apply_kernel[(g.num_blocks,)](g.param, g.grad, g.snap, g._blocks, table, out,
+                _sar_apply_kernel[(g.num_blocks,)](g.param, g.grad, g.snap, g._blocks, table, out, scale,
                                                    ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
                                                    num_warps=_warps(g.block_size))
-    return out[:2]
-
-
-def ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float, *, block_size: int = 4096) -> torch.Tensor:
-    """CoTTA teacher update in place: t <- t*m + (1-m)*s, m clamped to [0, 1]; returns ``teacher``.
-
-    Parameters:
-        teacher: flat contiguous buffer (float32, bfloat16 or float16), updated in place.
-        student: contiguous buffer with as many elements (any of those dtypes), same device.
-        momentum: EMA momentum m.
-    """
-    _check_tensor(teacher, "teacher", None, None, tuple(_DTYPES))
-    _check_tensor(student, "student", teacher.numel(), teacher.device, tuple(_DTYPES))
-    _check_device(teacher.device)
-    m = min(max(float(momentum), 0.0), 1.0)
-    n = teacher.numel()
-    if n:
-        _ema_kernel[(triton.cdiv(n, block_size),)](teacher, student, n, m, 1.0 - m,
-                                                    BLOCK_SIZE=block_size, num_warps=_warps(block_size))
-    return teacher
-
-
-def restore_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst <- src (bit-exact rollback from a snapshot)."""
-    return dst.copy_(src)
-
-
-def stats_dict(stats: torch.Tensor) -> dict[str, float]:
-    """``fused_step``'s tensor as the dict ``_C.fused_step`` returns (one host read)."""
-    return dict(zip(STAT_KEYS, stats.tolist()))

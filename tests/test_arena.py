@@ -6,6 +6,7 @@ import torch
 from conftest import make_model
 
 from yolozu_ttt.arena import ParamArena
+from yolozu_ttt.engine import UpdateEngine
 
 
 def norm_params(model):
@@ -105,8 +106,6 @@ def test_snapshot_lives_from_hold_to_drop_and_rolls_back_bit_exactly():
 def test_step_snapshot_lives_in_the_grad_buffer_until_the_next_zero_grad():
     """hold_snapshot(in_grad=True): the fused step writes the pre-step values over the grads it
     has read; rollback restores them bit-exactly; zero_grad (and drop) unbind it."""
-    from yolozu_ttt.engine import UpdateEngine
-
     model = make_model()
     with ParamArena(model, norm_params(model)) as arena:
         engine = UpdateEngine(arena, lr=1e-2)
@@ -123,7 +122,7 @@ def test_step_snapshot_lives_in_the_grad_buffer_until_the_next_zero_grad():
             assert torch.equal(group.flat, before)
         arena.zero_grad()
         assert group.snap is None and not group.grad.any()
-        arena.keep_snapshot = True  # SAR: its own buffer stays, a grad-buffer snapshot never does
+        arena.keep_own_snapshot()  # SAR: its own buffer stays, a grad-buffer snapshot never does
         arena.hold_snapshot(in_grad=True)
         arena.drop_snapshot()
         assert group.snap is None
@@ -144,8 +143,6 @@ def test_original_storages_are_the_base_snapshot_and_get_the_values_back():
     """Peak memory holds each selected parameter twice (arena and base), as before: the C++
     engine reads the original storages as its base snapshot (no copy), and close() copies the
     values back into them, so every Parameter gets its own storage again."""
-    from yolozu_ttt import _native
-
     model = make_model()
     params = norm_params(model)
     shared_view = model.bn.weight.detach()  # a caller's reference sees the final values too
@@ -161,7 +158,7 @@ def test_original_storages_are_the_base_snapshot_and_get_the_values_back():
         assert all(torch.equal(o, v) for o, v in zip(group.originals, values))
         # the engine's base is the originals: sum_i mean((p_i - base_i)^2) with p = 2 * base
         group.has_grad[:] = b"\x01" * len(params)
-        anchor = _native.require_native().grad_stats([group.engine], 0.0, anchor_value=True)[1]
+        anchor = float(UpdateEngine(arena, lr=0.0).anchor_value())
         assert anchor == pytest.approx(sum(float(v.square().mean()) for v in values), rel=1e-6)
     assert [p.untyped_storage()._cdata for p in params] == storages
     assert [p.data_ptr() for p in params] == pointers

@@ -207,6 +207,7 @@ def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, mon
     for key in ("version", "cpp_extension", "openmp", "threads", "accelerated_methods"):
         assert key in engine
     assert engine["method"] == "tent"
+    assert engine["engine"] == "fast" and engine["backend"] == "cpp"  # what actually ran
     log_ttt = json.loads(fast_log.read_text())["ttt"]
     assert log_ttt["backend"] == "fast" and log_ttt["engine"] == engine
 
@@ -340,3 +341,22 @@ def test_doctor_fails_when_extension_missing(monkeypatch, capsys):
     assert "simulated missing _C" in captured.out and "simulated missing _C" in captured.err
     assert cli.main(["doctor", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["cpp_extension"] is False
+
+
+def test_engine_record_names_the_reference_when_the_engine_cannot_run(sample, tmp_path, monkeypatch):
+    """--ttt-backend fast on an install without the compiled extension: the reference runs, a
+    ReferenceFallbackWarning says why, and the meta and log record engine=reference with the reason."""
+    pytest.importorskip("yolozu_ttt.run")
+    from yolozu_ttt import _native, run
+
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: no _C in the source tree")
+    monkeypatch.setattr(run, "_WARNED", set())
+    out, log = tmp_path / "fast.json", tmp_path / "fast_log.json"
+    args = [*_rtdetr_args(sample), "--ttt", "--ttt-steps", "1", "--ttt-update-filter", "norm_only"]
+    with pytest.warns(run.ReferenceFallbackWarning, match="yolozu_ttt._C did not load"):
+        assert cli.main(["export-predictions", *args, "--ttt-backend", "fast", "--wrap", "--output", str(out),
+                         "--ttt-log-out", str(log)]) == 0
+    for ttt in (json.loads(out.read_text())["meta"]["ttt"], json.loads(log.read_text())["ttt"]):
+        assert ttt["backend"] == "fast"
+        assert ttt["engine"]["engine"] == "reference" and "no _C in the source tree" in ttt["engine"]["reason"]

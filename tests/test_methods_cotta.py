@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import copy
-import os
 
-import numpy as np
 import pytest
 import torch
-from conftest import (ListAdapter, assert_models_match, assert_reports_match, make_batches, make_model, run_both,
-                      run_under_interpreter, skip_under_interpreter)
+from conftest import (ListAdapter, expected_restore_mask, assert_models_match, assert_reports_match, make_batches, make_model, run_both,
+                      only_under_interpreter, run_under_interpreter, skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
 from yolozu_ttt.arena import ParamArena
+from yolozu_ttt.engine import UpdateEngine
 from yolozu_ttt.methods import cotta as cotta_method
 
 
@@ -32,8 +31,8 @@ def teachers(monkeypatch) -> list:
     built = []
     original = cotta_method.build_teacher
 
-    def spy(model, arena):
-        out = original(model, arena)
+    def spy(model, arena, engine):
+        out = original(model, arena, engine)
         built.append((*out, [g.backend for g in arena.groups]))
         return out
 
@@ -156,17 +155,6 @@ def selected(model, update_filter="all") -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in select_parameters(model, update_filter=update_filter)])
 
 
-def restore_mask(n: int, prob: float, seed: int, counter: int) -> torch.Tensor:
-    """The documented draws of a one-group arena: element j restores where u(j) < prob."""
-    key = np.uint32(yolozu_ttt._C.restore_key(seed, counter, 0))
-    with np.errstate(over="ignore"):
-        h = np.arange(n, dtype=np.uint64).astype(np.uint32) ^ key
-        for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-            h = (h ^ (h >> np.uint32(shift))) * np.uint32(mul)
-        h = h ^ (h >> np.uint32(16))
-    return torch.from_numpy((h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24) < np.float32(prob))
-
-
 def test_restore_is_deterministic_for_a_seed():
     cfg = cotta(cotta_restore_prob=0.2, seed=5)
     (m1, r1), (m2, r2) = fast_run(cfg), fast_run(cfg)
@@ -195,7 +183,7 @@ def test_restored_fraction_and_values(prob):
     (free_model, _), (model, report) = (fast_run(cotta(steps=1), copy.deepcopy(init)),
                                         fast_run(cotta(steps=1, cotta_restore_prob=prob, seed=9), copy.deepcopy(init)))
     p0, p_free, p_final = selected(init), selected(free_model), selected(model)
-    mask = restore_mask(p0.numel(), prob, 9, 0)
+    mask = expected_restore_mask(p0.numel(), prob, 9, 0)
     n = report.updated_param_count
     assert n == p0.numel() and report.step_metrics[0]["restored_count"] == int(mask.sum())
     assert torch.equal(p_final[mask], p0[mask]) and torch.equal(p_final[~mask], p_free[~mask])
@@ -218,7 +206,8 @@ def test_teacher_shares_unselected_params_and_owns_only_the_selected(update_filt
     model = make_model()
     params = select_parameters(model, update_filter=update_filter)
     with ParamArena(model, params) as arena:
-        teacher, flats = cotta_method.build_teacher(model, arena)
+        engine = UpdateEngine(arena, lr=1e-3)
+        teacher, flats = cotta_method.build_teacher(model, arena, engine)
         student = dict(model.named_parameters())
         chosen = {id(p) for p in params}
         owned = 0
@@ -234,8 +223,7 @@ def test_teacher_shares_unselected_params_and_owns_only_the_selected(update_filt
         for (name, tb), sb in zip(teacher.named_buffers(), model.buffers()):
             assert tb.data_ptr() != sb.data_ptr() and torch.equal(tb, sb), name
         assert not teacher.training and model.training
-        for g in arena.groups:
-            g.engine.set_teacher(None)
+        engine.bind_teacher(None)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -261,7 +249,7 @@ def test_parity_through_the_triton_path():
            "restored_fraction or deterministic_for_a_seed or triton_backend")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs inside the interpreter subprocess")
+@only_under_interpreter
 def test_triton_backend_is_the_one_running(teachers):
     _, report = fast_run(cotta(steps=1, cotta_restore_prob=0.1, seed=3))
     (_, _, backends), = teachers

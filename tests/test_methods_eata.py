@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import pytest
 import torch
-from conftest import (assert_bfloat16_tracks_reference, assert_models_match,
-                      assert_raises_like_reference, assert_reports_match, make_batches, make_model, run_both,
-                      run_under_interpreter, skip_under_interpreter)
+from conftest import (assert_bfloat16_tracks_reference, assert_raises_like_reference, assert_triton_engine_runs,
+                      check_parity, make_batches, make_model, only_under_interpreter, run_under_interpreter,
+                      skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _eata_sample_signals
 
@@ -22,12 +21,6 @@ def eata(**kw) -> TTTConfig:
     return TTTConfig(**base)
 
 
-def check(model, batches, cfg):
-    """Run both backends; the reports and the models must match. Returns (ref report, fast report, fast model)."""
-    ref_model, ref, fast_model, fast = run_both(model, batches, cfg)
-    assert_reports_match(ref, fast)
-    assert_models_match(ref_model, fast_model)
-    return ref, fast, fast_model
 
 
 def signals(model, batch, conf_min: float = 0.2):
@@ -65,7 +58,7 @@ def blank_frames():
 def free_run(**cfg):
     """The reference's report without guards (checked against the fast backend once)."""
     model, batches = blank_frames()
-    return check(model, batches, eata(**cfg))[0]
+    return check_parity(model, batches, eata(**cfg))[0]
 
 
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
@@ -73,7 +66,7 @@ def free_run(**cfg):
 def test_eata_filters_match_reference(update_filter, train_mode):
     model = make_model()
     model.train(train_mode)
-    ref, fast, _ = check(model, make_batches(), eata(update_filter=update_filter))
+    ref, fast, _ = check_parity(model, make_batches(), eata(update_filter=update_filter))
     assert fast.steps_run == fast.optimizer_steps == 3 and not fast.stopped_early
     assert all(e["skipped"] is False and e["selected_count"] == e["batch_count"] for e in fast.step_metrics)
 
@@ -94,7 +87,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("kw", list(OPTIONS.values()), ids=list(OPTIONS))
 def test_eata_options_match_reference(kw):
-    check(make_model(), make_batches(3), eata(**kw))
+    check_parity(make_model(), make_batches(3), eata(**kw))
 
 
 class BranchyDet(torch.nn.Module):
@@ -117,8 +110,8 @@ def test_anchor_term_gives_every_selected_parameter_a_grad(anchor_lambda):
     """Steps on two-sample batches leave the branch out of the entropy, yet Adam still steps it."""
     batches = make_batches(1, shape=(4, 3, 12, 12)) + make_batches(1, seed=2)
     model = BranchyDet()
-    _, fast, fast_model = check(model, batches, eata(steps=2, eata_anchor_lambda=anchor_lambda))
-    _, _, one_step = check(model, batches, eata(steps=1, eata_anchor_lambda=anchor_lambda))
+    _, fast, fast_model = check_parity(model, batches, eata(steps=2, eata_anchor_lambda=anchor_lambda))
+    _, _, one_step = check_parity(model, batches, eata(steps=1, eata_anchor_lambda=anchor_lambda))
     assert not torch.equal(fast_model.branch.weight, one_step.branch.weight)  # momentum moved it on step 2
 
 
@@ -139,24 +132,24 @@ def test_guard_stops_mid_run(guard, rollback):
     else:
         ratio, k = first_rise([e["loss"] / steps[0]["loss"] for e in steps])
         limit = ratio
-    ref, fast, _ = check(model, batches, eata(**cfg, **{guard: limit}, rollback_on_stop=rollback))
+    ref, fast, _ = check_parity(model, batches, eata(**cfg, **{guard: limit}, rollback_on_stop=rollback))
     assert fast.stop_reason == f"{guard}_exceeded" and fast.steps_run == k
     assert fast.step_metrics[-1]["rolled_back"] is rollback
 
 
 def test_rollback_restores_the_state_after_the_last_good_step_bit_exactly():
     model, batches = make_model(), make_batches()
-    _, free, _ = check(model, batches, eata(steps=4))
+    _, free, _ = check_parity(model, batches, eata(steps=4))
     limit, k = first_rise([e["total_update_norm"] for e in free.step_metrics])
-    _, fast, fast_model = check(model, batches, eata(steps=4, max_total_update_norm=limit))
-    _, _, good = check(model, batches, eata(steps=k))
+    _, fast, fast_model = check_parity(model, batches, eata(steps=4, max_total_update_norm=limit))
+    _, _, good = check_parity(model, batches, eata(steps=k))
     for (name, a), b in zip(good.state_dict().items(), fast_model.state_dict().values()):
         assert torch.equal(a, b), name  # params and BN buffers
 
 
 def test_non_finite_update_stops_and_rolls_back():
     model = make_model()
-    _, fast, fast_model = check(model, make_batches(), eata(lr=1e30))
+    _, fast, fast_model = check_parity(model, make_batches(), eata(lr=1e30))
     assert fast.stop_reason == "non_finite_metrics" and fast.steps_run == 0
     assert any(w.startswith("non_finite_fields:") for w in fast.warnings)
     for (name, a), b in zip(model.state_dict().items(), fast_model.state_dict().values()):
@@ -166,7 +159,7 @@ def test_non_finite_update_stops_and_rolls_back():
 def test_nan_batch_is_skipped_like_the_reference():
     batches = make_batches(2)
     batches[1] = torch.full_like(batches[1], float("nan"))
-    _, fast, _ = check(eval_model(), batches, eata(steps=4))
+    _, fast, _ = check_parity(eval_model(), batches, eata(steps=4))
     assert [e["skipped"] for e in fast.step_metrics] == [False, True, False, True]
 
 
@@ -175,7 +168,7 @@ def test_nan_batch_is_skipped_like_the_reference():
 def test_nothing_selected_skips_until_the_streak_limit(max_skip_streak, kw):
     model = make_model()
     assert kw.get("eata_min_valid_dets", 0) > model.queries or kw.get("eata_conf_min", 0) > 1.0
-    _, fast, fast_model = check(model, make_batches(), eata(steps=5, eata_max_skip_streak=max_skip_streak, **kw))
+    _, fast, fast_model = check_parity(model, make_batches(), eata(steps=5, eata_max_skip_streak=max_skip_streak, **kw))
     assert fast.stop_reason == "eata_max_skip_streak_exceeded" and fast.steps_run == 0
     assert len(fast.step_metrics) == max_skip_streak + 1
     assert fast.warnings.count("eata_empty_selected_set") == max_skip_streak + 1
@@ -192,7 +185,7 @@ def test_skips_between_updates_report_the_current_drift():
     b1 = b0[order[-1]:order[-1] + 1].repeat(2, 1, 1, 1)
     cfg = eata(steps=4, lr=1e-3, update_filter="norm_only",
                eata_entropy_max=between(entropies[order[-2]], entropies[order[-1]]))
-    _, fast, _ = check(model, [b0, b1], cfg)
+    _, fast, _ = check_parity(model, [b0, b1], cfg)
     steps = fast.step_metrics
     assert [e["skipped"] for e in steps] == [False, True, False, True]
     assert [e["selected_count"] for e in steps] == [3, 0, 3, 0]
@@ -206,7 +199,7 @@ def test_threshold_selecting_a_subset_of_samples(signal):
     conf, entropy, _ = signals(model, batches[0])
     values = sorted(entropy if signal.startswith("entropy") else conf)
     kw = {f"eata_{signal}": between(values[1], values[2])}
-    _, fast, _ = check(model, batches, eata(lr=1e-3, **kw))
+    _, fast, _ = check_parity(model, batches, eata(lr=1e-3, **kw))
     assert 0 < fast.step_metrics[0]["selected_count"] < fast.step_metrics[0]["batch_count"]
 
 
@@ -220,7 +213,7 @@ def test_min_valid_dets_selecting_a_subset_of_samples():
     lo, hi = sorted(valid)[0], sorted(valid)[-1]
     assert lo < hi
     cfg = eata(lr=1e-3, eata_conf_min=conf_min, eata_min_valid_dets=hi, eata_entropy_max=10.0)
-    _, fast, _ = check(model, batches, cfg)
+    _, fast, _ = check_parity(model, batches, cfg)
     first = fast.step_metrics[0]
     assert 0 < first["selected_count"] < first["batch_count"]
 
@@ -231,7 +224,7 @@ def test_selected_ratio_below_min_stops_after_the_update(rollback):
     entropy = sorted(signals(model, batches[0])[1])
     cfg = eata(eata_entropy_max=between(entropy[2], entropy[3]), eata_selected_ratio_min=1.0,
                rollback_on_stop=rollback)
-    _, fast, fast_model = check(model, batches, cfg)
+    _, fast, fast_model = check_parity(model, batches, cfg)
     assert fast.stop_reason == "eata_selected_ratio_below_min" and fast.steps_run == 0
     assert fast.optimizer_steps == 1 and fast.step_metrics[0]["rolled_back"] is rollback
     assert fast.step_metrics[0]["non_finite_fields"] is None
@@ -243,9 +236,9 @@ def test_a_guard_tripping_with_a_low_ratio_names_the_guard():
     model, batches = eval_model(), make_batches(2, shape=(4, 3, 12, 12))
     entropy = sorted(signals(model, batches[0])[1])
     cfg = dict(eata_entropy_max=between(entropy[2], entropy[3]), eata_selected_ratio_min=1.0)
-    _, free, _ = check(model, batches, eata(**cfg))
+    _, free, _ = check_parity(model, batches, eata(**cfg))
     limit = free.step_metrics[0]["update_norm"] / 2
-    _, fast, _ = check(model, batches, eata(**cfg, max_update_norm=limit))
+    _, fast, _ = check_parity(model, batches, eata(**cfg, max_update_norm=limit))
     assert fast.stop_reason == "max_update_norm_exceeded"
 
 
@@ -295,11 +288,6 @@ def test_eata_parity_through_the_triton_path():
     run_under_interpreter("-x", *[f"{__file__}::{name}" for name in TRITON_SUBSET])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the interpreter subprocess")
+@only_under_interpreter
 def test_triton_backend_is_the_one_running():
-    from yolozu_ttt.arena import ParamArena
-    from yolozu_ttt.engine import engine_module
-
-    model = make_model()
-    with ParamArena(model, [model.bn.weight]) as arena:
-        assert arena.groups[0].backend == "triton" and engine_module(arena).__name__.endswith("kernels.update")
+    assert_triton_engine_runs()

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
-from conftest import (assert_bfloat16_tracks_reference, assert_models_match,
-                      assert_raises_like_reference, assert_reports_match, make_batches, make_model, run_both,
-                      run_under_interpreter, skip_under_interpreter)
+from conftest import (assert_bfloat16_tracks_reference, assert_raises_like_reference, assert_triton_engine_runs,
+                      check_parity, make_batches, make_model, only_under_interpreter, run_under_interpreter,
+                      skip_under_interpreter)
 from yolozu.tta.config import TTTConfig
 
 import yolozu_ttt
@@ -20,12 +19,6 @@ def sar(**kw) -> TTTConfig:
     return TTTConfig(**base)
 
 
-def check(model, batches, cfg):
-    """Run both backends; the reports and the models must match. Returns (ref report, fast report, fast model)."""
-    ref_model, ref, fast_model, fast = run_both(model, batches, cfg)
-    assert_reports_match(ref, fast)
-    assert_models_match(ref_model, fast_model)
-    return ref, fast, fast_model
 
 
 def between(lo: float, hi: float) -> float:
@@ -51,7 +44,7 @@ def blank_frames():
 def free_run(**cfg):
     """The reference's report without guards (checked against the fast backend once)."""
     model, batches = blank_frames()
-    return check(model, batches, sar(**cfg))[0]
+    return check_parity(model, batches, sar(**cfg))[0]
 
 
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
@@ -59,7 +52,7 @@ def free_run(**cfg):
 def test_sar_filters_match_reference(update_filter, train_mode):
     model = make_model()
     model.train(train_mode)
-    _, fast, _ = check(model, make_batches(), sar(update_filter=update_filter))
+    _, fast, _ = check_parity(model, make_batches(), sar(update_filter=update_filter))
     assert fast.steps_run == fast.optimizer_steps == 3
     assert fast.forward_calls == fast.backward_calls == 6
     for e in fast.step_metrics:
@@ -85,7 +78,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("kw", list(OPTIONS.values()), ids=list(OPTIONS))
 def test_sar_options_match_reference(kw):
-    _, fast, _ = check(make_model(), make_batches(3), sar(**kw))
+    _, fast, _ = check_parity(make_model(), make_batches(3), sar(**kw))
     applied = max(0.0, fast.step_metrics[0]["sar_rho"]) * max(0.0, fast.step_metrics[0]["sar_first_step_scale"])
     for e in fast.step_metrics:
         assert e["sar_rho_applied"] == applied
@@ -109,7 +102,7 @@ def test_guard_stops_mid_run(guard, rollback):
         limit, k = first_rise([e["loss"] - steps[0]["loss"] for e in steps])
     else:
         limit, k = first_rise([e["loss"] / steps[0]["loss"] for e in steps])
-    _, fast, _ = check(model, batches, sar(**cfg, **{guard: limit}, rollback_on_stop=rollback))
+    _, fast, _ = check_parity(model, batches, sar(**cfg, **{guard: limit}, rollback_on_stop=rollback))
     assert fast.stop_reason == f"{guard}_exceeded" and fast.steps_run == k
     assert fast.step_metrics[-1]["rolled_back"] is rollback
 
@@ -117,11 +110,11 @@ def test_guard_stops_mid_run(guard, rollback):
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_rollback_restores_the_state_after_the_last_good_step_bit_exactly(train_mode):
     model, batches = make_model().train(train_mode), make_batches()
-    _, free, _ = check(model, batches, sar(steps=4, sar_adaptive=True))
+    _, free, _ = check_parity(model, batches, sar(steps=4, sar_adaptive=True))
     limit, k = first_rise([e["total_update_norm"] for e in free.step_metrics])
-    _, fast, fast_model = check(model, batches, sar(steps=4, sar_adaptive=True, max_total_update_norm=limit))
+    _, fast, fast_model = check_parity(model, batches, sar(steps=4, sar_adaptive=True, max_total_update_norm=limit))
     assert fast.steps_run == k
-    _, _, good = check(model, batches, sar(steps=k, sar_adaptive=True))
+    _, _, good = check_parity(model, batches, sar(steps=k, sar_adaptive=True))
     for (name, a), b in zip(good.state_dict().items(), fast_model.state_dict().values()):
         assert torch.equal(a, b), name  # params and BN buffers
 
@@ -131,10 +124,10 @@ def test_nan_batch_stops_with_non_finite_metrics_and_rolls_back_bit_exactly(max_
     """A NaN first-pass gradient: the reference still takes the (NaN) ascent step and reports rho applied."""
     model, batches = make_model(), make_batches(2)
     batches[1] = torch.full_like(batches[1], float("nan"))
-    _, fast, fast_model = check(model, batches, sar(steps=3, max_grad_norm=max_grad_norm))
+    _, fast, fast_model = check_parity(model, batches, sar(steps=3, max_grad_norm=max_grad_norm))
     assert fast.stop_reason == "non_finite_metrics" and fast.steps_run == 1
     assert fast.step_metrics[-1]["sar_rho_applied"] == fast.step_metrics[-1]["sar_rho"]
-    _, _, one_step = check(model, batches[:1], sar(steps=1, max_batches=1, max_grad_norm=max_grad_norm))
+    _, _, one_step = check_parity(model, batches[:1], sar(steps=1, max_batches=1, max_grad_norm=max_grad_norm))
     for (name, a), b in zip(one_step.state_dict().items(), fast_model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -142,7 +135,7 @@ def test_nan_batch_stops_with_non_finite_metrics_and_rolls_back_bit_exactly(max_
 def test_nan_batch_without_the_guard_poisons_like_the_reference():
     batches = make_batches(2)
     batches[1] = torch.full_like(batches[1], float("nan"))
-    _, fast, fast_model = check(make_model(), batches, sar(steps=3, stop_on_non_finite=False))
+    _, fast, fast_model = check_parity(make_model(), batches, sar(steps=3, stop_on_non_finite=False))
     assert fast.steps_run == 3 and torch.isnan(fast_model.gn.weight).all()
 
 
@@ -180,11 +173,6 @@ def test_sar_parity_through_the_triton_path():
     run_under_interpreter("-x", *[f"{__file__}::{name}" for name in TRITON_SUBSET])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the interpreter subprocess")
+@only_under_interpreter
 def test_triton_backend_is_the_one_running():
-    from yolozu_ttt.arena import ParamArena
-    from yolozu_ttt.engine import engine_module
-
-    model = make_model()
-    with ParamArena(model, [model.bn.weight]) as arena:
-        assert arena.groups[0].backend == "triton" and engine_module(arena).__name__.endswith("kernels.update")
+    assert_triton_engine_runs()

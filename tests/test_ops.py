@@ -9,20 +9,15 @@ Every test runs on three paths:
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import UNDER_INTERPRETER, run_under_interpreter, skip_under_interpreter
 
 from yolozu.tta.integration import _eata_sample_signals, _entropy_loss_from_logits
 from yolozu.tta.ttt_mim import apply_mask, generate_block_mask, reconstruction_loss
 from yolozu_ttt import ops
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not INTERPRET else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not UNDER_INTERPRETER else [])
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy noise in the interpreter
 
@@ -31,16 +26,9 @@ def _path_name(device: str) -> str:
     return "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch"
 
 
-def _ref_value_and_grad(fn, *inputs, dtype=None):
-    """Reference value and input gradients (optionally evaluated in ``dtype``)."""
-    leaves = [x.detach().to(dtype or x.dtype).requires_grad_(True) for x in inputs]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, allow_unused=True)
-    return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-
-
-def _ours_value_and_grad(fn, *inputs):
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+def _value_and_grad(fn, *inputs, dtype=None):
+    """``fn``'s value and input gradients on fresh leaves (optionally evaluated in ``dtype``)."""
+    leaves = [x.detach().to(dtype or x.dtype, copy=True).requires_grad_(True) for x in inputs]
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, allow_unused=True)
     return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
@@ -62,8 +50,8 @@ ENTROPY_SHAPES = [(3, 7, 1000), (5, 4097), (2, 3, 5, 81), (6, 2), (2, 65537), (4
 def test_entropy_loss_matches_reference(shape, device):
     gen = torch.Generator().manual_seed(sum(shape))
     z = (torch.randn(shape, generator=gen) * 3.0).to(device)
-    ref, (ref_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
-    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    ref, (ref_grad,) = _value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    ours, (grad,) = _value_and_grad(ops.entropy_loss, z)
     assert ours.shape == () and ours.dtype == z.dtype
     assert grad.shape == z.shape and grad.dtype == z.dtype
     _close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -97,8 +85,8 @@ def test_entropy_loss_saturated_and_neg_inf(device):
     z[4, 10:20] = 80.0  # ties at saturation
     z[5] = 0.0  # uniform: H = log C
     z = z.to(device)
-    ref, (ref_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
-    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    ref, (ref_grad,) = _value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    ours, (grad,) = _value_and_grad(ops.entropy_loss, z)
     assert torch.isfinite(ours) and torch.isfinite(grad).all()
     _close(ours, ref, rtol=1e-5, atol=1e-6)
     _close(grad, ref_grad, rtol=1e-4, atol=1e-7)
@@ -115,9 +103,9 @@ def test_entropy_loss_low_precision(shape, dtype, device):
     """
     gen = torch.Generator().manual_seed(7)
     z = (torch.randn(shape, generator=gen) * 3.0).to(dtype).to(device)
-    exact, (exact_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
-    low, (low_grad,) = _ref_value_and_grad(_entropy_loss_from_logits, z)
-    ours, (grad,) = _ours_value_and_grad(ops.entropy_loss, z)
+    exact, (exact_grad,) = _value_and_grad(_entropy_loss_from_logits, z, dtype=torch.float64)
+    low, (low_grad,) = _value_and_grad(_entropy_loss_from_logits, z)
+    ours, (grad,) = _value_and_grad(ops.entropy_loss, z)
     assert ours.dtype == dtype and grad.dtype == dtype
     eps = torch.finfo(dtype).eps
     ref_err = (low.double() - exact).abs().item()
@@ -191,30 +179,36 @@ def _case_id(case):
     return f"{'x'.join(map(str, shape))}-p{ps}-g{'x'.join(map(str, grid))}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0], ids=["empty", "half", "full"])
-@pytest.mark.parametrize("case", MIM_CASES, ids=_case_id)
-def test_apply_patch_mask_matches_reference(case, prob, device):
+def over_mim_cases(test):
+    """Parametrize ``test(case, prob, device)`` over every MIM case, mask density and device."""
+    test = pytest.mark.parametrize("case", MIM_CASES, ids=_case_id)(test)
+    test = pytest.mark.parametrize("prob", [0.0, 0.5, 1.0], ids=["empty", "half", "full"])(test)
+    return pytest.mark.parametrize("device", DEVICES)(test)
+
+
+def _mim_case(case, prob, seed, device):
+    """(input shape, patch size, the patch grid on ``device``, its full-resolution mask)."""
     shape, ps, gshape = case
-    grid = _grid(gshape, prob, 11).to(device)
-    full = ops.expand_patch_mask(grid, shape[-2], shape[-1], ps)
+    grid = _grid(gshape, prob, seed).to(device)
+    return shape, ps, grid, ops.expand_patch_mask(grid, shape[-2], shape[-1], ps)
+
+
+@over_mim_cases
+def test_apply_patch_mask_matches_reference(case, prob, device):
+    shape, ps, grid, full = _mim_case(case, prob, 11, device)
     x = torch.randn(shape).to(device)
     w = torch.randn(shape).to(device)  # random upstream gradient
-    ref, (ref_grad,) = _ref_value_and_grad(lambda t: (apply_mask(t, full, mask_value=-0.25) * w).sum(), x)
+    ref, (ref_grad,) = _value_and_grad(lambda t: (apply_mask(t, full, mask_value=-0.25) * w).sum(), x)
     ours_out = ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=-0.25)
     assert torch.equal(ours_out, apply_mask(x, full, mask_value=-0.25))
-    ours, (grad,) = _ours_value_and_grad(lambda t: (ops.apply_patch_mask(t, grid, patch_size=ps, mask_value=-0.25) * w).sum(), x)
+    ours, (grad,) = _value_and_grad(lambda t: (ops.apply_patch_mask(t, grid, patch_size=ps, mask_value=-0.25) * w).sum(), x)
     _close(ours, ref)
     assert torch.equal(grad, ref_grad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0], ids=["empty", "half", "full"])
-@pytest.mark.parametrize("case", MIM_CASES, ids=_case_id)
+@over_mim_cases
 def test_masked_reconstruction_loss_matches_reference(case, prob, device):
-    shape, ps, gshape = case
-    grid = _grid(gshape, prob, 5).to(device)
-    full = ops.expand_patch_mask(grid, shape[-2], shape[-1], ps)
+    shape, ps, grid, full = _mim_case(case, prob, 5, device)
     pred = torch.randn(shape).to(device)
     target = torch.randn(shape).to(device)
 
@@ -224,8 +218,8 @@ def test_masked_reconstruction_loss_matches_reference(case, prob, device):
     def our_fn(p, t):
         return ops.masked_reconstruction_loss(p, t, grid, patch_size=ps)
 
-    ref, ref_grads = _ref_value_and_grad(ref_fn, pred, target, dtype=torch.float64)
-    ours, grads = _ours_value_and_grad(our_fn, pred, target)
+    ref, ref_grads = _value_and_grad(ref_fn, pred, target, dtype=torch.float64)
+    ours, grads = _value_and_grad(our_fn, pred, target)
     assert ours.shape == () and ours.dtype == pred.dtype
     _close(ours, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -249,8 +243,8 @@ def test_mim_pipeline_gradients(device):
     def our_fn(t):
         return ops.masked_reconstruction_loss(ops.apply_patch_mask(t, grid, patch_size=ps) * scale + t, t.flip(-1), grid, patch_size=ps)
 
-    ref, (ref_grad,) = _ref_value_and_grad(ref_fn, x, dtype=torch.float64)
-    ours, (grad,) = _ours_value_and_grad(our_fn, x)
+    ref, (ref_grad,) = _value_and_grad(ref_fn, x, dtype=torch.float64)
+    ours, (grad,) = _value_and_grad(our_fn, x)
     _close(ours, ref, rtol=1e-5, atol=1e-6)
     _close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
@@ -263,9 +257,9 @@ def test_masked_reconstruction_loss_low_precision(dtype, device):
     full = ops.expand_patch_mask(grid, 37, 50, ps)
     pred = torch.randn(shape).to(dtype).to(device)
     target = torch.randn(shape).to(dtype).to(device)
-    exact, exact_grads = _ref_value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target, dtype=torch.float64)
-    low, low_grads = _ref_value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target)
-    ours, grads = _ours_value_and_grad(lambda p, t: ops.masked_reconstruction_loss(p, t, grid, patch_size=ps), pred, target)
+    exact, exact_grads = _value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target, dtype=torch.float64)
+    low, low_grads = _value_and_grad(lambda p, t: reconstruction_loss(p, t, mask=full), pred, target)
+    ours, grads = _value_and_grad(lambda p, t: ops.masked_reconstruction_loss(p, t, grid, patch_size=ps), pred, target)
     assert ours.dtype == dtype
     eps = torch.finfo(dtype).eps
     assert (ours.double() - exact).abs() <= 2.0 * (low.double() - exact).abs() + eps * exact.abs()
@@ -325,7 +319,7 @@ def test_opcheck(index, device):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.skipif(INTERPRET, reason="tracing is path-independent; run once outside the interpreter")
+@pytest.mark.skipif(UNDER_INTERPRETER, reason="tracing is path-independent; run once outside the interpreter")
 def test_torch_compile_fullgraph():
     grid = _grid((3, 4), 0.5, 1)
 
@@ -351,27 +345,16 @@ def test_torch_compile_fullgraph():
 # The Triton path under the interpreter (subprocess: TRITON_INTERPRET must precede import)
 # =======================================================================================
 
-@pytest.mark.skipif(INTERPRET, reason="already running under the interpreter")
+@skip_under_interpreter
 def test_triton_interpreter():
     """Re-run this whole file with TRITON_INTERPRET=1: every test above on the Triton kernels."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__).resolve()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(here), "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-rN"],
-        cwd=str(here.parent.parent),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, "Triton interpreter run failed:\n" + proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout
+    run_under_interpreter(__file__, "-x")
 
 
 def test_dispatch_rule():
     cpu = torch.empty(0)
-    assert ops.use_triton(cpu) is (INTERPRET and ops._HAVE_TRITON)
+    assert ops.use_triton(cpu) is (UNDER_INTERPRETER and ops._HAVE_TRITON)
     if torch.cuda.is_available():
         assert ops.use_triton(cpu.cuda())
-    assert _path_name("cpu") == ("triton" if INTERPRET else "torch")
+    assert _path_name("cpu") == ("triton" if UNDER_INTERPRETER else "torch")

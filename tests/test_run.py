@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
 from conftest import (ListAdapter, assert_bfloat16_tracks_reference, assert_models_match,
                       assert_reports_match, make_batches, make_model, run_both, run_under_interpreter,
                       skip_under_interpreter)
+from conftest import UNDER_INTERPRETER
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 
@@ -281,6 +284,71 @@ def test_float64_models_run_the_reference_unchanged():
     assert_models_match(ref_model, fast_model, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["tent", "eata", "sar", "cotta"])
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+def test_non_finite_norms_are_the_references(method, update_filter):
+    """NaN stays NaN: with lr=inf the update holds inf*0 (NaN) or overflows (inf); each step's
+    update and total-update norms are non-finite exactly as the reference's are."""
+    cfg = TTTConfig(enabled=True, method=method, steps=2, lr=float("inf"), update_filter=update_filter,
+                    stop_on_non_finite=False, rollback_on_stop=False)
+    _, ref, _, fast = run_both(make_model(), make_batches(), cfg)
+    got = [(m["update_norm"], m["total_update_norm"]) for m in fast.step_metrics]
+    want = [(m["update_norm"], m["total_update_norm"]) for m in ref.step_metrics]
+    assert any(not math.isfinite(v) for pair in want for v in pair)  # the case the check is about
+    assert [[repr(v) for v in pair] for pair in got] == [[repr(v) for v in pair] for pair in want]
+
+
+@pytest.fixture
+def fresh_fallback_warnings(monkeypatch):
+    """The once-per-process record of fallback warnings, empty for this test."""
+    monkeypatch.setattr(yolozu_ttt.run, "_WARNED", set())
+
+
+def _fallback_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, yolozu_ttt.run.ReferenceFallbackWarning)]
+
+
+@pytest.mark.parametrize("case", ["float64", "no_extension", "no_method_module"])
+def test_a_fallback_to_the_reference_warns_once_per_reason_and_is_recorded(case, monkeypatch, fresh_fallback_warnings):
+    """No silent fallback: the reference runs (same report as YOLOZU's), a ReferenceFallbackWarning
+    says why once per process and reason, and last_engine() names the engine that ran."""
+    from yolozu_ttt import _native
+
+    model, batches, config = make_model(), make_batches(), tent()
+    if case == "float64":
+        model, batches, reason = model.double(), [b.double() for b in batches], "dtype float64"
+    elif case == "no_extension":  # a plain `pip install .` run from the checkout's root
+        monkeypatch.setattr(_native, "_C", None)
+        monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: no _C here")
+        reason = "yolozu_ttt._C did not load (ImportError: no _C here)"
+    else:
+        methods = {k: v for k, v in yolozu_ttt.run._accelerated().items() if k != "tent"}
+        monkeypatch.setattr(yolozu_ttt.run, "_accelerated", lambda: methods)
+        reason = "method 'tent' has no fused implementation"
+    for call in range(2):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")  # what repeats or not is ours to decide, not the filter's
+            ref_model, ref, fast_model, fast = run_both(copy.deepcopy(model), batches, config)
+        messages = _fallback_warnings(record)
+        if call == 0:
+            assert len(messages) == 1 and reason in messages[0] and "reference" in messages[0], messages
+        else:
+            assert messages == []  # once per process and reason
+        ran = yolozu_ttt.run.last_engine()
+        assert ran["engine"] == "reference" and reason in ran["reason"], ran
+        assert_reports_match(ref, fast, rtol=0, atol=0)
+        assert_models_match(ref_model, fast_model, rtol=0, atol=0)
+
+
+def test_the_engine_runs_without_a_fallback_warning(fresh_fallback_warnings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", yolozu_ttt.run.ReferenceFallbackWarning)
+        yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=tent())
+        assert yolozu_ttt.run.last_engine() == {"engine": "fast", "backend": "triton" if UNDER_INTERPRETER else "cpp"}
+        yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=tent(enabled=False))
+        assert yolozu_ttt.run.last_engine() == {"engine": "reference", "reason": None}  # disabled: nothing to adapt
+
+
 def test_engine_backend_follows_the_dispatch_rule():
     from yolozu_ttt import ops
     from yolozu_ttt.arena import ParamArena
@@ -296,6 +364,7 @@ def test_tent_parity_through_the_triton_path():
     """The GPU code path (Triton entropy + update kernels) end to end, in the interpreter on CPU."""
     run_under_interpreter(__file__, "-k",
                           "filters_match_reference or options_match_reference or nan_batch or total_update_guard "
+                          "or non_finite_norms "
            "or engine_backend")
 
 
@@ -347,7 +416,7 @@ def test_session_reuses_buffers_and_matches_fresh_runs(update_filter):
 
 # ---- CUDA: the Triton engine on a GPU model (skipped without CUDA) -------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or UNDER_INTERPRETER,
                                 reason="needs CUDA")
 
 CUDA_CONFIGS = {

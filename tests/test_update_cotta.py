@@ -1,14 +1,19 @@
 """CoTTA in the C++ fused step: teacher EMA against YOLOZU's ``_ema_update``, counter-based restore."""
 from __future__ import annotations
 
+import functools
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import engine_stats, expected_restore_mask
 from yolozu.tta import integration as ref
 
 import yolozu_ttt._C as C
+from yolozu_ttt.common import STAT_KEYS
+
+# _C.fused_step with a fresh float64 ``out``, returning its scalars by name.
+fused_step = functools.partial(engine_stats, C.fused_step, keys=STAT_KEYS)
 
 SIZES = [7, 1, 1000, 33]
 
@@ -36,23 +41,6 @@ class Arena:
         return [buf[o:o + n] for o, n in zip(self.offsets, self.sizes)]
 
 
-def fmix32(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
-def expected_mask(n: int, prob: float, seed: int, counter: int, group: int = 0) -> torch.Tensor:
-    """The documented draw: element j restores where (fmix32(j ^ key) >> 8) * 2^-24 < prob."""
-    key = np.uint32(C.restore_key(seed, counter, group))
-    with np.errstate(over="ignore"):
-        h = fmix32(np.arange(n, dtype=np.uint64).astype(np.uint32) ^ key)
-    u = (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-    return torch.from_numpy(u < np.float32(prob))
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
 
@@ -64,7 +52,7 @@ def test_ema_matches_reference_without_update(momentum):
     student = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in a.views(a.flat)])
     teacher = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in a.views(a.teacher)])
     p0 = a.flat.clone()
-    C.fused_step([a.group], 1e-2, write_snapshot=False, ema_momentum=momentum)
+    fused_step([a.group], 1e-2, write_snapshot=False, ema_momentum=momentum)
     ref._ema_update(teacher, student, momentum=momentum)
     assert torch.equal(a.flat, p0)
     for mine, theirs in zip(a.views(a.teacher), teacher):
@@ -85,7 +73,7 @@ def test_ema_follows_the_updated_params(dtype):
     a = Arena(SIZES, dtype, has_grad=b"\x01\x00\x01\x01")
     t0 = a.teacher.clone()
     for step in range(3):
-        C.fused_step([a.group], 3e-2, max_grad_norm=0.5, ema_momentum=0.8)
+        fused_step([a.group], 3e-2, max_grad_norm=0.5, ema_momentum=0.8)
         expected = (t0.float() * 0.8 + 0.2 * a.flat.float()).to(dtype)  # fp32 math, rounded once
         if dtype == torch.float32:
             student = torch.nn.ParameterList([torch.nn.Parameter(a.flat.clone())])
@@ -105,7 +93,7 @@ def test_teacher_per_segment_equals_a_flat_teacher(dtype):
     split.group.set_teacher(pieces)
     for step in range(3):
         kw = dict(ema_momentum=0.9, restore_prob=0.2, restore_seed=1, restore_counter=step)
-        assert C.fused_step([split.group], 1e-2, **kw) == C.fused_step([flat.group], 1e-2, **kw)
+        assert fused_step([split.group], 1e-2, **kw) == fused_step([flat.group], 1e-2, **kw)
         assert torch.equal(torch.cat(pieces), flat.teacher) and torch.equal(split.flat, flat.flat)
     assert not torch.equal(split.teacher, flat.teacher)  # the flat buffer was unbound
 
@@ -114,7 +102,7 @@ def test_ema_needs_a_teacher_and_teacher_must_match():
     a = Arena(SIZES)
     a.group.set_teacher(None)
     with pytest.raises(ValueError, match="teacher"):
-        C.fused_step([a.group], 1e-2, ema_momentum=0.9)
+        fused_step([a.group], 1e-2, ema_momentum=0.9)
     with pytest.raises(ValueError, match="teacher has"):
         a.group.set_teacher(torch.zeros(a.flat.numel() + 1))
     with pytest.raises(TypeError, match="teacher dtype differs from param"):
@@ -122,7 +110,7 @@ def test_ema_needs_a_teacher_and_teacher_must_match():
     with pytest.raises(ValueError, match="teacher has 1 tensors"):
         a.group.set_teacher([torch.zeros(a.flat.numel())])
     with pytest.raises(ValueError, match="restore_prob"):
-        C.fused_step([a.group], 1e-2, restore_prob=-0.1)
+        fused_step([a.group], 1e-2, restore_prob=-0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -134,9 +122,9 @@ def test_restore_pattern_values_and_norms(dtype, prob):
     a = Arena(SIZES, dtype, has_grad=flags)
     free = Arena(SIZES, dtype, has_grad=flags)  # the same step without restore
     pre = a.flat.clone()
-    stats = C.fused_step([a.group], 1e-2, ema_momentum=0.9, restore_prob=prob, restore_seed=11, restore_counter=4)
-    C.fused_step([free.group], 1e-2, ema_momentum=0.9)
-    mask = expected_mask(a.flat.numel(), prob, 11, 4)
+    stats = fused_step([a.group], 1e-2, ema_momentum=0.9, restore_prob=prob, restore_seed=11, restore_counter=4)
+    fused_step([free.group], 1e-2, ema_momentum=0.9)
+    mask = expected_restore_mask(a.flat.numel(), prob, 11, 4)
     assert stats["restored"] == int(mask.sum()) > 0
     assert torch.equal(bits(a.flat[mask]), bits(a.base[mask]))
     assert torch.equal(bits(a.flat[~mask]), bits(free.flat[~mask]))
@@ -157,7 +145,7 @@ def test_restore_is_deterministic_and_keyed():
         a = Arena([n], seed=3)
         if threads is not None:
             C.set_num_threads(threads)
-        stats = C.fused_step([a.group], 1e-2, ema_momentum=0.99, restore_prob=0.3, restore_seed=seed,
+        stats = fused_step([a.group], 1e-2, ema_momentum=0.99, restore_prob=0.3, restore_seed=seed,
                              restore_counter=counter)
         return stats, a.flat.clone(), a.teacher.clone()
 
@@ -168,7 +156,7 @@ def test_restore_is_deterministic_and_keyed():
     finally:
         C.set_num_threads(threads)
     assert s1 == s2 and torch.equal(bits(p1), bits(p2)) and torch.equal(bits(t1), bits(t2))
-    patterns = [expected_mask(n, 0.3, s, c, g) for s, c, g in [(7, 2, 0), (8, 2, 0), (7, 3, 0), (7, 2, 1)]]
+    patterns = [expected_restore_mask(n, 0.3, s, c, g) for s, c, g in [(7, 2, 0), (8, 2, 0), (7, 3, 0), (7, 2, 1)]]
     for other in patterns[1:]:
         assert not torch.equal(patterns[0], other)
     assert len({C.restore_key(7, c, 0) for c in range(1000)}) == 1000
@@ -178,8 +166,8 @@ def test_restore_is_deterministic_and_keyed():
 def test_each_group_draws_its_own_pattern():
     """Two groups in one step: group i uses restore_key(seed, counter, i)."""
     a, b = Arena([3000], seed=1), Arena([2000], torch.bfloat16, seed=2)
-    stats = C.fused_step([a.group, b.group], 1e-2, restore_prob=0.3, restore_seed=5, restore_counter=9)
-    ma, mb = expected_mask(3000, 0.3, 5, 9, 0), expected_mask(2000, 0.3, 5, 9, 1)
+    stats = fused_step([a.group, b.group], 1e-2, restore_prob=0.3, restore_seed=5, restore_counter=9)
+    ma, mb = expected_restore_mask(3000, 0.3, 5, 9, 0), expected_restore_mask(2000, 0.3, 5, 9, 1)
     assert stats["restored"] == int(ma.sum()) + int(mb.sum())
     assert torch.equal(bits(a.flat[ma]), bits(a.base[ma])) and torch.equal(bits(b.flat[mb]), bits(b.base[mb]))
     assert not torch.equal(ma[:2000], mb)
@@ -191,7 +179,7 @@ def test_restored_fraction_is_binomial(prob):
     n = 200_003
     a = Arena([n // 2, n - n // 2], seed=4)
     for counter in range(3):
-        stats = C.fused_step([a.group], 1e-3, restore_prob=prob, restore_seed=123, restore_counter=counter)
+        stats = fused_step([a.group], 1e-3, restore_prob=prob, restore_seed=123, restore_counter=counter)
         sigma = math.sqrt(prob * (1.0 - prob) / n)
         assert abs(stats["restored"] / n - prob) < 5 * sigma, (counter, stats["restored"] / n)
 
@@ -200,7 +188,7 @@ def test_restored_fraction_is_binomial(prob):
 def test_prob_one_restores_everything(prob):
     a = Arena(SIZES, has_grad=b"\x01\x00\x01\x01")
     pre = a.flat.clone()
-    stats = C.fused_step([a.group], 1e-2, ema_momentum=0.5, restore_prob=prob, restore_seed=1)
+    stats = fused_step([a.group], 1e-2, ema_momentum=0.5, restore_prob=prob, restore_seed=1)
     assert stats["restored"] == a.flat.numel()
     assert torch.equal(bits(a.flat), bits(a.base))
     assert stats["total_update_norm"] == 0.0
@@ -209,7 +197,7 @@ def test_prob_one_restores_everything(prob):
 
 def test_prob_zero_restores_nothing():
     a, free = Arena(SIZES), Arena(SIZES)
-    stats = C.fused_step([a.group], 1e-2, ema_momentum=0.9, restore_prob=0.0, restore_seed=1)
-    C.fused_step([free.group], 1e-2, ema_momentum=0.9)
+    stats = fused_step([a.group], 1e-2, ema_momentum=0.9, restore_prob=0.0, restore_seed=1)
+    fused_step([free.group], 1e-2, ema_momentum=0.9)
     assert stats["restored"] == 0.0
     assert torch.equal(bits(a.flat), bits(free.flat)) and torch.equal(bits(a.teacher), bits(free.teacher))

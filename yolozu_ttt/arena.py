@@ -5,50 +5,193 @@ buffer, and its ``.grad`` to a view of the flat grad buffer, so autograd accumul
 the update engine sees one contiguous array per group. ``backward`` differentiates with respect to
 the selected parameters only, so no weight gradient of any other parameter is computed (freezing
 them instead would change the forward: matmul stops folding batch dimensions into one mm when a
-weight does not require grad, which costs more than the backward saves). While the values live in
-the arena, the original storages hold the run's starting values: the C++ engine reads them as its
-base snapshot (one pointer per segment, so no copy is made); for the Triton engine, originals
-nobody else shares are emptied and a flat base copy is made instead. ``with arena:`` (or
-``close()``) copies the values back into the originals (grown back where emptied) and rebinds
-them, on every exit path.
+weight does not require grad, which costs more than the backward saves).
+
+What a group holds is split by lifetime:
+
+- :class:`GroupBuffers` may outlive a run: the flat values, grads, Adam moments, the has-grad
+  flags and the backend's group object. ``reuse_buffers`` keeps them for the next run of the same
+  layout (``--ttt-reset sample`` adapts the same model over and over).
+- :class:`GroupBinding` binds one run: the parameters, their original storages and the grad hooks.
+  While the values live in the arena, the originals hold the run's starting values: the C++
+  engine reads them as its base snapshot (one pointer per segment, no copy); for the Triton
+  engine, originals nobody else shares are emptied and a flat base copy is made instead.
+  ``with arena:`` (or ``close()``) copies the values back into the originals (grown back where
+  emptied) and rebinds them, on every exit path.
+- :class:`Snapshot`: the pre-step values for a rollback, in the grad buffer or a buffer of its own.
+
+Methods use the arena's operations (``zero_grad``, ``backward``, the snapshot, ``scale_grads`` ...),
+never its fields; only ``UpdateEngine`` reaches the backend objects (``backend_groups``).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch._utils import _unflatten_dense_tensors
 
-from . import _native
+from .common import SUPPORTED_DTYPES
 from .ops import use_triton
-
 
 _BUFFER_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("yolozu_ttt_buffer_cache", default=None)
 
 
-@dataclass
-class ArenaGroup:
-    """The flat buffers of one (device, dtype) group and the tensors packed into them."""
+def backend_module(backend: str) -> Any:
+    """The module with the fused functions of a backend: ``yolozu_ttt._C`` ("cpp") or Triton's."""
+    if backend == "cpp":
+        from . import _native
 
-    params: list[torch.nn.Parameter]
-    originals: list[torch.Tensor]
+        return _native.require_native()
+    from .kernels import update
+
+    return update
+
+
+@dataclass
+class GroupBuffers:
+    """The buffers of one (device, dtype) group that may serve several runs of one layout."""
+
+    backend: str  # "cpp" or "triton"
     offsets: list[int]
     sizes: list[int]
     flat: torch.Tensor
-    grad: torch.Tensor | None  # None only while being built and after close
-    exp_avg: torch.Tensor | list[torch.Tensor] | None  # flat (Triton) or one per segment (C++)
-    exp_avg_sq: torch.Tensor | list[torch.Tensor] | None
-    base: torch.Tensor | list[torch.Tensor] | None  # flat (Triton) or the originals, one per segment (C++)
-    snap: torch.Tensor | list[torch.Tensor] | None  # the grad buffer, flat, or one per segment (C++)
-    has_grad: bytearray
-    backend: str = "cpp"
+    grad: torch.Tensor
+    exp_avg: torch.Tensor | list[torch.Tensor]  # flat (Triton) or one per segment (C++)
+    exp_avg_sq: torch.Tensor | list[torch.Tensor]
+    base: torch.Tensor | None  # Triton's flat base copy; the C++ base is the run's originals
+    has_grad: bytearray  # one flag per segment, set by autograd hooks, read by the engine
     engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup
+
+    @classmethod
+    def allocate(cls, flat: torch.Tensor, sizes: list[int], backend: str) -> "GroupBuffers":
+        """Grads and Adam moments for ``flat``: float32 moments, flat and zeroed for Triton; for the
+        C++ engine one uninitialised tensor per segment (it zeroes a segment's moments at its first
+        step): small allocations come from memory the C library recycles, where one flat 39 MB
+        buffer would be a fresh mapping every run, ~15 ms of page faults at first touch here."""
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        grad = torch.zeros_like(flat)
+        if backend == "triton":
+            moments = [torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device) for _ in range(2)]
+            base = flat.clone()
+        else:
+            moments = [[torch.empty(n, dtype=torch.float32, device=flat.device) for n in sizes] for _ in range(2)]
+            base = None
+        return cls(backend=backend, offsets=offsets, sizes=sizes, flat=flat, grad=grad, exp_avg=moments[0],
+                   exp_avg_sq=moments[1], base=base, has_grad=bytearray(len(sizes)))
+
+    def bind_engine(self, originals: list[torch.Tensor]) -> None:
+        """Build the backend's group object, or reset a reused one to a fresh run (Adam state)."""
+        base = self.base if self.backend == "triton" else originals
+        if self.engine is None:
+            cls = backend_module(self.backend)
+            cls = cls.TritonArenaGroup if self.backend == "triton" else cls.ArenaGroup
+            self.engine = cls(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, base, None, self.offsets,
+                              self.sizes, self.has_grad)
+        else:
+            if self.backend == "triton":
+                self.base.copy_(self.flat)
+            else:
+                self.engine.set_base(base)
+            self.engine.reset_state()  # Adam moments and step counts
+
+    def unbind_run(self) -> None:
+        """Drop the run's tensors from the engine (a cached engine must not keep the originals alive)."""
+        self.engine.set_snapshot(None)
+        self.engine.set_teacher(None)
+        if self.backend == "cpp":
+            self.engine.set_base(self.flat)
+
+
+@dataclass
+class GroupBinding:
+    """One run's parameters bound to one group's buffers."""
+
+    buffers: GroupBuffers
+    params: list[torch.nn.Parameter]
+    originals: list[torch.Tensor]
+    base: list[torch.Tensor] | None = None  # C++: the originals, contiguous (the engine's base)
     hooks: list[Any] = field(default_factory=list)
     released: list[tuple[torch.UntypedStorage, int]] = field(default_factory=list)  # (storage, nbytes)
+    snap: Any = None  # the pre-step snapshot buffer bound to the engine (see Snapshot)
+
+    # read-only views of the buffers, for inspection
+    flat = property(lambda self: self.buffers.flat)
+    grad = property(lambda self: self.buffers.grad)
+    offsets = property(lambda self: self.buffers.offsets)
+    sizes = property(lambda self: self.buffers.sizes)
+    backend = property(lambda self: self.buffers.backend)
+    has_grad = property(lambda self: self.buffers.has_grad)
+    engine = property(lambda self: self.buffers.engine)
+    exp_avg = property(lambda self: self.buffers.exp_avg)
+
+    def segments(self) -> list[torch.Tensor]:
+        """The flat values as one view per parameter."""
+        return list(self.buffers.flat.split(self.buffers.sizes))
+
+    def set_snap(self, snap: Any) -> None:
+        self.snap = snap
+        self.buffers.engine.set_snapshot(snap)
+
+
+class Snapshot:
+    """The pre-step parameter values a rollback restores, bit-exactly.
+
+    It exists only from the step that writes it to that step's stop decision, so the forward and
+    backward passes (the run's memory peak) never hold it. Two places:
+
+    - ``in_grad``: the group's grad buffer itself (the fused step reads each grad before writing the
+      snapshot over it): nothing to allocate and fault in per step; ends at the next ``zero_grad``.
+    - a buffer of its own (the default), for a snapshot that must outlive the next backward (SAR's
+      ascent backup): one tensor per segment on the C++ engine (memory the C library recycles),
+      one flat buffer for Triton. With ``keep`` it stays for the whole run (SAR's passes hold it
+      anyway), so no step pays to allocate it again.
+    """
+
+    def __init__(self, groups: list[GroupBinding]):
+        self.groups = groups
+        self.keep = False
+
+    def hold(self, *, in_grad: bool = False) -> None:
+        """Bind a snapshot buffer to every group that has none."""
+        for g in self.groups:
+            if g.snap is None:
+                if in_grad:
+                    g.set_snap(g.buffers.grad)
+                elif g.backend == "cpp":
+                    g.set_snap([torch.empty(n, dtype=g.flat.dtype) for n in g.sizes])
+                else:
+                    g.set_snap(torch.empty_like(g.flat))
+
+    def drop(self, *, only_in_grad: bool = False) -> None:
+        """Unbind the snapshot: one in a grad buffer always, one of its own unless ``keep`` (or
+        ``only_in_grad``)."""
+        for g in self.groups:
+            in_grad = g.snap is g.buffers.grad
+            if g.snap is not None and (in_grad or not (self.keep or only_in_grad)):
+                g.set_snap(None)
+
+    def save(self) -> None:
+        """Copy the parameters into the held buffers."""
+        self._copy(to_params=False)
+
+    def restore(self) -> None:
+        """Copy the held values back into the parameters."""
+        self._copy(to_params=True)
+
+    def _copy(self, *, to_params: bool) -> None:
+        with torch.no_grad():
+            for g in self.groups:
+                if g.snap is None:
+                    raise RuntimeError("yolozu_ttt: rollback needs a snapshot: no step wrote one")
+                values = g.segments() if isinstance(g.snap, list) else [g.flat]
+                saved = g.snap if isinstance(g.snap, list) else [g.snap]
+                dst, src = (values, saved) if to_params else (saved, values)
+                torch._foreach_copy_(dst, src)
 
 
 def _unique(params: Iterable[torch.Tensor]) -> list[torch.nn.Parameter]:
@@ -68,12 +211,9 @@ class ParamArena:
     def __init__(self, model: torch.nn.Module, params: Iterable[torch.Tensor]):
         self.model = model
         self.params = _unique(params)
-        self.groups: list[ArenaGroup] = []
+        self.groups: list[GroupBinding] = []
+        self.snapshot = Snapshot(self.groups)
         self._closed = False
-        # Hold a snapshot buffer of its own for the whole run: for methods whose passes hold it
-        # anyway (SAR's backup lives through its second pass, the peak), so no step pays to
-        # allocate it again. A snapshot in the grad buffer still ends with its step.
-        self.keep_snapshot = False
         try:
             by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
             for p in self.params:
@@ -87,73 +227,49 @@ class ParamArena:
     # ---- construction ---------------------------------------------------------------------
     def _pack(self, ps: list[torch.nn.Parameter]) -> None:
         """Copy ``ps`` into one flat buffer and rebind each ``.data``/``.grad`` to views of it."""
-        if ps[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"yolozu_ttt: unsupported parameter dtype {ps[0].dtype} (float32, bfloat16, float16)")
+        if ps[0].dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise TypeError(f"yolozu_ttt: unsupported parameter dtype {ps[0].dtype} ({names})")
         sizes = [int(p.numel()) for p in ps]
-        offsets = [0]
-        for n in sizes[:-1]:
-            offsets.append(offsets[-1] + n)
         key = (str(ps[0].device), ps[0].dtype, tuple(sizes))
         cache = _BUFFER_CACHE.get()
-        reused = cache.get(key) if cache is not None else None
+        buffers = cache.get(key) if cache is not None else None
         backend = "triton" if use_triton(ps[0]) else "cpp"
         with torch.no_grad():
-            if reused is None:
+            if buffers is None:
                 # the values first: on CUDA the originals are emptied before the other buffers
                 # exist, so the peak during construction holds each selected parameter once
                 flat = torch.cat([p.detach().reshape(-1) for p in ps])
-                group = ArenaGroup(
-                    params=ps, originals=[p.data for p in ps], offsets=offsets, sizes=sizes, flat=flat,
-                    grad=None, exp_avg=None, exp_avg_sq=None, base=None, snap=None,
-                    has_grad=bytearray(len(ps)), backend=backend,
-                )
             else:  # same layout as an earlier run in this session: refill its buffers
-                group = dataclasses.replace(reused, params=ps, originals=[p.data for p in ps], hooks=[], released=[])
-                torch.cat([p.detach().reshape(-1) for p in ps], out=group.flat)
-            self.groups.append(group)  # registered before rebinding so close() can undo it
-            for p, view in zip(ps, _unflatten_dense_tensors(group.flat, ps)):
+                flat = torch.cat([p.detach().reshape(-1) for p in ps], out=buffers.flat)
+            binding = GroupBinding(buffers=buffers, params=ps, originals=[p.data for p in ps])  # type: ignore[arg-type]
+            self.groups.append(binding)  # registered before rebinding so close() can undo it
+            for p, view in zip(ps, _unflatten_dense_tensors(flat, ps)):
                 p.data = view
             if backend == "cpp":
                 # The originals themselves are the C++ engine's base snapshot (one pointer per
                 # segment): no copy of them now and nothing to grow back in close().
-                group.base = [o.contiguous() for o in group.originals]
+                binding.base = [o.contiguous() for o in binding.originals]
             else:
-                group.released = _release_unshared(group.originals)
-            if reused is None:
-                flat = group.flat
-                group.grad = torch.zeros_like(flat)
-                group.exp_avg, group.exp_avg_sq = _moments(flat, sizes, backend)
-                if backend == "triton":
-                    group.base = flat.clone()
+                binding.released = _release_unshared(binding.originals)
+            if buffers is None:
+                buffers = binding.buffers = GroupBuffers.allocate(flat, sizes, backend)
             else:
-                group.grad.zero_()
-                if backend == "triton":
-                    group.base.copy_(group.flat)
-                else:
-                    group.engine.set_base(group.base)
-                group.engine.reset_state()  # Adam moments and step counts
-            for p, view in zip(ps, _unflatten_dense_tensors(group.grad, ps)):
+                buffers.grad.zero_()
+            buffers.bind_engine(binding.base)
+            for p, view in zip(ps, _unflatten_dense_tensors(buffers.grad, ps)):
                 p.grad = view
-        flags = group.has_grad
         for i, p in enumerate(ps):
-            group.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(flags, i)))
-        if reused is not None:
-            return
-        engine_cls = (_triton_group() if group.backend == "triton" else _native.require_native().ArenaGroup)
-        group.engine = engine_cls(group.flat, group.grad, group.exp_avg, group.exp_avg_sq, group.base, None,
-                                  offsets, sizes, flags)
+            binding.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(buffers.has_grad, i)))
         if cache is not None:
-            cache[key] = dataclasses.replace(group, params=[], originals=[], hooks=[], released=[],
-                                             base=group.base if backend == "triton" else None)
+            cache[key] = buffers
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Zero the flat grad buffers and the has-grad flags (never set_to_none); a snapshot kept in
         a grad buffer ends here."""
+        self.snapshot.drop(only_in_grad=True)
         for g in self.groups:
-            if g.snap is g.grad:
-                g.engine.set_snapshot(None)
-                g.snap = None
             g.grad.zero_()
             g.has_grad[:] = bytes(len(g.has_grad))
 
@@ -165,54 +281,77 @@ class ParamArena:
         """Whether backward reached any selected parameter."""
         return any(any(g.has_grad) for g in self.groups)
 
-    def hold_snapshot(self, *, in_grad: bool = False) -> None:
-        """Give each group a pre-step snapshot buffer (bound to its engine) until ``drop_snapshot``.
-
-        The snapshot lives only from the step that writes it to the step's stop decision, so
-        the forward and backward passes (the run's memory peak) never hold it. With ``in_grad``
-        it is the group's grad buffer itself (the fused step reads each grad before writing the
-        snapshot over it): no buffer to allocate and fault in per step. A snapshot that must
-        outlive the next backward (SAR's ascent backup) needs its own buffer (the default): for
-        the C++ engine one tensor per segment, from memory the C library recycles.
-        """
+    def mark_all_grads(self) -> None:
+        """Treat every selected parameter as having a grad (e.g. a loss term that reaches them all)."""
         for g in self.groups:
-            if g.snap is None:
-                if in_grad:
-                    g.snap = g.grad
-                elif g.backend == "cpp":
-                    g.snap = [torch.empty(n, dtype=g.flat.dtype) for n in g.sizes]
-                else:
-                    g.snap = torch.empty_like(g.flat)
-                g.engine.set_snapshot(g.snap)
+            g.has_grad[:] = b"\x01" * len(g.has_grad)
+
+    def scale_grads(self, coef: torch.Tensor) -> None:
+        """Multiply every grad by the scalar tensor ``coef`` (on any device)."""
+        with torch.no_grad():
+            for g in self.groups:
+                g.grad.mul_(coef.to(g.grad.device))
+
+    def fill_updated(self, value: float) -> None:
+        """Set every parameter that has a grad to ``value``."""
+        with torch.no_grad():
+            for g in self.groups:
+                for flag, segment in zip(g.has_grad, g.segments()):
+                    if flag:
+                        segment.fill_(value)
+
+    def hold_snapshot(self, *, in_grad: bool = False) -> None:
+        """See :meth:`Snapshot.hold`."""
+        self.snapshot.hold(in_grad=in_grad)
+
+    def keep_own_snapshot(self) -> None:
+        """From now on, a snapshot buffer of its own stays bound for the rest of the run (for a
+        method whose passes hold one anyway, e.g. SAR's backup); one in the grad buffer still ends
+        with its step."""
+        self.snapshot.keep = True
 
     def save_snapshot(self) -> None:
         """Copy the parameters into the held snapshot buffers."""
-        self._copy_snapshot(to_params=False)
-
-    def drop_snapshot(self) -> None:
-        """Unbind the snapshot buffers (freeing any of their own), unless ``keep_snapshot`` is set."""
-        for g in self.groups:
-            if g.snap is not None and (g.snap is g.grad or not self.keep_snapshot):
-                g.engine.set_snapshot(None)
-                g.snap = None
+        self.snapshot.save()
 
     def restore_snapshot(self) -> None:
         """Roll the parameters back to the pre-step snapshot, bit-exactly."""
-        self._copy_snapshot(to_params=True)
+        self.snapshot.restore()
 
-    def _copy_snapshot(self, *, to_params: bool) -> None:
+    def drop_snapshot(self) -> None:
+        """End the step's snapshot (one of its own stays while ``snapshot.keep``)."""
+        self.snapshot.drop()
+
+    def value_copies(self) -> tuple[list[Any], dict[int, torch.Tensor]]:
+        """Copies of the current values: per group the buffer a backend binds (one tensor per
+        segment for C++, one flat tensor for Triton), and each parameter's copy by ``id``."""
+        bound, by_param = [], {}
         with torch.no_grad():
             for g in self.groups:
-                if g.snap is None:
-                    raise RuntimeError("yolozu_ttt: rollback needs a snapshot: no step wrote one")
-                if isinstance(g.snap, list):
-                    segments = list(g.flat.split(g.sizes))
-                    dst, src = (segments, g.snap) if to_params else (g.snap, segments)
-                    torch._foreach_copy_(dst, src)
-                elif to_params:
-                    g.flat.copy_(g.snap)
+                if g.backend == "cpp":
+                    views = buffer = [p.detach().clone() for p in g.params]
                 else:
-                    g.snap.copy_(g.flat)
+                    buffer = g.flat.clone()
+                    views = _unflatten_dense_tensors(buffer, g.params)
+                bound.append(buffer)
+                by_param.update({id(p): v for p, v in zip(g.params, views)})
+        return bound, by_param
+
+    def backend_groups(self) -> list[Any]:
+        """The backend's group objects, for ``UpdateEngine`` only."""
+        return [g.engine for g in self.groups]
+
+    @property
+    def backend(self) -> str:
+        """The one backend all groups run on ("cpp" or "triton")."""
+        backends = {g.backend for g in self.groups}
+        if len(backends) != 1:
+            raise RuntimeError(f"yolozu_ttt: parameters span several engines {sorted(backends)}")
+        return backends.pop()
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].flat.device
 
     @property
     def numel(self) -> int:
@@ -230,12 +369,10 @@ class ParamArena:
                     h.remove()
                 for p in g.params:
                     p.grad = None
+                if g.buffers is not None and g.buffers.engine is not None:
+                    g.buffers.unbind_run()
                 # drop the work buffers before the originals grow back (a session's cache keeps its own)
-                if g.engine is not None:
-                    g.engine.set_snapshot(None)
-                    if g.backend == "cpp":  # a cached engine must not keep the originals alive
-                        g.engine.set_base(g.flat)
-                g.engine = g.grad = g.exp_avg = g.exp_avg_sq = g.base = g.snap = None
+                g.buffers = g.snap = g.base = None  # type: ignore[assignment]
                 for storage, nbytes in g.released:
                     storage.resize_(nbytes)
                 moved = [(p, orig) for p, orig in zip(g.params, g.originals) if p.data.data_ptr() != orig.data_ptr()]
@@ -243,24 +380,13 @@ class ParamArena:
                     torch._foreach_copy_([orig for _, orig in moved], [p.data for p, _ in moved])
                 for p, orig in moved:
                     p.data = orig
-        self.groups = []
+        self.groups.clear()
 
     def __enter__(self) -> "ParamArena":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _moments(flat: torch.Tensor, sizes: list[int], backend: str) -> tuple[Any, Any]:
-    """Adam's float32 moments: flat and zeroed for Triton; for the C++ engine one uninitialised
-    tensor per segment (it zeroes a segment's moments at its first step). Small allocations come
-    from memory the C library recycles; one flat 39 MB buffer would be a fresh mapping every run,
-    ~15 ms of page faults at first touch here."""
-    if backend == "triton":
-        return (torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device),
-                torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device))
-    return tuple([torch.empty(n, dtype=torch.float32, device=flat.device) for n in sizes] for _ in range(2))
 
 
 def _release_unshared(originals: list[torch.Tensor]) -> list[tuple[torch.UntypedStorage, int]]:
@@ -284,17 +410,10 @@ def _release_unshared(originals: list[torch.Tensor]) -> list[tuple[torch.Untyped
     return released
 
 
-def _triton_group():
-    """The Triton engine's group class (imported only when a group needs it)."""
-    from .kernels import update as triton_update
-
-    return triton_update.TritonArenaGroup
-
-
 @contextlib.contextmanager
 def reuse_buffers(cache: dict) -> Iterator[None]:
-    """Within the block, an arena with the layout of an earlier one in ``cache`` reuses its flat
-    buffers and engine (refilled from the parameters, fresh Adam state) instead of allocating.
+    """Within the block, an arena with the layout of an earlier one in ``cache`` reuses its
+    :class:`GroupBuffers` (refilled from the parameters, fresh Adam state) instead of allocating.
 
     For callers that adapt the same model over and over, e.g. ``--ttt-reset sample``.
     """

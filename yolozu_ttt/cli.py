@@ -156,12 +156,16 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
 # export-predictions: fast backend
 # --------------------------------------------------------------------------------------
 def engine_summary(method: str | None = None) -> dict[str, Any]:
-    """``build_info()`` as recorded next to ``"backend": "fast"``."""
+    """``build_info()`` as recorded next to ``"backend": "fast"``, and the engine that actually ran
+    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``): ``"engine": "fast"`` with the update
+    ``"backend"`` (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
     from . import build_info
+    from .run import last_engine
 
     info = dict(build_info())
     if method is not None:
         info["method"] = str(method)
+    info.update(last_engine() or {})
     return info
 
 
@@ -221,6 +225,7 @@ class FastBackend:
         return run_ttt(adapter, records, config=config)
 
     def engine(self, method: str | None) -> dict[str, Any]:
+        """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
             self._engine = engine_summary(method)
         return dict(self._engine)

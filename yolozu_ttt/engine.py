@@ -1,7 +1,10 @@
-"""The fused update over a ParamArena: one call per step, one host read of its scalars.
+"""UpdateEngine: the fused update over a ParamArena, and the only caller of the backends.
 
-CPU groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
-``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``.
+One signature over two implementations, like ``torch.optim.adam``'s single/foreach/fused: CPU
+groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
+``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``. Both write their scalars into a
+float64 buffer on the arena's device in the layouts of ``yolozu_ttt.common``; the engine reads
+it back once per step (with the caller's extra scalars) and returns a :class:`StepStats`.
 """
 from __future__ import annotations
 
@@ -9,20 +12,23 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _native
-from .arena import ParamArena
+from .arena import ParamArena, backend_module
+from .common import GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats
 
-STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
-             "restored")
+GRAD_NORM, ANCHOR_VALUE = (GRAD_STAT_KEYS.index(k) for k in ("grad_norm", "anchor_loss"))
+DIRECTION_NORM, APPLIED = (SAR_STAT_KEYS.index(k) for k in ("direction_norm", "applied"))
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
 
-def engine_module(arena: ParamArena) -> Any:
-    """The module with the fused functions of the arena's backend: ``yolozu_ttt._C`` or Triton's."""
-    if arena.groups[0].backend == "cpp":
-        return _native.require_native()
-    from .kernels import update
-
-    return update
+def read(*values: Any) -> list[float]:
+    """Scalars (device tensors of any shape, or Python numbers) as floats, in one host read."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    flat = torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float64) if torch.is_tensor(v)
+                      else torch.tensor([float(v)], dtype=torch.float64, device=device) for v in values])
+    return flat.tolist()
 
 
 class UpdateEngine:
@@ -35,29 +41,64 @@ class UpdateEngine:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
-        backends = {g.backend for g in arena.groups}
-        if len(backends) != 1:
-            raise RuntimeError(f"yolozu_ttt: parameters span several engines {sorted(backends)}")
-        self.backend = backends.pop()
+        self.backend = arena.backend
+        self._impl = backend_module(self.backend)
+        self._groups = arena.backend_groups()
+        self._stats = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self.total_update_norm = 0.0  # of the last applied step
 
-    def _engines(self) -> list:
-        return [g.engine for g in self.arena.groups]
+    def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
+             ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
+             restore_counter: int = 0) -> tuple[StepStats, list[float]]:
+        """Apply one update (with CoTTA's teacher EMA and restore when asked); return its stats and
+        the values of ``extra`` (one host read).
 
-    def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True,
-             extra: Sequence[torch.Tensor] = (), ema_momentum: float | None = None, restore_prob: float = 0.0,
-             restore_seed: int = 0, restore_counter: int = 0) -> tuple[dict[str, float], list[float]]:
-        """Apply one update (with CoTTA's teacher EMA and restore when asked); return its scalars and
-        the values of ``extra`` (one host read)."""
-        kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                      max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
-                      write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum,
-                      restore_prob=float(restore_prob), restore_seed=int(restore_seed),
-                      restore_counter=int(restore_counter))
-        if write_snapshot:  # a snapshot already held (SAR's backup) is used as it is
+        ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
+        the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
+        """
+        if write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        fused = engine_module(self.arena).fused_step(self._engines(), **kwargs)
-        if self.backend == "cpp":
-            return fused, [float(t.detach()) for t in extra]
-        out = fused
-        values = torch.cat([out.float().reshape(-1)] + [t.detach().float().reshape(1).to(out.device) for t in extra]).tolist()
-        return dict(zip(STAT_KEYS, values[: len(STAT_KEYS)])), values[len(STAT_KEYS):]
+        self._impl.fused_step(
+            self._groups, self._stats, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+            max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
+            write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
+            restore_seed=int(restore_seed), restore_counter=int(restore_counter))
+        values = read(self._stats, *extra)
+        stats = StepStats(*values[: len(STAT_KEYS)])
+        self.total_update_norm = stats.total_update_norm
+        return stats, values[len(STAT_KEYS):]
+
+    def idle_stats(self) -> StepStats:
+        """The stats of a step that applies nothing (zero norms, the running total update norm)."""
+        return StepStats(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0,
+                         total_update_norm=self.total_update_norm, anchor_loss=0.0, clip_coef=1.0, restored=0.0)
+
+    def anchor_value(self) -> torch.Tensor:
+        """``sum_i mean((theta_i - theta_i^0)^2)`` as a device scalar, without changing anything."""
+        self._impl.grad_stats(self._groups, self._grad_stats, 0.0, anchor_value=True)
+        return self._grad_stats[ANCHOR_VALUE]
+
+    def clip_grads(self, max_grad_norm: float | None) -> torch.Tensor:
+        """The pre-clip grad norm (a device scalar); with ``max_grad_norm``, the grads are clipped in
+        place like ``torch.nn.utils.clip_grad_norm_`` (its fp32 coefficient expression)."""
+        self._impl.grad_stats(self._groups, self._grad_stats, 0.0)
+        norm = self._grad_stats[GRAD_NORM]
+        if max_grad_norm is not None:
+            coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
+            if coef.device.type != "cpu" or float(coef) != 1.0:  # on the CPU, skip a no-op pass
+                self.arena.scale_grads(coef)
+        return norm
+
+    def sar_perturb(self, rho: float, adaptive: bool, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
+        """SAR's ascent step from the current grads, into the arena's held snapshot (its backup):
+        returns (grad_norm, direction norm, applied) read in one host read."""
+        self._impl.sar_perturb(self._groups, self._sar_stats, float(rho), bool(adaptive))
+        grad, direction, applied = read(grad_norm, self._sar_stats)
+        return grad, direction, bool(applied)
+
+    def bind_teacher(self, buffers: Sequence[Any] | None) -> None:
+        """Bind CoTTA's teacher buffers (``ParamArena.value_copies``), one per group, or unbind (None)."""
+        for i, g in enumerate(self._groups):
+            g.set_teacher(None if buffers is None else buffers[i])

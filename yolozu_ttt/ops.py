@@ -20,10 +20,11 @@ the Triton kernels in Triton's interpreter (so the GPU code path can be tested a
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from .common import INTERPRET
 
 __all__ = [
     "apply_patch_mask",
@@ -34,10 +35,9 @@ __all__ = [
     "use_triton",
 ]
 
-#: log(1e-12): the reference clamps p at 1e-12 inside the log.
+#: log(1e-12): the reference clamps p at 1e-12 inside the log (both paths' backward).
 _LOG_EPS = math.log(1e-12)
 _FLT_MAX = float(torch.finfo(torch.float32).max)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:  # Triton is optional (absent off Linux); only needed for CUDA / the interpreter.
     import triton  # noqa: F401
@@ -58,7 +58,7 @@ def use_triton(tensor: Tensor) -> bool:
         return False
     if tensor.device.type == "cuda":
         return True
-    return _INTERPRET and tensor.device.type == "cpu"
+    return INTERPRET and tensor.device.type == "cpu"
 
 
 def _kernels_entropy():
@@ -120,16 +120,22 @@ def _n_rows(logits: Tensor):
     return 0 if c <= 1 else logits.numel() // c
 
 
+def _entropy_rows(logits: Tensor, want_conf: bool = False):
+    """Per-row ``(lse, H, conf)`` in fp32 for ``C >= 2``: the Triton kernels or the torch path
+    (``conf`` may be None unless ``want_conf``)."""
+    if use_triton(logits):
+        return _kernels_entropy().entropy_forward(logits, want_conf=want_conf)
+    return _torch_entropy_rows(logits)
+
+
 def _entropy_loss_fwd_impl(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, lse, H)``: loss 0-d in ``logits.dtype``; ``lse``, ``H`` fp32 ``(N,)`` (N = 0 if C <= 1)."""
     if logits.ndim == 0:
         raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
-    if use_triton(logits):
-        return _kernels_entropy().entropy_loss_forward(logits)
-    if logits.shape[-1] <= 1:
+    if logits.shape[-1] <= 1:  # one class: H = 0 (the reference's value), zero gradient
         empty = logits.new_empty((0,), dtype=torch.float32)
         return logits.new_zeros(()), empty, empty.clone()
-    lse, h, _ = _torch_entropy_rows(logits)
+    lse, h, _ = _entropy_rows(logits)
     return h.mean().to(logits.dtype), lse, h
 
 
@@ -151,10 +157,10 @@ def _(logits: Tensor):
 
 def _entropy_loss_bwd_impl(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor) -> Tensor:
     """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1)."""
-    if use_triton(logits):
-        return _kernels_entropy().entropy_loss_backward(grad, logits, lse, h)
     if logits.shape[-1] <= 1:
         return torch.zeros_like(logits)
+    if use_triton(logits):
+        return _kernels_entropy().entropy_backward(grad, logits, lse, h, log_eps=_LOG_EPS)
     return _torch_entropy_backward(grad, logits, lse, h)
 
 
@@ -176,27 +182,30 @@ def _entropy_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, h)
 
 
-def _entropy_backward(ctx, grad_loss, grad_lse, grad_h):
+def _entropy_backward(ctx, grad_loss, *_):
+    """The loss's backward (the grads of ``lse`` and ``H``, when passed, are not used)."""
     logits, lse, h = ctx.saved_tensors
-    return torch.ops.yolozu_ttt.entropy_loss_bwd(grad_loss, logits, lse, h)
+    # traced (torch.compile, or AOT tracing on functional / fake tensors): record the backward op
+    if torch.compiler.is_compiling() or type(logits) is not Tensor:
+        return torch.ops.yolozu_ttt.entropy_loss_bwd(grad_loss, logits, lse, h)
+    return _entropy_loss_bwd_impl(grad_loss, logits, lse, h)
 
 
 _entropy_loss_fwd.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
 
 
 class _EagerEntropyLoss(torch.autograd.Function):
-    """The custom op's computation without the dispatcher layers (eager calls only)."""
+    """The custom op for eager calls, without the ``torch.library`` layers (~70 us per call): its
+    implementation, setup_context and backward, returning the loss only (an old-style Function
+    with one output: the cheapest autograd node torch has)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
-        loss, lse, h = _entropy_loss_fwd_impl(logits)
-        ctx.save_for_backward(logits, lse, h)
-        return loss
+        output = _entropy_loss_fwd_impl(logits)
+        _entropy_setup_context(ctx, (logits,), output)  # lse and H are no outputs here: marking them is a no-op
+        return output[0]
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> Tensor:
-        logits, lse, h = ctx.saved_tensors
-        return _entropy_loss_bwd_impl(grad_loss, logits, lse, h)
+    backward = staticmethod(_entropy_backward)
 
 
 def _stats_batch(logits: Tensor):
@@ -212,10 +221,7 @@ def _entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Ten
         return zeros, zeros.clone(), zeros.clone()
     if logits.ndim < 2:
         raise ValueError("entropy_stats: logits must be (B, C) or (B, ..., C)")
-    if use_triton(logits):
-        _, h, conf = _kernels_entropy().entropy_forward(logits, want_conf=True)
-    else:
-        _, h, conf = _torch_entropy_rows(logits)
+    _, h, conf = _entropy_rows(logits, want_conf=True)
     if logits.ndim == 2:
         return conf, h, torch.ones_like(conf)
     conf2 = conf.view(batch, -1)
@@ -230,7 +236,8 @@ def _(logits: Tensor, conf_min: float):
 
 
 # =======================================================================================
-# Patch masking / masked reconstruction: torch implementation
+# Patch masking / masked reconstruction: the checked grid (a *layout*, which the Triton
+# launchers take too), the exact mask count, the loss epilogue, the torch implementation
 # =======================================================================================
 
 def normalize_patch_mask(patch_mask: torch.Tensor, x_shape, patch_size: int):
@@ -282,9 +289,6 @@ def normalize_patch_mask(patch_mask: torch.Tensor, x_shape, patch_size: int):
     return grid4, stride_b, stride_c, (B, C, H, W)
 
 
-
-
-
 def expand_patch_mask(patch_mask: Tensor, height: int, width: int, patch_size: int) -> Tensor:
     """Full-resolution bool mask of a patch grid: ``(..., gh, gw) -> (..., height, width)``.
 
@@ -303,11 +307,44 @@ def expand_patch_mask(patch_mask: Tensor, height: int, width: int, patch_size: i
     return full[..., :height, :width]
 
 
-def _full_mask_like(patch_mask: Tensor, x: Tensor, patch_size: int) -> Tensor:
-    """Full-res mask broadcastable to ``x`` (``(Bm, Cm, H, W)``, or ``(Cm, H, W)`` for 3-D ``x``)."""
-    grid4, _, _, (_, _, h, w) = normalize_patch_mask(patch_mask, x.shape, patch_size)
+def _full_mask(layout, x: Tensor, patch_size: int) -> Tensor:
+    """Full-res mask of a checked grid, broadcastable to ``x`` (``(Bm, Cm, H, W)``, or ``(Cm, H, W)``
+    for 3-D ``x``)."""
+    grid4, _, _, (_, _, h, w) = layout
     full = expand_patch_mask(grid4.to(x.device), h, w, patch_size)
     return full[0] if x.ndim == 3 else full
+
+
+def _count(layout, patch_size: int) -> Tensor:
+    """Exact number of masked elements of a checked grid over its input (0-d int64, on the grid's device)."""
+    grid4, _, _, (B, C, H, W) = layout
+    ps = int(patch_size)
+    gh, gw = int(grid4.shape[-2]), int(grid4.shape[-1])
+    dev = grid4.device
+    # Rows/cols each cell covers after the crop: min(ps, H - i * ps).
+    rh = (H - torch.arange(gh, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
+    cw = (W - torch.arange(gw, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
+    per = (grid4.to(torch.int64) * (rh[:, None] * cw[None, :])).sum()
+    return per * ((B // int(grid4.shape[0])) * (C // int(grid4.shape[1])))
+
+
+def mask_count(patch_mask: torch.Tensor, x_shape, patch_size: int) -> torch.Tensor:
+    """Exact number of masked elements of the expanded mask over ``x_shape`` (0-d int64, on device)."""
+    return _count(normalize_patch_mask(patch_mask, x_shape, patch_size), patch_size)
+
+
+def _per_masked(value: Tensor, count: Tensor) -> Tensor:
+    """``value / count``, or 0 for an empty mask (zero loss, zero gradient, like the reference)."""
+    return torch.where(count > 0, value / count.clamp(min=1).to(value.dtype), torch.zeros_like(value))
+
+
+def _masked_diff(pred: Tensor, target: Tensor, layout, patch_size: int) -> Tensor:
+    """``pred - target`` on masked elements (fp32 for fp16/bf16 inputs), 0 elsewhere."""
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        d = pred.to(torch.float32) - target.to(torch.float32)
+    else:
+        d = pred - target.to(pred.dtype)
+    return torch.where(_full_mask(layout, pred, patch_size), d, 0.0)
 
 
 # =======================================================================================
@@ -317,10 +354,10 @@ def _full_mask_like(patch_mask: Tensor, x: Tensor, patch_size: int) -> Tensor:
 @torch.library.custom_op("yolozu_ttt::apply_patch_mask", mutates_args=())
 def _apply_patch_mask(x: Tensor, patch_mask: Tensor, patch_size: int, mask_value: float) -> Tensor:
     """``x`` with every pixel of a masked patch set to ``mask_value``."""
+    layout = normalize_patch_mask(patch_mask, x.shape, patch_size)
     if use_triton(x):
-        return _kernels_mim().apply_patch_mask_forward(x, patch_mask, patch_size, mask_value)
-    full = _full_mask_like(patch_mask, x, patch_size)
-    return torch.where(full, torch.tensor(mask_value, dtype=x.dtype, device=x.device), x)
+        return _kernels_mim().apply_patch_mask_forward(x, layout, patch_size, mask_value)
+    return torch.where(_full_mask(layout, x, patch_size), torch.tensor(mask_value, dtype=x.dtype, device=x.device), x)
 
 
 @_apply_patch_mask.register_fake
@@ -344,39 +381,18 @@ def _apply_backward(ctx, grad):
 _apply_patch_mask.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 
 
-def mask_count(patch_mask: torch.Tensor, x_shape, patch_size: int) -> torch.Tensor:
-    """Exact number of masked elements of the expanded mask over ``x_shape`` (0-d int64, on device)."""
-    grid4, _, _, (B, C, H, W) = normalize_patch_mask(patch_mask, x_shape, patch_size)
-    ps = int(patch_size)
-    gh, gw = int(grid4.shape[-2]), int(grid4.shape[-1])
-    dev = grid4.device
-    # Rows/cols each cell covers after the crop: min(ps, H - i * ps).
-    rh = (H - torch.arange(gh, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
-    cw = (W - torch.arange(gw, device=dev, dtype=torch.int64) * ps).clamp(max=ps)
-    per = (grid4.to(torch.int64) * (rh[:, None] * cw[None, :])).sum()
-    return per * ((B // int(grid4.shape[0])) * (C // int(grid4.shape[1])))
-
-
-def _diff_fp32(pred: Tensor, target: Tensor) -> Tensor:
-    if pred.dtype in (torch.float16, torch.bfloat16):
-        return pred.to(torch.float32) - target.to(torch.float32)
-    return pred - target.to(pred.dtype)
-
-
 @torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss", mutates_args=())
 def _masked_recon(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
     """Mean of ``(pred - target)^2`` over masked elements (0-d, ``pred.dtype``; 0 if none)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    layout = normalize_patch_mask(patch_mask, pred.shape, patch_size)
     if use_triton(pred):
-        loss, _ = _kernels_mim().masked_sse_forward(pred, target, patch_mask, patch_size)
-        return loss
-    full = _full_mask_like(patch_mask, pred, patch_size)
-    d = torch.where(full, _diff_fp32(pred, target), 0.0).reshape(-1)
-    total = torch.dot(d, d)
-    count = mask_count(patch_mask, pred.shape, patch_size).to(pred.device)
-    loss = torch.where(count > 0, total / count.clamp(min=1).to(total.dtype), torch.zeros_like(total))
-    return loss.to(pred.dtype)
+        total = _kernels_mim().masked_sse_forward(pred, target, layout, patch_size)
+    else:
+        d = _masked_diff(pred, target, layout, patch_size).reshape(-1)
+        total = torch.dot(d, d)
+    return _per_masked(total, _count(layout, patch_size).to(pred.device)).to(pred.dtype)
 
 
 @_masked_recon.register_fake
@@ -388,13 +404,12 @@ def _(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int):
 @torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss_bwd", mutates_args=())
 def _masked_recon_bwd(grad: Tensor, pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
     """``d loss / d pred = where(mask, 2 g (pred - target) / n_mask, 0)`` (``d/d target`` is minus it)."""
+    layout = normalize_patch_mask(patch_mask, pred.shape, patch_size)
+    g = grad.reshape(()).to(device=pred.device, dtype=torch.float32)
+    scale = _per_masked(2.0 * g, _count(layout, patch_size).to(pred.device))  # 0-d fp32
     if use_triton(pred):
-        return _kernels_mim().masked_sse_backward(grad, pred, target, patch_mask, patch_size)
-    full = _full_mask_like(patch_mask, pred, patch_size)
-    count = mask_count(patch_mask, pred.shape, patch_size).to(pred.device)
-    g = grad.reshape(()).to(torch.float32)
-    scale = torch.where(count > 0, 2.0 * g / count.clamp(min=1).to(torch.float32), torch.zeros_like(g))
-    d = torch.where(full, _diff_fp32(pred, target), 0.0)
+        return _kernels_mim().masked_sse_backward(pred, target, layout, patch_size, scale)
+    d = _masked_diff(pred, target, layout, patch_size)
     return d.mul_(scale.to(d.dtype)).to(pred.dtype).contiguous()
 
 
@@ -430,9 +445,9 @@ def entropy_loss(logits: Tensor) -> Tensor:
     every leading element.  ``C <= 1`` gives 0 with a zero gradient.  fp32 accumulation for
     fp16/bf16 input.  Differentiable w.r.t. ``logits``.
 
-    Eager calls run the op's implementation through a plain ``autograd.Function`` (the
-    ``torch.library`` layers cost ~70 µs per call); under ``torch.compile`` the custom op
-    ``yolozu_ttt::entropy_loss_fwd`` is traced.
+    Eager calls run the custom op's implementation and autograd (``_EagerEntropyLoss``)
+    without the ``torch.library`` layers (~70 µs per call); under ``torch.compile`` the custom
+    op ``yolozu_ttt::entropy_loss_fwd`` is traced.
     """
     if torch.compiler.is_compiling():
         return torch.ops.yolozu_ttt.entropy_loss_fwd(logits)[0]

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import warnings
+from typing import Any
 
 import torch
 from yolozu.tta import integration as _ref
@@ -18,101 +19,34 @@ from yolozu.tta.config import SUPPORTED_TTT_METHODS, TTTConfig
 from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
 
-from . import _native, guards
+from . import _native
+from .arena import reuse_buffers
+from .common import SUPPORTED_DTYPES
+from .methods.loop import Method, RunContext, run_steps
 from .ops import use_triton
-from .arena import ParamArena, reuse_buffers
 
 # Captured at import: the fallback must reach YOLOZU's own implementation even where a caller has
 # pointed ``yolozu.tta.integration.run_ttt`` at this backend.
 reference_run_ttt = _ref.run_ttt
 
-NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+class ReferenceFallbackWarning(UserWarning):
+    """``yolozu_ttt.run_ttt`` ran YOLOZU's reference instead of the fused engine (once per process
+    and reason; filter it with ``warnings.filterwarnings("ignore", category=...)``)."""
 
 
-class BufferSnapshot:
-    """Normalisation running statistics, saved before each step and restored on rollback."""
-
-    def __init__(self, model: Any):
-        try:
-            named = list(model.named_buffers())
-        except Exception:
-            named = []
-        self.buffers = [b for n, b in named if b is not None and str(n).endswith(NORM_BUFFER_SUFFIXES)]
-        self.saved = [b.detach().clone() for b in self.buffers]
-
-    def save(self) -> None:
-        """Copy the live buffers into the snapshot (one fused foreach copy)."""
-        if self.buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self.saved, self.buffers)
-
-    def restore(self) -> None:
-        """Copy the snapshot back into the live buffers."""
-        if self.buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self.buffers, self.saved)
-
-
-@dataclass
-class RunContext:
-    """What a method's loop reads and writes; the report is built from it."""
-
-    model: Any
-    batches: list[Any]
-    config: TTTConfig
-    method: str
-    steps: int
-    generator: torch.Generator | None
-    warnings: list[str] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    mask_ratios: list[float] = field(default_factory=list)
-    step_metrics: list[dict[str, Any]] = field(default_factory=list)
-    updated_param_count: int | None = None
-    stopped_early: bool = False
-    stop_reason: str | None = None
-    forward_calls: int = 0
-    backward_calls: int = 0
-    optimizer_steps: int = 0
-    abstained_steps: int = 0
-    initial_loss: float | None = None
-
-    def finish_step(self, entry: dict[str, Any], loss: float, *, arena: ParamArena, buffers: BufferSnapshot | None,
-                    params_changed: bool = True, method_stop: str | None = None) -> bool:
-        """Apply the shared guard policy to a finished step; True when the run must stop.
-
-        ``method_stop`` is a stop the method itself decided (e.g. EATA's selected ratio); the
-        guards take precedence over it, as in the reference.
-        """
-        if self.initial_loss is None:
-            self.initial_loss = loss
-        reason, bad = guards.stop_reason(self.config, entry, loss, self.initial_loss)
-        reason = reason or method_stop
-        if reason is None:
-            self.losses.append(float(loss))
-            self.step_metrics.append(entry)
-            arena.drop_snapshot()
-            return False
-        self.stopped_early = True
-        self.stop_reason = reason
-        guards.mark_stop(entry, reason, bad, self.config, self.warnings)
-        if bool(self.config.rollback_on_stop):
-            if params_changed:
-                arena.restore_snapshot()
-            if buffers is not None:
-                buffers.restore()
-        arena.drop_snapshot()
-        self.step_metrics.append(entry)
-        return True
+_WARNED: set[str] = set()
+_LAST = threading.local()
 
 
 @functools.lru_cache(maxsize=None)
-def _accelerated() -> dict[str, Callable[[RunContext], None]]:
-    """Method name -> ``run(ctx)`` for every YOLOZU method with a module in ``yolozu_ttt.methods``."""
-    runners = {}
+def _accelerated() -> dict[str, type[Method]]:
+    """Method name -> its ``Method`` class, for every YOLOZU method with a module in ``yolozu_ttt.methods``."""
+    methods = {}
     for name in SUPPORTED_TTT_METHODS:
         if importlib.util.find_spec(f"{__package__}.methods.{name}") is not None:
-            runners[name] = importlib.import_module(f"{__package__}.methods.{name}").run
-    return runners
+            methods[name] = importlib.import_module(f"{__package__}.methods.{name}").METHOD
+    return methods
 
 
 def accelerated_methods() -> list[str]:
@@ -120,39 +54,63 @@ def accelerated_methods() -> list[str]:
     return list(_accelerated())
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def engine_problem(model: Any) -> str | None:
+    """Why the fused engine cannot hold ``model``'s trainable parameters, or None when it can."""
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+    except Exception as exc:
+        return f"the model's parameters cannot be listed ({type(exc).__name__})"
+    for p in params:
+        if p.dtype not in SUPPORTED_DTYPES:
+            return f"parameters of dtype {str(p.dtype).replace('torch.', '')} (the engine holds float32, bfloat16, float16)"
+        if p.device.type not in ("cpu", "cuda"):
+            return f"parameters on device {p.device.type!r} (the engine runs on cpu and cuda)"
+        if p.device.type == "cpu" and _native._C is None and not use_triton(p):
+            return f"the compiled extension yolozu_ttt._C did not load ({_native.LOAD_ERROR})"
+    return None
 
 
 def engine_supports(model: Any) -> bool:
     """Whether every trainable parameter has a dtype and device the fused engine handles."""
-    try:
-        params = [p for p in model.parameters() if p.requires_grad]
-    except Exception:
-        return False
-    for p in params:
-        if p.dtype not in SUPPORTED_DTYPES:
-            return False
-        if p.device.type == "cuda":
-            continue
-        if p.device.type != "cpu" or (_native._C is None and not use_triton(p)):
-            return False
-    return True
+    return engine_problem(model) is None
+
+
+def last_engine() -> dict[str, Any] | None:
+    """The engine the last ``run_ttt`` of this thread ran: ``{"engine": "fast", "backend": "cpp" |
+    "triton"}`` or ``{"engine": "reference", "reason": ...}``; None before any run."""
+    return getattr(_LAST, "engine", None)
+
+
+def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None) -> TTTReport:
+    """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot), say so once per
+    process and reason."""
+    _LAST.engine = {"engine": "reference", "reason": reason}
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"yolozu_ttt: running YOLOZU's reference run_ttt at reference speed: {reason}",
+                      ReferenceFallbackWarning, stacklevel=3)
+    return reference_run_ttt(adapter, records, config=config)
 
 
 def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -> TTTReport:
     """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``.
 
-    Disabled configs, methods not accelerated here and models the engine cannot hold (float64,
-    devices other than CPU/CUDA) run YOLOZU's reference unchanged.
+    Disabled configs run YOLOZU's reference unchanged. Methods not accelerated here and models the
+    engine cannot hold (float64, devices other than CPU/CUDA, a CPU model without the compiled
+    extension) run it too, with a :class:`ReferenceFallbackWarning` saying why.
     """
     method = str(config.method or "tent").lower()
-    runners = _accelerated()
-    if not config.enabled or method not in runners:
-        return reference_run_ttt(adapter, records, config=config)
+    methods = _accelerated()
+    if not config.enabled:
+        return _fallback(adapter, records, config, None)
+    if method not in methods:  # YOLOZU's own error for a method it does not know either
+        known = method in SUPPORTED_TTT_METHODS
+        return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known else None)
     if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
         candidate = adapter.get_model()
-        if candidate is not None and not engine_supports(candidate):
-            return reference_run_ttt(adapter, records, config=config)
+        problem = engine_problem(candidate) if candidate is not None else None
+        if problem is not None:
+            return _fallback(adapter, records, config, problem)
 
     if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
         raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
@@ -180,8 +138,9 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
     memory_start = _ref._memory_start(model)
     start = time.time()
     try:
-        runners[method](ctx)
+        run_steps(ctx, methods[method](ctx))
     finally:
+        _LAST.engine = {"engine": "fast", "backend": ctx.backend}
         if not was_training:
             try:
                 model.eval()

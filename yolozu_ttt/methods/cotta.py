@@ -15,44 +15,28 @@ import copy
 from typing import Any
 
 import torch
-from torch._utils import _unflatten_dense_tensors
 from yolozu.tta import integration as _ref
 
-from .. import guards
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from ..run import BufferSnapshot, RunContext
-from .eata import select_params
-from .sar import entropy
+from .loop import Method, StepOutcome, entropy
 
 SEED_BITS = 63
 
 
-def build_teacher(model: torch.nn.Module, arena: ParamArena) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+def build_teacher(model: torch.nn.Module, arena: ParamArena,
+                  engine: UpdateEngine) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """Eval-mode deep copy of ``model`` sharing its unselected parameters; the selected ones are
-    non-trainable copies bound as their arena group's teacher: one tensor each for the C++ engine
-    (small allocations the C library recycles), views of one flat buffer per group for Triton.
-    Returns the teacher and the tensors that hold its selected parameters."""
+    non-trainable copies bound to the engine as the teacher the fused EMA updates (one tensor each
+    on the C++ engine, views of one flat buffer per group for Triton). Returns the teacher and the
+    tensors that hold its selected parameters."""
+    buffers, copies = arena.value_copies()
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
-    held, bound = [], []
-    with torch.no_grad():
-        for g in arena.groups:
-            if g.backend == "cpp":
-                pieces = [p.detach().clone() for p in g.params]
-                views, buffer = pieces, pieces
-                held += pieces
-            else:
-                buffer = g.flat.clone()
-                views = _unflatten_dense_tensors(buffer, g.params)
-                held.append(buffer)
-            bound.append(buffer)
-            for p, view in zip(g.params, views):
-                memo[id(p)] = torch.nn.Parameter(view, requires_grad=False)
+    memo.update({key: torch.nn.Parameter(value, requires_grad=False) for key, value in copies.items()})
     teacher = copy.deepcopy(model, memo)
     teacher.eval()
-    for g, buffer in zip(arena.groups, bound):
-        g.engine.set_teacher(buffer)
-    return teacher, held
+    engine.bind_teacher(buffers)
+    return teacher, [t for b in buffers for t in (b if isinstance(b, list) else [b])]
 
 
 def restore_seed(config: Any) -> int:
@@ -67,63 +51,50 @@ def forward(model: Any, x: torch.Tensor, aug_set: tuple, aggregation: str) -> tu
     return _ref._forward_cotta_augs(model, x, augmentations=aug_set, aggregation=aggregation)
 
 
-def run(ctx: RunContext) -> None:
-    """CoTTA steps with YOLOZU's metrics, guards and rollback."""
-    config, model = ctx.config, ctx.model
-    params = select_params(ctx)
-    aug_set = tuple(config.cotta_augmentations or ("identity", "hflip"))
-    aggregation = str(config.cotta_aggregation)
-    restore_interval = max(1, int(config.cotta_restore_interval))
-    restore_prob = float(config.cotta_restore_prob)
-    ema_momentum = float(config.cotta_ema_momentum)
-    seed = restore_seed(config) if restore_prob > 0.0 else 0
-    snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params) as arena:
-        engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
-        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
-        teacher, _ = build_teacher(model, arena)
-        try:
-            for step_idx in range(ctx.steps):
-                x = ctx.batches[step_idx % len(ctx.batches)]
-                if not torch.is_tensor(x):
-                    raise RuntimeError("CoTTA requires tensor batches from adapter.build_loader()")
-                if buffers is not None:
-                    buffers.save()
-                arena.zero_grad()
-                student_logits, aug_meta = forward(model, x, aug_set, aggregation)
-                ctx.forward_calls += int(aug_meta.get("branches") or 0)
-                loss = entropy(student_logits)
-                arena.backward(loss)
-                ctx.backward_calls += 1
-                with torch.no_grad():
-                    teacher_logits, teacher_meta = forward(teacher, x, aug_set, aggregation)
-                    ctx.forward_calls += int(teacher_meta.get("branches") or 0)
-                    consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
-                restore = (step_idx + 1) % restore_interval == 0 and restore_prob > 0.0
-                stats, (loss_value, consistency_value) = engine.step(
-                    write_snapshot=snapshot, extra=(loss, consistency), ema_momentum=ema_momentum,
-                    restore_prob=restore_prob if restore else 0.0, restore_seed=seed, restore_counter=step_idx)
-                ctx.optimizer_steps += 1
-                # p >= 1 restores every element: the exact count even where a float32 stat would round it
-                restored = (arena.numel if restore_prob >= 1.0 else int(round(stats["restored"]))) if restore else 0
-                entry: dict[str, Any] = {
-                    "step": int(step_idx),
-                    "loss": float(loss_value),
-                    "grad_norm": float(stats["grad_norm"]),
-                    "grad_norm_clipped": float(stats["grad_norm"]) if config.max_grad_norm is not None else None,
-                    "update_norm": float(stats["update_norm"]),
-                    "total_update_norm": float(stats["total_update_norm"]),
-                    "rolled_back": False,
-                    "ema_momentum": ema_momentum,
-                    "restore_prob": restore_prob,
-                    "restore_interval": restore_interval,
-                    "restored_count": restored,
-                    "consistency_mse": float(consistency_value),
-                    "aug": aug_meta,
-                }
-                if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers):
-                    break
-        finally:
-            for g in arena.groups:
-                if g.engine is not None:
-                    g.engine.set_teacher(None)
+class CoTTA(Method):
+    """Entropy over augmented views with an EMA teacher and a stochastic restore to the start."""
+
+    name = "cotta"
+    batch_error = "CoTTA requires tensor batches from adapter.build_loader()"
+
+    def select(self) -> list[torch.Tensor]:
+        config = self.config
+        self.aug_set = tuple(config.cotta_augmentations or ("identity", "hflip"))
+        self.aggregation = str(config.cotta_aggregation)
+        self.restore_interval = max(1, int(config.cotta_restore_interval))
+        self.restore_prob = float(config.cotta_restore_prob)
+        self.ema_momentum = float(config.cotta_ema_momentum)
+        params = super().select()
+        self.seed = restore_seed(config) if self.restore_prob > 0.0 else 0
+        return params
+
+    def start(self, arena: ParamArena, engine: UpdateEngine) -> None:
+        self.teacher, _ = build_teacher(self.ctx.model, arena, engine)
+
+    def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
+        engine.bind_teacher(None)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        arena.zero_grad()
+        student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
+        loss = entropy(student_logits)
+        arena.backward(loss)
+        with torch.no_grad():
+            teacher_logits, teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
+            consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
+        restore = (step + 1) % self.restore_interval == 0 and self.restore_prob > 0.0
+        stats, (loss_value, consistency_value) = engine.step(
+            write_snapshot=write_snapshot, extra=(loss, consistency), ema_momentum=self.ema_momentum,
+            restore_prob=self.restore_prob if restore else 0.0, restore_seed=self.seed, restore_counter=step)
+        # p >= 1 restores every element: the exact count even where a float32 stat would round it
+        restored = (arena.numel if self.restore_prob >= 1.0 else int(round(stats.restored))) if restore else 0
+        forwards = int(aug_meta.get("branches") or 0) + int(teacher_meta.get("branches") or 0)
+        return StepOutcome(loss=loss_value, stats=stats, forwards=forwards, metrics={
+            "grad_norm_clipped": float(stats.grad_norm) if self.config.max_grad_norm is not None else None,
+            "ema_momentum": self.ema_momentum, "restore_prob": self.restore_prob,
+            "restore_interval": self.restore_interval, "restored_count": restored,
+            "consistency_mse": float(consistency_value), "aug": aug_meta,
+        })
+
+
+METHOD = CoTTA

@@ -10,27 +10,20 @@ from typing import Any
 
 import torch
 from yolozu.tta import integration as _ref
-from yolozu.tta.ttt_mim import select_parameters
 
-from .. import guards, ops
+from .. import ops
 from ..arena import ParamArena
-from ..engine import UpdateEngine, engine_module
-from ..run import BufferSnapshot, RunContext
+from ..engine import UpdateEngine
+from .loop import Method, StepOutcome
 
 RATIO_STOP = "eata_selected_ratio_below_min"
+SELECTION_KEYS = ("step", "selected_count", "batch_count", "selected_ratio", "mean_conf", "mean_entropy",
+                  "mean_valid_dets", "rolled_back", "skipped")
+NORM_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm")
+#: the reference's step entries: an update, and a step with nothing selected
+ENTRY_LAYOUT = SELECTION_KEYS + ("loss", "adapt_loss", "anchor_loss", "anchor_lambda") + NORM_KEYS
+SKIP_LAYOUT = SELECTION_KEYS + ("skip_reason", "skip_streak", "loss", "anchor_loss", "adapt_loss") + NORM_KEYS
 SKIP_STOP = "eata_max_skip_streak_exceeded"
-
-
-def select_params(ctx: RunContext) -> list[torch.Tensor]:
-    """The reference's parameter selection, checks and count (EATA and SAR)."""
-    config = ctx.config
-    params = select_parameters(ctx.model, update_filter=str(config.update_filter), include=config.include,
-                               exclude=config.exclude)
-    if not params:
-        raise RuntimeError("no parameters selected for TTT")
-    torch.optim.Adam(params, lr=float(config.lr))  # the reference's optimizer checks (e.g. lr < 0)
-    ctx.updated_param_count = _ref._count_unique_params(params)
-    return params
 
 
 def check_batch(x: Any) -> None:
@@ -70,91 +63,71 @@ def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: int, batch: int)
     return ops.entropy_loss(rows)
 
 
-def anchor_value(arena: ParamArena) -> Any:
-    """``sum_i mean((theta_i - theta_i^0)^2)`` without changing anything (a float, or a device tensor)."""
-    return engine_module(arena).grad_stats([g.engine for g in arena.groups], 0.0, anchor_value=True)[1]
+class EATA(Method):
+    """Entropy over the confident, non-redundant samples, anchored to the starting weights."""
+
+    name = "eata"
+
+    def select(self) -> list[torch.Tensor]:
+        self.lam = float(self.config.eata_anchor_lambda)
+        self.ratio_min = float(self.config.eata_selected_ratio_min)
+        self.streak = 0
+        return super().select()
+
+    def needs_snapshot(self) -> bool:
+        return super().needs_snapshot() or (bool(self.config.rollback_on_stop) and self.ratio_min > 0.0)
+
+    def check_batch(self, x: Any) -> None:
+        check_batch(x)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        config, lam = self.config, self.lam
+        logits = _ref._extract_logits(self.ctx.model(x))
+        if logits.ndim == 0:
+            raise RuntimeError("EATA logits must have batch dimension")
+        conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
+        mask = select_samples(config, conf, entropy, valid)
+        batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
+        count, mean_conf, mean_entropy, mean_valid = summary(mask, conf, entropy, valid)
+        count = int(count)
+        ratio = float(count) / float(max(1, batch))
+        metrics: dict[str, Any] = {
+            "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
+            "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid,
+        }
+        if count <= 0:
+            return self.skip(engine, metrics)
+        self.streak = 0
+        loss = adapt_loss(logits, mask, count, batch)
+        arena.zero_grad()
+        if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
+            arena.backward(loss)
+        arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
+        anchor = engine.anchor_value() if lam == 0.0 else None
+        extra = (loss,) if anchor is None else (loss, anchor)
+        stats, values = engine.step(anchor_lambda=lam, write_snapshot=write_snapshot, extra=extra)
+        adapt_value = values[0]
+        anchor_loss = values[1] if anchor is not None else stats.anchor_loss
+        loss_value = adapt_value + lam * anchor_loss
+        metrics.update({
+            "skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
+            "anchor_lambda": lam,
+            "grad_norm_clipped": float(stats.grad_norm) if config.max_grad_norm is not None else None,
+        })
+        return StepOutcome(loss=loss_value, stats=stats, metrics=metrics, layout=ENTRY_LAYOUT,
+                           method_stop=RATIO_STOP if ratio < self.ratio_min else None)
+
+    def skip(self, engine: UpdateEngine, metrics: dict[str, Any]) -> StepOutcome:
+        """A step with nothing selected: no backward, no update, no guard; a long streak stops."""
+        self.streak += 1
+        metrics.update({
+            "skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
+            "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None, "grad_norm_clipped": None,
+        })
+        self.ctx.warnings.append("eata_empty_selected_set")
+        stop = SKIP_STOP if self.streak > max(0, int(self.config.eata_max_skip_streak)) else None
+        return StepOutcome(loss=None, stats=engine.idle_stats(), metrics=metrics, backwards=0, optimizer_steps=0,
+                           skipped=True, skip_stop=stop, layout=SKIP_LAYOUT)
 
 
-def mark_all_grads(arena: ParamArena) -> None:
-    """Every selected parameter has a grad: the reference's anchor term reaches them all, even at lambda 0."""
-    for g in arena.groups:
-        g.has_grad[:] = b"\x01" * len(g.has_grad)
-
-
-def skip(ctx: RunContext, entry: dict[str, Any], streak: int, total_update_norm: float) -> bool:
-    """Record a step with nothing selected; True when the skip streak ends the run."""
-    entry.update({
-        "skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(streak), "loss": None,
-        "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None, "grad_norm_clipped": None,
-        "update_norm": 0.0, "total_update_norm": float(total_update_norm),
-    })
-    ctx.step_metrics.append(entry)
-    ctx.warnings.append("eata_empty_selected_set")
-    if streak <= max(0, int(ctx.config.eata_max_skip_streak)):
-        return False
-    ctx.stopped_early, ctx.stop_reason = True, SKIP_STOP
-    ctx.warnings.append(SKIP_STOP)
-    entry["stop_reason"] = SKIP_STOP
-    return True
-
-
-def run(ctx: RunContext) -> None:
-    """EATA steps with YOLOZU's selection, skips, anchor, metrics, guards and rollback."""
-    config, model = ctx.config, ctx.model
-    params = select_params(ctx)
-    lam = float(config.eata_anchor_lambda)
-    ratio_min = float(config.eata_selected_ratio_min)
-    snapshot = guards.needs_snapshot(config) or (bool(config.rollback_on_stop) and ratio_min > 0.0)
-    with ParamArena(model, params) as arena:
-        engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
-        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
-        total_update_norm, streak = 0.0, 0
-        for step_idx in range(ctx.steps):
-            x = ctx.batches[step_idx % len(ctx.batches)]
-            check_batch(x)
-            if buffers is not None:
-                buffers.save()
-            logits = _ref._extract_logits(model(x))
-            ctx.forward_calls += 1
-            if logits.ndim == 0:
-                raise RuntimeError("EATA logits must have batch dimension")
-            conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
-            mask = select_samples(config, conf, entropy, valid)
-            batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
-            count, mean_conf, mean_entropy, mean_valid = summary(mask, conf, entropy, valid)
-            count = int(count)
-            ratio = float(count) / float(max(1, batch))
-            entry: dict[str, Any] = {
-                "step": int(step_idx), "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
-                "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid,
-                "rolled_back": False,
-            }
-            if count <= 0:
-                streak += 1
-                if skip(ctx, entry, streak, total_update_norm):
-                    break
-                continue
-            streak = 0
-            loss = adapt_loss(logits, mask, count, batch)
-            arena.zero_grad()
-            if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
-                arena.backward(loss)
-            ctx.backward_calls += 1
-            mark_all_grads(arena)
-            anchor = anchor_value(arena) if lam == 0.0 else None
-            extra = (loss, anchor) if torch.is_tensor(anchor) else (loss,)
-            stats, values = engine.step(anchor_lambda=lam, write_snapshot=snapshot, extra=extra)
-            ctx.optimizer_steps += 1
-            total_update_norm = stats["total_update_norm"]
-            adapt_value = values[0]
-            anchor_loss = values[1] if len(values) > 1 else (stats["anchor_loss"] if anchor is None else anchor)
-            loss_value = adapt_value + lam * anchor_loss
-            entry.update({
-                "skipped": False, "loss": float(loss_value), "adapt_loss": float(adapt_value),
-                "anchor_loss": float(anchor_loss), "anchor_lambda": lam, "grad_norm": float(stats["grad_norm"]),
-                "grad_norm_clipped": float(stats["grad_norm"]) if config.max_grad_norm is not None else None,
-                "update_norm": float(stats["update_norm"]), "total_update_norm": float(total_update_norm),
-            })
-            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers,
-                               method_stop=RATIO_STOP if ratio < ratio_min else None):
-                break
+METHOD = EATA

@@ -12,10 +12,11 @@ import torch
 from yolozu.tta import integration as _ref
 from yolozu.tta import ttt_mim as _mim
 
-from .. import guards, ops
+from .. import ops
 from ..arena import ParamArena
+from ..common import SUPPORTED_DTYPES
 from ..engine import UpdateEngine
-from ..run import BufferSnapshot, RunContext
+from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
     from rtdetr_pose.losses import mim_reconstruction_loss as structured_loss
@@ -23,7 +24,9 @@ except ImportError:  # pragma: no cover
     structured_loss = _mim.reconstruction_loss
 
 ENTROPY_WEIGHT = 0.1
-FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: the reference's step entry
+ENTRY_LAYOUT = ("step", "loss", "mask_ratio", "grad_norm", "grad_norm_clipped", "mim_loss", "entropy_loss",
+                "update_norm", "total_update_norm", "rolled_back")
 
 
 def draw_grid(x: torch.Tensor, patch_size: int, mask_prob: float, generator: torch.Generator | None):
@@ -52,7 +55,7 @@ def full_mask(grid: torch.Tensor, x: torch.Tensor, patch_size: int) -> torch.Ten
 
 def fast_input(x: Any) -> bool:
     """Whether the fused patch ops take ``x`` (a float BCHW/CHW tensor)."""
-    return isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.dtype in FAST_DTYPES
+    return isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.dtype in SUPPORTED_DTYPES
 
 
 def mask_input(x: Any, grid: torch.Tensor, patch_size: int, mask_value: float) -> torch.Tensor:
@@ -103,52 +106,35 @@ def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, 
     return loss, loss_mim, entropy, ratio
 
 
-def run(ctx: RunContext) -> None:
-    """MIM steps with YOLOZU's metrics, guards and rollback (the model's train/eval mode is left as is)."""
-    config, model = ctx.config, ctx.model
-    params = _mim.select_parameters(model, update_filter=str(config.update_filter), include=config.include,
-                                    exclude=config.exclude)
-    if not params:
-        raise RuntimeError("no parameters selected for TTT")
-    lr = float(config.lr)
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")  # torch.optim.Adam's check
-    ctx.updated_param_count = _ref._count_unique_params(params)
-    patch_size, mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)
-    mask_value = float(config.mim_mask_value)
-    snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params) as arena:
-        engine = UpdateEngine(arena, lr=lr, max_grad_norm=config.max_grad_norm)
-        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) else None
-        for step_idx in range(ctx.steps):
-            x = ctx.batches[step_idx % len(ctx.batches)]
-            if buffers is not None:
-                buffers.save()
-            forward = structured_forward if _mim.supports_structured_mim(model) else plain_forward
-            grid = draw_grid(x, patch_size, mask_prob, ctx.generator)
-            loss, loss_mim, entropy, ratio = forward(model, x, grid, patch_size, mask_value)
-            arena.zero_grad()
-            arena.backward(loss)
-            extra = [t for t in (loss, ratio, loss_mim, entropy) if t is not None]
-            stats, values = engine.step(write_snapshot=snapshot, extra=extra)
-            loss_value, ratio_value = values[0], values[1]
-            mim_value = values[2] if loss_mim is not None else None
-            entropy_value = values[3] if entropy is not None else None
-            ctx.forward_calls += 1
-            ctx.backward_calls += 1
-            ctx.optimizer_steps += 1
-            entry: dict[str, Any] = {
-                "step": int(step_idx),
-                "loss": float(loss_value),
-                "mask_ratio": float(ratio_value),
-                "grad_norm": float(stats["grad_norm"]),
-                "grad_norm_clipped": float(stats["grad_norm_clipped"]),
-                "mim_loss": mim_value,
-                "entropy_loss": entropy_value,
-                "update_norm": float(stats["update_norm"]),
-                "total_update_norm": float(stats["total_update_norm"]),
-                "rolled_back": False,
-            }
-            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers):
-                break
-            ctx.mask_ratios.append(float(ratio_value))
+class MIM(Method):
+    """Masked-patch reconstruction (YOLOZU's structured branch for models with ``enable_mim``)."""
+
+    name = "mim"
+
+    def select(self) -> list[torch.Tensor]:
+        config = self.config
+        self.patch_size, self.mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)
+        self.mask_value = float(config.mim_mask_value)
+        return super().select()
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        model = self.ctx.model
+        forward = structured_forward if _mim.supports_structured_mim(model) else plain_forward
+        grid = draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
+        loss, loss_mim, entropy, ratio = forward(model, x, grid, self.patch_size, self.mask_value)
+        arena.zero_grad()
+        arena.backward(loss)
+        extra = [t for t in (loss, ratio, loss_mim, entropy) if t is not None]
+        stats, values = engine.step(write_snapshot=write_snapshot, extra=extra)
+        loss_value, ratio_value = values[0], values[1]
+        return StepOutcome(loss=loss_value, stats=stats, layout=ENTRY_LAYOUT, metrics={
+            "mask_ratio": float(ratio_value),
+            "mim_loss": values[2] if loss_mim is not None else None,
+            "entropy_loss": values[3] if entropy is not None else None,
+        })
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        self.ctx.mask_ratios.append(outcome.metrics["mask_ratio"])
+
+
+METHOD = MIM

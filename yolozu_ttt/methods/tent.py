@@ -7,10 +7,9 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from yolozu.tta import tent as _tent
 
-from .. import guards, ops
 from ..arena import ParamArena
-from ..engine import UpdateEngine
-from ..run import BufferSnapshot, RunContext
+from ..engine import UpdateEngine, read
+from .loop import Method, StepOutcome, entropy
 
 # Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
 ENTRY_METRICS = (
@@ -36,13 +35,6 @@ def tent_config(config: Any) -> _tent.TentConfig:
     )
 
 
-def entropy(logits: Any) -> torch.Tensor:
-    """Mean softmax entropy (fused op); non-tensors get the reference's own error."""
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        return _tent._entropy(logits)
-    return ops.entropy_loss(logits)
-
-
 def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, has_teacher: bool):
     """Teacher (eval, no grad) and student forwards and the Tent loss terms, like TentRunner."""
     teacher_outputs = None
@@ -58,7 +50,7 @@ def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, 
     model.train()
     output = model(student_batch)
     outputs = _tent._extract_outputs(output)
-    entropy_loss = entropy(_tent._extract_logits(output))
+    entropy_loss = entropy(_tent._extract_logits(output), fallback=_tent._entropy)
     loss = entropy_loss
     response_metrics: dict[str, float] = {}
     if bool(tc.detector_response):
@@ -79,62 +71,46 @@ def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, 
     return loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta
 
 
-def run(ctx: RunContext) -> None:
-    """Tent steps with YOLOZU's metrics, guards and rollback."""
-    config, model = ctx.config, ctx.model
-    tc = tent_config(config)
-    runner = _tent.TentRunner(model, config=tc)  # validates and selects exactly like the reference
-    params = list(runner.params)
-    ctx.updated_param_count = int(runner.updated_param_count)
-    has_aux, has_teacher = runner._has_aux, runner._has_teacher
-    del runner
-    snapshot = guards.needs_snapshot(config)
-    with ParamArena(model, params) as arena:
-        engine = UpdateEngine(arena, lr=config.lr, max_grad_norm=config.max_grad_norm)
-        buffers = BufferSnapshot(model) if bool(config.rollback_on_stop) or bool(config.detector_response) else None
-        total_update_norm = 0.0
-        for step_idx in range(ctx.steps):
-            batch = ctx.batches[step_idx % len(ctx.batches)]
-            if buffers is not None:
-                buffers.save()
-            loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta = forward_losses(
-                model, batch, tc, has_aux, has_teacher)
-            abstained = bool(response_metrics.get("response_abstained", 0.0)) and aux_loss is None
-            arena.zero_grad()
-            if abstained:
-                stats = {"grad_norm": 0.0, "grad_norm_clipped": 0.0, "update_norm": 0.0,
-                         "total_update_norm": total_update_norm}
-                values = [float(t.detach().cpu()) for t in (loss, entropy_loss)]
-            else:
-                arena.backward(loss)
-                stats, values = engine.step(write_snapshot=snapshot, extra=(loss, entropy_loss))
-                total_update_norm = stats["total_update_norm"]
-            loss_value, entropy_value = values
-            metrics: dict[str, float] = {
-                "loss_entropy": entropy_value,
-                "loss_aux_consistency": float(aux_loss.detach().cpu().item()) if aux_loss is not None else 0.0,
-                "aux_target_current_batch": 1.0 if has_aux else 0.0,
-                "aux_student_view_mean_abs_delta": float(view_delta),
-                "update_abstained": 1.0 if abstained else 0.0,
-            }
-            metrics.update(aux_metrics)
-            metrics.update(response_metrics)
-            if abstained:
-                buffers.restore()
-                metrics["buffers_restored_on_abstention"] = 1.0
-            ctx.forward_calls += 2 if has_teacher else 1
-            ctx.backward_calls += 0 if abstained else 1
-            ctx.optimizer_steps += 0 if abstained else 1
-            ctx.abstained_steps += 1 if abstained else 0
-            entry: dict[str, Any] = {
-                "step": int(step_idx),
-                "loss": float(loss_value),
-                "grad_norm": float(stats["grad_norm"]),
-                "grad_norm_clipped": float(stats["grad_norm_clipped"]),
-                "update_norm": float(stats["update_norm"]),
-                "total_update_norm": float(stats["total_update_norm"]),
-                "rolled_back": False,
-            }
-            entry.update({k: float(metrics[k]) for k in ENTRY_METRICS if k in metrics})
-            if ctx.finish_step(entry, float(loss_value), arena=arena, buffers=buffers, params_changed=not abstained):
-                break
+class Tent(Method):
+    """Entropy minimisation (plus YOLOZU's aux-consistency and detector-response terms)."""
+
+    name = "tent"
+
+    def select(self) -> list[torch.Tensor]:
+        self.tc = tent_config(self.config)
+        runner = _tent.TentRunner(self.ctx.model, config=self.tc)  # validates and selects like the reference
+        self.ctx.updated_param_count = int(runner.updated_param_count)
+        self.has_aux, self.has_teacher = runner._has_aux, runner._has_teacher
+        return list(runner.params)
+
+    def needs_buffers(self) -> bool:
+        return bool(self.config.rollback_on_stop) or bool(self.config.detector_response)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta = forward_losses(
+            self.ctx.model, x, self.tc, self.has_aux, self.has_teacher)
+        abstained = bool(response_metrics.get("response_abstained", 0.0)) and aux_loss is None
+        arena.zero_grad()
+        if abstained:
+            stats, (loss_value, entropy_value) = engine.idle_stats(), read(loss, entropy_loss)
+        else:
+            arena.backward(loss)
+            stats, (loss_value, entropy_value) = engine.step(write_snapshot=write_snapshot, extra=(loss, entropy_loss))
+        metrics: dict[str, float] = {
+            "loss_entropy": entropy_value,
+            "loss_aux_consistency": float(aux_loss.detach().cpu().item()) if aux_loss is not None else 0.0,
+            "aux_target_current_batch": 1.0 if self.has_aux else 0.0,
+            "aux_student_view_mean_abs_delta": float(view_delta),
+            "update_abstained": 1.0 if abstained else 0.0,
+        }
+        metrics.update(aux_metrics)
+        metrics.update(response_metrics)
+        if abstained:
+            metrics["buffers_restored_on_abstention"] = 1.0
+        return StepOutcome(
+            loss=loss_value, stats=stats, metrics={k: float(metrics[k]) for k in ENTRY_METRICS if k in metrics},
+            forwards=2 if self.has_teacher else 1, backwards=0 if abstained else 1,
+            optimizer_steps=0 if abstained else 1, abstained=abstained)
+
+
+METHOD = Tent

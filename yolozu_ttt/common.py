@@ -1,0 +1,31 @@
+"""Facts every layer shares, defined once: the engine's stat layouts, the dtypes it holds, and
+whether Triton runs in its interpreter.
+
+Imported by the Python layer and by the Triton kernels (``yolozu_ttt.kernels``); it imports
+nothing of this package, so the kernels never import the ops module that imports them. The C++
+engine writes the same layouts by index (``csrc/engine.h``); a test checks the orders agree.
+"""
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+import torch
+
+#: ``TRITON_INTERPRET=1`` set before import: CPU tensors take the Triton kernels in Triton's
+#: interpreter (the GPU code path on any machine). Read once, here only.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Parameter (and fused-op input) dtypes the engine and the kernels handle.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: What one fused step writes into its float64 stats buffer, in this order (both engines).
+STAT_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "anchor_loss", "clip_coef",
+             "restored")
+#: What ``grad_stats`` writes: the grad norm (with the anchor gradient) and the anchor value.
+GRAD_STAT_KEYS = ("grad_norm", "anchor_loss")
+#: What ``sar_perturb`` writes: the ascent direction's norm and whether the ascent was applied (1/0).
+SAR_STAT_KEYS = ("direction_norm", "applied")
+
+#: One fused step's scalars on the host, read back once per step (``UpdateEngine.step``).
+StepStats = namedtuple("StepStats", STAT_KEYS)

@@ -1,0 +1,253 @@
+"""The one step loop every method runs in, and what methods share.
+
+``run_steps(ctx, method)`` owns what every method does the same way: the parameter arena and the
+update engine, batch choice, the norm-buffer snapshot, the counters (forward/backward/optimizer
+steps, abstentions), the base step entry (``step``, ``loss``, the four norms, ``rolled_back``),
+the snapshot decision and the guards (``finish_step``: keep, or stop and roll back).
+
+A method (a :class:`Method` subclass) supplies only what makes it that method: its parameter
+selection, its ``adapt`` (forward, loss, backward, one ``engine.step``: the whole of Tent in the
+original Tent code) returning a :class:`StepOutcome`, and its engine options. A method never
+imports a backend or reads arena fields; it asks the arena and the engine for operations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from yolozu.tta import integration as _ref
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.ttt_mim import select_parameters
+
+from .. import guards, ops
+from ..arena import ParamArena
+from ..common import StepStats
+from ..engine import UpdateEngine
+
+NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class BufferSnapshot:
+    """Normalisation running statistics, saved before each step and restored on rollback."""
+
+    def __init__(self, model: Any):
+        try:
+            named = list(model.named_buffers())
+        except Exception:
+            named = []
+        self.buffers = [b for n, b in named if b is not None and str(n).endswith(NORM_BUFFER_SUFFIXES)]
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        """Copy the live buffers into the snapshot (one fused foreach copy)."""
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        """Copy the snapshot back into the live buffers."""
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+
+
+@dataclass
+class RunContext:
+    """What the loop reads and writes; the report is built from it."""
+
+    model: Any
+    batches: list[Any]
+    config: TTTConfig
+    method: str
+    steps: int
+    generator: torch.Generator | None
+    warnings: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    mask_ratios: list[float] = field(default_factory=list)
+    step_metrics: list[dict[str, Any]] = field(default_factory=list)
+    updated_param_count: int | None = None
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    forward_calls: int = 0
+    backward_calls: int = 0
+    optimizer_steps: int = 0
+    abstained_steps: int = 0
+    initial_loss: float | None = None
+    backend: str | None = None  # the update engine's ("cpp" or "triton")
+
+    def finish_step(self, entry: dict[str, Any], loss: float, *, arena: ParamArena, buffers: BufferSnapshot | None,
+                    params_changed: bool = True, method_stop: str | None = None) -> bool:
+        """Apply the shared guard policy to a finished step; True when the run must stop.
+
+        ``method_stop`` is a stop the method itself decided (e.g. EATA's selected ratio); the
+        guards take precedence over it, as in the reference.
+        """
+        if self.initial_loss is None:
+            self.initial_loss = loss
+        reason, bad = guards.stop_reason(self.config, entry, loss, self.initial_loss)
+        reason = reason or method_stop
+        if reason is None:
+            self.losses.append(float(loss))
+            self.step_metrics.append(entry)
+            arena.drop_snapshot()
+            return False
+        self.stopped_early = True
+        self.stop_reason = reason
+        guards.mark_stop(entry, reason, bad, self.config, self.warnings)
+        if bool(self.config.rollback_on_stop):
+            if params_changed:
+                arena.restore_snapshot()
+            if buffers is not None:
+                buffers.restore()
+        arena.drop_snapshot()
+        self.step_metrics.append(entry)
+        return True
+
+    def skip_step(self, entry: dict[str, Any], stop: str | None) -> bool:
+        """Record a step that ran no update and no guard (EATA's empty selection); True to stop."""
+        self.step_metrics.append(entry)
+        if stop is None:
+            return False
+        self.stopped_early, self.stop_reason = True, stop
+        self.warnings.append(stop)
+        entry["stop_reason"] = stop
+        return True
+
+
+@dataclass
+class StepOutcome:
+    """What a method's ``adapt`` hands back to the loop for one step."""
+
+    loss: float | None  # the loss the guards and the report see
+    stats: StepStats  # the engine's (or ``engine.idle_stats()`` when nothing was applied)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the method's entry fields (override the base ones)
+    forwards: int = 1
+    backwards: int = 1
+    optimizer_steps: int = 1
+    abstained: bool = False  # no update and the norm buffers restored (Tent's detector response)
+    method_stop: str | None = None  # a stop the method decided (the guards come first)
+    skipped: bool = False  # no update and no guard: the entry is recorded as it is
+    skip_stop: str | None = None  # with ``skipped``: the run ends with this reason
+    layout: tuple[str, ...] | None = None  # the reference's key order of this method's entry (None:
+    # the base keys, then the method's)
+
+
+class Method:
+    """One TTT method's differences from the loop's defaults (Tent's shape)."""
+
+    name = "method"
+    #: the batch check of the reference's loop for this method (None: no check)
+    batch_error: str | None = None
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+
+    # ---- setup -------------------------------------------------------------------------------
+    def select(self) -> list[torch.Tensor]:
+        """The parameters to adapt, with the reference's checks; sets ``ctx.updated_param_count``."""
+        return select_params(self.ctx)
+
+    def max_grad_norm(self) -> float | None:
+        """The clip of the fused update."""
+        return self.config.max_grad_norm
+
+    def needs_snapshot(self) -> bool:
+        """Whether each step keeps its pre-step parameters (a stop can roll back)."""
+        return guards.needs_snapshot(self.config)
+
+    def needs_buffers(self) -> bool:
+        """Whether the norm buffers are saved before each step (for a rollback)."""
+        return bool(self.config.rollback_on_stop)
+
+    def start(self, arena: ParamArena, engine: UpdateEngine) -> None:
+        """Method state bound to the run's arena and engine (e.g. CoTTA's teacher)."""
+
+    def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
+        """Release what ``start`` bound (on every exit path)."""
+
+    # ---- one step ----------------------------------------------------------------------------
+    def check_batch(self, x: Any) -> None:
+        """The reference's batch check."""
+        if self.batch_error is not None and not torch.is_tensor(x):
+            raise RuntimeError(self.batch_error)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        """Forward, loss, backward, one fused update."""
+        raise NotImplementedError
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        """Bookkeeping after a step that kept its update (e.g. MIM's mask ratios)."""
+
+
+BASE_KEYS = ("step", "loss", "grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "rolled_back")
+
+
+def base_entry(step: int, outcome: StepOutcome) -> dict[str, Any]:
+    """The step entry every method reports with the method's own fields, in the reference's order."""
+    s = outcome.stats
+    loss = None if outcome.loss is None else float(outcome.loss)
+    entry: dict[str, Any] = dict(zip(BASE_KEYS, (
+        int(step), loss, float(s.grad_norm), float(s.grad_norm_clipped), float(s.update_norm),
+        float(s.total_update_norm), False)))
+    entry.update(outcome.metrics)
+    if outcome.layout is None:
+        return entry
+    return {key: entry[key] for key in outcome.layout}
+
+
+def run_steps(ctx: RunContext, method: Method) -> None:
+    """Run ``ctx.steps`` steps of ``method`` with YOLOZU's counters, metrics, guards and rollback."""
+    params = method.select()
+    snapshot = method.needs_snapshot()
+    with ParamArena(ctx.model, params) as arena:
+        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm())
+        ctx.backend = engine.backend
+        buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
+        method.start(arena, engine)
+        try:
+            for step in range(ctx.steps):
+                x = ctx.batches[step % len(ctx.batches)]
+                method.check_batch(x)
+                if buffers is not None:
+                    buffers.save()
+                outcome = method.adapt(x, step, arena, engine, snapshot)
+                ctx.forward_calls += outcome.forwards
+                ctx.backward_calls += outcome.backwards
+                ctx.optimizer_steps += outcome.optimizer_steps
+                ctx.abstained_steps += int(outcome.abstained)
+                entry = base_entry(step, outcome)
+                if outcome.skipped:
+                    if ctx.skip_step(entry, outcome.skip_stop):
+                        break
+                    continue
+                if outcome.abstained and buffers is not None:
+                    buffers.restore()
+                if ctx.finish_step(entry, float(outcome.loss), arena=arena, buffers=buffers,
+                                   params_changed=not outcome.abstained, method_stop=outcome.method_stop):
+                    break
+                method.after_step(outcome)
+        finally:
+            method.close(arena, engine)
+
+
+# ---- what several methods share ------------------------------------------------------------
+def select_params(ctx: RunContext) -> list[torch.Tensor]:
+    """The reference's parameter selection, checks and count (EATA, SAR, CoTTA, MIM)."""
+    config = ctx.config
+    params = select_parameters(ctx.model, update_filter=str(config.update_filter), include=config.include,
+                               exclude=config.exclude)
+    if not params:
+        raise RuntimeError("no parameters selected for TTT")
+    torch.optim.Adam(params, lr=float(config.lr))  # the reference's optimizer checks (e.g. lr < 0)
+    ctx.updated_param_count = _ref._count_unique_params(params)
+    return params
+
+
+def entropy(logits: Any, fallback=_ref._entropy_loss_from_logits) -> torch.Tensor:
+    """Mean softmax entropy (the fused op); other inputs take the reference's ``fallback`` (and its
+    errors)."""
+    if isinstance(logits, torch.Tensor) and logits.ndim >= 1 and logits.is_floating_point():
+        return ops.entropy_loss(logits)
+    return fallback(logits)
