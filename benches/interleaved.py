@@ -6,11 +6,17 @@ machine lands on one side of the ratio. This script alternates reference, fast a
 round, and prints each side's median and the ratio of medians (``--verbose``: every run).
 
     python benches/interleaved.py --repeats 5 tent/all eata/all sar/all cotta/all mim/all
+
+``--before MODULE`` adds a fourth provider, ``before``: another build of this package importable
+as MODULE (e.g. an earlier commit's wheel unpacked as ``yolozu_ttt_old``, its pybind11 class
+made ``py::module_local()`` and its ``torch.library`` namespace renamed), for an A/B of a change
+in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import statistics
 import time
 
@@ -47,6 +53,7 @@ def main() -> None:
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--verbose", action="store_true", help="print every run's time")
+    parser.add_argument("--before", metavar="MODULE", help="an earlier build of yolozu_ttt to time as 'before'")
     args = parser.parse_args()
     torch.manual_seed(0)
     for name in args.cases:
@@ -55,12 +62,15 @@ def main() -> None:
         runs = {"reference": lambda m: reference_run_ttt(FixedAdapter(m, batch), [], config=config),
                 "fast": lambda m: yolozu_ttt.run_ttt(FixedAdapter(m, batch), [], config=config),
                 "floor": floor}
+        if args.before:
+            before = importlib.import_module(args.before)
+            runs["before"] = lambda m: before.run_ttt(FixedAdapter(m, batch), [], config=config)
         times: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
         for i in range(args.repeats + 1):  # the first round warms up and is dropped
             # the order rotates every round, so each provider follows each other one equally often
             # (a run inherits the C library heap the previous one left: trimmed or warm)
-            for provider in order[i % 3:] + order[:i % 3]:
+            for provider in order[i % len(order):] + order[:i % len(order)]:
                 run = runs[provider]
                 model.load_state_dict(state)
                 model.eval()
@@ -72,6 +82,9 @@ def main() -> None:
         print(f"{name:<16} median reference {med['reference'] * 1e3:8.1f} ms  fast {med['fast'] * 1e3:8.1f} ms  "
               f"floor {med['floor'] * 1e3:8.1f} ms  speed-up {med['reference'] / med['fast']:.2f}x  "
               f"fast/floor {med['fast'] / med['floor']:.2f}x  ({args.repeats} interleaved repeats)", flush=True)
+        if args.before:
+            print(f"{'':<16} before {med['before'] * 1e3:8.1f} ms  before/floor {med['before'] / med['floor']:.2f}x  "
+                  f"fast/before {med['fast'] / med['before']:.2f}x", flush=True)
         if args.verbose:
             for k, v in times.items():
                 print(f"    {k:<9} " + " ".join(f"{x * 1e3:7.0f}" for x in v), flush=True)
