@@ -317,3 +317,19 @@ def non_finite_update_inputs(first: str, sizes: list[int]) -> tuple[list[torch.T
         grads[0][2] = 0.0
         grads[-1][100] = 0.0
     return values, grads
+
+
+@pytest.fixture
+def fast_backend_calls(monkeypatch) -> list[list[dict]]:
+    """The records of every ``run_ttt`` call YOLOZU makes through the CLI's fast backend, in order."""
+    from yolozu_ttt import cli
+
+    calls: list[list[dict]] = []
+    real_call = cli.FastBackend.__call__
+
+    def spy(self, adapter, records, *, config):
+        calls.append(list(records))
+        return real_call(self, adapter, records, config=config)
+
+    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
+    return calls

@@ -168,7 +168,7 @@ def _max_prediction_diff(a: list[dict], b: list[dict]) -> float:
 
 
 @pytest.mark.slow
-def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch):
+def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch, fast_backend_calls):
     """--ttt --ttt-reset sample: reference == YOLOZU byte for byte; fast close to it, recorded as fast."""
     pytest.importorskip("yolozu_ttt.run")
     args = [*_rtdetr_args(sample), "--ttt", "--ttt-reset", "sample", "--ttt-steps", "2",
@@ -186,19 +186,11 @@ def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, mon
     assert set(ref_ttt) == set(theirs_ttt)
 
     # fast: every per-record call YOLOZU makes goes through the fast backend
-    calls = []
-    real_call = cli.FastBackend.__call__
-
-    def spy(self, adapter, records, *, config):
-        calls.append(len(records))
-        return real_call(self, adapter, records, config=config)
-
-    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
     fast, fast_log = tmp_path / "fast.json", tmp_path / "fast_log.json"
     assert cli.main(["export-predictions", *args, "--ttt-backend", "fast", "--wrap",
                      "--output", str(fast), "--ttt-log-out", str(fast_log)]) == 0
     _assert_export_module_untouched()
-    assert calls == [1, 1]  # sample reset: one call per record
+    assert [len(records) for records in fast_backend_calls] == [1, 1]  # sample reset: one call per record
 
     payload = json.loads(fast.read_text())
     meta_ttt = payload["meta"]["ttt"]

@@ -251,19 +251,12 @@ def _copy_parts(killed: dict, out: Path) -> Path:
     return parts
 
 
-def test_killed_run_resumes_in_one_process(data, single, killed, tmp_path, monkeypatch):
+def test_killed_run_resumes_in_one_process(data, single, killed, tmp_path, fast_backend_calls):
     """Different worker count (1): only the images missing from the part files are adapted."""
     out = tmp_path / "out.json"
     _copy_parts(killed, out)
-    adapted = []
-    real_call = cli.FastBackend.__call__
-
-    def spy(self, adapter, records, *, config):
-        adapted.extend(r["image"] for r in records)
-        return real_call(self, adapter, records, config=config)
-
-    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
     _single([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out), "--resume"])
+    adapted = [r["image"] for records in fast_backend_calls for r in records]
     merged, one = json.loads(out.read_text()), single["sample-fast"]
     images = [e["image"] for e in one["predictions"]]
     assert sorted(adapted) == sorted(images[i] for i in range(N_SAMPLE) if i not in killed["done"])
@@ -308,20 +301,14 @@ def test_resume_refuses_changed_flags_before_any_work(data, killed, tmp_path, mo
 
 
 @pytest.mark.parametrize("reset", ["sample", "stream"])
-def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, tmp_path, monkeypatch, reset):
+def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, tmp_path, monkeypatch, reset,
+                                                                fast_backend_calls):
     """The final file is written to a temporary file and renamed into place; if the merge fails the
     part files (and the stream state) stay, and --resume then finishes without adapting again."""
     n = N_SAMPLE if reset == "sample" else N_STREAM
     out = tmp_path / "out.json"
     args = [*_args(data, reset=reset, n=n), "--output", str(out), "--resume"]
-    adapted = []
-    real_call = cli.FastBackend.__call__
-
-    def spy(self, adapter, records, *, config):
-        adapted.append(len(records))
-        return real_call(self, adapter, records, config=config)
-
-    monkeypatch.setattr(cli.FastBackend, "__call__", spy)
+    adapted = fast_backend_calls
     real_replace = export.os.replace
 
     def disk_full(src, dst):
@@ -334,7 +321,7 @@ def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, t
         _single(args)
     assert not out.exists() and not list(tmp_path.glob(".out.json.tmp-*"))  # no partial output left behind
     assert sorted(_entries(Path(str(out) + ".parts"))) == list(range(n))
-    assert adapted == ([1] * n if reset == "sample" else [n])
+    assert [len(records) for records in adapted] == ([1] * n if reset == "sample" else [n])
 
     renamed = []
     monkeypatch.setattr(export.os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
