@@ -333,3 +333,17 @@ def fast_backend_calls(monkeypatch) -> list[list[dict]]:
 
     monkeypatch.setattr(cli.FastBackend, "__call__", spy)
     return calls
+
+
+def max_prediction_diff(a: list[dict], b: list[dict]) -> float:
+    """Largest |score| / |box| difference of two exports' predictions; the image lists, detection
+    counts and classes must agree exactly."""
+    assert [e["image"] for e in a] == [e["image"] for e in b]
+    worst = 0.0
+    for ea, eb in zip(a, b):
+        assert len(ea["detections"]) == len(eb["detections"])
+        for da, db in zip(ea["detections"], eb["detections"]):
+            assert da["class_id"] == db["class_id"]
+            worst = max(worst, abs(float(da["score"]) - float(db["score"])),
+                        *(abs(float(da["bbox"][k]) - float(db["bbox"][k])) for k in ("cx", "cy", "w", "h")))
+    return worst

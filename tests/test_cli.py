@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import max_prediction_diff
 
 import yolozu_ttt
 from yolozu_ttt import cli
@@ -154,19 +155,6 @@ def test_zero_impact_without_ttt_byte_identical(sample, tmp_path):
     _assert_export_module_untouched()
 
 
-def _max_prediction_diff(a: list[dict], b: list[dict]) -> float:
-    assert [e["image"] for e in a] == [e["image"] for e in b]
-    worst = 0.0
-    for ea, eb in zip(a, b):
-        assert len(ea["detections"]) == len(eb["detections"])
-        for da, db in zip(ea["detections"], eb["detections"]):
-            assert da["class_id"] == db["class_id"]
-            worst = max(worst, abs(float(da["score"]) - float(db["score"])))
-            for key in ("cx", "cy", "w", "h"):
-                worst = max(worst, abs(float(da["bbox"][key]) - float(db["bbox"][key])))
-    return worst
-
-
 @pytest.mark.slow
 def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch, fast_backend_calls):
     """--ttt --ttt-reset sample: reference == YOLOZU byte for byte; fast close to it, recorded as fast."""
@@ -204,7 +192,7 @@ def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, mon
     assert log_ttt["backend"] == "fast" and log_ttt["engine"] == engine
 
     ref_preds = json.loads(ref.read_text())
-    assert _max_prediction_diff(ref_preds, payload["predictions"]) <= 1e-4
+    assert max_prediction_diff(ref_preds, payload["predictions"]) <= 1e-4
     fast_report, ref_report = meta_ttt["report"], ref_ttt["report"]
     assert fast_report["mode"] == ref_report["mode"] == "sample"
     assert fast_report["samples_total"] == ref_report["samples_total"] == 2

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import max_prediction_diff
 
 import yolozu_ttt
 from yolozu_ttt import cli, export
@@ -92,18 +93,6 @@ def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Complete
 
 def _single(args: list[str]) -> None:
     assert cli.main(["export-predictions", *args]) == 0
-
-
-def _max_diff(a: list[dict], b: list[dict]) -> float:
-    """Largest |score| / |box| difference; the image lists and detection counts must agree exactly."""
-    assert [e["image"] for e in a] == [e["image"] for e in b]
-    worst = 0.0
-    for ea, eb in zip(a, b):
-        assert len(ea["detections"]) == len(eb["detections"])
-        for da, db in zip(ea["detections"], eb["detections"]):
-            assert da["class_id"] == db["class_id"]
-            worst = max(worst, abs(da["score"] - db["score"]), *(abs(da["bbox"][k] - db["bbox"][k]) for k in "cx cy w h".split()))
-    return worst
 
 
 def _assert_losses_close(a: list, b: list) -> None:
@@ -186,9 +175,9 @@ def test_two_workers_equal_one_process(data, single, tmp_path, case):
     merged, one = json.loads(out.read_text()), single[case]
 
     # same records, same order, same detections within float tolerance
-    assert _max_diff(one["predictions"], merged["predictions"]) <= TOL
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
     # ... and TTT visibly changed them (so a rank predicting with unadapted weights would fail above)
-    assert _max_diff(single["none"]["predictions"][:n], merged["predictions"]) > 100 * TOL
+    assert max_prediction_diff(single["none"]["predictions"][:n], merged["predictions"]) > 100 * TOL
     assert merged["meta"]["images"] == one["meta"]["images"] == n
     assert merged["meta"]["task_coverage"] == one["meta"]["task_coverage"]
 
@@ -261,7 +250,7 @@ def test_killed_run_resumes_in_one_process(data, single, killed, tmp_path, fast_
     images = [e["image"] for e in one["predictions"]]
     assert sorted(adapted) == sorted(images[i] for i in range(N_SAMPLE) if i not in killed["done"])
     assert len(adapted) + len(killed["done"]) == N_SAMPLE  # no image adapted twice
-    assert _max_diff(one["predictions"], merged["predictions"]) <= TOL
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
     _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
     assert merged["meta"]["ttt"]["world_size"] == 1 and merged["meta"]["ttt"]["distributed_backend"] is None
     assert not Path(str(out) + ".parts").exists()
@@ -275,7 +264,7 @@ def test_killed_run_resumes_with_two_workers(data, single, killed, tmp_path):
     d = len(killed["done"])
     assert f"{N_SAMPLE - d} computed, {d} from part files" in res.stderr
     merged = json.loads(out.read_text())
-    assert _max_diff(single["sample-fast"]["predictions"], merged["predictions"]) <= TOL
+    assert max_prediction_diff(single["sample-fast"]["predictions"], merged["predictions"]) <= TOL
     _assert_reports_close(single["sample-fast"]["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
 
 
@@ -329,7 +318,7 @@ def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, t
     _single(args)
     assert adapted == [] and out in renamed
     merged, one = json.loads(out.read_text()), single[f"{reset}-fast"]
-    assert _max_diff(one["predictions"], merged["predictions"]) <= TOL
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
     _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
     assert not Path(str(out) + ".parts").exists()
 
