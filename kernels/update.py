@@ -24,10 +24,18 @@ The step, numbered as in the C++ engine and the README: 1 EATA anchor gradient, 
 ``_C``), 8 update / total-update norms (of the final parameters) and restored count.
 
 Blocks never straddle segments (the block table maps block -> segment, start, end, segment
-numel; columns ``BLK_*``), so the per-segment scalars (Adam bias corrections, has_grad, anchor
-coefficient; columns ``SEG_*``) are loaded once per program. Adam step counts live on the host
-(they depend only on the host-side ``has_grad``); the per-step segment table goes to the device
-with one non-blocking copy from pinned memory.
+numel; columns ``BLK_*``; a zero-size segment gets one empty block), so the per-segment inputs
+are loaded once per program. Everything that does not change between steps lives on the device
+from the group's construction (the block table) or from the first step that needs it (the
+per-segment anchor coefficients ``2*lambda/n`` for one lambda, the Adam bias-correction table for
+one (lr, beta1, beta2), indexed by the step count). The Adam step counts live on the device, one
+per block (each program owns its own counter, so no program reads a count another one writes):
+the Adam pass adds the segment's has-grad flag to it and looks its bias corrections up in the
+table. The host's per-step work is therefore O(1) in the number of parameter tensors: one
+non-blocking copy of the has-grad bytes (the autograd hooks' ``bytearray``, viewed once as a
+tensor) and the launches. :func:`prepare_step` splits a step into that host work and a launch
+that reads only device memory the group owns (``StepLaunch``), so ``yolozu_ttt.engine`` can
+capture the launch in a CUDA graph and replay it.
 """
 from __future__ import annotations
 
@@ -56,12 +64,10 @@ PART_ANCHOR = tl.constexpr(4)  # sum_i mean((p_i - base_i)^2)
 PART_RESTORED = tl.constexpr(5)  # elements restored
 PART_ROWS = 6
 
-# Columns of the per-step segment table (float32, one row per segment, filled on the host).
-SEG_NEG_STEP_SIZE = tl.constexpr(0)  # -lr / (1 - beta1^t)
-SEG_BC2_SQRT = tl.constexpr(1)  # sqrt(1 - beta2^t)
-SEG_ANCHOR_COEF = tl.constexpr(2)  # 2 * lambda / n
-SEG_HAS_GRAD = tl.constexpr(3)  # 1.0 or 0.0
-SEG_COLS = tl.constexpr(4)
+# Columns of the Adam bias-correction table (float32, row t = step count t; row 0 = (0, 1)).
+BIAS_NEG_STEP_SIZE = tl.constexpr(0)  # -lr / (1 - beta1^t)
+BIAS_BC2_SQRT = tl.constexpr(1)  # sqrt(1 - beta2^t)
+BIAS_COLS = 2
 
 # Columns of the block table (int64, one row per program, built once per group).
 BLK_SEG = tl.constexpr(0)
@@ -90,25 +96,21 @@ _RBLOCK = 1024  # finalize kernels: slots summed per iteration
 # Triton kernels
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _seg(seg_ptr, seg, COL: tl.constexpr):
-    """Column ``COL`` (``SEG_*``) of segment ``seg``'s row of the per-step segment table."""
-    return tl.load(seg_ptr + seg * SEG_COLS + COL)
-
-
-@triton.jit
-def _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE: tl.constexpr):
-    """Program ``pid``'s block: (segment, element offsets, in-block mask, with-grad mask, segment numel).
+def _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE: tl.constexpr):
+    """Program ``pid``'s block: (segment, element offsets, in-block mask, with-grad mask, segment
+    numel, has-grad flag 0/1 as int64).
 
     The with-grad mask is empty when the segment has no grad this step (torch's Adam skips
-    tensors whose ``.grad`` is None).
+    tensors whose ``.grad`` is None); ``flags_ptr`` holds one byte per segment.
     """
     row = blocks_ptr + pid * BLK_COLS
     seg = tl.load(row + BLK_SEG)
     start = tl.load(row + BLK_START)
     end = tl.load(row + BLK_END)
-    grad_end = start + (end - start) * _seg(seg_ptr, seg, SEG_HAS_GRAD).to(tl.int64)
+    flag = (tl.load(flags_ptr + seg) != 0).to(tl.int64)
+    grad_end = start + (end - start) * flag
     offs = start + tl.arange(0, BLOCK_SIZE)
-    return seg, offs, offs < end, offs < grad_end, tl.load(row + BLK_SEG_NUMEL)
+    return seg, offs, offs < end, offs < grad_end, tl.load(row + BLK_SEG_NUMEL), flag
 
 
 @triton.jit
@@ -211,7 +213,8 @@ def _grad_pass_kernel(
     g_ptr,
     base_ptr,
     blocks_ptr,
-    seg_ptr,
+    flags_ptr,
+    anchor_ptr,
     part_ptr,
     part_stride,
     part_base,
@@ -224,7 +227,8 @@ def _grad_pass_kernel(
     Parameters:
         p_ptr, g_ptr, base_ptr: the flat parameter, grad and base buffers (arena dtype).
         blocks_ptr: the block table (int64, ``BLK_COLS`` per program).
-        seg_ptr: the per-step segment table (float32, ``SEG_COLS`` per segment).
+        flags_ptr: the has-grad flags (uint8, one per segment).
+        anchor_ptr: the anchor coefficients ``2*lambda/n`` (float32, one per segment), with HAS_ANCHOR.
         part_ptr, part_stride: the fp64 workspace (``PART_ROWS`` rows of ``part_stride`` slots);
             writes rows ``PART_GRAD`` and ``PART_ANCHOR``.
         part_base: this group's first slot (groups share the workspace).
@@ -233,7 +237,7 @@ def _grad_pass_kernel(
         BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
-    seg, offs, _, gmask, seg_numel = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
+    seg, offs, _, gmask, seg_numel, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
     # 1. EATA anchor gradient: d/dp lambda*mean((p-base)^2) = 2*lambda*(p-base)/n
@@ -243,13 +247,13 @@ def _grad_pass_kernel(
     else:
         d = tl.zeros_like(g)
     if HAS_ANCHOR:
-        g = g + _seg(seg_ptr, seg, SEG_ANCHOR_COEF) * d
+        g = g + tl.load(anchor_ptr + seg) * d
 
     # 2. ||g||^2 (before clipping) and the anchor value
     _put_grad_partials(part_ptr, part_stride, part_base + pid, g, d, seg_numel, ANCHOR_VALUE)
 
 
-@triton.jit(do_not_specialize=["restore_key"])
+@triton.jit
 def _adam_kernel(
     p_ptr,
     g_ptr,
@@ -259,7 +263,10 @@ def _adam_kernel(
     snap_ptr,
     teacher_ptr,
     blocks_ptr,
-    seg_ptr,
+    flags_ptr,
+    anchor_ptr,
+    bias_ptr,
+    steps_ptr,
     out_ptr,
     part_ptr,
     part_stride,
@@ -271,7 +278,7 @@ def _adam_kernel(
     ema_m,
     ema_w,
     restore_q,
-    restore_key,
+    key_ptr,
     HAS_CLIP: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
     WRITE_SNAPSHOT: tl.constexpr,
@@ -287,7 +294,10 @@ def _adam_kernel(
         m_ptr, v_ptr: the float32 Adam moments.
         snap_ptr: the pre-step snapshot (arena dtype; may be the grad buffer), with WRITE_SNAPSHOT.
         teacher_ptr: the CoTTA teacher (arena dtype), with HAS_EMA.
-        blocks_ptr, seg_ptr: the block table and the per-step segment table.
+        blocks_ptr, flags_ptr, anchor_ptr: the block table, the has-grad flags and the anchor
+            coefficients (with HAS_ANCHOR).
+        bias_ptr: the bias-correction table (float32, ``BIAS_COLS`` per step count).
+        steps_ptr: the Adam step count of each block (int32), advanced here where the segment has a grad.
         out_ptr: the caller's float64 stats (``STAT_KEYS``); with HAS_CLIP the coefficient is
             read from ``out[CLIP_COEF]``.
         part_ptr, part_stride, part_base: the fp64 workspace and this group's first slot; writes
@@ -295,13 +305,19 @@ def _adam_kernel(
             clipping (no grad pass ran), ``PART_GRAD`` and ``PART_ANCHOR``.
         one_minus_beta1, beta2, one_minus_beta2, eps: Adam's scalars.
         ema_m, ema_w: the teacher EMA's m and 1 - m.
-        restore_q, restore_key: the restore probability and this group's 32-bit key (as int32).
+        restore_q, key_ptr: the restore probability and this group's 32-bit key (an int32 on the
+            device, written by the host before the launch).
         HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE: the step's parts.
         BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
     slot = part_base + pid
-    seg, offs, mask, gmask, seg_numel = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
+    seg, offs, mask, gmask, seg_numel, flag = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
+    # the step count t of this block's segment (advanced only with a grad) and its bias corrections
+    t = tl.load(steps_ptr + pid) + flag.to(tl.int32)
+    tl.store(steps_ptr + pid, t)
+    neg_step_size = tl.load(bias_ptr + t * BIAS_COLS + BIAS_NEG_STEP_SIZE)
+    bc2_sqrt = tl.load(bias_ptr + t * BIAS_COLS + BIAS_BC2_SQRT)
 
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
@@ -315,7 +331,7 @@ def _adam_kernel(
     # 1. EATA anchor gradient: g <- g + 2*lambda*(p-base)/n ; anchor = sum_i mean((p_i-base_i)^2)
     d = tl.where(gmask, p_old - base, 0.0)
     if HAS_ANCHOR:
-        g = g + _seg(seg_ptr, seg, SEG_ANCHOR_COEF) * d
+        g = g + tl.load(anchor_ptr + seg) * d
 
     # 2. ||g||^2 and the anchor value (with clipping, the grad pass has summed them already)
     # 3. clip: g <- g * coef, coef computed on device from the grad pass's sums
@@ -332,8 +348,8 @@ def _adam_kernel(
     v = tl.load(v_ptr + offs, mask=gmask, other=0.0)
     m = m + one_minus_beta1 * (gc - m)
     v = v * beta2 + (one_minus_beta2 * gc) * gc
-    denom = tl.div_rn(tl.sqrt_rn(v), _seg(seg_ptr, seg, SEG_BC2_SQRT)) + eps
-    p_new_s = _to_storage(p_old + tl.div_rn(_seg(seg_ptr, seg, SEG_NEG_STEP_SIZE) * m, denom),
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p_new_s = _to_storage(p_old + tl.div_rn(neg_step_size * m, denom),
                           p_ptr.dtype.element_ty)
     tl.store(m_ptr + offs, m, mask=gmask)
     tl.store(v_ptr + offs, v, mask=gmask)
@@ -346,7 +362,7 @@ def _adam_kernel(
 
     # 7. CoTTA stochastic restore: p <- base where u(j) < q (every segment, counter-based RNG)
     if HAS_RESTORE:
-        hit = (_uniform01(offs, restore_key.to(tl.uint32, bitcast=True)) < restore_q) & mask
+        hit = (_uniform01(offs, tl.load(key_ptr).to(tl.uint32, bitcast=True)) < restore_q) & mask
         tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
         p_new = tl.where(hit, base, p_new)
         n_restored = tl.sum(hit.to(tl.float32), axis=0).to(tl.float64)
@@ -408,18 +424,18 @@ def _step_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, HAS_CLIP: tl.con
 
 
 @triton.jit
-def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, seg_ptr, part_ptr, part_base,
+def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, flags_ptr, part_ptr, part_base,
                      ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Per block: ||d||^2 over segments with a grad.
 
     Parameters:
         p_ptr, g_ptr: the flat parameter and grad buffers.
-        blocks_ptr, seg_ptr: the block table and the segment table.
+        blocks_ptr, flags_ptr: the block table and the has-grad flags.
         part_ptr, part_base: the fp64 workspace (one row) and this group's first slot.
         ADAPTIVE: d = g*|p| instead of g.  BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
-    _, offs, _, gmask, _ = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
+    _, offs, _, gmask, _, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
     if ADAPTIVE:
         d = d * tl.abs(tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32))
@@ -446,18 +462,18 @@ def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: 
 
 
 @triton.jit
-def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr, scale_ptr,
+def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, scale_ptr,
                       ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad).
 
     Parameters:
         p_ptr, g_ptr, snap_ptr: the flat parameter, grad and snapshot buffers.
-        blocks_ptr, seg_ptr: the block table and the segment table.
+        blocks_ptr, flags_ptr: the block table and the has-grad flags.
         out_ptr: the float64 buffer ``_sar_scale_kernel`` wrote (its applied flag is read).
         scale_ptr: the float32 scale.  ADAPTIVE: d = g*|p|.  BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
-    _, offs, mask, gmask, _ = _block(blocks_ptr, seg_ptr, pid, BLOCK_SIZE)
+    _, offs, mask, gmask, _, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     applied = tl.load(out_ptr + SAR_APPLIED) != 0.0  # decided on device
     mask = tl.where(applied, mask, False)
     gmask = tl.where(applied, gmask, False)
@@ -471,8 +487,12 @@ def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, seg_ptr, out_ptr, scal
 
 
 # ------------------------------------------------------------------------------------------
-# Host side: checks, the arena group, its per-step tables
+# Host side: checks, the arena group and what it builds once, the per-step host work
 # ------------------------------------------------------------------------------------------
+#: Rows of a fresh bias-correction table (step counts 0 .. rows-1); it doubles when a step needs more.
+_BIAS_MIN_ROWS = 256
+
+
 def _check_tensor(t: Any, what: str, numel: int | None, device: torch.device | None,
                   dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -516,6 +536,17 @@ def _warps(block_size: int) -> int:
     return 8 if block_size >= 2048 else 4
 
 
+def _upload(rows: np.ndarray, device: torch.device, dtype: np.dtype) -> torch.Tensor:
+    """A host array as a device tensor without a host sync (pinned, non-blocking, on CUDA). For the
+    tables built once: the caching host allocator keeps the pinned copy until the copy is done."""
+    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=dtype).reshape(-1))
+    if t.numel() == 0:
+        t = torch.zeros(1, dtype=t.dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class TritonArenaGroup:
     """The flat buffers of one dtype arena group, bound for the Triton kernels.
 
@@ -528,12 +559,14 @@ class TritonArenaGroup:
             It may be ``grad`` itself: the step loads each grad before it stores the snapshot
             over it (not for ``sar_perturb``, whose backup must outlive the next backward).
         offsets, sizes: the segment table; segments must tile the arena in order.
-        has_grad: a byte buffer (e.g. ``bytearray``) with one entry per segment, read on the host
-            at every step (nonzero = the segment has a grad), or None = every segment has one.
+        has_grad: a byte buffer (e.g. ``bytearray``) with one entry per segment, read at every
+            step (nonzero = the segment has a grad), or None = every segment has one. A writable
+            buffer is viewed once as a tensor and copied to the device at each step (one
+            non-blocking copy); a read-only one (``bytes``) is copied once.
         block_size: elements per program (power of two); blocks never straddle segments.
 
-    The group keeps references to every tensor. Adam step counts are kept on the host, per
-    segment, and advance only for segments with a grad (like torch.optim.Adam's per-param state).
+    The group keeps references to every tensor. Adam step counts are kept on the device, per
+    block, and advance only for segments with a grad (like torch.optim.Adam's per-param state).
     """
 
     def __init__(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -555,30 +588,55 @@ class TritonArenaGroup:
         if len(self.offsets) != len(self.sizes):
             raise ValueError("yolozu_ttt.kernels.update: offsets and sizes differ in length")
         columns: tuple[list[int], ...] = ([], [], [], [])  # segment, start, end, segment numel
+        first_block = []
         expect = 0
         for s, (off, size) in enumerate(zip(self.offsets, self.sizes)):
             if off != expect or size < 0:
                 raise ValueError("yolozu_ttt.kernels.update: segments must tile the arena in order")
             expect += size
-            for b in range(0, size, self.block_size):
+            first_block.append(len(columns[0]))
+            for b in range(0, max(size, 1), self.block_size):  # a zero-size segment: one empty block
                 for column, value in zip(columns, (s, off + b, off + min(size, b + self.block_size), size)):
                     column.append(value)
         if expect != n:
             raise ValueError(f"yolozu_ttt.kernels.update: segments cover {expect} elements, arena has {n}")
+        n_seg = len(self.sizes)
+        flags_src = None
         if has_grad is not None:
             view = memoryview(has_grad)
-            if view.itemsize != 1 or view.nbytes != len(self.sizes):
+            if view.itemsize != 1 or view.nbytes != n_seg:
                 raise ValueError("yolozu_ttt.kernels.update: has_grad must be a byte buffer with one entry per segment")
+            if n_seg and not view.readonly:
+                flags_src = torch.frombuffer(has_grad, dtype=torch.uint8)  # a view: the hooks' writes show
         self.has_grad = has_grad
         self.num_blocks = len(columns[0])
-        # the block table (BLK_* columns), built once on device
+        self._grid = (self.num_blocks,)
+        self._warps = _warps(self.block_size)
+        # --- built once: the block table, the first block of each segment, 2/n per segment
         blocks = np.zeros((max(self.num_blocks, 1), BLK_COLS), dtype=np.int64)
         for col, column in zip((BLK_SEG, BLK_START, BLK_END, BLK_SEG_NUMEL), columns):
             blocks[:len(column), col] = column
-        self._blocks = torch.from_numpy(blocks.reshape(-1)).to(dev)
+        self._blocks = _upload(blocks, dev, np.int64)
+        self._first_block = np.asarray(first_block, dtype=np.int64)
         sizes_f = np.asarray(self.sizes, dtype=np.float64)
         self._anchor_scale = np.divide(2.0, sizes_f, out=np.zeros_like(sizes_f), where=sizes_f > 0)
-        self._steps = np.zeros(len(self.sizes), dtype=np.int64)
+        # --- device state: has-grad flags (refreshed per step), Adam step count per block,
+        # the restore key; tables built on first use (anchor coefficients, bias corrections)
+        if flags_src is None and has_grad is not None:
+            flags = np.frombuffer(bytes(memoryview(has_grad)), dtype=np.uint8)
+        else:
+            flags = np.ones(n_seg, dtype=np.uint8)
+        self._flags = _upload(flags, dev, np.uint8)
+        self._flags_src = flags_src
+        self._steps = torch.zeros(max(self.num_blocks, 1), dtype=torch.int32, device=dev)
+        self._adam_steps = 0  # fused steps since the last reset: a bound on every step count
+        self._key = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._anchor_lambda: float | None = None
+        self._anchor: torch.Tensor | None = None
+        self._bias_key: tuple[float, float, float] | None = None
+        self._bias: torch.Tensor | None = None
+        self._bias_rows = 0
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self.teacher: torch.Tensor | None = None
 
     def set_snapshot(self, snap: torch.Tensor | None) -> None:
@@ -594,8 +652,11 @@ class TritonArenaGroup:
 
     @property
     def steps(self) -> list[int]:
-        """Adam step count per segment (as ``_C.ArenaGroup.steps``)."""
-        return [int(s) for s in self._steps]
+        """Adam step count per segment (as ``_C.ArenaGroup.steps``); reads the device."""
+        if not self.sizes:
+            return []
+        counts = self._steps.cpu().numpy()
+        return [int(c) for c in counts[self._first_block]]
 
     @property
     def device(self) -> torch.device:
@@ -603,38 +664,65 @@ class TritonArenaGroup:
 
     def reset_state(self) -> None:
         """Zero the Adam moments and step counts."""
-        self._steps[:] = 0
+        self._steps.zero_()
+        self._adam_steps = 0
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
 
-    def _flags(self) -> np.ndarray:
-        if self.has_grad is None:
-            return np.ones(len(self.sizes), dtype=bool)
-        return np.frombuffer(bytes(self.has_grad), dtype=np.uint8) != 0
+    # ---- per step: O(1) host work in the number of segments ---------------------------------
+    def _upload_flags(self) -> None:
+        """The has-grad bytes to the device: one copy, non-blocking (a pageable source is staged by
+        CUDA before the call returns, so the hooks may write the buffer again right away)."""
+        if self._flags_src is not None:
+            self._flags.copy_(self._flags_src, non_blocking=True)
 
-    def _segment_rows(self, anchor_lambda: float, adam: tuple[float, float, float] | None) -> np.ndarray:
-        """The segment table (``SEG_*`` columns), float64 on the host; ``adam`` advances the steps.
+    def _anchor_coefs(self, anchor_lambda: float) -> torch.Tensor:
+        """``2*lambda/n`` per segment (float32 on the device), rebuilt only when lambda changes."""
+        if anchor_lambda != self._anchor_lambda or self._anchor is None:
+            self._anchor = _upload(anchor_lambda * self._anchor_scale, self.device, np.float32)
+            self._anchor_lambda = anchor_lambda
+        return self._anchor
 
-        Vectorised over segments; the powers come from libm's ``pow`` once per distinct step count
-        (usually one), like the C++ engine's ``std::pow``, so both engines use the same tables.
-        """
-        flags = self._flags()
-        rows = np.zeros((len(self.sizes), SEG_COLS), dtype=np.float64)
-        rows[:, SEG_BC2_SQRT] = 1.0
-        if adam is not None and flags.any():
-            lr, beta1, beta2 = adam
-            self._steps[flags] += 1
-            steps, index = np.unique(self._steps[flags], return_inverse=True)
-            bc1 = np.array([1.0 - math.pow(beta1, float(t)) for t in steps])[index]
-            bc2 = np.array([1.0 - math.pow(beta2, float(t)) for t in steps])[index]
-            rows[flags, SEG_NEG_STEP_SIZE] = -(lr / bc1)
-            rows[flags, SEG_BC2_SQRT] = np.sqrt(bc2)
-        rows[:, SEG_ANCHOR_COEF] = anchor_lambda * self._anchor_scale
-        rows[:, SEG_HAS_GRAD] = flags
-        return rows.reshape(-1)
+    def _bias_table(self, lr: float, beta1: float, beta2: float) -> torch.Tensor:
+        """The bias corrections for step counts 0 .. rows-1 (``BIAS_*`` columns; row 0 = (0, 1)),
+        for the step about to run (step counts up to ``_adam_steps + 1``); rebuilt when (lr, betas)
+        change, doubled when the steps outgrow it. The powers come from libm's ``pow`` (as the
+        C++ engine's ``std::pow``), in float64, rounded to float32 once."""
+        key = (lr, beta1, beta2)
+        need = self._adam_steps + 1
+        if key != self._bias_key or need >= self._bias_rows:
+            rows = max(_BIAS_MIN_ROWS, 2 * self._bias_rows if key == self._bias_key else 0)
+            while rows <= need:
+                rows *= 2
+            table = np.zeros((rows, BIAS_COLS), dtype=np.float64)
+            table[0, 1] = 1.0
+            for t in range(1, rows):
+                table[t, 0] = -(lr / (1.0 - math.pow(beta1, float(t))))
+                table[t, 1] = math.sqrt(1.0 - math.pow(beta2, float(t)))
+            self._bias = _upload(table, self.device, np.float32)
+            self._bias_key, self._bias_rows = key, rows
+        return self._bias  # type: ignore[return-value]
 
 
-def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) -> tuple[list[TritonArenaGroup], torch.device]:
+class _Plan:
+    """What one tuple of groups keeps between calls: the fp64 partial-sum workspace (``PART_ROWS`` x
+    slots; every slot in use is written before it is read), each group's first slot, SAR's scale."""
+
+    def __init__(self, gs: list[TritonArenaGroup], device: torch.device):
+        self.groups = gs
+        self.bases, total = [], 0
+        for g in gs:
+            self.bases.append(total)
+            total += g.num_blocks
+        self.n_slots = total
+        self.part = torch.empty((PART_ROWS, max(total, 1)), dtype=torch.float64, device=device)
+        self.stride = self.part.stride(0)
+        self.sar_scale = torch.empty(1, dtype=torch.float32, device=device)
+        self.items = list(zip(gs, self.bases))
+
+
+def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) -> tuple[list[TritonArenaGroup], _Plan]:
+    """Checks, then the plan of ``groups`` (built on first use, kept by the first group)."""
     gs = list(groups)
     if not gs:
         raise ValueError("yolozu_ttt.kernels.update: groups must not be empty")
@@ -642,38 +730,20 @@ def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) 
         if not isinstance(g, TritonArenaGroup):
             raise TypeError(f"yolozu_ttt.kernels.update: expected TritonArenaGroup, got {type(g).__name__}")
     device = gs[0].device
-    if any(g.device != device for g in gs):
-        raise ValueError("yolozu_ttt.kernels.update: all groups must be on one device")
-    _check_device(device)
-    _check_out(out, keys, device)
-    return gs, device
-
-
-def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host float64 rows -> float32 device tensor without a host sync (pinned, non-blocking)."""
-    t = torch.from_numpy(rows.astype(np.float32) if rows.size else np.zeros(1, dtype=np.float32))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _segment_tables(gs: list[TritonArenaGroup], device: torch.device, anchor_lambda: float,
-                    adam: tuple[float, float, float] | None) -> list[torch.Tensor]:
-    """One upload for all groups; returns each group's view of it."""
-    parts = [g._segment_rows(anchor_lambda, adam) for g in gs]
-    starts = np.cumsum([0] + [p.size for p in parts[:-1]]).tolist()
-    table = _upload(np.concatenate(parts), device)
-    return [table[s:] for s in starts]
-
-
-def _workspace(gs: list[TritonArenaGroup], rows: int, device: torch.device) -> tuple[torch.Tensor, list[int], int]:
-    """The fp64 partial-sum workspace (``rows`` x slots; every slot in use is written before it is
-    read), each group's first slot, and the slots in use."""
-    bases, total = [], 0
-    for g in gs:
-        bases.append(total)
-        total += g.num_blocks
-    return torch.empty((rows, max(total, 1)), dtype=torch.float64, device=device), bases, total
+    key = tuple(map(id, gs))
+    plan = gs[0]._plans.get(key)
+    if plan is None:
+        if any(g.device != device for g in gs):
+            raise ValueError("yolozu_ttt.kernels.update: all groups must be on one device")
+        _check_device(device)
+        plan = _Plan(gs, device)
+        if len(gs[0]._plans) >= 8:
+            gs[0]._plans.clear()
+        gs[0]._plans[key] = plan
+    if not (type(out) is torch.Tensor and out.dtype == torch.float64 and out.device == device and out.dim() == 1
+            and out.numel() >= len(keys) and out.is_contiguous()):
+        _check_out(out, keys, device)
+    return gs, plan
 
 
 def _mix32(h: int) -> int:
@@ -700,20 +770,107 @@ def _as_i32(key: int) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
-def _grad_pass(gs: list[TritonArenaGroup], tables: list[torch.Tensor], part: torch.Tensor, bases: list[int],
-               has_anchor: bool, anchor_value: bool) -> None:
+def _grad_pass(plan: _Plan, has_anchor: bool, anchor_value: bool, anchor_lambda: float) -> None:
     """1-2. every group's grad-pass partials (rows ``PART_GRAD`` and ``PART_ANCHOR``) into the workspace."""
-    for g, table, base in zip(gs, tables, bases):
+    part, stride = plan.part, plan.stride
+    for g, base in plan.items:
         if g.num_blocks:
-            _grad_pass_kernel[(g.num_blocks,)](
-                g.param, g.grad, g.base, g._blocks, table, part, part.stride(0), base,
-                HAS_ANCHOR=has_anchor, ANCHOR_VALUE=anchor_value, BLOCK_SIZE=g.block_size,
-                num_warps=_warps(g.block_size))
+            anchor = g._anchor_coefs(anchor_lambda) if has_anchor else g._flags
+            _grad_pass_kernel[g._grid](
+                g.param, g.grad, g.base, g._blocks, g._flags, anchor, part, stride, base,
+                HAS_ANCHOR=has_anchor, ANCHOR_VALUE=anchor_value, BLOCK_SIZE=g.block_size, num_warps=g._warps)
 
 
 # ------------------------------------------------------------------------------------------
 # Launchers (the engine interface, as yolozu_ttt._C's)
 # ------------------------------------------------------------------------------------------
+class StepLaunch:
+    """One fused step after its host work (checks, the has-grad and restore-key uploads, the tables).
+
+    ``run()`` enqueues the step's kernels; they read and write only device memory that outlives
+    the call (the groups' buffers and tables, the plan's workspace, ``out``), so a CUDA graph of
+    ``run()`` replays the same step for as long as :meth:`key` is unchanged (``key`` names every
+    scalar and pointer the launches bake in; the per-step inputs are uploaded before ``run``).
+    """
+
+    __slots__ = ("plan", "out", "args")
+
+    def __init__(self, plan: _Plan, out: torch.Tensor, args: tuple):
+        self.plan, self.out, self.args = plan, out, args
+
+    def key(self) -> tuple:
+        """What a replay of ``run`` depends on besides the uploaded per-step inputs."""
+        ptrs = []
+        for g, _ in self.plan.items:
+            ptrs.extend(t.data_ptr() if t is not None else 0 for t in (g.snap, g.teacher, g._anchor, g._bias))
+        return (tuple(map(id, self.plan.groups)), self.out.data_ptr(), self.args, tuple(ptrs))
+
+    def run(self) -> None:
+        """Enqueue the step's kernels (no host work beyond the launches)."""
+        plan, out = self.plan, self.out
+        (lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, has_ema, ema_m, restore_prob) = self.args
+        part, stride, n_slots = plan.part, plan.stride, plan.n_slots
+        clip = max_grad_norm is not None
+        has_anchor = anchor_lambda != 0.0
+        has_restore = restore_prob > 0.0
+        # 1-3. with clipping: grad-norm pass, then the coefficient on device
+        if clip:
+            _grad_pass(plan, has_anchor, has_anchor, anchor_lambda)
+            _grad_stats_kernel[(1,)](part, stride, n_slots, out, max_grad_norm, NORM_AT=GRAD_NORM,
+                                     ANCHOR_AT=ANCHOR_LOSS, CLIP=True, RBLOCK=_RBLOCK)
+        # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
+        one_minus_beta1, one_minus_beta2, ema_w = 1.0 - beta1, 1.0 - beta2, 1.0 - ema_m
+        for g, base in plan.items:
+            if g.num_blocks:
+                _adam_kernel[g._grid](
+                    g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
+                    g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
+                    g._blocks, g._flags, g._anchor if has_anchor else g._flags, g._bias, g._steps, out, part,
+                    stride, base, one_minus_beta1, beta2, one_minus_beta2, eps, ema_m, ema_w, restore_prob, g._key,
+                    HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=write_snapshot,
+                    HAS_EMA=has_ema, HAS_RESTORE=has_restore, BLOCK_SIZE=g.block_size, num_warps=g._warps)
+        _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
+
+
+def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
+                 anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
+                 restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> StepLaunch:
+    """The host half of :func:`fused_step` (same parameters): checks the arguments, uploads the
+    has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
+    launch. Nothing changes unless the launch runs, except the device flags and keys."""
+    lr, beta1, beta2, eps, restore_prob = float(lr), float(beta1), float(beta2), float(eps), float(restore_prob)
+    if not restore_prob >= 0.0:
+        raise ValueError("yolozu_ttt.kernels.update: restore_prob must be >= 0")
+    if not lr >= 0.0:
+        raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError("yolozu_ttt.kernels.update: betas must lie in [0, 1)")
+    gs, plan = _prepare(groups, out, STAT_KEYS)
+    write_snapshot = bool(write_snapshot)
+    has_ema = ema_momentum is not None
+    for g in gs:
+        if write_snapshot and g.snap is None:
+            raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
+        if has_ema and g.teacher is None:
+            raise ValueError("yolozu_ttt.kernels.update: ema_momentum needs a teacher buffer (set_teacher)")
+    ema_m = min(max(float(ema_momentum), 0.0), 1.0) if has_ema else 0.0  # type: ignore[arg-type]
+    anchor_lambda = float(anchor_lambda)
+    has_restore = restore_prob > 0.0
+    for i, g in enumerate(gs):
+        g._upload_flags()
+        g._bias_table(lr, beta1, beta2)
+        if anchor_lambda != 0.0:
+            g._anchor_coefs(anchor_lambda)
+        if has_restore:
+            key = _as_i32(restore_key(restore_seed, restore_counter, i))
+            g._key.copy_(torch.tensor([key], dtype=torch.int32), non_blocking=True)
+        g._adam_steps += 1
+    clip = None if max_grad_norm is None else float(max_grad_norm)
+    return StepLaunch(plan, out, (lr, beta1, beta2, eps, clip, anchor_lambda, write_snapshot, has_ema, ema_m,
+                                  restore_prob))
+
+
 def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
                beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
                anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
@@ -739,49 +896,11 @@ def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float,
             < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
         restore_seed, restore_counter: the key of the counter-based restore RNG.
 
-    Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``.
+    Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``. The host
+    work is O(1) in the number of segments (:func:`prepare_step`), then :meth:`StepLaunch.run`.
     """
-    if not float(restore_prob) >= 0.0:
-        raise ValueError("yolozu_ttt.kernels.update: restore_prob must be >= 0")
-    if not lr >= 0.0:
-        raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError("yolozu_ttt.kernels.update: betas must lie in [0, 1)")
-    gs, device = _prepare(groups, out, STAT_KEYS)
-    if write_snapshot and any(g.snap is None for g in gs):
-        raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
-    has_ema = ema_momentum is not None
-    if has_ema and any(g.teacher is None for g in gs):
-        raise ValueError("yolozu_ttt.kernels.update: ema_momentum needs a teacher buffer (set_teacher)")
-    ema_m = min(max(float(ema_momentum), 0.0), 1.0) if has_ema else 0.0
-    has_restore = float(restore_prob) > 0.0
-    clip = max_grad_norm is not None
-    anchor_lambda = float(anchor_lambda)
-    has_anchor = anchor_lambda != 0.0
-    # Bias corrections from the host step counts (advanced here, for segments with a grad).
-    tables = _segment_tables(gs, device, anchor_lambda, (float(lr), float(beta1), float(beta2)))
-    part, bases, n_slots = _workspace(gs, PART_ROWS, device)
-    stride = part.stride(0)
-
-    # 1-3. with clipping: grad-norm pass, then the coefficient on device
-    if clip:
-        _grad_pass(gs, tables, part, bases, has_anchor, has_anchor)
-        _grad_stats_kernel[(1,)](part, stride, n_slots, out, float(max_grad_norm), NORM_AT=GRAD_NORM,
-                                 ANCHOR_AT=ANCHOR_LOSS, CLIP=True, RBLOCK=_RBLOCK)
-
-    # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
-    for i, (g, table, base) in enumerate(zip(gs, tables, bases)):
-        if g.num_blocks:
-            key = restore_key(restore_seed, restore_counter, i) if has_restore else 0
-            _adam_kernel[(g.num_blocks,)](
-                g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
-                g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
-                g._blocks, table, out, part, stride, base,
-                1.0 - beta1, beta2, 1.0 - beta2, eps, ema_m, 1.0 - ema_m, float(restore_prob), _as_i32(key),
-                HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=bool(write_snapshot),
-                HAS_EMA=has_ema, HAS_RESTORE=has_restore,
-                BLOCK_SIZE=g.block_size, num_warps=_warps(g.block_size))
-    _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
+    prepare_step(groups, out, lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, ema_momentum,
+                 restore_prob, restore_seed, restore_counter).run()
 
 
 def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lambda: float = 0.0,
@@ -795,12 +914,12 @@ def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lam
         anchor_lambda: EATA anchor weight; the grad norm includes the anchor gradient.
         anchor_value: compute the anchor value even at ``anchor_lambda == 0`` (else it is 0 there).
     """
-    gs, device = _prepare(groups, out, GRAD_STAT_KEYS)
+    gs, plan = _prepare(groups, out, GRAD_STAT_KEYS)
     anchor_lambda = float(anchor_lambda)
-    tables = _segment_tables(gs, device, anchor_lambda, None)
-    part, bases, n_slots = _workspace(gs, PART_ROWS, device)
-    _grad_pass(gs, tables, part, bases, anchor_lambda != 0.0, anchor_lambda != 0.0 or bool(anchor_value))
-    _grad_stats_kernel[(1,)](part, part.stride(0), n_slots, out, 0.0, NORM_AT=GS_GRAD_NORM,
+    for g in gs:
+        g._upload_flags()
+    _grad_pass(plan, anchor_lambda != 0.0, anchor_lambda != 0.0 or bool(anchor_value), anchor_lambda)
+    _grad_stats_kernel[(1,)](plan.part, plan.stride, plan.n_slots, out, 0.0, NORM_AT=GS_GRAD_NORM,
                              ANCHOR_AT=GS_ANCHOR_LOSS, CLIP=False, RBLOCK=_RBLOCK)
 
 
@@ -819,23 +938,22 @@ def sar_perturb(groups: Sequence[TritonArenaGroup], out: torch.Tensor, rho: floa
     2. if rho > 0 and norm > 0 (decided on device): snap <- p for every segment, then
        p <- p + rho/(norm + 1e-12) * d for segments with a grad.
     """
-    gs, device = _prepare(groups, out, SAR_STAT_KEYS)
+    gs, plan = _prepare(groups, out, SAR_STAT_KEYS)
     if any(g.snap is None for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer")
     if any(g.snap.data_ptr() == g.grad.data_ptr() for g in gs):
         raise ValueError("yolozu_ttt.kernels.update: sar_perturb needs a snapshot buffer apart from the grad buffer")
-    tables = _segment_tables(gs, device, 0.0, None)
-    part, bases, n_slots = _workspace(gs, 1, device)
-    scale = torch.empty(1, dtype=torch.float32, device=device)
-    for g, table, base in zip(gs, tables, bases):
+    adaptive = bool(adaptive)
+    for g in gs:
+        g._upload_flags()
+    part, scale = plan.part, plan.sar_scale
+    for g, base in plan.items:
         if g.num_blocks:
-            _sar_norm_kernel[(g.num_blocks,)](g.param, g.grad, g._blocks, table, part, base,
-                                              ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
-                                              num_warps=_warps(g.block_size))
-    _sar_scale_kernel[(1,)](part, n_slots, out, scale, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
+            _sar_norm_kernel[g._grid](g.param, g.grad, g._blocks, g._flags, part, base,
+                                      ADAPTIVE=adaptive, BLOCK_SIZE=g.block_size, num_warps=g._warps)
+    _sar_scale_kernel[(1,)](part, plan.n_slots, out, scale, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
     if float(rho) > 0.0:
-        for g, table in zip(gs, tables):
+        for g, _ in plan.items:
             if g.num_blocks:
-                _sar_apply_kernel[(g.num_blocks,)](g.param, g.grad, g.snap, g._blocks, table, out, scale,
-                                                   ADAPTIVE=bool(adaptive), BLOCK_SIZE=g.block_size,
-                                                   num_warps=_warps(g.block_size))
+                _sar_apply_kernel[g._grid](g.param, g.grad, g.snap, g._blocks, g._flags, out, scale,
+                                           ADAPTIVE=adaptive, BLOCK_SIZE=g.block_size, num_warps=g._warps)

@@ -15,6 +15,9 @@ import torch
 #: ``TRITON_INTERPRET=1`` set before import: CPU tensors take the Triton kernels in Triton's
 #: interpreter (the GPU code path on any machine). Read once, here only.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: ``YOLOZU_TTT_CUDA_GRAPH=1`` set before import: the update engine captures the fused update of a
+#: CUDA arena in a CUDA graph and replays it (``yolozu_ttt.engine``). Read once, here only.
+CUDA_GRAPH = os.environ.get("YOLOZU_TTT_CUDA_GRAPH", "0") == "1"
 
 #: Parameter (and fused-op input) dtypes the engine and the kernels handle.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

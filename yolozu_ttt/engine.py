@@ -8,27 +8,69 @@ it back once per step (with the caller's extra scalars) and returns a :class:`St
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any, Sequence
 
 import torch
 
 from .arena import ParamArena, backend_module
-from .common import GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats
+from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats
 
 GRAD_NORM, ANCHOR_VALUE = (GRAD_STAT_KEYS.index(k) for k in ("grad_norm", "anchor_loss"))
 DIRECTION_NORM, APPLIED = (SAR_STAT_KEYS.index(k) for k in ("direction_norm", "applied"))
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
 
+_PINNED = threading.local()  # per thread: {device: pinned float64 host buffer} for ``read``
+
+
+def _pinned(device: torch.device, n: int) -> torch.Tensor:
+    """This thread's pinned float64 host buffer for ``device``, at least ``n`` long (reused: every
+    ``read`` has finished with it before it returns)."""
+    bufs = getattr(_PINNED, "bufs", None)
+    if bufs is None:
+        bufs = _PINNED.bufs = {}
+    buf = bufs.get(device)
+    if buf is None or buf.numel() < n:
+        buf = bufs[device] = torch.empty(max(n, 64), dtype=torch.float64, pin_memory=True)
+    return buf[:n]
+
+
 def read(*values: Any) -> list[float]:
-    """Scalars (device tensors of any shape, or Python numbers) as floats, in one host read."""
-    tensors = [v for v in values if torch.is_tensor(v)]
+    """Scalars (device tensors of any shape, or Python numbers) as floats, in one host read.
+
+    Python numbers stay on the host; the tensors are gathered in float64 on the first one's device
+    and, on CUDA, copied into pinned host memory with one non-blocking copy and one stream sync.
+    """
+    tensors = [v.detach().reshape(-1) for v in values if torch.is_tensor(v)]
     if not tensors:
         return [float(v) for v in values]
     device = tensors[0].device
-    flat = torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float64) if torch.is_tensor(v)
-                      else torch.tensor([float(v)], dtype=torch.float64, device=device) for v in values])
-    return flat.tolist()
+    parts = [t.to(device=device, dtype=torch.float64) for t in tensors]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if device.type == "cuda":
+        host = _pinned(device, flat.numel())
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()  # the step's one sync
+        got = host.tolist()
+    else:
+        got = flat.tolist()
+    if len(tensors) == len(values):
+        return got
+    out, i = [], 0
+    for v in values:
+        if torch.is_tensor(v):
+            n = v.numel()
+            out.extend(got[i:i + n])
+            i += n
+        else:
+            out.append(float(v))
+    return out
+
+
+class GraphFallbackWarning(UserWarning):
+    """Graph mode (``YOLOZU_TTT_CUDA_GRAPH=1``) runs a step eagerly, saying why."""
 
 
 class UpdateEngine:
@@ -48,6 +90,7 @@ class UpdateEngine:
         self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self.total_update_norm = 0.0  # of the last applied step
+        self._graphs = self._graph_mode() if CUDA_GRAPH else None  # {launch key: CUDAGraph or None}
 
     def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
              ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
@@ -60,7 +103,7 @@ class UpdateEngine:
         """
         if write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        self._impl.fused_step(
+        (self._impl.fused_step if self._graphs is None else self._graph_step)(
             self._groups, self._stats, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
             max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
             write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
@@ -69,6 +112,50 @@ class UpdateEngine:
         stats = StepStats(*values[: len(STAT_KEYS)])
         self.total_update_norm = stats.total_update_norm
         return stats, values[len(STAT_KEYS):]
+
+    # ---- graph mode (YOLOZU_TTT_CUDA_GRAPH=1): the fused update captured once, then replayed ---------
+    def _graph_mode(self) -> dict | None:
+        """The graph cache, or None (eager, with a warning saying why) where graphs cannot run."""
+        why = None
+        if self.backend != "triton" or self.arena.device.type != "cuda":
+            why = f"the arena runs on {self.arena.device.type} ({self.backend} engine); CUDA graphs need a CUDA arena"
+        elif not hasattr(self._impl, "prepare_step"):
+            why = "the Triton engine has no prepare_step"
+        if why is not None:
+            warnings.warn(f"yolozu_ttt: YOLOZU_TTT_CUDA_GRAPH=1 ignored: {why}; the fused update runs eagerly",
+                          GraphFallbackWarning, stacklevel=3)
+            return None
+        return {}
+
+    def _graph_step(self, groups: Sequence[Any], out: torch.Tensor, **kwargs: Any) -> None:
+        """The fused step through a CUDA graph: the host half runs as always (checks, the has-grad
+        and restore-key uploads into static device buffers); the launches are captured the second
+        time the same launch key (scalars and pointers) comes up (the first runs eagerly, compiling
+        the kernels) and replayed from then on. A capture that fails turns graph mode off for this
+        engine, with a warning saying why."""
+        launch = self._impl.prepare_step(groups, out, **kwargs)
+        graphs = self._graphs
+        key = launch.key()
+        graph = graphs.get(key)
+        if graph is None:
+            if key not in graphs:  # first sighting: eager (compiles); capture next time
+                if len(graphs) >= 8:
+                    graphs.clear()
+                graphs[key] = None
+                launch.run()
+                return
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    launch.run()
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+                self._graphs = None
+                warnings.warn(f"yolozu_ttt: the fused update could not be captured in a CUDA graph "
+                              f"({type(exc).__name__}: {exc}); running eagerly", GraphFallbackWarning, stacklevel=3)
+                launch.run()
+                return
+            graphs[key] = graph
+        graph.replay()
 
     def idle_stats(self) -> StepStats:
         """The stats of a step that applies nothing (zero norms, the running total update norm)."""
