@@ -6,8 +6,12 @@ pass, EATA's per-row confidence.  Semantics follow
 
     p = softmax(z, -1);  H = -(p * log(clamp(p, 1e-12))).sum(-1);  loss = H.mean()
 
-Layout: ``@triton.jit`` kernels first, then the launchers (``entropy_forward``,
-``entropy_backward``).  ``yolozu_ttt.ops`` owns the semantics around them (one class, the
+Layout: ``@triton.jit`` kernels first, then the launchers (``entropy_loss_forward``,
+``entropy_stats_forward``, ``entropy_forward``, ``entropy_backward``): one launch per call
+(two for ``entropy_stats`` of ``(B, ..., C)`` logits), no host sync. The mean over rows is folded
+into the forward kernel: each program stores its partial sum and the last program to finish
+(an atomic ticket on a per-device, per-stream counter it resets to 0) sums the partials in a
+fixed order, so the loss is deterministic and needs no second launch.  ``yolozu_ttt.ops`` owns the semantics around them (one class, the
 reference's clamp ``log_eps``, the mean) and wraps them into ``torch.library`` custom ops.
 
 Math (one row, C classes, fp32 accumulation):
@@ -25,14 +29,37 @@ The reference's ``clamp(p, 1e-12)`` changes the value by less than ``C * 1e-12 *
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..common import INTERPRET, SUPPORTED_DTYPES
+from .update import _to_storage
 
 #: Finite stand-in for -inf as the running max, so ``m_old - m_new`` never is ``inf - inf``.
 _NEG_BIG = tl.constexpr(-1.0e38)
+
+
+@triton.jit
+def _last_program(counter_ptr):
+    """Whether this program is the last of the launch to get here (an acq_rel ticket: every other
+    program's stores before its ticket are visible after it); the last one must reset the counter
+    to 0 (``tl.atomic_xchg``) when it is done."""
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = ticket == tl.num_programs(0) * tl.num_programs(1) - 1
+    return last
+
+
+@triton.jit
+def _sum_partials(part_ptr, n, RBLOCK: tl.constexpr):
+    """The fp32 sum of ``n`` partials in a fixed order (read past L1: other programs wrote them)."""
+    acc = tl.zeros([RBLOCK], tl.float32)
+    for i in range(0, n, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        acc += tl.load(part_ptr + idx, mask=idx < n, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -41,25 +68,38 @@ def _entropy_fwd_kernel(
     lse_ptr,
     h_ptr,
     conf_ptr,
+    valid_ptr,
+    part_ptr,
+    counter_ptr,
+    loss_ptr,
     n_rows,
     n_cols,
     z_stride,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     WRITE_CONF: tl.constexpr,
+    WRITE_VALID: tl.constexpr,
+    WRITE_MEAN: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
-    """Per-row log-sum-exp, entropy and (optionally) max-probability, one pass over ``z``.
+    """Per-row log-sum-exp, entropy and (optionally) max-probability, one pass over ``z``; with
+    WRITE_MEAN also the mean entropy over rows (the loss), by the last program.
 
     Parameters:
         z_ptr: logits, ``(n_rows, n_cols)`` with row stride ``z_stride`` and unit column stride
             (fp32 / fp16 / bf16; accumulated in fp32).
-        lse_ptr: out ``(n_rows,)`` fp32, ``log sum_i exp(z_i)``.
+        lse_ptr: out ``(n_rows,)`` fp32, ``log sum_i exp(z_i)`` (with WRITE_LSE).
         h_ptr: out ``(n_rows,)`` fp32, entropy ``H``.
-        conf_ptr: out ``(n_rows,)`` fp32, ``max_i p_i`` (written only when ``WRITE_CONF``).
+        conf_ptr: out ``(n_rows,)`` fp32, ``max_i p_i`` (with WRITE_CONF).
+        valid_ptr: out ``(n_rows,)`` fp32, filled with 1.0 (with WRITE_VALID: EATA's 2-D signals).
+        part_ptr: fp32 scratch, one partial sum of H per program (with WRITE_MEAN).
+        counter_ptr: int32 ticket counter, 0 before and after the launch (with WRITE_MEAN).
+        loss_ptr: out 0-d in the logits' dtype, ``mean_rows H`` (with WRITE_MEAN).
         n_rows, n_cols, z_stride: sizes and row stride (elements).
         ROWS: rows handled by one program (a 2-D tile ``ROWS x BLOCK_C``).
         BLOCK_C: classes per loop step; the loop covers any class count.
-        WRITE_CONF: also store the per-row confidence ``1 / s``.
+        RBLOCK: partials summed per step by the last program.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -89,10 +129,50 @@ def _entropy_fwd_kernel(
     # 3. lse = m + log s,  H = log s - t / s,  max p = 1 / s.
     s = tl.where(row_ok, s, 1.0)  # padding rows: keep log(0) / 0 / 0 out of the way
     log_s = tl.log(s)
-    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
-    tl.store(h_ptr + rows, log_s - t / s, mask=row_ok)
+    h = log_s - t / s
+    if WRITE_LSE:
+        tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+    tl.store(h_ptr + rows, h, mask=row_ok)
     if WRITE_CONF:
         tl.store(conf_ptr + rows, 1.0 / s, mask=row_ok)
+    if WRITE_VALID:
+        tl.store(valid_ptr + rows, tl.full([ROWS], 1.0, tl.float32), mask=row_ok)
+    # 4. the mean over rows: partial per program, the last program sums them in order
+    if WRITE_MEAN:
+        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, h, 0.0), axis=0))
+        if _last_program(counter_ptr):
+            total = _sum_partials(part_ptr, tl.num_programs(0), RBLOCK)
+            tl.store(loss_ptr, _to_storage(total / n_rows.to(tl.float32), loss_ptr.dtype.element_ty))
+            tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _sample_stats_kernel(conf_ptr, h_ptr, out_conf_ptr, out_h_ptr, out_valid_ptr, rows_per_sample, conf_min,
+                         RBLOCK: tl.constexpr):
+    """EATA's per-sample signals of ``(B, R, C)`` logits from the per-row ``conf`` and ``H``: mean
+    conf, mean H and the count of rows with ``conf >= conf_min``; one program per sample.
+
+    Parameters:
+        conf_ptr, h_ptr: per-row fp32 ``(B * R,)`` from the forward kernel.
+        out_conf_ptr, out_h_ptr, out_valid_ptr: out fp32 ``(B,)``.
+        rows_per_sample: R.  conf_min: the confidence threshold (fp32).  RBLOCK: rows per step.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    base = b * rows_per_sample
+    sc = tl.zeros([RBLOCK], tl.float32)
+    sh = tl.zeros([RBLOCK], tl.float32)
+    sv = tl.zeros([RBLOCK], tl.float32)
+    for i in range(0, rows_per_sample, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        ok = idx < rows_per_sample
+        c = tl.load(conf_ptr + base + idx, mask=ok, other=0.0)
+        sc += c
+        sh += tl.load(h_ptr + base + idx, mask=ok, other=0.0)
+        sv += tl.where(ok & (c >= conf_min), 1.0, 0.0)
+    n = rows_per_sample.to(tl.float32)
+    tl.store(out_conf_ptr + b, tl.sum(sc, axis=0) / n)
+    tl.store(out_h_ptr + b, tl.sum(sh, axis=0) / n)
+    tl.store(out_valid_ptr + b, tl.sum(sv, axis=0))
 
 
 @triton.jit
@@ -147,13 +227,28 @@ def _entropy_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-def _tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_C, num_warps): ~4K-element tiles on GPU, bigger under the interpreter."""
+_RBLOCK = 1024  # partials summed per step by a last program / rows per step of _sample_stats_kernel
+_COUNTERS: dict = {}
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """The int32 ticket counter of ``device``'s current stream (0 between launches: the last
+    program of each launch resets it); shared by the kernels of ``entropy`` and ``mim``."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else device
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+@functools.lru_cache(maxsize=256)
+def _tile(n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK_C, num_warps, programs): ~4K-element tiles on GPU, bigger under the interpreter."""
     budget = 16384 if INTERPRET else 4096
     block_c = min(triton.next_power_of_2(max(n_cols, 1)), budget)
     rows = max(1, min(budget // block_c, triton.next_power_of_2(max(n_rows, 1))))
     num_warps = 8 if rows * block_c >= 4096 else 4
-    return rows, block_c, num_warps
+    return rows, block_c, num_warps, triton.cdiv(n_rows, rows)
 
 
 def _as_rows(z: torch.Tensor) -> torch.Tensor:
@@ -164,42 +259,96 @@ def _as_rows(z: torch.Tensor) -> torch.Tensor:
     return z2
 
 
+def _check_dtype(z: torch.Tensor) -> None:
+    if z.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"entropy: logits must be one of {SUPPORTED_DTYPES}, got {z.dtype}")
+
+
+def _forward(z2: torch.Tensor, lse, h, conf, valid, part, counter, loss, *, write_lse: bool, write_conf: bool,
+             write_valid: bool, write_mean: bool) -> None:
+    n_rows, n_cols = z2.shape
+    rows, block_c, num_warps, programs = _tile(n_rows, n_cols)
+    _entropy_fwd_kernel[(programs,)](
+        z2, lse, h, conf, valid, part, counter, loss, n_rows, n_cols, z2.stride(0),
+        ROWS=rows, BLOCK_C=block_c, WRITE_LSE=write_lse, WRITE_CONF=write_conf, WRITE_VALID=write_valid,
+        WRITE_MEAN=write_mean, RBLOCK=_RBLOCK, num_warps=num_warps,
+    )
+
+
+def entropy_loss_forward(z: torch.Tensor):
+    """``(loss, lse, H)`` of ``z (..., C)``, ``C >= 2``, in one launch: loss 0-d in ``z.dtype`` (the
+    mean of H over rows), ``lse`` and ``H`` fp32 ``(N,)``."""
+    _check_dtype(z)
+    z2 = _as_rows(z)
+    n_rows, n_cols = z2.shape
+    lse = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+    h = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+    loss = torch.empty((), dtype=z.dtype, device=z.device)
+    if n_rows == 0:
+        return loss.fill_(float("nan")), lse, h  # the mean of nothing, as torch's
+    part = torch.empty(_tile(n_rows, n_cols)[3], dtype=torch.float32, device=z.device)
+    _forward(z2, lse, h, h, h, part, ticket_counter(z.device), loss, write_lse=True, write_conf=False,
+             write_valid=False, write_mean=True)
+    return loss, lse, h
+
+
+def entropy_stats_forward(z: torch.Tensor, conf_min: float):
+    """EATA's per-sample ``(conf, H, valid)``, fp32 ``(B,)``, of ``z (B, C)`` (one launch; valid = 1)
+    or ``z (B, ..., C)`` (two launches: rows, then per-sample means and the count of rows with
+    ``conf >= conf_min``); ``C >= 2``."""
+    _check_dtype(z)
+    z2 = _as_rows(z)
+    n_rows = z2.shape[0]
+    batch = int(z.shape[0])
+    dev = z.device
+    if z.ndim == 2:
+        conf, h, valid = (torch.empty(n_rows, dtype=torch.float32, device=dev) for _ in range(3))
+        if n_rows:
+            _forward(z2, h, h, conf, valid, h, h, h, write_lse=False, write_conf=True, write_valid=True,
+                     write_mean=False)
+        return conf, h, valid
+    conf_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    h_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    conf, h, valid = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(3))
+    if batch == 0:
+        return conf, h, valid
+    if n_rows:
+        _forward(z2, h_rows, h_rows, conf_rows, h_rows, h_rows, h_rows, h_rows, write_lse=False, write_conf=True,
+                 write_valid=False, write_mean=False)
+    _sample_stats_kernel[(batch,)](conf_rows, h_rows, conf, h, valid, n_rows // batch, float(conf_min),
+                                   RBLOCK=_RBLOCK, num_warps=4)
+    return conf, h, valid
+
+
 def entropy_forward(z: torch.Tensor, *, want_conf: bool = False):
     """Run the forward kernel on ``z (..., C)``.
 
     Returns ``(lse, H, conf)``, each fp32 of shape ``(N,)`` with ``N = z.numel() // C``;
     ``conf`` is ``None`` unless ``want_conf``.  Requires ``C >= 1``.
     """
-    if z.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"entropy: logits must be one of {SUPPORTED_DTYPES}, got {z.dtype}")
+    _check_dtype(z)
     z2 = _as_rows(z)
-    n_rows, n_cols = z2.shape
+    n_rows = z2.shape[0]
     lse = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     h = torch.empty_like(lse)
     conf = torch.empty_like(lse) if want_conf else h  # dummy pointer when not written
     if n_rows > 0:
-        rows, block_c, num_warps = _tile(n_rows, n_cols)
-        grid = (triton.cdiv(n_rows, rows),)
-        _entropy_fwd_kernel[grid](
-            z2, lse, h, conf, n_rows, n_cols, z2.stride(0),
-            ROWS=rows, BLOCK_C=block_c, WRITE_CONF=want_conf, num_warps=num_warps,
-        )
+        _forward(z2, lse, h, conf, h, h, h, h, write_lse=True, write_conf=want_conf, write_valid=False,
+                 write_mean=False)
     return lse, h, (conf if want_conf else None)
 
 
 def entropy_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, *,
                      log_eps: float) -> torch.Tensor:
-    """``d mean(H) / dz`` scaled by the 0-d ``grad``, ``log p`` clamped at ``log_eps``; returns a
-    tensor shaped and typed like ``z``."""
+    """``d mean(H) / dz`` scaled by the 0-d ``grad`` (any float dtype, read on device), ``log p``
+    clamped at ``log_eps``; returns a tensor shaped and typed like ``z`` (one launch)."""
     z2 = _as_rows(z)
     n_rows, n_cols = z2.shape
     dz = torch.empty((n_rows, n_cols), dtype=z.dtype, device=z.device)
     if n_rows > 0 and n_cols > 0:
-        g = grad.reshape(()).to(device=z.device, dtype=torch.float32)
-        rows, block_c, num_warps = _tile(n_rows, n_cols)
-        grid = (triton.cdiv(n_rows, rows),)
-        _entropy_bwd_kernel[grid](
-            z2, dz, lse, h, g, n_rows, n_cols, z2.stride(0), dz.stride(0), 1.0 / n_rows,
+        rows, block_c, num_warps, programs = _tile(n_rows, n_cols)
+        _entropy_bwd_kernel[(programs,)](
+            z2, dz, lse, h, grad, n_rows, n_cols, z2.stride(0), dz.stride(0), 1.0 / n_rows,
             LOG_EPS=log_eps, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     return dz.view(z.shape)

@@ -342,6 +342,134 @@ def test_torch_compile_fullgraph():
 
 
 # =======================================================================================
+# Launches per call on the Triton path (counted in the interpreter, or on CUDA)
+# =======================================================================================
+
+class _Launches(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what an op launches: Triton kernels (each jitted kernel's ``run``) and the aten ops
+    that would run a kernel on a GPU (not views, not allocations); aten ops inside a Triton run
+    (the interpreter's own copies) are not counted."""
+
+    FREE = ("empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        from yolozu_ttt.kernels import entropy, mim
+
+        self.triton, self.aten, self._inside = [], [], 0
+        for module in (entropy, mim):
+            for name, kernel in vars(module).items():
+                if name.endswith("_kernel") and hasattr(kernel, "run"):
+                    monkeypatch.setattr(kernel, "run", self._counting(name, kernel.run))
+
+    def _counting(self, name, run):
+        def counted(*args, **kwargs):
+            self.triton.append(name)
+            self._inside += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self._inside -= 1
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self._inside and not func.is_view and name not in self.FREE:
+            self.aten.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> tuple[list, list]:
+        out = (list(self.triton), list(self.aten))
+        self.triton.clear()
+        self.aten.clear()
+        return out
+
+
+def _triton_device():
+    if UNDER_INTERPRETER:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("the Triton path needs CUDA or the interpreter subprocess (test_triton_interpreter)")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_launches_per_call(monkeypatch):
+    """Pins the launches of each public op on the Triton path: one kernel per call and direction,
+    no other kernel (fills, means, casts, counts folded in), two for entropy_stats of (B, Q, C)."""
+    device = _triton_device()
+    z = (torch.randn(2, 30, 81) * 3).to(device)
+    zb = z.to(torch.bfloat16)
+    x = torch.randn(2, 3, 37, 50, device=device)
+    grid = _grid((3, 4), 0.5, 1).to(device)
+    g = torch.tensor(1.5, device=device)
+
+    def run_all():  # every op once (forward; backward separately)
+        zz = z.clone().requires_grad_(True)
+        loss = ops.entropy_loss(zz)
+        (dz,) = torch.autograd.grad(loss, zz, g)
+        ops.entropy_loss(zb)
+        ops.entropy_stats(z, 0.2)
+        ops.entropy_stats(z[0], 0.2)
+        xx = x.clone().requires_grad_(True)
+        masked = ops.apply_patch_mask(xx, grid, patch_size=16, mask_value=0.5)
+        rec = ops.masked_reconstruction_loss(masked, x, grid, patch_size=16)
+        torch.autograd.grad(rec, xx, g)
+
+    run_all()  # warm-up: compiles, the ticket counter
+    counter = _Launches(monkeypatch)
+    with counter:
+        zz = z.clone().requires_grad_(True)
+        counter.take()
+        loss = ops.entropy_loss(zz)
+        assert counter.take() == (["_entropy_fwd_kernel"], [])
+        torch.autograd.grad(loss, zz, g)
+        assert counter.take() == (["_entropy_bwd_kernel"], [])
+        ops.entropy_loss(zb)  # bf16: the mean's cast is in the kernel too
+        assert counter.take() == (["_entropy_fwd_kernel"], [])
+        ops.entropy_stats(z, 0.2)
+        assert counter.take() == (["_entropy_fwd_kernel", "_sample_stats_kernel"], [])
+        ops.entropy_stats(z[0], 0.2)
+        assert counter.take() == (["_entropy_fwd_kernel"], [])
+        xx = x.clone().requires_grad_(True)
+        counter.take()
+        masked = ops.apply_patch_mask(xx, grid, patch_size=16, mask_value=0.5)
+        assert counter.take() == (["_apply_patch_mask_kernel"], [])
+        rec = ops.masked_reconstruction_loss(masked, x, grid, patch_size=16)
+        assert counter.take() == (["_masked_sse_kernel"], [])
+        torch.autograd.grad(rec, xx, g)
+        assert counter.take() == (["_masked_sse_bwd_kernel", "_apply_patch_mask_kernel"], [])
+        ops.masked_reconstruction_loss(x, x * 0.5, grid, patch_size=16)  # no grad: the same one launch
+        triton, _ = counter.take()
+        assert triton[-1:] == ["_masked_sse_kernel"]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_eager_paths_equal_the_custom_ops(case):
+    """The eager bypasses of entropy_stats, apply_patch_mask and masked_reconstruction_loss give the
+    custom ops' values and gradients, bit for bit."""
+    device = _triton_device() if (UNDER_INTERPRETER or torch.cuda.is_available()) else "cpu"
+    z = (torch.randn(3, 20, 81, generator=torch.Generator().manual_seed(case)) * 3).to(device)
+    x = torch.randn(2, 3, 37, 50, generator=torch.Generator().manual_seed(case)).to(device)
+    t = torch.randn(2, 3, 37, 50, generator=torch.Generator().manual_seed(case + 9)).to(device)
+    grid = _grid((3, 4), 0.3 * case, case).to(device)
+    if case == 0:
+        for logits in (z, z[0]):
+            ours, theirs = ops.entropy_stats(logits, 0.1), torch.ops.yolozu_ttt.entropy_stats(logits, 0.1)
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        return
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ta, tb = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    la = ops.masked_reconstruction_loss(ops.apply_patch_mask(a, grid, patch_size=16, mask_value=0.25), ta, grid,
+                                        patch_size=16)
+    lb = torch.ops.yolozu_ttt.masked_reconstruction_loss(torch.ops.yolozu_ttt.apply_patch_mask(b, grid, 16, 0.25), tb,
+                                                         grid, 16)
+    (la * 1.3).backward()
+    (lb * 1.3).backward()
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad) and torch.equal(ta.grad, tb.grad)
+
+
+# =======================================================================================
 # The Triton path under the interpreter (subprocess: TRITON_INTERPRET must precede import)
 # =======================================================================================
 
