@@ -677,3 +677,47 @@ def test_cotta_restore_prob_one_and_bad_teachers():
     group.set_teacher(None)
     with pytest.raises(ValueError):
         fused_step([group], 1e-2, ema_momentum=0.9)
+
+
+# ------------------------------------------------------------------------------------------
+# graph mode's premise: a step's launches read only device state (replaying them is a step)
+# ------------------------------------------------------------------------------------------
+@needs_triton_path
+@pytest.mark.parametrize("restore", [False, True], ids=["plain", "cotta_restore"])
+def test_replaying_the_first_launch_equals_fresh_steps(restore):
+    """What a CUDA graph of ``StepLaunch.run`` does: the first step's launches, run again after each
+    later step's host half (``prepare_step``: flags, restore key), give the same results as fresh
+    ``fused_step`` calls, bit for bit: flags, step counts, bias corrections and restore keys come
+    from device memory. The launch key stays the same while nothing it bakes in changes."""
+    sizes = SIZES
+    fresh, replay = _make_buffers(torch.float32, sizes, seed=7, device=DEVICE), None
+    replay = _clone_to(fresh, DEVICE)
+    groups, flags = [], []
+    for bufs in (fresh, replay):
+        hg = bytearray(len(sizes))
+        g = _bind(U.TritonArenaGroup, bufs, sizes, hg, block_size=256)
+        g.set_teacher(bufs["base"].clone())
+        groups.append(g)
+        flags.append(hg)
+    outs = [torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=DEVICE) for _ in range(2)]
+    kw = dict(lr=1e-2, max_grad_norm=0.5, anchor_lambda=0.3, ema_momentum=0.9 if restore else None,
+              restore_prob=0.3 if restore else 0.0, restore_seed=5)
+    first = None
+    for step, (flag_bytes, _, _) in enumerate(_SCHEDULE):
+        g = _grads(torch.float32, sizes, step)
+        for bufs, hg in zip((fresh, replay), flags):
+            bufs["grad"].copy_(g)
+            hg[:] = flag_bytes
+        U.fused_step([groups[0]], outs[0], restore_counter=step, **kw)
+        launch = U.prepare_step([groups[1]], outs[1], restore_counter=step, **kw)
+        if first is None:
+            first = launch
+        assert launch.key() == first.key(), step
+        first.run()
+        assert torch.equal(outs[0], outs[1]), (step, outs)
+        for k in ("param", "exp_avg", "exp_avg_sq", "snap"):
+            assert torch.equal(_bits(fresh[k]), _bits(replay[k])), (step, k)
+        assert torch.equal(groups[0].teacher, groups[1].teacher)
+    assert groups[0].steps == groups[1].steps
+    other = U.prepare_step([groups[1]], outs[1], **dict(kw, anchor_lambda=0.5))
+    assert other.key() != first.key()  # a new anchor table: a graph would be captured anew

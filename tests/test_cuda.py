@@ -1,0 +1,237 @@
+"""GPU-only checks of issue 12 (skipped without CUDA): host syncs per step, the ops' fast paths
+against eager PyTorch, and graph mode against eager mode.
+
+* Syncs: every method's ``adapt`` runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the
+  synchronizing calls are counted per step: one (the engine's stats read) for Tent, CoTTA and MIM;
+  two for EATA (its sample selection is read before the step, as the reference decides on the
+  host whether anything was selected) and SAR (the ascent's read, README difference 12).
+* Ops: the Triton paths (eager bypass and custom op) against YOLOZU's eager references, values
+  and gradients, at the benched sizes.
+* Graph mode (``YOLOZU_TTT_CUDA_GRAPH=1``, read at import, hence a subprocess): the run's report
+  and final parameters equal eager mode's, and the graph was captured and replayed; on a CPU
+  arena (this test runs without a GPU too) graph mode warns and runs eagerly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import UNDER_INTERPRETER, ListAdapter, make_batches, make_model
+from yolozu.tta.config import TTTConfig
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or UNDER_INTERPRETER, reason="needs CUDA")
+
+#: expected synchronizing calls per step (see the module docstring)
+SYNCS_PER_STEP = {"tent": 1, "cotta": 1, "mim": 1, "eata": 2, "sar": 2}
+CONFIGS = {
+    "tent": dict(method="tent"),
+    "eata": dict(method="eata", eata_conf_min=0.0, eata_entropy_min=0.0, eata_entropy_max=100.0),
+    "sar": dict(method="sar"),
+    "cotta": dict(method="cotta", cotta_restore_prob=0.01),
+    "mim": dict(method="mim"),
+}
+
+
+def config(name: str, **kw) -> TTTConfig:
+    base = dict(enabled=True, steps=3, max_batches=2, lr=1e-2, max_grad_norm=1.0)
+    base.update(CONFIGS[name])
+    base.update(kw)
+    return TTTConfig(**base)
+
+
+def model_for(name: str):
+    if name == "mim":
+        from test_methods_mim import ReconNet
+
+        torch.manual_seed(0)
+        return ReconNet("recon").cuda(), [b.cuda() for b in make_batches(2, shape=(2, 3, 32, 32))]
+    return make_model().cuda(), [b.cuda() for b in make_batches()]
+
+
+def _is_sync(w: warnings.WarningMessage) -> bool:
+    return "synchroniz" in str(w.message)
+
+
+@needs_cuda
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
+def test_syncs_per_step(name, update_filter, monkeypatch):
+    import importlib
+
+    import yolozu_ttt
+
+    module = importlib.import_module(f"yolozu_ttt.methods.{name}")
+    cls = module.METHOD
+    per_step: list[int] = []
+    original = cls.adapt
+
+    def counted(self, *args, **kwargs):
+        torch.cuda.synchronize()  # nothing of the previous step pending
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                per_step.append(sum(map(_is_sync, caught)))
+
+    monkeypatch.setattr(cls, "adapt", counted)
+    model, batches = model_for(name)
+    cfg = config(name, update_filter=update_filter, steps=4)
+    yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)  # first run: compiles, tables
+    per_step.clear()
+    report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)
+    assert per_step and report.steps_run == len(per_step)
+    assert max(per_step) <= SYNCS_PER_STEP[name], f"{name}/{update_filter}: syncs per step {per_step}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta"])
+def test_engine_step_is_one_sync(name, monkeypatch):
+    """The fused step itself (UpdateEngine.step: launches, the stats read) syncs exactly once."""
+    from yolozu_ttt import engine as E
+
+    import yolozu_ttt
+
+    counts: list[int] = []
+    original = E.UpdateEngine.step
+
+    def counted(self, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum(map(_is_sync, caught)))
+
+    monkeypatch.setattr(E.UpdateEngine, "step", counted)
+    model, batches = model_for(name)
+    for _ in range(2):
+        counts.clear()
+        yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=config(name, update_filter="all"))
+    assert counts and all(c == 1 for c in counts), counts
+
+
+# ---- ops: the Triton paths against YOLOZU's eager references ----------------------------------
+
+ENTROPY_SHAPES = [(2, 300, 81), (8, 300, 1203), (64, 32000)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ENTROPY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_entropy_fast_paths_agree_with_eager(shape, dtype):
+    from yolozu.tta.integration import _eata_sample_signals, _entropy_loss_from_logits
+
+    from yolozu_ttt import ops
+
+    z = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3).cuda().to(dtype)
+    ref_z = z.detach().float().requires_grad_(True)
+    ref = _entropy_loss_from_logits(ref_z)
+    ref.backward()
+    for call in (ops.entropy_loss, lambda t: torch.ops.yolozu_ttt.entropy_loss_fwd(t)[0]):
+        ours_z = z.detach().clone().requires_grad_(True)
+        loss = call(ours_z)
+        loss.backward()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(loss.float(), ref.detach(), **tol)
+        torch.testing.assert_close(ours_z.grad.float(), ref_z.grad, rtol=tol["rtol"] * 10, atol=1e-6)
+    if dtype == torch.float32 and len(shape) == 3:
+        want = _eata_sample_signals(z, conf_min=0.1)
+        got = ops.entropy_stats(z, 0.1)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(2, 3, 640, 640), (1, 3, 320, 320)], ids=["2x3x640x640", "1x3x320x320"])
+def test_mim_fast_paths_agree_with_eager(shape):
+    from yolozu.tta.ttt_mim import apply_mask, reconstruction_loss
+
+    from yolozu_ttt import ops
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).cuda()
+    target = torch.randn(shape, generator=g).cuda()
+    grid = (torch.rand((shape[-2] + 15) // 16, (shape[-1] + 15) // 16, generator=g) < 0.6).cuda()
+    mask = ops.expand_patch_mask(grid, shape[-2], shape[-1], 16)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref = reconstruction_loss(apply_mask(a, mask, mask_value=0.5) * 1.5, target, mask=mask)
+    ref.backward()
+    ours = ops.masked_reconstruction_loss(ops.apply_patch_mask(b, grid, patch_size=16, mask_value=0.5) * 1.5, target,
+                                          grid, patch_size=16)
+    ours.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-8)
+
+
+# ---- graph mode ---------------------------------------------------------------------------------
+
+GRAPH_SCRIPT = r"""
+import copy, json, sys, warnings
+import torch
+sys.path.insert(0, {tests!r})
+from test_cuda import config, model_for
+from conftest import ListAdapter
+import yolozu_ttt
+from yolozu_ttt import engine as E
+name, update_filter = sys.argv[1], sys.argv[2]
+replays = []
+original = torch.cuda.CUDAGraph.replay
+torch.cuda.CUDAGraph.replay = lambda self: (replays.append(1), original(self))[1]
+model, batches = model_for(name)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=config(name, update_filter=update_filter, steps=6))
+fallbacks = [str(w.message) for w in caught if issubclass(w.category, E.GraphFallbackWarning)]
+torch.save({{"report": report.to_dict(), "state": {{k: v.cpu() for k, v in model.state_dict().items()}},
+            "replays": len(replays), "fallbacks": fallbacks}}, sys.argv[3])
+"""
+
+
+def _run_mode(name: str, update_filter: str, graph: bool, path) -> dict:
+    env = dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1" if graph else "0")
+    script = GRAPH_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script, name, update_filter, str(path)], check=True, env=env)
+    return torch.load(path)
+
+
+@needs_cuda
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta", "mim"])
+def test_graph_mode_equals_eager(name, update_filter, tmp_path):
+    eager = _run_mode(name, update_filter, False, tmp_path / "eager.pt")
+    graph = _run_mode(name, update_filter, True, tmp_path / "graph.pt")
+    assert not graph["fallbacks"], graph["fallbacks"]
+    assert graph["replays"] >= 1 and eager["replays"] == 0
+    ref, ours = eager["report"], graph["report"]
+    assert ref["losses"] == pytest.approx(ours["losses"], rel=1e-5, abs=1e-7)
+    assert ref["stop_reason"] == ours["stop_reason"] and ref["steps_run"] == ours["steps_run"]
+    for key, value in eager["state"].items():
+        torch.testing.assert_close(graph["state"][key], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.skipif(UNDER_INTERPRETER, reason="the C++ engine's CPU arena is the case")
+def test_graph_mode_off_cuda_warns_and_runs_eagerly():
+    """A CPU arena with graph mode on (runs without a GPU too): eager, with a GraphFallbackWarning saying why."""
+    script = (
+        "import warnings, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from conftest import ListAdapter, make_model, make_batches\n"
+        "from test_cuda import config\n"
+        "import yolozu_ttt\n"
+        "from yolozu_ttt.engine import GraphFallbackWarning\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=config('tent'))\n"
+        "msgs = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]\n"
+        "assert msgs and 'CUDA arena' in msgs[0], msgs\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1"))
