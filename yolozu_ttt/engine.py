@@ -77,7 +77,7 @@ class UpdateEngine:
     """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena."""
 
     def __init__(self, arena: ParamArena, *, lr: float, max_grad_norm: float | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: Any = None):
         self.arena = arena
         self.lr = float(lr)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -91,6 +91,7 @@ class UpdateEngine:
         self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self.total_update_norm = 0.0  # of the last applied step
         self._graphs = self._graph_mode() if CUDA_GRAPH else None  # {launch key: CUDAGraph or None}
+        self.scaler = scaler  # fp16's amp.LossScaler (the grads arrive unscaled, with its overflow flag)
 
     def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
              ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
@@ -100,7 +101,15 @@ class UpdateEngine:
 
         ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
         the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
+
+        With a loss scaler (fp16), the overflow flag is read first (so a step reads twice): an
+        overflowed step applies nothing and returns an inf grad norm for the guards.
         """
+        if self.scaler is not None:
+            overflow = read(self.scaler.found_inf)[0] != 0.0
+            self.scaler.update(overflow)
+            if overflow:
+                return self._overflowed(anchor_lambda, write_snapshot, extra)
         if write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
         (self._impl.fused_step if self._graphs is None else self._graph_step)(
@@ -112,6 +121,20 @@ class UpdateEngine:
         stats = StepStats(*values[: len(STAT_KEYS)])
         self.total_update_norm = stats.total_update_norm
         return stats, values[len(STAT_KEYS):]
+
+    def _overflowed(self, anchor_lambda: float, write_snapshot: bool, extra: Sequence[Any]) -> tuple[StepStats, list[float]]:
+        """The stats of a step whose scaled grads overflowed: nothing applied (parameters, moments and
+        step count unchanged), grad norm inf; the snapshot, when asked, holds the unchanged values."""
+        if write_snapshot:
+            self.arena.hold_snapshot(in_grad=True)
+            self.arena.save_snapshot()
+        anchor = self.anchor_value() if anchor_lambda != 0.0 else 0.0
+        values = read(anchor, *extra)
+        inf = float("inf")
+        stats = StepStats(grad_norm=inf, grad_norm_clipped=inf, update_norm=0.0,
+                          total_update_norm=self.total_update_norm, anchor_loss=values[0],
+                          clip_coef=float("nan"), restored=0.0)
+        return stats, values[1:]
 
     # ---- graph mode (YOLOZU_TTT_CUDA_GRAPH=1): the fused update captured once, then replayed ---------
     def _graph_mode(self) -> dict | None:

@@ -20,6 +20,7 @@ from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
 
 from . import _native
+from .amp import check_amp
 from .arena import reuse_buffers
 from .common import SUPPORTED_DTYPES
 from .methods.loop import Method, RunContext, run_steps
@@ -77,13 +78,17 @@ def engine_supports(model: Any) -> bool:
 
 def last_engine() -> dict[str, Any] | None:
     """The engine the last ``run_ttt`` of this thread ran: ``{"engine": "fast", "backend": "cpp" |
-    "triton"}`` or ``{"engine": "reference", "reason": ...}``; None before any run."""
+    "triton"}`` (plus ``"amp": "bf16" | "fp16"`` when the passes ran in mixed precision) or
+    ``{"engine": "reference", "reason": ...}``; None before any run."""
     return getattr(_LAST, "engine", None)
 
 
-def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None) -> TTTReport:
+def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None,
+              amp: str = "off") -> TTTReport:
     """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot), say so once per
-    process and reason."""
+    process and reason. The reference runs in fp32: a requested ``amp`` is named in the reason."""
+    if reason is not None and amp != "off":
+        reason = f"{reason}; amp={amp} not applied (the reference runs in fp32)"
     _LAST.engine = {"engine": "reference", "reason": reason}
     if reason is not None and reason not in _WARNED:
         _WARNED.add(reason)
@@ -92,25 +97,32 @@ def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, re
     return reference_run_ttt(adapter, records, config=config)
 
 
-def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -> TTTReport:
+def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, amp: str = "off") -> TTTReport:
     """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``.
+
+    ``amp`` (ours, next to YOLOZU's config): the precision of the adaptation's forwards, ``"off"``
+    (fp32, the default), ``"bf16"`` or ``"fp16"`` (``torch.autocast`` for the model's device, fp32
+    master weights, optimizer state and losses; fp16 with a dynamic loss scale). Steps record it in
+    their entries (``"amp"``, and for fp16 ``"loss_scale"`` and ``"amp_overflow"``).
 
     Disabled configs run YOLOZU's reference unchanged. Methods not accelerated here and models the
     engine cannot hold (float64, devices other than CPU/CUDA, a CPU model without the compiled
-    extension) run it too, with a :class:`ReferenceFallbackWarning` saying why.
+    extension) run it too (in fp32), with a :class:`ReferenceFallbackWarning` saying why.
     """
+    amp = check_amp(amp)
     method = str(config.method or "tent").lower()
     methods = _accelerated()
     if not config.enabled:
         return _fallback(adapter, records, config, None)
     if method not in methods:  # YOLOZU's own error for a method it does not know either
         known = method in SUPPORTED_TTT_METHODS
-        return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known else None)
+        return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known else None,
+                         amp)
     if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
         candidate = adapter.get_model()
         problem = engine_problem(candidate) if candidate is not None else None
         if problem is not None:
-            return _fallback(adapter, records, config, problem)
+            return _fallback(adapter, records, config, problem, amp)
 
     if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
         raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
@@ -125,7 +137,7 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
     if steps <= 0:
         raise ValueError("steps must be > 0")
 
-    ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None)
+    ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None, amp=amp)
     if config.seed is not None:
         try:
             ctx.generator = torch.Generator(device="cpu")
@@ -140,7 +152,7 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
     try:
         run_steps(ctx, methods[method](ctx))
     finally:
-        _LAST.engine = {"engine": "fast", "backend": ctx.backend}
+        _LAST.engine = {"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})}
         if not was_training:
             try:
                 model.eval()
@@ -178,16 +190,16 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig) -
 class TTTSession:
     """``run_ttt`` over and over on one adapter and config, reusing the arena's buffers and engine."""
 
-    def __init__(self, adapter: Any, config: TTTConfig):
-        self.adapter, self.config = adapter, config
+    def __init__(self, adapter: Any, config: TTTConfig, amp: str = "off"):
+        self.adapter, self.config, self.amp = adapter, config, check_amp(amp)
         self.cache: dict = {}
 
     def run(self, records: list[dict[str, Any]]) -> TTTReport:
         """One ``run_ttt`` from the model's current values with fresh optimizer state."""
         with reuse_buffers(self.cache):
-            return run_ttt(self.adapter, records, config=self.config)
+            return run_ttt(self.adapter, records, config=self.config, amp=self.amp)
 
 
-def prepare_session(adapter: Any, config: TTTConfig) -> TTTSession:
+def prepare_session(adapter: Any, config: TTTConfig, amp: str = "off") -> TTTSession:
     """A session for repeated adaptation of the same model (``--ttt-reset sample``)."""
-    return TTTSession(adapter, config)
+    return TTTSession(adapter, config, amp)

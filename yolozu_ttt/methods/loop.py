@@ -12,6 +12,7 @@ imports a backend or reads arena fields; it asks the arena and the engine for op
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from yolozu.tta import integration as _ref
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.ttt_mim import select_parameters
 
-from .. import guards, ops
+from .. import amp, guards, ops
 from ..arena import ParamArena
 from ..common import StepStats
 from ..engine import UpdateEngine
@@ -75,6 +76,7 @@ class RunContext:
     abstained_steps: int = 0
     initial_loss: float | None = None
     backend: str | None = None  # the update engine's ("cpp" or "triton")
+    amp: str = "off"  # the adaptation passes' precision: "off" (fp32), "bf16" or "fp16" (amp.AMP_MODES)
 
     def finish_step(self, entry: dict[str, Any], loss: float, *, arena: ParamArena, buffers: BufferSnapshot | None,
                     params_changed: bool = True, method_stop: str | None = None) -> bool:
@@ -198,11 +200,19 @@ def base_entry(step: int, outcome: StepOutcome) -> dict[str, Any]:
 
 
 def run_steps(ctx: RunContext, method: Method) -> None:
-    """Run ``ctx.steps`` steps of ``method`` with YOLOZU's counters, metrics, guards and rollback."""
+    """Run ``ctx.steps`` steps of ``method`` with YOLOZU's counters, metrics, guards and rollback.
+
+    The one place of the run's precision: with ``ctx.amp`` on, every call of the model (and of the
+    copies a method makes of it, CoTTA's teacher) runs under ``torch.autocast`` and hands back fp32
+    outputs; fp16 backwards go through the arena's loss scale and an overflowed step reaches the
+    guards unapplied. Every run settles the batch/instance norms' ambiguous layouts (``amp``)."""
     params = method.select()
     snapshot = method.needs_snapshot()
-    with ParamArena(ctx.model, params) as arena:
-        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm())
+    scaler = amp.LossScaler(params[0].device) if ctx.amp == "fp16" else None
+    arena_type = functools.partial(amp.ScaledArena, scaler=scaler) if scaler is not None else ParamArena
+    with arena_type(ctx.model, params) as arena, amp.settled_norm_layouts(ctx.model), \
+            amp.autocast_forwards(ctx.model, ctx.amp):
+        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler)
         ctx.backend = engine.backend
         buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
         method.start(arena, engine)
@@ -212,12 +222,15 @@ def run_steps(ctx: RunContext, method: Method) -> None:
                 method.check_batch(x)
                 if buffers is not None:
                     buffers.save()
+                loss_scale = scaler.begin_step() if scaler is not None else None
                 outcome = method.adapt(x, step, arena, engine, snapshot)
                 ctx.forward_calls += outcome.forwards
                 ctx.backward_calls += outcome.backwards
                 ctx.optimizer_steps += outcome.optimizer_steps
                 ctx.abstained_steps += int(outcome.abstained)
                 entry = base_entry(step, outcome)
+                if ctx.amp != "off":
+                    entry.update(amp_fields(ctx, step, scaler, loss_scale))
                 if outcome.skipped:
                     if ctx.skip_step(entry, outcome.skip_stop):
                         break
@@ -230,6 +243,19 @@ def run_steps(ctx: RunContext, method: Method) -> None:
                 method.after_step(outcome)
         finally:
             method.close(arena, engine)
+
+
+def amp_fields(ctx: RunContext, step: int, scaler: amp.LossScaler | None, loss_scale: float | None) -> dict[str, Any]:
+    """The precision of a step's passes in its entry; fp16: the loss scale it ran with and whether its
+    grads overflowed (then nothing was applied: the grad norm is inf, the guards see it, and the
+    warnings say so)."""
+    fields: dict[str, Any] = {"amp": ctx.amp}
+    if scaler is not None:
+        overflow = scaler.step_overflowed
+        fields.update({"loss_scale": float(loss_scale), "amp_overflow": overflow})
+        if overflow:
+            ctx.warnings.append(f"amp_fp16_overflow:step={step},loss_scale={loss_scale:g}")
+    return fields
 
 
 # ---- what several methods share ------------------------------------------------------------
