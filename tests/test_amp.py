@@ -381,3 +381,44 @@ def test_run_ttt_batch_1_gradient_is_layout_independent():
     assert norms["channels_last"] == pytest.approx(norms["reference channels_last"], rel=1e-5)
     assert norms["reference contiguous"] != pytest.approx(norms["reference channels_last"], rel=1e-3)
     assert not model.bn._forward_hooks
+
+
+# ---- the command line ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_sample(tmp_path_factory):
+    from yolozu.demos.labeled_dataset import generate_labeled_sample
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    root = tmp_path_factory.mktemp("amp_cli")
+    generate_labeled_sample(run_dir=root / "ds", seed=0)
+    torch.save(RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model().state_dict(), root / "ckpt.pt")
+    return ["--adapter", "rtdetr_pose", "--config", "builtin:base", "--checkpoint", str(root / "ckpt.pt"),
+            "--dataset", str(root / "ds"), "--split", "val", "--max-images", "1", "--image-size", "64",
+            "--score-threshold", "0.0", "--max-detections", "3", "--ttt", "--ttt-steps", "2",
+            "--ttt-update-filter", "norm_only"]
+
+
+def test_cli_ttt_amp_with_the_reference_backend_is_refused(cli_sample, tmp_path, capsys):
+    from yolozu_ttt import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export-predictions", *cli_sample, "--ttt-amp", "bf16", "--output", str(tmp_path / "p.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ttt-amp bf16 needs --ttt-backend fast" in err and "no mixed-precision mode" in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_ttt_amp_bf16_runs_and_is_recorded(cli_sample, tmp_path):
+    import json
+
+    from yolozu_ttt import cli
+
+    out, log = tmp_path / "p.json", tmp_path / "log.json"
+    assert cli.main(["export-predictions", *cli_sample, "--ttt-backend", "fast", "--ttt-amp", "bf16", "--wrap",
+                     "--output", str(out), "--ttt-log-out", str(log)]) == 0
+    meta = json.loads(out.read_text())["meta"]["ttt"]
+    assert meta["amp"] == "bf16" and meta["engine"]["amp"] == "bf16" and meta["engine"]["engine"] == "fast"
+    assert json.loads(log.read_text())["ttt"]["amp"] == "bf16"
+    entries = meta["report"]["step_metrics"]
+    assert len(entries) == 2 and all(e["amp"] == "bf16" for e in entries)

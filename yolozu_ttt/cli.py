@@ -37,7 +37,9 @@ TTT_BACKENDS = ("reference", "fast")
 BACKEND_FLAG = "--ttt-backend"
 RESUME_FLAG = "--resume"
 TIMEOUT_FLAG = "--dist-timeout"
-OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG)
+AMP_FLAG = "--ttt-amp"
+TTT_AMP_MODES = ("off", "bf16", "fp16")
+OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG)
 COMMANDS = ("export-predictions", "demo", "doctor")
 PROG = "yolozu-ttt"
 
@@ -149,6 +151,17 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             f"waits for other ranks without any new finished image before failing (default: {DEFAULT_TIMEOUT_S:g})."
         ),
     )
+    parser.add_argument(
+        AMP_FLAG,
+        choices=TTT_AMP_MODES,
+        default=argparse.SUPPRESS,  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
+        help=(
+            "Precision of the --ttt adaptation passes on the fast backend: 'off' (fp32, the default: "
+            "unchanged), 'bf16' or 'fp16' (torch.autocast for the model's device; fp32 weights, optimizer "
+            "state and losses; fp16 with a dynamic loss scale). Recorded as amp in the --wrap meta ttt "
+            "block and the --ttt-log-out JSON. Needs --ttt-backend fast (YOLOZU's run_ttt has no such mode)."
+        ),
+    )
     return parser
 
 
@@ -190,7 +203,8 @@ class FastBackend:
     are never rebuilt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, amp: str = "off") -> None:
+        self.amp = amp  # --ttt-amp, passed on only when on (off: the calls are exactly as before)
         self.calls = 0
         self._run_ttt: Callable[..., Any] | None = None
         self._prepare: Callable[..., Any] | None = None
@@ -219,10 +233,13 @@ class FastBackend:
             if model is not None:
                 key = (id(model), id(config))
                 if self._session is None or self._session_key != key:
-                    self._session = self._prepare(adapter, config)
+                    self._session = self._prepare(adapter, config, **self._amp_kw())
                     self._session_key = key
                 return self._session.run(records)
-        return run_ttt(adapter, records, config=config)
+        return run_ttt(adapter, records, config=config, **self._amp_kw())
+
+    def _amp_kw(self) -> dict[str, Any]:
+        return {"amp": self.amp} if self.amp != "off" else {}
 
     def engine(self, method: str | None) -> dict[str, Any]:
         """The engine summary, built after the run (the meta and the log are written then)."""
@@ -249,7 +266,8 @@ def _patched(mod: Any, **names: Any) -> Iterator[None]:
             setattr(mod, name, value)
 
 
-def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,
+                     amp: str = "off") -> dict[str, Any]:
     """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
     wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``); empty for
     the reference backend in one process, which therefore runs YOLOZU unchanged."""
@@ -257,7 +275,7 @@ def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] |
     names: dict[str, Any] = {}
     if not fast and not extra:
         return names
-    backend = FastBackend() if fast else None
+    backend = FastBackend(amp) if fast else None
     build_settings = mod.build_ttt_settings_from_args
 
     def _settings_with_backend(ns: Any) -> dict[str, Any]:
@@ -265,6 +283,8 @@ def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] |
         if backend is not None:
             settings["backend"] = "fast"
             settings["engine"] = backend.engine(getattr(ns, "ttt_method", None))
+            if amp != "off":
+                settings["amp"] = amp
         settings.update(extra or {})
         return settings
 
@@ -279,6 +299,10 @@ def export_predictions(argv: Sequence[str]) -> int:
     parser = build_export_parser(mod)
     args = parser.parse_args(list(argv))
     resume = bool(vars(args).pop("resume", False))
+    amp = vars(args).pop("ttt_amp", "off")  # ours: YOLOZU's main sees its own namespace
+    if amp != "off" and args.ttt_backend != "fast":
+        parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
+                     "mixed-precision mode (it always adapts in fp32)")
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
 
@@ -288,7 +312,7 @@ def export_predictions(argv: Sequence[str]) -> int:
             return export.run_sharded(
                 mod, args, env=env, resume=resume,
                 timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
-                patches=lambda extra: _backend_patches(mod, args, extra),
+                patches=lambda extra: _backend_patches(mod, args, extra, amp),
             )
 
     def _parse_args(_argv: Any) -> argparse.Namespace:
@@ -296,7 +320,7 @@ def export_predictions(argv: Sequence[str]) -> int:
 
     # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
     # namespace YOLOZU's own parser produced (byte-identical output).
-    with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args, **_backend_patches(mod, args)):
+    with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
         mod.main([])
     return 0
 
@@ -431,6 +455,7 @@ Compiled, fused test-time adaptation backend for YOLOZU.
 commands:
   export-predictions  YOLOZU's export_predictions CLI (all of its flags) plus
                       --ttt-backend {{reference,fast}} (default: reference)
+                      --ttt-amp {{off,bf16,fp16}} (fast only; default: off)
   demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR
                       (table, summary.json, PNG plots)
   doctor              show the compiled engine / OpenMP / Triton / CUDA status;
