@@ -40,3 +40,25 @@ def test_entropy_fwd_bwd(benchmark, provider, shape):
     if DEVICE == "cuda" and benchmark.stats is not None:
         nbytes = 3 * z.numel() * z.element_size()
         benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.mean / 1e9
+
+
+@pytest.mark.parametrize("shape", [(2, 300, 81), (8, 300, 1203)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", ["reference", "fast"])
+def test_eata_signals(benchmark, provider, shape):
+    """EATA's per-sample (conf, entropy, valid) of (B, Q, C) logits."""
+    from yolozu.tta.integration import _eata_sample_signals
+
+    z = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3.0).to(DEVICE)
+    if provider == "reference":
+        def step():
+            _eata_sample_signals(z, conf_min=0.1)
+            sync(DEVICE)
+    else:
+        def step():
+            ops.entropy_stats(z, 0.1)
+            sync(DEVICE)
+
+    benchmark.group = f"eata signals ({','.join(map(str, shape))})"
+    benchmark.extra_info.update({"provider": provider, "shape": list(shape), "device": DEVICE})
+    step()
+    benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=1)

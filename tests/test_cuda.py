@@ -43,13 +43,17 @@ def config(name: str, **kw) -> TTTConfig:
     return TTTConfig(**base)
 
 
+#: the device of the end-to-end cases (a CPU dry run of this file's scripts sets it to cpu)
+DEVICE = os.environ.get("YOLOZU_TTT_TEST_DEVICE", "cuda")
+
+
 def model_for(name: str):
     if name == "mim":
         from test_methods_mim import ReconNet
 
         torch.manual_seed(0)
-        return ReconNet("recon").cuda(), [b.cuda() for b in make_batches(2, shape=(2, 3, 32, 32))]
-    return make_model().cuda(), [b.cuda() for b in make_batches()]
+        return ReconNet("recon").to(DEVICE), [b.to(DEVICE) for b in make_batches(2, shape=(2, 3, 32, 32))]
+    return make_model().to(DEVICE), [b.to(DEVICE) for b in make_batches()]
 
 
 def _is_sync(w: warnings.WarningMessage) -> bool:
@@ -174,41 +178,51 @@ def test_mim_fast_paths_agree_with_eager(shape):
 
 # ---- graph mode ---------------------------------------------------------------------------------
 
+GRAPH_CASES = [(name, f) for name in ("tent", "eata", "sar", "cotta", "mim") for f in ("all", "norm_only")]
 GRAPH_SCRIPT = r"""
-import copy, json, sys, warnings
+import sys, warnings
 import torch
 sys.path.insert(0, {tests!r})
-from test_cuda import config, model_for
+from test_cuda import GRAPH_CASES, config, model_for
 from conftest import ListAdapter
 import yolozu_ttt
 from yolozu_ttt import engine as E
-name, update_filter = sys.argv[1], sys.argv[2]
 replays = []
 original = torch.cuda.CUDAGraph.replay
 torch.cuda.CUDAGraph.replay = lambda self: (replays.append(1), original(self))[1]
-model, batches = model_for(name)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=config(name, update_filter=update_filter, steps=6))
-fallbacks = [str(w.message) for w in caught if issubclass(w.category, E.GraphFallbackWarning)]
-torch.save({{"report": report.to_dict(), "state": {{k: v.cpu() for k, v in model.state_dict().items()}},
-            "replays": len(replays), "fallbacks": fallbacks}}, sys.argv[3])
+results = {{}}
+for name, update_filter in GRAPH_CASES:
+    replays.clear()
+    model, batches = model_for(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [],
+                                    config=config(name, update_filter=update_filter, steps=6))
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, E.GraphFallbackWarning)]
+    results[name + "/" + update_filter] = {{"report": report.to_dict(), "replays": len(replays), "fallbacks": fallbacks,
+                                           "state": {{k: v.cpu() for k, v in model.state_dict().items()}}}}
+torch.save(results, sys.argv[1])
 """
 
 
-def _run_mode(name: str, update_filter: str, graph: bool, path) -> dict:
-    env = dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1" if graph else "0")
-    script = GRAPH_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", script, name, update_filter, str(path)], check=True, env=env)
-    return torch.load(path)
+@pytest.fixture(scope="module")
+def both_modes(tmp_path_factory):
+    """Every graph case run eagerly and in graph mode (one subprocess per mode: the switch is read at import)."""
+    out = {}
+    for mode in ("eager", "graph"):
+        path = tmp_path_factory.mktemp("graph") / f"{mode}.pt"
+        env = dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1" if mode == "graph" else "0")
+        script = GRAPH_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+        out[mode] = torch.load(path)
+    return out
 
 
 @needs_cuda
-@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta", "mim"])
-def test_graph_mode_equals_eager(name, update_filter, tmp_path):
-    eager = _run_mode(name, update_filter, False, tmp_path / "eager.pt")
-    graph = _run_mode(name, update_filter, True, tmp_path / "graph.pt")
+@pytest.mark.parametrize("name,update_filter", GRAPH_CASES, ids=["/".join(c) for c in GRAPH_CASES])
+def test_graph_mode_equals_eager(name, update_filter, both_modes):
+    case = f"{name}/{update_filter}"
+    eager, graph = both_modes["eager"][case], both_modes["graph"][case]
     assert not graph["fallbacks"], graph["fallbacks"]
     assert graph["replays"] >= 1 and eager["replays"] == 0
     ref, ours = eager["report"], graph["report"]

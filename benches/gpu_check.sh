@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Issue 12's GPU check in one go: build, the CUDA tests, the GPU benches (ops, update, host time,
+# end to end for every method with graph mode off and on) and one JSON, in under 8 minutes.
+#
+# On the GPU machine (H200, no network), from the repo root, with the pure-Python yolozu wheel
+# carried in .whl/ (fetched here first; see /work/.library/device/README.md):
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl yolozu==4.12.0          # once, here (py3-none-any)
+#     GPU_CHECK_COMMIT=$(git rev-parse --short HEAD) bash benches/gpu_check.sh   # there; carry .whl
+#
+# Writes $OUT/gpu_check.json (every step's status, seconds, test counts and failures, every
+# benchmark's mean/min/median per group and provider with the ratios, the host-time probe) and
+# $OUT/gpu_check.log (all output). OUT defaults to a fresh folder under /tmp.
+#
+#     bash benches/gpu_check.sh --dry-run    # here, without a GPU: the same steps, CPU-sized,
+#                                            # no install (the editable install runs)
+set -uo pipefail
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check_out.XXXXXX)}
+WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+PY=${PYTHON:-python3}
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-450} ))  # 7.5 minutes for everything
+COMMIT=${GPU_CHECK_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PYTHONUNBUFFERED=1
+: > "$WORK/steps.tsv"
+
+# step NAME SECONDS COMMAND...: run with a timeout (never past the deadline), log, record status
+step() {
+  local name=$1 limit=$2 left start rc
+  shift 2
+  left=$(( DEADLINE - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 5 )); then
+    printf '%s\tskipped\t0\tdeadline\n' "$name" >> "$WORK/steps.tsv"
+    echo "=== $name: skipped (deadline)" >> "$LOG"
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*" >> "$LOG"
+  start=$(date +%s%N)
+  ( cd "$WORK" && timeout "$limit" "$@" ) >> "$LOG" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - start) / 1000000 ))e-3" "$limit" >> "$WORK/steps.tsv"
+  echo "=== $name: rc $rc" >> "$LOG"
+}
+
+PYTEST=("$PY" -m pytest -p no:cacheprovider -q)
+if (( DRY )); then
+  export YOLOZU_TTT_BENCH_DEVICE=cpu
+  BENCH_DEV=cpu
+else
+  export YOLOZU_TTT_BENCH_DEVICE=cuda
+  BENCH_DEV=cuda
+  # 0. the carried wheels (yolozu: pure Python; its numpy, Pillow, PyYAML are on the image), then ours
+  if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+    step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile "$ROOT"/.whl/*.whl
+  fi
+  step install 240 "$PY" -m pip install -q --no-build-isolation --no-deps "$ROOT"
+fi
+cat > "$WORK/env_probe.py" <<'EOF'
+import json, platform, subprocess
+import torch, triton, yolozu_ttt
+info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+        "build_info": yolozu_ttt.build_info(), "yolozu_ttt_file": yolozu_ttt.__file__}
+for cmd in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+            ["lscpu"]):
+    try:
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        info[cmd[0]] = [l for l in text.splitlines() if cmd[0] != "lscpu" or l.startswith("Model name")]
+    except Exception as exc:  # noqa: BLE001
+        info[cmd[0]] = str(exc)
+print(json.dumps(info, default=str))
+EOF
+step env 60 bash -c "$PY $WORK/env_probe.py > $WORK/env.json"
+
+# 1. tests (pytest runs from $WORK: the installed package, not the source tree, is imported)
+if (( DRY )); then
+  step tests 120 "${PYTEST[@]}" --junitxml="$WORK/tests.xml" "$ROOT/tests/test_cuda.py"
+else
+  step tests 210 "${PYTEST[@]}" --junitxml="$WORK/tests.xml" -k "not interpreter and not triton_path" \
+    "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_kernels_update.py" "$ROOT/tests/test_ops.py" \
+    "$ROOT/tests/test_run.py::test_cuda_runs_match_the_reference_on_cuda" \
+    "$ROOT/tests/test_run.py::test_cuda_nan_batch_rolls_back_bit_exactly"
+fi
+
+# 2. benches: ops, update, host time (kernels stubbed); then end to end, graph mode off and on
+BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-disable-gc)
+if (( DRY )); then
+  step bench_ops 90 "${BENCH[@]}" --benchmark-json="$WORK/bench_ops.json" "$ROOT/benches/bench_host.py" \
+    "$ROOT/benches/bench_entropy.py" -k "host or 2x300x81"
+  step bench_e2e_eager 120 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_eager.json" \
+    "$ROOT/benches/bench_run_ttt.py" -k "norm_only and fast"
+  step bench_e2e_graph 120 env YOLOZU_TTT_CUDA_GRAPH=1 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_graph.json" \
+    "$ROOT/benches/bench_run_ttt.py" -k "norm_only and fast"
+else
+  step bench_ops 120 "${BENCH[@]}" --benchmark-json="$WORK/bench_ops.json" "$ROOT/benches/bench_entropy.py" \
+    "$ROOT/benches/bench_mim.py" "$ROOT/benches/bench_update.py" "$ROOT/benches/bench_host.py"
+  step bench_e2e_eager 150 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_eager.json" \
+    "$ROOT/benches/bench_run_ttt.py" "$ROOT/benches/bench_methods.py"
+  step bench_e2e_graph 90 env YOLOZU_TTT_CUDA_GRAPH=1 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_graph.json" \
+    "$ROOT/benches/bench_run_ttt.py" "$ROOT/benches/bench_methods.py" -k fast
+fi
+
+# 3. the fused step's host time with real launches: enqueue time per call, wall time per step with
+#    its one read, the same through a CUDA graph, and the kernels' device time (torch.profiler)
+cat > "$WORK/host_probe.py" <<'EOF'
+import json, statistics, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import rtdetr_param_sizes
+from yolozu_ttt.common import STAT_KEYS
+from yolozu_ttt.kernels import update as U
+
+def us(xs):
+    return {"median_us": statistics.median(xs) * 1e6, "min_us": min(xs) * 1e6}
+
+result = {}
+if not torch.cuda.is_available():
+    print(json.dumps({"skipped": "no CUDA"}))
+    sys.exit(0)
+for filt in ("all", "norm_only"):
+    sizes = rtdetr_param_sizes(filt)
+    n = sum(sizes)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    p = torch.randn(n, device="cuda")
+    grad = torch.randn(n, device="cuda") * 1e-3
+    group = U.TritonArenaGroup(p, grad, torch.zeros_like(p), torch.zeros_like(p), p.clone(), torch.empty_like(p),
+                               offsets, list(sizes), bytearray(b"\x01" * len(sizes)))
+    out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device="cuda")
+    host = torch.empty(len(STAT_KEYS), dtype=torch.float64, pin_memory=True)
+    kw = dict(lr=1e-4, max_grad_norm=1.0, write_snapshot=True)
+    step = lambda: U.fused_step([group], out, **kw)
+    def read():
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+    for _ in range(20):
+        step(); read()
+    enqueue = []
+    for _ in range(100):
+        t0 = time.perf_counter(); step(); enqueue.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    wall = []
+    for _ in range(100):
+        t0 = time.perf_counter(); step(); read(); wall.append(time.perf_counter() - t0)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    dev_us = 0.0
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            dev_us += float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+    group.reset_state()
+    launch = U.prepare_step([group], out, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch.run()
+    graph.replay(); read()
+    graphed = []
+    for _ in range(100):
+        t0 = time.perf_counter(); U.prepare_step([group], out, **kw); graph.replay(); read()
+        graphed.append(time.perf_counter() - t0)
+    result[filt] = {"tensors": len(sizes), "numel": n, "enqueue": us(enqueue), "wall_with_read": us(wall),
+                    "graph_wall_with_read": us(graphed), "device_kernels_us_per_step": dev_us / 20}
+print(json.dumps(result))
+EOF
+step host_probe 60 bash -c "$PY $WORK/host_probe.py $ROOT/benches > $WORK/host_probe.json"
+
+# 4. one JSON
+cat > "$WORK/merge.py" <<'EOF'
+import json, os, sys, xml.etree.ElementTree as ET
+work, out, commit, dry = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+doc = {"commit": commit, "dry_run": dry, "steps": [], "tests": None, "benchmarks": {}, "ratios": {}, "host_probe": None}
+for line in open(os.path.join(work, "steps.tsv")):
+    name, rc, secs, limit = line.rstrip("\n").split("\t")
+    doc["steps"].append({"step": name, "rc": rc, "seconds": round(float(secs or 0), 1), "limit": limit})
+doc["passed"] = all(s["rc"] == "0" for s in doc["steps"])
+xml = os.path.join(work, "tests.xml")
+if os.path.exists(xml):
+    root = ET.parse(xml).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = []
+    for case in root.iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            failed.append({"test": f"{case.get('classname')}::{case.get('name')}", "message": (bad.get("message") or "")[:400]})
+    doc["tests"] = dict(counts, failed=failed)
+for name in ("bench_ops", "bench_e2e_eager", "bench_e2e_graph"):
+    path = os.path.join(work, name + ".json")
+    if not os.path.exists(path):
+        continue
+    data = json.load(open(path))
+    doc.setdefault("machine_info", data.get("machine_info", {}).get("cpu", {}).get("brand_raw"))
+    groups = doc["benchmarks"].setdefault(name, {})
+    for b in data["benchmarks"]:
+        provider = b["extra_info"].get("provider") or b.get("params", {}).get("provider") or b["name"]
+        s = b["stats"]
+        entry = {"mean_ms": s["mean"] * 1e3, "min_ms": s["min"] * 1e3, "median_ms": s["median"] * 1e3, "rounds": s["rounds"]}
+        entry.update({k: v for k, v in b["extra_info"].items() if k not in ("provider",)})
+        groups.setdefault(b["group"] or b["name"], {})[provider] = entry
+    for group, prov in groups.items():
+        r = {}
+        if "reference" in prov and "fast" in prov:
+            r["speedup_mean"] = prov["reference"]["mean_ms"] / prov["fast"]["mean_ms"]
+            r["speedup_min"] = prov["reference"]["min_ms"] / prov["fast"]["min_ms"]
+        if "floor" in prov and "fast" in prov:
+            r["fast_over_floor_min"] = prov["fast"]["min_ms"] / prov["floor"]["min_ms"]
+        if r:
+            doc["ratios"][f"{name}: {group}"] = r
+eager, graph = doc["benchmarks"].get("bench_e2e_eager", {}), doc["benchmarks"].get("bench_e2e_graph", {})
+for group, prov in graph.items():
+    if "fast" in prov and group in eager:
+        e = eager[group]
+        r = doc["ratios"].setdefault(f"graph vs eager: {group}", {})
+        if "fast" in e:
+            r["graph_speedup_min"] = e["fast"]["min_ms"] / prov["fast"]["min_ms"]
+        if "floor" in e:
+            r["graph_fast_over_eager_floor_min"] = prov["fast"]["min_ms"] / e["floor"]["min_ms"]
+env = os.path.join(work, "env.json")
+if os.path.exists(env) and os.path.getsize(env):
+    doc["env"] = json.load(open(env))
+probe = os.path.join(work, "host_probe.json")
+if os.path.exists(probe) and os.path.getsize(probe):
+    doc["host_probe"] = json.load(open(probe))
+json.dump(doc, open(os.path.join(out, "gpu_check.json"), "w"), indent=1, default=str)
+print(json.dumps({"steps": doc["steps"], "tests": doc["tests"] and {k: v for k, v in doc["tests"].items() if k != "failed"},
+                  "failed": doc["tests"] and [f["test"] for f in doc["tests"]["failed"]]}, indent=1))
+EOF
+"$PY" "$WORK/merge.py" "$WORK" "$OUT" "$COMMIT" "$DRY" | tee -a "$LOG"
+echo "gpu_check: $OUT/gpu_check.json ($(( $(date +%s) - DEADLINE + ${GPU_CHECK_SECONDS:-450} )) s)"
