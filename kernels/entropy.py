@@ -62,7 +62,7 @@ def _sum_partials(part_ptr, n, RBLOCK: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # n_rows.to(): never the constexpr 1 (a one-row input)
 def _entropy_fwd_kernel(
     z_ptr,
     lse_ptr,
@@ -146,7 +146,7 @@ def _entropy_fwd_kernel(
             tl.atomic_xchg(counter_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_sample"])  # .to(): never the constexpr 1
 def _sample_stats_kernel(conf_ptr, h_ptr, out_conf_ptr, out_h_ptr, out_valid_ptr, rows_per_sample, conf_min,
                          RBLOCK: tl.constexpr):
     """EATA's per-sample signals of ``(B, R, C)`` logits from the per-row ``conf`` and ``H``: mean
