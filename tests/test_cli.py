@@ -238,7 +238,7 @@ def test_dummy_adapter_ttt_fails_like_yolozu(sample, tmp_path, monkeypatch):
 
 
 def test_fast_failure_inside_run_ttt_uses_yolozu_handler(sample, tmp_path, monkeypatch):
-    def boom(adapter, records, *, config):
+    def boom(adapter, records, *, config, **_):
         raise RuntimeError("simulated engine failure")
 
     monkeypatch.setattr(yolozu_ttt, "run_ttt", boom)

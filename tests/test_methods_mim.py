@@ -280,7 +280,9 @@ def tiny_rtdetr() -> nn.Module:
 def test_structured_builtin_rtdetr_matches_reference(kw):
     model = tiny_rtdetr()
     assert mim._mim.supports_structured_mim(model)
-    batches = make_batches(1, shape=(1, 3, 64, 64))
+    # batch 2: at batch 1 the reference's batch-norm gradients are wrong (torch's CPU backward on an
+    # ambiguous channels-last grad; README "Differences from the reference") and ours are not
+    batches = make_batches(1, shape=(2, 3, 64, 64))
     ref, fast = check(model, batches, cfg(steps=2, lr=1e-3, max_batches=1, **kw))
     assert fast.steps_run == 2 and all(e["entropy_loss"] is not None for e in fast.step_metrics)
     assert not fast.warnings
