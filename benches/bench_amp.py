@@ -15,28 +15,18 @@ import argparse
 import contextlib
 import copy
 import statistics
-import time
 
 import torch
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
+from conftest import FixedAdapter
+from interleaved import interleave, print_rounds
 from yolozu_ttt import amp as amp_mod
 
 STEPS = 3
 BATCH = (2, 3, 320, 320)
-
-
-class FixedAdapter:
-    def __init__(self, model, batch):
-        self.model, self.batch = model, batch
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size=1):
-        yield self.batch
 
 
 def floor_run(model, x, update_filter: str, amp: str) -> None:
@@ -80,16 +70,7 @@ def main() -> None:
         }
         if args.fp16:
             runs["fast fp16"] = lambda m: yolozu_ttt.run_ttt(FixedAdapter(m, x), [], config=config, amp="fp16")
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        order = list(runs)
-        for i in range(args.repeats + 1):
-            for provider in order[i % len(order):] + order[:i % len(order)]:
-                model.load_state_dict(state)
-                model.eval()
-                t = time.perf_counter()
-                runs[provider](model)
-                if i:
-                    times[provider].append(time.perf_counter() - t)
+        times = interleave(runs, model, state, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         base = med["floor fp32"]
         cells = "  ".join(f"{k} {v * 1e3:7.0f} ms ({base / v:.2f}x)" for k, v in med.items())
@@ -99,8 +80,7 @@ def main() -> None:
         print(f"{name:<16} {cells}  [speed-up vs fp32 floor; {args.repeats} interleaved repeats, {STEPS} steps, "
               f"batch {'x'.join(map(str, BATCH))}]", flush=True)
         if args.verbose:
-            for k, v in times.items():
-                print(f"    {k:<11} " + " ".join(f"{t * 1e3:7.0f}" for t in v), flush=True)
+            print_rounds(times)
 
 
 if __name__ == "__main__":

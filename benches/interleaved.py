@@ -48,6 +48,31 @@ def case(name: str):
     return model, x, config, lambda m: bench_methods.floor_run(method, m, x, update_filter)
 
 
+def interleave(runs: dict, model, state: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each ``runs[provider](model)``, ``repeats`` rounds after one dropped warm-up round,
+    the model reset to ``state`` (eval mode) before each run. The order rotates every round, so each
+    provider follows each other one equally often (a run inherits the C library heap the previous
+    one left: trimmed or warm)."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    for i in range(repeats + 1):
+        for provider in order[i % len(order):] + order[:i % len(order)]:
+            model.load_state_dict(state)
+            model.eval()
+            t = time.perf_counter()
+            runs[provider](model)
+            if i:
+                times[provider].append(time.perf_counter() - t)
+    return times
+
+
+def print_rounds(times: dict[str, list[float]]) -> None:
+    """Every round's time of every provider, in ms (``--verbose``)."""
+    width = max(len(k) for k in times)
+    for k, v in times.items():
+        print(f"    {k:<{width}} " + " ".join(f"{x * 1e3:7.0f}" for x in v), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+")
@@ -65,19 +90,7 @@ def main() -> None:
         if args.before:
             before = importlib.import_module(args.before)
             runs["before"] = lambda m: before.run_ttt(FixedAdapter(m, batch), [], config=config)
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        order = list(runs)
-        for i in range(args.repeats + 1):  # the first round warms up and is dropped
-            # the order rotates every round, so each provider follows each other one equally often
-            # (a run inherits the C library heap the previous one left: trimmed or warm)
-            for provider in order[i % len(order):] + order[:i % len(order)]:
-                run = runs[provider]
-                model.load_state_dict(state)
-                model.eval()
-                t = time.perf_counter()
-                run(model)
-                if i:
-                    times[provider].append(time.perf_counter() - t)
+        times = interleave(runs, model, state, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{name:<16} median reference {med['reference'] * 1e3:8.1f} ms  fast {med['fast'] * 1e3:8.1f} ms  "
               f"floor {med['floor'] * 1e3:8.1f} ms  speed-up {med['reference'] / med['fast']:.2f}x  "
@@ -86,8 +99,7 @@ def main() -> None:
             print(f"{'':<16} before {med['before'] * 1e3:8.1f} ms  before/floor {med['before'] / med['floor']:.2f}x  "
                   f"fast/before {med['fast'] / med['before']:.2f}x", flush=True)
         if args.verbose:
-            for k, v in times.items():
-                print(f"    {k:<9} " + " ".join(f"{x * 1e3:7.0f}" for x in v), flush=True)
+            print_rounds(times)
 
 
 if __name__ == "__main__":
