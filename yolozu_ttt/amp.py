@@ -203,8 +203,14 @@ def _settle_grad(module: nn.Module, args: tuple, out: Any) -> None:
 @contextlib.contextmanager
 def settled_norm_layouts(model: Any) -> Iterator[None]:
     """For the duration: every batch/instance norm of ``model`` gets its input and its output's grad
-    in the layout ATen reads (a copy only where a tensor is ambiguous), so its backward is right."""
+    in the layout ATen reads (a copy only where a tensor is ambiguous), so its backward is right.
+
+    CPU models only: the wrong backward is the CPU kernel's; elsewhere the hooks would only add host
+    work to every forward (the GPU path is host-bound at batch 1)."""
     handles = []
+    if isinstance(model, nn.Module) and model_device_type(model) != "cpu":
+        yield
+        return
     try:
         modules = list(model.modules()) if isinstance(model, nn.Module) else []
     except Exception:  # pragma: no cover
