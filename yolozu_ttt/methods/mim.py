@@ -30,7 +30,8 @@ ENTRY_LAYOUT = ("step", "loss", "mask_ratio", "grad_norm", "grad_norm_clipped", 
 
 
 def draw_grid(x: torch.Tensor, patch_size: int, mask_prob: float, generator: torch.Generator | None):
-    """The reference's patch grid (same generator call); a seeded draw off the CPU runs on the CPU."""
+    """The reference's patch grid (same generator call); a seeded draw off the CPU runs on the CPU and
+    goes to a CUDA input's device from pinned memory without a host sync."""
     height, width = int(x.shape[-2]), int(x.shape[-1])
     if height <= 0 or width <= 0:
         raise ValueError("height/width must be positive")
@@ -38,7 +39,10 @@ def draw_grid(x: torch.Tensor, patch_size: int, mask_prob: float, generator: tor
         raise ValueError("patch_size must be positive")
     shape = (max(1, int((height + patch_size - 1) / patch_size)), max(1, int((width + patch_size - 1) / patch_size)))
     if generator is not None and x.device != generator.device:
-        return (torch.rand(shape, generator=generator, device=generator.device) < float(mask_prob)).to(x.device)
+        grid = torch.rand(shape, generator=generator, device=generator.device) < float(mask_prob)
+        if x.device.type == "cuda":
+            return grid.pin_memory().to(x.device, non_blocking=True)
+        return grid.to(x.device)
     return torch.rand(shape, generator=generator, device=x.device) < float(mask_prob)
 
 
