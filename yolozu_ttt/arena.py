@@ -277,10 +277,6 @@ class ParamArena:
         """Backward into the flat grad buffers, computing only what the selected parameters need."""
         loss.backward(inputs=self.params)
 
-    def any_grad(self) -> bool:
-        """Whether backward reached any selected parameter."""
-        return any(any(g.has_grad) for g in self.groups)
-
     def mark_all_grads(self) -> None:
         """Treat every selected parameter as having a grad (e.g. a loss term that reaches them all)."""
         for g in self.groups:

@@ -18,7 +18,6 @@ from .arena import ParamArena, backend_module
 from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats
 
 GRAD_NORM, ANCHOR_VALUE = (GRAD_STAT_KEYS.index(k) for k in ("grad_norm", "anchor_loss"))
-DIRECTION_NORM, APPLIED = (SAR_STAT_KEYS.index(k) for k in ("direction_norm", "applied"))
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
 

@@ -71,11 +71,6 @@ def engine_problem(model: Any) -> str | None:
     return None
 
 
-def engine_supports(model: Any) -> bool:
-    """Whether every trainable parameter has a dtype and device the fused engine handles."""
-    return engine_problem(model) is None
-
-
 def last_engine() -> dict[str, Any] | None:
     """The engine the last ``run_ttt`` of this thread ran: ``{"engine": "fast", "backend": "cpp" |
     "triton"}`` (plus ``"amp": "bf16" | "fp16"`` when the passes ran in mixed precision) or

@@ -54,7 +54,6 @@ def forward(model: Any, x: torch.Tensor, aug_set: tuple, aggregation: str) -> tu
 class CoTTA(Method):
     """Entropy over augmented views with an EMA teacher and a stochastic restore to the start."""
 
-    name = "cotta"
     batch_error = "CoTTA requires tensor batches from adapter.build_loader()"
 
     def select(self) -> list[torch.Tensor]:

@@ -66,8 +66,6 @@ def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: int, batch: int)
 class EATA(Method):
     """Entropy over the confident, non-redundant samples, anchored to the starting weights."""
 
-    name = "eata"
-
     def select(self) -> list[torch.Tensor]:
         self.lam = float(self.config.eata_anchor_lambda)
         self.ratio_min = float(self.config.eata_selected_ratio_min)

@@ -138,7 +138,6 @@ class StepOutcome:
 class Method:
     """One TTT method's differences from the loop's defaults (Tent's shape)."""
 
-    name = "method"
     #: the batch check of the reference's loop for this method (None: no check)
     batch_error: str | None = None
 

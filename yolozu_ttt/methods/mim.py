@@ -113,8 +113,6 @@ def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, 
 class MIM(Method):
     """Masked-patch reconstruction (YOLOZU's structured branch for models with ``enable_mim``)."""
 
-    name = "mim"
-
     def select(self) -> list[torch.Tensor]:
         config = self.config
         self.patch_size, self.mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)

@@ -54,7 +54,6 @@ def ascend(arena: ParamArena, engine: UpdateEngine, rho: float, adaptive: bool,
 class SAR(Method):
     """Entropy at the sharpest nearby point: an ascent pass, then the update from the second grads."""
 
-    name = "sar"
     batch_error = "SAR requires tensor batches from adapter.build_loader()"
 
     def select(self) -> list[torch.Tensor]:

@@ -74,8 +74,6 @@ def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, 
 class Tent(Method):
     """Entropy minimisation (plus YOLOZU's aux-consistency and detector-response terms)."""
 
-    name = "tent"
-
     def select(self) -> list[torch.Tensor]:
         self.tc = tent_config(self.config)
         runner = _tent.TentRunner(self.ctx.model, config=self.tc)  # validates and selects like the reference
