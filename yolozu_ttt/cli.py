@@ -38,7 +38,6 @@ BACKEND_FLAG = "--ttt-backend"
 RESUME_FLAG = "--resume"
 TIMEOUT_FLAG = "--dist-timeout"
 AMP_FLAG = "--ttt-amp"
-TTT_AMP_MODES = ("off", "bf16", "fp16")
 OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG)
 COMMANDS = ("export-predictions", "demo", "doctor")
 PROG = "yolozu-ttt"
@@ -128,6 +127,7 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "and the --ttt-log-out JSON (default: reference). Without --ttt it has no effect."
         ),
     )
+    from .amp import AMP_MODES
     from .export import DEFAULT_TIMEOUT_S
 
     parser.add_argument(
@@ -153,7 +153,7 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         AMP_FLAG,
-        choices=TTT_AMP_MODES,
+        choices=AMP_MODES,
         default=argparse.SUPPRESS,  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
         help=(
             "Precision of the --ttt adaptation passes on the fast backend: 'off' (fp32, the default: "
