@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 12's GPU check in one go: build, the CUDA tests, the GPU benches (ops, update, host time,
-# end to end for every method with graph mode off and on) and one JSON, in under 8 minutes.
+# Issue 12's GPU check in one go: build, the CUDA tests, the GPU benches (whole-step graph mode on
+# the builtin RT-DETR at batch 1, ops, update, host time, end to end for every method with graph
+# mode off and on) and one JSON, in under 8 minutes.
 #
 # On the GPU machine (H200, no network), from the repo root, with the pure-Python yolozu wheel
 # carried in .whl/ (fetched here first; see /work/.library/device/README.md):
@@ -83,7 +84,7 @@ if (( DRY )); then
   step tests 120 "${PYTEST[@]}" --junitxml="$WORK/tests.xml" "$ROOT/tests/test_cuda.py"
 else
   step tests 210 "${PYTEST[@]}" --junitxml="$WORK/tests.xml" -k "not interpreter and not triton_path" \
-    "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_kernels_update.py" "$ROOT/tests/test_ops.py" \
+    "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_capture.py" "$ROOT/tests/test_kernels_update.py" "$ROOT/tests/test_ops.py" \
     "$ROOT/tests/test_run.py::test_cuda_runs_match_the_reference_on_cuda" \
     "$ROOT/tests/test_run.py::test_cuda_nan_batch_rolls_back_bit_exactly"
 fi
@@ -98,6 +99,7 @@ if (( DRY )); then
   step bench_e2e_graph 120 env YOLOZU_TTT_CUDA_GRAPH=1 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_graph.json" \
     "$ROOT/benches/bench_run_ttt.py" -k "norm_only and fast"
 else
+  step bench_graph 100 "${BENCH[@]}" --benchmark-json="$WORK/bench_graph.json" "$ROOT/benches/bench_graph.py"
   step bench_ops 120 "${BENCH[@]}" --benchmark-json="$WORK/bench_ops.json" "$ROOT/benches/bench_entropy.py" \
     "$ROOT/benches/bench_mim.py" "$ROOT/benches/bench_update.py" "$ROOT/benches/bench_host.py"
   step bench_e2e_eager 150 "${BENCH[@]}" --benchmark-json="$WORK/bench_e2e_eager.json" \
@@ -191,7 +193,7 @@ if os.path.exists(xml):
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             failed.append({"test": f"{case.get('classname')}::{case.get('name')}", "message": (bad.get("message") or "")[:400]})
     doc["tests"] = dict(counts, failed=failed)
-for name in ("bench_ops", "bench_e2e_eager", "bench_e2e_graph"):
+for name in ("bench_graph", "bench_ops", "bench_e2e_eager", "bench_e2e_graph"):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path):
         continue
@@ -211,6 +213,10 @@ for name in ("bench_ops", "bench_e2e_eager", "bench_e2e_graph"):
             r["speedup_min"] = prov["reference"]["min_ms"] / prov["fast"]["min_ms"]
         if "floor" in prov and "fast" in prov:
             r["fast_over_floor_min"] = prov["fast"]["min_ms"] / prov["floor"]["min_ms"]
+        if "graph" in prov:  # bench_graph: whole-step graph mode vs the eager floor and eager fast
+            r["graph_speedup_over_floor_min"] = prov["floor"]["min_ms"] / prov["graph"]["min_ms"]
+            r["graph_speedup_over_fast_min"] = prov["fast"]["min_ms"] / prov["graph"]["min_ms"]
+            r["whole_step"] = prov["graph"].get("whole_step")
         if r:
             doc["ratios"][f"{name}: {group}"] = r
 eager, graph = doc["benchmarks"].get("bench_e2e_eager", {}), doc["benchmarks"].get("bench_e2e_graph", {})

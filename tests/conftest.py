@@ -347,3 +347,50 @@ def max_prediction_diff(a: list[dict], b: list[dict]) -> float:
             worst = max(worst, abs(float(da["score"]) - float(db["score"])),
                         *(abs(float(da["bbox"][k]) - float(db["bbox"][k])) for k in ("cx", "cy", "w", "h")))
     return worst
+
+
+#: host reads per step of each method (what would sync with a GPU): the engine's one read; EATA's
+#: selection and SAR's ascent read once more before the update (README difference 12)
+HOST_READS_PER_STEP = {"tent": 1, "cotta": 1, "mim": 1, "eata": 2, "sar": 2}
+
+
+class HostReads:
+    """Counts, inside ``with``, what would make the host wait for a GPU: the operations
+    ``yolozu_ttt.capture.SyncProbe`` flags, plus each ``Tensor.tolist``/``Tensor.numpy`` (on the
+    CPU these read memory directly, so the probe cannot see them). ``count`` after the block."""
+
+    def __init__(self) -> None:
+        from yolozu_ttt.capture import SyncProbe
+
+        self.probe = SyncProbe()
+        self.reads = 0
+        self.count = 0
+
+    def __enter__(self) -> "HostReads":
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._counted(original))
+        self.probe.__enter__()
+        return self
+
+    def _counted(self, original):
+        def read(t, *args, **kwargs):
+            self.reads += 1
+            return original(t, *args, **kwargs)
+
+        return read
+
+    def __exit__(self, *exc) -> None:
+        self.probe.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self.count = self.reads + sum(self.probe.hits.values())
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN picks deterministic kernels, so two runs (backends, modes) see the same forward/backward numbers."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved

@@ -7,9 +7,12 @@ against eager PyTorch, and graph mode against eager mode.
   host whether anything was selected) and SAR (the ascent's read, README difference 12).
 * Ops: the Triton paths (eager bypass and custom op) against YOLOZU's eager references, values
   and gradients, at the benched sizes.
-* Graph mode (``YOLOZU_TTT_CUDA_GRAPH=1``, read at import, hence a subprocess): the run's report
-  and final parameters equal eager mode's, and the graph was captured and replayed; on a CPU
-  arena (this test runs without a GPU too) graph mode warns and runs eagerly.
+* Graph mode (``run_ttt(graph=True)``): the run's report and final parameters equal eager mode's
+  and graphs were replayed; Tent's whole step is captured (a replayed step syncs once), the other
+  methods' update alone (with a warning saying so); a forward that reads the device is not
+  captured (a warning names the operation). ``YOLOZU_TTT_CUDA_GRAPH=1`` (read at import, hence a
+  subprocess) turns it on; on a CPU arena (this test runs without a GPU too) it warns and runs
+  eagerly.
 """
 from __future__ import annotations
 
@@ -20,13 +23,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import UNDER_INTERPRETER, ListAdapter, make_batches, make_model
+from conftest import HOST_READS_PER_STEP, UNDER_INTERPRETER, ListAdapter, make_batches, make_model
 from yolozu.tta.config import TTTConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or UNDER_INTERPRETER, reason="needs CUDA")
 
-#: expected synchronizing calls per step (see the module docstring)
-SYNCS_PER_STEP = {"tent": 1, "cotta": 1, "mim": 1, "eata": 2, "sar": 2}
+#: expected synchronizing calls per step (see the module docstring; the CPU twin is test_capture.py)
+SYNCS_PER_STEP = HOST_READS_PER_STEP
 CONFIGS = {
     "tent": dict(method="tent"),
     "eata": dict(method="eata", eata_conf_min=0.0, eata_entropy_min=0.0, eata_entropy_max=100.0),
@@ -179,57 +182,107 @@ def test_mim_fast_paths_agree_with_eager(shape):
 # ---- graph mode ---------------------------------------------------------------------------------
 
 GRAPH_CASES = [(name, f) for name in ("tent", "eata", "sar", "cotta", "mim") for f in ("all", "norm_only")]
-GRAPH_SCRIPT = r"""
-import sys, warnings
-import torch
-sys.path.insert(0, {tests!r})
-from test_cuda import GRAPH_CASES, config, model_for
-from conftest import ListAdapter
-import yolozu_ttt
-from yolozu_ttt import engine as E
-replays = []
-original = torch.cuda.CUDAGraph.replay
-torch.cuda.CUDAGraph.replay = lambda self: (replays.append(1), original(self))[1]
-results = {{}}
-for name, update_filter in GRAPH_CASES:
-    replays.clear()
+#: the methods whose whole step is captured (the others: the fused update alone)
+WHOLE_STEP = {"tent"}
+
+
+def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: int = 6):
+    """One run of a case, eager or in graph mode: report, final state, CUDA graph replays, graph warnings."""
+    from yolozu_ttt.engine import GraphFallbackWarning
+
+    replays: list[int] = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
     model, batches = model_for(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [],
-                                    config=config(name, update_filter=update_filter, steps=6))
-    fallbacks = [str(w.message) for w in caught if issubclass(w.category, E.GraphFallbackWarning)]
-    results[name + "/" + update_filter] = {{"report": report.to_dict(), "replays": len(replays), "fallbacks": fallbacks,
-                                           "state": {{k: v.cpu() for k, v in model.state_dict().items()}}}}
-torch.save(results, sys.argv[1])
-"""
+        report = yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=steps), graph)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return report.to_dict(), state, len(replays), fallbacks
 
 
-@pytest.fixture(scope="module")
-def both_modes(tmp_path_factory):
-    """Every graph case run eagerly and in graph mode (one subprocess per mode: the switch is read at import)."""
-    out = {}
-    for mode in ("eager", "graph"):
-        path = tmp_path_factory.mktemp("graph") / f"{mode}.pt"
-        env = dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1" if mode == "graph" else "0")
-        script = GRAPH_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
-        out[mode] = torch.load(path)
-    return out
+def yolozu_ttt_run(model, batches, cfg, graph):
+    import yolozu_ttt
+
+    return yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg, graph=graph)
 
 
 @needs_cuda
 @pytest.mark.parametrize("name,update_filter", GRAPH_CASES, ids=["/".join(c) for c in GRAPH_CASES])
-def test_graph_mode_equals_eager(name, update_filter, both_modes):
-    case = f"{name}/{update_filter}"
-    eager, graph = both_modes["eager"][case], both_modes["graph"][case]
-    assert not graph["fallbacks"], graph["fallbacks"]
-    assert graph["replays"] >= 1 and eager["replays"] == 0
-    ref, ours = eager["report"], graph["report"]
+def test_graph_mode_equals_eager(name, update_filter, monkeypatch, deterministic_cudnn):
+    ref, ref_state, ref_replays, _ = graph_run(name, update_filter, False, monkeypatch)
+    ours, state, replays, fallbacks = graph_run(name, update_filter, True, monkeypatch)
+    if name in WHOLE_STEP:
+        assert not fallbacks, fallbacks
+    else:
+        assert len(fallbacks) == 1 and "only the fused update is captured" in fallbacks[0], fallbacks
+    assert replays >= 1 and ref_replays == 0
     assert ref["losses"] == pytest.approx(ours["losses"], rel=1e-5, abs=1e-7)
     assert ref["stop_reason"] == ours["stop_reason"] and ref["steps_run"] == ours["steps_run"]
-    for key, value in eager["state"].items():
-        torch.testing.assert_close(graph["state"][key], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+    for key, value in ref_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+def test_whole_step_replays_sync_once(update_filter, monkeypatch):
+    """After the warm-up and the capture, a replayed Tent step waits for the device once (its read)."""
+    from yolozu_ttt.methods import tent
+
+    per_step: list[int] = []
+    original = tent.Tent.adapt
+
+    def counted(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                per_step.append(sum(map(_is_sync, caught)))
+
+    monkeypatch.setattr(tent.Tent, "adapt", counted)
+    model, batches = model_for("tent")
+    yolozu_ttt_run(model, batches, config("tent", update_filter=update_filter, steps=6), True)
+    assert len(per_step) == 6 and per_step[2:] == [1] * 4, per_step
+
+
+class _HostReadForward(torch.nn.Module):
+    """A model whose forward reads from the device (``.item()`` or a device-to-host copy)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.det, self.how = make_model(), how
+
+    def forward(self, x):
+        out = self.det(x)
+        if self.how == "item":
+            out["logits"] = out["logits"] * (1.0 if out["logits"].abs().max().item() < 1e6 else 0.5)
+        else:
+            out["logits"] = out["logits"] + out["logits"].detach().cpu().mean().to(x.device) * 0.0
+        return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("how,op", [("item", "_local_scalar_dense"), ("copy", "host<->device")])
+def test_a_forward_that_reads_the_device_is_not_captured(how, op, monkeypatch):
+    from yolozu_ttt.engine import GraphFallbackWarning
+
+    outcomes = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = _HostReadForward(how).to(DEVICE)
+        batches = [b.to(DEVICE) for b in make_batches()]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = yolozu_ttt_run(model, batches, config("tent", steps=4), graph)
+        outcomes.append((report, [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]))
+    (ref, _), (ours, fallbacks) = outcomes
+    assert len(fallbacks) == 1 and op in fallbacks[0], fallbacks
+    assert ref.losses == pytest.approx(ours.losses, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.skipif(UNDER_INTERPRETER, reason="the C++ engine's CPU arena is the case")

@@ -428,15 +428,6 @@ CUDA_CONFIGS = {
 }
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """cuDNN picks deterministic kernels, so both backends see the same forward/backward numbers."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
 @needs_cuda
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
 @pytest.mark.parametrize("name", sorted(CUDA_CONFIGS))

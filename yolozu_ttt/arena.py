@@ -265,13 +265,15 @@ class ParamArena:
             cache[key] = buffers
 
     # ---- per step -------------------------------------------------------------------------
-    def zero_grad(self) -> None:
+    def zero_grad(self, *, keep_flags: bool = False) -> None:
         """Zero the flat grad buffers and the has-grad flags (never set_to_none); a snapshot kept in
-        a grad buffer ends here."""
+        a grad buffer ends here. ``keep_flags``: the flags stay (a replayed CUDA graph's backward
+        runs no hooks; it gives grads to the parameters its capture did)."""
         self.snapshot.drop(only_in_grad=True)
         for g in self.groups:
             g.grad.zero_()
-            g.has_grad[:] = bytes(len(g.has_grad))
+            if not keep_flags:
+                g.has_grad[:] = bytes(len(g.has_grad))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward into the flat grad buffers, computing only what the selected parameters need."""

@@ -8,6 +8,7 @@ it back once per step (with the caller's extra scalars) and returns a :class:`St
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from typing import Any, Sequence
@@ -69,14 +70,30 @@ def read(*values: Any) -> list[float]:
 
 
 class GraphFallbackWarning(UserWarning):
-    """Graph mode (``YOLOZU_TTT_CUDA_GRAPH=1``) runs a step eagerly, saying why."""
+    """Graph mode (``run_ttt(graph=True)``, ``YOLOZU_TTT_CUDA_GRAPH=1``) runs a step, or part of
+    it, eagerly, saying why."""
+
+
+class _EagerLaunch:
+    """A prepared update of a backend without a host/launch split (the C++ engine): ``run()`` runs
+    it; it cannot be put in a CUDA graph (``key()`` is None)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Any):
+        self.run = run
+
+    @staticmethod
+    def key() -> None:
+        return None
 
 
 class UpdateEngine:
     """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena."""
 
     def __init__(self, arena: ParamArena, *, lr: float, max_grad_norm: float | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: Any = None):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: Any = None,
+                 graph: bool = CUDA_GRAPH):
         self.arena = arena
         self.lr = float(lr)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -89,17 +106,16 @@ class UpdateEngine:
         self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self.total_update_norm = 0.0  # of the last applied step
-        self._graphs = self._graph_mode() if CUDA_GRAPH else None  # {launch key: CUDAGraph or None}
+        #: graph mode: asked for and possible (a CUDA arena on the Triton engine)
+        self.graph_mode = bool(graph) and self._graph_possible()
+        self._graphs: dict | None = {} if self.graph_mode else None  # {launch key: CUDAGraph or None}
         self.scaler = scaler  # fp16's amp.LossScaler (the grads arrive unscaled, with its overflow flag)
 
     def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
              ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
              restore_counter: int = 0) -> tuple[StepStats, list[float]]:
         """Apply one update (with CoTTA's teacher EMA and restore when asked); return its stats and
-        the values of ``extra`` (one host read).
-
-        ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
-        the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
+        the values of ``extra`` (one host read): :meth:`prepare`, the launch, :meth:`collect`.
 
         With a loss scaler (fp16), the overflow flag is read first (so a step reads twice): an
         overflowed step applies nothing and returns an inf grad norm for the guards.
@@ -109,13 +125,35 @@ class UpdateEngine:
             self.scaler.update(overflow)
             if overflow:
                 return self._overflowed(anchor_lambda, write_snapshot, extra)
+        launch = self.prepare(anchor_lambda=anchor_lambda, write_snapshot=write_snapshot, ema_momentum=ema_momentum,
+                              restore_prob=restore_prob, restore_seed=restore_seed, restore_counter=restore_counter)
+        if self._graphs is None:
+            launch.run()
+        else:
+            self._graph_run(launch)
+        return self.collect(extra)
+
+    def prepare(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
+                restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> Any:
+        """The host half of one update (parameters as :meth:`step`): the snapshot bookkeeping and the
+        backend's checks and uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is
+        applied before), ``key()`` names what a CUDA graph of ``run()`` bakes in (None: no graph).
+
+        ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
+        the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
+        """
         if write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        (self._impl.fused_step if self._graphs is None else self._graph_step)(
-            self._groups, self._stats, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-            max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
-            write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
-            restore_seed=int(restore_seed), restore_counter=int(restore_counter))
+        kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                      max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
+                      write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
+                      restore_seed=int(restore_seed), restore_counter=int(restore_counter))
+        if hasattr(self._impl, "prepare_step"):
+            return self._impl.prepare_step(self._groups, self._stats, **kwargs)
+        return _EagerLaunch(functools.partial(self._impl.fused_step, self._groups, self._stats, **kwargs))
+
+    def collect(self, extra: Sequence[Any] = ()) -> tuple[StepStats, list[float]]:
+        """The launched update's stats and the values of ``extra``, in the step's one host read."""
         values = read(self._stats, *extra)
         stats = StepStats(*values[: len(STAT_KEYS)])
         self.total_update_norm = stats.total_update_norm
@@ -135,27 +173,25 @@ class UpdateEngine:
                           clip_coef=float("nan"), restored=0.0)
         return stats, values[1:]
 
-    # ---- graph mode (YOLOZU_TTT_CUDA_GRAPH=1): the fused update captured once, then replayed ---------
-    def _graph_mode(self) -> dict | None:
-        """The graph cache, or None (eager, with a warning saying why) where graphs cannot run."""
+    # ---- graph mode: the fused update captured once, then replayed -----------------------------
+    def _graph_possible(self) -> bool:
+        """Whether CUDA graphs can run here (else a warning says why, and the update runs eagerly)."""
         why = None
         if self.backend != "triton" or self.arena.device.type != "cuda":
             why = f"the arena runs on {self.arena.device.type} ({self.backend} engine); CUDA graphs need a CUDA arena"
         elif not hasattr(self._impl, "prepare_step"):
             why = "the Triton engine has no prepare_step"
         if why is not None:
-            warnings.warn(f"yolozu_ttt: YOLOZU_TTT_CUDA_GRAPH=1 ignored: {why}; the fused update runs eagerly",
-                          GraphFallbackWarning, stacklevel=3)
-            return None
-        return {}
+            warnings.warn(f"yolozu_ttt: graph mode ignored: {why}; the fused update runs eagerly",
+                          GraphFallbackWarning, stacklevel=4)
+            return False
+        return True
 
-    def _graph_step(self, groups: Sequence[Any], out: torch.Tensor, **kwargs: Any) -> None:
-        """The fused step through a CUDA graph: the host half runs as always (checks, the has-grad
-        and restore-key uploads into static device buffers); the launches are captured the second
-        time the same launch key (scalars and pointers) comes up (the first runs eagerly, compiling
-        the kernels) and replayed from then on. A capture that fails turns graph mode off for this
-        engine, with a warning saying why."""
-        launch = self._impl.prepare_step(groups, out, **kwargs)
+    def _graph_run(self, launch: Any) -> None:
+        """A prepared launch through a CUDA graph: captured the second time the same launch key
+        (scalars and pointers) comes up (the first runs eagerly, compiling the kernels) and
+        replayed from then on. A capture that fails turns graph mode off for this engine, with a
+        warning saying why."""
         graphs = self._graphs
         key = launch.key()
         graph = graphs.get(key)
@@ -173,7 +209,7 @@ class UpdateEngine:
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
                 self._graphs = None
                 warnings.warn(f"yolozu_ttt: the fused update could not be captured in a CUDA graph "
-                              f"({type(exc).__name__}: {exc}); running eagerly", GraphFallbackWarning, stacklevel=3)
+                              f"({type(exc).__name__}: {exc}); running eagerly", GraphFallbackWarning, stacklevel=4)
                 launch.run()
                 return
             graphs[key] = graph
@@ -196,8 +232,7 @@ class UpdateEngine:
         norm = self._grad_stats[GRAD_NORM]
         if max_grad_norm is not None:
             coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
-            if coef.device.type != "cpu" or float(coef) != 1.0:  # on the CPU, skip a no-op pass
-                self.arena.scale_grads(coef)
+            self.arena.scale_grads(coef)  # always, like clip_grad_norm_ (no host read of the coefficient)
         return norm
 
     def sar_perturb(self, rho: float, adaptive: bool, grad_norm: torch.Tensor) -> tuple[float, float, bool]:

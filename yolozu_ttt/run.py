@@ -22,7 +22,7 @@ from yolozu.tta.method_profiles import get_ttt_method_profile
 from . import _native
 from .amp import check_amp
 from .arena import reuse_buffers
-from .common import SUPPORTED_DTYPES
+from .common import CUDA_GRAPH, SUPPORTED_DTYPES
 from .methods.loop import Method, RunContext, run_steps
 from .ops import use_triton
 
@@ -92,7 +92,8 @@ def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, re
     return reference_run_ttt(adapter, records, config=config)
 
 
-def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, amp: str = "off") -> TTTReport:
+def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, amp: str = "off",
+            graph: bool | None = None) -> TTTReport:
     """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``.
 
     ``amp`` (ours, next to YOLOZU's config): the precision of the adaptation's forwards, ``"off"``
@@ -100,11 +101,17 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
     master weights, optimizer state and losses; fp16 with a dynamic loss scale). Steps record it in
     their entries (``"amp"``, and for fp16 ``"loss_scale"`` and ``"amp_overflow"``).
 
+    ``graph`` (ours): graph mode on a CUDA model: the whole step (forward, loss, backward, update)
+    captured in a CUDA graph and replayed where the method and model allow it, else the fused
+    update alone; a :class:`~yolozu_ttt.engine.GraphFallbackWarning` says what was not captured
+    and why. None (the default): ``YOLOZU_TTT_CUDA_GRAPH=1`` in the environment at import.
+
     Disabled configs run YOLOZU's reference unchanged. Methods not accelerated here and models the
     engine cannot hold (float64, devices other than CPU/CUDA, a CPU model without the compiled
     extension) run it too (in fp32), with a :class:`ReferenceFallbackWarning` saying why.
     """
     amp = check_amp(amp)
+    graph = CUDA_GRAPH if graph is None else bool(graph)
     method = str(config.method or "tent").lower()
     methods = _accelerated()
     if not config.enabled:
@@ -132,7 +139,8 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
     if steps <= 0:
         raise ValueError("steps must be > 0")
 
-    ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None, amp=amp)
+    ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None, amp=amp,
+                     graph=graph)
     if config.seed is not None:
         try:
             ctx.generator = torch.Generator(device="cpu")
@@ -185,16 +193,16 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
 class TTTSession:
     """``run_ttt`` over and over on one adapter and config, reusing the arena's buffers and engine."""
 
-    def __init__(self, adapter: Any, config: TTTConfig, amp: str = "off"):
-        self.adapter, self.config, self.amp = adapter, config, check_amp(amp)
+    def __init__(self, adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None):
+        self.adapter, self.config, self.amp, self.graph = adapter, config, check_amp(amp), graph
         self.cache: dict = {}
 
     def run(self, records: list[dict[str, Any]]) -> TTTReport:
         """One ``run_ttt`` from the model's current values with fresh optimizer state."""
         with reuse_buffers(self.cache):
-            return run_ttt(self.adapter, records, config=self.config, amp=self.amp)
+            return run_ttt(self.adapter, records, config=self.config, amp=self.amp, graph=self.graph)
 
 
-def prepare_session(adapter: Any, config: TTTConfig, amp: str = "off") -> TTTSession:
+def prepare_session(adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None) -> TTTSession:
     """A session for repeated adaptation of the same model (``--ttt-reset sample``)."""
-    return TTTSession(adapter, config, amp)
+    return TTTSession(adapter, config, amp, graph)

@@ -47,20 +47,33 @@ def select_samples(config: Any, conf: torch.Tensor, entropy: torch.Tensor, valid
             & (entropy <= float(config.eata_entropy_max)) & (valid >= float(int(config.eata_min_valid_dets))))
 
 
-def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor, valid: torch.Tensor) -> list[float]:
-    """Selected count and the mean conf / entropy / valid detections, in one host read."""
+def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor,
+            valid: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Selected count, the mean conf / entropy / valid detections and the selected samples' indices,
+    in one host read."""
     if conf.numel() == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return torch.stack([mask.sum().double(), conf.mean().double(), entropy.mean().double(),
-                        valid.mean().double()]).tolist()
+        return [0.0, 0.0, 0.0, 0.0], []
+    got = torch.cat([torch.stack([mask.sum().double(), conf.mean().double(), entropy.mean().double(),
+                                  valid.mean().double()]), mask.reshape(-1).double()]).tolist()
+    return got[:4], [i for i, m in enumerate(got[4:]) if m]
 
 
-def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: int, batch: int) -> torch.Tensor:
-    """Mean entropy over the rows of the selected samples (``logits.sum() * 0`` when there are none)."""
-    rows = logits if count == batch else logits[mask]
+def adapt_loss(logits: torch.Tensor, selected: list[int], batch: int) -> torch.Tensor:
+    """Mean entropy over the rows of the ``selected`` samples (``logits.sum() * 0`` when there are none);
+    a partial selection is gathered by indices known on the host (``logits[mask]`` would read the
+    mask from the device again)."""
+    rows = logits if len(selected) == batch else logits.index_select(0, host_index(selected, logits.device))
     if rows.numel() == 0:
         return logits.sum() * 0.0
     return ops.entropy_loss(rows)
+
+
+def host_index(indices: list[int], device: torch.device) -> torch.Tensor:
+    """``indices`` as an int64 tensor on ``device`` (on CUDA through pinned memory, no host sync)."""
+    index = torch.tensor(indices, dtype=torch.int64)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 class EATA(Method):
@@ -86,7 +99,7 @@ class EATA(Method):
         conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
         mask = select_samples(config, conf, entropy, valid)
         batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
-        count, mean_conf, mean_entropy, mean_valid = summary(mask, conf, entropy, valid)
+        (count, mean_conf, mean_entropy, mean_valid), selected = summary(mask, conf, entropy, valid)
         count = int(count)
         ratio = float(count) / float(max(1, batch))
         metrics: dict[str, Any] = {
@@ -96,7 +109,7 @@ class EATA(Method):
         if count <= 0:
             return self.skip(engine, metrics)
         self.streak = 0
-        loss = adapt_loss(logits, mask, count, batch)
+        loss = adapt_loss(logits, selected, batch)
         arena.zero_grad()
         if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
             arena.backward(loss)

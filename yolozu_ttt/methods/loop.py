@@ -21,7 +21,7 @@ from yolozu.tta import integration as _ref
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.ttt_mim import select_parameters
 
-from .. import amp, guards, ops
+from .. import amp, capture, guards, ops
 from ..arena import ParamArena
 from ..common import StepStats
 from ..engine import UpdateEngine
@@ -77,6 +77,7 @@ class RunContext:
     initial_loss: float | None = None
     backend: str | None = None  # the update engine's ("cpp" or "triton")
     amp: str = "off"  # the adaptation passes' precision: "off" (fp32), "bf16" or "fp16" (amp.AMP_MODES)
+    graph: bool = False  # graph mode: CUDA graphs of the whole step where it can be captured, else of the update
 
     def finish_step(self, entry: dict[str, Any], loss: float, *, arena: ParamArena, buffers: BufferSnapshot | None,
                     params_changed: bool = True, method_stop: str | None = None) -> bool:
@@ -140,6 +141,9 @@ class Method:
 
     #: the batch check of the reference's loop for this method (None: no check)
     batch_error: str | None = None
+    #: graph mode's capture of the whole step (``capture.StepGraph``), set by the loop when ``step_body``
+    #: gives one and the run can capture it; ``adapt`` then runs the step through it
+    step_graph: "capture.StepGraph | None" = None
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -181,6 +185,12 @@ class Method:
     def after_step(self, outcome: StepOutcome) -> None:
         """Bookkeeping after a step that kept its update (e.g. MIM's mask ratios)."""
 
+    def step_body(self):
+        """Graph mode: the step's forward and loss as ``x -> (loss, *tensors read after the step)``
+        where the step decides nothing on the host (then forward, loss, backward and update are
+        captured whole); None (the default) where it does: only the update is captured."""
+        return None
+
 
 BASE_KEYS = ("step", "loss", "grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "rolled_back")
 
@@ -211,8 +221,10 @@ def run_steps(ctx: RunContext, method: Method) -> None:
     arena_type = functools.partial(amp.ScaledArena, scaler=scaler) if scaler is not None else ParamArena
     with arena_type(ctx.model, params) as arena, amp.settled_norm_layouts(ctx.model), \
             amp.autocast_forwards(ctx.model, ctx.amp):
-        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler)
+        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler,
+                              graph=ctx.graph)
         ctx.backend = engine.backend
+        method.step_graph = capture.whole_step(method.step_body(), ctx.method, ctx.amp, arena, engine)
         buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
         method.start(arena, engine)
         try:

@@ -39,14 +39,14 @@ def forward_losses(model: Any, batch: Any, tc: _tent.TentConfig, has_aux: bool, 
     """Teacher (eval, no grad) and student forwards and the Tent loss terms, like TentRunner."""
     teacher_outputs = None
     student_batch = batch
-    view_delta = 0.0
+    view_delta: Any = 0.0  # a device scalar with a teacher (read with the step's stats)
     if has_teacher:
         model.eval()
         with torch.no_grad():
             teacher_outputs = _tent._extract_outputs(model(batch))
         student_batch = _tent._deterministic_weak_photometric_view(batch)
         if isinstance(batch, torch.Tensor) and isinstance(student_batch, torch.Tensor):
-            view_delta = float((student_batch.detach() - batch.detach()).abs().mean().cpu().item())
+            view_delta = (student_batch.detach() - batch.detach()).abs().mean()
     model.train()
     output = model(student_batch)
     outputs = _tent._extract_outputs(output)
@@ -84,25 +84,41 @@ class Tent(Method):
     def needs_buffers(self) -> bool:
         return bool(self.config.rollback_on_stop) or bool(self.config.detector_response)
 
+    def step_body(self):
+        """Plain entropy (no teacher, aux or detector-response term) decides nothing on the host."""
+        if self.has_aux or self.has_teacher or bool(self.tc.detector_response):
+            return None
+        return self.entropy_only
+
+    def entropy_only(self, x: Any) -> tuple[torch.Tensor]:
+        """Forward and the entropy loss (the loss of a plain Tent step)."""
+        loss = forward_losses(self.ctx.model, x, self.tc, False, False)[0]
+        return (loss,)
+
     def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        if self.step_graph is not None:  # graph mode: forward, loss, backward and update replayed whole
+            stats, (loss_value,) = self.step_graph.step(x, write_snapshot)
+            return self.outcome(stats, loss_value, loss_value, abstained=False)
         loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta = forward_losses(
             self.ctx.model, x, self.tc, self.has_aux, self.has_teacher)
         abstained = bool(response_metrics.get("response_abstained", 0.0)) and aux_loss is None
         arena.zero_grad()
+        scalars = (loss, entropy_loss, aux_loss if aux_loss is not None else 0.0, view_delta)  # one read
         if abstained:
-            stats, (loss_value, entropy_value) = engine.idle_stats(), read(loss, entropy_loss)
+            stats, values = engine.idle_stats(), read(*scalars)
         else:
             arena.backward(loss)
-            stats, (loss_value, entropy_value) = engine.step(write_snapshot=write_snapshot, extra=(loss, entropy_loss))
-        metrics: dict[str, float] = {
-            "loss_entropy": entropy_value,
-            "loss_aux_consistency": float(aux_loss.detach().cpu().item()) if aux_loss is not None else 0.0,
-            "aux_target_current_batch": 1.0 if self.has_aux else 0.0,
-            "aux_student_view_mean_abs_delta": float(view_delta),
-            "update_abstained": 1.0 if abstained else 0.0,
+            stats, values = engine.step(write_snapshot=write_snapshot, extra=scalars)
+        return self.outcome(stats, *values[:2], abstained, *values[2:], {**aux_metrics, **response_metrics})
+
+    def outcome(self, stats: Any, loss_value: float, entropy_value: float, abstained: bool, aux_value: float = 0.0,
+                view_delta: float = 0.0, more: dict[str, Any] | None = None) -> StepOutcome:
+        """The step's outcome with YOLOZU's entry metrics (those of ``ENTRY_METRICS`` present)."""
+        metrics: dict[str, Any] = {
+            "loss_entropy": entropy_value, "loss_aux_consistency": aux_value,
+            "aux_target_current_batch": 1.0 if self.has_aux else 0.0, "aux_student_view_mean_abs_delta": view_delta,
+            "update_abstained": 1.0 if abstained else 0.0, **(more or {}),
         }
-        metrics.update(aux_metrics)
-        metrics.update(response_metrics)
         if abstained:
             metrics["buffers_restored_on_abstention"] = 1.0
         return StepOutcome(

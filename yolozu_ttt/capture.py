@@ -1,0 +1,254 @@
+"""Graph mode's whole step: forward, loss, backward and the fused update in one CUDA graph.
+
+A step that decides nothing on the host (plain Tent: the model, the entropy, the grads, the
+update; the guards read the stats afterwards) is the same launches every time, so after one eager
+warm-up step it is captured once per input shape and replayed; the host then does per step only
+the snapshot bookkeeping, the update's O(1) uploads, one input copy, ``replay()`` and the step's
+one read. Before anything is captured, the warm-up step's forward and backward run under a
+:class:`SyncProbe`, which names every operation that would make the host wait for the device
+(``.item()``, ``nonzero``, boolean indexing, device-to-host copies ...); a model with any of them
+cannot be captured and keeps running eagerly (with only the fused update in a graph), with a
+:class:`~yolozu_ttt.engine.GraphFallbackWarning` saying which operations and how often. A capture
+that fails for another reason falls back the same way.
+
+``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(x) -> (loss, *values)`` is the
+step's forward and loss (the tensors read after the step, the loss first, differentiated).
+``graphs`` is what captures and replays; :class:`ReplayedCalls` does the same on any device by
+calling the step again (the tests' stand-in for a GPU: capture runs nothing new, a replay reruns
+the captured callable and refreshes its static outputs), so the bookkeeping around the graph is
+checked on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .arena import ParamArena
+from .common import StepStats
+from .engine import GraphFallbackWarning, UpdateEngine
+
+#: aten operations that make the host wait for the device (on CUDA) whatever their arguments
+SYNC_OPS = frozenset({
+    "_local_scalar_dense",  # .item(), float(t), int(t), bool(t), Python control flow on a tensor
+    "nonzero", "argwhere", "masked_select", "is_nonzero", "equal",  # data-dependent sizes or answers
+    "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "histogram",
+})
+#: indexing with a boolean mask goes through ``nonzero``
+MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+#: copies whose direction decides (device to host: a sync; host to device from pageable memory:
+#: a copy a graph would bake in)
+COPY_OPS = frozenset({"_to_copy", "copy_", "to"})
+#: graph capture keeps at most this many (input shape, update launch) variants of a step
+MAX_GRAPHS = 4
+#: eager steps before the first capture (compile the kernels, warm the allocator and libraries)
+WARMUP_STEPS = 1
+
+
+def _is_mask(t: Any) -> bool:
+    return torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8)
+
+
+def _crosses_host(func_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a copy moves data between the host and a device (either way)."""
+    src = args[1] if func_name == "copy_" and len(args) > 1 else (args[0] if args else None)
+    if not torch.is_tensor(src):
+        return False
+    if func_name == "copy_":
+        dst_device = args[0].device
+    else:
+        dst_device = kwargs.get("device") or src.device
+    dst_device = torch.device(dst_device)
+    return (src.device.type == "cpu") != (dst_device.type == "cpu")
+
+
+class SyncProbe(TorchDispatchMode):
+    """Records the operations under it that would stop a CUDA graph capture (see ``SYNC_OPS``).
+
+    ``with SyncProbe() as probe: ...`` then ``probe.hits`` (a Counter of aten names; boolean
+    indexing as ``"index(mask)"``, host/device copies as ``"<op>(host<->device)"``) and
+    ``probe.describe()``. On the CPU the copies are no-ops and are not seen; the rest is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in SYNC_OPS:
+            self.hits[name] += 1
+        elif name in MASK_INDEX_OPS and len(args) > 1 and any(_is_mask(t) for t in (args[1] or ())):
+            self.hits[f"{name}(mask)"] += 1
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and torch.is_tensor(args[0]) \
+                and (len(args) < 2 or torch.is_tensor(args[1])):
+            self.hits[name] += 1
+        elif name in COPY_OPS and _crosses_host(name, args, kwargs):
+            self.hits[f"{name}(host<->device)"] += 1
+        return func(*args, **kwargs)
+
+    def describe(self) -> str:
+        """The hits as ``"aten.nonzero x2, aten._local_scalar_dense x1"`` (most frequent first)."""
+        return ", ".join(f"aten.{name} x{count}" for name, count in self.hits.most_common())
+
+
+class CudaGraphs:
+    """Captures into ``torch.cuda.CUDAGraph`` on one side stream, all graphs in one memory pool."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Eager work on the capture stream (the warm-up; autograd's streams then match)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """Capture ``fn`` (nothing runs yet); returns the graph and ``fn``'s static outputs."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            outputs = fn()
+        return graph, outputs
+
+
+class ReplayedCalls:
+    """The observable behaviour of :class:`CudaGraphs` on any device: ``capture`` runs the step
+    once (that is the step a capture and its first replay do) and keeps its outputs as the static
+    ones; each later ``replay`` calls the step again and copies its outputs into them."""
+
+    class Graph:
+        def __init__(self, fn: Callable[[], tuple[torch.Tensor, ...]], outputs: tuple[torch.Tensor, ...]):
+            self.fn, self.outputs, self.fresh = fn, outputs, True
+            self.replays = 0
+
+        def replay(self) -> None:
+            self.replays += 1
+            if self.fresh:  # the capture ran this step already
+                self.fresh = False
+                return
+            new = self.fn()
+            with torch.no_grad():
+                for static, value in zip(self.outputs, new):
+                    static.copy_(value)
+
+    def __init__(self) -> None:
+        self.captured: list[ReplayedCalls.Graph] = []
+
+    side_stream = staticmethod(contextlib.nullcontext)
+
+    def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        outputs = tuple(t.detach() for t in fn())
+        graph = ReplayedCalls.Graph(fn, outputs)
+        self.captured.append(graph)
+        return graph, outputs
+
+
+class StepGraph:
+    """One method's whole step (``body``'s forward and loss, the backward, the fused update) captured
+    per input shape and replayed; see the module docstring."""
+
+    def __init__(self, body: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], arena: ParamArena,
+                 engine: UpdateEngine, graphs: Any = None):
+        self.body, self.arena, self.engine = body, arena, engine
+        self.graphs = graphs if graphs is not None else CudaGraphs(arena.device)
+        self.captured: dict[tuple, tuple[Any, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self.warmed = 0
+        self.off: str | None = None  # why the step runs eagerly from now on
+        self.replays = 0
+
+    def step(self, x: torch.Tensor, write_snapshot: bool) -> tuple[StepStats, list[float]]:
+        """One step (the engine's stats and the values of ``body``'s outputs, one host read)."""
+        if self.off is not None or not torch.is_tensor(x):
+            return self._eager(x, write_snapshot)
+        if self.warmed < WARMUP_STEPS:
+            self.warmed += 1
+            with self.graphs.side_stream():
+                return self._eager(x, write_snapshot, probe=True)
+        self.arena.zero_grad(keep_flags=True)  # the flags stay as the warm-up's backward set them
+        launch = self.engine.prepare(write_snapshot=write_snapshot)
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, launch.key())
+        entry = self.captured.get(key)
+        if entry is None:
+            entry = self._capture(key, x, launch)
+            if entry is None:
+                return self.engine.collect(self._values_after_failed_capture(x, launch))
+        graph, static_x, outputs = entry
+        static_x.copy_(x)
+        graph.replay()
+        self.replays += 1
+        return self.engine.collect(outputs)
+
+    # ---- the pieces --------------------------------------------------------------------------
+    def _eager(self, x: Any, write_snapshot: bool, probe: bool = False) -> tuple[StepStats, list[float]]:
+        """The step as the method runs it without graphs (under the probe: the warm-up)."""
+        with SyncProbe() if probe else contextlib.nullcontext() as seen:
+            outputs = self.body(x)
+            self.arena.zero_grad()
+            self.arena.backward(outputs[0])
+        if probe and seen.hits:
+            self._fall_back(f"the forward and backward wait for the device ({seen.describe()})")
+        return self.engine.step(write_snapshot=write_snapshot, extra=outputs)
+
+    def _capture(self, key: tuple, x: torch.Tensor, launch: Any) -> tuple | None:
+        """Capture the step for ``key``'s input (the step itself runs at the first replay)."""
+        if len(self.captured) >= MAX_GRAPHS:
+            self.captured.clear()
+        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        static_x.copy_(x)
+
+        def whole_step() -> tuple[torch.Tensor, ...]:
+            outputs = self.body(static_x)
+            self.arena.backward(outputs[0])
+            launch.run()
+            return outputs
+
+        try:
+            graph, outputs = self.graphs.capture(whole_step)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: eager from here on
+            self._fall_back(f"capturing the step failed ({type(exc).__name__}: {exc})")
+            return None
+        entry = self.captured[key] = (graph, static_x, tuple(outputs))
+        return entry
+
+    def _values_after_failed_capture(self, x: torch.Tensor, launch: Any) -> tuple[torch.Tensor, ...]:
+        """A capture that failed ran nothing (the grads are still zero, the snapshot held): run this
+        step eagerly with the launch already prepared."""
+        outputs = self.body(x)
+        self.arena.backward(outputs[0])
+        launch.run()
+        return outputs
+
+    def _fall_back(self, why: str) -> None:
+        self.off = why
+        warnings.warn(f"yolozu_ttt: graph mode cannot capture the whole step: {why}; the step runs eagerly "
+                      f"with only the fused update in a CUDA graph", GraphFallbackWarning, stacklevel=4)
+
+
+def whole_step(body: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None, method: str, amp: str,
+               arena: ParamArena, engine: UpdateEngine, graphs: Any = None) -> StepGraph | None:
+    """Graph mode's capture of a run's whole step, or None: graph mode off (or impossible: the
+    engine has warned), or a step that cannot be captured whole (a warning says why; its update
+    alone still is)."""
+    if not engine.graph_mode:
+        return None
+    why = None
+    if body is None:
+        why = f"{method}'s step decides on the host between its passes (or has a teacher or aux term)"
+    elif amp != "off":
+        why = f"mixed precision ({amp}): autocast's weight-cast cache cannot live in a graph"
+    if why is not None:
+        warnings.warn(f"yolozu_ttt: graph mode cannot capture the whole step: {why}; only the fused update is "
+                      f"captured", GraphFallbackWarning, stacklevel=3)
+        return None
+    return StepGraph(body, arena, engine, graphs)
