@@ -64,8 +64,9 @@ PYBIND11_MODULE(_C, m) {
         "anchor_lambda != 0 or anchor_value (else 0), the norm includes the anchor gradient.");
   m.def("sar_perturb", &yttt::sar_perturb, py::arg("groups"), py::arg("out"), py::arg("rho"),
         py::arg("adaptive"),
-        "SAR ascent step with the snapshot as backup. Writes out[0:NUM_SAR_STATS] = (direction "
-        "norm, applied as 1.0/0.0) (yolozu_ttt.common.SAR_STAT_KEYS).");
+        "SAR ascent step with the snapshot as backup (written whenever rho > 0; the ascent unless "
+        "the direction norm is zero, a NaN norm making the parameters with a grad NaN). Writes "
+        "out[0:NUM_SAR_STATS] = (direction norm, applied as 1.0/0.0) (yolozu_ttt.common.SAR_STAT_KEYS).");
   m.def("openmp", &yttt::openmp_enabled, "Whether the module was built with OpenMP.");
   m.def("num_threads", &yttt::num_threads, "OpenMP's thread count (1 without OpenMP).");
   m.def("set_num_threads", &yttt::set_num_threads, py::arg("n"), "Set OpenMP's thread count (n >= 1).");

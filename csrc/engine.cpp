@@ -116,8 +116,9 @@ void grad_stats(const py::list& groups, const py::object& out, double anchor_lam
   stats[GradStat::AnchorLoss] = total.anchor;
 }
 
-// p += rho/(||d||+1e-12) * d with the snapshot written first, unless the norm is zero (or NaN):
-// then nothing changes, like the reference.
+// With rho > 0: the snapshot <- p (every segment, so it always holds the pre-ascent values), then
+// p += rho/(||d||+1e-12) * d unless the norm is zero. A NaN norm applies (a NaN scale: the
+// parameters with a grad become NaN), like the reference; nothing is decided on the host.
 void sar_perturb(const py::list& groups, const py::object& out, double rho, bool adaptive) {
   const auto gs = as_groups(groups);
   const StatsOut<SarStat> stats(out, "sar_perturb");
@@ -128,10 +129,10 @@ void sar_perturb(const py::list& groups, const py::object& out, double rho, bool
     double sumsq = 0.0;
     for (auto* g : gs) sumsq += g->sar_direction_sumsq(adaptive);
     norm = static_cast<double>(static_cast<float>(f32_norm(sumsq)));
-    if (rho > 0.0 && norm > 0.0) {
+    if (rho > 0.0) {
+      applied = !(norm <= 0.0);
       const double scale = rho / (norm + 1e-12);
-      for (auto* g : gs) g->sar_perturb(scale, adaptive);
-      applied = true;
+      for (auto* g : gs) g->sar_perturb(scale, adaptive, applied);
     }
   }
   stats[SarStat::DirectionNorm] = norm;

@@ -46,7 +46,7 @@ void fused_step(const pybind11::list& groups, const pybind11::object& out, doubl
 void grad_stats(const pybind11::list& groups, const pybind11::object& out, double anchor_lambda,
                 bool anchor_value);
 
-// SAR's ascent step with the snapshot as backup; writes out[0:SarStat::Count].
+// SAR's ascent step with the snapshot as backup (written whenever rho > 0); writes out[0:SarStat::Count].
 void sar_perturb(const pybind11::list& groups, const pybind11::object& out, double rho, bool adaptive);
 
 // The 32-bit key of the counter-based CoTTA restore RNG for one (seed, step counter, group).

@@ -559,7 +559,7 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
 }
 
 // SAR: snapshot <- p ; p <- p + scale * g (adaptive: g*|p|), over tensors with a grad.
-void ArenaGroup::sar_perturb(double scale, bool adaptive) {
+void ArenaGroup::sar_perturb(double scale, bool adaptive, bool apply) {
   if (!snap_.defined()) throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
   if (snap_.starts[0] == grad_.ptr)
     throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer apart from the grad buffer");
@@ -575,7 +575,7 @@ void ArenaGroup::sar_perturb(double scale, bool adaptive) {
     parallel_items(n_items, param_.numel, [&](int64_t i) {
       const WorkItem w = work_[i];
       std::memcpy(snap_.at<T>(w, offsets_), p + w.begin, sizeof(T) * (w.end - w.begin));
-      if (hg && !hg[w.seg]) return;
+      if (!apply || (hg && !hg[w.seg])) return;
       for (int64_t j = w.begin; j < w.end; ++j) {
         const C pv = S::load(p[j]);
         C d = S::load(g[j]);

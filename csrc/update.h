@@ -126,7 +126,7 @@ class ArenaGroup {
   // tensor per segment.
   void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
-  void sar_perturb(double scale, bool adaptive);
+  void sar_perturb(double scale, bool adaptive, bool apply);
 
  private:
   const uint8_t* has_grad_ptr() const;

@@ -444,7 +444,8 @@ def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, flags_ptr, part_ptr, part_base,
 
 @triton.jit
 def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: tl.constexpr, RBLOCK: tl.constexpr):
-    """norm = ||d|| (fp32) ; applied = rho > 0 and norm > 0 ; scale = rho / (norm + 1e-12).
+    """norm = ||d|| (fp32) ; applied = rho > 0 and not norm <= 0 (a NaN norm applies: NaN params, like
+    the reference) ; scale = rho / (norm + 1e-12).
 
     Parameters:
         part_ptr, n_slots: the direction's partial sums.
@@ -455,7 +456,7 @@ def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: 
     norm = _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK))
     tl.store(out_ptr + SAR_DIRECTION_NORM, norm)
     if RHO_POSITIVE:
-        tl.store(out_ptr + SAR_APPLIED, tl.where(norm > 0.0, 1.0, 0.0))  # NaN norm: not applied
+        tl.store(out_ptr + SAR_APPLIED, tl.where(norm <= 0.0, 0.0, 1.0))
     else:
         tl.store(out_ptr + SAR_APPLIED, 0.0)
     tl.store(scale_ptr, (rho / (norm.to(tl.float64) + 1e-12)).to(tl.float32))
@@ -464,7 +465,7 @@ def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: 
 @triton.jit
 def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, scale_ptr,
                       ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """If applied (read on device): snap <- p (every segment) ; p <- p + scale*d (with a grad).
+    """snap <- p (every segment) ; if applied (read on device): p <- p + scale*d (with a grad).
 
     Parameters:
         p_ptr, g_ptr, snap_ptr: the flat parameter, grad and snapshot buffers.
@@ -475,7 +476,6 @@ def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, sc
     pid = tl.program_id(0).to(tl.int64)
     _, offs, mask, gmask, _, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     applied = tl.load(out_ptr + SAR_APPLIED) != 0.0  # decided on device
-    mask = tl.where(applied, mask, False)
     gmask = tl.where(applied, gmask, False)
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     tl.store(snap_ptr + offs, p_raw, mask=mask)
@@ -672,8 +672,10 @@ class TritonArenaGroup:
     # ---- per step: O(1) host work in the number of segments ---------------------------------
     def _upload_flags(self) -> None:
         """The has-grad bytes to the device: one copy, non-blocking (a pageable source is staged by
-        CUDA before the call returns, so the hooks may write the buffer again right away)."""
-        if self._flags_src is not None:
+        CUDA before the call returns, so the hooks may write the buffer again right away). Not while
+        a CUDA graph is being captured: a graph cannot hold a copy from pageable memory, and a
+        captured step's flags are the ones ``prepare_step`` uploaded before the capture."""
+        if self._flags_src is not None and not (self._flags.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._flags.copy_(self._flags_src, non_blocking=True)
 
     def _anchor_coefs(self, anchor_lambda: float) -> torch.Tensor:
@@ -935,8 +937,10 @@ def sar_perturb(groups: Sequence[TritonArenaGroup], out: torch.Tensor, rho: floa
         adaptive: ASAM direction d = g*|p| instead of g.
 
     1. norm = ||d|| over segments with a grad (d = g, or g*|p| if adaptive);
-    2. if rho > 0 and norm > 0 (decided on device): snap <- p for every segment, then
-       p <- p + rho/(norm + 1e-12) * d for segments with a grad.
+    2. if rho > 0: snap <- p for every segment (the backup always holds the pre-ascent values);
+       then, unless norm is zero (decided on device; a NaN norm applies, making the parameters
+       with a grad NaN, as the reference's NaN scale does), p <- p + rho/(norm + 1e-12) * d for
+       segments with a grad.
     """
     gs, plan = _prepare(groups, out, SAR_STAT_KEYS)
     if any(g.snap is None for g in gs):

@@ -350,8 +350,8 @@ def max_prediction_diff(a: list[dict], b: list[dict]) -> float:
 
 
 #: host reads per step of each method (what would sync with a GPU): the engine's one read; EATA's
-#: selection and SAR's ascent read once more before the update (README difference 12)
-HOST_READS_PER_STEP = {"tent": 1, "cotta": 1, "mim": 1, "eata": 2, "sar": 2}
+#: selection is read once more before the update (README difference 12)
+HOST_READS_PER_STEP = {"tent": 1, "cotta": 1, "mim": 1, "sar": 1, "eata": 2}
 
 
 class HostReads:

@@ -165,10 +165,14 @@ def assert_same_run(a, b) -> None:
         assert torch.equal(p, q), name
 
 
+WHOLE_STEP_CASES = [("tent", {}), ("sar", {}), ("sar", {"sar_rho": 0.0}), ("sar", {"sar_adaptive": True})]
+
+
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-def test_whole_step_replays_equal_eager(replayed, update_filter):
+@pytest.mark.parametrize("method,kw", WHOLE_STEP_CASES, ids=[f"{m}{k}" for m, k in WHOLE_STEP_CASES])
+def test_whole_step_replays_equal_eager(replayed, method, kw, update_filter):
     batches = make_batches(2)
-    cfg = config("tent", update_filter=update_filter, steps=5, max_total_update_norm=10.0)
+    cfg = config(method, update_filter=update_filter, steps=5, max_total_update_norm=10.0, **kw)
     eager = run(cfg, batches, graph=False)
     graph = run(cfg, batches, graph=True)
     assert not graph[2], [str(w.message) for w in graph[2]]
@@ -186,10 +190,12 @@ def test_whole_step_captures_per_input_shape(replayed):
     assert len(replayed[0].captured) == 2
 
 
-def test_whole_step_rollback_restores_like_eager(replayed):
-    """A guard stop after replayed steps rolls back the replayed update bit-exactly."""
+@pytest.mark.parametrize("method", ["tent", "sar"])
+def test_whole_step_rollback_restores_like_eager(replayed, method):
+    """A guard stop after replayed steps rolls back the replayed update bit-exactly (SAR: from its
+    ascent's backup)."""
     batches = make_batches(2)
-    cfg = config("tent", steps=6, max_total_update_norm=0.55, lr=5e-3)
+    cfg = config(method, steps=6, max_total_update_norm=0.55, lr=5e-3)
     graph, eager = run(cfg, batches, graph=True), run(cfg, batches, graph=False)
     assert eager[0].stop_reason and len(eager[0].step_metrics) > 2  # stops at a replayed step
     assert_same_run(graph, eager)
@@ -252,11 +258,12 @@ def test_graph_mode_on_a_cpu_arena_warns_and_runs_eagerly():
 
 @only_under_interpreter
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-def test_whole_step_replays_the_triton_launch(replayed, update_filter):
+@pytest.mark.parametrize("method", ["tent", "sar"])
+def test_whole_step_replays_the_triton_launch(replayed, method, update_filter):
     """Under the interpreter the arena runs Triton's engine: the launch prepared before the capture
     (its uploads, its tables) is the one every replay runs."""
     batches = make_batches(2)
-    cfg = config("tent", update_filter=update_filter, steps=4)
+    cfg = config(method, update_filter=update_filter, steps=4)
     assert_same_run(run(cfg, batches, graph=True), run(cfg, batches, graph=False))
 
 

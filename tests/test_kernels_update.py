@@ -518,20 +518,54 @@ def test_sar_perturb_matches_torch_and_cpp(dtype, adaptive):
 
 @needs_triton_path
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_sar_perturb_not_applied_changes_nothing(adaptive):
-    """rho = 0, or zero grads: nothing changes, not applied."""
+def test_sar_perturb_not_applied_moves_nothing(adaptive):
+    """rho = 0: nothing changes; zero grads with rho > 0: no parameter moves, not applied, and the
+    backup is still written (so a caller restores from it without asking whether it applied)."""
     bufs = _make_buffers(torch.float32, SIZES, seed=8, device=DEVICE)
     bufs["grad"].copy_(_grads(torch.float32, SIZES, 5).to(DEVICE))
     group = _bind(U.TritonArenaGroup, bufs, SIZES, None)
     before = {k: v.clone() for k, v in bufs.items()}
     out0 = sar_perturb([group], 0.0, adaptive)
     assert out0["applied"] == 0.0 and out0["direction_norm"] > 0.0
+    for k, v in before.items():
+        assert torch.equal(_bits(bufs[k]), _bits(v)), f"{k} changed with rho = 0"
     bufs["grad"].zero_()
     before["grad"] = bufs["grad"].clone()
     out1 = sar_perturb([group], 0.05, adaptive)
     assert out1["direction_norm"] == 0.0 and out1["applied"] == 0.0
     for k, v in before.items():
-        assert torch.equal(_bits(bufs[k]), _bits(v)), f"{k} changed though not applied"
+        want = before["param"] if k == "snap" else v
+        assert torch.equal(_bits(bufs[k]), _bits(want)), f"{k} (not applied)"
+
+
+@needs_triton_path
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sar_perturb_nan_direction_poisons_like_the_reference(adaptive):
+    """A NaN grad: the reference's scale is NaN and it still steps, so every parameter with a grad
+    becomes NaN (the others keep their values); both engines do that on their own, reporting it
+    applied, with the backup holding the values before."""
+    import yolozu.tta.integration as ref
+
+    flags = b"\x01\x00\x01\x01"
+    ref_bufs = _make_buffers(torch.float32, SIZES, seed=9)
+    ref_bufs["grad"].copy_(_grads(torch.float32, SIZES, 6))
+    ref_bufs["grad"][1008 + 3] = float("nan")  # in the last segment
+    params = []
+    for o, n, f in zip(_offsets(SIZES), SIZES, flags):
+        p = ref_bufs["param"][o:o + n].clone().requires_grad_(True)
+        p.grad = ref_bufs["grad"][o:o + n].clone() if f else None
+        params.append(p)
+    ref._sar_perturb_and_backup(params, rho=0.05, adaptive=adaptive, first_step_scale=1.0)
+    expected = torch.cat([p.detach() for p in params])
+    for cls, fn, device in ((U.TritonArenaGroup, sar_perturb, DEVICE), (C.ArenaGroup, c_sar_perturb, "cpu")):
+        bufs = _clone_to(ref_bufs, device)
+        pre = bufs["param"].clone()
+        out = fn([_bind(cls, bufs, SIZES, bytearray(flags))], 0.05, adaptive)
+        assert math.isnan(out["direction_norm"]) and out["applied"] == 1.0, cls
+        assert torch.equal(bufs["param"].cpu().isnan(), expected.isnan()), cls
+        finite = ~expected.isnan()
+        assert torch.equal(bufs["param"].cpu()[finite], expected[finite]), cls
+        assert torch.equal(_bits(bufs["snap"]), _bits(pre)), cls
 
 
 # ------------------------------------------------------------------------------------------

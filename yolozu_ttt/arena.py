@@ -270,10 +270,16 @@ class ParamArena:
         a grad buffer ends here. ``keep_flags``: the flags stay (a replayed CUDA graph's backward
         runs no hooks; it gives grads to the parameters its capture did)."""
         self.snapshot.drop(only_in_grad=True)
+        self.clear_grads()
+        if not keep_flags:
+            for g in self.groups:
+                g.has_grad[:] = bytes(len(g.has_grad))
+
+    def clear_grads(self) -> None:
+        """Zero the flat grad buffers, device work only (no flags, no snapshot: what a captured step
+        may do between its passes)."""
         for g in self.groups:
             g.grad.zero_()
-            if not keep_flags:
-                g.has_grad[:] = bytes(len(g.has_grad))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward into the flat grad buffers, computing only what the selected parameters need."""

@@ -11,8 +11,10 @@ cannot be captured and keeps running eagerly (with only the fused update in a gr
 :class:`~yolozu_ttt.engine.GraphFallbackWarning` saying which operations and how often. A capture
 that fails for another reason falls back the same way.
 
-``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(x) -> (loss, *values)`` is the
-step's forward and loss (the tensors read after the step, the loss first, differentiated).
+``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(x) -> values`` is the step's
+device work before the update: its forwards, losses and backwards into the arena (zeroing the
+grads with ``arena.clear_grads()``, device work only); ``values`` are the tensors read with the
+step's stats.
 ``graphs`` is what captures and replays; :class:`ReplayedCalls` does the same on any device by
 calling the step again (the tests' stand-in for a GPU: capture runs nothing new, a replay reruns
 the captured callable and refreshes its static outputs), so the bookkeeping around the graph is
@@ -40,9 +42,9 @@ SYNC_OPS = frozenset({
 })
 #: indexing with a boolean mask goes through ``nonzero``
 MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
-#: copies whose direction decides (device to host: a sync; host to device from pageable memory:
-#: a copy a graph would bake in)
-COPY_OPS = frozenset({"_to_copy", "copy_", "to"})
+#: copies whose direction decides: device to host (a sync), and blocking host to device (a sync;
+#: a non-blocking one is not, e.g. the update's has-grad upload, which a capture leaves out)
+COPY_OPS = frozenset({"_to_copy", "copy_"})
 #: graph capture keeps at most this many (input shape, update launch) variants of a step
 MAX_GRAPHS = 4
 #: eager steps before the first capture (compile the kernels, warm the allocator and libraries)
@@ -53,17 +55,21 @@ def _is_mask(t: Any) -> bool:
     return torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8)
 
 
-def _crosses_host(func_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-    """Whether a copy moves data between the host and a device (either way)."""
+def _syncing_copy(func_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a copy makes the host wait: device to host, or host to device without ``non_blocking``."""
     src = args[1] if func_name == "copy_" and len(args) > 1 else (args[0] if args else None)
     if not torch.is_tensor(src):
         return False
     if func_name == "copy_":
         dst_device = args[0].device
+        non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
     else:
         dst_device = kwargs.get("device") or src.device
+        non_blocking = bool(kwargs.get("non_blocking", False))
     dst_device = torch.device(dst_device)
-    return (src.device.type == "cpu") != (dst_device.type == "cpu")
+    if src.device.type == "cpu" and dst_device.type != "cpu":
+        return not non_blocking
+    return src.device.type != "cpu" and dst_device.type == "cpu"
 
 
 class SyncProbe(TorchDispatchMode):
@@ -88,7 +94,7 @@ class SyncProbe(TorchDispatchMode):
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and torch.is_tensor(args[0]) \
                 and (len(args) < 2 or torch.is_tensor(args[1])):
             self.hits[name] += 1
-        elif name in COPY_OPS and _crosses_host(name, args, kwargs):
+        elif name in COPY_OPS and _syncing_copy(name, args, kwargs):
             self.hits[f"{name}(host<->device)"] += 1
         return func(*args, **kwargs)
 
@@ -192,10 +198,9 @@ class StepGraph:
     # ---- the pieces --------------------------------------------------------------------------
     def _eager(self, x: Any, write_snapshot: bool, probe: bool = False) -> tuple[StepStats, list[float]]:
         """The step as the method runs it without graphs (under the probe: the warm-up)."""
+        self.arena.zero_grad()
         with SyncProbe() if probe else contextlib.nullcontext() as seen:
             outputs = self.body(x)
-            self.arena.zero_grad()
-            self.arena.backward(outputs[0])
         if probe and seen.hits:
             self._fall_back(f"the forward and backward wait for the device ({seen.describe()})")
         return self.engine.step(write_snapshot=write_snapshot, extra=outputs)
@@ -209,7 +214,6 @@ class StepGraph:
 
         def whole_step() -> tuple[torch.Tensor, ...]:
             outputs = self.body(static_x)
-            self.arena.backward(outputs[0])
             launch.run()
             return outputs
 
@@ -225,7 +229,6 @@ class StepGraph:
         """A capture that failed ran nothing (the grads are still zero, the snapshot held): run this
         step eagerly with the launch already prepared."""
         outputs = self.body(x)
-        self.arena.backward(outputs[0])
         launch.run()
         return outputs
 

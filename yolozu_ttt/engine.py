@@ -235,12 +235,12 @@ class UpdateEngine:
             self.arena.scale_grads(coef)  # always, like clip_grad_norm_ (no host read of the coefficient)
         return norm
 
-    def sar_perturb(self, rho: float, adaptive: bool, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
-        """SAR's ascent step from the current grads, into the arena's held snapshot (its backup):
-        returns (grad_norm, direction norm, applied) read in one host read."""
+    def sar_perturb(self, rho: float, adaptive: bool) -> torch.Tensor:
+        """SAR's ascent step from the current grads, with the arena's held snapshot as its backup
+        (written whenever ``rho > 0``): returns the device scalars (direction norm, applied 1/0)
+        unread, for the step's one read."""
         self._impl.sar_perturb(self._groups, self._sar_stats, float(rho), bool(adaptive))
-        grad, direction, applied = read(grad_norm, self._sar_stats)
-        return grad, direction, bool(applied)
+        return self._sar_stats
 
     def bind_teacher(self, buffers: Sequence[Any] | None) -> None:
         """Bind CoTTA's teacher buffers (``ParamArena.value_copies``), one per group, or unbind (None)."""

@@ -185,10 +185,11 @@ class Method:
     def after_step(self, outcome: StepOutcome) -> None:
         """Bookkeeping after a step that kept its update (e.g. MIM's mask ratios)."""
 
-    def step_body(self):
-        """Graph mode: the step's forward and loss as ``x -> (loss, *tensors read after the step)``
-        where the step decides nothing on the host (then forward, loss, backward and update are
-        captured whole); None (the default) where it does: only the update is captured."""
+    def step_body(self, arena: ParamArena, engine: UpdateEngine):
+        """Graph mode: where the step decides nothing on the host, its device work before the update
+        as ``x -> tensors read with the step`` (forwards, losses, backwards; grads zeroed with
+        ``arena.clear_grads()``): forward to update is then captured whole (``capture.StepGraph``).
+        None (the default): only the update is captured."""
         return None
 
 
@@ -224,7 +225,7 @@ def run_steps(ctx: RunContext, method: Method) -> None:
         engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler,
                               graph=ctx.graph)
         ctx.backend = engine.backend
-        method.step_graph = capture.whole_step(method.step_body(), ctx.method, ctx.amp, arena, engine)
+        method.step_graph = capture.whole_step(method.step_body(arena, engine), ctx.method, ctx.amp, arena, engine)
         buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
         method.start(arena, engine)
         try:

@@ -84,16 +84,18 @@ class Tent(Method):
     def needs_buffers(self) -> bool:
         return bool(self.config.rollback_on_stop) or bool(self.config.detector_response)
 
-    def step_body(self):
+    def step_body(self, arena: ParamArena, engine: UpdateEngine):
         """Plain entropy (no teacher, aux or detector-response term) decides nothing on the host."""
         if self.has_aux or self.has_teacher or bool(self.tc.detector_response):
             return None
-        return self.entropy_only
 
-    def entropy_only(self, x: Any) -> tuple[torch.Tensor]:
-        """Forward and the entropy loss (the loss of a plain Tent step)."""
-        loss = forward_losses(self.ctx.model, x, self.tc, False, False)[0]
-        return (loss,)
+        def entropy_step(x: Any) -> tuple[torch.Tensor]:
+            loss = forward_losses(self.ctx.model, x, self.tc, False, False)[0]
+            arena.clear_grads()
+            arena.backward(loss)
+            return (loss,)
+
+        return entropy_step
 
     def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
         if self.step_graph is not None:  # graph mode: forward, loss, backward and update replayed whole
