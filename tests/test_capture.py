@@ -165,21 +165,30 @@ def assert_same_run(a, b) -> None:
         assert torch.equal(p, q), name
 
 
-WHOLE_STEP_CASES = [("tent", {}), ("sar", {}), ("sar", {"sar_rho": 0.0}), ("sar", {"sar_adaptive": True})]
+WHOLE_STEP_CASES = [("tent", {}), ("sar", {}), ("sar", {"sar_rho": 0.0}), ("sar", {"sar_adaptive": True}),
+                    ("cotta", {"cotta_restore_interval": 2}), ("cotta", {"cotta_aggregation": "confidence_weighted_mean"}),
+                    ("mim", {}), ("mim", {"seed": None})]
 
 
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
 @pytest.mark.parametrize("method,kw", WHOLE_STEP_CASES, ids=[f"{m}{k}" for m, k in WHOLE_STEP_CASES])
 def test_whole_step_replays_equal_eager(replayed, method, kw, update_filter):
-    batches = make_batches(2)
+    """Steps 2.. are replayed; the run equals eager bit for bit (an unseeded MIM draws its grids from
+    torch's global RNG, seeded alike). A launch key names what a graph bakes in: the C++ engine's
+    is every argument (CoTTA's restore counter too: a capture per restore step), Triton's leaves
+    out what it uploads (test_whole_step_replays_the_triton_launch)."""
     cfg = config(method, update_filter=update_filter, steps=5, max_total_update_norm=10.0, **kw)
-    eager = run(cfg, batches, graph=False)
-    graph = run(cfg, batches, graph=True)
-    assert not graph[2], [str(w.message) for w in graph[2]]
-    assert_same_run(graph, eager)
+    runs = []
+    for graph in (True, False):
+        torch.manual_seed(3)
+        model, batches = model_and_batches(method)
+        runs.append(run(cfg, batches, graph=graph, model=model))
+    assert not runs[0][2], [str(w.message) for w in runs[0][2]]
+    assert_same_run(*runs)
     (graphs,) = replayed
-    assert len(graphs.captured) == 1  # one input shape: one capture, replayed for steps 2..5
-    assert graphs.captured[0].replays == cfg.steps - capture.WARMUP_STEPS
+    assert sum(g.replays for g in graphs.captured) == cfg.steps - capture.WARMUP_STEPS
+    if method != "cotta":
+        assert len(graphs.captured) == 1  # one input layout, one launch key
 
 
 def test_whole_step_captures_per_input_shape(replayed):
@@ -230,6 +239,7 @@ def test_host_read_in_the_forward_falls_back_with_the_reason(replayed):
 @pytest.mark.parametrize("method,kw,why", [
     ("eata", {}, "decides on the host"),
     ("tent", {"detector_response": True}, "decides on the host"),
+    ("tent", {"aux_depth_weight": 0.5}, "decides on the host"),
 ])
 def test_steps_with_host_decisions_capture_only_the_update(replayed, method, kw, why):
     model, batches = model_and_batches(method)
@@ -258,13 +268,18 @@ def test_graph_mode_on_a_cpu_arena_warns_and_runs_eagerly():
 
 @only_under_interpreter
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("method", ["tent", "sar"])
+@pytest.mark.parametrize("method", ["tent", "sar", "cotta", "mim"])
 def test_whole_step_replays_the_triton_launch(replayed, method, update_filter):
     """Under the interpreter the arena runs Triton's engine: the launch prepared before the capture
     (its uploads, its tables) is the one every replay runs."""
-    batches = make_batches(2)
-    cfg = config(method, update_filter=update_filter, steps=4)
-    assert_same_run(run(cfg, batches, graph=True), run(cfg, batches, graph=False))
+    kw = {"cotta_restore_interval": 2, "cotta_restore_prob": 0.3} if method == "cotta" else {}
+    cfg = config(method, update_filter=update_filter, steps=6, **kw)
+    runs = [run(cfg, batches, graph=graph, model=model)
+            for graph, (model, batches) in ((True, model_and_batches(method)), (False, model_and_batches(method)))]
+    assert not runs[0][2], [str(w.message) for w in runs[0][2]]
+    assert_same_run(*runs)
+    # one graph per launch key: CoTTA's restore steps and its plain ones (the counter is uploaded)
+    assert len(replayed[0].captured) == (2 if method == "cotta" else 1)
 
 
 @skip_under_interpreter

@@ -183,7 +183,7 @@ def test_mim_fast_paths_agree_with_eager(shape):
 
 GRAPH_CASES = [(name, f) for name in ("tent", "eata", "sar", "cotta", "mim") for f in ("all", "norm_only")]
 #: the methods whose whole step is captured (the others: the fused update alone)
-WHOLE_STEP = {"tent", "sar"}
+WHOLE_STEP = {"tent", "sar", "cotta", "mim"}
 
 
 def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: int = 6):

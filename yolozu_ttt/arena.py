@@ -265,15 +265,13 @@ class ParamArena:
             cache[key] = buffers
 
     # ---- per step -------------------------------------------------------------------------
-    def zero_grad(self, *, keep_flags: bool = False) -> None:
+    def zero_grad(self) -> None:
         """Zero the flat grad buffers and the has-grad flags (never set_to_none); a snapshot kept in
-        a grad buffer ends here. ``keep_flags``: the flags stay (a replayed CUDA graph's backward
-        runs no hooks; it gives grads to the parameters its capture did)."""
+        a grad buffer ends here."""
         self.snapshot.drop(only_in_grad=True)
         self.clear_grads()
-        if not keep_flags:
-            for g in self.groups:
-                g.has_grad[:] = bytes(len(g.has_grad))
+        for g in self.groups:
+            g.has_grad[:] = bytes(len(g.has_grad))
 
     def clear_grads(self) -> None:
         """Zero the flat grad buffers, device work only (no flags, no snapshot: what a captured step

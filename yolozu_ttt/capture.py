@@ -11,10 +11,11 @@ cannot be captured and keeps running eagerly (with only the fused update in a gr
 :class:`~yolozu_ttt.engine.GraphFallbackWarning` saying which operations and how often. A capture
 that fails for another reason falls back the same way.
 
-``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(x) -> values`` is the step's
-device work before the update: its forwards, losses and backwards into the arena (zeroing the
-grads with ``arena.clear_grads()``, device work only); ``values`` are the tensors read with the
-step's stats.
+``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(*inputs) -> values`` is the
+step's device work before the update: its forwards, losses and backwards into the arena (zeroing
+the grads with ``arena.clear_grads()``, device work only); ``values`` are the tensors read with
+the step's stats. ``inputs`` are the step's batch and whatever else it draws on the host before
+(MIM's patch grid): each is copied into the graph's static input before a replay.
 ``graphs`` is what captures and replays; :class:`ReplayedCalls` does the same on any device by
 calling the step again (the tests' stand-in for a GPU: capture runs nothing new, a replay reruns
 the captured callable and refreshes its static outputs), so the bookkeeping around the graph is
@@ -161,59 +162,65 @@ class ReplayedCalls:
 
 
 class StepGraph:
-    """One method's whole step (``body``'s forward and loss, the backward, the fused update) captured
-    per input shape and replayed; see the module docstring."""
+    """One method's whole step (``body``'s passes, then the fused update) captured per input layout
+    and replayed; see the module docstring."""
 
-    def __init__(self, body: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], arena: ParamArena,
-                 engine: UpdateEngine, graphs: Any = None):
+    def __init__(self, body: Callable[..., tuple[torch.Tensor, ...]], arena: ParamArena, engine: UpdateEngine,
+                 graphs: Any = None):
         self.body, self.arena, self.engine = body, arena, engine
         self.graphs = graphs if graphs is not None else CudaGraphs(arena.device)
-        self.captured: dict[tuple, tuple[Any, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        #: {(input layouts, launch key): (graph, static inputs, static outputs)}
+        self.captured: dict[tuple, tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self.warmed = 0
         self.off: str | None = None  # why the step runs eagerly from now on
         self.replays = 0
 
-    def step(self, x: torch.Tensor, write_snapshot: bool) -> tuple[StepStats, list[float]]:
-        """One step (the engine's stats and the values of ``body``'s outputs, one host read)."""
-        if self.off is not None or not torch.is_tensor(x):
-            return self._eager(x, write_snapshot)
+    def step(self, inputs: Sequence[Any], *, write_snapshot: bool, **update: Any) -> tuple[StepStats, list[float]]:
+        """One step of ``body(*inputs)`` and the update (``UpdateEngine.step``'s options in
+        ``update``): the engine's stats and the values of ``body``'s outputs, in one host read."""
+        if self.off is not None or not all(torch.is_tensor(t) for t in inputs):
+            return self._eager(inputs, write_snapshot, update)
         if self.warmed < WARMUP_STEPS:
             self.warmed += 1
             with self.graphs.side_stream():
-                return self._eager(x, write_snapshot, probe=True)
-        self.arena.zero_grad(keep_flags=True)  # the flags stay as the warm-up's backward set them
-        launch = self.engine.prepare(write_snapshot=write_snapshot)
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device, launch.key())
+                return self._eager(inputs, write_snapshot, update, probe=True)
+        # the has-grad flags stay as the warm-up's backward set them (a replay runs no hooks)
+        launch = self.engine.prepare(write_snapshot=write_snapshot, **update)
+        key = (tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs), launch.key())
         entry = self.captured.get(key)
         if entry is None:
-            entry = self._capture(key, x, launch)
-            if entry is None:
-                return self.engine.collect(self._values_after_failed_capture(x, launch))
-        graph, static_x, outputs = entry
-        static_x.copy_(x)
+            entry = self._capture(key, inputs, launch)
+            if entry is None:  # a capture that failed ran nothing: this step eagerly, launch prepared
+                outputs = self.body(*inputs)
+                launch.run()
+                return self.engine.collect(outputs)
+        graph, statics, outputs = entry
+        for static, t in zip(statics, inputs):
+            static.copy_(t)
         graph.replay()
         self.replays += 1
         return self.engine.collect(outputs)
 
     # ---- the pieces --------------------------------------------------------------------------
-    def _eager(self, x: Any, write_snapshot: bool, probe: bool = False) -> tuple[StepStats, list[float]]:
+    def _eager(self, inputs: Sequence[Any], write_snapshot: bool, update: dict[str, Any],
+               probe: bool = False) -> tuple[StepStats, list[float]]:
         """The step as the method runs it without graphs (under the probe: the warm-up)."""
         self.arena.zero_grad()
         with SyncProbe() if probe else contextlib.nullcontext() as seen:
-            outputs = self.body(x)
+            outputs = self.body(*inputs)
         if probe and seen.hits:
-            self._fall_back(f"the forward and backward wait for the device ({seen.describe()})")
-        return self.engine.step(write_snapshot=write_snapshot, extra=outputs)
+            self._fall_back(f"the step's passes wait for the device ({seen.describe()})")
+        return self.engine.step(write_snapshot=write_snapshot, extra=outputs, **update)
 
-    def _capture(self, key: tuple, x: torch.Tensor, launch: Any) -> tuple | None:
-        """Capture the step for ``key``'s input (the step itself runs at the first replay)."""
+    def _capture(self, key: tuple, inputs: Sequence[torch.Tensor], launch: Any) -> tuple | None:
+        """Capture the step for ``key``'s inputs (the step itself runs at the first replay)."""
         if len(self.captured) >= MAX_GRAPHS:
             self.captured.clear()
-        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        static_x.copy_(x)
+        statics = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                        for t in inputs)
 
         def whole_step() -> tuple[torch.Tensor, ...]:
-            outputs = self.body(static_x)
+            outputs = self.body(*statics)
             launch.run()
             return outputs
 
@@ -222,15 +229,8 @@ class StepGraph:
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager from here on
             self._fall_back(f"capturing the step failed ({type(exc).__name__}: {exc})")
             return None
-        entry = self.captured[key] = (graph, static_x, tuple(outputs))
+        entry = self.captured[key] = (graph, statics, tuple(outputs))
         return entry
-
-    def _values_after_failed_capture(self, x: torch.Tensor, launch: Any) -> tuple[torch.Tensor, ...]:
-        """A capture that failed ran nothing (the grads are still zero, the snapshot held): run this
-        step eagerly with the launch already prepared."""
-        outputs = self.body(x)
-        launch.run()
-        return outputs
 
     def _fall_back(self, why: str) -> None:
         self.off = why
@@ -238,7 +238,7 @@ class StepGraph:
                       f"with only the fused update in a CUDA graph", GraphFallbackWarning, stacklevel=4)
 
 
-def whole_step(body: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None, method: str, amp: str,
+def whole_step(body: Callable[..., tuple[torch.Tensor, ...]] | None, method: str, amp: str,
                arena: ParamArena, engine: UpdateEngine, graphs: Any = None) -> StepGraph | None:
     """Graph mode's capture of a run's whole step, or None: graph mode off (or impossible: the
     engine has warned), or a step that cannot be captured whole (a warning says why; its update

@@ -76,16 +76,17 @@ class GraphFallbackWarning(UserWarning):
 
 class _EagerLaunch:
     """A prepared update of a backend without a host/launch split (the C++ engine): ``run()`` runs
-    it; it cannot be put in a CUDA graph (``key()`` is None)."""
+    it with every argument as prepared, so ``key()`` is all of them (a replay of ``run`` is the
+    same step only for the same arguments)."""
 
-    __slots__ = ("run",)
+    __slots__ = ("run", "args")
 
-    def __init__(self, run: Any):
-        self.run = run
+    def __init__(self, fn: Any, *args: Any, **kwargs: Any):
+        self.run = functools.partial(fn, *args, **kwargs)
+        self.args = tuple(sorted(kwargs.items()))
 
-    @staticmethod
-    def key() -> None:
-        return None
+    def key(self) -> tuple:
+        return self.args
 
 
 class UpdateEngine:
@@ -150,7 +151,7 @@ class UpdateEngine:
                       restore_seed=int(restore_seed), restore_counter=int(restore_counter))
         if hasattr(self._impl, "prepare_step"):
             return self._impl.prepare_step(self._groups, self._stats, **kwargs)
-        return _EagerLaunch(functools.partial(self._impl.fused_step, self._groups, self._stats, **kwargs))
+        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, **kwargs)
 
     def collect(self, extra: Sequence[Any] = ()) -> tuple[StepStats, list[float]]:
         """The launched update's stats and the values of ``extra``, in the step's one host read."""

@@ -12,7 +12,7 @@ reference's. Without ``config.seed`` one seed per run is drawn from torch's glob
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from yolozu.tta import integration as _ref
@@ -73,26 +73,40 @@ class CoTTA(Method):
     def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
         engine.bind_teacher(None)
 
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        arena.zero_grad()
-        student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
+    def passes(self, x: torch.Tensor, arena: ParamArena, zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+        """The student's augmented forward, entropy and backward, then the teacher's forward and the
+        consistency: (loss, consistency) as device scalars; the branches' metadata is kept."""
+        zero_grad()
+        student_logits, self.aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
         loss = entropy(student_logits)
         arena.backward(loss)
         with torch.no_grad():
-            teacher_logits, teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
+            teacher_logits, self.teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
             consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
+        return loss, consistency
+
+    def step_body(self, arena: ParamArena, engine: UpdateEngine):
+        """The teacher, EMA and restore are device work: the whole step can be captured (a restore
+        step and a plain one are two graphs)."""
+        return lambda x: self.passes(x, arena, arena.clear_grads)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
         restore = (step + 1) % self.restore_interval == 0 and self.restore_prob > 0.0
-        stats, (loss_value, consistency_value) = engine.step(
-            write_snapshot=write_snapshot, extra=(loss, consistency), ema_momentum=self.ema_momentum,
-            restore_prob=self.restore_prob if restore else 0.0, restore_seed=self.seed, restore_counter=step)
+        update = dict(ema_momentum=self.ema_momentum, restore_prob=self.restore_prob if restore else 0.0,
+                      restore_seed=self.seed, restore_counter=step)
+        if self.step_graph is not None:
+            stats, (loss_value, consistency_value) = self.step_graph.step((x,), write_snapshot=write_snapshot, **update)
+        else:
+            stats, (loss_value, consistency_value) = engine.step(
+                write_snapshot=write_snapshot, extra=self.passes(x, arena, arena.zero_grad), **update)
         # p >= 1 restores every element: the exact count even where a float32 stat would round it
         restored = (arena.numel if self.restore_prob >= 1.0 else int(round(stats.restored))) if restore else 0
-        forwards = int(aug_meta.get("branches") or 0) + int(teacher_meta.get("branches") or 0)
+        forwards = int(self.aug_meta.get("branches") or 0) + int(self.teacher_meta.get("branches") or 0)
         return StepOutcome(loss=loss_value, stats=stats, forwards=forwards, metrics={
             "grad_norm_clipped": float(stats.grad_norm) if self.config.max_grad_norm is not None else None,
             "ema_momentum": self.ema_momentum, "restore_prob": self.restore_prob,
             "restore_interval": self.restore_interval, "restored_count": restored,
-            "consistency_mse": float(consistency_value), "aug": aug_meta,
+            "consistency_mse": float(consistency_value), "aug": self.aug_meta,
         })
 
 

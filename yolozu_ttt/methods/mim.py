@@ -6,7 +6,7 @@ reconstruction against the geometry teacher, plus 0.1 x the model's entropy term
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from yolozu.tta import integration as _ref
@@ -117,22 +117,33 @@ class MIM(Method):
         config = self.config
         self.patch_size, self.mask_prob = int(config.mim_patch_size), float(config.mim_mask_prob)
         self.mask_value = float(config.mim_mask_value)
+        self.structured = _mim.supports_structured_mim(self.ctx.model)
         return super().select()
 
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        model = self.ctx.model
-        forward = structured_forward if _mim.supports_structured_mim(model) else plain_forward
-        grid = draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
-        loss, loss_mim, entropy, ratio = forward(model, x, grid, self.patch_size, self.mask_value)
-        arena.zero_grad()
+    def passes(self, x: Any, grid: torch.Tensor, arena: ParamArena,
+               zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+        """Masked forward, loss and backward: (loss, mask ratio[, mim loss, entropy]) as device scalars."""
+        forward = structured_forward if self.structured else plain_forward
+        loss, loss_mim, entropy, ratio = forward(self.ctx.model, x, grid, self.patch_size, self.mask_value)
+        zero_grad()
         arena.backward(loss)
-        extra = [t for t in (loss, ratio, loss_mim, entropy) if t is not None]
-        stats, values = engine.step(write_snapshot=write_snapshot, extra=extra)
-        loss_value, ratio_value = values[0], values[1]
-        return StepOutcome(loss=loss_value, stats=stats, layout=ENTRY_LAYOUT, metrics={
-            "mask_ratio": float(ratio_value),
-            "mim_loss": values[2] if loss_mim is not None else None,
-            "entropy_loss": values[3] if entropy is not None else None,
+        return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
+
+    def step_body(self, arena: ParamArena, engine: UpdateEngine):
+        """The patch grid is drawn on the host before the step and goes in as the graph's second input."""
+        return lambda x, grid: self.passes(x, grid, arena, arena.clear_grads)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        grid = draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
+        if self.step_graph is not None:
+            stats, values = self.step_graph.step((x, grid), write_snapshot=write_snapshot)
+        else:
+            stats, values = engine.step(write_snapshot=write_snapshot,
+                                        extra=self.passes(x, grid, arena, arena.zero_grad))
+        return StepOutcome(loss=values[0], stats=stats, layout=ENTRY_LAYOUT, metrics={
+            "mask_ratio": float(values[1]),
+            "mim_loss": values[2] if len(values) > 2 else None,
+            "entropy_loss": values[3] if len(values) > 3 else None,
         })
 
     def after_step(self, outcome: StepOutcome) -> None:

@@ -84,7 +84,7 @@ class SAR(Method):
         # with an ascent its backup is the step's snapshot (a rollback restores it)
         write_snapshot = write_snapshot and self.rho_value <= 0.0
         if self.step_graph is not None:
-            stats, values = self.step_graph.step(x, write_snapshot)
+            stats, values = self.step_graph.step((x,), write_snapshot=write_snapshot)
         else:
             stats, values = engine.step(write_snapshot=write_snapshot,
                                         extra=self.passes(x, arena, engine, arena.zero_grad))

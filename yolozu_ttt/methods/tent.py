@@ -99,7 +99,7 @@ class Tent(Method):
 
     def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
         if self.step_graph is not None:  # graph mode: forward, loss, backward and update replayed whole
-            stats, (loss_value,) = self.step_graph.step(x, write_snapshot)
+            stats, (loss_value,) = self.step_graph.step((x,), write_snapshot=write_snapshot)
             return self.outcome(stats, loss_value, loss_value, abstained=False)
         loss, entropy_loss, aux_loss, aux_metrics, response_metrics, view_delta = forward_losses(
             self.ctx.model, x, self.tc, self.has_aux, self.has_teacher)
