@@ -50,11 +50,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_grad_norm") = py::none(), py::arg("anchor_lambda") = 0.0,
         py::arg("write_snapshot") = true, py::arg("ema_momentum") = py::none(),
         py::arg("restore_prob") = 0.0, py::arg("restore_seed") = 0, py::arg("restore_counter") = 0,
+        py::arg("gate") = py::none(),
         "One fused step over all groups: grad norm, clip, Adam (torch defaults), snapshot, "
         "update and total-update norms; with ema_momentum, the teacher EMA on the updated "
         "params, and with restore_prob > 0 the CoTTA stochastic restore to base (counter-based "
-        "RNG keyed by restore_seed and restore_counter). Writes out[0:NUM_STATS] (out: a "
-        "contiguous float64 CPU tensor) in the order of yolozu_ttt.common.STAT_KEYS.");
+        "RNG keyed by restore_seed and restore_counter). gate: None, or a 1-element float64 CPU "
+        "tensor read at the call: 0 applies nothing (as if no segment had a grad). Writes "
+        "out[0:NUM_STATS] (out: a contiguous float64 CPU tensor) in the order of "
+        "yolozu_ttt.common.STAT_KEYS.");
   m.def("restore_key", &yttt::restore_key, py::arg("seed"), py::arg("counter"), py::arg("group"),
         "The 32-bit key of the counter-based restore RNG for one group and step.");
   m.def("grad_stats", &yttt::grad_stats, py::arg("groups"), py::arg("out"),

@@ -49,6 +49,30 @@ float clip_coefficient(double grad_sumsq, double max_grad_norm) {
   return coef < 1.0f || std::isnan(coef) ? coef : 1.0f;
 }
 
+// A gate (None: open; else a 1-element float64 CPU tensor, read in place: nonzero = open).
+bool gate_open(const py::object& gate) {
+  if (gate.is_none()) return true;
+  const Buffer b = make_buffer(gate, "gate", false, Holds::Stats);
+  if (b.numel != 1) throw py::value_error("yolozu_ttt._C: gate must have one element");
+  return *static_cast<const double*>(b.ptr) != 0.0;
+}
+
+// While alive, a closed gate makes every group's segments read as having no grad.
+class GateClosed {
+ public:
+  GateClosed(const std::vector<ArenaGroup*>& gs, bool closed) : gs_(closed ? gs : std::vector<ArenaGroup*>{}) {
+    for (auto* g : gs_) g->set_closed(true);
+  }
+  ~GateClosed() {
+    for (auto* g : gs_) g->set_closed(false);
+  }
+  GateClosed(const GateClosed&) = delete;
+  GateClosed& operator=(const GateClosed&) = delete;
+
+ private:
+  std::vector<ArenaGroup*> gs_;
+};
+
 }  // namespace
 
 // Element j of group `group` restores when fmix32(j ^ key) >> 8 < prob * 2^24 (the Triton
@@ -68,17 +92,19 @@ uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group) {
 void fused_step(const py::list& groups, const py::object& out, double lr, double beta1, double beta2,
                 double eps, std::optional<double> max_grad_norm, double anchor_lambda,
                 bool write_snapshot, std::optional<double> ema_momentum, double restore_prob,
-                uint64_t restore_seed, uint64_t restore_counter) {
+                uint64_t restore_seed, uint64_t restore_counter, const py::object& gate) {
   if (!(restore_prob >= 0.0)) throw py::value_error("yolozu_ttt._C: restore_prob must be >= 0");
   if (!(lr >= 0.0)) throw py::value_error("yolozu_ttt._C: lr must be >= 0");
   if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
     throw py::value_error("yolozu_ttt._C: betas must lie in [0, 1)");
   const auto gs = as_groups(groups);
   const StatsOut<Stat> stats(out, "fused_step");
+  const bool open = gate_open(gate);
+  const GateClosed closed(gs, !open);  // a closed gate: no grads, no teacher EMA, no restore
   CottaStep cotta;
-  cotta.ema = ema_momentum.has_value();
+  cotta.ema = open && ema_momentum.has_value();
   cotta.ema_momentum = ema_momentum.value_or(0.0);
-  cotta.restore_prob = restore_prob;
+  cotta.restore_prob = open ? restore_prob : 0.0;
   StepStats total;
   float coef = 1.0f;
   {

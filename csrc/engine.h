@@ -40,7 +40,7 @@ enum class SarStat : int {  // SAR_STAT_KEYS: sar_perturb
 void fused_step(const pybind11::list& groups, const pybind11::object& out, double lr, double beta1,
                 double beta2, double eps, std::optional<double> max_grad_norm, double anchor_lambda,
                 bool write_snapshot, std::optional<double> ema_momentum, double restore_prob,
-                uint64_t restore_seed, uint64_t restore_counter);
+                uint64_t restore_seed, uint64_t restore_counter, const pybind11::object& gate);
 
 // The grad norm and the anchor value, changing nothing; writes out[0:GradStat::Count].
 void grad_stats(const pybind11::list& groups, const pybind11::object& out, double anchor_lambda,

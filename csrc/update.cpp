@@ -202,6 +202,7 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
     has_grad_.numel = info.size;
   }
   steps_.assign(offsets_.size(), 0);
+  no_grads_.assign(offsets_.size() + 1, 0);  // + 1: never empty, so its pointer is never null
   set_base(base);
   set_moments(exp_avg, exp_avg_sq);
   set_snapshot(snap);
@@ -263,7 +264,7 @@ void ArenaGroup::reset_state() {
 }
 
 const uint8_t* ArenaGroup::has_grad_ptr() const {
-  return static_cast<const uint8_t*>(has_grad_.ptr);
+  return closed_ ? no_grads_.data() : static_cast<const uint8_t*>(has_grad_.ptr);
 }
 
 // Sums of a tile are taken in fp32 (vectorised, `omp simd` reduction); tiles and work items are

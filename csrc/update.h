@@ -127,6 +127,8 @@ class ArenaGroup {
   void set_snapshot(py::object snap);
   double sar_direction_sumsq(bool adaptive) const;
   void sar_perturb(double scale, bool adaptive, bool apply);
+  // A closed group reads as having no grad in any segment (a gated step that applies nothing).
+  void set_closed(bool closed) { closed_ = closed; }
 
  private:
   const uint8_t* has_grad_ptr() const;
@@ -145,6 +147,8 @@ class ArenaGroup {
   Segmented base_, exp_avg_, exp_avg_sq_, snap_, teacher_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
+  std::vector<uint8_t> no_grads_;  // one zero per segment: the flags of a closed group
+  bool closed_ = false;
 };
 
 }  // namespace yttt

@@ -279,11 +279,13 @@ def _adam_kernel(
     ema_w,
     restore_q,
     key_ptr,
+    gate_ptr,
     HAS_CLIP: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
     WRITE_SNAPSHOT: tl.constexpr,
     HAS_EMA: tl.constexpr,
     HAS_RESTORE: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """One fused Adam step (torch.optim.Adam defaults and operation order, fp32 math), then the
@@ -307,12 +309,21 @@ def _adam_kernel(
         ema_m, ema_w: the teacher EMA's m and 1 - m.
         restore_q, key_ptr: the restore probability and this group's 32-bit key (an int32 on the
             device, written by the host before the launch).
-        HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE: the step's parts.
+        gate_ptr: with GATED, a float64 on the device: 0 closes the step (no segment counts as
+            having a grad: no parameter, moment, step count, teacher or restore changes).
+        HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE, GATED: the step's parts.
         BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
     slot = part_base + pid
     seg, offs, mask, gmask, seg_numel, flag = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
+    if GATED:  # decided on the device (e.g. EATA: anything selected)
+        open_ = tl.load(gate_ptr) != 0.0
+        gmask = tl.where(open_, gmask, False)
+        flag = flag * open_.to(tl.int64)
+        live = tl.where(open_, mask, False)
+    else:
+        live = mask
     # the step count t of this block's segment (advanced only with a grad) and its bias corrections
     t = tl.load(steps_ptr + pid) + flag.to(tl.int32)
     tl.store(steps_ptr + pid, t)
@@ -357,12 +368,12 @@ def _adam_kernel(
 
     # 6. CoTTA teacher EMA on the updated student: t <- t*m + (1-m)*p_new (every segment)
     if HAS_EMA:
-        t = tl.load(teacher_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(teacher_ptr + offs, _to_storage(t * ema_m + ema_w * p_new, teacher_ptr.dtype.element_ty), mask=mask)
+        t = tl.load(teacher_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        tl.store(teacher_ptr + offs, _to_storage(t * ema_m + ema_w * p_new, teacher_ptr.dtype.element_ty), mask=live)
 
     # 7. CoTTA stochastic restore: p <- base where u(j) < q (every segment, counter-based RNG)
     if HAS_RESTORE:
-        hit = (_uniform01(offs, tl.load(key_ptr).to(tl.uint32, bitcast=True)) < restore_q) & mask
+        hit = (_uniform01(offs, tl.load(key_ptr).to(tl.uint32, bitcast=True)) < restore_q) & live
         tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
         p_new = tl.where(hit, base, p_new)
         n_restored = tl.sum(hit.to(tl.float32), axis=0).to(tl.float64)
@@ -805,12 +816,15 @@ class StepLaunch:
         ptrs = []
         for g, _ in self.plan.items:
             ptrs.extend(t.data_ptr() if t is not None else 0 for t in (g.snap, g.teacher, g._anchor, g._bias))
-        return (tuple(map(id, self.plan.groups)), self.out.data_ptr(), self.args, tuple(ptrs))
+        gate = self.args[-1]
+        args = self.args[:-1] + (None if gate is None else gate.data_ptr(),)
+        return (tuple(map(id, self.plan.groups)), self.out.data_ptr(), args, tuple(ptrs))
 
     def run(self) -> None:
         """Enqueue the step's kernels (no host work beyond the launches)."""
         plan, out = self.plan, self.out
-        (lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, has_ema, ema_m, restore_prob) = self.args
+        (lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, has_ema, ema_m, restore_prob,
+         gate) = self.args
         part, stride, n_slots = plan.part, plan.stride, plan.n_slots
         clip = max_grad_norm is not None
         has_anchor = anchor_lambda != 0.0
@@ -829,15 +843,17 @@ class StepLaunch:
                     g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
                     g._blocks, g._flags, g._anchor if has_anchor else g._flags, g._bias, g._steps, out, part,
                     stride, base, one_minus_beta1, beta2, one_minus_beta2, eps, ema_m, ema_w, restore_prob, g._key,
-                    HAS_CLIP=clip, HAS_ANCHOR=has_anchor, WRITE_SNAPSHOT=write_snapshot,
-                    HAS_EMA=has_ema, HAS_RESTORE=has_restore, BLOCK_SIZE=g.block_size, num_warps=g._warps)
+                    out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
+                    WRITE_SNAPSHOT=write_snapshot, HAS_EMA=has_ema, HAS_RESTORE=has_restore, GATED=gate is not None,
+                    BLOCK_SIZE=g.block_size, num_warps=g._warps)
         _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
 
 
 def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
                  anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-                 restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> StepLaunch:
+                 restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
+                 gate: torch.Tensor | None = None) -> StepLaunch:
     """The host half of :func:`fused_step` (same parameters): checks the arguments, uploads the
     has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
     launch. Nothing changes unless the launch runs, except the device flags and keys."""
@@ -868,15 +884,19 @@ def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: floa
             key = _as_i32(restore_key(restore_seed, restore_counter, i))
             g._key.copy_(torch.tensor([key], dtype=torch.int32), non_blocking=True)
         g._adam_steps += 1
+    if gate is not None and not (type(gate) is torch.Tensor and gate.dtype == torch.float64
+                                 and gate.device == out.device and gate.numel() == 1):
+        raise ValueError("yolozu_ttt.kernels.update: gate must be a 1-element float64 tensor on the groups' device")
     clip = None if max_grad_norm is None else float(max_grad_norm)
     return StepLaunch(plan, out, (lr, beta1, beta2, eps, clip, anchor_lambda, write_snapshot, has_ema, ema_m,
-                                  restore_prob))
+                                  restore_prob, gate))
 
 
 def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
                beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
                anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-               restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> None:
+               restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
+               gate: torch.Tensor | None = None) -> None:
     """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
 
     Parameters:
@@ -897,12 +917,14 @@ def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float,
             ``base`` where ``(fmix32(j ^ restore_key(restore_seed, restore_counter, i)) >> 8) * 2^-24
             < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
         restore_seed, restore_counter: the key of the counter-based restore RNG.
+        gate: None, or a 1-element float64 tensor on the device read by the kernels: 0 applies
+            nothing (as if no segment had a grad; the stats are still written, the update norm 0).
 
     Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``. The host
     work is O(1) in the number of segments (:func:`prepare_step`), then :meth:`StepLaunch.run`.
     """
     prepare_step(groups, out, lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, ema_momentum,
-                 restore_prob, restore_seed, restore_counter).run()
+                 restore_prob, restore_seed, restore_counter, gate).run()
 
 
 def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lambda: float = 0.0,

@@ -109,8 +109,8 @@ def test_host_reads_per_step(method, update_filter):
 
 
 def test_eata_partial_selection_reads_no_more():
-    """Some samples selected: the rows are gathered by indices from the selection's one read
-    (``logits[mask]`` would read the mask again)."""
+    """Some samples selected: the loss masks the rows on the device (``logits[mask]`` would read the
+    mask), and the selection comes back with the step's stats."""
     model, batches = make_model(), make_batches(2, shape=(4, 3, 12, 12))
     with torch.no_grad():
         logits = model(batches[0])["logits"]
@@ -165,7 +165,10 @@ def assert_same_run(a, b) -> None:
         assert torch.equal(p, q), name
 
 
-WHOLE_STEP_CASES = [("tent", {}), ("sar", {}), ("sar", {"sar_rho": 0.0}), ("sar", {"sar_adaptive": True}),
+EATA_PARTIAL = {"eata_conf_min": 0.72, "eata_selected_ratio_min": 0.0, "lr": 1e-4}  # 1 of 2 samples, then 2
+EATA_SKIPS = {"eata_entropy_max": 0.79, "eata_max_skip_streak": 10, "eata_selected_ratio_min": 0.0,
+              "lr": 1e-4}  # 1 of 2, then none (a skip at the capture step), then updates and skips
+WHOLE_STEP_CASES = [("tent", {}), ("eata", {}), ("eata", EATA_PARTIAL), ("eata", EATA_SKIPS), ("sar", {}), ("sar", {"sar_rho": 0.0}), ("sar", {"sar_adaptive": True}),
                     ("cotta", {"cotta_restore_interval": 2}), ("cotta", {"cotta_aggregation": "confidence_weighted_mean"}),
                     ("mim", {}), ("mim", {"seed": None})]
 
@@ -185,6 +188,9 @@ def test_whole_step_replays_equal_eager(replayed, method, kw, update_filter):
         runs.append(run(cfg, batches, graph=graph, model=model))
     assert not runs[0][2], [str(w.message) for w in runs[0][2]]
     assert_same_run(*runs)
+    if kw is EATA_SKIPS:
+        skipped = [m["skipped"] for m in runs[0][0].step_metrics]
+        assert skipped[1] and False in skipped[2:], skipped  # a skip captured, updates replayed
     (graphs,) = replayed
     assert sum(g.replays for g in graphs.captured) == cfg.steps - capture.WARMUP_STEPS
     if method != "cotta":
@@ -237,7 +243,6 @@ def test_host_read_in_the_forward_falls_back_with_the_reason(replayed):
 
 
 @pytest.mark.parametrize("method,kw,why", [
-    ("eata", {}, "decides on the host"),
     ("tent", {"detector_response": True}, "decides on the host"),
     ("tent", {"aux_depth_weight": 0.5}, "decides on the host"),
 ])
@@ -268,11 +273,11 @@ def test_graph_mode_on_a_cpu_arena_warns_and_runs_eagerly():
 
 @only_under_interpreter
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("method", ["tent", "sar", "cotta", "mim"])
+@pytest.mark.parametrize("method", ["tent", "eata", "sar", "cotta", "mim"])
 def test_whole_step_replays_the_triton_launch(replayed, method, update_filter):
     """Under the interpreter the arena runs Triton's engine: the launch prepared before the capture
     (its uploads, its tables) is the one every replay runs."""
-    kw = {"cotta_restore_interval": 2, "cotta_restore_prob": 0.3} if method == "cotta" else {}
+    kw = {"cotta": {"cotta_restore_interval": 2, "cotta_restore_prob": 0.3}, "eata": EATA_SKIPS}.get(method, {})
     cfg = config(method, update_filter=update_filter, steps=6, **kw)
     runs = [run(cfg, batches, graph=graph, model=model)
             for graph, (model, batches) in ((True, model_and_batches(method)), (False, model_and_batches(method)))]

@@ -2,15 +2,13 @@
 against eager PyTorch, and graph mode against eager mode.
 
 * Syncs: every method's ``adapt`` runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the
-  synchronizing calls are counted per step: one (the engine's stats read) for Tent, CoTTA and MIM;
-  two for EATA (its sample selection is read before the step, as the reference decides on the
-  host whether anything was selected) and SAR (the ascent's read, README difference 12).
+  synchronizing calls are counted per step: one, the engine's read of the stats with the method's
+  scalars (README difference 12), for every method.
 * Ops: the Triton paths (eager bypass and custom op) against YOLOZU's eager references, values
   and gradients, at the benched sizes.
 * Graph mode (``run_ttt(graph=True)``): the run's report and final parameters equal eager mode's
-  and graphs were replayed; Tent's whole step is captured (a replayed step syncs once), the other
-  methods' update alone (with a warning saying so); a forward that reads the device is not
-  captured (a warning names the operation). ``YOLOZU_TTT_CUDA_GRAPH=1`` (read at import, hence a
+  and graphs were replayed; every method's whole step is captured (a replayed step syncs once); a
+  forward that reads the device is not captured (a warning names the operation). ``YOLOZU_TTT_CUDA_GRAPH=1`` (read at import, hence a
   subprocess) turns it on; on a CPU arena (this test runs without a GPU too) it warns and runs
   eagerly.
 """
@@ -182,11 +180,9 @@ def test_mim_fast_paths_agree_with_eager(shape):
 # ---- graph mode ---------------------------------------------------------------------------------
 
 GRAPH_CASES = [(name, f) for name in ("tent", "eata", "sar", "cotta", "mim") for f in ("all", "norm_only")]
-#: the methods whose whole step is captured (the others: the fused update alone)
-WHOLE_STEP = {"tent", "sar", "cotta", "mim"}
 
 
-def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: int = 6):
+def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: int = 6, **kw):
     """One run of a case, eager or in graph mode: report, final state, CUDA graph replays, graph warnings."""
     from yolozu_ttt.engine import GraphFallbackWarning
 
@@ -196,7 +192,7 @@ def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: in
     model, batches = model_for(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=steps), graph)
+        report = yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=steps, **kw), graph)
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return report.to_dict(), state, len(replays), fallbacks
@@ -213,11 +209,23 @@ def yolozu_ttt_run(model, batches, cfg, graph):
 def test_graph_mode_equals_eager(name, update_filter, monkeypatch, deterministic_cudnn):
     ref, ref_state, ref_replays, _ = graph_run(name, update_filter, False, monkeypatch)
     ours, state, replays, fallbacks = graph_run(name, update_filter, True, monkeypatch)
-    if name in WHOLE_STEP:
-        assert not fallbacks, fallbacks
-    else:
-        assert len(fallbacks) == 1 and "only the fused update is captured" in fallbacks[0], fallbacks
+    assert not fallbacks, fallbacks  # every method's whole step is captured
     assert replays >= 1 and ref_replays == 0
+    assert_same_outcome(ref, ref_state, ours, state)
+
+
+@needs_cuda
+def test_update_only_capture_where_the_step_reads_the_device(monkeypatch, deterministic_cudnn):
+    """Tent with its aux term (YOLOZU's helper reads each part): only the update is captured, with a
+    warning saying so, and the run equals eager."""
+    ref, ref_state, _, _ = graph_run("tent", "all", False, monkeypatch, aux_depth_weight=0.5)
+    ours, state, replays, fallbacks = graph_run("tent", "all", True, monkeypatch, aux_depth_weight=0.5)
+    assert len(fallbacks) == 1 and "only the fused update is captured" in fallbacks[0], fallbacks
+    assert replays >= 1
+    assert_same_outcome(ref, ref_state, ours, state)
+
+
+def assert_same_outcome(ref, ref_state, ours, state) -> None:
     assert ref["losses"] == pytest.approx(ours["losses"], rel=1e-5, abs=1e-7)
     assert ref["stop_reason"] == ours["stop_reason"] and ref["steps_run"] == ours["steps_run"]
     for key, value in ref_state.items():
@@ -226,12 +234,14 @@ def test_graph_mode_equals_eager(name, update_filter, monkeypatch, deterministic
 
 @needs_cuda
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-def test_whole_step_replays_sync_once(update_filter, monkeypatch):
-    """After the warm-up and the capture, a replayed Tent step waits for the device once (its read)."""
-    from yolozu_ttt.methods import tent
+@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
+def test_whole_step_replays_sync_once(name, update_filter, monkeypatch):
+    """After the warm-up and the capture, a replayed step waits for the device once (its read)."""
+    import importlib
 
+    cls = importlib.import_module(f"yolozu_ttt.methods.{name}").METHOD
     per_step: list[int] = []
-    original = tent.Tent.adapt
+    original = cls.adapt
 
     def counted(self, *args, **kwargs):
         torch.cuda.synchronize()
@@ -244,9 +254,9 @@ def test_whole_step_replays_sync_once(update_filter, monkeypatch):
                 torch.cuda.set_sync_debug_mode("default")
                 per_step.append(sum(map(_is_sync, caught)))
 
-    monkeypatch.setattr(tent.Tent, "adapt", counted)
-    model, batches = model_for("tent")
-    yolozu_ttt_run(model, batches, config("tent", update_filter=update_filter, steps=6), True)
+    monkeypatch.setattr(cls, "adapt", counted)
+    model, batches = model_for(name)
+    yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=6), True)
     assert len(per_step) == 6 and per_step[2:] == [1] * 4, per_step
 
 

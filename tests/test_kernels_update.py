@@ -568,6 +568,42 @@ def test_sar_perturb_nan_direction_poisons_like_the_reference(adaptive):
         assert torch.equal(_bits(bufs["snap"]), _bits(pre)), cls
 
 
+@needs_triton_path
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("open_", [0.0, 1.0])
+def test_gate_matches_cpp(open_, ema):
+    """A gated step on the device: closed (0) changes no parameter, moment, step count or teacher
+    (and restores nothing), like the C++ engine's; open, it is the ungated step."""
+    flags = b"\x01\x01\x00\x01"
+    ref_bufs = _make_buffers(torch.float32, SIZES, seed=12)
+    ref_bufs["grad"].copy_(_grads(torch.float32, SIZES, 13))
+    ours, cpp = _clone_to(ref_bufs, DEVICE), _clone_to(ref_bufs, "cpu")
+    g_ours = _bind(U.TritonArenaGroup, ours, SIZES, bytearray(flags), block_size=256)
+    g_cpp = _bind(C.ArenaGroup, cpp, SIZES, bytearray(flags))
+    teachers = []
+    if ema:
+        for g, bufs in ((g_ours, ours), (g_cpp, cpp)):
+            teachers.append(bufs["param"].clone() * 0.5)
+            g.set_teacher(teachers[-1])
+    kw = dict(lr=1e-2, max_grad_norm=1.0, anchor_lambda=0.2, write_snapshot=True,
+              ema_momentum=0.9 if ema else None, restore_prob=0.5 if ema else 0.0, restore_seed=3, restore_counter=1)
+    before = {k: v.clone() for k, v in ours.items()}
+    teacher_before = teachers[0].clone() if ema else None
+    out = fused_step([g_ours], gate=torch.full((1,), open_, dtype=torch.float64, device=DEVICE), **kw)
+    expected = c_fused_step([g_cpp], gate=torch.full((1,), open_, dtype=torch.float64), **kw)
+    for k in ("param", "exp_avg", "exp_avg_sq"):
+        _close(ours[k], cpp[k], torch.float32, f"gate {open_} {k} vs _C")
+    assert g_ours.steps == g_cpp.steps == [int(open_)] * 2 + [0, int(open_)]
+    for key in ("update_norm", "total_update_norm", "restored"):
+        assert out[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), key
+    if open_ == 0.0:
+        for k in ("param", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(_bits(ours[k]), _bits(before[k])), k
+        assert out["update_norm"] == 0.0 and out["restored"] == 0.0
+        if ema:
+            assert torch.equal(teachers[0], teacher_before)
+
+
 # ------------------------------------------------------------------------------------------
 # CoTTA: teacher EMA + stochastic restore fused into the step
 # ------------------------------------------------------------------------------------------

@@ -498,3 +498,32 @@ def test_non_finite_update_norms_are_those_of_torch(first, sizes, lr):
         assert same_float(stats["total_update_norm"], total), (step, stats["total_update_norm"], total)
     for p, mine in zip(params, arena.views(arena.flat)):
         torch.testing.assert_close(mine, p, rtol=1e-5, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("anchor_lambda", [0.0, 0.3])
+def test_a_closed_gate_applies_nothing_and_an_open_one_everything(anchor_lambda):
+    """``gate``: a 1-element float64 tensor read at the call. 0: no parameter, moment or step count
+    changes (the stats are still written, the update norm 0, the total update norm that of the
+    unchanged values); nonzero: exactly the ungated step."""
+    g = torch.Generator().manual_seed(11)
+    values = [torch.randn(n, generator=g) for n in (5, 300)]
+    grads = torch.randn(305, generator=g)
+    arenas = [Arena(values, torch.float32) for _ in range(3)]
+    for arena in arenas:
+        fused_step([arena.group], lr=1e-2, anchor_lambda=anchor_lambda)  # a first step, so base != flat
+        arena.grad.copy_(grads)
+    plain, opened, closed = arenas
+    state = [t.clone() for t in (closed.flat, closed.m, closed.v)]
+    want = fused_step([plain.group], lr=1e-2, anchor_lambda=anchor_lambda)
+    got = fused_step([opened.group], lr=1e-2, anchor_lambda=anchor_lambda, gate=torch.ones(1, dtype=torch.float64))
+    assert got == want
+    for a, b in zip((opened.flat, opened.m, opened.v), (plain.flat, plain.m, plain.v)):
+        assert torch.equal(a, b)
+    shut = fused_step([closed.group], lr=1e-2, anchor_lambda=anchor_lambda, gate=torch.zeros(1, dtype=torch.float64))
+    for a, b in zip((closed.flat, closed.m, closed.v), state):
+        assert torch.equal(a, b)
+    assert closed.group.steps == [1, 1] and plain.group.steps == [2, 2]
+    assert shut["update_norm"] == 0.0
+    assert shut["total_update_norm"] == pytest.approx(float((closed.flat - closed.base).norm()), rel=1e-6)
+    with pytest.raises(ValueError, match="gate must have one element"):
+        fused_step([closed.group], lr=1e-2, gate=torch.zeros(2, dtype=torch.float64))

@@ -106,15 +106,22 @@ class UpdateEngine:
         self._stats = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._gate = torch.ones(1, dtype=torch.float64, device=arena.device)  # see ``gate``
         self.total_update_norm = 0.0  # of the last applied step
         #: graph mode: asked for and possible (a CUDA arena on the Triton engine)
         self.graph_mode = bool(graph) and self._graph_possible()
         self._graphs: dict | None = {} if self.graph_mode else None  # {launch key: CUDAGraph or None}
         self.scaler = scaler  # fp16's amp.LossScaler (the grads arrive unscaled, with its overflow flag)
 
+    def gate(self, open_: torch.Tensor) -> None:
+        """Decide on the device whether the next gated step (``step(gated=True)``) applies: where
+        ``open_`` (a boolean scalar on the arena's device) is false it changes nothing (no
+        parameter, moment or step count), as if no parameter had a grad. No host read."""
+        self._gate.copy_(open_.reshape(1))
+
     def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
              ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
-             restore_counter: int = 0) -> tuple[StepStats, list[float]]:
+             restore_counter: int = 0, gated: bool = False) -> tuple[StepStats, list[float]]:
         """Apply one update (with CoTTA's teacher EMA and restore when asked); return its stats and
         the values of ``extra`` (one host read): :meth:`prepare`, the launch, :meth:`collect`.
 
@@ -127,7 +134,8 @@ class UpdateEngine:
             if overflow:
                 return self._overflowed(anchor_lambda, write_snapshot, extra)
         launch = self.prepare(anchor_lambda=anchor_lambda, write_snapshot=write_snapshot, ema_momentum=ema_momentum,
-                              restore_prob=restore_prob, restore_seed=restore_seed, restore_counter=restore_counter)
+                              restore_prob=restore_prob, restore_seed=restore_seed, restore_counter=restore_counter,
+                              gated=gated)
         if self._graphs is None:
             launch.run()
         else:
@@ -135,7 +143,8 @@ class UpdateEngine:
         return self.collect(extra)
 
     def prepare(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-                restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0) -> Any:
+                restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
+                gated: bool = False) -> Any:
         """The host half of one update (parameters as :meth:`step`): the snapshot bookkeeping and the
         backend's checks and uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is
         applied before), ``key()`` names what a CUDA graph of ``run()`` bakes in (None: no graph).
@@ -148,7 +157,8 @@ class UpdateEngine:
         kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                       max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
                       write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
-                      restore_seed=int(restore_seed), restore_counter=int(restore_counter))
+                      restore_seed=int(restore_seed), restore_counter=int(restore_counter),
+                      gate=self._gate if gated else None)
         if hasattr(self._impl, "prepare_step"):
             return self._impl.prepare_step(self._groups, self._stats, **kwargs)
         return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, **kwargs)

@@ -6,7 +6,7 @@ parameter; the reported loss is ``adapt_loss + lambda * anchor_loss`` as in the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from yolozu.tta import integration as _ref
@@ -47,33 +47,29 @@ def select_samples(config: Any, conf: torch.Tensor, entropy: torch.Tensor, valid
             & (entropy <= float(config.eata_entropy_max)) & (valid >= float(int(config.eata_min_valid_dets))))
 
 
-def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor,
-            valid: torch.Tensor) -> tuple[list[float], list[int]]:
-    """Selected count, the mean conf / entropy / valid detections and the selected samples' indices,
-    in one host read."""
+def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Selected count and the mean conf / entropy / valid detections, as four float64 device scalars."""
     if conf.numel() == 0:
-        return [0.0, 0.0, 0.0, 0.0], []
-    got = torch.cat([torch.stack([mask.sum().double(), conf.mean().double(), entropy.mean().double(),
-                                  valid.mean().double()]), mask.reshape(-1).double()]).tolist()
-    return got[:4], [i for i, m in enumerate(got[4:]) if m]
+        return torch.zeros(4, dtype=torch.float64, device=conf.device)
+    return torch.stack([mask.sum().double(), conf.mean().double(), entropy.mean().double(), valid.mean().double()])
 
 
-def adapt_loss(logits: torch.Tensor, selected: list[int], batch: int) -> torch.Tensor:
-    """Mean entropy over the rows of the ``selected`` samples (``logits.sum() * 0`` when there are none);
-    a partial selection is gathered by indices known on the host (``logits[mask]`` would read the
-    mask from the device again)."""
-    rows = logits if len(selected) == batch else logits.index_select(0, host_index(selected, logits.device))
-    if rows.numel() == 0:
-        return logits.sum() * 0.0
-    return ops.entropy_loss(rows)
+#: a row whose softmax entropy is exactly 0 (its softmax is one-hot: exp(-1e4) is 0 in every
+#: supported dtype) and whose gradient is 0: the stand-in for a row not selected
+UNSELECTED_LOGIT = -1.0e4
 
 
-def host_index(indices: list[int], device: torch.device) -> torch.Tensor:
-    """``indices`` as an int64 tensor on ``device`` (on CUDA through pinned memory, no host sync)."""
-    index = torch.tensor(indices, dtype=torch.int64)
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean entropy over the rows of the selected samples, without reading the selection: the rows of
+    samples not selected are replaced by rows of entropy 0 and the mean over all rows is rescaled by
+    ``batch / count`` (exactly 1 when all are selected; with none selected, the gated update applies
+    nothing, whatever the loss)."""
+    if logits.ndim < 2 or logits.shape[-1] <= 1:
+        return ops.entropy_loss(logits) if logits.is_floating_point() else _ref._entropy_loss_from_logits(logits)
+    row = torch.full(logits.shape[-1:], UNSELECTED_LOGIT, dtype=logits.dtype, device=logits.device)
+    row[0] = 0.0
+    rows = torch.where(mask.reshape((-1,) + (1,) * (logits.ndim - 1)), logits, row)
+    return ops.entropy_loss(rows) * (float(batch) / count.clamp(min=1).to(torch.float32))
 
 
 class EATA(Method):
@@ -91,34 +87,50 @@ class EATA(Method):
     def check_batch(self, x: Any) -> None:
         check_batch(x)
 
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        config, lam = self.config, self.lam
+    def passes(self, x: torch.Tensor, arena: ParamArena, engine: UpdateEngine,
+               zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+        """Forward, selection, the selected samples' entropy and its backward, the update's gate
+        (anything selected); nothing read: (selection summary, adapt loss[, anchor value])."""
+        config = self.config
         logits = _ref._extract_logits(self.ctx.model(x))
         if logits.ndim == 0:
             raise RuntimeError("EATA logits must have batch dimension")
         conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
         mask = select_samples(config, conf, entropy, valid)
-        batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
-        (count, mean_conf, mean_entropy, mean_valid), selected = summary(mask, conf, entropy, valid)
-        count = int(count)
+        self.batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
+        selection = summary(mask, conf, entropy, valid)
+        loss = adapt_loss(logits, mask, selection[0], self.batch)
+        zero_grad()
+        if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
+            arena.backward(loss)
+        arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
+        engine.gate(selection[0] > 0)
+        anchor = (engine.anchor_value(),) if self.lam == 0.0 else ()
+        return (selection, loss) + anchor
+
+    def step_body(self, arena: ParamArena, engine: UpdateEngine):
+        """The selection gates the update on the device and is read with the step: nothing is
+        decided on the host before the update, so the whole step can be captured."""
+        return lambda x: self.passes(x, arena, engine, arena.clear_grads)
+
+    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
+        config, lam = self.config, self.lam
+        if self.step_graph is not None:
+            stats, values = self.step_graph.step((x,), write_snapshot=write_snapshot, anchor_lambda=lam, gated=True)
+        else:
+            stats, values = engine.step(anchor_lambda=lam, write_snapshot=write_snapshot, gated=True,
+                                        extra=self.passes(x, arena, engine, arena.zero_grad))
+        count, mean_conf, mean_entropy, mean_valid, adapt_value = values[:5]
+        count, batch = int(count), self.batch
         ratio = float(count) / float(max(1, batch))
         metrics: dict[str, Any] = {
             "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
             "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid,
         }
-        if count <= 0:
+        if count <= 0:  # the gate kept the update from applying anything
             return self.skip(engine, metrics)
         self.streak = 0
-        loss = adapt_loss(logits, selected, batch)
-        arena.zero_grad()
-        if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
-            arena.backward(loss)
-        arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
-        anchor = engine.anchor_value() if lam == 0.0 else None
-        extra = (loss,) if anchor is None else (loss, anchor)
-        stats, values = engine.step(anchor_lambda=lam, write_snapshot=write_snapshot, extra=extra)
-        adapt_value = values[0]
-        anchor_loss = values[1] if anchor is not None else stats.anchor_loss
+        anchor_loss = values[5] if lam == 0.0 else stats.anchor_loss
         loss_value = adapt_value + lam * anchor_loss
         metrics.update({
             "skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
@@ -129,7 +141,8 @@ class EATA(Method):
                            method_stop=RATIO_STOP if ratio < self.ratio_min else None)
 
     def skip(self, engine: UpdateEngine, metrics: dict[str, Any]) -> StepOutcome:
-        """A step with nothing selected: no backward, no update, no guard; a long streak stops."""
+        """A step with nothing selected: no update, no guard (the backward ran, but the reference's
+        does not: counted as none); a long streak stops."""
         self.streak += 1
         metrics.update({
             "skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
