@@ -16,10 +16,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import FixedAdapter, bench_device, sync
+from conftest import FixedAdapter, bench_device, tent_floor_run
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.integration import _entropy_loss_from_logits
-from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
 from yolozu_ttt.engine import GraphFallbackWarning
@@ -41,21 +39,6 @@ def rtdetr():
     return model, copy.deepcopy(model.state_dict()), batch
 
 
-def floor_run(model, batch, update_filter):
-    selected = select_parameters(model, update_filter=update_filter)
-    try:
-        model.train()
-        for _ in range(STEPS):
-            for p in selected:
-                p.grad = None
-            _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
-        sync(batch.device)
-    finally:
-        for p in model.parameters():
-            p.grad = None
-        model.eval()
-
-
 @pytest.mark.parametrize("update_filter", ["norm_only", "all"])
 @pytest.mark.parametrize("provider", ["floor", "fast", "graph"])
 def test_graph_mode_tent(benchmark, rtdetr, provider, update_filter):
@@ -69,7 +52,7 @@ def test_graph_mode_tent(benchmark, rtdetr, provider, update_filter):
 
     def once():
         if provider == "floor":
-            floor_run(model, batch, update_filter)
+            tent_floor_run(model, batch, update_filter, STEPS)
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -13,11 +13,9 @@ import copy
 
 import pytest
 import torch
-from conftest import FixedAdapter, bench_device, sync
+from conftest import FixedAdapter, bench_device, tent_floor_run
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.integration import _entropy_loss_from_logits
 from yolozu.tta.integration import run_ttt as reference_run_ttt
-from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
 
@@ -33,25 +31,9 @@ def rtdetr():
     model = RTDETRPoseAdapter(config_path="builtin:base", init_seed=0).get_model().to(DEVICE)
     batch = torch.randn(BATCH, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     state = copy.deepcopy(model.state_dict())
-    floor_run(model, batch, "norm_only")  # warm the allocator and kernels once for every provider
+    tent_floor_run(model, batch, "norm_only", STEPS)  # warm the allocator and kernels once for every provider
     model.load_state_dict(state)
     return model, state, batch
-
-
-def floor_run(model, batch, update_filter):
-    """Forward + entropy + backward per step, differentiating for the selected parameters only."""
-    selected = select_parameters(model, update_filter=update_filter)
-    try:
-        model.train()
-        for _ in range(STEPS):
-            for p in selected:
-                p.grad = None
-            _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
-        sync(batch.device)
-    finally:
-        for p in model.parameters():
-            p.grad = None
-        model.eval()
 
 
 @pytest.mark.parametrize("update_filter", ["norm_only", "all"])
@@ -69,7 +51,7 @@ def test_run_ttt_tent(benchmark, rtdetr, provider, update_filter):
 
     def once():
         if run is None:
-            floor_run(model, batch, update_filter)
+            tent_floor_run(model, batch, update_filter, STEPS)
         else:
             run(FixedAdapter(model, batch), [], config=config)
 

@@ -30,6 +30,26 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def tent_floor_run(model, batch, update_filter: str, steps: int) -> None:
+    """Tent's floor: per step forward, entropy and backward for the selected parameters only (no
+    optimizer, no bookkeeping), the model work no engine removes; then the device is waited for."""
+    from yolozu.tta.integration import _entropy_loss_from_logits
+    from yolozu.tta.ttt_mim import select_parameters
+
+    selected = select_parameters(model, update_filter=update_filter)
+    try:
+        model.train()
+        for _ in range(steps):
+            for p in selected:
+                p.grad = None
+            _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
+        sync(batch.device)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.eval()
+
+
 def _nbytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 

@@ -394,3 +394,34 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     yield
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+#: one small case per method (TinyDet; MIM: test_methods_mim's ReconNet), for the checks every method takes
+METHOD_CONFIGS = {
+    "tent": dict(method="tent"),
+    "eata": dict(method="eata", eata_conf_min=0.0, eata_entropy_min=0.0, eata_entropy_max=100.0),
+    "sar": dict(method="sar"),
+    "cotta": dict(method="cotta", cotta_restore_prob=0.01),
+    "mim": dict(method="mim"),
+}
+
+
+def method_config(method: str, **kw: Any) -> Any:
+    """``METHOD_CONFIGS[method]`` as a TTTConfig: 3 steps over 2 batches, lr 1e-2, clip 1.0, then ``kw``."""
+    from yolozu.tta.config import TTTConfig
+
+    base = dict(enabled=True, steps=3, max_batches=2, lr=1e-2, max_grad_norm=1.0, **METHOD_CONFIGS[method])
+    base.update(kw)
+    return TTTConfig(**base)
+
+
+def method_case(method: str, device: Any = "cpu") -> tuple[nn.Module, list[torch.Tensor]]:
+    """The model and batches of ``method``'s small case, on ``device``."""
+    if method == "mim":
+        from test_methods_mim import ReconNet
+
+        torch.manual_seed(0)
+        model, batches = ReconNet("recon"), make_batches(2, shape=(2, 3, 32, 32))
+    else:
+        model, batches = make_model(), make_batches()
+    return model.to(device), [b.to(device) for b in batches]

@@ -16,8 +16,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import (HOST_READS_PER_STEP, HostReads, ListAdapter, assert_reports_match,
-                      make_batches, make_model, only_under_interpreter, run_under_interpreter, skip_under_interpreter)
+from conftest import (HOST_READS_PER_STEP, METHOD_CONFIGS, HostReads, ListAdapter, assert_reports_match,
+                      make_batches, make_model, method_case, method_config, only_under_interpreter,
+                      run_under_interpreter, skip_under_interpreter)
 from torch import nn
 from yolozu.tta.config import TTTConfig
 
@@ -25,28 +26,12 @@ import yolozu_ttt
 from yolozu_ttt import capture
 from yolozu_ttt.engine import GraphFallbackWarning, UpdateEngine
 
-CONFIGS = {
-    "tent": dict(method="tent"),
-    "eata": dict(method="eata", eata_conf_min=0.0, eata_entropy_min=0.0, eata_entropy_max=100.0),
-    "sar": dict(method="sar"),
-    "cotta": dict(method="cotta", cotta_restore_prob=0.01),
-    "mim": dict(method="mim"),
-}
-
-
 def config(method: str, **kw) -> TTTConfig:
-    base = dict(enabled=True, steps=3, max_batches=2, lr=1e-2, max_grad_norm=1.0, seed=0, **CONFIGS[method])
-    base.update(kw)
-    return TTTConfig(**base)
+    """The method's small case, seeded (CoTTA's restores and MIM's grids repeat)."""
+    return method_config(method, **{"seed": 0, **kw})
 
 
-def model_and_batches(method: str):
-    if method == "mim":
-        from test_methods_mim import ReconNet
-
-        torch.manual_seed(0)
-        return ReconNet("recon"), make_batches(2, shape=(2, 3, 32, 32))
-    return make_model(), make_batches()
+model_and_batches = method_case
 
 
 # ---- the probe ---------------------------------------------------------------------------------
@@ -102,7 +87,7 @@ def reads_per_step(method: str, cfg: TTTConfig, model=None, batches=None):
 
 
 @pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
 def test_host_reads_per_step(method, update_filter):
     counts, _ = reads_per_step(method, config(method, update_filter=update_filter))
     assert counts == [HOST_READS_PER_STEP[method]] * len(counts), counts

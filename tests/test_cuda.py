@@ -21,27 +21,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import HOST_READS_PER_STEP, UNDER_INTERPRETER, ListAdapter, make_batches, make_model
-from yolozu.tta.config import TTTConfig
+from conftest import (HOST_READS_PER_STEP, UNDER_INTERPRETER, ListAdapter, make_batches, make_model, method_case,
+                      method_config)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or UNDER_INTERPRETER, reason="needs CUDA")
 
 #: expected synchronizing calls per step (see the module docstring; the CPU twin is test_capture.py)
 SYNCS_PER_STEP = HOST_READS_PER_STEP
-CONFIGS = {
-    "tent": dict(method="tent"),
-    "eata": dict(method="eata", eata_conf_min=0.0, eata_entropy_min=0.0, eata_entropy_max=100.0),
-    "sar": dict(method="sar"),
-    "cotta": dict(method="cotta", cotta_restore_prob=0.01),
-    "mim": dict(method="mim"),
-}
-
-
-def config(name: str, **kw) -> TTTConfig:
-    base = dict(enabled=True, steps=3, max_batches=2, lr=1e-2, max_grad_norm=1.0)
-    base.update(CONFIGS[name])
-    base.update(kw)
-    return TTTConfig(**base)
+config = method_config
 
 
 #: the device of the end-to-end cases (a CPU dry run of this file's scripts sets it to cpu)
@@ -49,33 +36,21 @@ DEVICE = os.environ.get("YOLOZU_TTT_TEST_DEVICE", "cuda")
 
 
 def model_for(name: str):
-    if name == "mim":
-        from test_methods_mim import ReconNet
-
-        torch.manual_seed(0)
-        return ReconNet("recon").to(DEVICE), [b.to(DEVICE) for b in make_batches(2, shape=(2, 3, 32, 32))]
-    return make_model().to(DEVICE), [b.to(DEVICE) for b in make_batches()]
+    return method_case(name, DEVICE)
 
 
 def _is_sync(w: warnings.WarningMessage) -> bool:
     return "synchroniz" in str(w.message)
 
 
-@needs_cuda
-@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
-def test_syncs_per_step(name, update_filter, monkeypatch):
-    import importlib
-
-    import yolozu_ttt
-
-    module = importlib.import_module(f"yolozu_ttt.methods.{name}")
-    cls = module.METHOD
-    per_step: list[int] = []
-    original = cls.adapt
+def count_syncs(monkeypatch, owner: type, attr: str) -> list[int]:
+    """Patch ``owner.attr`` to count, per call, the synchronizing calls CUDA's sync debug mode
+    reports (nothing of the previous call pending); returns the list the counts go into."""
+    per_call: list[int] = []
+    original = getattr(owner, attr)
 
     def counted(self, *args, **kwargs):
-        torch.cuda.synchronize()  # nothing of the previous step pending
+        torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -83,40 +58,41 @@ def test_syncs_per_step(name, update_filter, monkeypatch):
                 return original(self, *args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                per_step.append(sum(map(_is_sync, caught)))
+                per_call.append(sum(map(_is_sync, caught)))
 
-    monkeypatch.setattr(cls, "adapt", counted)
-    model, batches = model_for(name)
-    cfg = config(name, update_filter=update_filter, steps=4)
-    yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)  # first run: compiles, tables
-    per_step.clear()
-    report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg)
-    assert per_step and report.steps_run == len(per_step)
-    assert max(per_step) <= SYNCS_PER_STEP[name], f"{name}/{update_filter}: syncs per step {per_step}"
+    monkeypatch.setattr(owner, attr, counted)
+    return per_call
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
+@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
+def test_syncs_per_step(name, update_filter, graph, monkeypatch):
+    """Every step waits for the device once; in graph mode, every replayed one (after the warm-up
+    and the capture)."""
+    import importlib
+
+    per_step = count_syncs(monkeypatch, importlib.import_module(f"yolozu_ttt.methods.{name}").METHOD, "adapt")
+    model, batches = model_for(name)
+    cfg = config(name, update_filter=update_filter, steps=6)
+    yolozu_ttt_run(model, batches, cfg, graph)  # first run: compiles, tables
+    per_step.clear()
+    report = yolozu_ttt_run(model, batches, cfg, graph)
+    steady = per_step[2:] if graph else per_step
+    assert report.steps_run == len(per_step) == 6
+    assert steady == [SYNCS_PER_STEP[name]] * len(steady), f"{name}/{update_filter}: syncs per step {per_step}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
 def test_engine_step_is_one_sync(name, monkeypatch):
     """The fused step itself (UpdateEngine.step: launches, the stats read) syncs exactly once."""
     from yolozu_ttt import engine as E
 
     import yolozu_ttt
 
-    counts: list[int] = []
-    original = E.UpdateEngine.step
-
-    def counted(self, **kwargs):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return original(self, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                counts.append(sum(map(_is_sync, caught)))
-
-    monkeypatch.setattr(E.UpdateEngine, "step", counted)
+    counts = count_syncs(monkeypatch, E.UpdateEngine, "step")
     model, batches = model_for(name)
     for _ in range(2):
         counts.clear()
@@ -230,34 +206,6 @@ def assert_same_outcome(ref, ref_state, ours, state) -> None:
     assert ref["stop_reason"] == ours["stop_reason"] and ref["steps_run"] == ours["steps_run"]
     for key, value in ref_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
-
-
-@needs_cuda
-@pytest.mark.parametrize("update_filter", ["all", "norm_only"])
-@pytest.mark.parametrize("name", sorted(SYNCS_PER_STEP))
-def test_whole_step_replays_sync_once(name, update_filter, monkeypatch):
-    """After the warm-up and the capture, a replayed step waits for the device once (its read)."""
-    import importlib
-
-    cls = importlib.import_module(f"yolozu_ttt.methods.{name}").METHOD
-    per_step: list[int] = []
-    original = cls.adapt
-
-    def counted(self, *args, **kwargs):
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                per_step.append(sum(map(_is_sync, caught)))
-
-    monkeypatch.setattr(cls, "adapt", counted)
-    model, batches = model_for(name)
-    yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=6), True)
-    assert len(per_step) == 6 and per_step[2:] == [1] * 4, per_step
 
 
 class _HostReadForward(torch.nn.Module):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from yolozu.tta import integration as _ref
 from yolozu.tta import ttt_mim as _mim
 
 from .. import ops
