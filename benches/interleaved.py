@@ -27,7 +27,7 @@ from yolozu.tta.integration import run_ttt as reference_run_ttt
 import bench_methods
 import bench_run_ttt
 import yolozu_ttt
-from conftest import FixedAdapter
+from conftest import FixedAdapter, tent_floor_run
 
 
 def case(name: str):
@@ -40,7 +40,7 @@ def case(name: str):
         batch = torch.randn(bench_run_ttt.BATCH, generator=torch.Generator().manual_seed(0))
         config = TTTConfig(enabled=True, method="tent", steps=bench_run_ttt.STEPS, update_filter=update_filter,
                            lr=1e-4)
-        return model, batch, config, lambda m: bench_run_ttt.floor_run(m, batch, update_filter)
+        return model, batch, config, lambda m: tent_floor_run(m, batch, update_filter, bench_run_ttt.STEPS)
     by_mim, x = bench_methods.build_models()
     model, _ = by_mim[method == "mim"]
     config = TTTConfig(enabled=True, method=method, steps=bench_methods.STEPS, update_filter=update_filter,
