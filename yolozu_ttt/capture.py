@@ -1,10 +1,11 @@
 """Graph mode's whole step: forward, loss, backward and the fused update in one CUDA graph.
 
-A step that decides nothing on the host (plain Tent: the model, the entropy, the grads, the
-update; the guards read the stats afterwards) is the same launches every time, so after one eager
-warm-up step it is captured once per input shape and replayed; the host then does per step only
-the snapshot bookkeeping, the update's O(1) uploads, one input copy, ``replay()`` and the step's
-one read. Before anything is captured, the warm-up step's forward and backward run under a
+A step that decides nothing on the host before its update (every method's: Tent's forward,
+entropy and backward; EATA's, whose selection gates the update on the device; SAR's two passes
+and ascent; CoTTA's student and teacher passes; MIM's masked pass; the guards read the stats
+afterwards) is the same launches every time, so after one eager warm-up step it is captured once
+per input layout and replayed; the host then does per step only the snapshot bookkeeping, the
+update's O(1) uploads, the input copies, ``replay()`` and the step's one read. Before anything is captured, the warm-up step's forward and backward run under a
 :class:`SyncProbe`, which names every operation that would make the host wait for the device
 (``.item()``, ``nonzero``, boolean indexing, device-to-host copies ...); a model with any of them
 cannot be captured and keeps running eagerly (with only the fused update in a graph), with a
@@ -117,9 +118,11 @@ class CudaGraphs:
         """Eager work on the capture stream (the warm-up; autograd's streams then match)."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Any, tuple[torch.Tensor, ...]]:
         """Capture ``fn`` (nothing runs yet); returns the graph and ``fn``'s static outputs."""
@@ -132,7 +135,12 @@ class CudaGraphs:
 class ReplayedCalls:
     """The observable behaviour of :class:`CudaGraphs` on any device: ``capture`` runs the step
     once (that is the step a capture and its first replay do) and keeps its outputs as the static
-    ones; each later ``replay`` calls the step again and copies its outputs into them."""
+    ones; each later ``replay`` calls the step again and copies its outputs into them.
+
+    What it cannot show: a replay here runs the body's Python again, a CUDA graph's runs none. So
+    a body keeps nothing per step on the host that a later step reads: what varies with the input
+    goes out as a device tensor (EATA's batch size) or is kept per input layout (CoTTA's branch
+    metadata, per input rank), and the has-grad flags stay as the capture left them."""
 
     class Graph:
         def __init__(self, fn: Callable[[], tuple[torch.Tensor, ...]], outputs: tuple[torch.Tensor, ...]):

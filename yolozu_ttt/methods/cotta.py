@@ -69,20 +69,23 @@ class CoTTA(Method):
 
     def start(self, arena: ParamArena, engine: UpdateEngine) -> None:
         self.teacher, _ = build_teacher(self.ctx.model, arena, engine)
+        self.meta: dict[int, tuple[dict, dict]] = {}  # input rank: (student, teacher) branch metadata
 
     def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
         engine.bind_teacher(None)
 
     def passes(self, x: torch.Tensor, arena: ParamArena, zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
         """The student's augmented forward, entropy and backward, then the teacher's forward and the
-        consistency: (loss, consistency) as device scalars; the branches' metadata is kept."""
+        consistency: (loss, consistency) as device scalars. The branches' metadata (which depends on
+        the input's rank only: hflip needs 4-D) is kept by rank, so a replayed graph finds it."""
         zero_grad()
-        student_logits, self.aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
+        student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
         loss = entropy(student_logits)
         arena.backward(loss)
         with torch.no_grad():
-            teacher_logits, self.teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
+            teacher_logits, teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
             consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
+        self.meta[x.ndim] = (aug_meta, teacher_meta)
         return loss, consistency
 
     def step_body(self, arena: ParamArena, engine: UpdateEngine):
@@ -101,12 +104,13 @@ class CoTTA(Method):
                 write_snapshot=write_snapshot, extra=self.passes(x, arena, arena.zero_grad), **update)
         # p >= 1 restores every element: the exact count even where a float32 stat would round it
         restored = (arena.numel if self.restore_prob >= 1.0 else int(round(stats.restored))) if restore else 0
-        forwards = int(self.aug_meta.get("branches") or 0) + int(self.teacher_meta.get("branches") or 0)
+        aug_meta, teacher_meta = self.meta[x.ndim]
+        forwards = int(aug_meta.get("branches") or 0) + int(teacher_meta.get("branches") or 0)
         return StepOutcome(loss=loss_value, stats=stats, forwards=forwards, metrics={
             "grad_norm_clipped": float(stats.grad_norm) if self.config.max_grad_norm is not None else None,
             "ema_momentum": self.ema_momentum, "restore_prob": self.restore_prob,
             "restore_interval": self.restore_interval, "restored_count": restored,
-            "consistency_mse": float(consistency_value), "aug": self.aug_meta,
+            "consistency_mse": float(consistency_value), "aug": copy.deepcopy(aug_meta),
         })
 
 

@@ -90,23 +90,24 @@ class EATA(Method):
     def passes(self, x: torch.Tensor, arena: ParamArena, engine: UpdateEngine,
                zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
         """Forward, selection, the selected samples' entropy and its backward, the update's gate
-        (anything selected); nothing read: (selection summary, adapt loss[, anchor value])."""
+        (anything selected); nothing read: (selection summary, batch size, adapt loss[, anchor value])."""
         config = self.config
         logits = _ref._extract_logits(self.ctx.model(x))
         if logits.ndim == 0:
             raise RuntimeError("EATA logits must have batch dimension")
         conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
         mask = select_samples(config, conf, entropy, valid)
-        self.batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
+        batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
         selection = summary(mask, conf, entropy, valid)
-        loss = adapt_loss(logits, mask, selection[0], self.batch)
+        loss = adapt_loss(logits, mask, selection[0], batch)
         zero_grad()
         if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
             arena.backward(loss)
         arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
         engine.gate(selection[0] > 0)
         anchor = (engine.anchor_value(),) if self.lam == 0.0 else ()
-        return (selection, loss) + anchor
+        # the batch size as a device constant: a captured graph keeps its own (one per input layout)
+        return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
 
     def step_body(self, arena: ParamArena, engine: UpdateEngine):
         """The selection gates the update on the device and is read with the step: nothing is
@@ -120,8 +121,8 @@ class EATA(Method):
         else:
             stats, values = engine.step(anchor_lambda=lam, write_snapshot=write_snapshot, gated=True,
                                         extra=self.passes(x, arena, engine, arena.zero_grad))
-        count, mean_conf, mean_entropy, mean_valid, adapt_value = values[:5]
-        count, batch = int(count), self.batch
+        count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values[:6]
+        count, batch = int(count), int(batch)
         ratio = float(count) / float(max(1, batch))
         metrics: dict[str, Any] = {
             "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
@@ -130,7 +131,7 @@ class EATA(Method):
         if count <= 0:  # the gate kept the update from applying anything
             return self.skip(engine, metrics)
         self.streak = 0
-        anchor_loss = values[5] if lam == 0.0 else stats.anchor_loss
+        anchor_loss = values[6] if lam == 0.0 else stats.anchor_loss
         loss_value = adapt_value + lam * anchor_loss
         metrics.update({
             "skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
