@@ -147,7 +147,8 @@ class UpdateEngine:
                 gated: bool = False) -> Any:
         """The host half of one update (parameters as :meth:`step`): the snapshot bookkeeping and the
         backend's checks and uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is
-        applied before), ``key()`` names what a CUDA graph of ``run()`` bakes in (None: no graph).
+        applied before), ``key()`` names what a CUDA graph of ``run()`` bakes in (the C++ engine's:
+        every argument). ``gated``: the launch reads the gate :meth:`gate` set (on the device).
 
         ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
         the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).

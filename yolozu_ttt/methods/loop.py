@@ -187,9 +187,11 @@ class Method:
 
     def step_body(self, arena: ParamArena, engine: UpdateEngine):
         """Graph mode: where the step decides nothing on the host, its device work before the update
-        as ``x -> tensors read with the step`` (forwards, losses, backwards; grads zeroed with
-        ``arena.clear_grads()``): forward to update is then captured whole (``capture.StepGraph``).
-        None (the default): only the update is captured."""
+        as ``(*inputs) -> tensors read with the step`` (forwards, losses, backwards; grads zeroed
+        with ``arena.clear_grads()``; the inputs are what ``adapt`` hands ``step_graph.step``: the
+        batch, and MIM's patch grid): forward to update is then captured whole
+        (``capture.StepGraph``). It keeps no per-step state on the host (a replay runs none of its
+        Python). None (the default): only the update is captured."""
         return None
 
 
