@@ -647,6 +647,7 @@ class TritonArenaGroup:
         self._bias_key: tuple[float, float, float] | None = None
         self._bias: torch.Tensor | None = None
         self._bias_rows = 0
+        self._reserved_steps = 0  # the table covers at least this many steps (reserve_steps)
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self.teacher: torch.Tensor | None = None
 
@@ -696,13 +697,18 @@ class TritonArenaGroup:
             self._anchor_lambda = anchor_lambda
         return self._anchor
 
+    def reserve_steps(self, steps: int) -> None:
+        """Size the bias-correction table for ``steps`` steps from the next one on, so it is not
+        reallocated mid-run (a CUDA graph of the step bakes its pointer in)."""
+        self._reserved_steps = max(self._reserved_steps, int(steps))
+
     def _bias_table(self, lr: float, beta1: float, beta2: float) -> torch.Tensor:
         """The bias corrections for step counts 0 .. rows-1 (``BIAS_*`` columns; row 0 = (0, 1)),
         for the step about to run (step counts up to ``_adam_steps + 1``); rebuilt when (lr, betas)
         change, doubled when the steps outgrow it. The powers come from libm's ``pow`` (as the
         C++ engine's ``std::pow``), in float64, rounded to float32 once."""
         key = (lr, beta1, beta2)
-        need = self._adam_steps + 1
+        need = max(self._adam_steps, self._reserved_steps) + 1
         if key != self._bias_key or need >= self._bias_rows:
             rows = max(_BIAS_MIN_ROWS, 2 * self._bias_rows if key == self._bias_key else 0)
             while rows <= need:

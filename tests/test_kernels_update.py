@@ -604,6 +604,20 @@ def test_gate_matches_cpp(open_, ema):
             assert torch.equal(teachers[0], teacher_before)
 
 
+@needs_triton_path
+@pytest.mark.parametrize("reserve", [0, 600])
+def test_reserved_steps_keep_the_launch_key(reserve):
+    """A graph of a step bakes in the bias table's pointer: sized up front for the run's steps
+    (``reserve_steps``), it never moves, so the launch key holds; without, it grows (and moves)
+    once the steps outgrow it."""
+    bufs = _make_buffers(torch.float32, SIZES, seed=14, device=DEVICE)
+    group = _bind(U.TritonArenaGroup, bufs, SIZES, None)
+    group.reserve_steps(reserve)
+    out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=DEVICE)
+    keys = {U.prepare_step([group], out, lr=1e-3).key() for _ in range(400)}  # host halves only
+    assert len(keys) == (1 if reserve else 2)
+
+
 # ------------------------------------------------------------------------------------------
 # CoTTA: teacher EMA + stochastic restore fused into the step
 # ------------------------------------------------------------------------------------------

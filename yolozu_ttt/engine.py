@@ -113,6 +113,13 @@ class UpdateEngine:
         self._graphs: dict | None = {} if self.graph_mode else None  # {launch key: CUDAGraph or None}
         self.scaler = scaler  # fp16's amp.LossScaler (the grads arrive unscaled, with its overflow flag)
 
+    def reserve_steps(self, steps: int) -> None:
+        """Size what grows with the step count (the Triton engine's bias-correction table) for a run
+        of ``steps`` steps up front: a captured step's pointers then hold for the whole run."""
+        for g in self._groups:
+            if hasattr(g, "reserve_steps"):
+                g.reserve_steps(steps)
+
     def gate(self, open_: torch.Tensor) -> None:
         """Decide on the device whether the next gated step (``step(gated=True)``) applies: where
         ``open_`` (a boolean scalar on the arena's device) is false it changes nothing (no

@@ -227,6 +227,8 @@ def run_steps(ctx: RunContext, method: Method) -> None:
         engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler,
                               graph=ctx.graph)
         ctx.backend = engine.backend
+        if engine.graph_mode:
+            engine.reserve_steps(ctx.steps)  # no table outgrows a captured graph mid-run
         method.step_graph = capture.whole_step(method.step_body(arena, engine), ctx.method, ctx.amp, arena, engine)
         buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
         method.start(arena, engine)
