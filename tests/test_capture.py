@@ -291,3 +291,22 @@ def test_builtin_rtdetr_whole_step_is_capturable(replayed):
     assert not runs[0][2], [str(w.message) for w in runs[0][2]]
     assert len(replayed[0].captured) == 1 and replayed[0].captured[0].replays == 2
     assert_same_run(*runs)
+
+
+@pytest.mark.parametrize("method", ["tent", "eata"])
+def test_whole_step_in_a_session_equals_eager(replayed, method):
+    """``--ttt-reset sample``'s session: every run reuses the arena's buffers and captures anew; the
+    runs equal an eager session's, run for run."""
+    cfg = config(method, steps=3)
+    reports, models = {}, {}
+    for graph in (True, False):
+        model, batches = model_and_batches(method)
+        session = yolozu_ttt.run.prepare_session(ListAdapter(model, batches), cfg, graph=graph)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GraphFallbackWarning)
+            reports[graph] = [session.run([]) for _ in range(3)]
+        models[graph] = model
+    for ours, ref in zip(reports[True], reports[False]):
+        assert_reports_match(ours, ref, rtol=0.0, atol=0.0)
+    assert_same_run((reports[True][-1], models[True]), (reports[False][-1], models[False]))
+    assert len(replayed) == 3 and all(len(g.captured) == 1 for g in replayed)  # one StepGraph per run
