@@ -267,9 +267,14 @@ class ParamArena:
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Zero the flat grad buffers and the has-grad flags (never set_to_none); a snapshot kept in
-        a grad buffer ends here."""
-        self.snapshot.drop(only_in_grad=True)
+        a grad buffer ends here: ``new_grads`` then ``clear_grads``."""
+        self.new_grads()
         self.clear_grads()
+
+    def new_grads(self) -> None:
+        """The host half of ``zero_grad``: a snapshot kept in a grad buffer ends, the has-grad flags
+        clear (the next backward's hooks set them); the buffers are left to ``clear_grads``."""
+        self.snapshot.drop(only_in_grad=True)
         for g in self.groups:
             g.has_grad[:] = bytes(len(g.has_grad))
 

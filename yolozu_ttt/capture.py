@@ -213,7 +213,7 @@ class StepGraph:
     def _eager(self, inputs: Sequence[Any], write_snapshot: bool, update: dict[str, Any],
                probe: bool = False) -> tuple[StepStats, list[float]]:
         """The step as the method runs it without graphs (under the probe: the warm-up)."""
-        self.arena.zero_grad()
+        self.arena.new_grads()  # the body zeroes the buffers itself (clear_grads)
         with SyncProbe() if probe else contextlib.nullcontext() as seen:
             outputs = self.body(*inputs)
         if probe and seen.hits:
