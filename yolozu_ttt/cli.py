@@ -39,7 +39,7 @@ RESUME_FLAG = "--resume"
 TIMEOUT_FLAG = "--dist-timeout"
 AMP_FLAG = "--ttt-amp"
 OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG)
-COMMANDS = ("export-predictions", "demo", "doctor")
+COMMANDS = ("export-predictions", "export", "demo", "doctor")
 PROG = "yolozu-ttt"
 
 _PATCH_LOCK = threading.RLock()
@@ -448,7 +448,7 @@ def demo(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-_USAGE = f"""usage: {PROG} {{export-predictions,demo,doctor}} [options]
+_USAGE = f"""usage: {PROG} {{export-predictions,export,demo,doctor}} [options]
 
 Compiled, fused test-time adaptation backend for YOLOZU.
 
@@ -456,6 +456,9 @@ commands:
   export-predictions  YOLOZU's export_predictions CLI (all of its flags) plus
                       --ttt-backend {{reference,fast}} (default: reference)
                       --ttt-amp {{off,bf16,fp16}} (fast only; default: off)
+  export              YOLOZU's `yolozu export` (all of its flags) plus the same two
+                      flags; with --ttt --ttt-backend fast its export subprocess is
+                      `yolozu-ttt export-predictions`
   demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR
                       (table, summary.json, PNG plots)
   doctor              show the compiled engine / OpenMP / Triton / CUDA status;
@@ -478,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "export-predictions":
         return export_predictions(rest)
+    if command == "export":
+        from .orchestrate import export
+
+        return export(rest)
     if command == "demo":
         return demo(rest)
     if command == "doctor":
