@@ -390,8 +390,9 @@ def _demo_parser() -> argparse.ArgumentParser:
         prog=f"{PROG} demo",
         description=(
             "Offline: synthetic dataset + builtin RT-DETR (builtin:base, init_seed=0); TTT with the "
-            "reference and the fast backend from the same initial weights; prints a comparison table "
-            "and writes summary.json and PNG plots to the run dir."
+            "reference, the fast backend, the floor (the passes alone) and fast bf16 from the same "
+            "initial weights, in interleaved rounds; prints a table of medians with their spread and "
+            "writes summary.json and PNG plots to the run dir."
         ),
     )
     parser.add_argument("--run-dir", default=DEFAULTS["run_dir"], help=f"Output folder (default: {DEFAULTS['run_dir']}).")
@@ -414,6 +415,10 @@ def _demo_parser() -> argparse.ArgumentParser:
         default=DEFAULTS["warmup_steps"],
         help=f"Untimed steps per backend on a throw-away model before timing (default: {DEFAULTS['warmup_steps']}; 0 disables).",
     )
+    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"],
+                        help=f"Interleaved timed rounds, medians reported (default: {DEFAULTS['rounds']}).")
+    parser.add_argument("--quick", action="store_true",
+                        help="One timed run of each backend (no floor, no bf16 row): the single-round form.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -434,6 +439,8 @@ def demo(argv: Sequence[str]) -> int:
             lr=args.lr,
             seed=args.seed,
             warmup_steps=args.warmup_steps,
+            rounds=args.rounds,
+            quick=args.quick,
             progress=not args.no_progress,
         )
     except DemoError as exc:

@@ -13,3 +13,5 @@ from yolozu.cli_commands import _cmd_export  # noqa: E402,F401
 # its subprocess runner: ``yolozu-ttt export --ttt-backend fast`` rebinds this module global for
 # the call, so the export subprocess is this package's ``export-predictions``
 from yolozu.cli_commands import _subprocess_or_die  # noqa: E402,F401
+# Tent's entropy loss, as YOLOZU's run_ttt computes it: the floor's loss (yolozu_ttt.floor)
+from yolozu.tta.integration import _entropy_loss_from_logits  # noqa: E402,F401
