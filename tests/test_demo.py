@@ -146,3 +146,39 @@ def test_demo_validates_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--method", "nope"])
     assert exc.value.code == 2
+
+
+def test_rounds_rotate_and_reset_the_model(monkeypatch):
+    """A warm-up round, then every provider once per round in an order that rotates; the model is
+    back at the initial weights, in eval mode, before every run; only timed rounds are kept."""
+    import torch
+    from yolozu.tta.config import TTTConfig
+
+    model = torch.nn.Linear(2, 2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Adapter:
+        def build_loader(self, records, *, batch_size=1):
+            yield torch.zeros(1, 2)
+
+    monkeypatch.setattr(demo, "_new_adapter", lambda *a: (Adapter(), model))
+    calls = []
+
+    def provider_run(provider, m, batch, config):
+        def run():
+            assert not m.training and all(torch.equal(v, initial[k]) for k, v in m.state_dict().items())
+            calls.append((provider, config.steps))
+            with torch.no_grad():
+                m.weight.add_(1.0)  # a run changes the model; the next one must not see it
+            m.train()
+        return run
+
+    monkeypatch.setattr(demo, "_provider_run", provider_run)
+    config = TTTConfig(enabled=True, method="tent", steps=3)
+    first, times = demo._interleaved_rounds(records=[], config=config, device="cpu", image_size=32,
+                                            initial_state=initial, config_path="builtin:base", seed=0,
+                                            warmup_steps=1, rounds=3, progress=False)
+    p = list(demo.PROVIDERS)
+    assert calls == [(x, 1) for x in p] + [(x, 3) for x in p[1:] + p[:1]] + [(x, 3) for x in p[2:] + p[:2]] \
+        + [(x, 3) for x in p[3:] + p[:3]]
+    assert {k: len(v) for k, v in times.items()} == dict.fromkeys(p, 3) and first == {}
