@@ -348,27 +348,66 @@ def format_doctor(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def doctor_checks(info: dict[str, Any]) -> dict[str, Any]:
+    """What ``doctor`` adds to ``build_info()``: the threads in use (torch's intra-op pool, which
+    runs the model's passes, and the engine's OpenMP team), the installed YOLOZU against the range
+    this release supports (``seam.SUPPORTED_YOLOZU``), and the update engine a CUDA run would take
+    (``triton`` when Triton imports, as ``yolozu_ttt.ops.use_triton`` decides; otherwise None)."""
+    import torch
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    from . import ops
+    from .seam import SUPPORTED_YOLOZU
+
+    try:
+        import yolozu
+
+        yolozu_version: str | None = str(getattr(yolozu, "__version__", None) or "")
+    except Exception:  # pragma: no cover - yolozu is a dependency
+        yolozu_version = None
+    try:
+        in_range = Version(yolozu_version).release is not None and yolozu_version in SpecifierSet(SUPPORTED_YOLOZU)
+    except (InvalidVersion, TypeError):
+        in_range = False
+    return {
+        "torch_threads": int(torch.get_num_threads()),
+        "engine_threads": int(info.get("threads") or 1),
+        "yolozu": yolozu_version,
+        "yolozu_supported": SUPPORTED_YOLOZU,
+        "yolozu_in_range": bool(in_range),
+        "gpu_update_engine": "triton" if ops._HAVE_TRITON else None,
+    }
+
+
+def format_checks(checks: dict[str, Any]) -> list[str]:
+    version = checks["yolozu"] or "not importable"
+    verdict = "supported" if checks["yolozu_in_range"] else "NOT supported"
+    gpu = ("Triton kernels (fused update, entropy, MIM)" if checks["gpu_update_engine"] == "triton"
+           else "no Triton kernels (triton does not import here; install it for CUDA runs)")
+    return [
+        f"threads in use     : torch {checks['torch_threads']} (model passes), engine {checks['engine_threads']} (OpenMP update)",
+        f"yolozu             : {version} ({verdict}; this release supports yolozu{checks['yolozu_supported']})",
+        f"a GPU run uses     : {gpu}",
+    ]
+
+
 def doctor(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} doctor",
         description="Show what this yolozu-ttt install can do; exit 1 if the compiled extension failed to load.",
     )
-    parser.add_argument("--json", action="store_true", help="Print build_info() as JSON instead.")
+    parser.add_argument("--json", action="store_true", help="Print build_info() and the checks as JSON instead.")
     args = parser.parse_args(list(argv))
     from . import build_info
 
     info = build_info()
+    checks = doctor_checks(info)
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        print(json.dumps({**info, **checks}, indent=2, sort_keys=True))
     else:
-        for line in format_doctor(info):
+        for line in [*format_doctor(info), *format_checks(checks)]:
             print(line)
-        try:
-            import yolozu
-
-            print(f"yolozu             : {getattr(yolozu, '__version__', 'installed')}")
-        except Exception as exc:  # pragma: no cover
-            print(f"yolozu             : not importable ({exc})")
     if not info.get("cpp_extension"):
         print(
             f"yolozu-ttt doctor: compiled extension not loaded: {info.get('cpp_extension_error') or 'unknown'}",
