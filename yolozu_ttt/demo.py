@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "steps": 2,
     "device": "cpu",
     "update_filter": "norm_only",
-    "images": 4,
+    "images": 2,
     "image_size": 320,
     "lr": 1e-4,
     "seed": 0,
@@ -423,10 +423,14 @@ def reading(rows: dict[str, dict[str, Any]], device: str, bf16_loss_diff: float 
                          "bookkeeping the engine still pays")
     bf16 = med.get("fast bf16")
     if bf16:
-        below = "below the floor" if floor and bf16 < floor else ("faster" if bf16 < fast else "no faster")
         diff = f", losses within {bf16_loss_diff:.1e} of fp32's" if bf16_loss_diff is not None else ""
-        parts.append(f"bf16 makes the passes themselves cheaper and goes {below} ({ref / bf16:.2f}x the "
-                     f"reference{diff})")
+        if bf16 < fast:
+            below = "below the floor" if floor and bf16 < floor else "faster"
+            parts.append(f"bf16 makes the passes themselves cheaper and goes {below} ({ref / bf16:.2f}x the "
+                         f"reference{diff})")
+        else:
+            parts.append(f"bf16 made nothing cheaper here ({ref / bf16:.2f}x the reference{diff}; it needs a CPU "
+                         "with bf16 instructions or a GPU)")
     if not str(device).startswith("cuda"):
         parts.append("on a GPU the per-parameter update weighs more against the passes (GPU figures: BENCHMARKS.md)")
     return "; ".join(parts) + "."
