@@ -90,6 +90,13 @@ def test_amp_needs_the_fast_backend(capsys):
     assert "--ttt-amp bf16 needs --ttt-backend fast" in capsys.readouterr().err
 
 
+def test_fast_needs_a_backend_that_runs_run_ttt(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", "--backend", "onnxrt", "--ttt", "--ttt-backend", "fast"])
+    assert exc.value.code == 2
+    assert "--ttt-backend fast needs --backend torch or dummy" in capsys.readouterr().err
+
+
 def test_fast_command_replaces_only_yolozus_exporter():
     cmd = [sys.executable, "-m", orchestrate.EXPORTER_MODULE, "--adapter", "rtdetr_pose", "--ttt"]
     assert orchestrate.fast_command(cmd, "bf16") == [

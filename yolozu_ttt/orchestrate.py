@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 EXPORTER_MODULE = "yolozu.inference.export_predictions_cli"
 OUR_COMMAND = ("-m", "yolozu_ttt", "export-predictions")
+TORCH_BACKENDS = ("torch", "dummy")  # the backends whose export subprocess runs run_ttt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,9 @@ def export(argv: Sequence[str]) -> int:
     if amp != "off" and backend != "fast":
         parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
                      "mixed-precision mode (it always adapts in fp32)")
+    if backend == "fast" and args.ttt and str(args.backend) not in TORCH_BACKENDS:
+        parser.error(f"{BACKEND_FLAG} fast needs --backend torch or dummy: YOLOZU's --backend {args.backend} "
+                     "runs no run_ttt (its --ttt is the score-only lite mode)")
     if not args.ttt:
         return int(seam._cmd_export(args))  # YOLOZU's `yolozu export`, nothing patched
 
