@@ -98,7 +98,7 @@ def test_console_entry_points(tmp_path):
     assert "--ttt-backend" in res.stdout and "--ttt-reset" in res.stdout
     res = subprocess.run([sys.executable, "-m", "yolozu_ttt", "--help"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0
-    for command in ("export-predictions", "demo", "doctor"):
+    for command in ("export-predictions", "export", "demo", "doctor"):
         assert command in res.stdout
     assert cli.main(["no-such-command"]) == 2
 
