@@ -110,6 +110,9 @@ def test_reading_says_where_fast_sits():
     assert "on a GPU" not in above
     assert "goes faster (1.18x the reference)" in demo.reading(_rows(reference=2.0, fast=1.9, floor=1.0,
                                                                       fast_bf16=1.7), "cpu", None)
+    assert "ran below the floor" not in at_floor
+    noisy = demo.reading(_rows(reference=2.0, fast=2.6, floor=2.5, fast_bf16=1.4), "cpu", None)
+    assert "but the reference ran below the floor, which does strictly less work" in noisy
     assert "floor" not in demo.reading(_rows(reference=2.0, fast=1.0, fast_bf16=0.9), "cpu", None)
 
 

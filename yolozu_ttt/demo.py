@@ -431,6 +431,9 @@ def reading(rows: dict[str, dict[str, Any]], device: str, bf16_loss_diff: float 
         else:
             parts.append(f"bf16 made nothing cheaper here ({ref / bf16:.2f}x the reference{diff}; it needs a CPU "
                          "with bf16 instructions or a GPU)")
+    if floor and ref < floor:
+        parts.append("but the reference ran below the floor, which does strictly less work: load on this machine "
+                     "moved more than the effect, so rerun with more --rounds on a quieter machine")
     if not str(device).startswith("cuda"):
         parts.append("on a GPU the per-parameter update weighs more against the passes (GPU figures: BENCHMARKS.md)")
     return "; ".join(parts) + "."
