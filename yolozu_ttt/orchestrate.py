@@ -11,14 +11,16 @@ configuration, reuses a cached or existing output, and for ``--backend torch``/`
 * without ``--ttt``, or with ``--ttt-backend reference``, YOLOZU's own ``export`` body
   (``yolozu.cli_commands._cmd_export``) runs on the namespace YOLOZU's parser produced, with
   nothing patched but the existing-output check below (with ``--ttt``): the artefact is
-  ``yolozu export``'s, byte for byte but its timestamps;
+  ``yolozu export``'s, byte for byte but its timestamps (and, with ``--ttt``, the report's measured
+  ``seconds`` and peak RSS, which differ between any two runs of ``yolozu export``);
 * with ``--ttt --ttt-backend fast``, the same body runs with one name rebound for the call: the
   subprocess runner (``yolozu.cli_commands._subprocess_or_die``) is wrapped so that the export
   subprocess is ``python -m yolozu_ttt export-predictions ... --ttt-backend fast [--ttt-amp M]``
   (this package's ``export-predictions``: YOLOZU's export CLI on the fused engine) instead of
   YOLOZU's module; every other command passes through unchanged. That subprocess records
   ``"backend": "fast"``, the ``engine`` that ran (and ``amp``) in the artefact's ``meta.ttt``, which
-  the orchestrator keeps. An existing output (or cache entry) is reused only when it was made by
+  the orchestrator keeps. It needs ``--backend torch`` or ``dummy`` (the other backends' ``--ttt`` is
+  YOLOZU's score-only lite mode, which runs no ``run_ttt``): refused otherwise. An existing output (or cache entry) is reused only when it was made by
   the same backend and precision: YOLOZU's config fingerprint has no backend field, so without
   that check a reference artefact would be returned for a fast request (and the other way round).
 """
@@ -26,9 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 EXPORTER_MODULE = "yolozu.inference.export_predictions_cli"
 OUR_COMMAND = ("-m", "yolozu_ttt", "export-predictions")
@@ -123,14 +124,10 @@ def export(argv: Sequence[str]) -> int:
     with _PATCH_LOCK, _patched(orchestrator, ensure_output_matches=check):
         if backend != "fast":
             return int(seam._cmd_export(args))
-        run = commands._subprocess_or_die
+        run = seam._subprocess_or_die  # YOLOZU's own, as imported (the seam checks it exists)
 
         def subprocess_or_die(cmd: list[str]) -> str:
             return run(fast_command(cmd, amp))
 
         with _patched(commands, _subprocess_or_die=subprocess_or_die):
             return int(seam._cmd_export(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - python -m entry
-    return export(sys.argv[1:] if argv is None else argv)
