@@ -8,6 +8,8 @@ import platform
 import pytest
 import torch
 
+from yolozu_ttt.floor import FixedAdapter, tent_floor_run  # noqa: F401  (the benches' floor is the demo's)
+
 
 @functools.lru_cache(maxsize=None)
 def rtdetr_param_sizes(update_filter: str = "all") -> tuple[int, ...]:
@@ -28,26 +30,6 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def tent_floor_run(model, batch, update_filter: str, steps: int) -> None:
-    """Tent's floor: per step forward, entropy and backward for the selected parameters only (no
-    optimizer, no bookkeeping), the model work no engine removes; then the device is waited for."""
-    from yolozu.tta.integration import _entropy_loss_from_logits
-    from yolozu.tta.ttt_mim import select_parameters
-
-    selected = select_parameters(model, update_filter=update_filter)
-    try:
-        model.train()
-        for _ in range(steps):
-            for p in selected:
-                p.grad = None
-            _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
-        sync(batch.device)
-    finally:
-        for p in model.parameters():
-            p.grad = None
-        model.eval()
 
 
 def _nbytes(model) -> int:
@@ -88,19 +70,6 @@ def peak_memory_growth(run, model, device: torch.device | str) -> tuple[str, flo
         current += e.nbytes()
         peak = max(peak, current)
     return "peak_cpu_growth_mib", round((peak - size) / 2**20, 1)
-
-
-class FixedAdapter:
-    """YOLOZU's adapter contract over one fixed batch."""
-
-    def __init__(self, model, batch):
-        self.model, self.batch = model, batch
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size=1):
-        yield self.batch
 
 
 def machine() -> str:

@@ -118,7 +118,7 @@ def test_console_entry_points(tmp_path):
     assert "--ttt-backend" in res.stdout and "--ttt-reset" in res.stdout
     res = subprocess.run([sys.executable, "-m", "yolozu_ttt", "--help"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0
-    for command in ("export-predictions", "demo", "doctor"):
+    for command in ("export-predictions", "export", "demo", "doctor"):
         assert command in res.stdout
     assert cli.main(["no-such-command"]) == 2
 
@@ -184,7 +184,6 @@ def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, mon
     contiguous layout YOLOZU hands the model by default (README, "Differences from the reference"),
     which the fast backend corrects and the reference does not; channels_last takes the kernel's
     correct path in both, so the two compute the same gradients."""
-    pytest.importorskip("yolozu_ttt.run")
     args = [*_rtdetr_args(sample), "--ttt", "--ttt-reset", "sample", "--ttt-steps", "2",
             "--ttt-update-filter", "norm_only", "--ttt-seed", "0", "--torch-channels-last"]
 
@@ -297,7 +296,7 @@ def test_fast_backend_reuses_prepared_session(monkeypatch):
         built.append((adapter, config))
         return Session()
 
-    run_module = pytest.importorskip("yolozu_ttt.run")
+    from yolozu_ttt import run as run_module
     monkeypatch.setattr(run_module, "prepare_session", prepare_session, raising=False)
     backend = cli.FastBackend()
     adapter, config = _FakeAdapter(), types.SimpleNamespace(enabled=True, method="tent")
@@ -310,7 +309,7 @@ def test_fast_backend_reuses_prepared_session(monkeypatch):
 
 def test_fast_backend_without_session_calls_run_ttt(monkeypatch):
     seen = []
-    run_module = pytest.importorskip("yolozu_ttt.run")
+    from yolozu_ttt import run as run_module
     monkeypatch.delattr(run_module, "prepare_session", raising=False)
     monkeypatch.setattr(yolozu_ttt, "run_ttt", lambda a, r, *, config: seen.append(r) or "rep")
     backend = cli.FastBackend()
@@ -336,6 +335,36 @@ def test_doctor_ok(capsys):
     assert info["cpp_extension"] is True and info["cpp_extension_error"] is None
 
 
+def test_doctor_reports_threads_yolozu_range_and_gpu_engine(monkeypatch, capsys):
+    import importlib.util
+
+    import torch
+    import yolozu
+
+    from yolozu_ttt import _native, ops, seam
+
+    cli.main(["doctor", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert info["engine_threads"] == (_native._C.num_threads() if _native._C is not None else 1)
+    assert info["yolozu"] == yolozu.__version__ and info["yolozu_supported"] == seam.SUPPORTED_YOLOZU == ">=4.12,<5"
+    assert info["yolozu_in_range"] is True
+    assert info["gpu_update_engine"] == ("triton" if importlib.util.find_spec("triton") else None)
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    monkeypatch.setattr(ops, "_HAVE_TRITON", False)
+    for version, verdict in (("5.0.0", "NOT supported"), ("4.11.2", "NOT supported"), ("4.13.1", "supported")):
+        monkeypatch.setattr(yolozu, "__version__", version)
+        cli.main(["doctor"])
+        out = capsys.readouterr().out
+        assert f"yolozu             : {version} ({verdict}; this release supports yolozu>=4.12,<5)" in out
+        assert "threads in use     : torch 7 (model passes)" in out
+        assert "a GPU run uses     : no Triton kernels" in out
+    cli.main(["doctor", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["yolozu_in_range"] is True and info["gpu_update_engine"] is None and info["torch_threads"] == 7
+
+
 def test_doctor_fails_when_extension_missing(monkeypatch, capsys):
     from yolozu_ttt import _native
 
@@ -352,7 +381,6 @@ def test_doctor_fails_when_extension_missing(monkeypatch, capsys):
 def test_engine_record_names_the_reference_when_the_engine_cannot_run(sample, tmp_path, monkeypatch):
     """--ttt-backend fast on an install without the compiled extension: the reference runs, a
     ReferenceFallbackWarning says why, and the meta and log record engine=reference with the reason."""
-    pytest.importorskip("yolozu_ttt.run")
     from yolozu_ttt import _native, run
 
     monkeypatch.setattr(_native, "_C", None)

@@ -39,7 +39,7 @@ RESUME_FLAG = "--resume"
 TIMEOUT_FLAG = "--dist-timeout"
 AMP_FLAG = "--ttt-amp"
 OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG)
-COMMANDS = ("export-predictions", "demo", "doctor")
+COMMANDS = ("export-predictions", "export", "demo", "doctor")
 PROG = "yolozu-ttt"
 
 _PATCH_LOCK = threading.RLock()
@@ -348,27 +348,66 @@ def format_doctor(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def doctor_checks(info: dict[str, Any]) -> dict[str, Any]:
+    """What ``doctor`` adds to ``build_info()``: the threads in use (torch's intra-op pool, which
+    runs the model's passes, and the engine's OpenMP team), the installed YOLOZU against the range
+    this release supports (``seam.SUPPORTED_YOLOZU``), and the update engine a CUDA run would take
+    (``triton`` when Triton imports, as ``yolozu_ttt.ops.use_triton`` decides; otherwise None)."""
+    import torch
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    from . import ops
+    from .seam import SUPPORTED_YOLOZU
+
+    try:
+        import yolozu
+
+        yolozu_version: str | None = str(getattr(yolozu, "__version__", None) or "")
+    except Exception:  # pragma: no cover - yolozu is a dependency
+        yolozu_version = None
+    try:
+        in_range = Version(yolozu_version).release is not None and yolozu_version in SpecifierSet(SUPPORTED_YOLOZU)
+    except (InvalidVersion, TypeError):
+        in_range = False
+    return {
+        "torch_threads": int(torch.get_num_threads()),
+        "engine_threads": int(info.get("threads") or 1),
+        "yolozu": yolozu_version,
+        "yolozu_supported": SUPPORTED_YOLOZU,
+        "yolozu_in_range": bool(in_range),
+        "gpu_update_engine": "triton" if ops._HAVE_TRITON else None,
+    }
+
+
+def format_checks(checks: dict[str, Any]) -> list[str]:
+    version = checks["yolozu"] or "not importable"
+    verdict = "supported" if checks["yolozu_in_range"] else "NOT supported"
+    gpu = ("Triton kernels (fused update, entropy, MIM)" if checks["gpu_update_engine"] == "triton"
+           else "no Triton kernels (triton does not import here; install it for CUDA runs)")
+    return [
+        f"threads in use     : torch {checks['torch_threads']} (model passes), engine {checks['engine_threads']} (OpenMP update)",
+        f"yolozu             : {version} ({verdict}; this release supports yolozu{checks['yolozu_supported']})",
+        f"a GPU run uses     : {gpu}",
+    ]
+
+
 def doctor(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} doctor",
         description="Show what this yolozu-ttt install can do; exit 1 if the compiled extension failed to load.",
     )
-    parser.add_argument("--json", action="store_true", help="Print build_info() as JSON instead.")
+    parser.add_argument("--json", action="store_true", help="Print build_info() and the checks as JSON instead.")
     args = parser.parse_args(list(argv))
     from . import build_info
 
     info = build_info()
+    checks = doctor_checks(info)
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        print(json.dumps({**info, **checks}, indent=2, sort_keys=True))
     else:
-        for line in format_doctor(info):
+        for line in [*format_doctor(info), *format_checks(checks)]:
             print(line)
-        try:
-            import yolozu
-
-            print(f"yolozu             : {getattr(yolozu, '__version__', 'installed')}")
-        except Exception as exc:  # pragma: no cover
-            print(f"yolozu             : not importable ({exc})")
     if not info.get("cpp_extension"):
         print(
             f"yolozu-ttt doctor: compiled extension not loaded: {info.get('cpp_extension_error') or 'unknown'}",
@@ -390,8 +429,9 @@ def _demo_parser() -> argparse.ArgumentParser:
         prog=f"{PROG} demo",
         description=(
             "Offline: synthetic dataset + builtin RT-DETR (builtin:base, init_seed=0); TTT with the "
-            "reference and the fast backend from the same initial weights; prints a comparison table "
-            "and writes summary.json and PNG plots to the run dir."
+            "reference, the fast backend, the floor (the passes alone) and fast bf16 from the same "
+            "initial weights, in interleaved rounds; prints a table of medians with their spread and "
+            "writes summary.json and PNG plots to the run dir."
         ),
     )
     parser.add_argument("--run-dir", default=DEFAULTS["run_dir"], help=f"Output folder (default: {DEFAULTS['run_dir']}).")
@@ -414,6 +454,10 @@ def _demo_parser() -> argparse.ArgumentParser:
         default=DEFAULTS["warmup_steps"],
         help=f"Untimed steps per backend on a throw-away model before timing (default: {DEFAULTS['warmup_steps']}; 0 disables).",
     )
+    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"],
+                        help=f"Interleaved timed rounds, medians reported (default: {DEFAULTS['rounds']}).")
+    parser.add_argument("--quick", action="store_true",
+                        help="One timed run of each backend (no floor, no bf16 row): the single-round form.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -434,6 +478,8 @@ def demo(argv: Sequence[str]) -> int:
             lr=args.lr,
             seed=args.seed,
             warmup_steps=args.warmup_steps,
+            rounds=args.rounds,
+            quick=args.quick,
             progress=not args.no_progress,
         )
     except DemoError as exc:
@@ -448,7 +494,7 @@ def demo(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-_USAGE = f"""usage: {PROG} {{export-predictions,demo,doctor}} [options]
+_USAGE = f"""usage: {PROG} {{export-predictions,export,demo,doctor}} [options]
 
 Compiled, fused test-time adaptation backend for YOLOZU.
 
@@ -456,6 +502,9 @@ commands:
   export-predictions  YOLOZU's export_predictions CLI (all of its flags) plus
                       --ttt-backend {{reference,fast}} (default: reference)
                       --ttt-amp {{off,bf16,fp16}} (fast only; default: off)
+  export              YOLOZU's `yolozu export` (all of its flags) plus the same two
+                      flags; with --ttt --ttt-backend fast its export subprocess is
+                      `yolozu-ttt export-predictions`
   demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR
                       (table, summary.json, PNG plots)
   doctor              show the compiled engine / OpenMP / Triton / CUDA status;
@@ -478,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "export-predictions":
         return export_predictions(rest)
+    if command == "export":
+        from .orchestrate import export
+
+        return export(rest)
     if command == "demo":
         return demo(rest)
     if command == "doctor":

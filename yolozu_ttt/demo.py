@@ -4,16 +4,24 @@ One synthetic labeled dataset (``yolozu.demos.labeled_dataset``), one initial se
 weights (``RTDETRPoseAdapter(config_path="builtin:base", init_seed=0)``; for MIM the same config
 with ``enable_mim`` on, so the structured branch runs), and the same
 ``TTTConfig`` run through ``yolozu.tta.integration.run_ttt`` (reference) and
-``yolozu_ttt.run_ttt`` (fast), each on a fresh adapter loaded with a copy of the same
-initial ``state_dict``. Writes ``summary.json`` and PNG plots to the run dir.
+``yolozu_ttt.run_ttt`` (fast). Writes ``summary.json`` and PNG plots to the run dir.
 
-Timing: before the timed runs, each backend does ``warmup_steps`` untimed steps on a
-throw-away model (first-call costs of autograd, the allocator and thread pools would
-otherwise land on whichever backend runs first). Per-step seconds come from a forward
-pre-hook on the model: a step lasts from its first forward to the next step's first
-forward (the last one to ``run_ttt``'s return). The progress bar (tqdm) counts steps
-over all phases (warm-up and timed, both backends) and is driven by the same hook: it
-advances when the next step starts, and at a phase's end, so it counts finished steps.
+Default (interleaved) timing, as ``benches/interleaved.py`` measures: the batch is loaded once
+and every provider adapts the same model, reset to the initial weights before each run, through
+``yolozu_ttt.floor.FixedAdapter``. The providers are ``reference``, ``fast``, ``floor`` (Tent's
+passes alone, ``yolozu_ttt.floor.tent_floor_run``: what no engine removes; Tent only) and
+``fast bf16`` (the fast backend with ``amp="bf16"``). One untimed warm-up round
+(``warmup_steps`` steps each) pays the first-call costs, then ``rounds`` timed rounds run every
+provider once, in an order that rotates every round (so a burst of load on a shared machine
+does not land on one side, and each provider follows each other one equally often). Each row is
+the median seconds per step over the rounds, with the spread (min-max); the ratios are ratios
+of medians; losses and parameters are compared from the first timed round.
+
+``quick=True`` (``--quick``): the earlier single-round form. Before the timed runs, each
+backend does ``warmup_steps`` untimed steps on a throw-away model; per-step seconds come from a
+forward pre-hook on the model: a step lasts from its first forward to the next step's first
+forward (the last one to ``run_ttt``'s return). The progress bar (tqdm) counts steps over all
+phases and is driven by the same hook.
 """
 from __future__ import annotations
 
@@ -26,16 +34,20 @@ from typing import Any, Callable
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/yolozu_ttt_demo",
     "method": "tent",
-    "steps": 3,
+    "steps": 2,
     "device": "cpu",
     "update_filter": "norm_only",
-    "images": 4,
+    "images": 2,
     "image_size": 320,
     "lr": 1e-4,
     "seed": 0,
     "warmup_steps": 1,
+    "rounds": 3,
 }
 BACKENDS = ("reference", "fast")
+PROVIDERS = ("reference", "fast", "floor", "fast bf16")  # the interleaved table's rows
+FLOOR_METHODS = ("tent",)  # the floor measured: Tent's passes (yolozu_ttt.floor)
+AT_FLOOR = 1.10  # fast within 10% of the floor reads as "at the floor"
 MAX_IMAGES = 8  # the synthetic sample has 4 train + 4 val images
 
 
@@ -217,19 +229,23 @@ def _run_backend(
     }
 
 
-def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str) -> dict[str, str]:
+def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str,
+          timing: dict[str, Any] | None = None) -> dict[str, str]:
+    """Loss and update norm per step of every adapting row; time per step (quick: per step of each
+    backend; interleaved: each row's median with its min-max spread, and the reading below it)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state; renders with Agg
     from matplotlib.ticker import MaxNLocator
 
     files: dict[str, str] = {}
-    styles = {"reference": {"marker": "o", "linestyle": "-"}, "fast": {"marker": "x", "linestyle": "--"}}
+    styles = {"reference": {"marker": "o", "linestyle": "-"}, "fast": {"marker": "x", "linestyle": "--"},
+              "fast bf16": {"marker": "+", "linestyle": ":"}}
     for key, field, ylabel, filename in (
         ("loss_plot", "losses", "loss", "loss_per_step.png"),
         ("update_norm_plot", "update_norms", "update L2 norm", "update_norm_per_step.png"),
     ):
         fig = Figure(figsize=(6, 4), dpi=100)
         ax = fig.subplots()
-        for backend in BACKENDS:
+        for backend in results:
             values = results[backend][field]
             ax.plot(range(1, len(values) + 1), values, label=backend, **styles[backend])
         ax.set_xlabel("step")
@@ -243,40 +259,39 @@ def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str) -> dict
         fig.savefig(path, format="png")
         files[key] = str(path)
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4.6 if timing else 4), dpi=100)
     ax = fig.subplots()
-    width = 0.4
-    for i, backend in enumerate(BACKENDS):
-        secs = results[backend]["step_seconds"]
-        ax.bar([s + 1 + (i - 0.5) * width for s in range(len(secs))], secs, width=width, label=backend)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if timing is None:
+        width = 0.4
+        for i, backend in enumerate(BACKENDS):
+            secs = results[backend]["step_seconds"]
+            ax.bar([s + 1 + (i - 0.5) * width for s in range(len(secs))], secs, width=width, label=backend)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"time per step - {title}")
+        ax.legend()
+    else:
+        import textwrap
+
+        rows = timing["rows"]
+        names = list(rows)
+        med = [rows[n]["median_s_per_step"] for n in names]
+        err = [[m - rows[n]["min_s_per_step"] for n, m in zip(names, med)],
+               [rows[n]["max_s_per_step"] - m for n, m in zip(names, med)]]
+        ax.bar(names, med, yerr=err, capsize=6, color=["C0", "C1", "C7", "C2"][: len(names)])
+        ax.set_title(f"s/step: median of {timing['rounds']} interleaved rounds (bars: min-max)\n{title}",
+                     fontsize=9)
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(timing["reading"], 110)), fontsize=6.5, va="bottom")
     ax.set_ylabel("seconds")
-    ax.set_title(f"time per step - {title}")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1) if timing else None)
     path = run_dir / "time_per_step.png"
     fig.savefig(path, format="png")
     files["time_plot"] = str(path)
     return files
 
 
-def run_demo(
-    *,
-    run_dir: str | Path = DEFAULTS["run_dir"],
-    method: str = DEFAULTS["method"],
-    steps: int = DEFAULTS["steps"],
-    device: str = DEFAULTS["device"],
-    update_filter: str = DEFAULTS["update_filter"],
-    images: int = DEFAULTS["images"],
-    image_size: int = DEFAULTS["image_size"],
-    lr: float = DEFAULTS["lr"],
-    seed: int = DEFAULTS["seed"],
-    warmup_steps: int = DEFAULTS["warmup_steps"],
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the comparison, write ``summary.json`` and the plots, return the summary."""
+def _check_args(steps: int, images: int, image_size: int, warmup_steps: int, rounds: int) -> None:
     if int(steps) < 1:
         raise DemoError("--steps must be >= 1")
     if not 1 <= int(images) <= MAX_IMAGES:
@@ -285,35 +300,19 @@ def run_demo(
         raise DemoError("--image-size must be >= 32")
     if int(warmup_steps) < 0:
         raise DemoError("--warmup-steps must be >= 0")
+    if int(rounds) < 1:
+        raise DemoError("--rounds must be >= 1")
 
+
+def _quick_rounds(*, records, config, device, image_size, initial_state, config_path, seed, warmup_steps,
+                  progress) -> dict[str, dict[str, Any]]:
+    """``--quick``: one timed run of each backend (after ``warmup_steps`` on a throw-away model)."""
     from tqdm import tqdm
-    from yolozu.tta.config import TTTConfig
-
-    from . import build_info
-
-    run_dir = Path(run_dir)
-    dataset = prepare_dataset(run_dir, seed)
-    records = load_records(dataset, int(images))
-    config = TTTConfig(
-        enabled=True,
-        method=str(method),
-        reset="stream",
-        steps=int(steps),
-        batch_size=len(records),  # every image in the one TTT batch
-        max_batches=1,
-        lr=float(lr),
-        update_filter=str(update_filter),
-        seed=int(seed),
-    )
-    config_path = model_config_path(run_dir, str(method))
-    _, model0 = _new_adapter(device, int(image_size), None, config_path)
-    initial_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
-    del model0
 
     phases: list[tuple[str, str, int]] = []
     if int(warmup_steps) > 0:
         phases += [(f"warm-up {b}", b, int(warmup_steps)) for b in BACKENDS]
-    phases += [(b, b, int(steps)) for b in BACKENDS]
+    phases += [(b, b, int(config.steps)) for b in BACKENDS]
     results: dict[str, dict[str, Any]] = {}
     with tqdm(total=sum(n for _, _, n in phases), unit="step", desc="TTT", disable=not progress, dynamic_ncols=True) as bar:
         done = 0
@@ -342,25 +341,204 @@ def run_demo(
             bar.refresh()
             if not label.startswith("warm-up"):
                 results[backend] = out
+    return results
+
+
+def _provider_run(provider: str, model: Any, batch: Any, config: Any) -> Callable[[], Any]:
+    """One run of ``provider`` on ``model`` over the fixed ``batch``: a TTTReport, or None (floor)."""
+    from .floor import FixedAdapter, tent_floor_run
+
+    if provider == "floor":
+        return lambda: tent_floor_run(model, batch, config.update_filter, config.steps)
+    fn = _backend_fn("reference" if provider == "reference" else "fast")
+    kw = {"amp": "bf16"} if provider == "fast bf16" else {}
+    return lambda: fn(FixedAdapter(model, batch), [], config=config, **kw)
+
+
+def _report_fields(report: Any) -> dict[str, Any]:
+    metrics = list(report.step_metrics or [])
+    return {
+        "report": report.to_dict(),
+        "losses": [float(v) for v in (m.get("loss") for m in metrics) if v is not None] or list(report.losses),
+        "update_norms": [float(m.get("update_norm") or 0.0) for m in metrics],
+    }
+
+
+def _interleaved_rounds(*, records, config, device, image_size, initial_state, config_path, seed, warmup_steps,
+                        rounds, progress) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """Every provider once per round, the order rotating every round, one model reset to the
+    initial weights (eval mode) before each run, after one untimed warm-up round. Returns the
+    adapting rows' first timed run (report, losses, update norms, final parameters and buffers)
+    and every provider's seconds per step, round by round."""
+    import torch
+    from tqdm import tqdm
+
+    adapter, model = _new_adapter(device, int(image_size), initial_state, config_path)
+    batch = next(iter(adapter.build_loader(records, batch_size=len(records))))
+    providers = [p for p in PROVIDERS if p != "floor" or str(config.method) in FLOOR_METHODS]
+    plan = [(0, _replace(config, steps=int(warmup_steps)))] if int(warmup_steps) > 0 else []
+    plan += [(i, config) for i in range(1, int(rounds) + 1)]
+    first: dict[str, dict[str, Any]] = {}
+    times: dict[str, list[float]] = {p: [] for p in providers}
+    cuda = str(device).startswith("cuda")
+    with tqdm(total=len(plan) * len(providers), unit="run", desc="TTT", disable=not progress, dynamic_ncols=True) as bar:
+        for i, cfg in plan:
+            k = i % len(providers)
+            for provider in providers[k:] + providers[:k]:
+                bar.set_description(f"{'warm-up' if i == 0 else f'round {i}/{rounds}'} {provider}")
+                run = _provider_run(provider, model, batch, cfg)
+                model.load_state_dict(initial_state)
+                model.eval()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(seed))
+                    try:
+                        t = time.perf_counter()
+                        report = run()
+                        if cuda:
+                            torch.cuda.synchronize()
+                        seconds = time.perf_counter() - t
+                    except ImportError as exc:
+                        raise DemoError(f"{provider} backend unavailable: {exc}") from exc
+                if i:
+                    times[provider].append(seconds / int(cfg.steps))
+                    if report is not None and provider not in first:
+                        first[provider] = {**_report_fields(report), "params": _param_copy(model),
+                                           "buffers": _buffer_copy(model)}
+                bar.update(1)
+    return first, times
+
+
+def reading(rows: dict[str, dict[str, Any]], device: str, bf16_loss_diff: float | None) -> str:
+    """One sentence that reads the interleaved figures."""
+    med = {k: v["median_s_per_step"] for k, v in rows.items()}
+    ref, fast = med["reference"], med["fast"]
+    parts = [f"fast is {ref / fast:.2f}x the reference"]
+    floor = med.get("floor")
+    if floor:
+        if fast <= AT_FLOOR * floor:
+            parts.append(f"it sits at the floor ({fast / floor:.2f}x the passes alone): on this {device} the "
+                         "model's own forward and backward are the cost, not the update")
+        else:
+            parts.append(f"it is {fast / floor:.2f}x the floor (the passes alone): the rest is update and "
+                         "bookkeeping the engine still pays")
+    bf16 = med.get("fast bf16")
+    if bf16:
+        diff = f", losses within {bf16_loss_diff:.1e} of fp32's" if bf16_loss_diff is not None else ""
+        if bf16 < fast:
+            below = "below the floor" if floor and bf16 < floor else "faster"
+            parts.append(f"bf16 makes the passes themselves cheaper and goes {below} ({ref / bf16:.2f}x the "
+                         f"reference{diff})")
+        else:
+            parts.append(f"bf16 made nothing cheaper here ({ref / bf16:.2f}x the reference{diff}; it needs a CPU "
+                         "with bf16 instructions or a GPU)")
+    if floor and ref < floor:
+        parts.append("but the reference ran below the floor, which does strictly less work: load on this machine "
+                     "moved more than the effect, so rerun with more --rounds on a quieter machine")
+    if not str(device).startswith("cuda"):
+        parts.append("on a GPU the per-parameter update weighs more against the passes (GPU figures: BENCHMARKS.md)")
+    return "; ".join(parts) + "."
+
+
+def _timing(times: dict[str, list[float]], rounds: int, warmup_steps: int, device: str,
+            bf16_loss_diff: float | None) -> dict[str, Any]:
+    import statistics
+
+    rows = {p: {"median_s_per_step": float(statistics.median(v)), "min_s_per_step": float(min(v)),
+                "max_s_per_step": float(max(v)), "round_s_per_step": [float(x) for x in v]}
+            for p, v in times.items()}
+    ref = rows["reference"]["median_s_per_step"]
+    for row in rows.values():
+        row["speedup_vs_reference"] = ref / row["median_s_per_step"]
+    floor = rows.get("floor")
+    return {
+        "mode": "interleaved",
+        "order": "rotating",
+        "rounds": int(rounds),
+        "warmup_steps": int(warmup_steps),
+        "rows": rows,
+        "fast_over_floor": rows["fast"]["median_s_per_step"] / floor["median_s_per_step"] if floor else None,
+        "reading": reading(rows, device, bf16_loss_diff),
+    }
+
+
+def run_demo(
+    *,
+    run_dir: str | Path = DEFAULTS["run_dir"],
+    method: str = DEFAULTS["method"],
+    steps: int = DEFAULTS["steps"],
+    device: str = DEFAULTS["device"],
+    update_filter: str = DEFAULTS["update_filter"],
+    images: int = DEFAULTS["images"],
+    image_size: int = DEFAULTS["image_size"],
+    lr: float = DEFAULTS["lr"],
+    seed: int = DEFAULTS["seed"],
+    warmup_steps: int = DEFAULTS["warmup_steps"],
+    rounds: int = DEFAULTS["rounds"],
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the comparison, write ``summary.json`` and the plots, return the summary."""
+    _check_args(steps, images, image_size, warmup_steps, rounds)
+    from yolozu.tta.config import TTTConfig
+
+    from . import build_info
+
+    run_dir = Path(run_dir)
+    dataset = prepare_dataset(run_dir, seed)
+    records = load_records(dataset, int(images))
+    config = TTTConfig(
+        enabled=True,
+        method=str(method),
+        reset="stream",
+        steps=int(steps),
+        batch_size=len(records),  # every image in the one TTT batch
+        max_batches=1,
+        lr=float(lr),
+        update_filter=str(update_filter),
+        seed=int(seed),
+    )
+    config_path = model_config_path(run_dir, str(method))
+    _, model0 = _new_adapter(device, int(image_size), None, config_path)
+    initial_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
+    del model0
+
+    common = dict(records=records, config=config, device=device, image_size=int(image_size),
+                  initial_state=initial_state, config_path=config_path, seed=int(seed),
+                  warmup_steps=int(warmup_steps), progress=progress)
+    timing: dict[str, Any] | None = None
+    if quick:
+        results = _quick_rounds(**common)
+    else:
+        results, times = _interleaved_rounds(**common, rounds=int(rounds))
 
     ref, fast = results["reference"], results["fast"]
     n_common = min(len(ref["losses"]), len(fast["losses"]))
-    max_dloss = max((abs(a - b) for a, b in zip(ref["losses"], fast["losses"])), default=0.0)
-    speedup = (
-        ref["seconds_per_step"] / fast["seconds_per_step"]
-        if ref["seconds_per_step"] and fast["seconds_per_step"]
-        else None
-    )
     comparison = {
-        "speedup": speedup,
-        "max_abs_loss_diff": float(max_dloss),
+        "max_abs_loss_diff": _max_loss_diff(ref, fast),
         "max_abs_param_diff": _max_abs_diff(ref["params"], fast["params"]),
         "max_abs_buffer_diff": _max_abs_diff(ref["buffers"], fast["buffers"]),
         "steps_compared": int(n_common),
-        "steps_run": {b: int(results[b]["report"]["steps_run"]) for b in BACKENDS},
+        "steps_run": {b: int(results[b]["report"]["steps_run"]) for b in results},
     }
+    if quick:
+        comparison["speedup"] = (
+            ref["seconds_per_step"] / fast["seconds_per_step"]
+            if ref["seconds_per_step"] and fast["seconds_per_step"]
+            else None
+        )
+    else:
+        bf16 = results["fast bf16"]
+        comparison["bf16_max_abs_loss_diff"] = _max_loss_diff(ref, bf16)
+        comparison["bf16_max_abs_param_diff"] = _max_abs_diff(ref["params"], bf16["params"])
+        timing = _timing(times, int(rounds), int(warmup_steps), str(device), comparison["bf16_max_abs_loss_diff"])
+        comparison["speedup"] = timing["rows"]["fast"]["speedup_vs_reference"]
+        comparison["bf16_speedup"] = timing["rows"]["fast bf16"]["speedup_vs_reference"]
+        comparison["fast_over_floor"] = timing["fast_over_floor"]
+        for name, out in results.items():
+            row = timing["rows"][name]
+            out["seconds_per_step"] = row["median_s_per_step"]
     title = f"{method}/{update_filter}, {len(records)} img @ {image_size}px"
-    files = _plot(run_dir, results, title)
+    files = _plot(run_dir, results, title, timing)
     summary_path = run_dir / "summary.json"
     files = {"summary": str(summary_path), **files}
 
@@ -382,19 +560,27 @@ def run_demo(
             "image_size": int(image_size),
             "batch_size": len(records),
             "warmup_steps": int(warmup_steps),
+            "mode": "quick" if quick else "interleaved",
+            "rounds": 1 if quick else int(rounds),
             "model": {"adapter": "RTDETRPoseAdapter", "config_path": config_path, "init_seed": 0},
         },
         "dataset": {"root": str(dataset), "images": [str(r.get("image")) for r in records]},
         "engine": build_info(),
         "yolozu_version": yolozu_version,
         "backends": {
-            b: {k: v for k, v in results[b].items() if k not in ("params", "buffers")} for b in BACKENDS
+            b: {k: v for k, v in results[b].items() if k not in ("params", "buffers")} for b in results
         },
         "comparison": comparison,
         "files": files,
     }
+    if timing is not None:
+        summary["timing"] = timing
     summary_path.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return summary
+
+
+def _max_loss_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float(max((abs(x - y) for x, y in zip(a["losses"], b["losses"])), default=0.0))
 
 
 def _replace(config: Any, **changes: Any) -> Any:
@@ -421,34 +607,48 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    sep = "  ".join("-" * w for w in widths)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(), sep]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[1:]]
+    return [*lines, sep]
+
+
+def _final_loss(backend: dict[str, Any] | None) -> str:
+    return _fmt(backend["losses"][-1] if backend and backend["losses"] else None, ".6g")
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """The stdout table: seconds per step, speedup, max |d loss|, max |d parameter|."""
+    """The stdout table. Interleaved: one row per provider (median s/step, its min-max spread, the
+    ratio to the reference, the final loss), the ratios and differences, and the reading. Quick:
+    seconds per step of each backend's one run, speedup, max |d loss|, max |d parameter|."""
     cfg, cmp_ = summary["config"], summary["comparison"]
     b = summary["backends"]
-    rows = [
-        ("backend", "s/step", "steps", "final loss"),
-        *[
-            (
-                name,
-                _fmt(b[name]["seconds_per_step"], ".4f"),
-                str(b[name]["report"]["steps_run"]),
-                _fmt(b[name]["losses"][-1] if b[name]["losses"] else None, ".6g"),
-            )
-            for name in BACKENDS
-        ],
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        f"yolozu-ttt demo: {cfg['method']} ({cfg['update_filter']}), {cfg['steps']} steps, "
-        f"{cfg['images']} image(s) @ {cfg['image_size']}x{cfg['image_size']}, device {cfg['device']}",
-    ]
-    sep = "  ".join("-" * w for w in widths)
-    lines.append("  ".join(c.ljust(w) for c, w in zip(rows[0], widths)))
-    lines.append(sep)
-    for r in rows[1:]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    lines.append(sep)
-    lines.append(f"speedup (reference s/step / fast s/step): {_fmt(cmp_['speedup'], '.2f')}x")
+    timing = summary.get("timing")
+    head = (f"yolozu-ttt demo: {cfg['method']} ({cfg['update_filter']}), {cfg['steps']} steps, "
+            f"{cfg['images']} image(s) @ {cfg['image_size']}x{cfg['image_size']}, device {cfg['device']}")
+    if timing is None:
+        lines = [head, *_columns([
+            ("backend", "s/step", "steps", "final loss"),
+            *[(name, _fmt(b[name]["seconds_per_step"], ".4f"), str(b[name]["report"]["steps_run"]),
+               _final_loss(b[name])) for name in BACKENDS],
+        ])]
+        lines.append(f"speedup (reference s/step / fast s/step): {_fmt(cmp_['speedup'], '.2f')}x  (one round: --quick)")
+    else:
+        rows = timing["rows"]
+        lines = [f"{head}, {timing['rounds']} interleaved rounds (rotating order; medians)", *_columns([
+            ("row", "s/step", "spread (min-max)", "vs reference", "final loss"),
+            *[(name, _fmt(r["median_s_per_step"], ".4f"),
+               f"{r['min_s_per_step']:.4f}-{r['max_s_per_step']:.4f}", f"{r['speedup_vs_reference']:.2f}x",
+               _final_loss(b.get(name)) if name in b else "(no update)") for name, r in rows.items()],
+        ])]
+        floor = f", fast/floor {timing['fast_over_floor']:.2f}x" if timing["fast_over_floor"] else ""
+        lines.append(f"speedup (reference / fast, medians): {cmp_['speedup']:.2f}x{floor}")
     lines.append(f"max |delta loss|      : {_fmt(cmp_['max_abs_loss_diff'], '.3e')}")
     lines.append(f"max |delta parameter| : {_fmt(cmp_['max_abs_param_diff'], '.3e')}")
+    if timing is not None:
+        lines.append(f"bf16 max |delta loss|: {_fmt(cmp_['bf16_max_abs_loss_diff'], '.3e')}  "
+                     f"(parameters {_fmt(cmp_['bf16_max_abs_param_diff'], '.3e')})")
+        lines.append(timing["reading"])
     return "\n".join(lines)
