@@ -425,3 +425,19 @@ def method_case(method: str, device: Any = "cpu") -> tuple[nn.Module, list[torch
     else:
         model, batches = make_model(), make_batches()
     return model.to(device), [b.to(device) for b in batches]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread here and in every subprocess started meanwhile (``OMP_NUM_THREADS=1``), for
+    byte-for-byte comparisons with YOLOZU's own CLI.
+
+    With two threads YOLOZU's own export is not reproducible on an AVX-512 CPU: about one process in
+    ten gets eval-forward outputs ~1e-6 off the others' (the same command run 16 times gives two
+    different files; with one thread every run gives the same bytes), so a byte comparison of two
+    two-thread processes fails by chance whatever the code under test does."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,27 +41,8 @@ def _rtdetr_args(sample: dict[str, Path]) -> list[str]:
 
 
 def _yolozu_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """YOLOZU's own export CLI, as YOLOZU's orchestrator runs it, on one intra-op thread (see
-    ``one_thread``)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", EXPORT, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread in this process too, for byte-for-byte comparisons with ``_yolozu_cli``.
-
-    With two threads YOLOZU's own export is not reproducible on an AVX-512 CPU: about one process
-    in ten gets eval-forward outputs ~1e-6 off the others' (the same command, run 16 times, gives
-    two different files; with one thread every run gives the same bytes), so a byte comparison of
-    two two-thread processes fails by chance whatever the code under test does."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """YOLOZU's own export CLI, as YOLOZU's orchestrator runs it."""
+    return subprocess.run([sys.executable, "-m", EXPORT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def _export_module():

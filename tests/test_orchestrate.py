@@ -108,7 +108,7 @@ def test_fast_command_replaces_only_yolozus_exporter():
 
 
 @pytest.mark.slow
-def test_zero_impact_without_ttt(sample, tmp_path, monkeypatch, capsys):
+def test_zero_impact_without_ttt(sample, tmp_path, monkeypatch, capsys, one_thread):
     args = _torch_args(sample)
     theirs = _yolozu_export([*args, "--output", str(tmp_path / "yolozu.json")], tmp_path)
     monkeypatch.chdir(tmp_path)  # the run meta records the working directory's git state
@@ -120,7 +120,7 @@ def test_zero_impact_without_ttt(sample, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch):
+def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, monkeypatch, one_thread):
     args = [*_torch_args(sample), *TTT]
     theirs = _yolozu_export([*args, "--output", str(tmp_path / "yolozu.json")], tmp_path)
     monkeypatch.chdir(tmp_path)
