@@ -19,6 +19,8 @@ tensors; 'norm_only', 96 tensors). Target: <= 50 µs per fused step (issue 12).
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import rtdetr_param_sizes
@@ -60,8 +62,11 @@ class HostArena:
         self.group = U.TritonArenaGroup(self.flat, self.grad, torch.zeros(n), torch.zeros(n), self.flat.clone(),
                                         None, offsets, list(sizes), self.has_grad)
 
-    def backend_groups(self):
-        return [self.group]
+    @property
+    def groups(self):
+        """The one binding ``engine.bind_groups`` reads (its group object already built)."""
+        return [types.SimpleNamespace(buffers=types.SimpleNamespace(backend="triton", engine=self.group, base=None),
+                                      base=None, snap=self.group.snap)]
 
     def hold_snapshot(self, *, in_grad=False):
         if self.group.snap is None:

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES
+from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES, check_step_options
 
 
 def _index(keys: Sequence[str], key: str) -> tl.constexpr:
@@ -864,12 +864,7 @@ def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: floa
     has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
     launch. Nothing changes unless the launch runs, except the device flags and keys."""
     lr, beta1, beta2, eps, restore_prob = float(lr), float(beta1), float(beta2), float(eps), float(restore_prob)
-    if not restore_prob >= 0.0:
-        raise ValueError("yolozu_ttt.kernels.update: restore_prob must be >= 0")
-    if not lr >= 0.0:
-        raise ValueError("yolozu_ttt.kernels.update: lr must be >= 0")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError("yolozu_ttt.kernels.update: betas must lie in [0, 1)")
+    check_step_options(lr, beta1, beta2, restore_prob, "yolozu_ttt.kernels.update")
     gs, plan = _prepare(groups, out, STAT_KEYS)
     write_snapshot = bool(write_snapshot)
     has_ema = ema_momentum is not None

@@ -202,7 +202,8 @@ only_under_interpreter = pytest.mark.skipif(not UNDER_INTERPRETER, reason="runs 
 
 def assert_triton_engine_runs() -> None:
     """Under the interpreter, a CPU arena's update engine is Triton's."""
-    from yolozu_ttt.arena import ParamArena, backend_module
+    from yolozu_ttt.arena import ParamArena
+    from yolozu_ttt.engine import backend_module
 
     model = make_model()
     with ParamArena(model, [model.bn.weight]) as arena:

@@ -350,13 +350,13 @@ def test_the_engine_runs_without_a_fallback_warning(fresh_fallback_warnings):
 
 
 def test_engine_backend_follows_the_dispatch_rule():
-    from yolozu_ttt import ops
     from yolozu_ttt.arena import ParamArena
+    from yolozu_ttt.common import use_triton
 
     model = make_model()
     with ParamArena(model, [model.bn.weight, model.bn.bias]) as arena:
         (group,) = arena.groups
-        assert group.backend == ("triton" if ops.use_triton(group.flat) else "cpp")
+        assert group.backend == ("triton" if use_triton(group.flat) else "cpp")
 
 
 @skip_under_interpreter
