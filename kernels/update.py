@@ -48,6 +48,9 @@ import triton
 import triton.language as tl
 
 from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES, check_step_options
+from ._shared import _fmix32, _to_storage
+from ._shared import num_warps as _warps
+from .constants import CLIP_EPS, RBLOCK, SAR_EPS, UNIFORM_BITS, restore_key  # noqa: F401 (restore_key: the API)
 
 
 def _index(keys: Sequence[str], key: str) -> tl.constexpr:
@@ -89,7 +92,11 @@ GS_ANCHOR_LOSS = _index(GRAD_STAT_KEYS, "anchor_loss")
 SAR_DIRECTION_NORM = _index(SAR_STAT_KEYS, "direction_norm")
 SAR_APPLIED = _index(SAR_STAT_KEYS, "applied")
 
-_RBLOCK = 1024  # finalize kernels: slots summed per iteration
+_RBLOCK = RBLOCK  # finalize kernels: slots summed per iteration
+_CLIP_EPS = tl.constexpr(CLIP_EPS)
+_SAR_EPS = tl.constexpr(SAR_EPS)
+_DRAW_SHIFT = tl.constexpr(32 - UNIFORM_BITS)
+_DRAW_UNIT = tl.constexpr(2.0 ** -UNIFORM_BITS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,44 +164,15 @@ def _clip_coef(norm, max_norm):
 
     A NaN norm gives a NaN coefficient (torch's clamp propagates it).
     """
-    coef = tl.div_rn(max_norm, norm + 1e-6)
+    coef = tl.div_rn(max_norm, norm + _CLIP_EPS)
     return tl.where(coef > 1.0, 1.0, coef)
-
-
-@triton.jit
-def _to_storage(x, DTYPE: tl.constexpr):
-    """Round fp32 ``x`` to the storage dtype, round-to-nearest-even (NaN stays NaN).
-
-    bfloat16 is rounded on the bits so the result is the same on the GPU and in the Triton
-    interpreter (whose fp32 -> bf16 cast truncates); the final cast is then exact.
-    """
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rne = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        nan = (bits | 0x00400000) & 0xFFFF0000
-        rounded = tl.where(x != x, nan, rne).to(tl.float32, bitcast=True)
-        return rounded.to(tl.bfloat16)
-    else:
-        return x.to(DTYPE)
-
-
-@triton.jit
-def _fmix32(h):
-    """murmur3's 32-bit finalizer on uint32; the multiplies wrap on purpose (as in tl.randint's Philox)."""
-    M1: tl.constexpr = 0x85EBCA6B
-    M2: tl.constexpr = 0xC2B2AE35
-    h = h ^ (h >> 16)
-    h = tl.mul(h, M1, sanitize_overflow=False)
-    h = h ^ (h >> 13)
-    h = tl.mul(h, M2, sanitize_overflow=False)
-    return h ^ (h >> 16)
 
 
 @triton.jit
 def _uniform01(offs, key):
     """CoTTA restore draw of element ``offs``: ``(fmix32(offs ^ key) >> 8) * 2^-24`` in [0, 1) (as _C)."""
     h = _fmix32(offs.to(tl.uint32) ^ key)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return (h >> _DRAW_SHIFT).to(tl.float32) * _DRAW_UNIT
 
 
 @triton.jit
@@ -470,7 +448,7 @@ def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: 
         tl.store(out_ptr + SAR_APPLIED, tl.where(norm <= 0.0, 0.0, 1.0))
     else:
         tl.store(out_ptr + SAR_APPLIED, 0.0)
-    tl.store(scale_ptr, (rho / (norm.to(tl.float64) + 1e-12)).to(tl.float32))
+    tl.store(scale_ptr, (rho / (norm.to(tl.float64) + _SAR_EPS)).to(tl.float32))
 
 
 @triton.jit
@@ -541,10 +519,6 @@ def _check_device(device: torch.device) -> None:
     if device.type == "cpu" and not INTERPRET:
         raise ValueError("yolozu_ttt.kernels.update: CPU tensors need TRITON_INTERPRET=1 "
                          "(use yolozu_ttt._C for CPU arenas)")
-
-
-def _warps(block_size: int) -> int:
-    return 8 if block_size >= 2048 else 4
 
 
 def _upload(rows: np.ndarray, device: torch.device, dtype: np.dtype) -> torch.Tensor:
@@ -763,25 +737,6 @@ def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) 
             and out.numel() >= len(keys) and out.is_contiguous()):
         _check_out(out, keys, device)
     return gs, plan
-
-
-def _mix32(h: int) -> int:
-    """murmur3's fmix32 on a Python int (mod 2^32)."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def restore_key(seed: int, counter: int, group: int) -> int:
-    """The 32-bit restore key of one (seed, step counter, group); bit-identical to ``_C.restore_key``."""
-    seed, counter, group = (int(v) & 0xFFFFFFFFFFFFFFFF for v in (seed, counter, group))
-    h = _mix32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
-    h = _mix32(h ^ (seed >> 32))
-    h = _mix32(h ^ ((counter * 0x632BE5AB) & 0xFFFFFFFF))
-    h = _mix32(h ^ ((counter >> 32) & 0xFFFFFFFF))
-    return _mix32(h ^ (((group + 1) * 0x85157AF5) & 0xFFFFFFFF))
 
 
 def _as_i32(key: int) -> int:

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats, check_step_options, use_triton
+from .kernels.constants import CLIP_EPS
 
 if TYPE_CHECKING:  # the arena imports this module (backend choice), never the other way at run time
     from .arena import ParamArena
 
 GRAD_NORM, ANCHOR_VALUE = (GRAD_STAT_KEYS.index(k) for k in ("grad_norm", "anchor_loss"))
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 #: the run's CUDA graphs kept at most (the update alone, or whole steps by input layout)
 MAX_GRAPHS = 8
 

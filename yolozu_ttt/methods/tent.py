@@ -42,9 +42,8 @@ class Tent(Method):
         self.tc = tent_config(self.config)
         runner = _tent.TentRunner(self.ctx.model, config=self.tc)  # validates and selects like the reference
         self.ctx.updated_param_count = int(runner.updated_param_count)
-        self.has_aux, self.has_teacher = runner._has_aux, runner._has_teacher
+        self.has_aux, self.has_teacher, self.abstained = runner._has_aux, runner._has_teacher, False
         self.capturable = not (self.has_aux or self.has_teacher or self.tc.detector_response)
-        self.abstained = False
         return list(runner.params)
 
     def needs_buffers(self) -> bool:
@@ -92,10 +91,9 @@ class Tent(Method):
                    "update_abstained": float(self.abstained), **self.host_metrics}
         if self.abstained:
             metrics["buffers_restored_on_abstention"] = 1.0
-        applied = 0 if self.abstained else 1
         return StepOutcome(loss=loss, stats=stats, metrics={k: float(metrics[k]) for k in ENTRY_METRICS if k in metrics},
-                           forwards=2 if self.has_teacher else 1, backwards=applied, optimizer_steps=applied,
-                           abstained=self.abstained)
+                           forwards=2 if self.has_teacher else 1, backwards=int(not self.abstained),
+                           optimizer_steps=int(not self.abstained), abstained=self.abstained)
 
 
 METHOD = Tent
