@@ -89,7 +89,7 @@ class CoTTA(Method):
     def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The student's augmented forward, entropy and backward, then the teacher's forward and the
         consistency: (loss, consistency) as device scalars. The branches' metadata (which depends on
-        the input's rank only: hflip needs 4-D) is kept by rank, so a replayed graph finds it."""
+        the input's rank only: hflip needs 4-D) is kept by rank: a step whose passes did not run on the host (``capturable``) finds it."""
         student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
         loss = entropy(student_logits)
         self.arena.backward(loss)
@@ -100,7 +100,7 @@ class CoTTA(Method):
         return loss, consistency
 
     def update(self, step: int):
-        """The teacher EMA every step; the restore every ``restore_interval`` steps (a graph each)."""
+        """The teacher EMA every step; the restore every ``restore_interval`` steps."""
         return self.restore_spec if self.restores(step) else self.spec
 
     def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:

@@ -107,7 +107,7 @@ class EATA(Method):
         arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
         self.engine.gate(selection[0] > 0)
         anchor = (self.engine.anchor_value(),) if self.lam == 0.0 else ()
-        # the batch size as a device constant: a captured graph keeps its own (one per input layout)
+        # the batch size as a device constant, read with the step (one per input layout)
         return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
 
     def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:

@@ -69,7 +69,7 @@ class MIM(Method):
         return super().select()
 
     def inputs(self, x: Any) -> tuple[Any, torch.Tensor]:
-        """The batch and the patch grid, drawn on the host before the step (a graph's second input)."""
+        """The batch and the patch grid, drawn on the host before the step (an input of the step, like the batch)."""
         return x, draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
 
     def passes(self, x: Any, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -4,7 +4,7 @@ First pass: grads into the arena, grad norm and clip on the flat buffers, then o
 step that writes the pre-step snapshot as its backup. Second pass at the perturbed point, restore
 from the snapshot, and Adam on the second grads (unclipped, like the reference). Nothing is read
 in between: the grad norm and the ascent's stats come back with the step's one read, so the step
-decides nothing on the host (graph mode captures it whole).
+decides nothing on the host.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Like ``forward_and_adapt`` in the original Tent: forward, entropy, backward, one fused update
 (the loop's). YOLOZU's options on top: an eval-mode teacher forward and a weak photometric student
 view for its aux-consistency and detector-response terms, and the detector response's
-abstention (no backward, no update, norm buffers restored). Those decide on the host, so only
-plain entropy is captured whole in graph mode.
+abstention (no backward, no update, norm buffers restored). Those decide on the host: only plain
+entropy is ``capturable``.
 """
 from __future__ import annotations
 
