@@ -28,13 +28,15 @@ from conftest import rtdetr_param_sizes
 from yolozu_ttt.common import STAT_KEYS
 from yolozu_ttt.engine import UpdateEngine
 from yolozu_ttt.kernels import update as U
+from yolozu_ttt.kernels import update_kernels
 
 TARGET_US = 50.0
 
 
 def jitted_kernels():
-    """The module's jitted kernels (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1)."""
-    return [v for k, v in vars(U).items() if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "run")]
+    """The update's jitted kernels (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1)."""
+    return [v for k, v in vars(update_kernels).items()
+            if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "run")]
 
 
 @pytest.fixture

@@ -20,8 +20,6 @@ PYBIND11_MODULE(_C, m) {
            "Bind the buffers of one (device, dtype) arena (base, exp_avg and exp_avg_sq flat or "
            "one tensor per segment). The group keeps every tensor alive; segments (offsets, "
            "sizes) must tile the arena in order.")
-      .def_property_readonly("numel", &ArenaGroup::numel)
-      .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
       .def("reset_state", &ArenaGroup::reset_state,
            "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")

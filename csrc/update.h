@@ -118,7 +118,6 @@ class ArenaGroup {
              py::object base, py::object snap, std::vector<int64_t> offsets,
              std::vector<int64_t> sizes, py::object has_grad);
 
-  int64_t numel() const { return param_.numel; }
   int64_t num_segments() const { return static_cast<int64_t>(offsets_.size()); }
   std::vector<int64_t> steps() const { return steps_; }
   void reset_state();
