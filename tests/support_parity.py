@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from support_models import ListAdapter
+from support_models import ListAdapter, make_batches, make_model
 
 
 def run_both(model: nn.Module, batches: list[Any], config: Any):

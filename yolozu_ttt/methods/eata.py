@@ -24,14 +24,6 @@ SKIP_LAYOUT = SELECTION_KEYS + ("skip_reason", "skip_streak", "loss", "anchor_lo
 SKIP_STOP = "eata_max_skip_streak_exceeded"
 
 
-def check_batch(x: Any) -> None:
-    """The reference's batch checks and messages."""
-    if not torch.is_tensor(x):
-        raise RuntimeError("EATA requires tensor batches from adapter.build_loader()")
-    if x.ndim == 0:
-        raise RuntimeError("EATA requires batched tensor input")
-
-
 def sample_signals(logits: torch.Tensor, conf_min: float):
     """Per-sample ``(conf, entropy, valid)`` in one fused pass; other inputs take the reference."""
     if logits.ndim >= 2 and logits.is_floating_point():
@@ -88,7 +80,11 @@ class EATA(Method):
         return {"anchor_lambda": self.lam, "gated": True}  # the anchor term and its gradient, in the update
 
     def check_batch(self, x: Any) -> None:
-        check_batch(x)
+        """The reference's batch checks and messages."""
+        if not torch.is_tensor(x):
+            raise RuntimeError("EATA requires tensor batches from adapter.build_loader()")
+        if x.ndim == 0:
+            raise RuntimeError("EATA requires batched tensor input")
 
     def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Forward, selection, the selected samples' entropy and its backward, the update's gate
@@ -114,10 +110,8 @@ class EATA(Method):
         count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values[:6]
         count, batch, lam = int(count), int(batch), self.lam
         ratio = float(count) / float(max(1, batch))
-        metrics: dict[str, Any] = {
-            "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
-            "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid,
-        }
+        metrics: dict[str, Any] = {"selected_count": count, "batch_count": batch, "selected_ratio": ratio,
+                                   "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid}
         if count <= 0:  # the gate kept the update from applying anything
             return self.skip(metrics)
         self.streak = 0
@@ -131,10 +125,8 @@ class EATA(Method):
         """A step with nothing selected: no update, no guard (the backward ran, but the reference's
         does not: counted as none); a long streak stops."""
         self.streak += 1
-        metrics.update({
-            "skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
-            "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None,
-        })
+        metrics.update({"skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
+                        "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None})
         self.ctx.warnings.append("eata_empty_selected_set")
         stop = SKIP_STOP if self.streak > max(0, int(self.config.eata_max_skip_streak)) else None
         return StepOutcome(loss=None, stats=self.engine.idle_stats(), metrics=metrics, backwards=0, optimizer_steps=0,
