@@ -19,6 +19,8 @@ tensors; 'norm_only', 96 tensors). Target: <= 50 µs per fused step (issue 12).
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import rtdetr_param_sizes
@@ -26,13 +28,15 @@ from conftest import rtdetr_param_sizes
 from yolozu_ttt.common import STAT_KEYS
 from yolozu_ttt.engine import UpdateEngine
 from yolozu_ttt.kernels import update as U
+from yolozu_ttt.kernels import update_kernels
 
 TARGET_US = 50.0
 
 
 def jitted_kernels():
-    """The module's jitted kernels (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1)."""
-    return [v for k, v in vars(U).items() if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "run")]
+    """The update's jitted kernels (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1)."""
+    return [v for k, v in vars(update_kernels).items()
+            if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "run")]
 
 
 @pytest.fixture
@@ -60,8 +64,11 @@ class HostArena:
         self.group = U.TritonArenaGroup(self.flat, self.grad, torch.zeros(n), torch.zeros(n), self.flat.clone(),
                                         None, offsets, list(sizes), self.has_grad)
 
-    def backend_groups(self):
-        return [self.group]
+    @property
+    def groups(self):
+        """The one binding ``engine.bind_groups`` reads (its group object already built)."""
+        return [types.SimpleNamespace(buffers=types.SimpleNamespace(backend="triton", engine=self.group, base=None),
+                                      base=None, snap=self.group.snap)]
 
     def hold_snapshot(self, *, in_grad=False):
         if self.group.snap is None:

@@ -20,8 +20,6 @@ PYBIND11_MODULE(_C, m) {
            "Bind the buffers of one (device, dtype) arena (base, exp_avg and exp_avg_sq flat or "
            "one tensor per segment). The group keeps every tensor alive; segments (offsets, "
            "sizes) must tile the arena in order.")
-      .def_property_readonly("numel", &ArenaGroup::numel)
-      .def_property_readonly("num_segments", &ArenaGroup::num_segments)
       .def_property_readonly("steps", &ArenaGroup::steps)
       .def("reset_state", &ArenaGroup::reset_state,
            "Fresh Adam state: step counts to 0 (a segment's first step starts its moments at 0).")
@@ -44,6 +42,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("NUM_STATS") = static_cast<int>(yttt::Stat::Count);
   m.attr("NUM_GRAD_STATS") = static_cast<int>(yttt::GradStat::Count);
   m.attr("NUM_SAR_STATS") = static_cast<int>(yttt::SarStat::Count);
+  // The constants shared with yolozu_ttt/kernels/constants.py, by its names.
+  py::dict constants;
+  constants["CLIP_EPS"] = yttt::kClipEps;
+  constants["SAR_EPS"] = yttt::kSarEps;
+  constants["FMIX32_M1"] = yttt::kFmix32M1;
+  constants["FMIX32_M2"] = yttt::kFmix32M2;
+  constants["RESTORE_SEED_MIX"] = yttt::kRestoreSeedMix;
+  constants["RESTORE_COUNTER_MUL"] = yttt::kRestoreCounterMul;
+  constants["RESTORE_GROUP_MUL"] = yttt::kRestoreGroupMul;
+  constants["UNIFORM_BITS"] = yttt::kUniformBits;
+  m.attr("CONSTANTS") = constants;
 
   m.def("fused_step", &yttt::fused_step, py::arg("groups"), py::arg("out"), py::arg("lr"),
         py::arg("beta1") = 0.9, py::arg("beta2") = 0.999, py::arg("eps") = 1e-8,

@@ -45,7 +45,7 @@ double f32_norm(double sumsq) { return std::sqrt(static_cast<double>(static_cast
 // clip_grad_norm_'s coefficient, in fp32 like torch: min(max_norm / (||g|| + 1e-6), 1), NaN kept.
 float clip_coefficient(double grad_sumsq, double max_grad_norm) {
   const float total = static_cast<float>(f32_norm(grad_sumsq));
-  const float coef = static_cast<float>(max_grad_norm) / (total + 1e-6f);
+  const float coef = static_cast<float>(max_grad_norm) / (total + static_cast<float>(kClipEps));
   return coef < 1.0f || std::isnan(coef) ? coef : 1.0f;
 }
 
@@ -78,11 +78,11 @@ class GateClosed {
 // Element j of group `group` restores when fmix32(j ^ key) >> 8 < prob * 2^24 (the Triton
 // kernel uses the same key and hash).
 uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group) {
-  uint32_t h = fmix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
+  uint32_t h = fmix32(static_cast<uint32_t>(seed) ^ kRestoreSeedMix);
   h = fmix32(h ^ static_cast<uint32_t>(seed >> 32));
-  h = fmix32(h ^ static_cast<uint32_t>(counter) * 0x632be5abu);
+  h = fmix32(h ^ static_cast<uint32_t>(counter) * kRestoreCounterMul);
   h = fmix32(h ^ static_cast<uint32_t>(counter >> 32));
-  return fmix32(h ^ (static_cast<uint32_t>(group) + 1u) * 0x85157af5u);
+  return fmix32(h ^ (static_cast<uint32_t>(group) + 1u) * kRestoreGroupMul);
 }
 
 // The fused step, numbered like the Triton engine and the README:
@@ -157,7 +157,7 @@ void sar_perturb(const py::list& groups, const py::object& out, double rho, bool
     norm = static_cast<double>(static_cast<float>(f32_norm(sumsq)));
     if (rho > 0.0) {
       applied = !(norm <= 0.0);
-      const double scale = rho / (norm + 1e-12);
+      const double scale = rho / (norm + kSarEps);
       for (auto* g : gs) g->sar_perturb(scale, adaptive, applied);
     }
   }

@@ -332,7 +332,8 @@ Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, T* snap, float* m1, float
 
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
 inline float uniform01(int64_t index, uint32_t key) {
-  return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> 8) * (1.0f / 16777216.0f);
+  return static_cast<float>(fmix32(static_cast<uint32_t>(index) ^ key) >> (32 - kUniformBits)) *
+         (1.0f / static_cast<float>(1u << kUniformBits));
 }
 
 // One step on a work item, steps 1, 2 and 4-8 of the fused step (numbering: engine.cpp; the

@@ -20,12 +20,24 @@ namespace yttt {
 
 namespace py = pybind11;
 
+// The constants shared with the Triton engine: the C++ copies of yolozu_ttt/kernels/constants.py
+// (bindings.cpp exports them as _C.CONSTANTS; a test checks every pair equal).
+constexpr double kClipEps = 1e-6;   // clip_grad_norm_'s: max_norm / (||g|| + eps)
+constexpr double kSarEps = 1e-12;   // SAR's ascent scale: rho / (||d|| + eps)
+constexpr uint32_t kFmix32M1 = 0x85ebca6bu;  // murmur3's fmix32 multipliers
+constexpr uint32_t kFmix32M2 = 0xc2b2ae35u;
+constexpr uint32_t kRestoreSeedMix = 0x9e3779b9u;  // the restore key's mixing constants
+constexpr uint32_t kRestoreCounterMul = 0x632be5abu;
+constexpr uint32_t kRestoreGroupMul = 0x85157af5u;
+constexpr int kUniformBits = 24;  // the restore draw's random bits
+static_assert(static_cast<float>(kClipEps) == 1e-6f, "the fp32 clip epsilon is torch's");
+
 // murmur3's 32-bit finaliser: the mixing function of the counter-based restore RNG.
 inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
-  h *= 0x85ebca6bu;
+  h *= kFmix32M1;
   h ^= h >> 13;
-  h *= 0xc2b2ae35u;
+  h *= kFmix32M2;
   h ^= h >> 16;
   return h;
 }
@@ -106,7 +118,6 @@ class ArenaGroup {
              py::object base, py::object snap, std::vector<int64_t> offsets,
              std::vector<int64_t> sizes, py::object has_grad);
 
-  int64_t numel() const { return param_.numel; }
   int64_t num_segments() const { return static_cast<int64_t>(offsets_.size()); }
   std::vector<int64_t> steps() const { return steps_; }
   void reset_state();

@@ -36,30 +36,11 @@ import triton
 import triton.language as tl
 
 from ..common import INTERPRET, SUPPORTED_DTYPES
-from .update import _to_storage
+from ._shared import _last_program, _sum_partials, _to_storage, ticket_counter
+from .constants import RBLOCK
 
 #: Finite stand-in for -inf as the running max, so ``m_old - m_new`` never is ``inf - inf``.
 _NEG_BIG = tl.constexpr(-1.0e38)
-
-
-@triton.jit
-def _last_program(counter_ptr):
-    """Whether this program is the last of the launch to get here (an acq_rel ticket: every other
-    program's stores before its ticket are visible after it); the last one must reset the counter
-    to 0 (``tl.atomic_xchg``) when it is done."""
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    last = ticket == tl.num_programs(0) * tl.num_programs(1) - 1
-    return last
-
-
-@triton.jit
-def _sum_partials(part_ptr, n, RBLOCK: tl.constexpr):
-    """The fp32 sum of ``n`` partials in a fixed order (read past L1: other programs wrote them)."""
-    acc = tl.zeros([RBLOCK], tl.float32)
-    for i in range(0, n, RBLOCK):
-        idx = i + tl.arange(0, RBLOCK)
-        acc += tl.load(part_ptr + idx, mask=idx < n, other=0.0, cache_modifier=".cg")
-    return tl.sum(acc, axis=0)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # n_rows.to(): never the constexpr 1 (a one-row input)
@@ -227,18 +208,7 @@ def _entropy_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-_RBLOCK = 1024  # partials summed per step by a last program / rows per step of _sample_stats_kernel
-_COUNTERS: dict = {}
-
-
-def ticket_counter(device: torch.device) -> torch.Tensor:
-    """The int32 ticket counter of ``device``'s current stream (0 between launches: the last
-    program of each launch resets it); shared by the kernels of ``entropy`` and ``mim``."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else device
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+_RBLOCK = RBLOCK  # partials summed per step by a last program / rows per step of _sample_stats_kernel
 
 
 @functools.lru_cache(maxsize=256)

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ..common import INTERPRET
-from .entropy import _last_program, _sum_partials, ticket_counter
-from .update import _to_storage
+from ._shared import _last_program, _sum_partials, _to_storage, num_warps, ticket_counter
+from .constants import RBLOCK
 
 
 @triton.jit
@@ -157,14 +157,14 @@ def _masked_sse_bwd_kernel(pred_ptr, target_ptr, dpred_ptr, g_ptr, count_ptr, ma
 # Launchers (``layout``: ``yolozu_ttt.ops.normalize_patch_mask``'s result for the input's shape)
 # ---------------------------------------------------------------------------------------
 
-_RBLOCK = 1024  # partials summed per step by the last program
+_RBLOCK = RBLOCK  # partials summed per step by the last program
 
 
 @functools.lru_cache(maxsize=256)
 def _block(hw: int) -> tuple[int, int]:
     cap = 16384 if INTERPRET else 2048
     block = min(triton.next_power_of_2(max(hw, 1)), cap)
-    return block, (8 if block >= 2048 else 4)
+    return block, num_warps(block)
 
 
 def _launch_args(t: torch.Tensor, layout: tuple, patch_size: int):

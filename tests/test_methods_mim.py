@@ -10,7 +10,6 @@ from conftest import (ListAdapter, assert_models_match, assert_raises_like_refer
 from torch import nn
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
-from yolozu.tta.ttt_mim import generate_block_mask
 
 import yolozu_ttt
 from yolozu_ttt.methods import mim
@@ -146,14 +145,6 @@ def test_empty_and_full_masks(prob):
     if prob == 0.0:  # loss 0 and zero gradients: Adam steps but moves nothing
         assert fast.losses == [0.0] * 3
         assert all(e["grad_norm"] == 0.0 and e["total_update_norm"] == 0.0 for e in fast.step_metrics)
-
-
-def test_grid_expands_to_the_reference_mask_and_ratio():
-    for h, w, ps in [(37, 50, 16), (5, 7, 16), (64, 64, 16), (33, 1, 4), (17, 31, 5)]:
-        grid = mim.draw_grid(torch.zeros(1, 3, h, w), ps, 0.5, torch.Generator().manual_seed(h))
-        full = generate_block_mask(h, w, patch_size=ps, mask_prob=0.5, generator=torch.Generator().manual_seed(h))
-        assert torch.equal(mim.full_mask(grid, torch.zeros(h, w), ps), full)
-        assert float(mim.mask_ratio(grid, h, w, ps)) == float(full.float().mean().item())
 
 
 def test_channels_last_and_non_contiguous_batches():

@@ -15,7 +15,7 @@ from conftest import UNDER_INTERPRETER, run_under_interpreter, skip_under_interp
 
 from yolozu.tta.integration import _eata_sample_signals, _entropy_loss_from_logits
 from yolozu.tta.ttt_mim import apply_mask, generate_block_mask, reconstruction_loss
-from yolozu_ttt import ops
+from yolozu_ttt import common, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not UNDER_INTERPRETER else [])
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy noise
 
 
 def _path_name(device: str) -> str:
-    return "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch"
+    return "triton" if common.use_triton(torch.empty(0, device=device)) else "torch"
 
 
 def _value_and_grad(fn, *inputs, dtype=None):
@@ -482,7 +482,7 @@ def test_triton_interpreter():
 
 def test_dispatch_rule():
     cpu = torch.empty(0)
-    assert ops.use_triton(cpu) is (UNDER_INTERPRETER and ops._HAVE_TRITON)
+    assert common.use_triton(cpu) is (UNDER_INTERPRETER and common.HAVE_TRITON)
     if torch.cuda.is_available():
-        assert ops.use_triton(cpu.cuda())
+        assert common.use_triton(cpu.cuda())
     assert _path_name("cpu") == ("triton" if UNDER_INTERPRETER else "torch")

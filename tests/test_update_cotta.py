@@ -160,7 +160,7 @@ def test_restore_is_deterministic_and_keyed():
     for other in patterns[1:]:
         assert not torch.equal(patterns[0], other)
     assert len({C.restore_key(7, c, 0) for c in range(1000)}) == 1000
-    assert C.restore_key(2 ** 64 - 1, 2 ** 40, 3) == C.restore_key(2 ** 64 - 1, 2 ** 40, 3)
+    # full-width seeds and counters: pinned in test_kernels_constants.py (RESTORE_KEY_VECTORS)
 
 
 def test_each_group_draws_its_own_pattern():

@@ -142,7 +142,7 @@ class ScaledArena(ParamArena):
         self.scaler = scaler
         super().__init__(model, params)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def accumulate(self, loss: torch.Tensor) -> None:
         """Scaled backward into the flat grad buffers, then unscaled there (with the overflow flag)."""
         self.scaler.backward(loss, self.params, [g.grad for g in self.groups])
 

@@ -20,8 +20,9 @@ What a group holds is split by lifetime:
   emptied) and rebinds them, on every exit path.
 - :class:`Snapshot`: the pre-step values for a rollback, in the grad buffer or a buffer of its own.
 
-Methods use the arena's operations (``zero_grad``, ``backward``, the snapshot, ``scale_grads`` ...),
-never its fields; only ``UpdateEngine`` reaches the backend objects (``backend_groups``).
+Methods use the arena's operations (``backward``, the snapshot, ``scale_grads`` ...), never its
+fields; the loop clears the grads (``new_grads`` / ``clear_grads``). The backend is chosen, and its
+group objects built and bound, on the engine side (``yolozu_ttt.engine``): the arena only holds them.
 """
 from __future__ import annotations
 
@@ -34,20 +35,9 @@ import torch
 from torch._utils import _unflatten_dense_tensors
 
 from .common import SUPPORTED_DTYPES
-from .ops import use_triton
+from .engine import backend_for
 
 _BUFFER_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("yolozu_ttt_buffer_cache", default=None)
-
-
-def backend_module(backend: str) -> Any:
-    """The module with the fused functions of a backend: ``yolozu_ttt._C`` ("cpp") or Triton's."""
-    if backend == "cpp":
-        from . import _native
-
-        return _native.require_native()
-    from .kernels import update
-
-    return update
 
 
 @dataclass
@@ -63,7 +53,7 @@ class GroupBuffers:
     exp_avg_sq: torch.Tensor | list[torch.Tensor]
     base: torch.Tensor | None  # Triton's flat base copy; the C++ base is the run's originals
     has_grad: bytearray  # one flag per segment, set by autograd hooks, read by the engine
-    engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup
+    engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup, built and bound by ``engine.bind_groups``
 
     @classmethod
     def allocate(cls, flat: torch.Tensor, sizes: list[int], backend: str) -> "GroupBuffers":
@@ -83,21 +73,6 @@ class GroupBuffers:
             base = None
         return cls(backend=backend, offsets=offsets, sizes=sizes, flat=flat, grad=grad, exp_avg=moments[0],
                    exp_avg_sq=moments[1], base=base, has_grad=bytearray(len(sizes)))
-
-    def bind_engine(self, originals: list[torch.Tensor]) -> None:
-        """Build the backend's group object, or reset a reused one to a fresh run (Adam state)."""
-        base = self.base if self.backend == "triton" else originals
-        if self.engine is None:
-            cls = backend_module(self.backend)
-            cls = cls.TritonArenaGroup if self.backend == "triton" else cls.ArenaGroup
-            self.engine = cls(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, base, None, self.offsets,
-                              self.sizes, self.has_grad)
-        else:
-            if self.backend == "triton":
-                self.base.copy_(self.flat)
-            else:
-                self.engine.set_base(base)
-            self.engine.reset_state()  # Adam moments and step counts
 
     def unbind_run(self) -> None:
         """Drop the run's tensors from the engine (a cached engine must not keep the originals alive)."""
@@ -135,7 +110,8 @@ class GroupBinding:
 
     def set_snap(self, snap: Any) -> None:
         self.snap = snap
-        self.buffers.engine.set_snapshot(snap)
+        if self.buffers.engine is not None:  # else ``engine.bind_groups`` binds it
+            self.buffers.engine.set_snapshot(snap)
 
 
 class Snapshot:
@@ -234,7 +210,7 @@ class ParamArena:
         key = (str(ps[0].device), ps[0].dtype, tuple(sizes))
         cache = _BUFFER_CACHE.get()
         buffers = cache.get(key) if cache is not None else None
-        backend = "triton" if use_triton(ps[0]) else "cpp"
+        backend = backend_for(ps[0])
         with torch.no_grad():
             if buffers is None:
                 # the values first: on CUDA the originals are emptied before the other buffers
@@ -256,7 +232,8 @@ class ParamArena:
                 buffers = binding.buffers = GroupBuffers.allocate(flat, sizes, backend)
             else:
                 buffers.grad.zero_()
-            buffers.bind_engine(binding.base)
+                if backend == "triton":
+                    buffers.base.copy_(flat)  # the run's starting values
             for p, view in zip(ps, _unflatten_dense_tensors(buffers.grad, ps)):
                 p.grad = view
         for i, p in enumerate(ps):
@@ -284,8 +261,16 @@ class ParamArena:
         for g in self.groups:
             g.grad.zero_()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward into the flat grad buffers, computing only what the selected parameters need."""
+    def backward(self, loss: torch.Tensor, *, replace: bool = False) -> None:
+        """Backward into the flat grad buffers, computing only what the selected parameters need;
+        ``replace``: the grads become ``loss``'s instead of adding to those there (a second pass
+        of one step, e.g. SAR's: device work only, the has-grad flags kept)."""
+        if replace:
+            self.clear_grads()
+        self.accumulate(loss)
+
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """``loss``'s grads added into the flat grad buffers (a subclass's precision goes here)."""
         loss.backward(inputs=self.params)
 
     def mark_all_grads(self) -> None:
@@ -298,14 +283,6 @@ class ParamArena:
         with torch.no_grad():
             for g in self.groups:
                 g.grad.mul_(coef.to(g.grad.device))
-
-    def fill_updated(self, value: float) -> None:
-        """Set every parameter that has a grad to ``value``."""
-        with torch.no_grad():
-            for g in self.groups:
-                for flag, segment in zip(g.has_grad, g.segments()):
-                    if flag:
-                        segment.fill_(value)
 
     def hold_snapshot(self, *, in_grad: bool = False) -> None:
         """See :meth:`Snapshot.hold`."""
@@ -343,10 +320,6 @@ class ParamArena:
                 bound.append(buffer)
                 by_param.update({id(p): v for p, v in zip(g.params, views)})
         return bound, by_param
-
-    def backend_groups(self) -> list[Any]:
-        """The backend's group objects, for ``UpdateEngine`` only."""
-        return [g.engine for g in self.groups]
 
     @property
     def backend(self) -> str:

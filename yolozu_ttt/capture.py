@@ -13,9 +13,10 @@ cannot be captured and keeps running eagerly (with only the fused update in a gr
 that fails for another reason falls back the same way.
 
 ``StepGraph(body, arena, engine, graphs=CudaGraphs())``: ``body(*inputs) -> values`` is the
-step's device work before the update: its forwards, losses and backwards into the arena (zeroing
-the grads with ``arena.clear_grads()``, device work only); ``values`` are the tensors read with
-the step's stats. ``inputs`` are the step's batch and whatever else it draws on the host before
+step's device work before the update (the loop's ``Method.body``: the grad buffers cleared, then
+the method's forwards, losses and backwards into the arena); ``values`` are the tensors read with
+the step's stats. The captured graphs live in the engine's one cache (``UpdateEngine.graphs``),
+keyed by the step's inputs' layouts, its :class:`~yolozu_ttt.engine.StepSpec` and its launch. ``inputs`` are the step's batch and whatever else it draws on the host before
 (MIM's patch grid): each is copied into the graph's static input before a replay.
 ``graphs`` is what captures and replays; :class:`ReplayedCalls` does the same on any device by
 calling the step again (the tests' stand-in for a GPU: capture runs nothing new, a replay reruns
@@ -34,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .arena import ParamArena
 from .common import StepStats
-from .engine import GraphFallbackWarning, UpdateEngine
+from .engine import GraphFallbackWarning, StepSpec, UpdateEngine
 
 #: aten operations that make the host wait for the device (on CUDA) whatever their arguments
 SYNC_OPS = frozenset({
@@ -47,8 +48,6 @@ MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl
 #: copies whose direction decides: device to host (a sync), and blocking host to device (a sync;
 #: a non-blocking one is not, e.g. the update's has-grad upload, which a capture leaves out)
 COPY_OPS = frozenset({"_to_copy", "copy_"})
-#: graph capture keeps at most this many (input shape, update launch) variants of a step
-MAX_GRAPHS = 4
 #: eager steps before the first capture (compile the kernels, warm the allocator and libraries)
 WARMUP_STEPS = 1
 
@@ -171,31 +170,29 @@ class ReplayedCalls:
 
 class StepGraph:
     """One method's whole step (``body``'s passes, then the fused update) captured per input layout
-    and replayed; see the module docstring."""
+    and update spec, and replayed; see the module docstring."""
 
     def __init__(self, body: Callable[..., tuple[torch.Tensor, ...]], arena: ParamArena, engine: UpdateEngine,
                  graphs: Any = None):
         self.body, self.arena, self.engine = body, arena, engine
         self.graphs = graphs if graphs is not None else CudaGraphs(arena.device)
-        #: {(input layouts, launch key): (graph, static inputs, static outputs)}
-        self.captured: dict[tuple, tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self.warmed = 0
         self.off: str | None = None  # why the step runs eagerly from now on
         self.replays = 0
 
-    def step(self, inputs: Sequence[Any], *, write_snapshot: bool, **update: Any) -> tuple[StepStats, list[float]]:
-        """One step of ``body(*inputs)`` and the update (``UpdateEngine.step``'s options in
-        ``update``): the engine's stats and the values of ``body``'s outputs, in one host read."""
+    def step(self, inputs: Sequence[Any], spec: StepSpec, *, counter: int = 0) -> tuple[StepStats, list[float]]:
+        """One step of ``body(*inputs)`` and the update ``spec`` at restore counter ``counter``: the
+        engine's stats and the values of ``body``'s outputs, in one host read."""
         if self.off is not None or not all(torch.is_tensor(t) for t in inputs):
-            return self._eager(inputs, write_snapshot, update)
+            return self._eager(inputs, spec, counter)
         if self.warmed < WARMUP_STEPS:
             self.warmed += 1
             with self.graphs.side_stream():
-                return self._eager(inputs, write_snapshot, update, probe=True)
+                return self._eager(inputs, spec, counter, probe=True)
         # the has-grad flags stay as the warm-up's backward set them (a replay runs no hooks)
-        launch = self.engine.prepare(write_snapshot=write_snapshot, **update)
-        key = (tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs), launch.key())
-        entry = self.captured.get(key)
+        launch = self.engine.prepare(spec, counter)
+        key = ("step", tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs), spec, launch.key())
+        entry = self.engine.graphs.get(key)
         if entry is None:
             entry = self._capture(key, inputs, launch)
             if entry is None:  # a capture that failed ran nothing: this step eagerly, launch prepared
@@ -210,20 +207,18 @@ class StepGraph:
         return self.engine.collect(outputs)
 
     # ---- the pieces --------------------------------------------------------------------------
-    def _eager(self, inputs: Sequence[Any], write_snapshot: bool, update: dict[str, Any],
+    def _eager(self, inputs: Sequence[Any], spec: StepSpec, counter: int,
                probe: bool = False) -> tuple[StepStats, list[float]]:
-        """The step as the method runs it without graphs (under the probe: the warm-up)."""
-        self.arena.new_grads()  # the body zeroes the buffers itself (clear_grads)
+        """The step as the loop runs it without graphs (under the probe: the warm-up)."""
+        self.arena.new_grads()  # the body clears the buffers
         with SyncProbe() if probe else contextlib.nullcontext() as seen:
             outputs = self.body(*inputs)
         if probe and seen.hits:
             self._fall_back(f"the step's passes wait for the device ({seen.describe()})")
-        return self.engine.step(write_snapshot=write_snapshot, extra=outputs, **update)
+        return self.engine.step(spec, counter=counter, extra=outputs)
 
     def _capture(self, key: tuple, inputs: Sequence[torch.Tensor], launch: Any) -> tuple | None:
         """Capture the step for ``key``'s inputs (the step itself runs at the first replay)."""
-        if len(self.captured) >= MAX_GRAPHS:
-            self.captured.clear()
         statics = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
                         for t in inputs)
 
@@ -237,8 +232,7 @@ class StepGraph:
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager from here on
             self._fall_back(f"capturing the step failed ({type(exc).__name__}: {exc})")
             return None
-        entry = self.captured[key] = (graph, statics, tuple(outputs))
-        return entry
+        return self.engine.graphs.add(key, (graph, statics, tuple(outputs)))
 
     def _fall_back(self, why: str) -> None:
         self.off = why

@@ -1,5 +1,5 @@
-"""Facts every layer shares, defined once: the engine's stat layouts, the dtypes it holds, and
-whether Triton runs in its interpreter.
+"""Facts every layer shares, defined once: the engine's stat layouts, the dtypes it holds, where
+Triton runs (:func:`use_triton`) and the one check of a step's options.
 
 Imported by the Python layer and by the Triton kernels (``yolozu_ttt.kernels``); it imports
 nothing of this package, so the kernels never import the ops module that imports them. The C++
@@ -18,6 +18,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: ``YOLOZU_TTT_CUDA_GRAPH=1`` set before import: the update engine captures the fused update of a
 #: CUDA arena in a CUDA graph and replays it (``yolozu_ttt.engine``). Read once, here only.
 CUDA_GRAPH = os.environ.get("YOLOZU_TTT_CUDA_GRAPH", "0") == "1"
+
+try:  # Triton is optional (absent off Linux); only needed for CUDA / the interpreter.
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor`` takes the Triton kernels (the loss ops and the update engine).
+
+    CUDA tensors: yes (when Triton is installed).  CPU tensors: only when the environment
+    variable ``TRITON_INTERPRET=1`` was set before import (the kernels then run in Triton's
+    interpreter).  Anything else uses the torch implementation (ops) or the C++ engine (update).
+    """
+    if not HAVE_TRITON:
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return INTERPRET and tensor.device.type == "cpu"
+
+
+def check_step_options(lr: float, beta1: float, beta2: float, restore_prob: float, who: str = "yolozu_ttt") -> None:
+    """The one validation of a fused step's options (``engine.StepSpec`` and the Triton launcher's;
+    the C++ engine keeps its own for memory safety)."""
+    if not restore_prob >= 0.0:
+        raise ValueError(f"{who}: restore_prob must be >= 0")
+    if not lr >= 0.0:
+        raise ValueError(f"{who}: lr must be >= 0")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{who}: betas must lie in [0, 1)")
+
 
 #: Parameter (and fused-op input) dtypes the engine and the kernels handle.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

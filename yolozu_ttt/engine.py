@@ -1,27 +1,123 @@
-"""UpdateEngine: the fused update over a ParamArena, and the only caller of the backends.
+"""UpdateEngine: the fused update over a ParamArena, the backend seam and the one graph cache.
 
 One signature over two implementations, like ``torch.optim.adam``'s single/foreach/fused: CPU
 groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
-``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``. Both write their scalars into a
-float64 buffer on the arena's device in the layouts of ``yolozu_ttt.common``; the engine reads
-it back once per step (with the caller's extra scalars) and returns a :class:`StepStats`.
+``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``. This module is the only place that
+chooses a backend (:func:`backend_for`), builds and binds its group objects (:func:`bind_groups`)
+and calls it. Both write their scalars into a float64 buffer on the arena's device in the layouts
+of ``yolozu_ttt.common``; the engine reads it back once per step (with the caller's extra
+scalars) and returns a :class:`StepStats`.
+
+A step's options are one frozen :class:`StepSpec`, built once per run (a method's variants, e.g.
+CoTTA's restore step, once each), validated once here, handed to the backend as keyword
+arguments and used in the key of the run's CUDA graphs (:class:`GraphCache`: the update alone
+here, the whole step in ``yolozu_ttt.capture``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .arena import ParamArena, backend_module
-from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats
+from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats, check_step_options, use_triton
+from .kernels.constants import CLIP_EPS
+
+if TYPE_CHECKING:  # the arena imports this module (backend choice), never the other way at run time
+    from .arena import ParamArena
 
 GRAD_NORM, ANCHOR_VALUE = (GRAD_STAT_KEYS.index(k) for k in ("grad_norm", "anchor_loss"))
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+#: the run's CUDA graphs kept at most (the update alone, or whole steps by input layout)
+MAX_GRAPHS = 8
 
 
+# ---- the backend seam ------------------------------------------------------------------------
+def backend_for(tensor: torch.Tensor) -> str:
+    """The update backend of a parameter group on ``tensor``'s device: "triton" or "cpp"."""
+    return "triton" if use_triton(tensor) else "cpp"
+
+
+def backend_module(backend: str) -> Any:
+    """The module with the fused functions of a backend: ``yolozu_ttt._C`` ("cpp") or Triton's."""
+    if backend == "cpp":
+        from . import _native
+
+        return _native.require_native()
+    from .kernels import update
+
+    return update
+
+
+def bind_groups(arena: "ParamArena") -> list[Any]:
+    """The backend's group object of every arena group: built over the group's buffers at their
+    first run, reset to a fresh run (Adam state, the run's base) when a session reuses them."""
+    groups = []
+    for binding in arena.groups:
+        buffers = binding.buffers
+        base = buffers.base if buffers.backend == "triton" else binding.base
+        if buffers.engine is None:
+            impl = backend_module(buffers.backend)
+            cls = impl.TritonArenaGroup if buffers.backend == "triton" else impl.ArenaGroup
+            buffers.engine = cls(buffers.flat, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq, base,
+                                 binding.snap, buffers.offsets, buffers.sizes, buffers.has_grad)
+        else:
+            if buffers.backend == "cpp":
+                buffers.engine.set_base(base)
+            buffers.engine.reset_state()  # Adam moments and step counts
+        groups.append(buffers.engine)
+    return groups
+
+
+# ---- one step's options ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The options of one fused step (hashable: part of a graph's key); see ``kernels.update.fused_step``.
+
+    ``gated``: the step reads the gate :meth:`UpdateEngine.gate` set on the device. The restore
+    counter is the step's own (``UpdateEngine.step(counter=...)``), uploaded per step.
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = None
+    anchor_lambda: float = 0.0
+    write_snapshot: bool = True
+    ema_momentum: float | None = None
+    restore_prob: float = 0.0
+    restore_seed: int = 0
+    gated: bool = False
+
+    def __post_init__(self) -> None:
+        """The one validation of a step's options (the backends keep only memory-safety checks)."""
+        norm = None if self.max_grad_norm is None else float(self.max_grad_norm)
+        ema = None if self.ema_momentum is None else float(self.ema_momentum)
+        values = dict(lr=float(self.lr), betas=(float(self.betas[0]), float(self.betas[1])), eps=float(self.eps),
+                      max_grad_norm=norm, anchor_lambda=float(self.anchor_lambda),
+                      write_snapshot=bool(self.write_snapshot), ema_momentum=ema,
+                      restore_prob=float(self.restore_prob), restore_seed=int(self.restore_seed) & 0xFFFFFFFFFFFFFFFF,
+                      gated=bool(self.gated))
+        check_step_options(values["lr"], *values["betas"], values["restore_prob"])
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **options: Any) -> "StepSpec":
+        """This spec with ``options`` changed (validated again)."""
+        return dataclasses.replace(self, **options) if options else self
+
+    @functools.cached_property
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The backends' keyword arguments (``fused_step`` / ``prepare_step``) without the gate and counter."""
+        return dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                    max_grad_norm=self.max_grad_norm, anchor_lambda=self.anchor_lambda,
+                    write_snapshot=self.write_snapshot, ema_momentum=self.ema_momentum,
+                    restore_prob=self.restore_prob, restore_seed=self.restore_seed)
+
+
+# ---- the host read ---------------------------------------------------------------------------
 _PINNED = threading.local()  # per thread: {device: pinned float64 host buffer} for ``read``
 
 
@@ -69,9 +165,22 @@ def read(*values: Any) -> list[float]:
     return out
 
 
+# ---- graphs ----------------------------------------------------------------------------------
 class GraphFallbackWarning(UserWarning):
     """Graph mode (``run_ttt(graph=True)``, ``YOLOZU_TTT_CUDA_GRAPH=1``) runs a step, or part of
     it, eagerly, saying why."""
+
+
+class GraphCache(dict):
+    """The run's CUDA graphs by key (the step's spec and launch key, and for a whole step its input
+    layouts); a key's value is what its user keeps (None: seen once, not captured yet). Full at
+    ``MAX_GRAPHS``: emptied before the next one goes in."""
+
+    def add(self, key: Any, value: Any) -> Any:
+        if key not in self and len(self) >= MAX_GRAPHS:
+            self.clear()
+        self[key] = value
+        return value
 
 
 class _EagerLaunch:
@@ -92,17 +201,15 @@ class _EagerLaunch:
 class UpdateEngine:
     """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena."""
 
-    def __init__(self, arena: ParamArena, *, lr: float, max_grad_norm: float | None = None,
+    def __init__(self, arena: "ParamArena", *, lr: float, max_grad_norm: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: Any = None,
                  graph: bool = CUDA_GRAPH):
         self.arena = arena
-        self.lr = float(lr)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = float(eps)
+        #: the run's step options; a method's own are ``spec.replace(...)`` of it
+        self.spec = StepSpec(lr=lr, betas=betas, eps=eps, max_grad_norm=max_grad_norm)
         self.backend = arena.backend
         self._impl = backend_module(self.backend)
-        self._groups = arena.backend_groups()
+        self._groups = bind_groups(arena)
         self._stats = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
         self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
@@ -110,66 +217,63 @@ class UpdateEngine:
         self.total_update_norm = 0.0  # of the last applied step
         #: graph mode: asked for and possible (a CUDA arena on the Triton engine)
         self.graph_mode = bool(graph) and self._graph_possible()
-        self._graphs: dict | None = {} if self.graph_mode else None  # {launch key: CUDAGraph or None}
+        #: the run's one graph cache (None: no graphs); ``update_graphs``: the update alone is captured
+        self.graphs: GraphCache | None = GraphCache() if self.graph_mode else None
+        self.update_graphs = self.graph_mode
         self.scaler = scaler  # fp16's amp.LossScaler (the grads arrive unscaled, with its overflow flag)
 
     def reserve_steps(self, steps: int) -> None:
         """Size what grows with the step count (the Triton engine's bias-correction table) for a run
         of ``steps`` steps up front: a captured step's pointers then hold for the whole run."""
-        for g in self._groups:
-            if hasattr(g, "reserve_steps"):
+        if self.backend == "triton":
+            for g in self._groups:
                 g.reserve_steps(steps)
 
     def gate(self, open_: torch.Tensor) -> None:
-        """Decide on the device whether the next gated step (``step(gated=True)``) applies: where
+        """Decide on the device whether the next gated step (``StepSpec.gated``) applies: where
         ``open_`` (a boolean scalar on the arena's device) is false it changes nothing (no
         parameter, moment or step count), as if no parameter had a grad. No host read."""
         self._gate.copy_(open_.reshape(1))
 
-    def step(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, extra: Sequence[Any] = (),
-             ema_momentum: float | None = None, restore_prob: float = 0.0, restore_seed: int = 0,
-             restore_counter: int = 0, gated: bool = False) -> tuple[StepStats, list[float]]:
-        """Apply one update (with CoTTA's teacher EMA and restore when asked); return its stats and
-        the values of ``extra`` (one host read): :meth:`prepare`, the launch, :meth:`collect`.
+    def step(self, spec: StepSpec | None = None, *, counter: int = 0, extra: Sequence[Any] = (),
+             **options: Any) -> tuple[StepStats, list[float]]:
+        """Apply one update of ``spec`` (the run's :attr:`spec` with ``options`` by default) at
+        restore counter ``counter``; return its stats and the values of ``extra`` (one host
+        read): :meth:`prepare`, the launch, :meth:`collect`.
 
         With a loss scaler (fp16), the overflow flag is read first (so a step reads twice): an
         overflowed step applies nothing and returns an inf grad norm for the guards.
         """
+        spec = (spec or self.spec).replace(**options)
         if self.scaler is not None:
             overflow = read(self.scaler.found_inf)[0] != 0.0
             self.scaler.update(overflow)
             if overflow:
-                return self._overflowed(anchor_lambda, write_snapshot, extra)
-        launch = self.prepare(anchor_lambda=anchor_lambda, write_snapshot=write_snapshot, ema_momentum=ema_momentum,
-                              restore_prob=restore_prob, restore_seed=restore_seed, restore_counter=restore_counter,
-                              gated=gated)
-        if self._graphs is None:
-            launch.run()
-        else:
+                return self._overflowed(spec, extra)
+        launch = self.prepare(spec, counter)
+        if self.update_graphs:
             self._graph_run(launch)
+        else:
+            launch.run()
         return self.collect(extra)
 
-    def prepare(self, *, anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-                restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
-                gated: bool = False) -> Any:
-        """The host half of one update (parameters as :meth:`step`): the snapshot bookkeeping and the
-        backend's checks and uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is
-        applied before), ``key()`` names what a CUDA graph of ``run()`` bakes in (the C++ engine's:
-        every argument). ``gated``: the launch reads the gate :meth:`gate` set (on the device).
+    def prepare(self, spec: StepSpec, counter: int = 0) -> Any:
+        """The host half of one update: the snapshot bookkeeping and the backend's checks and
+        uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is applied before),
+        ``key()`` names what a CUDA graph of ``run()`` bakes in (the C++ engine's: every argument).
 
-        ``write_snapshot``: the step writes the pre-step values into the arena's snapshot (held in
-        the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
+        ``spec.write_snapshot``: the step writes the pre-step values into the arena's snapshot (held
+        in the grad buffer unless one is already held, e.g. SAR's backup, which is used as it is).
         """
-        if write_snapshot:
+        if spec.write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        kwargs = dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                      max_grad_norm=self.max_grad_norm, anchor_lambda=float(anchor_lambda),
-                      write_snapshot=bool(write_snapshot), ema_momentum=ema_momentum, restore_prob=float(restore_prob),
-                      restore_seed=int(restore_seed), restore_counter=int(restore_counter),
-                      gate=self._gate if gated else None)
-        if hasattr(self._impl, "prepare_step"):
-            return self._impl.prepare_step(self._groups, self._stats, **kwargs)
-        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, **kwargs)
+        gate = self._gate if spec.gated else None
+        counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
+        if self.backend == "triton":
+            return self._impl.prepare_step(self._groups, self._stats, restore_counter=counter, gate=gate,
+                                           **spec.backend_kwargs)
+        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, restore_counter=counter,
+                            gate=gate, **spec.backend_kwargs)
 
     def collect(self, extra: Sequence[Any] = ()) -> tuple[StepStats, list[float]]:
         """The launched update's stats and the values of ``extra``, in the step's one host read."""
@@ -178,13 +282,13 @@ class UpdateEngine:
         self.total_update_norm = stats.total_update_norm
         return stats, values[len(STAT_KEYS):]
 
-    def _overflowed(self, anchor_lambda: float, write_snapshot: bool, extra: Sequence[Any]) -> tuple[StepStats, list[float]]:
+    def _overflowed(self, spec: StepSpec, extra: Sequence[Any]) -> tuple[StepStats, list[float]]:
         """The stats of a step whose scaled grads overflowed: nothing applied (parameters, moments and
         step count unchanged), grad norm inf; the snapshot, when asked, holds the unchanged values."""
-        if write_snapshot:
+        if spec.write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
             self.arena.save_snapshot()
-        anchor = self.anchor_value() if anchor_lambda != 0.0 else 0.0
+        anchor = self.anchor_value() if spec.anchor_lambda != 0.0 else 0.0
         values = read(anchor, *extra)
         inf = float("inf")
         stats = StepStats(grad_norm=inf, grad_norm_clipped=inf, update_norm=0.0,
@@ -195,12 +299,8 @@ class UpdateEngine:
     # ---- graph mode: the fused update captured once, then replayed -----------------------------
     def _graph_possible(self) -> bool:
         """Whether CUDA graphs can run here (else a warning says why, and the update runs eagerly)."""
-        why = None
         if self.backend != "triton" or self.arena.device.type != "cuda":
             why = f"the arena runs on {self.arena.device.type} ({self.backend} engine); CUDA graphs need a CUDA arena"
-        elif not hasattr(self._impl, "prepare_step"):
-            why = "the Triton engine has no prepare_step"
-        if why is not None:
             warnings.warn(f"yolozu_ttt: graph mode ignored: {why}; the fused update runs eagerly",
                           GraphFallbackWarning, stacklevel=4)
             return False
@@ -209,16 +309,14 @@ class UpdateEngine:
     def _graph_run(self, launch: Any) -> None:
         """A prepared launch through a CUDA graph: captured the second time the same launch key
         (scalars and pointers) comes up (the first runs eagerly, compiling the kernels) and
-        replayed from then on. A capture that fails turns graph mode off for this engine, with a
-        warning saying why."""
-        graphs = self._graphs
-        key = launch.key()
+        replayed from then on. A capture that fails turns the update's graphs off for this engine,
+        with a warning saying why."""
+        graphs = self.graphs
+        key = ("update", launch.key())
         graph = graphs.get(key)
         if graph is None:
             if key not in graphs:  # first sighting: eager (compiles); capture next time
-                if len(graphs) >= 8:
-                    graphs.clear()
-                graphs[key] = None
+                graphs.add(key, None)
                 launch.run()
                 return
             graph = torch.cuda.CUDAGraph()
@@ -226,12 +324,12 @@ class UpdateEngine:
                 with torch.cuda.graph(graph):
                     launch.run()
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
-                self._graphs = None
+                self.update_graphs = False
                 warnings.warn(f"yolozu_ttt: the fused update could not be captured in a CUDA graph "
                               f"({type(exc).__name__}: {exc}); running eagerly", GraphFallbackWarning, stacklevel=4)
                 launch.run()
                 return
-            graphs[key] = graph
+            graphs.add(key, graph)
         graph.replay()
 
     def idle_stats(self) -> StepStats:

@@ -13,7 +13,7 @@ Layers: Triton kernels (``yolozu_ttt.kernels.entropy`` / ``.mim``) or a torch im
 ``register_autograd`` (so ``torch.compile(fullgraph=True)`` traces through and
 ``torch.library.opcheck`` passes) -> the small public functions below.
 
-Dispatch (:func:`use_triton`): CUDA tensors run the Triton kernels; CPU tensors run the torch
+Dispatch (``common.use_triton``): CUDA tensors run the Triton kernels; CPU tensors run the torch
 implementation, unless ``TRITON_INTERPRET=1`` was set before import, in which case they run
 the Triton kernels in Triton's interpreter (so the GPU code path can be tested anywhere).
 
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import INTERPRET
+from .common import use_triton
 
 __all__ = [
     "apply_patch_mask",
@@ -39,34 +39,11 @@ __all__ = [
     "entropy_stats",
     "expand_patch_mask",
     "masked_reconstruction_loss",
-    "use_triton",
 ]
 
 #: log(1e-12): the reference clamps p at 1e-12 inside the log (both paths' backward).
 _LOG_EPS = math.log(1e-12)
 _FLT_MAX = float(torch.finfo(torch.float32).max)
-
-try:  # Triton is optional (absent off Linux); only needed for CUDA / the interpreter.
-    import triton  # noqa: F401
-
-    _HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    _HAVE_TRITON = False
-
-
-def use_triton(tensor: Tensor) -> bool:
-    """Whether ops on ``tensor`` take the Triton kernels.
-
-    CUDA tensors: yes (when Triton is installed).  CPU tensors: only when the environment
-    variable ``TRITON_INTERPRET=1`` was set before ``yolozu_ttt.ops`` was imported (the
-    kernels then run in Triton's interpreter).  Anything else uses the torch implementation.
-    """
-    if not _HAVE_TRITON:
-        return False
-    if tensor.device.type == "cuda":
-        return True
-    return INTERPRET and tensor.device.type == "cpu"
-
 
 def _kernels_entropy():
     from .kernels import entropy

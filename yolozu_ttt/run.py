@@ -24,7 +24,7 @@ from .amp import check_amp
 from .arena import reuse_buffers
 from .common import CUDA_GRAPH, SUPPORTED_DTYPES
 from .methods.loop import Method, RunContext, run_steps
-from .ops import use_triton
+from .engine import backend_for
 
 # Captured at import: the fallback must reach YOLOZU's own implementation even where a caller has
 # pointed ``yolozu.tta.integration.run_ttt`` at this backend.
@@ -66,7 +66,7 @@ def engine_problem(model: Any) -> str | None:
             return f"parameters of dtype {str(p.dtype).replace('torch.', '')} (the engine holds float32, bfloat16, float16)"
         if p.device.type not in ("cpu", "cuda"):
             return f"parameters on device {p.device.type!r} (the engine runs on cpu and cuda)"
-        if p.device.type == "cpu" and _native._C is None and not use_triton(p):
+        if p.device.type == "cpu" and _native._C is None and backend_for(p) == "cpp":
             return f"the compiled extension yolozu_ttt._C did not load ({_native.LOAD_ERROR})"
     return None
 

@@ -12,7 +12,7 @@ reference's. Without ``config.seed`` one seed per run is drawn from torch's glob
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from yolozu.tta import integration as _ref
@@ -55,6 +55,7 @@ class CoTTA(Method):
     """Entropy over augmented views with an EMA teacher and a stochastic restore to the start."""
 
     batch_error = "CoTTA requires tensor batches from adapter.build_loader()"
+    preclip_norm_reported = True
 
     def select(self) -> list[torch.Tensor]:
         config = self.config
@@ -67,47 +68,50 @@ class CoTTA(Method):
         self.seed = restore_seed(config) if self.restore_prob > 0.0 else 0
         return params
 
-    def start(self, arena: ParamArena, engine: UpdateEngine) -> None:
-        self.teacher, _ = build_teacher(self.ctx.model, arena, engine)
+    def update_options(self) -> dict[str, Any]:
+        return {"ema_momentum": self.ema_momentum, "restore_seed": self.seed}
+
+    def start(self) -> None:
+        self.teacher, _ = build_teacher(self.ctx.model, self.arena, self.engine)
+        self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)  # counter: the step's
         self.meta: dict[int, tuple[dict, dict]] = {}  # input rank: (student, teacher) branch metadata
 
-    def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
-        engine.bind_teacher(None)
+    def close(self) -> None:
+        self.engine.bind_teacher(None)
 
-    def passes(self, x: torch.Tensor, arena: ParamArena, zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+    def restores(self, step: int) -> bool:
+        return (step + 1) % self.restore_interval == 0 and self.restore_prob > 0.0
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        self.rank = x.ndim  # the branch metadata's key (see ``passes``)
+        return (x,)
+
+    def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The student's augmented forward, entropy and backward, then the teacher's forward and the
         consistency: (loss, consistency) as device scalars. The branches' metadata (which depends on
-        the input's rank only: hflip needs 4-D) is kept by rank, so a replayed graph finds it."""
-        zero_grad()
+        the input's rank only: hflip needs 4-D) is kept by rank: a step whose passes did not run on the host (``capturable``) finds it."""
         student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
         loss = entropy(student_logits)
-        arena.backward(loss)
+        self.arena.backward(loss)
         with torch.no_grad():
             teacher_logits, teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
             consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
         self.meta[x.ndim] = (aug_meta, teacher_meta)
         return loss, consistency
 
-    def step_body(self, arena: ParamArena, engine: UpdateEngine):
-        """The teacher, EMA and restore are device work: the whole step can be captured (a restore
-        step and a plain one are two graphs)."""
-        return lambda x: self.passes(x, arena, arena.clear_grads)
+    def update(self, step: int):
+        """The teacher EMA every step; the restore every ``restore_interval`` steps."""
+        return self.restore_spec if self.restores(step) else self.spec
 
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        restore = (step + 1) % self.restore_interval == 0 and self.restore_prob > 0.0
-        update = dict(ema_momentum=self.ema_momentum, restore_prob=self.restore_prob if restore else 0.0,
-                      restore_seed=self.seed, restore_counter=step)
-        if self.step_graph is not None:
-            stats, (loss_value, consistency_value) = self.step_graph.step((x,), write_snapshot=write_snapshot, **update)
-        else:
-            stats, (loss_value, consistency_value) = engine.step(
-                write_snapshot=write_snapshot, extra=self.passes(x, arena, arena.zero_grad), **update)
+    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
+        loss_value, consistency_value = values
         # p >= 1 restores every element: the exact count even where a float32 stat would round it
-        restored = (arena.numel if self.restore_prob >= 1.0 else int(round(stats.restored))) if restore else 0
-        aug_meta, teacher_meta = self.meta[x.ndim]
+        restored = 0
+        if self.restores(step):
+            restored = self.arena.numel if self.restore_prob >= 1.0 else int(round(stats.restored))
+        aug_meta, teacher_meta = self.meta[self.rank]
         forwards = int(aug_meta.get("branches") or 0) + int(teacher_meta.get("branches") or 0)
         return StepOutcome(loss=loss_value, stats=stats, forwards=forwards, metrics={
-            "grad_norm_clipped": float(stats.grad_norm) if self.config.max_grad_norm is not None else None,
             "ema_momentum": self.ema_momentum, "restore_prob": self.restore_prob,
             "restore_interval": self.restore_interval, "restored_count": restored,
             "consistency_mse": float(consistency_value), "aug": copy.deepcopy(aug_meta),

@@ -6,14 +6,12 @@ parameter; the reported loss is ``adapt_loss + lambda * anchor_loss`` as in the 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from yolozu.tta import integration as _ref
 
 from .. import ops
-from ..arena import ParamArena
-from ..engine import UpdateEngine
 from .loop import Method, StepOutcome
 
 RATIO_STOP = "eata_selected_ratio_below_min"
@@ -24,14 +22,6 @@ NORM_KEYS = ("grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm
 ENTRY_LAYOUT = SELECTION_KEYS + ("loss", "adapt_loss", "anchor_loss", "anchor_lambda") + NORM_KEYS
 SKIP_LAYOUT = SELECTION_KEYS + ("skip_reason", "skip_streak", "loss", "anchor_loss", "adapt_loss") + NORM_KEYS
 SKIP_STOP = "eata_max_skip_streak_exceeded"
-
-
-def check_batch(x: Any) -> None:
-    """The reference's batch checks and messages."""
-    if not torch.is_tensor(x):
-        raise RuntimeError("EATA requires tensor batches from adapter.build_loader()")
-    if x.ndim == 0:
-        raise RuntimeError("EATA requires batched tensor input")
 
 
 def sample_signals(logits: torch.Tensor, conf_min: float):
@@ -75,6 +65,8 @@ def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, ba
 class EATA(Method):
     """Entropy over the confident, non-redundant samples, anchored to the starting weights."""
 
+    preclip_norm_reported = True
+
     def select(self) -> list[torch.Tensor]:
         self.lam = float(self.config.eata_anchor_lambda)
         self.ratio_min = float(self.config.eata_selected_ratio_min)
@@ -84,14 +76,20 @@ class EATA(Method):
     def needs_snapshot(self) -> bool:
         return super().needs_snapshot() or (bool(self.config.rollback_on_stop) and self.ratio_min > 0.0)
 
-    def check_batch(self, x: Any) -> None:
-        check_batch(x)
+    def update_options(self) -> dict[str, Any]:
+        return {"anchor_lambda": self.lam, "gated": True}  # the anchor term and its gradient, in the update
 
-    def passes(self, x: torch.Tensor, arena: ParamArena, engine: UpdateEngine,
-               zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+    def check_batch(self, x: Any) -> None:
+        """The reference's batch checks and messages."""
+        if not torch.is_tensor(x):
+            raise RuntimeError("EATA requires tensor batches from adapter.build_loader()")
+        if x.ndim == 0:
+            raise RuntimeError("EATA requires batched tensor input")
+
+    def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Forward, selection, the selected samples' entropy and its backward, the update's gate
         (anything selected); nothing read: (selection summary, batch size, adapt loss[, anchor value])."""
-        config = self.config
+        config, arena = self.config, self.arena
         logits = _ref._extract_logits(self.ctx.model(x))
         if logits.ndim == 0:
             raise RuntimeError("EATA logits must have batch dimension")
@@ -100,58 +98,38 @@ class EATA(Method):
         batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
         selection = summary(mask, conf, entropy, valid)
         loss = adapt_loss(logits, mask, selection[0], batch)
-        zero_grad()
         if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
             arena.backward(loss)
         arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
-        engine.gate(selection[0] > 0)
-        anchor = (engine.anchor_value(),) if self.lam == 0.0 else ()
-        # the batch size as a device constant: a captured graph keeps its own (one per input layout)
+        self.engine.gate(selection[0] > 0)
+        anchor = (self.engine.anchor_value(),) if self.lam == 0.0 else ()
+        # the batch size as a device constant, read with the step (one per input layout)
         return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
 
-    def step_body(self, arena: ParamArena, engine: UpdateEngine):
-        """The selection gates the update on the device and is read with the step: nothing is
-        decided on the host before the update, so the whole step can be captured."""
-        return lambda x: self.passes(x, arena, engine, arena.clear_grads)
-
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        config, lam = self.config, self.lam
-        if self.step_graph is not None:
-            stats, values = self.step_graph.step((x,), write_snapshot=write_snapshot, anchor_lambda=lam, gated=True)
-        else:
-            stats, values = engine.step(anchor_lambda=lam, write_snapshot=write_snapshot, gated=True,
-                                        extra=self.passes(x, arena, engine, arena.zero_grad))
+    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
         count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values[:6]
-        count, batch = int(count), int(batch)
+        count, batch, lam = int(count), int(batch), self.lam
         ratio = float(count) / float(max(1, batch))
-        metrics: dict[str, Any] = {
-            "selected_count": count, "batch_count": batch, "selected_ratio": ratio,
-            "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid,
-        }
+        metrics: dict[str, Any] = {"selected_count": count, "batch_count": batch, "selected_ratio": ratio,
+                                   "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid}
         if count <= 0:  # the gate kept the update from applying anything
-            return self.skip(engine, metrics)
+            return self.skip(metrics)
         self.streak = 0
         anchor_loss = values[6] if lam == 0.0 else stats.anchor_loss
-        loss_value = adapt_value + lam * anchor_loss
-        metrics.update({
-            "skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
-            "anchor_lambda": lam,
-            "grad_norm_clipped": float(stats.grad_norm) if config.max_grad_norm is not None else None,
-        })
-        return StepOutcome(loss=loss_value, stats=stats, metrics=metrics, layout=ENTRY_LAYOUT,
+        metrics.update({"skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
+                        "anchor_lambda": lam})
+        return StepOutcome(loss=adapt_value + lam * anchor_loss, stats=stats, metrics=metrics, layout=ENTRY_LAYOUT,
                            method_stop=RATIO_STOP if ratio < self.ratio_min else None)
 
-    def skip(self, engine: UpdateEngine, metrics: dict[str, Any]) -> StepOutcome:
+    def skip(self, metrics: dict[str, Any]) -> StepOutcome:
         """A step with nothing selected: no update, no guard (the backward ran, but the reference's
         does not: counted as none); a long streak stops."""
         self.streak += 1
-        metrics.update({
-            "skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
-            "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None, "grad_norm_clipped": None,
-        })
+        metrics.update({"skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
+                        "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None})
         self.ctx.warnings.append("eata_empty_selected_set")
         stop = SKIP_STOP if self.streak > max(0, int(self.config.eata_max_skip_streak)) else None
-        return StepOutcome(loss=None, stats=engine.idle_stats(), metrics=metrics, backwards=0, optimizer_steps=0,
+        return StepOutcome(loss=None, stats=self.engine.idle_stats(), metrics=metrics, backwards=0, optimizer_steps=0,
                            skipped=True, skip_stop=stop, layout=SKIP_LAYOUT)
 
 

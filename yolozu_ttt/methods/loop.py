@@ -1,14 +1,26 @@
-"""The one step loop every method runs in, and what methods share.
+"""The one step loop every method runs in: it owns the step protocol and what methods share.
 
 ``run_steps(ctx, method)`` owns what every method does the same way: the parameter arena and the
 update engine, batch choice, the norm-buffer snapshot, the counters (forward/backward/optimizer
 steps, abstentions), the base step entry (``step``, ``loss``, the four norms, ``rolled_back``),
 the snapshot decision and the guards (``finish_step``: keep, or stop and roll back).
 
+One step (:meth:`Method.adapt`, the loop's, never overridden):
+
+1. ``inputs = method.inputs(x)``: what the step draws on the host (the batch; MIM's patch grid);
+2. the grads are cleared (the host half ``arena.new_grads`` outside any graph, the buffers by the
+   step's body), then ``values = method.passes(*inputs)``: device work only (forwards, losses,
+   backwards into the arena), the tensors read with the step;
+3. ``spec = method.update(step)``: the fused update's :class:`~yolozu_ttt.engine.StepSpec` (built
+   once per run in ``start``; None: this step applies nothing, Tent's abstention);
+4. ``engine.step(spec, extra=values)``: the update and the step's one host read; in graph mode
+   steps 2-4 are one captured graph where the method's step decides nothing on the host
+   (``capturable``), replayed by ``yolozu_ttt.capture.StepGraph``;
+5. ``method.outcome(stats, values, step)``: the method's metrics and stop, from that read.
+
 A method (a :class:`Method` subclass) supplies only what makes it that method: its parameter
-selection, its ``adapt`` (forward, loss, backward, one ``engine.step``: the whole of Tent in the
-original Tent code) returning a :class:`StepOutcome`, and its engine options. A method never
-imports a backend or reads arena fields; it asks the arena and the engine for operations.
+selection, ``passes``, its update options and ``outcome``, and flags for YOLOZU's report quirks
+(``preclip_norm_reported``). It never mentions graphs, grad clearing or a backend.
 """
 from __future__ import annotations
 
@@ -24,7 +36,7 @@ from yolozu.tta.ttt_mim import select_parameters
 from .. import amp, capture, guards, ops
 from ..arena import ParamArena
 from ..common import StepStats
-from ..engine import UpdateEngine
+from ..engine import StepSpec, UpdateEngine, read
 
 NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -120,7 +132,7 @@ class RunContext:
 
 @dataclass
 class StepOutcome:
-    """What a method's ``adapt`` hands back to the loop for one step."""
+    """What a method's ``outcome`` hands back to the loop for one step."""
 
     loss: float | None  # the loss the guards and the report see
     stats: StepStats  # the engine's (or ``engine.idle_stats()`` when nothing was applied)
@@ -137,12 +149,16 @@ class StepOutcome:
 
 
 class Method:
-    """One TTT method's differences from the loop's defaults (Tent's shape)."""
+    """One TTT method's differences from the loop's defaults (Tent's shape); see the module docstring."""
 
     #: the batch check of the reference's loop for this method (None: no check)
     batch_error: str | None = None
-    #: graph mode's capture of the whole step (``capture.StepGraph``), set by the loop when ``step_body``
-    #: gives one and the run can capture it; ``adapt`` then runs the step through it
+    #: the step decides nothing on the host before its update: graph mode can capture it whole
+    capturable: bool = True
+    #: YOLOZU's report quirk (EATA, SAR, CoTTA): the entry's ``grad_norm_clipped`` is the pre-clip
+    #: ``grad_norm`` when a clip is configured, else None
+    preclip_norm_reported: bool = False
+    #: set by the loop: graph mode's capture of the whole step (None: eager)
     step_graph: "capture.StepGraph | None" = None
 
     def __init__(self, ctx: RunContext):
@@ -166,10 +182,14 @@ class Method:
         """Whether the norm buffers are saved before each step (for a rollback)."""
         return bool(self.config.rollback_on_stop)
 
-    def start(self, arena: ParamArena, engine: UpdateEngine) -> None:
+    def update_options(self) -> dict[str, Any]:
+        """The method's fields of the run's :class:`StepSpec` (e.g. EATA's anchor)."""
+        return {}
+
+    def start(self) -> None:
         """Method state bound to the run's arena and engine (e.g. CoTTA's teacher)."""
 
-    def close(self, arena: ParamArena, engine: UpdateEngine) -> None:
+    def close(self) -> None:
         """Release what ``start`` bound (on every exit path)."""
 
     # ---- one step ----------------------------------------------------------------------------
@@ -178,27 +198,57 @@ class Method:
         if self.batch_error is not None and not torch.is_tensor(x):
             raise RuntimeError(self.batch_error)
 
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        """Forward, loss, backward, one fused update."""
+    def inputs(self, x: Any) -> tuple[Any, ...]:
+        """What the step's passes take, drawn on the host before them (a graph's static inputs)."""
+        return (x,)
+
+    def passes(self, *inputs: Any) -> tuple[Any, ...]:
+        """Forwards, losses and backwards (into ``self.arena``): the values read with the step."""
+        raise NotImplementedError
+
+    def update(self, step: int) -> StepSpec | None:
+        """The step's fused update (None: it applies nothing)."""
+        return self.spec
+
+    def outcome(self, stats: StepStats, values: list[float], step: int) -> StepOutcome:
+        """The step's outcome from its stats and the values of ``passes``."""
         raise NotImplementedError
 
     def after_step(self, outcome: StepOutcome) -> None:
         """Bookkeeping after a step that kept its update (e.g. MIM's mask ratios)."""
 
-    def step_body(self, arena: ParamArena, engine: UpdateEngine):
-        """Graph mode: where the step decides nothing on the host, its device work before the update
-        as ``(*inputs) -> tensors read with the step`` (forwards, losses, backwards; grads zeroed
-        with ``arena.clear_grads()``; the inputs are what ``adapt`` hands ``step_graph.step``: the
-        batch, and MIM's patch grid): forward to update is then captured whole
-        (``capture.StepGraph``). It keeps no per-step state on the host (a replay runs none of its
-        Python). None (the default): only the update is captured."""
-        return None
+    # ---- the loop's protocol (not overridden) -------------------------------------------------
+    def bind(self, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> None:
+        """The run's arena and engine, and its update spec, built once (``update_options`` may
+        override ``write_snapshot``, e.g. SAR's backup is the step's snapshot)."""
+        self.arena, self.engine = arena, engine
+        self.spec = engine.spec.replace(**{"write_snapshot": write_snapshot, **self.update_options()})
+
+    def body(self, *inputs: Any) -> tuple[Any, ...]:
+        """The step's device work before the update: the grad buffers cleared, then the passes."""
+        self.arena.clear_grads()
+        return self.passes(*inputs)
+
+    def adapt(self, x: Any, step: int) -> StepOutcome:
+        """One step: inputs, cleared grads, passes, update, one read, outcome (graph or eager)."""
+        inputs = self.inputs(x)
+        if self.step_graph is not None:
+            stats, values = self.step_graph.step(inputs, self.update(step), counter=step)
+        else:
+            self.arena.new_grads()
+            extra = self.body(*inputs)
+            spec = self.update(step)
+            if spec is None:
+                stats, values = self.engine.idle_stats(), read(*extra)
+            else:
+                stats, values = self.engine.step(spec, counter=step, extra=extra)
+        return self.outcome(stats, values, step)
 
 
 BASE_KEYS = ("step", "loss", "grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "rolled_back")
 
 
-def base_entry(step: int, outcome: StepOutcome) -> dict[str, Any]:
+def base_entry(step: int, outcome: StepOutcome, preclip_norm_reported: bool, max_grad_norm: Any) -> dict[str, Any]:
     """The step entry every method reports with the method's own fields, in the reference's order."""
     s = outcome.stats
     loss = None if outcome.loss is None else float(outcome.loss)
@@ -206,6 +256,8 @@ def base_entry(step: int, outcome: StepOutcome) -> dict[str, Any]:
         int(step), loss, float(s.grad_norm), float(s.grad_norm_clipped), float(s.update_norm),
         float(s.total_update_norm), False)))
     entry.update(outcome.metrics)
+    if preclip_norm_reported:
+        entry["grad_norm_clipped"] = entry["grad_norm"] if max_grad_norm is not None else None
     if outcome.layout is None:
         return entry
     return {key: entry[key] for key in outcome.layout}
@@ -219,7 +271,6 @@ def run_steps(ctx: RunContext, method: Method) -> None:
     outputs; fp16 backwards go through the arena's loss scale and an overflowed step reaches the
     guards unapplied. Every run settles the batch/instance norms' ambiguous layouts (``amp``)."""
     params = method.select()
-    snapshot = method.needs_snapshot()
     scaler = amp.LossScaler(params[0].device) if ctx.amp == "fp16" else None
     arena_type = functools.partial(amp.ScaledArena, scaler=scaler) if scaler is not None else ParamArena
     with arena_type(ctx.model, params) as arena, amp.settled_norm_layouts(ctx.model), \
@@ -229,9 +280,11 @@ def run_steps(ctx: RunContext, method: Method) -> None:
         ctx.backend = engine.backend
         if engine.graph_mode:
             engine.reserve_steps(ctx.steps)  # no table outgrows a captured graph mid-run
-        method.step_graph = capture.whole_step(method.step_body(arena, engine), ctx.method, ctx.amp, arena, engine)
+        method.bind(arena, engine, method.needs_snapshot())
+        method.step_graph = capture.whole_step(method.body if method.capturable else None, ctx.method, ctx.amp,
+                                               arena, engine)
         buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
-        method.start(arena, engine)
+        method.start()
         try:
             for step in range(ctx.steps):
                 x = ctx.batches[step % len(ctx.batches)]
@@ -239,12 +292,12 @@ def run_steps(ctx: RunContext, method: Method) -> None:
                 if buffers is not None:
                     buffers.save()
                 loss_scale = scaler.begin_step() if scaler is not None else None
-                outcome = method.adapt(x, step, arena, engine, snapshot)
+                outcome = method.adapt(x, step)
                 ctx.forward_calls += outcome.forwards
                 ctx.backward_calls += outcome.backwards
                 ctx.optimizer_steps += outcome.optimizer_steps
                 ctx.abstained_steps += int(outcome.abstained)
-                entry = base_entry(step, outcome)
+                entry = base_entry(step, outcome, method.preclip_norm_reported, ctx.config.max_grad_norm)
                 if ctx.amp != "off":
                     entry.update(amp_fields(ctx, step, scaler, loss_scale))
                 if outcome.skipped:
@@ -258,7 +311,7 @@ def run_steps(ctx: RunContext, method: Method) -> None:
                     break
                 method.after_step(outcome)
         finally:
-            method.close(arena, engine)
+            method.close()
 
 
 def amp_fields(ctx: RunContext, step: int, scaler: amp.LossScaler | None, loss_scale: float | None) -> dict[str, Any]:

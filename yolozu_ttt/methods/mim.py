@@ -6,15 +6,12 @@ reconstruction against the geometry teacher, plus 0.1 x the model's entropy term
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from yolozu.tta import ttt_mim as _mim
 
-from .. import ops
-from ..arena import ParamArena
-from ..common import SUPPORTED_DTYPES
-from ..engine import UpdateEngine
+from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -26,54 +23,6 @@ ENTROPY_WEIGHT = 0.1
 #: the reference's step entry
 ENTRY_LAYOUT = ("step", "loss", "mask_ratio", "grad_norm", "grad_norm_clipped", "mim_loss", "entropy_loss",
                 "update_norm", "total_update_norm", "rolled_back")
-
-
-def draw_grid(x: torch.Tensor, patch_size: int, mask_prob: float, generator: torch.Generator | None):
-    """The reference's patch grid (same generator call); a seeded draw off the CPU runs on the CPU and
-    goes to a CUDA input's device from pinned memory without a host sync."""
-    height, width = int(x.shape[-2]), int(x.shape[-1])
-    if height <= 0 or width <= 0:
-        raise ValueError("height/width must be positive")
-    if patch_size <= 0:
-        raise ValueError("patch_size must be positive")
-    shape = (max(1, int((height + patch_size - 1) / patch_size)), max(1, int((width + patch_size - 1) / patch_size)))
-    if generator is not None and x.device != generator.device:
-        grid = torch.rand(shape, generator=generator, device=generator.device) < float(mask_prob)
-        if x.device.type == "cuda":
-            return grid.pin_memory().to(x.device, non_blocking=True)
-        return grid.to(x.device)
-    return torch.rand(shape, generator=generator, device=x.device) < float(mask_prob)
-
-
-def mask_ratio(grid: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Mean of the cropped full-resolution mask (fp32, as the reference's), counted from the grid."""
-    count = ops.mask_count(grid, (1, 1, height, width), patch_size)
-    return count.to(torch.float32) / float(height * width)
-
-
-def full_mask(grid: torch.Tensor, x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The full-resolution mask ``generate_block_mask`` would have returned for ``grid``."""
-    return ops.expand_patch_mask(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
-
-
-def fast_input(x: Any) -> bool:
-    """Whether the fused patch ops take ``x`` (a float BCHW/CHW tensor)."""
-    return isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.dtype in SUPPORTED_DTYPES
-
-
-def mask_input(x: Any, grid: torch.Tensor, patch_size: int, mask_value: float) -> torch.Tensor:
-    """``apply_mask(x, mask)`` on the grid; other inputs take the reference (and its errors)."""
-    if fast_input(x):
-        return ops.apply_patch_mask(x, grid, patch_size=patch_size, mask_value=mask_value)
-    return _mim.apply_mask(x, full_mask(grid, x, patch_size), mask_value=mask_value)
-
-
-def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``reconstruction_loss(pred, x, mask=mask)`` on the grid when shapes, dtypes and devices agree."""
-    if (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
-            and pred.device == x.device):
-        return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size)
-    return _mim.reconstruction_loss(pred, x, mask=full_mask(grid, x, patch_size))
 
 
 def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float):
@@ -119,26 +68,18 @@ class MIM(Method):
         self.structured = _mim.supports_structured_mim(self.ctx.model)
         return super().select()
 
-    def passes(self, x: Any, grid: torch.Tensor, arena: ParamArena,
-               zero_grad: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+    def inputs(self, x: Any) -> tuple[Any, torch.Tensor]:
+        """The batch and the patch grid, drawn on the host before the step (an input of the step, like the batch)."""
+        return x, draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
+
+    def passes(self, x: Any, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Masked forward, loss and backward: (loss, mask ratio[, mim loss, entropy]) as device scalars."""
         forward = structured_forward if self.structured else plain_forward
         loss, loss_mim, entropy, ratio = forward(self.ctx.model, x, grid, self.patch_size, self.mask_value)
-        zero_grad()
-        arena.backward(loss)
+        self.arena.backward(loss)
         return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
 
-    def step_body(self, arena: ParamArena, engine: UpdateEngine):
-        """The patch grid is drawn on the host before the step and goes in as the graph's second input."""
-        return lambda x, grid: self.passes(x, grid, arena, arena.clear_grads)
-
-    def adapt(self, x: Any, step: int, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> StepOutcome:
-        grid = draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
-        if self.step_graph is not None:
-            stats, values = self.step_graph.step((x, grid), write_snapshot=write_snapshot)
-        else:
-            stats, values = engine.step(write_snapshot=write_snapshot,
-                                        extra=self.passes(x, grid, arena, arena.zero_grad))
+    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
         return StepOutcome(loss=values[0], stats=stats, layout=ENTRY_LAYOUT, metrics={
             "mask_ratio": float(values[1]),
             "mim_loss": values[2] if len(values) > 2 else None,

@@ -1,0 +1,41 @@
+"""Host reads per step: what would make the host wait for a GPU, counted on the CPU."""
+from __future__ import annotations
+
+import torch
+
+
+#: host reads per step of each method (what would sync with a GPU): the engine's one read, which
+#: brings back the method's scalars with the stats (README difference 12)
+HOST_READS_PER_STEP = dict.fromkeys(("tent", "eata", "sar", "cotta", "mim"), 1)
+
+class HostReads:
+    """Counts, inside ``with``, what would make the host wait for a GPU: the operations
+    ``yolozu_ttt.capture.SyncProbe`` flags, plus each ``Tensor.tolist``/``Tensor.numpy`` (on the
+    CPU these read memory directly, so the probe cannot see them). ``count`` after the block."""
+
+    def __init__(self) -> None:
+        from yolozu_ttt.capture import SyncProbe
+
+        self.probe = SyncProbe()
+        self.reads = 0
+        self.count = 0
+
+    def __enter__(self) -> "HostReads":
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._counted(original))
+        self.probe.__enter__()
+        return self
+
+    def _counted(self, original):
+        def read(t, *args, **kwargs):
+            self.reads += 1
+            return original(t, *args, **kwargs)
+
+        return read
+
+    def __exit__(self, *exc) -> None:
+        self.probe.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self.count = self.reads + sum(self.probe.hits.values())
