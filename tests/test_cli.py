@@ -321,7 +321,7 @@ def test_doctor_reports_threads_yolozu_range_and_gpu_engine(monkeypatch, capsys)
     import torch
     import yolozu
 
-    from yolozu_ttt import _native, ops, seam
+    from yolozu_ttt import _native, common, seam
 
     cli.main(["doctor", "--json"])
     info = json.loads(capsys.readouterr().out)
@@ -332,7 +332,7 @@ def test_doctor_reports_threads_yolozu_range_and_gpu_engine(monkeypatch, capsys)
     assert info["gpu_update_engine"] == ("triton" if importlib.util.find_spec("triton") else None)
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
-    monkeypatch.setattr(ops, "_HAVE_TRITON", False)
+    monkeypatch.setattr(common, "HAVE_TRITON", False)
     for version, verdict in (("5.0.0", "NOT supported"), ("4.11.2", "NOT supported"), ("4.13.1", "supported")):
         monkeypatch.setattr(yolozu, "__version__", version)
         cli.main(["doctor"])

@@ -352,12 +352,12 @@ def doctor_checks(info: dict[str, Any]) -> dict[str, Any]:
     """What ``doctor`` adds to ``build_info()``: the threads in use (torch's intra-op pool, which
     runs the model's passes, and the engine's OpenMP team), the installed YOLOZU against the range
     this release supports (``seam.SUPPORTED_YOLOZU``), and the update engine a CUDA run would take
-    (``triton`` when Triton imports, as ``yolozu_ttt.ops.use_triton`` decides; otherwise None)."""
+    (``triton`` when Triton imports, as ``yolozu_ttt.common.use_triton`` decides; otherwise None)."""
     import torch
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 
-    from . import ops
+    from . import common
     from .seam import SUPPORTED_YOLOZU
 
     try:
@@ -376,7 +376,7 @@ def doctor_checks(info: dict[str, Any]) -> dict[str, Any]:
         "yolozu": yolozu_version,
         "yolozu_supported": SUPPORTED_YOLOZU,
         "yolozu_in_range": bool(in_range),
-        "gpu_update_engine": "triton" if ops._HAVE_TRITON else None,
+        "gpu_update_engine": "triton" if common.HAVE_TRITON else None,
     }
 
 
