@@ -21,16 +21,19 @@
   record ``world_size`` and ``distributed_backend``. Its two flags (``--resume``,
   ``--dist-timeout``) default to ``argparse.SUPPRESS``, so a namespace without them is exactly
   YOLOZU's.
+* Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
+  a second run on a live output is refused before any work with one line and exit status 2.
+* Every private YOLOZU name (the export module's globals rebound here included) comes through
+  ``yolozu_ttt.seam``, checked against this release's supported YOLOZU when imported.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import sys
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 TTT_BACKENDS = ("reference", "fast")
@@ -91,20 +94,20 @@ class _ArgparseProxy:
 
 
 def _export_module():
-    return importlib.import_module(EXPORT_MODULE)
+    from .seam import export_cli  # checked against this release's YOLOZU on import
+
+    return export_cli
 
 
 def _yolozu_export_parser(mod: Any) -> argparse.ArgumentParser:
     """YOLOZU's export parser, exactly as its ``_parse_args`` builds it (not a copy)."""
-    with _PATCH_LOCK:
-        real = mod.argparse
-        mod.argparse = _ArgparseProxy(real)
-        try:
+    from .seam import rebound
+
+    try:
+        with _PATCH_LOCK, rebound(mod, argparse=_ArgparseProxy(mod.argparse)):
             mod._parse_args([])
-        except _ParserCaptured as captured:
-            return captured.parser
-        finally:
-            mod.argparse = real
+    except _ParserCaptured as captured:
+        return captured.parser
     raise RuntimeError(f"{EXPORT_MODULE}._parse_args did not build an argparse parser")
 
 
@@ -248,24 +251,6 @@ class FastBackend:
         return dict(self._engine)
 
 
-@contextlib.contextmanager
-def _patched(mod: Any, **names: Any) -> Iterator[None]:
-    missing = [name for name in names if not hasattr(mod, name)]
-    if missing:
-        raise RuntimeError(
-            f"{mod.__name__} no longer defines {', '.join(missing)}; "
-            "this yolozu version is not supported by yolozu-ttt's fast backend"
-        )
-    saved = {name: getattr(mod, name) for name in names}
-    try:
-        for name, value in names.items():
-            setattr(mod, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(mod, name, value)
-
-
 def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,
                      amp: str = "off") -> dict[str, Any]:
     """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
@@ -305,24 +290,31 @@ def export_predictions(argv: Sequence[str]) -> int:
                      "mixed-precision mode (it always adapts in fp32)")
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
+    from .seam import rebound
 
-    env = export.DistEnv.from_environ()
-    if env is not None or resume:
-        with _PATCH_LOCK:
-            return export.run_sharded(
-                mod, args, env=env, resume=resume,
-                timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
-                patches=lambda extra: _backend_patches(mod, args, extra, amp),
-            )
+    try:
+        env = export.DistEnv.from_environ()
+        if env is not None or resume:
+            with _PATCH_LOCK:
+                return export.run_sharded(
+                    mod, args, env=env, resume=resume,
+                    timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
+                    patches=lambda extra: _backend_patches(mod, args, extra, amp),
+                )
 
-    def _parse_args(_argv: Any) -> argparse.Namespace:
-        return args
+        def _parse_args(_argv: Any) -> argparse.Namespace:
+            return args
 
-    # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
-    # namespace YOLOZU's own parser produced (byte-identical output).
-    with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
-        mod.main([])
-    return 0
+        # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
+        # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
+        with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
+                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
+            mod.main([])
+        return 0
+    except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
+        if busy.code:
+            print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
+        return 2
 
 
 # --------------------------------------------------------------------------------------
