@@ -244,9 +244,14 @@ class OutputLock:
 
     def acquire(self) -> str | None:
         """Take the lock, or raise :class:`OutputBusy`. Returns the take-over message, if any."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            linked = self._link()
+        except OSError as exc:
+            raise ExportError(f"output folder is not writable: {self.path.parent} ({exc})") from None
         note = None
         for _ in range(5):
-            if self._link():
+            if linked or self._link():
                 self._thread = threading.Thread(target=self._beat, name="yolozu-ttt-lock", daemon=True)
                 self._thread.start()
                 return note
@@ -262,6 +267,7 @@ class OutputLock:
             if self._take_over(holder):
                 who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "unknown holder"
                 note = f"yolozu-ttt export: taking over the stale lock {self.path} ({who}: {reason})"
+            linked = False
         holder = self._read() or {}
         raise OutputBusy(self.busy_message(holder))
 
@@ -657,12 +663,15 @@ class ShardedExport:
                 note = self.lock.acquire()
                 if note:
                     print(note, file=sys.stderr, flush=True)
-            except OutputBusy as exc:
+            except ExportError as exc:  # OutputBusy, or an output folder that cannot be written
                 self.lock = None
-                refusal = str(exc.code)
+                refusal = (isinstance(exc, OutputBusy), str(exc.code))
         refusal = self._broadcast(refusal)
         if refusal is not None:
-            raise OutputBusy(refusal if self.env.rank == 0 else None)
+            busy, message = refusal
+            if busy:  # one line, from rank 0 only
+                raise OutputBusy(message if self.env.rank == 0 else None)
+            raise ExportError(message)
 
     def _broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (one collective; the identity in one process)."""
