@@ -409,9 +409,21 @@ class _Tree:
     """A torchrun launcher started in the background; its whole process tree is killed at the end."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None):
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.log = cwd / f"torchrun-{time.monotonic_ns()}.err"  # a file: readable while it runs
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=err,
+                                         stdin=subprocess.DEVNULL)
         self.seen: set[int] = set()
+
+    def wait(self, timeout: float) -> int | None:
+        """The launcher's exit status, or None if it is still running after ``timeout`` seconds."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def workers(self) -> list[int]:
         found = helpers_export.children(self.proc.pid)
@@ -419,10 +431,11 @@ class _Tree:
         return found
 
     def close(self) -> str:
+        """Kill the launcher and every worker it started; its stderr so far."""
         self.seen.update(helpers_export.children(self.proc.pid))
         helpers_export.kill_tree([self.proc.pid, *self.seen])
-        _, err = self.proc.communicate(timeout=60)
-        return err
+        self.wait(30)
+        return self.stderr()
 
 
 MEASURED = ("timestamp", "seconds", "memory")  # what differs between any two runs: clocks and RSS
@@ -510,7 +523,7 @@ def test_second_run_on_a_live_output_is_refused(data, uninterrupted, tmp_path, c
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
-        assert tree.proc.wait(timeout=120) == 0
+        assert tree.wait(120) == 0, tree.stderr()[-4000:]
     finally:
         tree.close()
     _assert_same_file(out, uninterrupted)  # the first run's file, untouched by the others
@@ -578,8 +591,12 @@ def test_elastic_restart_continues_from_the_part_files(data, uninterrupted, tmp_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", str(HELPER), "export-predictions",
            *_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
+    tree = _Tree(cmd, tmp_path, env)
+    try:
+        status = tree.wait(120)
+    finally:
+        err = tree.close()
+    assert status == 0, err[-4000:]
     events = [json.loads(line) for line in log.read_text().splitlines()]
     ended = [e["image"] for e in events if e["kind"] == "end"]
     images = [e["image"] for e in json.loads(uninterrupted)["predictions"]]

@@ -171,17 +171,18 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 # export-predictions: fast backend
 # --------------------------------------------------------------------------------------
-def engine_summary(method: str | None = None) -> dict[str, Any]:
+def engine_summary(method: str | None = None, ran: dict[str, Any] | None = None) -> dict[str, Any]:
     """``build_info()`` as recorded next to ``"backend": "fast"``, and the engine that actually ran
-    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``): ``"engine": "fast"`` with the update
-    ``"backend"`` (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
+    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``, or ``ran``, the one recorded in the part
+    files, where this process adapted nothing): ``"engine": "fast"`` with the update ``"backend"``
+    (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
     from . import build_info
     from .run import last_engine
 
     info = dict(build_info())
     if method is not None:
         info["method"] = str(method)
-    info.update(last_engine() or {})
+    info.update(last_engine() or ran or {})
     return info
 
 
@@ -206,7 +207,8 @@ class FastBackend:
     are never rebuilt.
     """
 
-    def __init__(self, amp: str = "off") -> None:
+    def __init__(self, amp: str = "off", ran: dict[str, Any] | None = None) -> None:
+        self.ran = ran  # the engine the part files record (a merge that adapted nothing itself)
         self.amp = amp  # --ttt-amp, passed on only when on (off: the calls are exactly as before)
         self.calls = 0
         self._run_ttt: Callable[..., Any] | None = None
@@ -247,12 +249,12 @@ class FastBackend:
     def engine(self, method: str | None) -> dict[str, Any]:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
-            self._engine = engine_summary(method)
+            self._engine = engine_summary(method, self.ran)
         return dict(self._engine)
 
 
 def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,
-                     amp: str = "off") -> dict[str, Any]:
+                     amp: str = "off", ran: dict[str, Any] | None = None) -> dict[str, Any]:
     """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
     wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``); empty for
     the reference backend in one process, which therefore runs YOLOZU unchanged."""
@@ -260,7 +262,7 @@ def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] |
     names: dict[str, Any] = {}
     if not fast and not extra:
         return names
-    backend = FastBackend(amp) if fast else None
+    backend = FastBackend(amp, ran) if fast else None
     build_settings = mod.build_ttt_settings_from_args
 
     def _settings_with_backend(ns: Any) -> dict[str, Any]:
@@ -299,7 +301,7 @@ def export_predictions(argv: Sequence[str]) -> int:
                 return export.run_sharded(
                     mod, args, env=env, resume=resume,
                     timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
-                    patches=lambda extra: _backend_patches(mod, args, extra, amp),
+                    patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran),
                 )
 
         def _parse_args(_argv: Any) -> argparse.Namespace:

@@ -56,6 +56,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .run import last_engine
+
 DEFAULT_TIMEOUT_S = 1800.0
 PART_VERSION = 1
 FSYNC_EVERY_S = 2.0
@@ -539,7 +541,7 @@ class ShardedExport:
     """One ``export-predictions`` invocation on one rank (or a single process with ``--resume``)."""
 
     def __init__(self, mod: Any, args: argparse.Namespace, *, env: DistEnv, resume: bool, timeout_s: float,
-                 patches: Callable[[dict[str, Any]], dict[str, Any]]):
+                 patches: Callable[..., dict[str, Any]]):
         self.mod = mod
         self.args = args
         self.env = env
@@ -561,6 +563,7 @@ class ShardedExport:
         self.adapter: Any = None
         self.current: str | None = None
         self.pending_report: dict[str, Any] | None = None
+        self.pending_engine: dict[str, Any] | None = None
         self.computed = 0
         self.resumed = 0
         self.work_start: float | None = None
@@ -575,6 +578,8 @@ class ShardedExport:
         self.adapting = False
         self.stream_report: dict[str, Any] | None = None
         self._sigterm: Any = None
+        self._busy = False            # between an image's first adaptation step and its part-file line
+        self._stop_requested = False  # SIGTERM came while busy: stop once that image is written
 
     # -- the pipeline ---------------------------------------------------------------------
     def run(self) -> int:
@@ -622,7 +627,7 @@ class ShardedExport:
         if env.torchrun:
             die_with_launcher()
             if threading.current_thread() is threading.main_thread():
-                self._sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
+                self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         cuda = self.device.startswith("cuda")
         if env.torchrun and cuda and self.device == "cuda":
             # one GPU per rank
@@ -640,7 +645,17 @@ class ShardedExport:
 
             import torch.distributed as dist
 
-            dist.init_process_group(self.dist_backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            kwargs: dict[str, Any] = {}
+            if env.restart_count > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun keeps its store across restarts: the addresses the attempt before published
+                # there would send gloo's connection set-up to dead workers. This attempt's keys get a
+                # prefix of their own.
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                                      is_master=False, timeout=timeout)
+                kwargs = {"store": dist.PrefixStore(f"yolozu-ttt/attempt-{env.restart_count}", store),
+                          "rank": env.rank, "world_size": env.world_size}
+            dist.init_process_group(self.dist_backend, timeout=timeout, **kwargs)
             self._pg = True
 
     def _teardown(self) -> None:
@@ -779,14 +794,35 @@ class ShardedExport:
         if self.work_start is None:
             self.work_start = time.time()
 
+    # An image is adapted once: a SIGTERM (torchrun stopping or restarting the group) that comes
+    # while an image is in hand stops the rank once that image is in the part file.
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._busy:
+            raise _Stopped()
+        self._stop_requested = True
+
+    def _begin_image(self) -> None:
+        self._mark_start()
+        if not self._busy:
+            if self._stop_requested:
+                raise _Stopped()
+            self._busy = True
+
+    def _end_image(self) -> None:
+        self._busy = False
+        if self._stop_requested:
+            raise _Stopped()
+
     # -- 3. work: the wrappers YOLOZU's main calls ----------------------------------------------
     def _ttt(self, backend: Callable[..., Any]) -> Callable[..., Any]:
         def run_ttt(adapter, records, *, config):
             self._mark_start()
             if str(getattr(config, "reset", "stream")) == "sample":
+                self._begin_image()
                 self.current = str(records[0].get("image")) if len(records) == 1 else None
                 report = backend(adapter, records, config=config)
                 self.pending_report = report.to_dict()
+                self.pending_engine = last_engine()
                 return report
             return self._stream(backend, adapter, config)
 
@@ -813,6 +849,7 @@ class ShardedExport:
                 flat = pack(tensors).cpu()
                 tmp = state_path.with_name(f".{STREAM_STATE}.tmp-{os.getpid()}")
                 torch.save({"fingerprint": _digest(self.fingerprint), "report": json.dumps(real.to_dict()),
+                            "engine": json.dumps(last_engine()),
                             "flat": flat}, tmp)
                 os.replace(tmp, state_path)
         if self.env.world_size > 1:
@@ -858,7 +895,7 @@ class ShardedExport:
                 return real_predict(records)  # YOLOZU's own error
             out: list[Any] = []
             for group in self._groups(records):
-                self._mark_start()
+                self._begin_image()
                 self.current = str(group[0][1].get("image"))
                 preds = real_predict([rec for _, rec in group])
                 if len(preds) != len(group):
@@ -868,10 +905,12 @@ class ShardedExport:
                              "t": round(time.time(), 3)}
                     if self.pending_report is not None:
                         entry["report"] = self.pending_report
+                        entry["engine"] = self.pending_engine
                     assert self.writer is not None
                     self.writer.write(entry)
                     self.computed += 1
                 self.pending_report = None
+                self._end_image()
                 out.extend(preds)
             self.current = None
             self.work_end = time.time()
@@ -952,7 +991,12 @@ class ShardedExport:
             import torch.distributed as dist
 
             statuses = [None] * self.env.world_size if self.env.rank == 0 else []
-            dist.gather_object(status, statuses if self.env.rank == 0 else None, dst=0)
+            try:
+                dist.gather_object(status, statuses if self.env.rank == 0 else None, dst=0)
+            except Exception as exc:  # a peer died, or did not come within --dist-timeout
+                raise ExportError(f"yolozu-ttt export: {self._where()} lost the other workers while gathering "
+                                  f"the results ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                  f"{self._then()}") from None
         if self.env.rank != 0:
             return []
         self.entries = local
@@ -969,9 +1013,11 @@ class ShardedExport:
         if missing:
             raise ExportError(f"merge: the part files in {self.parts_dir} lack {len(missing)} image(s), e.g. "
                               f"{self.records[missing[0]].get('image')}; rerun with --resume")
+        ran = next((e["engine"] for e in self.entries.values() if e.get("engine")), None)
         if bool(getattr(self.args, "ttt", False)):
-            self.stream_report = self._load_stream_state_any(self.parts_dir / STREAM_STATE)
-        names = self._patches(self.settings_extra())
+            self.stream_report, stream_engine = self._load_stream_state_any(self.parts_dir / STREAM_STATE)
+            ran = ran or stream_engine
+        names = self._patches(self.settings_extra(), ran)  # ran: what adapted, where this rank did not
         names["run_ttt"] = self._replay_ttt
         names["build_manifest"] = lambda *a, **kw: dict(self.manifest, images=self.records)
         for name in ADAPTER_NAMES:
@@ -1042,12 +1088,14 @@ class ShardedExport:
             self.progress.close()
             self.progress = None
 
-    def _load_stream_state_any(self, path: Path) -> dict[str, Any] | None:
+    def _load_stream_state_any(self, path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The stream adaptation's (report, engine), from the saved state."""
         if not path.is_file():
-            return None
+            return None, None
         import torch
 
-        return json.loads(torch.load(path, map_location="cpu", weights_only=True)["report"])
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(saved["report"]), json.loads(saved.get("engine") or "null")
 
     # -- failures and the summary ---------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
@@ -1066,12 +1114,16 @@ class ShardedExport:
             message = f"{message} ({self._where(self.current)})"
         raise ExportError(message) from (exc if not isinstance(exc, SystemExit) else None)
 
-    def _stopped_message(self) -> str:
+    def _then(self) -> str:
+        """What happens to the finished images next, and what the user does."""
         left = self.env.max_restarts - self.env.restart_count
         then = (f"torchrun restarts the workers ({left} restart(s) left) and they continue from them"
                 if self.env.torchrun and left > 0 else "rerun with --resume")
+        return f"the images finished so far stay in {self.parts_dir}: {then}"
+
+    def _stopped_message(self) -> str:
         return (f"yolozu-ttt export: {self._where()} stopped by SIGTERM (torchrun stops every worker when one "
-                f"fails); the images finished so far stay in {self.parts_dir}: {then}")
+                f"fails); {self._then()}")
 
     def _summary(self, statuses: list[dict[str, Any]]) -> None:
         computed = sum(int(s.get("computed") or 0) for s in statuses)
@@ -1089,10 +1141,6 @@ class ShardedExport:
               f"{computed} computed, {self.resumed} from part files{adapted}{rate}", file=sys.stderr, flush=True)
 
 
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise _Stopped()
-
-
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -1104,9 +1152,9 @@ def _remove_temporaries(targets: list[tuple[Path, Path]]) -> None:
 
 
 def run_sharded(mod: Any, args: argparse.Namespace, *, env: DistEnv | None, resume: bool, timeout_s: float,
-                patches: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+                patches: Callable[..., dict[str, Any]]) -> int:
     """Run one ``export-predictions`` as rank ``env.rank`` of ``env.world_size`` (or alone, with
-    ``--resume``). ``patches(extra_settings)`` returns the cli's own module rebindings (the backend's
+    ``--resume``). ``patches(extra_settings, ran=None)`` returns the cli's own module rebindings (the backend's
     ``run_ttt`` and the settings wrapper, which adds ``extra_settings`` to the ``ttt`` block)."""
     if timeout_s <= 0:
         raise ExportError(f"--dist-timeout must be > 0 seconds (got {timeout_s:g})")
