@@ -61,7 +61,13 @@ EXPORT_GLOBALS = ("argparse", "_parse_args", "main", "run_ttt", "build_ttt_setti
 
 
 class UnsupportedYolozu(ImportError):
-    """The installed YOLOZU lacks a name yolozu-ttt needs."""
+    """The installed YOLOZU lacks a name yolozu-ttt needs (``missing``; ``supported`` is
+    :data:`SUPPORTED_YOLOZU`, for callers that catch this import error)."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.supported = SUPPORTED_YOLOZU
 
 
 def _yolozu_version() -> str:
@@ -97,7 +103,8 @@ def check() -> None:
         raise UnsupportedYolozu(
             f"yolozu-ttt {__version__} supports yolozu {SUPPORTED_YOLOZU}; the installed yolozu "
             f"{_yolozu_version()} lacks {', '.join(missing)}: install a supported yolozu "
-            f"(pip install 'yolozu{SUPPORTED_YOLOZU}')"
+            f"(pip install 'yolozu{SUPPORTED_YOLOZU}')",
+            missing,
         )
 
 
