@@ -72,6 +72,7 @@ def providers(workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
 def run_once(cmd: list[str], env_extra: dict[str, str], args: list[str], out: Path) -> tuple[float, float]:
     """(images/s over the work window, wall seconds)."""
     shutil.rmtree(Path(str(out) + ".parts"), ignore_errors=True)
+    Path(str(out) + ".lock").unlink(missing_ok=True)  # a run killed by hand leaves its lock: not this one's
     env = dict(os.environ, TQDM_DISABLE="1", **env_extra)
     start = time.perf_counter()
     res = subprocess.run([*cmd, *args, "--output", str(out)], env=env, capture_output=True, text=True, timeout=900)

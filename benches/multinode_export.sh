@@ -55,7 +55,7 @@ for ea, eb in zip(a, b):
 ttt = multi["meta"]["ttt"]
 log = json.loads((work / "multinode_log.json").read_text())["ttt"]
 assert ttt["world_size"] == 2 and ttt["distributed_backend"] == "gloo" and log["world_size"] == 2
-assert not (work / "multinode.json.parts").exists()
+assert not (work / "multinode.json.parts").exists() and not (work / "multinode.json.lock").exists()
 print(f"merged == one process: {len(b)} records in the same order, max |score/box diff| {worst:.2e}; "
       f"meta ttt world_size={ttt['world_size']} distributed_backend={ttt['distributed_backend']}")
 assert worst <= 1e-4

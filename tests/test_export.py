@@ -11,12 +11,15 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import helpers_export
 from conftest import max_prediction_diff
 
 import yolozu_ttt
@@ -383,3 +386,253 @@ def test_dist_timeout_must_be_positive(data, tmp_path):
     with pytest.raises(SystemExit, match="--dist-timeout must be > 0"):
         cli.main(["export-predictions", *_args(data, reset=None, n=2), "--output", str(tmp_path / "o.json"),
                   "--resume", "--dist-timeout", "0"])
+
+
+# ---------------------------------------------------------------------------------------
+# faults: one live run per output, launcher death, elastic restarts, progress
+# ---------------------------------------------------------------------------------------
+HELPER = Path(__file__).with_name("helpers_export.py")
+GONE_WITHIN_S = 5.0  # a worker whose launcher died stops within this
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> bytes:
+    """The file an uninterrupted 2-worker sample-mode run writes: what faulted runs must reproduce."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    out = root / "out.json"
+    res = _torchrun([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)], cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out.read_bytes()
+
+
+class _Tree:
+    """A torchrun launcher started in the background; its whole process tree is killed at the end."""
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None):
+        self.log = cwd / f"torchrun-{time.monotonic_ns()}.err"  # a file: readable while it runs
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+        self.seen: set[int] = set()
+
+    def wait(self, timeout: float) -> int | None:
+        """The launcher's exit status, or None if it is still running after ``timeout`` seconds."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        found = helpers_export.children(self.proc.pid)
+        self.seen.update(found)
+        return found
+
+    def close(self) -> str:
+        """Kill the launcher and every worker it started; its stderr so far."""
+        self.seen.update(helpers_export.children(self.proc.pid))
+        helpers_export.kill_tree([self.proc.pid, *self.seen])
+        self.wait(30)
+        return self.stderr()
+
+
+MEASURED = ("timestamp", "seconds", "memory")  # what differs between any two runs: clocks and RSS
+
+
+def _unmeasured(obj):
+    if isinstance(obj, dict):
+        return {k: (None if k in MEASURED else _unmeasured(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unmeasured(v) for v in obj]
+    return obj
+
+
+def _assert_same_file(path: Path, expected: bytes) -> None:
+    """The same file as ``expected``, byte for byte once clocks and RSS readings are set aside
+    (predictions, reports and losses exactly equal)."""
+    got, want = _unmeasured(json.loads(path.read_bytes())), _unmeasured(json.loads(expected))
+    if got != want:
+        import difflib
+
+        diff = difflib.unified_diff(json.dumps(want, indent=1, sort_keys=True).splitlines(),
+                                    json.dumps(got, indent=1, sort_keys=True).splitlines(), lineterm="", n=2)
+        raise AssertionError("\n".join(list(diff)[:60]))
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def test_killed_launcher_takes_its_workers_with_it_and_resume_gives_the_same_file(data, uninterrupted, tmp_path):
+    out = tmp_path / "out.json"
+    parts = Path(str(out) + ".parts")
+    tree = _Tree(_torchrun_cmd([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]), tmp_path)
+    try:
+        # header + 1 finished image on rank 1: both workers are mid-shard
+        assert helpers_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
+        workers = tree.workers()
+        assert len(workers) >= 2
+        os.kill(tree.proc.pid, signal.SIGKILL)  # the launcher alone
+        assert helpers_export.wait_until(lambda: not any(helpers_export.alive(p) for p in workers), GONE_WITHIN_S), \
+            [p for p in workers if helpers_export.alive(p)]
+    finally:
+        tree.close()
+    assert not out.exists()  # the workers did not go on to merge by themselves
+    done = _entries(parts)
+    assert 0 < len(done) < N_SAMPLE
+    res = _torchrun([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out), "--resume"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "taking over the stale lock" in res.stderr and "is gone" in res.stderr
+    assert f"{N_SAMPLE - len(done)} computed, {len(done)} from part files" in res.stderr
+    _assert_same_file(out, uninterrupted)
+    assert not parts.exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_second_run_on_a_live_output_is_refused(data, uninterrupted, tmp_path, capfd, fast_backend_calls):
+    out = tmp_path / "out.json"
+    lock = Path(str(out) + ".lock")
+    args = [*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]
+    tree = _Tree(_torchrun_cmd(args), tmp_path)
+    try:
+        assert helpers_export.wait_until(lock.exists, 120)
+        holder = json.loads(lock.read_text())
+        pids = [tree.proc.pid, *tree.workers()]
+        for pid in pids:  # hold the first run still while the others try (it keeps its lock)
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            capfd.readouterr()
+            started = time.monotonic()
+            assert cli.main(["export-predictions", *args]) == 2  # one process
+            assert time.monotonic() - started < 10
+            err = capfd.readouterr().err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert err.startswith(f"yolozu-ttt export-predictions: {out} is being written by another export "
+                                  f"(pid {holder['pid']} on {holder['host']}")
+            assert "wait for it to finish, or stop it and rerun with --resume" in err
+            assert fast_backend_calls == []  # refused before any work
+            second = subprocess.run(_torchrun_cmd(args), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                    timeout=120)  # under torchrun
+            assert second.returncode != 0
+            assert f"{out} is being written by another export (pid {holder['pid']}" in second.stderr
+            assert "export (2 workers)" not in second.stderr  # no progress bar: nothing was started
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert tree.wait(120) == 0, tree.stderr()[-4000:]
+    finally:
+        tree.close()
+    _assert_same_file(out, uninterrupted)  # the first run's file, untouched by the others
+    assert not lock.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(out: Path, **fields) -> Path:
+    lock = Path(str(out) + ".lock")
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+            "token": "t" * 32, "run_id": None, "attempt": 0, "output": str(out)}
+    info.update(fields)
+    lock.write_text(json.dumps(info))
+    return lock
+
+
+@pytest.mark.parametrize("stale", ["dead-pid", "old-heartbeat"])
+def test_stale_lock_is_taken_over(data, single, tmp_path, capfd, stale):
+    out = tmp_path / "out.json"
+    if stale == "dead-pid":
+        lock = _write_lock(out, pid=_dead_pid())
+        reason = "is gone"
+    else:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive, but silent
+        lock = _write_lock(out, pid=sleeper.pid, heartbeat=time.time() - export.LOCK_STALE_S - 5)
+        reason = f"no heartbeat for {export.LOCK_STALE_S + 5:.0f} s"
+    try:
+        _single([*_args(data, reset=None, n=N_SAMPLE), "--output", str(out)])
+    finally:
+        if stale != "dead-pid":
+            sleeper.kill()
+            sleeper.wait()
+    err = capfd.readouterr().err
+    assert f"taking over the stale lock {lock}" in err and reason in err, err
+    assert _unmeasured(json.loads(out.read_text())) == _unmeasured(single["none"])
+    assert not lock.exists()
+
+
+def test_live_lock_refuses_one_process_with_exit_2(data, tmp_path, capfd):
+    out = tmp_path / "out.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = _write_lock(out, pid=sleeper.pid)
+        for extra in ([], ["--resume"]):
+            capfd.readouterr()
+            assert cli.main(["export-predictions", *_args(data, reset=None, n=2), "--output", str(out), *extra]) == 2
+            err = capfd.readouterr().err
+            assert err.count("\n") == 1 and f"(pid {sleeper.pid} on {socket.gethostname()}" in err, err
+        assert lock.exists() and not out.exists() and not Path(str(out) + ".parts").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_elastic_restart_continues_from_the_part_files(data, uninterrupted, tmp_path):
+    """--max-restarts 1, rank 1 SIGKILLed when its third adaptation starts: torchrun restarts the
+    group, which continues without --resume; every image is adapted to the end exactly once."""
+    out, log = tmp_path / "out.json", tmp_path / "adapt.jsonl"
+    env = dict(_env(), YTTT_ADAPT_LOG=str(log), YTTT_KILL_AT="1:3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", str(HELPER), "export-predictions",
+           *_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]
+    tree = _Tree(cmd, tmp_path, env)
+    try:
+        status = tree.wait(120)
+    finally:
+        err = tree.close()
+    assert status == 0, err[-4000:]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    ended = [e["image"] for e in events if e["kind"] == "end"]
+    images = [e["image"] for e in json.loads(uninterrupted)["predictions"]]
+    assert sorted(ended) == sorted(images)  # every image adapted to the end exactly once
+    killed = [e for e in events if e["kind"] == "start" and e["rank"] == 1 and e["attempt"] == 0]
+    assert len(killed) == 3 and killed[-1]["image"] not in [e["image"] for e in events
+                                                             if e["kind"] == "end" and e["attempt"] == 0]
+    assert {e["attempt"] for e in events} == {0, 1}  # the restart did the rest
+    _assert_same_file(out, uninterrupted)
+    assert not Path(str(out) + ".parts").exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_progress_counts_unique_images_on_a_resumed_run(data, killed, tmp_path, capfd):
+    """Lines written twice for one image (an old worker still appending to its part file) do not
+    move the bar: it counts unique finished images and never passes the total."""
+    out = tmp_path / "out.json"
+    parts = _copy_parts(killed, out)
+    old = sorted(parts.glob("part-*.jsonl"))[0]
+    lines = old.read_bytes().split(b"\n")[1:]
+    stop = threading.Event()
+
+    def old_worker():
+        while not stop.wait(0.2):
+            with open(old, "ab") as handle:
+                handle.write(b"\n".join(line for line in lines if line.strip()) + b"\n")
+
+    writer = threading.Thread(target=old_worker, daemon=True)
+    writer.start()
+    try:
+        _single([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out), "--resume"])
+    finally:
+        stop.set()
+        writer.join()
+    err = capfd.readouterr().err
+    # tqdm shows "N/8 [" while N <= 8, and drops the total ("14img [") once N passes it
+    counts = [(int(n), int(total) if total else None) for n, total in re.findall(r"(\d+)(?:/(\d+) |img )\[", err)]
+    assert counts and all(total == N_SAMPLE for _, total in counts), err[-3000:]
+    assert max(n for n, _ in counts) == N_SAMPLE and counts[-1][0] == N_SAMPLE, err[-3000:]
+    assert counts[0][0] == len(killed["done"])  # resumed images counted from the start

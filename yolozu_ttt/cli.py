@@ -21,16 +21,19 @@
   record ``world_size`` and ``distributed_backend``. Its two flags (``--resume``,
   ``--dist-timeout``) default to ``argparse.SUPPRESS``, so a namespace without them is exactly
   YOLOZU's.
+* Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
+  a second run on a live output is refused before any work with one line and exit status 2.
+* Every private YOLOZU name (the export module's globals rebound here included) comes through
+  ``yolozu_ttt.seam``, checked against this release's supported YOLOZU when imported.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import sys
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 TTT_BACKENDS = ("reference", "fast")
@@ -91,20 +94,20 @@ class _ArgparseProxy:
 
 
 def _export_module():
-    return importlib.import_module(EXPORT_MODULE)
+    from .seam import export_cli  # checked against this release's YOLOZU on import
+
+    return export_cli
 
 
 def _yolozu_export_parser(mod: Any) -> argparse.ArgumentParser:
     """YOLOZU's export parser, exactly as its ``_parse_args`` builds it (not a copy)."""
-    with _PATCH_LOCK:
-        real = mod.argparse
-        mod.argparse = _ArgparseProxy(real)
-        try:
+    from .seam import rebound
+
+    try:
+        with _PATCH_LOCK, rebound(mod, argparse=_ArgparseProxy(mod.argparse)):
             mod._parse_args([])
-        except _ParserCaptured as captured:
-            return captured.parser
-        finally:
-            mod.argparse = real
+    except _ParserCaptured as captured:
+        return captured.parser
     raise RuntimeError(f"{EXPORT_MODULE}._parse_args did not build an argparse parser")
 
 
@@ -168,17 +171,18 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 # export-predictions: fast backend
 # --------------------------------------------------------------------------------------
-def engine_summary(method: str | None = None) -> dict[str, Any]:
+def engine_summary(method: str | None = None, ran: dict[str, Any] | None = None) -> dict[str, Any]:
     """``build_info()`` as recorded next to ``"backend": "fast"``, and the engine that actually ran
-    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``): ``"engine": "fast"`` with the update
-    ``"backend"`` (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
+    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``, or ``ran``, the one recorded in the part
+    files, where this process adapted nothing): ``"engine": "fast"`` with the update ``"backend"``
+    (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
     from . import build_info
     from .run import last_engine
 
     info = dict(build_info())
     if method is not None:
         info["method"] = str(method)
-    info.update(last_engine() or {})
+    info.update(last_engine() or ran or {})
     return info
 
 
@@ -203,7 +207,8 @@ class FastBackend:
     are never rebuilt.
     """
 
-    def __init__(self, amp: str = "off") -> None:
+    def __init__(self, amp: str = "off", ran: dict[str, Any] | None = None) -> None:
+        self.ran = ran  # the engine the part files record (a merge that adapted nothing itself)
         self.amp = amp  # --ttt-amp, passed on only when on (off: the calls are exactly as before)
         self.calls = 0
         self._run_ttt: Callable[..., Any] | None = None
@@ -244,30 +249,12 @@ class FastBackend:
     def engine(self, method: str | None) -> dict[str, Any]:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
-            self._engine = engine_summary(method)
+            self._engine = engine_summary(method, self.ran)
         return dict(self._engine)
 
 
-@contextlib.contextmanager
-def _patched(mod: Any, **names: Any) -> Iterator[None]:
-    missing = [name for name in names if not hasattr(mod, name)]
-    if missing:
-        raise RuntimeError(
-            f"{mod.__name__} no longer defines {', '.join(missing)}; "
-            "this yolozu version is not supported by yolozu-ttt's fast backend"
-        )
-    saved = {name: getattr(mod, name) for name in names}
-    try:
-        for name, value in names.items():
-            setattr(mod, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(mod, name, value)
-
-
 def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,
-                     amp: str = "off") -> dict[str, Any]:
+                     amp: str = "off", ran: dict[str, Any] | None = None) -> dict[str, Any]:
     """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
     wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``); empty for
     the reference backend in one process, which therefore runs YOLOZU unchanged."""
@@ -275,7 +262,7 @@ def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] |
     names: dict[str, Any] = {}
     if not fast and not extra:
         return names
-    backend = FastBackend(amp) if fast else None
+    backend = FastBackend(amp, ran) if fast else None
     build_settings = mod.build_ttt_settings_from_args
 
     def _settings_with_backend(ns: Any) -> dict[str, Any]:
@@ -305,24 +292,31 @@ def export_predictions(argv: Sequence[str]) -> int:
                      "mixed-precision mode (it always adapts in fp32)")
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
+    from .seam import rebound
 
-    env = export.DistEnv.from_environ()
-    if env is not None or resume:
-        with _PATCH_LOCK:
-            return export.run_sharded(
-                mod, args, env=env, resume=resume,
-                timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
-                patches=lambda extra: _backend_patches(mod, args, extra, amp),
-            )
+    try:
+        env = export.DistEnv.from_environ()
+        if env is not None or resume:
+            with _PATCH_LOCK:
+                return export.run_sharded(
+                    mod, args, env=env, resume=resume,
+                    timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
+                    patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran),
+                )
 
-    def _parse_args(_argv: Any) -> argparse.Namespace:
-        return args
+        def _parse_args(_argv: Any) -> argparse.Namespace:
+            return args
 
-    # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
-    # namespace YOLOZU's own parser produced (byte-identical output).
-    with _PATCH_LOCK, _patched(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
-        mod.main([])
-    return 0
+        # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
+        # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
+        with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
+                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
+            mod.main([])
+        return 0
+    except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
+        if busy.code:
+            print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
+        return 2
 
 
 # --------------------------------------------------------------------------------------

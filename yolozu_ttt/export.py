@@ -1,36 +1,39 @@
-"""Dataset-scale ``export-predictions``: torchrun shards, per-rank part files, resume, rank-0 merge.
+"""Dataset-scale ``export-predictions``: one pipeline, under torchrun or alone with ``--resume``.
 
 Active under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) or with ``--resume``;
-otherwise ``yolozu_ttt.cli`` runs YOLOZU's ``main`` exactly as before. Nothing of YOLOZU's is
-copied: every rank runs YOLOZU's own ``main`` twice at most, with a few module names rebound.
+otherwise ``yolozu_ttt.cli`` runs YOLOZU's ``main`` exactly as before (under the output lock).
+Nothing of YOLOZU's is copied: every rank runs YOLOZU's own ``main`` twice at most, with a few of
+its module globals rebound (:mod:`yolozu_ttt.seam` lists them). The pipeline, in the order
+:meth:`ShardedExport.run` runs it:
 
-Phase A, every rank ("work"). YOLOZU's ``main`` runs with:
+1. **lock** (rank 0): ``<output>.lock``, created exclusively (a hard link of a complete file, safe on
+   a shared filesystem) with host, pid, start time and a heartbeat refreshed every
+   ``LOCK_HEARTBEAT_S``. A second run on the same output is refused before any work
+   (:class:`OutputBusy`, exit 2); a lock whose process is gone (same host), whose heartbeat is older
+   than ``LOCK_STALE_S``, or that an earlier attempt of this torchrun job left, is taken over with
+   a message. Every worker also dies with its launcher (``PR_SET_PDEATHSIG``).
+2. **shard** (every rank, inside YOLOZU's ``main``, as its ``build_manifest``): the record list cut
+   to ``--max-images``; the checks that must pass before any work (results exchanged in one
+   ``all_gather_object``); this rank's contiguous shard minus the images the part files hold.
+   After an elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the part files are resumed
+   without ``--resume``.
+3. **work** (every rank): YOLOZU's ``main`` with ``run_ttt`` -> the chosen backend (sample mode:
+   the per-image report is kept; stream mode: rank 0 adapts over the whole dataset, then one
+   ``broadcast`` of a flat byte tensor of the selected parameters and every buffer) and the
+   adapter's ``predict`` -> YOLOZU's ``predict`` on batches aligned to ``--infer-batch-size``; each
+   finished image is one JSON line appended to this rank's part file, flushed before the next
+   image starts. Its own output goes to a scratch file (thrown away).
+4. **gather** (over the process group, bounded by ``--dist-timeout``): every rank sends rank 0
+   the finished records of its shard, so ``--output`` need be writable on rank 0's host only.
+5. **merge** (rank 0): YOLOZU's ``main`` once more over the whole dataset, with ``run_ttt`` and
+   ``predict`` answered from those records: YOLOZU builds the output (schema, order, logs) and
+   writes it, and its logs, to temporary paths next to the real ones.
+6. **publish** (rank 0): ``os.replace`` of each temporary file onto its real path; then the part
+   files are removed (each rank its own) and the lock released.
 
-* ``build_manifest`` -> YOLOZU's ``build_manifest``, cut to ``--max-images``, then the checks that
-  must pass before any work (on every rank, results exchanged in one ``all_gather_object``), then
-  this rank's contiguous shard minus the images already in the part files;
-* ``run_ttt`` -> the chosen backend (``--ttt-backend``), wrapped: ``--ttt-reset sample`` keeps the
-  per-image report for the part file; ``--ttt-reset stream`` adapts on rank 0 only, over the whole
-  dataset's records (the batches one process would use), then ONE ``broadcast`` of a flat byte
-  tensor holding the selected parameters and every buffer sends the adapted state to all ranks;
-* the adapter's ``predict`` -> YOLOZU's ``predict`` on batches aligned to ``--infer-batch-size``
-  in global record order; each finished image (prediction, and in sample mode its TTT report) is
-  appended as one JSON line to this rank's part file and flushed before the next image starts.
-
-Its own output goes to a scratch file in the parts folder (thrown away).
-
-Phase B, rank 0 ("merge"), after every rank has written its done marker: YOLOZU's ``main`` runs
-again over the whole dataset, but ``run_ttt`` and ``predict`` answer from the part files (no
-model work). So YOLOZU itself builds the output: its schema, record order, the sample log's first
-20 per-sample reports, TTA post-processing, meta and logs. ``Path``/``repo_root`` are bound to a
-``Path`` whose ``write_text`` writes a temporary file and ``os.replace``-s it into place. The
-parts folder is removed only after that succeeds.
-
-Failures: the failing rank appends ``(rank R of W, image PATH)`` to YOLOZU's message (``TTT
-failed: ...``), writes an error marker into the parts folder and exits 1; other ranks stop at their
-next image when they see the marker; torchrun stops the rest. Every collective has the process
-group timeout ``--dist-timeout`` (default 1800 s); rank 0 waits for the others' done markers by
-polling and gives up when no part file has grown for ``--dist-timeout`` seconds.
+Failures: a failing rank appends ``(rank R of W, image PATH)`` to YOLOZU's message (``TTT failed:
+...``) and exits 1; torchrun then stops (SIGTERM) or restarts (``--max-restarts``) the group. The
+part files stay the durable record; they are removed only after the output is in place.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 import shutil
+import signal
+import socket
 import sys
 import threading
 import time
@@ -52,18 +56,32 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .run import last_engine
+
 DEFAULT_TIMEOUT_S = 1800.0
 PART_VERSION = 1
 FSYNC_EVERY_S = 2.0
 PROGRESS_EVERY_S = 1.0
+LOCK_HEARTBEAT_S = 5.0   # the lock holder rewrites its heartbeat this often
+LOCK_STALE_S = 60.0      # a lock whose heartbeat is older than this is stale (any host)
 STREAM_STATE = "stream-state.pt"
 ADAPTER_NAMES = ("RTDETRPoseAdapter", "DummyAdapter")
 # flags that name where things go, not what is computed: not part of the fingerprint
 UNFINGERPRINTED = ("output", "ttt_log_out", "tta_log_out")
+PR_SET_PDEATHSIG = 1     # <linux/prctl.h>
 
 
 class ExportError(SystemExit):
     """A sharded-export failure: its message is printed and the exit status is 1."""
+
+
+class OutputBusy(ExportError):
+    """Another live export holds the output's lock (the cli prints it and exits 2)."""
+
+
+class _Stopped(BaseException):
+    """SIGTERM (torchrun stopping or restarting the group): a BaseException, so YOLOZU's
+    ``except Exception`` around ``run_ttt`` does not turn it into a ``TTT failed`` message."""
 
 
 # --------------------------------------------------------------------------------------
@@ -71,13 +89,17 @@ class ExportError(SystemExit):
 # --------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DistEnv:
-    """The torchrun worker's place (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``)."""
+    """The torchrun worker's place (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``)
+    and its elastic attempt (``TORCHELASTIC_RESTART_COUNT``/``_MAX_RESTARTS``/``_RUN_ID``)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     torchrun: bool = False
+    restart_count: int = 0
+    max_restarts: int = 0
+    run_id: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Any = None) -> "DistEnv | None":
@@ -88,6 +110,8 @@ class DistEnv:
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
             local_rank = int(env.get("LOCAL_RANK", rank))
             local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+            restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+            max_restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0))
         except ValueError as exc:
             raise ExportError(f"invalid torchrun environment: {exc}") from exc
         if world < 1 or not 0 <= rank < world or local_world < 1 or not 0 <= local_rank < local_world:
@@ -95,9 +119,196 @@ class DistEnv:
                 f"invalid torchrun environment: RANK={rank} WORLD_SIZE={world} "
                 f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}"
             )
-        return cls(rank, world, local_rank, local_world, True)
+        return cls(rank, world, local_rank, local_world, True, restarts, max_restarts,
+                   env.get("TORCHELASTIC_RUN_ID") or None)
 
 
+def die_with_launcher() -> bool:
+    """Ask Linux to SIGKILL this worker when its parent (the torchrun launcher) dies
+    (``prctl(PR_SET_PDEATHSIG)``): torchrun starts each worker in a session of its own, so nothing
+    else stops it. Finished images are already in the part file. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        return False
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        raise ExportError("the torchrun launcher is gone; nothing was done")
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# 1. the lock: one live export per output
+# --------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _when(ts: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+    except (TypeError, ValueError):
+        return "?"
+
+
+class OutputLock:
+    """``<output>.lock``: one live export per output, on one host or across hosts sharing a filesystem.
+
+    Taken by creating the lock file exclusively (``os.link`` of a complete temporary file: atomic,
+    also on NFS), holding ``host``, ``pid``, ``started``, ``heartbeat`` (rewritten every
+    ``LOCK_HEARTBEAT_S``), a ``token`` and the torchrun job (``run_id``, ``attempt``). A lock is
+    stale when its process is gone (same host), its heartbeat is older than ``LOCK_STALE_S`` (any
+    host; clocks are assumed to agree within seconds), or an earlier attempt of this torchrun job
+    left it; a stale lock is taken over with a message. Any other lock refuses the run
+    (:class:`OutputBusy`)."""
+
+    def __init__(self, output: Path, env: DistEnv | None = None):
+        env = env or DistEnv()
+        self.output = Path(output)
+        self.path = Path(str(self.output) + ".lock")
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                     "heartbeat": time.time(), "token": uuid.uuid4().hex, "run_id": env.run_id,
+                     "attempt": env.restart_count, "output": str(self.output)}
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- reading and judging ---------------------------------------------------------------
+    def _read(self, path: Path | None = None) -> dict[str, Any] | None:
+        try:
+            data = json.loads((path or self.path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
+        """Why ``holder``'s lock may be taken over, or None while it is live."""
+        if holder is None:
+            return "unreadable"
+        if holder.get("run_id") and holder.get("run_id") == self.info["run_id"] \
+                and int(holder.get("attempt") or 0) < int(self.info["attempt"]):
+            return f"left by attempt {holder.get('attempt')} of this torchrun job"
+        pid = holder.get("pid")
+        if holder.get("host") == self.info["host"] and isinstance(pid, int) and pid != os.getpid() \
+                and not _pid_alive(pid):
+            return f"its process {pid} on {holder.get('host')} is gone"
+        age = time.time() - float(holder.get("heartbeat") or 0)
+        if age > LOCK_STALE_S:
+            return f"no heartbeat for {age:.0f} s (> {LOCK_STALE_S:g} s)"
+        return None
+
+    def busy_message(self, holder: dict[str, Any]) -> str:
+        age = time.time() - float(holder.get("heartbeat") or 0)
+        return (f"{self.output} is being written by another export (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, started {_when(holder.get('started'))}, heartbeat {max(0.0, age):.0f} s ago; "
+                f"lock {self.path}): wait for it to finish, or stop it and rerun with --resume to continue "
+                f"its part files")
+
+    # -- taking and giving back ------------------------------------------------------------
+    def _link(self) -> bool:
+        tmp = self.path.with_name(f".{self.path.name}.{self.info['token']}")
+        tmp.write_text(json.dumps(self.info), encoding="utf-8")
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _take_over(self, holder: dict[str, Any] | None) -> bool:
+        """Move a stale lock aside; False if what was moved was not the lock judged stale (it is put back)."""
+        aside = self.path.with_name(f".{self.path.name}.stale-{self.info['token']}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = self._read(aside)
+        same = holder is None or (moved or {}).get("token") == holder.get("token")
+        if not same:  # another run took it over in between: give it back
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        with contextlib.suppress(OSError):
+            aside.unlink()
+        return same
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise :class:`OutputBusy`. Returns the take-over message, if any."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            linked = self._link()
+        except OSError as exc:
+            raise ExportError(f"output folder is not writable: {self.path.parent} ({exc})") from None
+        note = None
+        for _ in range(5):
+            if linked or self._link():
+                self._thread = threading.Thread(target=self._beat, name="yolozu-ttt-lock", daemon=True)
+                self._thread.start()
+                return note
+            holder = self._read()
+            reason = self.stale_reason(holder)
+            if reason is None:
+                assert holder is not None
+                raise OutputBusy(self.busy_message(holder))
+            if reason == "unreadable" and self.path.exists() \
+                    and time.time() - self.path.stat().st_mtime <= LOCK_STALE_S:
+                time.sleep(0.2)  # being replaced by its holder's heartbeat: read it again
+                continue
+            if self._take_over(holder):
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "unknown holder"
+                note = f"yolozu-ttt export: taking over the stale lock {self.path} ({who}: {reason})"
+            linked = False
+        holder = self._read() or {}
+        raise OutputBusy(self.busy_message(holder))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            current = self._read()
+            if current is not None and current.get("token") != self.info["token"]:
+                self.lost = True  # judged stale and taken over by another run
+                return
+            self.info["heartbeat"] = time.time()
+            tmp = self.path.with_name(f".{self.path.name}.beat-{self.info['token']}")
+            with contextlib.suppress(OSError):
+                tmp.write_text(json.dumps(self.info), encoding="utf-8")
+                os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=LOCK_HEARTBEAT_S + 1)
+            self._thread = None
+            current = self._read()
+            if current is not None and current.get("token") == self.info["token"]:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator["OutputLock"]:
+        note = self.acquire()
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+# --------------------------------------------------------------------------------------
+# 2. shard: the records this rank computes, and what a resumable run must agree on
+# --------------------------------------------------------------------------------------
 def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int, int]:
     """Contiguous shard ``[start, stop)`` of ``n`` records for ``rank``; boundaries fall on multiples
     of ``unit`` (the inference batch size, so every rank predicts the batches one process would)."""
@@ -147,7 +358,7 @@ def describe_fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# part files
+# 3. work: part files (the durable record), the stream state
 # --------------------------------------------------------------------------------------
 def read_parts(parts_dir: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """(headers, entries by global index) of every part file; a line cut short by a kill is ignored."""
@@ -210,30 +421,6 @@ class _StoredReport:
         return copy.deepcopy(self._data) if self._data is not None else {}
 
 
-_BasePath = type(pathlib.Path())
-
-
-class AtomicPath(_BasePath):  # type: ignore[misc, valid-type]
-    """A ``Path`` whose ``write_text`` writes a temporary file next to it, then renames it into place."""
-
-    def write_text(self, data, encoding=None, errors=None, newline=None):  # type: ignore[override]
-        tmp = self.with_name(f".{self.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding=encoding, errors=errors, newline=newline) as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return len(data)
-
-
-# --------------------------------------------------------------------------------------
-# flat state for the stream broadcast
-# --------------------------------------------------------------------------------------
 def _stream_tensors(model: Any, config: Any) -> list[Any]:
     """The selected parameters (YOLOZU's ``select_parameters`` with the run's filter) and every
     buffer (running statistics included): everything stream adaptation can change."""
@@ -277,64 +464,61 @@ def _nbytes(tensors: list[Any]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+
+
 # --------------------------------------------------------------------------------------
 # progress
 # --------------------------------------------------------------------------------------
 class _Progress:
-    """Rank 0's one bar for the whole dataset: finished images over all ranks, counted from the
-    newlines every rank's part file gains (read incrementally, once a second)."""
+    """Rank 0's one bar for the whole dataset: the unique images finished (resumed ones included),
+    read once a second from the part files this host sees (every rank's on a shared filesystem,
+    rank 0's host's otherwise); never above the total, however many attempts wrote them."""
 
-    def __init__(self, parts_dir: Path, total: int, initial: int, desc: str):
+    def __init__(self, parts_dir: Path, total: int, desc: str):
         self.parts_dir = parts_dir
+        self.total = total
+        self.seen: set[int] = set()
         self._offsets: dict[str, int] = {}
-        self._lines = 0
-        self._headers = 0
+        self._tails: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.last_growth = time.monotonic()
+        self._count()
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", mininterval=PROGRESS_EVERY_S,
+            self.bar = tqdm(total=total, initial=self.done(), desc=desc, unit="img", mininterval=PROGRESS_EVERY_S,
                             file=sys.stderr, dynamic_ncols=True)
         except Exception:  # pragma: no cover - tqdm is a yolozu dependency
             self.bar = None
-        self._initial = initial
-        self._count()  # the files of earlier runs are already in `initial`
-        self._base = self._lines - self._headers
         self._thread = threading.Thread(target=self._loop, name="yolozu-ttt-progress", daemon=True)
         self._thread.start()
 
     def _count(self) -> None:
-        grew = False
         for path in self.parts_dir.glob("part-*.jsonl"):
             key = str(path)
-            start = self._offsets.get(key)
             try:
                 with open(path, "rb") as handle:
-                    handle.seek(start or 0)
+                    handle.seek(self._offsets.get(key, 0))
                     data = handle.read()
             except OSError:
                 continue
-            if start is None:
-                self._headers += 1 if data else 0
-            if data:
-                grew = True
-                self._offsets[key] = (start or 0) + len(data)
-                self._lines += data.count(b"\n")
-        if grew:
-            self.last_growth = time.monotonic()
+            self._offsets[key] = self._offsets.get(key, 0) + len(data)
+            lines = (self._tails.get(key, b"") + data).split(b"\n")
+            self._tails[key] = lines.pop()  # an unfinished last line: completed by the next read
+            for raw in lines:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    entry = json.loads(raw)
+                    if isinstance(entry, dict) and "i" in entry and 0 <= int(entry["i"]) < self.total:
+                        self.seen.add(int(entry["i"]))
 
-    def done_now(self) -> int:
-        return self._lines - self._headers - self._base
+    def done(self) -> int:
+        return min(self.total, len(self.seen))
 
     def update(self) -> None:
         with self._lock:
             self._count()
-            if self.bar is not None:
-                n = self._initial + self.done_now()
-                if n != self.bar.n:
-                    self.bar.update(n - self.bar.n)
+            if self.bar is not None and self.done() != self.bar.n:
+                self.bar.update(self.done() - self.bar.n)
 
     def _loop(self) -> None:
         while not self._stop.wait(PROGRESS_EVERY_S):
@@ -351,31 +535,35 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------------------
-# the run
+# the run: lock -> shard -> work -> gather -> merge -> publish
 # --------------------------------------------------------------------------------------
 class ShardedExport:
     """One ``export-predictions`` invocation on one rank (or a single process with ``--resume``)."""
 
     def __init__(self, mod: Any, args: argparse.Namespace, *, env: DistEnv, resume: bool, timeout_s: float,
-                 patches: Callable[[dict[str, Any]], dict[str, Any]]):
+                 patches: Callable[..., dict[str, Any]]):
         self.mod = mod
         self.args = args
         self.env = env
-        self.resume = bool(resume)
+        # an elastic restart continues the part files of the attempt before it, without --resume
+        self.resume = bool(resume) or env.restart_count > 0
         self.timeout_s = float(timeout_s)
         self._patches = patches
         self.output_path = Path(mod.repo_root / args.output)
         self.parts_dir = Path(str(self.output_path) + ".parts")
+        self.lock: OutputLock | None = None
         self.records: list[dict[str, Any]] = []
         self.manifest: dict[str, Any] = {}
         self.index_of: dict[int, int] = {}
         self.entries: dict[int, dict[str, Any]] = {}
+        self.shard: tuple[int, int] = (0, 0)
         self.token = ""
         self.writer: _PartWriter | None = None
         self.progress: _Progress | None = None
         self.adapter: Any = None
         self.current: str | None = None
         self.pending_report: dict[str, Any] | None = None
+        self.pending_engine: dict[str, Any] | None = None
         self.computed = 0
         self.resumed = 0
         self.work_start: float | None = None
@@ -389,12 +577,57 @@ class ShardedExport:
         self._started = False
         self.adapting = False
         self.stream_report: dict[str, Any] | None = None
+        self._sigterm: Any = None
+        self._busy = False            # between an image's first adaptation step and its part-file line
+        self._stop_requested = False  # SIGTERM came while busy: stop once that image is written
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self._setup()                      # process group; workers die with their launcher
+            self._lock()                       # 1. lock (rank 0), refused before any work
+            try:
+                self._work()                   # 2. shard + 3. work, inside YOLOZU's main
+            except (_Stopped, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fail(exc)
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+            statuses = self._gather()          # 4. every rank's finished records to rank 0
+            error = None
+            if self.env.rank == 0:
+                try:
+                    self._close_progress()
+                    written = self._merge()    # 5. YOLOZU's main writes temporary files
+                    self._publish(written)     # 6. os.replace them into place
+                except BaseException as exc:
+                    error = f"merge failed on rank 0: {type(exc).__name__}: {exc}"
+                    self._announce(error)
+                    raise
+            if self._announce(error) is None:
+                self._remove_parts()
+            if self.env.rank == 0:
+                self._summary(statuses)
+            return 0
+        except _Stopped:
+            raise ExportError(self._stopped_message()) from None
+        finally:
+            self._close_progress()
+            if self.lock is not None:
+                self.lock.release()
+            self._teardown()
 
     # -- setup ------------------------------------------------------------------------
     def _setup(self) -> None:
         import torch
 
         env = self.env
+        if env.torchrun:
+            die_with_launcher()
+            if threading.current_thread() is threading.main_thread():
+                self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         cuda = self.device.startswith("cuda")
         if env.torchrun and cuda and self.device == "cuda":
             # one GPU per rank
@@ -412,7 +645,17 @@ class ShardedExport:
 
             import torch.distributed as dist
 
-            dist.init_process_group(self.dist_backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            kwargs: dict[str, Any] = {}
+            if env.restart_count > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun keeps its store across restarts: the addresses the attempt before published
+                # there would send gloo's connection set-up to dead workers. This attempt's keys get a
+                # prefix of their own.
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                                      is_master=False, timeout=timeout)
+                kwargs = {"store": dist.PrefixStore(f"yolozu-ttt/attempt-{env.restart_count}", store),
+                          "rank": env.rank, "world_size": env.world_size}
+            dist.init_process_group(self.dist_backend, timeout=timeout, **kwargs)
             self._pg = True
 
     def _teardown(self) -> None:
@@ -422,6 +665,38 @@ class ShardedExport:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
             self._pg = False
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+    def _lock(self) -> None:
+        """Rank 0 takes the output's lock; every rank learns the outcome in one broadcast."""
+        refusal = None
+        if self.env.rank == 0:
+            self.lock = OutputLock(self.output_path, self.env)
+            try:
+                note = self.lock.acquire()
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            except ExportError as exc:  # OutputBusy, or an output folder that cannot be written
+                self.lock = None
+                refusal = (isinstance(exc, OutputBusy), str(exc.code))
+        refusal = self._broadcast(refusal)
+        if refusal is not None:
+            busy, message = refusal
+            if busy:  # one line, from rank 0 only
+                raise OutputBusy(message if self.env.rank == 0 else None)
+            raise ExportError(message)
+
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (one collective; the identity in one process)."""
+        if self.env.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def settings_extra(self) -> dict[str, Any]:
         return {"world_size": int(self.env.world_size), "distributed_backend": self.dist_backend}
@@ -430,7 +705,7 @@ class ShardedExport:
         text = f"rank {self.env.rank} of {self.env.world_size}"
         return f"{text}, image {image}" if image else text
 
-    # -- preflight (inside YOLOZU's main, after its own flag checks, before any model work) ----
+    # -- 2. shard: preflight (inside YOLOZU's main, after its own flag checks, before any model work)
     def _preflight(self, mine: list[int]) -> str | None:
         args = self.args
         if bool(getattr(args, "tta", False)) and str(getattr(args, "tta_mode", "")) == "model" \
@@ -463,22 +738,23 @@ class ShardedExport:
                 return f"image not found: {image} ({self._where()}, record {i})"
         return None
 
-    def _exchange(self, error: str | None) -> None:
+    def _exchange(self, error: str | None, done_here: int) -> None:
+        """Every rank's preflight outcome and resumed count, in one ``all_gather_object``."""
         token = uuid.uuid4().hex[:12]
         if self.env.world_size > 1:
             import torch.distributed as dist
 
             gathered: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(gathered, (token, error))
-            token = gathered[0][0]
-            errors = [e for _, e in gathered if e]
+            dist.all_gather_object(gathered, (token, error, done_here))
         else:
-            errors = [error] if error else []
+            gathered = [(token, error, done_here)]
+        errors = [e for _, e, _ in gathered if e]
         if errors:
             with contextlib.suppress(OSError):
                 self.parts_dir.rmdir()  # only if this run made it and nothing is in it
             raise ExportError(errors[0])
-        self.token = token
+        self.token = gathered[0][0]
+        self.resumed = sum(int(n) for _, _, n in gathered)
 
     def _manifest(self, real_build_manifest: Callable[..., Any]) -> Callable[..., Any]:
         def build_manifest(dataset_root, *a, **kw):
@@ -489,17 +765,17 @@ class ShardedExport:
             self.manifest, self.records = manifest, records
             self.index_of = {id(r): i for i, r in enumerate(records)}
             self.fingerprint = fingerprint_args(self.args, [str(r.get("image")) for r in records])
-            start, stop = shard_bounds(len(records), self.env.world_size, self.env.rank, self._unit)
-            mine = list(range(start, stop))
-            self._exchange(self._preflight(mine))
+            self.shard = shard_bounds(len(records), self.env.world_size, self.env.rank, self._unit)
+            mine = list(range(*self.shard))
+            error = self._preflight(mine)
+            self._exchange(error, sum(1 for i in mine if i in self.entries))
             self._started = True
             todo = [i for i in mine if i not in self.entries]
-            self.resumed = sum(1 for i in range(len(records)) if i in self.entries)
             self._open_part()
             if self.env.rank == 0:
-                self.progress = _Progress(self.parts_dir, len(records), len(self.entries),
+                self.progress = _Progress(self.parts_dir, len(records),
                                           f"export ({self.env.world_size} worker{'s' if self.env.world_size > 1 else ''})")
-            self.entries = {}  # rank 0 reads them all again for the merge
+            self.entries = {}
             return dict(manifest, images=[records[i] for i in todo])
 
         return build_manifest
@@ -507,42 +783,46 @@ class ShardedExport:
     def _open_part(self) -> None:
         header = {"yolozu_ttt_part": PART_VERSION, "fingerprint": _digest(self.fingerprint),
                   "args": self.fingerprint, "token": self.token, "rank": self.env.rank,
-                  "world_size": self.env.world_size, "pid": os.getpid(), "host": os.uname().nodename,
-                  "started": time.time()}
-        path = self.parts_dir / f"part-{self.token}-r{self.env.rank:05d}.jsonl"
-        self.writer = _PartWriter(path, header)
+                  "world_size": self.env.world_size, "attempt": self.env.restart_count, "pid": os.getpid(),
+                  "host": socket.gethostname(), "started": time.time()}
+        self.writer = _PartWriter(self._part_path(), header)
 
-    # -- failure signalling ---------------------------------------------------------------
-    def _marker(self, kind: str, rank: int | None = None) -> Path:
-        return self.parts_dir / f"{kind}-{self.token}-r{self.env.rank if rank is None else rank:05d}.json"
-
-    def _peer_error(self) -> dict[str, Any] | None:
-        for path in sorted(self.parts_dir.glob(f"error-{self.token}-r*.json")):
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return {"rank": "?", "message": f"see {path}"}
-        return None
-
-    def _check_peers(self) -> None:
-        if self.env.world_size > 1:
-            err = self._peer_error()
-            if err is not None:
-                raise _PeerStopped(f"stopped: rank {err.get('rank')} failed: {err.get('message')}")
+    def _part_path(self) -> Path:
+        return self.parts_dir / f"part-{self.token}-r{self.env.rank:05d}.jsonl"
 
     def _mark_start(self) -> None:
         if self.work_start is None:
             self.work_start = time.time()
 
-    # -- phase A wrappers -----------------------------------------------------------------
+    # An image is adapted once: a SIGTERM (torchrun stopping or restarting the group) that comes
+    # while an image is in hand stops the rank once that image is in the part file.
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._busy:
+            raise _Stopped()
+        self._stop_requested = True
+
+    def _begin_image(self) -> None:
+        self._mark_start()
+        if not self._busy:
+            if self._stop_requested:
+                raise _Stopped()
+            self._busy = True
+
+    def _end_image(self) -> None:
+        self._busy = False
+        if self._stop_requested:
+            raise _Stopped()
+
+    # -- 3. work: the wrappers YOLOZU's main calls ----------------------------------------------
     def _ttt(self, backend: Callable[..., Any]) -> Callable[..., Any]:
         def run_ttt(adapter, records, *, config):
-            self._check_peers()
             self._mark_start()
             if str(getattr(config, "reset", "stream")) == "sample":
+                self._begin_image()
                 self.current = str(records[0].get("image")) if len(records) == 1 else None
                 report = backend(adapter, records, config=config)
                 self.pending_report = report.to_dict()
+                self.pending_engine = last_engine()
                 return report
             return self._stream(backend, adapter, config)
 
@@ -569,6 +849,7 @@ class ShardedExport:
                 flat = pack(tensors).cpu()
                 tmp = state_path.with_name(f".{STREAM_STATE}.tmp-{os.getpid()}")
                 torch.save({"fingerprint": _digest(self.fingerprint), "report": json.dumps(real.to_dict()),
+                            "engine": json.dumps(last_engine()),
                             "flat": flat}, tmp)
                 os.replace(tmp, state_path)
         if self.env.world_size > 1:
@@ -614,8 +895,7 @@ class ShardedExport:
                 return real_predict(records)  # YOLOZU's own error
             out: list[Any] = []
             for group in self._groups(records):
-                self._check_peers()
-                self._mark_start()
+                self._begin_image()
                 self.current = str(group[0][1].get("image"))
                 preds = real_predict([rec for _, rec in group])
                 if len(preds) != len(group):
@@ -625,10 +905,12 @@ class ShardedExport:
                              "t": round(time.time(), 3)}
                     if self.pending_report is not None:
                         entry["report"] = self.pending_report
+                        entry["engine"] = self.pending_engine
                     assert self.writer is not None
                     self.writer.write(entry)
                     self.computed += 1
                 self.pending_report = None
+                self._end_image()
                 out.extend(preds)
             self.current = None
             self.work_end = time.time()
@@ -649,7 +931,7 @@ class ShardedExport:
 
         return make
 
-    # -- phase B wrappers -----------------------------------------------------------------
+    # -- 5. merge: the wrappers of YOLOZU's second main ---------------------------------------
     def _replay_ttt(self, adapter, records, *, config):
         if str(getattr(config, "reset", "stream")) == "sample":
             return _StoredReport(self.entries[self.index_of[id(records[0])]].get("report"))
@@ -658,7 +940,7 @@ class ShardedExport:
     def _replay_predict(self, records):
         return [self.entries[self.index_of[id(rec)]]["prediction"] for rec in records]
 
-    # -- the phases -----------------------------------------------------------------------
+    # -- YOLOZU's main, with our namespace and rebound globals -------------------------------
     def _main_ns(self, **changes: Any) -> argparse.Namespace:
         ns = copy.deepcopy(self.args)
         ns.max_images = None  # applied by our build_manifest, before sharding
@@ -668,15 +950,16 @@ class ShardedExport:
         return ns
 
     def _run_main(self, ns: argparse.Namespace, names: dict[str, Any]) -> None:
-        from .cli import _patched
+        from .seam import rebound
 
         def _parse_args(_argv: Any) -> argparse.Namespace:
             return ns
 
-        with _patched(self.mod, _parse_args=_parse_args, **names):
+        with rebound(self.mod, _parse_args=_parse_args, **names):
             self.mod.main([])
 
     def _work(self) -> None:
+        """2. shard and 3. work: YOLOZU's main over this rank's shard, output to a scratch file."""
         mod = self.mod
         base = self._patches(self.settings_extra())
         backend = base.pop("run_ttt", mod.run_ttt)
@@ -694,98 +977,127 @@ class ShardedExport:
             with contextlib.suppress(OSError):
                 scratch.unlink()
 
-    def _merge(self) -> None:
+    def _gather(self) -> list[dict[str, Any]]:
+        """4. gather: each rank's status and the finished records of its shard (from its part files,
+        earlier attempts included) go to rank 0 in one ``gather_object``; rank 0 adds what its own
+        host's part files hold (every rank's, on a shared filesystem)."""
+        _, local = read_parts(self.parts_dir)
+        start, stop = self.shard
+        status = {"rank": self.env.rank, "computed": self.computed, "start": self.work_start, "end": self.work_end,
+                  "entries": {i: e for i, e in local.items() if start <= i < stop}}
+        if self.env.world_size == 1:
+            statuses: list[Any] = [status]
+        else:
+            import torch.distributed as dist
+
+            statuses = [None] * self.env.world_size if self.env.rank == 0 else []
+            try:
+                dist.gather_object(status, statuses if self.env.rank == 0 else None, dst=0)
+            except Exception as exc:  # a peer died, or did not come within --dist-timeout
+                raise ExportError(f"yolozu-ttt export: {self._where()} lost the other workers while gathering "
+                                  f"the results ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                  f"{self._then()}") from None
+        if self.env.rank != 0:
+            return []
+        self.entries = local
+        for s in statuses:
+            for i, entry in s.pop("entries").items():
+                self.entries.setdefault(int(i), entry)
+        return statuses
+
+    def _merge(self) -> list[tuple[Path, Path]]:
+        """5. merge (rank 0): YOLOZU's main over the whole dataset, answered from the gathered
+        records, writing the output and its logs to temporary paths; returns (temporary, final)."""
         mod = self.mod
-        headers, self.entries = read_parts(self.parts_dir)
         missing = [i for i in range(len(self.records)) if i not in self.entries]
         if missing:
             raise ExportError(f"merge: the part files in {self.parts_dir} lack {len(missing)} image(s), e.g. "
                               f"{self.records[missing[0]].get('image')}; rerun with --resume")
+        ran = next((e["engine"] for e in self.entries.values() if e.get("engine")), None)
         if bool(getattr(self.args, "ttt", False)):
-            self.stream_report = self._load_stream_state_any(self.parts_dir / STREAM_STATE)
-        names = self._patches(self.settings_extra())
-        names.pop("run_ttt", None)
+            self.stream_report, stream_engine = self._load_stream_state_any(self.parts_dir / STREAM_STATE)
+            ran = ran or stream_engine
+        names = self._patches(self.settings_extra(), ran)  # ran: what adapted, where this rank did not
         names["run_ttt"] = self._replay_ttt
         names["build_manifest"] = lambda *a, **kw: dict(self.manifest, images=self.records)
         for name in ADAPTER_NAMES:
             names[name] = self._adapter_factory(getattr(mod, name), replay=True)
-        names["repo_root"] = AtomicPath(mod.repo_root)
-        names["Path"] = AtomicPath
+        targets = [(_temporary(self.output_path), self.output_path)]
+        changes = {"output": str(targets[0][0])}
+        for flag in ("ttt_log_out", "tta_log_out"):
+            value = getattr(self.args, flag, None)
+            if value:
+                final = Path(value) if Path(value).is_absolute() else Path(mod.repo_root / value)
+                targets.append((_temporary(final), final))
+                changes[flag] = str(targets[-1][0])
+        printed = io.StringIO()
         try:
-            self._run_main(self._main_ns(), names)
+            with contextlib.redirect_stdout(printed):
+                self._run_main(self._main_ns(**changes), names)
+        except BaseException:
+            _remove_temporaries(targets)
+            raise
         finally:
             if self.adapter is not None:
                 with contextlib.suppress(AttributeError):
                     del self.adapter.predict
+        # the logs name the output they belong to: the final path, not the temporary one
+        for tmp, _ in targets[1:]:
+            if tmp.is_file():
+                text = tmp.read_text(encoding="utf-8")
+                tmp.write_text(text.replace(json.dumps(str(targets[0][0])), json.dumps(str(self.output_path))),
+                               encoding="utf-8")
+        self._printed = printed.getvalue()
+        for tmp, final in targets:
+            self._printed = self._printed.replace(str(tmp), str(final))
+        return [(tmp, final) for tmp, final in targets if tmp.is_file()]
 
-    def _load_stream_state_any(self, path: Path) -> dict[str, Any] | None:
+    def _publish(self, targets: list[tuple[Path, Path]]) -> None:
+        """6. publish (rank 0): each temporary file fsync-ed and ``os.replace``-d onto its final path."""
+        try:
+            for tmp, final in targets:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+        finally:
+            _remove_temporaries(targets)
+        sys.stdout.write(self._printed)
+        sys.stdout.flush()
+
+    def _announce(self, error: str | None) -> str | None:
+        """Rank 0 tells every rank whether the output is in place (one broadcast)."""
+        error = self._broadcast(error)
+        if error is not None and self.env.rank != 0:
+            raise ExportError(f"{error}; the part files stay in {self.parts_dir}: rerun with --resume")
+        return error
+
+    def _remove_parts(self) -> None:
+        """The output is in place: rank 0 removes the parts folder, every other rank its own part
+        files (on hosts that do not share rank 0's filesystem)."""
+        if self.env.rank == 0:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            return
+        for path in self.parts_dir.glob(f"part-*-r{self.env.rank:05d}.jsonl"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.parts_dir.rmdir()
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def _load_stream_state_any(self, path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The stream adaptation's (report, engine), from the saved state."""
         if not path.is_file():
-            return None
+            return None, None
         import torch
 
-        return json.loads(torch.load(path, map_location="cpu", weights_only=True)["report"])
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(saved["report"]), json.loads(saved.get("engine") or "null")
 
-    def _write_marker(self, kind: str, payload: dict[str, Any]) -> None:
-        path = self._marker(kind)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(tmp, path)
-
-    def _wait_for_ranks(self) -> list[dict[str, Any]]:
-        done: dict[int, dict[str, Any]] = {}
-        while True:
-            for r in range(self.env.world_size):
-                if r not in done:
-                    path = self._marker("done", r)
-                    if path.is_file():
-                        with contextlib.suppress(OSError, ValueError):
-                            done[r] = json.loads(path.read_text(encoding="utf-8"))
-            if len(done) == self.env.world_size:
-                return [done[r] for r in range(self.env.world_size)]
-            err = self._peer_error()
-            if err is not None:
-                raise ExportError(f"{err.get('message')}; the images finished before it stay in "
-                                  f"{self.parts_dir}: rerun with --resume")
-            assert self.progress is not None
-            self.progress.update()
-            if time.monotonic() - self.progress.last_growth > self.timeout_s:
-                waiting = [r for r in range(self.env.world_size) if r not in done]
-                raise ExportError(f"no progress from rank(s) {waiting} for {self.timeout_s:g} s (--dist-timeout); "
-                                  f"the images finished so far stay in {self.parts_dir}: rerun with --resume")
-            time.sleep(0.2)
-
-    def run(self) -> int:
-        try:
-            self._setup()
-            try:
-                self._work()
-            except (_PeerStopped, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fail(exc)
-            finally:
-                if self.writer is not None:
-                    self.writer.close()
-            self._write_marker("done", {"rank": self.env.rank, "computed": self.computed,
-                                        "start": self.work_start, "end": self.work_end})
-            if self.env.rank != 0:
-                return 0
-            ranks = self._wait_for_ranks()
-            if self.progress is not None:
-                self.progress.close()
-                self.progress = None
-            self._merge()
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            self._summary(ranks)
-            return 0
-        except _PeerStopped as exc:
-            raise ExportError(f"{exc}; the images finished before it stay in {self.parts_dir}: "
-                              "rerun with --resume") from None
-        finally:
-            if self.progress is not None:
-                self.progress.close()
-            self._teardown()
-
+    # -- failures and the summary ---------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, SystemExit):
             if exc.code is None or exc.code == 0:
@@ -800,14 +1112,23 @@ class ShardedExport:
             message = f"{message} ({self._where()}, stream adaptation)"
         else:
             message = f"{message} ({self._where(self.current)})"
-        with contextlib.suppress(OSError):
-            self._write_marker("error", {"rank": self.env.rank, "image": self.current, "message": message})
         raise ExportError(message) from (exc if not isinstance(exc, SystemExit) else None)
 
-    def _summary(self, ranks: list[dict[str, Any]]) -> None:
-        computed = sum(int(r.get("computed") or 0) for r in ranks)
-        starts = [r["start"] for r in ranks if r.get("start")]
-        ends = [r["end"] for r in ranks if r.get("end")]
+    def _then(self) -> str:
+        """What happens to the finished images next, and what the user does."""
+        left = self.env.max_restarts - self.env.restart_count
+        then = (f"torchrun restarts the workers ({left} restart(s) left) and they continue from them"
+                if self.env.torchrun and left > 0 else "rerun with --resume")
+        return f"the images finished so far stay in {self.parts_dir}: {then}"
+
+    def _stopped_message(self) -> str:
+        return (f"yolozu-ttt export: {self._where()} stopped by SIGTERM (torchrun stops every worker when one "
+                f"fails); {self._then()}")
+
+    def _summary(self, statuses: list[dict[str, Any]]) -> None:
+        computed = sum(int(s.get("computed") or 0) for s in statuses)
+        starts = [s["start"] for s in statuses if s.get("start")]
+        ends = [s["end"] for s in statuses if s.get("end")]
         rate = ""
         if computed and starts and ends and max(ends) > min(starts):
             seconds = max(ends) - min(starts)
@@ -820,15 +1141,20 @@ class ShardedExport:
               f"{computed} computed, {self.resumed} from part files{adapted}{rate}", file=sys.stderr, flush=True)
 
 
-class _PeerStopped(BaseException):
-    """Another rank failed; this one stops at its next image (a BaseException, so YOLOZU's
-    ``except Exception`` around ``run_ttt`` does not turn it into a ``TTT failed`` message)."""
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _remove_temporaries(targets: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in targets:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def run_sharded(mod: Any, args: argparse.Namespace, *, env: DistEnv | None, resume: bool, timeout_s: float,
-                patches: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+                patches: Callable[..., dict[str, Any]]) -> int:
     """Run one ``export-predictions`` as rank ``env.rank`` of ``env.world_size`` (or alone, with
-    ``--resume``). ``patches(extra_settings)`` returns the cli's own module rebindings (the backend's
+    ``--resume``). ``patches(extra_settings, ran=None)`` returns the cli's own module rebindings (the backend's
     ``run_ttt`` and the settings wrapper, which adds ``extra_settings`` to the ``ttt`` block)."""
     if timeout_s <= 0:
         raise ExportError(f"--dist-timeout must be > 0 seconds (got {timeout_s:g})")

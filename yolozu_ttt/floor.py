@@ -33,7 +33,7 @@ def tent_floor_run(model: Any, batch: Any, update_filter: str, steps: int) -> No
     import torch
     from yolozu.tta.ttt_mim import select_parameters
 
-    from .seam import _entropy_loss_from_logits
+    from .seam import integration as _ref
 
     selected = select_parameters(model, update_filter=update_filter)
     try:
@@ -41,7 +41,7 @@ def tent_floor_run(model: Any, batch: Any, update_filter: str, steps: int) -> No
         for _ in range(int(steps)):
             for p in selected:
                 p.grad = None
-            _entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
+            _ref._entropy_loss_from_logits(model(batch)["logits"]).backward(inputs=selected)
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
     finally:

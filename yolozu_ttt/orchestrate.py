@@ -101,8 +101,8 @@ def _same_backend_check(original: Callable[..., None], want: tuple[str, str]) ->
 
 
 def export(argv: Sequence[str]) -> int:
-    from . import seam
-    from .cli import AMP_FLAG, BACKEND_FLAG, _PATCH_LOCK, _patched
+    from .cli import AMP_FLAG, BACKEND_FLAG
+    from .seam import cli_commands, export_orchestrator, rebound
 
     parser = build_parser()
     args = parser.parse_args(list(argv))
@@ -115,19 +115,16 @@ def export(argv: Sequence[str]) -> int:
         parser.error(f"{BACKEND_FLAG} fast needs --backend torch or dummy: YOLOZU's --backend {args.backend} "
                      "runs no run_ttt (its --ttt is the score-only lite mode)")
     if not args.ttt:
-        return int(seam._cmd_export(args))  # YOLOZU's `yolozu export`, nothing patched
+        return int(cli_commands._cmd_export(args))  # YOLOZU's `yolozu export`, nothing patched
 
-    import yolozu.cli_commands as commands
-    import yolozu.inference.export_orchestrator as orchestrator
-
-    check = _same_backend_check(orchestrator.ensure_output_matches, (backend, amp))
-    with _PATCH_LOCK, _patched(orchestrator, ensure_output_matches=check):
+    check = _same_backend_check(export_orchestrator.ensure_output_matches, (backend, amp))
+    with rebound(export_orchestrator, ensure_output_matches=check):
         if backend != "fast":
-            return int(seam._cmd_export(args))
-        run = seam._subprocess_or_die  # YOLOZU's own, as imported (the seam checks it exists)
+            return int(cli_commands._cmd_export(args))
+        run = cli_commands._subprocess_or_die  # YOLOZU's own (the seam checks it exists)
 
         def subprocess_or_die(cmd: list[str]) -> str:
             return run(fast_command(cmd, amp))
 
-        with _patched(commands, _subprocess_or_die=subprocess_or_die):
-            return int(seam._cmd_export(args))
+        with rebound(cli_commands, _subprocess_or_die=subprocess_or_die):
+            return int(cli_commands._cmd_export(args))

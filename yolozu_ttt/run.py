@@ -14,11 +14,11 @@ import warnings
 from typing import Any
 
 import torch
-from yolozu.tta import integration as _ref
 from yolozu.tta.config import SUPPORTED_TTT_METHODS, TTTConfig
 from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
 
+from .seam import integration as _ref  # first: checks YOLOZU before the methods use it
 from . import _native
 from .amp import check_amp
 from .arena import reuse_buffers

@@ -1,17 +1,150 @@
-"""The private YOLOZU names yolozu-ttt relies on, in one place, and the YOLOZU range it supports.
+"""The one seam to YOLOZU: every private YOLOZU name this package uses, checked when imported.
 
-Each name is a plain import, so an unsupported YOLOZU fails here, at import, naming the missing
-name, instead of half-way through a run.
+YOLOZU's public API (``TTTConfig``, ``TTTReport``, ``select_parameters``, the adapters, ...) is
+imported where it is used. Everything else this package reaches into, helpers with a leading
+underscore and the module globals the export rebinds for one call, is listed in :data:`PRIVATE`
+and :data:`EXPORT_GLOBALS` below and checked here, once, at import. A YOLOZU without one of them
+fails with one :class:`UnsupportedYolozu` message naming the YOLOZU versions this release supports,
+instead of an ``AttributeError`` deep inside a run.
+
+Use the modules through this one::
+
+    from yolozu_ttt.seam import integration as _ref     # _ref._take_batches(...)
+    from yolozu_ttt.seam import export_cli, rebound      # with rebound(export_cli, run_ttt=...):
 """
 from __future__ import annotations
 
-SUPPORTED_YOLOZU = ">=4.12,<5"  # as pyproject.toml's dependency
+import contextlib
+import importlib
+import threading
+from typing import Any, Iterator
 
-# ``yolozu export``'s body (fills the default --dataset, runs the orchestrator with YOLOZU's own
-# subprocess runner and run meta, prints the output path): ``yolozu-ttt export`` calls it as is
-from yolozu.cli_commands import _cmd_export  # noqa: E402,F401
-# its subprocess runner: ``yolozu-ttt export --ttt-backend fast`` rebinds this module global for
-# the call, so the export subprocess is this package's ``export-predictions``
-from yolozu.cli_commands import _subprocess_or_die  # noqa: E402,F401
-# Tent's entropy loss, as YOLOZU's run_ttt computes it: the floor's loss (yolozu_ttt.floor)
-from yolozu.tta.integration import _entropy_loss_from_logits  # noqa: E402,F401
+#: The YOLOZU releases this yolozu-ttt release is built and tested against (pyproject: ``yolozu>=4.12,<5``).
+SUPPORTED_YOLOZU = ">=4.12,<5"
+
+#: Private names, by YOLOZU module, and who uses them.
+PRIVATE: dict[str, tuple[str, ...]] = {
+    "yolozu.tta.integration": (
+        "_take_batches",              # run.py: the reference's batch cut (max_batches)
+        "_memory_start",              # run.py: the report's memory block
+        "_memory_finish",             # run.py
+        "_count_unique_params",       # methods/loop.py: updated_param_count
+        "_entropy_loss_from_logits",  # methods/loop.py, eata.py: the entropy fallback (ops.entropy_loss mirrors it)
+        "_eata_sample_signals",       # methods/eata.py (ops.entropy_stats mirrors it)
+        "_extract_logits",            # methods/eata.py, sar.py
+        "_forward_cotta_augs",        # methods/cotta.py
+    ),
+    "yolozu.tta.tent": (
+        "_extract_outputs",           # methods/tent.py
+        "_extract_logits",            # methods/tent.py
+        "_entropy",                   # methods/tent.py
+        "_deterministic_weak_photometric_view",  # methods/tent.py
+        "_aux_consistency_loss",      # methods/tent.py
+    ),
+    "yolozu.tta.ttt_mim": (
+        "_default_recon_fn",          # methods/mim.py
+        "_default_geom_input",        # methods/mim.py
+    ),
+    "yolozu.inference.export_predictions_cli": (
+        "_parse_args",                # cli.py: YOLOZU's own export parser, captured
+    ),
+    "yolozu.cli_commands": (
+        "_cmd_export",                # orchestrate.py: `yolozu export`'s body, called as is
+        "_subprocess_or_die",         # orchestrate.py: its subprocess runner (rebound for the fast backend)
+    ),
+}
+
+EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
+
+#: The globals of YOLOZU's export module that yolozu-ttt rebinds for the duration of one call
+#: (restored afterwards, also on failure): ``argparse`` (to capture the parser), ``_parse_args``
+#: (to hand ``main`` our namespace), ``run_ttt`` and ``build_ttt_settings_from_args`` (the fast
+#: backend), ``build_manifest``, the adapter classes (the sharded export), and ``repo_root`` (read).
+EXPORT_GLOBALS = ("argparse", "_parse_args", "main", "run_ttt", "build_ttt_settings_from_args", "build_manifest",
+                  "RTDETRPoseAdapter", "DummyAdapter", "repo_root")
+
+#: Every module global rebound for one call, by module: the export module's above; ``yolozu
+#: export``'s output-reuse check (``yolozu-ttt export`` reuses an output only from the backend that
+#: made it) and its subprocess runner (the fast backend's export subprocess is ours).
+REBOUND: dict[str, tuple[str, ...]] = {
+    EXPORT_MODULE: EXPORT_GLOBALS,
+    "yolozu.inference.export_orchestrator": ("ensure_output_matches",),
+    "yolozu.cli_commands": ("_subprocess_or_die",),
+}
+
+
+class UnsupportedYolozu(ImportError):
+    """The installed YOLOZU lacks a name yolozu-ttt needs (``missing``; ``supported`` is
+    :data:`SUPPORTED_YOLOZU`, for callers that catch this import error)."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.supported = SUPPORTED_YOLOZU
+
+
+def _yolozu_version() -> str:
+    try:
+        import yolozu
+
+        return str(getattr(yolozu, "__version__", "unknown"))
+    except Exception:  # pragma: no cover - yolozu itself not importable
+        return "not importable"
+
+
+def missing_names() -> list[str]:
+    """Every required ``module.name`` the installed YOLOZU lacks (empty when it fits)."""
+    missing = []
+    wanted = {module: tuple(dict.fromkeys((*PRIVATE.get(module, ()), *REBOUND.get(module, ()))))
+              for module in dict.fromkeys((*PRIVATE, *REBOUND))}
+    for module_name, names in wanted.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(module_name)
+            continue
+        missing.extend(f"{module_name}.{name}" for name in names if not hasattr(module, name))
+    return missing
+
+
+def check() -> None:
+    """Raise :class:`UnsupportedYolozu` (one message) if the installed YOLOZU lacks a required name."""
+    missing = missing_names()
+    if missing:
+        from . import __version__
+
+        raise UnsupportedYolozu(
+            f"yolozu-ttt {__version__} supports yolozu {SUPPORTED_YOLOZU}; the installed yolozu "
+            f"{_yolozu_version()} lacks {', '.join(missing)}: install a supported yolozu "
+            f"(pip install 'yolozu{SUPPORTED_YOLOZU}')",
+            missing,
+        )
+
+
+check()
+
+from yolozu import cli_commands  # noqa: E402  (checked above)
+from yolozu.inference import export_orchestrator  # noqa: E402
+from yolozu.inference import export_predictions_cli as export_cli  # noqa: E402
+from yolozu.tta import integration, tent, ttt_mim  # noqa: E402
+
+_REBIND_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def rebound(module: Any, **names: Any) -> Iterator[None]:
+    """Bind ``module.NAME = value`` for each of ``names`` for the duration of the block (one
+    thread at a time), restoring every one afterwards, also on failure."""
+    with _REBIND_LOCK:
+        saved = {name: getattr(module, name) for name in names}
+        try:
+            for name, value in names.items():
+                setattr(module, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+
+
+__all__ = ["SUPPORTED_YOLOZU", "PRIVATE", "EXPORT_GLOBALS", "REBOUND", "UnsupportedYolozu", "check", "missing_names",
+           "cli_commands", "export_orchestrator", "export_cli", "integration", "tent", "ttt_mim", "rebound"]
