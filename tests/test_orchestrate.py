@@ -74,7 +74,7 @@ def test_parser_is_yolozu_export_plus_our_flags(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(entry, "_cmd_export", lambda a: seen.setdefault("theirs", vars(a).copy()) and 0)
-    monkeypatch.setattr(seam, "_cmd_export", lambda a: seen.setdefault("ours", vars(a).copy()) and 0)
+    monkeypatch.setattr(seam.cli_commands, "_cmd_export", lambda a: seen.setdefault("ours", vars(a).copy()) and 0)
     argv = ["--backend", "torch", "--dataset", str(tmp_path), "--ttt", "--ttt-ste", "3", "--image-size", "64"]
     entry.main(["export", *argv])
     cli.main(["export", *argv, "--ttt-backend", "reference"])

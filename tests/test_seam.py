@@ -37,7 +37,7 @@ def test_supported_versions_match_pyproject():
     assert f'"yolozu{seam.SUPPORTED_YOLOZU}"' in pyproject
 
 
-def _import_without(module: str, name: str, what: str = "import yolozu_ttt") -> subprocess.CompletedProcess:
+def _import_without(module: str, name: str, what: str = "from yolozu_ttt import run_ttt") -> subprocess.CompletedProcess:
     code = f"import importlib; m = importlib.import_module({module!r}); delattr(m, {name!r}); {what}"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
@@ -57,6 +57,17 @@ def test_a_yolozu_lacking_one_name_fails_with_the_one_message(module, name):
                     f"{seam.SUPPORTED_YOLOZU}; the installed yolozu {yolozu.__version__} lacks {module}.{name}: "
                     f"install a supported yolozu (pip install 'yolozu{seam.SUPPORTED_YOLOZU}')")
     assert "AttributeError" not in res.stderr
+
+
+def test_the_command_line_says_it_in_one_line():
+    """`yolozu-ttt` on a YOLOZU lacking a name: exit 2 and the one message, no traceback."""
+    res = _import_without("yolozu.tta.integration", "_take_batches",
+                          "import sys; from yolozu_ttt.cli import main; sys.exit(main(['doctor']))")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("yolozu-ttt: error: yolozu-ttt ")
+    assert "lacks yolozu.tta.integration._take_batches" in lines[0] and seam.SUPPORTED_YOLOZU in lines[0]
 
 
 def test_export_does_not_import_the_cli():

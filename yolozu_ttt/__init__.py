@@ -42,6 +42,14 @@ def build_info() -> dict[str, Any]:
     }
 
 
-from .run import run_ttt  # noqa: E402  (after __version__: run imports nothing from here)
+def __getattr__(name: str) -> Any:
+    """``yolozu_ttt.run_ttt``, imported on first use: importing the package itself reaches no YOLOZU
+    name, so the command line can report an unsupported YOLOZU (``seam.UnsupportedYolozu``) in one
+    line instead of a traceback."""
+    if name == "run_ttt":
+        from .run import run_ttt
+
+        return run_ttt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["__version__", "build_info", "run_ttt"]

@@ -519,6 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    try:
+        from . import seam  # noqa: F401  (every private YOLOZU name, checked on import)
+    except ImportError as exc:  # an unsupported or missing YOLOZU: one line, no traceback
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     if command == "export-predictions":
         return export_predictions(rest)
     if command == "export":

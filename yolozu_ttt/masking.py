@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from yolozu.tta import ttt_mim as _mim
+from .seam import ttt_mim as _mim
 
 from . import ops
 from .common import SUPPORTED_DTYPES

@@ -15,7 +15,7 @@ import copy
 from typing import Any
 
 import torch
-from yolozu.tta import integration as _ref
+from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from yolozu.tta import integration as _ref
+from ..seam import integration as _ref
 
 from .. import ops
 from .loop import Method, StepOutcome

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from yolozu.tta import integration as _ref
+from ..seam import integration as _ref
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.ttt_mim import select_parameters
 

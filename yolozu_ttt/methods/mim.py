@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from yolozu.tta import ttt_mim as _mim
+from ..seam import ttt_mim as _mim
 
 from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss
 from .loop import Method, StepOutcome

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from yolozu.response_selection import detector_response_loss
-from yolozu.tta import tent as _tent
+from ..seam import tent as _tent
 
 from .loop import Method, StepOutcome, entropy
 
