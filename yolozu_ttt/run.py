@@ -11,7 +11,7 @@ import importlib.util
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from yolozu.tta import integration as _ref
@@ -142,6 +142,17 @@ class TTTSession:
     def run(self, records: list[dict[str, Any]]) -> TTTReport:
         """One adaptation on ``records`` from the session's starting values (see the class)."""
         return self._run(records, stacklevel=4)
+
+    def run_parallel(self, records: list[dict[str, Any]], k: int,
+                     on_image: Callable[[int, dict[str, Any], TTTReport], Any] | None = None) -> list[TTTReport]:
+        """Each record adapted alone from the session's start, ``k`` records at once, each by its
+        own replica (parameters, Adam state, norm statistics, snapshots, guards): the reports
+        ``run([record])`` gives, in order, within float tolerance. ``on_image(index, record,
+        report)`` is called for each with the model holding that record's adapted state. What
+        cannot run K at once runs one by one with a warning; see ``yolozu_ttt.parallel``."""
+        from .parallel import run_parallel
+
+        return run_parallel(self, records, k, on_image)
 
     def close(self) -> None:
         """Unbind the model (idempotent); a later :meth:`run` binds again."""
