@@ -33,15 +33,19 @@ def tiny_rtdetr() -> torch.nn.Module:
 
 
 def parallel(model, batches, cfg, k):
-    """run_parallel over every batch's record: the reports and each record's adapted state."""
+    """run_parallel over every batch's record: the reports and each record's adapted state (seen
+    by ``on_image`` in the training mode run_ttt leaves); a plain run afterwards still starts from
+    the session's start."""
     states = {}
+    training = model.training
 
     def on_image(index, record, report):
-        assert record == {"i": index}
+        assert record == {"i": index} and model.training == training
         states[index] = copy.deepcopy(model.state_dict())
 
     with TTTSession(RecordAdapter(model, batches), cfg) as session:
         reports = session.run_parallel([{"i": i} for i in range(len(batches))], k, on_image)
+        assert_reports_match(reports[0], session.run([{"i": 0}]), rtol=0.0, atol=0.0)
     return reports, [states[i] for i in range(len(batches))]
 
 
