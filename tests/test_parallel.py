@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import assert_models_match, assert_reports_match, make_model, method_config
 from test_session import RecordAdapter
+from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
-from yolozu_ttt.parallel import ParallelFallbackWarning
+from yolozu_ttt.parallel import ParallelFallbackWarning, entropy
 from yolozu_ttt.run import TTTSession
 
 
@@ -115,6 +116,14 @@ def test_shrunk_rtdetr_at_batch_one_keeps_the_norm_gradient_fix():
     ref = reference_run_ttt(RecordAdapter(ref_model, batches), [{"i": 1}], config=cfg)
     ours = reports[1].step_metrics[0]["grad_norm"]
     assert abs(ref.step_metrics[0]["grad_norm"] - ours) > 0.01 * ours  # the case has the batch-1 error
+    for i in (1, 2):  # the grouped images' first grads against a channels-last truth (read as laid out)
+        truth = copy.deepcopy(model).train()
+        truth.load_state_dict(start)
+        params = select_parameters(truth, update_filter="norm_only")
+        logits = truth(batches[i].contiguous(memory_format=torch.channels_last))["logits"]
+        grads = torch.autograd.grad(entropy(logits), params)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        assert reports[i].step_metrics[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
 @pytest.mark.parametrize("k, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
