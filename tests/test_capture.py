@@ -295,8 +295,9 @@ def test_builtin_rtdetr_whole_step_is_capturable(replayed):
 
 @pytest.mark.parametrize("method", ["tent", "eata"])
 def test_whole_step_in_a_session_equals_eager(replayed, method):
-    """``--ttt-reset sample``'s session: every run reuses the arena's buffers and captures anew; the
-    runs equal an eager session's, run for run."""
+    """``--ttt-reset sample``'s session: one capture for the whole session, replayed by every later
+    run from its first step (each run reset to the session's start); the runs equal an eager
+    session's, run for run."""
     cfg = config(method, steps=3)
     reports, models = {}, {}
     for graph in (True, False):
@@ -309,4 +310,5 @@ def test_whole_step_in_a_session_equals_eager(replayed, method):
     for ours, ref in zip(reports[True], reports[False]):
         assert_reports_match(ours, ref, rtol=0.0, atol=0.0)
     assert_same_run((reports[True][-1], models[True]), (reports[False][-1], models[False]))
-    assert len(replayed) == 3 and all(len(g.captured) == 1 for g in replayed)  # one StepGraph per run
+    assert len(replayed) == 1 and len(replayed[0].captured) == 1  # one StepGraph, one capture
+    assert replayed[0].captured[0].replays == 2 + 3 + 3  # the first run's warm-up step ran eagerly

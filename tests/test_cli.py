@@ -242,7 +242,8 @@ def test_fast_failure_inside_run_ttt_uses_yolozu_handler(sample, tmp_path, monke
         raise RuntimeError("simulated engine failure")
 
     monkeypatch.setattr(yolozu_ttt, "run_ttt", boom)
-    monkeypatch.setattr(yolozu_ttt.run, "run_ttt", boom)  # what a prepared session calls
+    monkeypatch.setattr(yolozu_ttt.run.TTTSession, "run",  # a prepared session's runs
+                        lambda self, records: boom(self.adapter, records, config=self.config))
     with pytest.raises(SystemExit) as exc:
         cli.main(["export-predictions", *_rtdetr_args(sample), "--ttt", "--ttt-backend", "fast",
                   "--ttt-update-filter", "norm_only", "--output", str(tmp_path / "x.json")])

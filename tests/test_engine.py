@@ -9,7 +9,7 @@ import torch
 from conftest import make_model, skip_under_interpreter
 
 from yolozu_ttt import engine as E
-from yolozu_ttt.arena import ParamArena, reuse_buffers
+from yolozu_ttt.arena import ParamArena
 from yolozu_ttt.common import STAT_KEYS, use_triton
 
 
@@ -71,20 +71,18 @@ def test_backend_choice_is_the_dispatch_rule():
     assert E.backend_module("cpp").__name__ == "yolozu_ttt._C"
 
 
-def test_bind_groups_builds_once_and_resets_a_reused_group_to_a_fresh_run():
-    cache: dict = {}
+def test_bind_groups_builds_once_and_reset_state_starts_a_fresh_run():
     model = make_model()
-    with reuse_buffers(cache):
-        with ParamArena(model, norm_params(model)) as arena:
-            assert all(g.engine is None for g in arena.groups)  # the arena builds no backend object
-            engine = E.UpdateEngine(arena, lr=1e-2)
-            (first,) = engine._groups
-            arena.backward(loss_of(model))
-            engine.step(write_snapshot=False)
-            assert max(first.steps) == 1
-        with ParamArena(model, norm_params(model)) as arena:
-            (again,) = E.UpdateEngine(arena, lr=1e-2)._groups
-    assert again is first and max(first.steps) == 0  # the session's group, Adam state reset
+    with ParamArena(model, norm_params(model)) as arena:
+        assert all(g.engine is None for g in arena.groups)  # the arena builds no backend object
+        engine = E.UpdateEngine(arena, lr=1e-2)
+        (first,) = engine._groups
+        assert E.bind_groups(arena) == [first]
+        arena.backward(loss_of(model))
+        engine.step(write_snapshot=False)
+        assert max(first.steps) == 1 and engine.total_update_norm > 0.0
+        engine.reset_state()  # a session's next run: Adam state and the running total reset
+        assert max(first.steps) == 0 and engine.total_update_norm == 0.0
 
 
 # ---- the graph cache ---------------------------------------------------------------------------

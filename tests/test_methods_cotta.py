@@ -228,13 +228,15 @@ def test_teacher_shares_unselected_params_and_owns_only_the_selected(update_filt
 
 
 def test_session_runs_match_fresh_runs():
-    """prepare_session reuses the arena buffers; each run binds its own teacher."""
+    """prepare_session keeps one teacher; each run resets it with the student to the session's start."""
     from yolozu_ttt.run import prepare_session
 
     cfg = cotta(update_filter="norm_only", cotta_restore_prob=0.1, seed=2)
     fresh, reused = make_model(), make_model()
+    start = copy.deepcopy(fresh.state_dict())
     session = prepare_session(ListAdapter(reused, make_batches(3)), cfg)
     for _ in range(2):
+        fresh.load_state_dict(start)
         expected = yolozu_ttt.run_ttt(ListAdapter(fresh, make_batches(3)), [], config=cfg)
         got = session.run([])
         assert got.step_metrics == expected.step_metrics

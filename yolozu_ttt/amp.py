@@ -95,11 +95,16 @@ class LossScaler:
 
     def __init__(self, device: torch.device, *, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000):
-        self.scale = float(init_scale)
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
         self.growth_interval = int(growth_interval)
-        self.clean_steps = 0
+        self.init_scale = float(init_scale)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """The state of a new scaler (a session's next run)."""
+        self.scale = self.init_scale
+        self.clean_steps = 0
         self.step_overflowed = False  # the last step's grads overflowed (it was not applied)
 
     def begin_step(self) -> float:

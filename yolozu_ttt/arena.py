@@ -9,15 +9,15 @@ weight does not require grad, which costs more than the backward saves).
 
 What a group holds is split by lifetime:
 
-- :class:`GroupBuffers` may outlive a run: the flat values, grads, Adam moments, the has-grad
-  flags and the backend's group object. ``reuse_buffers`` keeps them for the next run of the same
-  layout (``--ttt-reset sample`` adapts the same model over and over).
+- :class:`GroupBuffers`: the flat values, grads, Adam moments, the has-grad flags and the
+  backend's group object.
 - :class:`GroupBinding` binds one run: the parameters, their original storages and the grad hooks.
   While the values live in the arena, the originals hold the run's starting values: the C++
   engine reads them as its base snapshot (one pointer per segment, no copy); for the Triton
   engine, originals nobody else shares are emptied and a flat base copy is made instead.
   ``with arena:`` (or ``close()``) copies the values back into the originals (grown back where
-  emptied) and rebinds them, on every exit path.
+  emptied) and rebinds them, on every exit path. A session keeps one arena bound over many runs
+  (``yolozu_ttt.methods.loop.StepLoop``): ``reset_values`` puts the starting values back.
 - :class:`Snapshot`: the pre-step values for a rollback, in the grad buffer or a buffer of its own.
 
 Methods use the arena's operations (``backward``, the snapshot, ``scale_grads`` ...), never its
@@ -26,18 +26,14 @@ group objects built and bound, on the engine side (``yolozu_ttt.engine``): the a
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch._utils import _unflatten_dense_tensors
 
 from .common import SUPPORTED_DTYPES
 from .engine import backend_for
-
-_BUFFER_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("yolozu_ttt_buffer_cache", default=None)
 
 
 @dataclass
@@ -75,7 +71,8 @@ class GroupBuffers:
                    exp_avg_sq=moments[1], base=base, has_grad=bytearray(len(sizes)))
 
     def unbind_run(self) -> None:
-        """Drop the run's tensors from the engine (a cached engine must not keep the originals alive)."""
+        """Drop the run's tensors from the engine (an engine object that outlives the arena must not
+        keep the originals alive)."""
         self.engine.set_snapshot(None)
         self.engine.set_teacher(None)
         if self.backend == "cpp":
@@ -207,18 +204,12 @@ class ParamArena:
             names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
             raise TypeError(f"yolozu_ttt: unsupported parameter dtype {ps[0].dtype} ({names})")
         sizes = [int(p.numel()) for p in ps]
-        key = (str(ps[0].device), ps[0].dtype, tuple(sizes))
-        cache = _BUFFER_CACHE.get()
-        buffers = cache.get(key) if cache is not None else None
         backend = backend_for(ps[0])
         with torch.no_grad():
-            if buffers is None:
-                # the values first: on CUDA the originals are emptied before the other buffers
-                # exist, so the peak during construction holds each selected parameter once
-                flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            else:  # same layout as an earlier run in this session: refill its buffers
-                flat = torch.cat([p.detach().reshape(-1) for p in ps], out=buffers.flat)
-            binding = GroupBinding(buffers=buffers, params=ps, originals=[p.data for p in ps])  # type: ignore[arg-type]
+            # the values first: on CUDA the originals are emptied before the other buffers exist,
+            # so the peak during construction holds each selected parameter once
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            binding = GroupBinding(buffers=None, params=ps, originals=[p.data for p in ps])  # type: ignore[arg-type]
             self.groups.append(binding)  # registered before rebinding so close() can undo it
             for p, view in zip(ps, _unflatten_dense_tensors(flat, ps)):
                 p.data = view
@@ -228,18 +219,11 @@ class ParamArena:
                 binding.base = [o.contiguous() for o in binding.originals]
             else:
                 binding.released = _release_unshared(binding.originals)
-            if buffers is None:
-                buffers = binding.buffers = GroupBuffers.allocate(flat, sizes, backend)
-            else:
-                buffers.grad.zero_()
-                if backend == "triton":
-                    buffers.base.copy_(flat)  # the run's starting values
+            buffers = binding.buffers = GroupBuffers.allocate(flat, sizes, backend)
             for p, view in zip(ps, _unflatten_dense_tensors(buffers.grad, ps)):
                 p.grad = view
         for i, p in enumerate(ps):
             binding.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(buffers.has_grad, i)))
-        if cache is not None:
-            cache[key] = buffers
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -321,6 +305,38 @@ class ParamArena:
                 by_param.update({id(p): v for p, v in zip(g.params, views)})
         return bound, by_param
 
+    def refill_copies(self, copies: list[torch.Tensor]) -> None:
+        """Copy the current values into the tensors of :meth:`value_copies` (its buffers in order:
+        one per parameter of a C++ group, one flat per Triton group)."""
+        src = [t for g in self.groups for t in ([p.detach() for p in g.params] if g.backend == "cpp" else [g.flat])]
+        if len(src) != len(copies):
+            raise ValueError(f"yolozu_ttt: {len(copies)} copies for an arena of {len(src)} buffers")
+        with torch.no_grad():
+            torch._foreach_copy_(list(copies), src)
+
+    def reset_values(self) -> None:
+        """The parameters back to the values they had when the arena was built (a session's next
+        run): from the originals the C++ engine reads as its base, or Triton's base copy."""
+        self.snapshot.drop(only_in_grad=True)
+        with torch.no_grad():
+            for g in self.groups:
+                if g.base is not None:
+                    torch._foreach_copy_(g.segments(), [b.reshape(-1) for b in g.base])
+                else:
+                    g.flat.copy_(g.buffers.base)
+
+    def bound(self) -> bool:
+        """Whether every selected parameter's ``.data`` is still its view of the flat buffer (nobody
+        rebound it since the arena was built)."""
+        if self._closed:
+            return False
+        for g in self.groups:
+            ptr, size = g.flat.data_ptr(), g.flat.element_size()
+            for p, offset in zip(g.params, g.offsets):
+                if p.data.data_ptr() != ptr + offset * size or p.dtype != g.flat.dtype:
+                    return False
+        return True
+
     @property
     def backend(self) -> str:
         """The one backend all groups run on ("cpp" or "triton")."""
@@ -351,7 +367,7 @@ class ParamArena:
                     p.grad = None
                 if g.buffers is not None and g.buffers.engine is not None:
                     g.buffers.unbind_run()
-                # drop the work buffers before the originals grow back (a session's cache keeps its own)
+                # drop the work buffers before the originals grow back
                 g.buffers = g.snap = g.base = None  # type: ignore[assignment]
                 for storage, nbytes in g.released:
                     storage.resize_(nbytes)
@@ -388,20 +404,6 @@ def _release_unshared(originals: list[torch.Tensor]) -> list[tuple[torch.Untyped
         released.append((storage, storage.nbytes()))
         storage.resize_(0)
     return released
-
-
-@contextlib.contextmanager
-def reuse_buffers(cache: dict) -> Iterator[None]:
-    """Within the block, an arena with the layout of an earlier one in ``cache`` reuses its
-    :class:`GroupBuffers` (refilled from the parameters, fresh Adam state) instead of allocating.
-
-    For callers that adapt the same model over and over, e.g. ``--ttt-reset sample``.
-    """
-    token = _BUFFER_CACHE.set(cache)
-    try:
-        yield
-    finally:
-        _BUFFER_CACHE.reset(token)
 
 
 def _flag_setter(flags: bytearray, index: int):

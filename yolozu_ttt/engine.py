@@ -52,21 +52,17 @@ def backend_module(backend: str) -> Any:
 
 
 def bind_groups(arena: "ParamArena") -> list[Any]:
-    """The backend's group object of every arena group: built over the group's buffers at their
-    first run, reset to a fresh run (Adam state, the run's base) when a session reuses them."""
+    """The backend's group object of every arena group, built over the group's buffers (once: an
+    engine already built for them is the same)."""
     groups = []
     for binding in arena.groups:
         buffers = binding.buffers
-        base = buffers.base if buffers.backend == "triton" else binding.base
         if buffers.engine is None:
+            base = buffers.base if buffers.backend == "triton" else binding.base
             impl = backend_module(buffers.backend)
             cls = impl.TritonArenaGroup if buffers.backend == "triton" else impl.ArenaGroup
             buffers.engine = cls(buffers.flat, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq, base,
                                  binding.snap, buffers.offsets, buffers.sizes, buffers.has_grad)
-        else:
-            if buffers.backend == "cpp":
-                buffers.engine.set_base(base)
-            buffers.engine.reset_state()  # Adam moments and step counts
         groups.append(buffers.engine)
     return groups
 
@@ -228,6 +224,14 @@ class UpdateEngine:
         if self.backend == "triton":
             for g in self._groups:
                 g.reserve_steps(steps)
+
+    def reset_state(self) -> None:
+        """A fresh run on the same groups (a session's next run): Adam moments and step counts
+        reset, no update applied yet, the gate open."""
+        for g in self._groups:
+            g.reset_state()
+        self.total_update_norm = 0.0
+        self._gate.fill_(1.0)
 
     def gate(self, open_: torch.Tensor) -> None:
         """Decide on the device whether the next gated step (``StepSpec.gated``) applies: where

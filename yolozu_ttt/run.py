@@ -11,7 +11,7 @@ import importlib.util
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from yolozu.tta.config import SUPPORTED_TTT_METHODS, TTTConfig
@@ -21,9 +21,8 @@ from yolozu.tta.method_profiles import get_ttt_method_profile
 from .seam import integration as _ref  # first: checks YOLOZU before the methods use it
 from . import _native
 from .amp import check_amp
-from .arena import reuse_buffers
 from .common import CUDA_GRAPH, SUPPORTED_DTYPES
-from .methods.loop import Method, RunContext, run_steps
+from .methods.loop import Method, RunContext, StepLoop
 from .engine import backend_for
 
 # Captured at import: the fallback must reach YOLOZU's own implementation even where a caller has
@@ -79,7 +78,7 @@ def last_engine() -> dict[str, Any] | None:
 
 
 def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None,
-              amp: str = "off") -> TTTReport:
+              amp: str = "off", stacklevel: int = 3) -> TTTReport:
     """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot), say so once per
     process and reason. The reference runs in fp32: a requested ``amp`` is named in the reason."""
     if reason is not None and amp != "off":
@@ -88,7 +87,7 @@ def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, re
     if reason is not None and reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"yolozu_ttt: running YOLOZU's reference run_ttt at reference speed: {reason}",
-                      ReferenceFallbackWarning, stacklevel=3)
+                      ReferenceFallbackWarning, stacklevel=stacklevel)
     return reference_run_ttt(adapter, records, config=config)
 
 
@@ -109,60 +108,130 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
     Disabled configs run YOLOZU's reference unchanged. Methods not accelerated here and models the
     engine cannot hold (float64, devices other than CPU/CUDA, a CPU model without the compiled
     extension) run it too (in fp32), with a :class:`ReferenceFallbackWarning` saying why.
+
+    One run of a :class:`TTTSession` closed at its end.
     """
-    amp = check_amp(amp)
-    graph = CUDA_GRAPH if graph is None else bool(graph)
-    method = str(config.method or "tent").lower()
-    methods = _accelerated()
-    if not config.enabled:
-        return _fallback(adapter, records, config, None)
-    if method not in methods:  # YOLOZU's own error for a method it does not know either
-        known = method in SUPPORTED_TTT_METHODS
-        return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known else None,
-                         amp)
-    if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
-        candidate = adapter.get_model()
-        problem = engine_problem(candidate) if candidate is not None else None
-        if problem is not None:
-            return _fallback(adapter, records, config, problem, amp)
+    with TTTSession(adapter, config, amp, graph) as session:
+        return session._run(records, stacklevel=4)
 
-    if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
-        raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
-    model = adapter.get_model()
-    if model is None:
-        raise RuntimeError("TTT requires a non-null model from adapter.get_model()")
-    loader = adapter.build_loader(records, batch_size=int(config.batch_size))
-    batches = _ref._take_batches(loader, max_batches=int(config.max_batches))
-    if not batches:
-        raise RuntimeError("TTT requires at least one batch from adapter.build_loader()")
-    steps = int(config.steps)
-    if steps <= 0:
-        raise ValueError("steps must be > 0")
 
-    ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None, amp=amp,
-                     graph=graph)
-    if config.seed is not None:
-        try:
-            ctx.generator = torch.Generator(device="cpu")
-            ctx.generator.manual_seed(int(config.seed))
-        except Exception:  # pragma: no cover
-            ctx.warnings.append("failed_to_seed_generator")
-            ctx.generator = None
+class TTTSession:
+    """``run_ttt`` over and over on one adapter and config (``--ttt-reset sample``), bound once.
 
-    was_training = bool(getattr(model, "training", False))
-    memory_start = _ref._memory_start(model)
-    start = time.time()
-    try:
-        run_steps(ctx, methods[method](ctx))
-    finally:
-        _LAST.engine = {"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})}
-        if not was_training:
+    The first :meth:`run` selects the parameters and builds the arena, the engine, the method and
+    (graph mode) its captured step; every later run reuses them and starts from what the session
+    holds: the selected parameters and the norm buffers as they were at the first run, fresh Adam
+    state, the method's run state afresh (see ``yolozu_ttt.methods.loop.StepLoop``). Each run's
+    report is the one ``run_ttt`` gives for the same records from those values.
+
+    Between runs the selected parameters stay bound to the session's flat buffers: their values are
+    the model's (the last run's adapted values, changed in place by anyone, e.g. YOLOZU's reset),
+    their ``.grad`` is None, ``requires_grad`` and the training flags are as ``run_ttt`` leaves
+    them, on every exit path of a run (an exception or KeyboardInterrupt leaves the values where
+    the reference would, and the next run still resets). A new model, or a selected parameter
+    whose ``.data`` was rebound, rebinds the session from the model's values then.
+    :meth:`close` (or ``with``) unbinds: the parameters get their original storages back with
+    their current values.
+    """
+
+    def __init__(self, adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None):
+        self.adapter, self.config, self.amp = adapter, config, check_amp(amp)
+        self.graph = CUDA_GRAPH if graph is None else bool(graph)
+        self.loop: StepLoop | None = None
+
+    def run(self, records: list[dict[str, Any]]) -> TTTReport:
+        """One adaptation on ``records`` from the session's starting values (see the class)."""
+        return self._run(records, stacklevel=4)
+
+    def run_parallel(self, records: list[dict[str, Any]], k: int,
+                     on_image: Callable[[int, dict[str, Any], TTTReport], Any] | None = None) -> list[TTTReport]:
+        """Each record adapted alone from the session's start, ``k`` records at once, each by its
+        own replica (parameters, Adam state, norm statistics, snapshots, guards): the reports
+        ``run([record])`` gives, in order, within float tolerance. ``on_image(index, record,
+        report)`` is called for each with the model holding that record's adapted state. What
+        cannot run K at once runs one by one with a warning; see ``yolozu_ttt.parallel``."""
+        from .parallel import run_parallel
+
+        return run_parallel(self, records, k, on_image)
+
+    def close(self) -> None:
+        """Unbind the model (idempotent); a later :meth:`run` binds again."""
+        loop, self.loop = self.loop, None
+        if loop is not None:
+            loop.close()
+
+    def __enter__(self) -> "TTTSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _run(self, records: list[dict[str, Any]], stacklevel: int) -> TTTReport:
+        adapter, config, amp = self.adapter, self.config, self.amp
+        method = str(config.method or "tent").lower()
+        methods = _accelerated()
+        if not config.enabled:
+            return _fallback(adapter, records, config, None, stacklevel=stacklevel)
+        if method not in methods:  # YOLOZU's own error for a method it does not know either
+            known = method in SUPPORTED_TTT_METHODS
+            return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known
+                             else None, amp, stacklevel=stacklevel)
+        if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
+            candidate = adapter.get_model()
+            bound = self.loop is not None and self.loop.fits(candidate)
+            problem = engine_problem(candidate) if candidate is not None and not bound else None
+            if problem is not None:
+                self.close()
+                return _fallback(adapter, records, config, problem, amp, stacklevel=stacklevel)
+
+        if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
+            raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
+        model = adapter.get_model()
+        if model is None:
+            raise RuntimeError("TTT requires a non-null model from adapter.get_model()")
+        loader = adapter.build_loader(records, batch_size=int(config.batch_size))
+        batches = _ref._take_batches(loader, max_batches=int(config.max_batches))
+        if not batches:
+            raise RuntimeError("TTT requires at least one batch from adapter.build_loader()")
+        steps = int(config.steps)
+        if steps <= 0:
+            raise ValueError("steps must be > 0")
+
+        ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None,
+                         amp=amp, graph=self.graph)
+        if config.seed is not None:
             try:
-                model.eval()
+                ctx.generator = torch.Generator(device="cpu")
+                ctx.generator.manual_seed(int(config.seed))
             except Exception:  # pragma: no cover
-                ctx.warnings.append("failed_to_restore_eval")
-    seconds = float(time.time() - start)
+                ctx.warnings.append("failed_to_seed_generator")
+                ctx.generator = None
 
+        if self.loop is not None and not self.loop.fits(model):
+            self.close()
+        if self.loop is None:
+            self.loop = StepLoop(methods[method](ctx))
+        was_training = bool(getattr(model, "training", False))
+        memory_start = _ref._memory_start(model)
+        start = time.time()
+        try:
+            self.loop.run(ctx)
+        finally:
+            _LAST.engine = {"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})}
+            if self.loop.arena is None:  # the first run's binding failed: nothing is bound
+                self.loop = None
+            if not was_training:
+                try:
+                    model.eval()
+                except Exception:  # pragma: no cover
+                    ctx.warnings.append("failed_to_restore_eval")
+        seconds = float(time.time() - start)
+        return report(ctx, method, batches, seconds, memory_start)
+
+
+def report(ctx: RunContext, method: str, batches: list[Any], seconds: float, memory_start: Any) -> TTTReport:
+    """YOLOZU's report of a finished run."""
+    config, steps = ctx.config, ctx.steps
     mask_ratio = float(sum(ctx.mask_ratios) / float(len(ctx.mask_ratios))) if ctx.mask_ratios else None
     return TTTReport(
         enabled=True,
@@ -190,19 +259,6 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
     )
 
 
-class TTTSession:
-    """``run_ttt`` over and over on one adapter and config, reusing the arena's buffers and engine."""
-
-    def __init__(self, adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None):
-        self.adapter, self.config, self.amp, self.graph = adapter, config, check_amp(amp), graph
-        self.cache: dict = {}
-
-    def run(self, records: list[dict[str, Any]]) -> TTTReport:
-        """One ``run_ttt`` from the model's current values with fresh optimizer state."""
-        with reuse_buffers(self.cache):
-            return run_ttt(self.adapter, records, config=self.config, amp=self.amp, graph=self.graph)
-
-
 def prepare_session(adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None) -> TTTSession:
-    """A session for repeated adaptation of the same model (``--ttt-reset sample``)."""
+    """A session for repeated adaptation of the same model (``--ttt-reset sample``); see :class:`TTTSession`."""
     return TTTSession(adapter, config, amp, graph)

@@ -72,9 +72,19 @@ class CoTTA(Method):
         return {"ema_momentum": self.ema_momentum, "restore_seed": self.seed}
 
     def start(self) -> None:
-        self.teacher, _ = build_teacher(self.ctx.model, self.arena, self.engine)
+        self.teacher, self.teacher_values = build_teacher(self.ctx.model, self.arena, self.engine)
         self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)  # counter: the step's
         self.meta: dict[int, tuple[dict, dict]] = {}  # input rank: (student, teacher) branch metadata
+
+    def reset(self, ctx: Any) -> None:
+        """A session's next run: the teacher back to the (reset) student, a fresh restore seed
+        where the config has none."""
+        super().reset(ctx)
+        self.arena.refill_copies(self.teacher_values)
+        if self.restore_prob > 0.0 and self.config.seed is None:
+            self.seed = restore_seed(self.config)
+            self.spec = self.spec.replace(restore_seed=self.seed)
+            self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)
 
     def close(self) -> None:
         self.engine.bind_teacher(None)

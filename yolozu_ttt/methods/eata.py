@@ -73,6 +73,10 @@ class EATA(Method):
         self.streak = 0
         return super().select()
 
+    def reset(self, ctx: Any) -> None:
+        super().reset(ctx)
+        self.streak = 0
+
     def needs_snapshot(self) -> bool:
         return super().needs_snapshot() or (bool(self.config.rollback_on_stop) and self.ratio_min > 0.0)
 

@@ -189,6 +189,12 @@ class Method:
     def start(self) -> None:
         """Method state bound to the run's arena and engine (e.g. CoTTA's teacher)."""
 
+    def reset(self, ctx: RunContext) -> None:
+        """A later run on the same bindings (a session's): its context, and the method's run state
+        afresh (e.g. EATA's skip streak, CoTTA's teacher). The parameters, buffers and Adam state
+        are reset by the loop before."""
+        self.ctx = ctx
+
     def close(self) -> None:
         """Release what ``start`` bound (on every exit path)."""
 
@@ -263,55 +269,135 @@ def base_entry(step: int, outcome: StepOutcome, preclip_norm_reported: bool, max
     return {key: entry[key] for key in outcome.layout}
 
 
-def run_steps(ctx: RunContext, method: Method) -> None:
-    """Run ``ctx.steps`` steps of ``method`` with YOLOZU's counters, metrics, guards and rollback.
+class StepLoop:
+    """A method bound to its selection, arena, engine and (graph mode) step graph: built at the first
+    :meth:`run` and kept for every later one (a session's runs, ``yolozu_ttt.run.TTTSession``).
 
-    The one place of the run's precision: with ``ctx.amp`` on, every call of the model (and of the
-    copies a method makes of it, CoTTA's teacher) runs under ``torch.autocast`` and hands back fp32
-    outputs; fp16 backwards go through the arena's loss scale and an overflowed step reaches the
-    guards unapplied. Every run settles the batch/instance norms' ambiguous layouts (``amp``)."""
-    params = method.select()
-    scaler = amp.LossScaler(params[0].device) if ctx.amp == "fp16" else None
-    arena_type = functools.partial(amp.ScaledArena, scaler=scaler) if scaler is not None else ParamArena
-    with arena_type(ctx.model, params) as arena, amp.settled_norm_layouts(ctx.model), \
-            amp.autocast_forwards(ctx.model, ctx.amp):
-        engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(), scaler=scaler,
-                              graph=ctx.graph)
-        ctx.backend = engine.backend
-        if engine.graph_mode:
-            engine.reserve_steps(ctx.steps)  # no table outgrows a captured graph mid-run
-        method.bind(arena, engine, method.needs_snapshot())
-        method.step_graph = capture.whole_step(method.body if method.capturable else None, ctx.method, ctx.amp,
-                                               arena, engine)
-        buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
-        method.start()
+    A later run first resets what the earlier ones changed, from what the loop holds: the
+    parameters from the arena's base (the values at the first run: the originals the C++ engine
+    reads, Triton's base copy), the norm buffers from their copy taken then, Adam's moments and
+    step counts, the loss scale, and the method's own run state (:meth:`Method.reset`). Between
+    runs the selected parameters stay bound to the arena's flat buffers (their values are the
+    model's, changed in place by anyone; ``.grad`` is None); :meth:`close` unbinds them.
+    """
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.arena: ParamArena | None = None
+        self.model: Any = None
+
+    def fits(self, model: Any) -> bool:
+        """Whether a later run on ``model`` can reuse these bindings (same model, its selected
+        parameters still bound to the arena)."""
+        return self.arena is not None and model is self.model and self.arena.bound()
+
+    def run(self, ctx: RunContext) -> None:
+        """Run ``ctx.steps`` steps of the method with YOLOZU's counters, metrics, guards and rollback.
+
+        The one place of the run's precision: with ``ctx.amp`` on, every call of the model (and of
+        the copies a method makes of it, CoTTA's teacher) runs under ``torch.autocast`` and hands
+        back fp32 outputs; fp16 backwards go through the arena's loss scale and an overflowed step
+        reaches the guards unapplied. Every run settles the batch/instance norms' ambiguous layouts
+        (``amp``)."""
+        with amp.settled_norm_layouts(ctx.model), amp.autocast_forwards(ctx.model, ctx.amp):
+            if self.arena is None:
+                self._bind(ctx)
+            else:
+                self._reset(ctx)
+            ctx.updated_param_count, ctx.backend = self.updated_param_count, self.engine.backend
+            try:
+                for p, grad in self.grads:
+                    p.grad = grad
+                self._steps(ctx)
+            finally:
+                for p, _ in self.grads:
+                    p.grad = None
+
+    def close(self) -> None:
+        """Release the method's bindings and unbind the arena (values back in the original
+        storages); idempotent."""
+        if self.arena is None:
+            return
+        arena, self.arena = self.arena, None
         try:
-            for step in range(ctx.steps):
-                x = ctx.batches[step % len(ctx.batches)]
-                method.check_batch(x)
-                if buffers is not None:
-                    buffers.save()
-                loss_scale = scaler.begin_step() if scaler is not None else None
-                outcome = method.adapt(x, step)
-                ctx.forward_calls += outcome.forwards
-                ctx.backward_calls += outcome.backwards
-                ctx.optimizer_steps += outcome.optimizer_steps
-                ctx.abstained_steps += int(outcome.abstained)
-                entry = base_entry(step, outcome, method.preclip_norm_reported, ctx.config.max_grad_norm)
-                if ctx.amp != "off":
-                    entry.update(amp_fields(ctx, step, scaler, loss_scale))
-                if outcome.skipped:
-                    if ctx.skip_step(entry, outcome.skip_stop):
-                        break
-                    continue
-                if outcome.abstained and buffers is not None:
-                    buffers.restore()
-                if ctx.finish_step(entry, float(outcome.loss), arena=arena, buffers=buffers,
-                                   params_changed=not outcome.abstained, method_stop=outcome.method_stop):
-                    break
-                method.after_step(outcome)
+            self.method.close()
         finally:
-            method.close()
+            arena.close()
+
+    # ---- the pieces --------------------------------------------------------------------------
+    def _bind(self, ctx: RunContext) -> None:
+        method = self.method
+        method.ctx = ctx
+        params = method.select()
+        self.updated_param_count = ctx.updated_param_count
+        self.scaler = amp.LossScaler(params[0].device) if ctx.amp == "fp16" else None
+        arena_type = functools.partial(amp.ScaledArena, scaler=self.scaler) if self.scaler is not None else ParamArena
+        arena = arena_type(ctx.model, params)
+        try:
+            self.engine = engine = UpdateEngine(arena, lr=ctx.config.lr, max_grad_norm=method.max_grad_norm(),
+                                                scaler=self.scaler, graph=ctx.graph)
+            if engine.graph_mode:
+                engine.reserve_steps(ctx.steps)  # no table outgrows a captured graph mid-run
+            method.bind(arena, engine, method.needs_snapshot())
+            method.step_graph = capture.whole_step(method.body if method.capturable else None, ctx.method, ctx.amp,
+                                                   arena, engine)
+            self.buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
+            self.origin = BufferSnapshot(ctx.model)  # the norm buffers every later run starts from
+            self.grads = [(p, p.grad) for g in arena.groups for p in g.params]
+            try:
+                method.start()
+            except BaseException:
+                method.close()
+                raise
+        except BaseException:
+            arena.close()
+            raise
+        self.arena, self.model = arena, ctx.model
+
+    def _reset(self, ctx: RunContext) -> None:
+        """A later run: what the earlier ones changed back to the first run's start."""
+        self.arena.reset_values()
+        self.origin.restore()
+        self.engine.reset_state()
+        if self.scaler is not None:
+            self.scaler.reset()
+        self.method.reset(ctx)
+
+    def _steps(self, ctx: RunContext) -> None:
+        method, arena, buffers, scaler = self.method, self.arena, self.buffers, self.scaler
+        for step in range(ctx.steps):
+            x = ctx.batches[step % len(ctx.batches)]
+            method.check_batch(x)
+            if buffers is not None:
+                buffers.save()
+            loss_scale = scaler.begin_step() if scaler is not None else None
+            outcome = method.adapt(x, step)
+            ctx.forward_calls += outcome.forwards
+            ctx.backward_calls += outcome.backwards
+            ctx.optimizer_steps += outcome.optimizer_steps
+            ctx.abstained_steps += int(outcome.abstained)
+            entry = base_entry(step, outcome, method.preclip_norm_reported, ctx.config.max_grad_norm)
+            if ctx.amp != "off":
+                entry.update(amp_fields(ctx, step, scaler, loss_scale))
+            if outcome.skipped:
+                if ctx.skip_step(entry, outcome.skip_stop):
+                    break
+                continue
+            if outcome.abstained and buffers is not None:
+                buffers.restore()
+            if ctx.finish_step(entry, float(outcome.loss), arena=arena, buffers=buffers,
+                               params_changed=not outcome.abstained, method_stop=outcome.method_stop):
+                break
+            method.after_step(outcome)
+
+
+def run_steps(ctx: RunContext, method: Method) -> None:
+    """One run of ``method`` on fresh bindings (see :class:`StepLoop`), unbound on every exit path."""
+    loop = StepLoop(method)
+    try:
+        loop.run(ctx)
+    finally:
+        loop.close()
 
 
 def amp_fields(ctx: RunContext, step: int, scaler: amp.LossScaler | None, loss_scale: float | None) -> dict[str, Any]:

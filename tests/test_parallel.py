@@ -1,0 +1,151 @@
+"""yolozu_ttt.parallel (``TTTSession.run_parallel``): K records adapted at once, each by its own
+replica, against each record adapted alone by a fresh ``run_ttt`` (batch 1, its own reset)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import assert_models_match, assert_reports_match, make_model, method_config
+from test_session import RecordAdapter
+from yolozu.tta.ttt_mim import select_parameters
+
+import yolozu_ttt
+from yolozu_ttt.parallel import ParallelFallbackWarning, entropy
+from yolozu_ttt.run import TTTSession
+
+
+def images(n: int, size: int = 12, seed: int = 5) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, size, size, generator=g) for _ in range(n)]
+
+
+def tiny_rtdetr() -> torch.nn.Module:
+    """YOLOZU's builtin RT-DETR pose model, shrunk (as tests/test_export.py's)."""
+    from rtdetr_pose.config import ModelConfig
+    from rtdetr_pose.factory import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(num_classes=3, hidden_dim=32, num_queries=8, stem_channels=8,
+                                   backbone_channels=[8, 16, 32], stage_blocks=[1, 1, 1], num_encoder_layers=1,
+                                   num_decoder_layers=1, nhead=2, encoder_dim_feedforward=32,
+                                   decoder_dim_feedforward=32)).eval()
+
+
+def parallel(model, batches, cfg, k):
+    """run_parallel over every batch's record: the reports and each record's adapted state (seen
+    by ``on_image`` in the training mode run_ttt leaves); a plain run afterwards still starts from
+    the session's start."""
+    states = {}
+    training = model.training
+
+    def on_image(index, record, report):
+        assert record == {"i": index} and model.training == training
+        states[index] = copy.deepcopy(model.state_dict())
+
+    with TTTSession(RecordAdapter(model, batches), cfg) as session:
+        reports = session.run_parallel([{"i": i} for i in range(len(batches))], k, on_image)
+        assert_reports_match(reports[0], session.run([{"i": 0}]), rtol=0.0, atol=0.0)
+    return reports, [states[i] for i in range(len(batches))]
+
+
+def assert_like_alone(model, start, batches, cfg, reports, states, **tol):
+    """Each record's report and adapted state equal a fresh run_ttt of that record alone."""
+    alone, other = copy.deepcopy(model), copy.deepcopy(model)
+    for i, (got, state) in enumerate(zip(reports, states)):
+        alone.load_state_dict(start)
+        want = yolozu_ttt.run_ttt(RecordAdapter(alone, batches), [{"i": i}], config=cfg)
+        assert_reports_match(want, got, **tol)
+        other.load_state_dict(state)
+        assert_models_match(alone, other, **tol)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_k_at_once_equals_each_alone_on_batch_layer_and_group_norms(k):
+    """TinyDet (batch-, group- and layer-norm), tent/norm_only: six records in groups of k (the
+    last group smaller), each as alone, with no fallback."""
+    model, batches = make_model().eval(), images(6)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        reports, states = parallel(model, batches, cfg, k)
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+def test_one_image_tripping_a_guard_stops_and_rolls_back_only_itself():
+    """A non-finite image in a group of three: its replica stops at its first step and is rolled
+    back (parameters and norm statistics), frozen while the others adapt on, each as alone."""
+    model, batches = make_model().eval(), images(4)
+    batches[2] = batches[2].clone().fill_(float("nan"))
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only", stop_on_non_finite=True, rollback_on_stop=True)
+    reports, states = parallel(model, batches, cfg, 3)
+    assert [r.stop_reason for r in reports] == [None, None, "non_finite_metrics", None]
+    assert_like_alone(model, start, batches, cfg, reports, states)
+    for key, value in start.items():
+        assert torch.equal(states[2][key], value), key  # rolled back to the start, untouched since
+
+
+def test_a_total_update_guard_trips_for_some_images_of_a_group():
+    """max_total_update_norm trips at the last step for two images of a group of four (their
+    per-replica total update norms cross it, the others' stay below): each stops on its own."""
+    model, batches = make_model().eval(), images(5)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only", max_total_update_norm=0.2271)
+    reports, states = parallel(model, batches, cfg, 4)
+    assert [r.stop_reason for r in reports[1:]] == [None, None, "max_total_update_norm_exceeded",
+                                                    "max_total_update_norm_exceeded"]
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+def test_shrunk_rtdetr_at_batch_one_keeps_the_norm_gradient_fix():
+    """The builtin RT-DETR (shrunk) at batch 1: the per-image grads through vmap's folded batch
+    norm equal the settled single-image ones (README difference 24), where the reference's
+    unsettled batch-1 gradient is several percent off."""
+    from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+    model, batches = tiny_rtdetr(), images(3, size=64)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only", steps=2, lr=1e-4)
+    reports, states = parallel(model, batches, cfg, 2)
+    assert_like_alone(model, start, batches, cfg, reports, states)
+    ref_model = copy.deepcopy(model)
+    ref_model.load_state_dict(start)
+    ref = reference_run_ttt(RecordAdapter(ref_model, batches), [{"i": 1}], config=cfg)
+    ours = reports[1].step_metrics[0]["grad_norm"]
+    assert abs(ref.step_metrics[0]["grad_norm"] - ours) > 0.01 * ours  # the case has the batch-1 error
+    for i in (1, 2):  # the grouped images' first grads against a channels-last truth (read as laid out)
+        truth = copy.deepcopy(model).train()
+        truth.load_state_dict(start)
+        params = select_parameters(truth, update_filter="norm_only")
+        logits = truth(batches[i].contiguous(memory_format=torch.channels_last))["logits"]
+        grads = torch.autograd.grad(entropy(logits), params)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        assert reports[i].step_metrics[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("k, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_k_is_refused_before_any_work(k, error):
+    model, batches = make_model().eval(), images(2)
+    start = copy.deepcopy(model.state_dict())
+    calls = []
+    with TTTSession(RecordAdapter(model, batches), method_config("tent")) as session:
+        with pytest.raises(error, match="k must be"):
+            session.run_parallel([{"i": 0}, {"i": 1}], k, lambda *a: calls.append(a))
+        assert session.loop is None
+    assert not calls
+    for key, value in start.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_what_cannot_run_k_at_once_runs_one_by_one_and_says_why():
+    """SAR (two passes and an ascent per step, not split per image yet): a warning naming it, then
+    each record as alone."""
+    model, batches = make_model().eval(), images(3)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("sar", update_filter="norm_only")
+    with pytest.warns(ParallelFallbackWarning, match="method 'sar' is not sample-parallel"):
+        reports, states = parallel(model, batches, cfg, 2)
+    assert_like_alone(model, start, batches, cfg, reports, states, rtol=0.0, atol=0.0)

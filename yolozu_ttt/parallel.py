@@ -1,0 +1,320 @@
+"""Sample-parallel adaptation: K records adapted at once, each by its own replica of the model's
+adapted state, each getting what it gets alone (``--ttt-reset sample``: batch of its own, its own reset).
+
+``TTTSession.run_parallel(records, k, on_image=None)`` adapts ``records`` in groups of ``k`` (the last
+group may be smaller). Image i of a group has its own replica of everything a run changes: the
+selected parameters, Adam's moments, the norm running statistics, the per-step snapshots and the
+guard state (initial loss, stop, rollback). Its report is the one ``session.run([record])`` gives,
+within float tolerance; ``on_image(index, record, report)`` is called with the model holding that
+image's adapted parameters and norm buffers (so a caller predicts it as after ``run``).
+
+The replicas (the design, and why):
+
+- **Passes**: ``torch.func.vmap`` over ``functional_call(model, {shared parameters, stacked replica
+  parameters (K, ...), stacked norm buffers (K, ...)}, image)``, then one ordinary backward of the
+  replicas' summed losses into the stacked leaves. vmap's batch-norm rule folds the K replicas
+  into channels, so each image is normalised by its own statistics (batch norm at its own batch)
+  and its running statistics are its own; replica grads are independent (each loss reaches only
+  its own leaves). The CPU batch-1 batch-norm backward error that ``amp.settled_norm_layouts``
+  fixes for a single image (README difference 24) does not arise on the folded tensors: the
+  per-image grads match the settled single-image ones (tests).
+- **Update**: Adam, the clip, and the four norms as torch ops over the stacked (K, ...) tensors,
+  reduced per replica along dim 0, read once per step for all K. Not the fused engine: its groups
+  share one ``StepStats`` (one norm over all segments, one clip coefficient, one gate), so K
+  replicas as K more segments would need per-replica stat slots and gates in both backends; the
+  stacked torch update is the simplest design that is per-replica by construction, and on the
+  CPU the passes dominate. A replica whose guard stops it is rolled back on its own (its slice of
+  the snapshot) and frozen from then on: its parameters, moments and norm buffers are gated by a
+  device-side mask (``torch.where``) while the other replicas go on.
+
+Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32, eager.
+Anything else (another method, those Tent options, ``amp``, graph mode) runs the records one by one
+through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
+the host per image, or their loss or draws are not split per image here yet.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call, vmap
+from yolozu.tta import integration as _ref
+from yolozu.tta import tent as _tent
+
+from . import guards
+from .common import StepStats
+from .engine import read
+from .kernels.constants import CLIP_EPS
+from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
+
+
+class ParallelFallbackWarning(UserWarning):
+    """``run_parallel`` adapted records one by one instead of K at once, saying why."""
+
+
+def check_k(k: Any) -> int:
+    """``k`` as a positive int, else a clear error."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"yolozu_ttt: run_parallel: k must be an int >= 1 (got {k!r})")
+    if k < 1:
+        raise ValueError(f"yolozu_ttt: run_parallel: k must be >= 1 (got {k})")
+    return k
+
+
+def why_sequential(method: str, config: Any, amp: str, graph: bool, loop: Any) -> str | None:
+    """Why these runs cannot be adapted K at once (None: they can)."""
+    if method != "tent":
+        return f"method {method!r} is not sample-parallel yet (only tent)"
+    if amp != "off":
+        return f"amp={amp}: mixed precision is not sample-parallel yet"
+    if graph:
+        return "graph mode is not sample-parallel yet"
+    m = loop.method
+    if m.has_aux or m.has_teacher or m.tc.detector_response:
+        return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
+    if any(p.dtype != torch.float32 for p in loop.arena.params):
+        return "parameters other than float32"
+    return None
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean softmax entropy over all rows (the fused op's value) in plain torch ops vmap can batch."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
+class Replicas:
+    """K replicas of a bound session's adapted state (see the module docstring)."""
+
+    def __init__(self, loop: Any, k: int):
+        self.loop, self.k = loop, k
+        model = loop.model
+        chosen = {id(p): i for i, p in enumerate(loop.arena.params)}
+        named = list(model.named_parameters())
+        self.names = [n for n, p in named if id(p) in chosen]
+        self.params = [p for n, p in named if id(p) in chosen]
+        self.shared = {n: p for n, p in named if id(p) not in chosen}
+        self.buffer_names = [n for n, b in model.named_buffers() if b is not None and n.endswith(NORM_BUFFER_SUFFIXES)]
+        buffers = dict(model.named_buffers())
+        self.model_buffers = [buffers[n] for n in self.buffer_names]
+        with torch.no_grad():
+            self.values = [p.detach().unsqueeze(0).repeat(k, *([1] * p.ndim)).requires_grad_() for p in self.params]
+            self.buffers = [b.detach().unsqueeze(0).repeat(k, *([1] * b.ndim)) for b in self.model_buffers]
+            self.base = [v.detach().clone() for v in self.values]
+            self.exp_avg = [torch.zeros_like(v) for v in self.values]
+            self.exp_avg_sq = [torch.zeros_like(v) for v in self.values]
+        self.steps = [0] * len(self.values)
+        self.active = torch.ones(k, dtype=torch.bool, device=self.values[0].device)
+
+    def mask(self, t: torch.Tensor) -> torch.Tensor:
+        """The active mask shaped to broadcast against the stacked ``t``."""
+        return self.active.view((self.k,) + (1,) * (t.ndim - 1))
+
+    def losses(self, x: torch.Tensor) -> torch.Tensor:
+        """The K replicas' Tent losses on their K images ``x`` (K, B, ...) in one batched forward
+        and backward into the stacked leaves (their ``.grad``)."""
+        model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
+
+        def one(values, buffers, image):
+            state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
+            return entropy(_tent._extract_logits(functional_call(model, state, (image,))))
+
+        for v in self.values:
+            v.grad = None
+        losses = vmap(one)(self.values, self.buffers, x)
+        losses.sum().backward(inputs=self.values)
+        return losses.detach()
+
+    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+        """Clip and Adam per replica (active ones only); returns the (4, K) norms: grad, clipped grad,
+        update, total update (float64, unread)."""
+        with torch.no_grad():
+            live = [i for i, v in enumerate(self.values) if v.grad is not None]
+            grads = [self.values[i].grad for i in live]
+            norm = per_replica_norm(grads, self.k)
+            clipped = norm
+            if max_grad_norm is not None:
+                coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
+                for g in grads:
+                    g.mul_(coef.view((self.k,) + (1,) * (g.ndim - 1)))
+                clipped = per_replica_norm(grads, self.k)
+            before = [v.detach().clone() for v in self.values]
+            b1, b2 = betas
+            for i, g in zip(live, grads):
+                v, m, s = self.values[i], self.exp_avg[i], self.exp_avg_sq[i]
+                self.steps[i] += 1
+                step = self.steps[i]
+                on = self.mask(v)
+                m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
+                s.copy_(torch.where(on, s * b2 + g * g * (1 - b2), s))
+                bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+                denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
+                v.copy_(torch.where(on, v.addcdiv(m, denom, value=-lr / bias1), v))
+            update = per_replica_norm([v - b for v, b in zip(self.values, before)], self.k)
+            total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
+            return torch.stack([norm, clipped, update, total])
+
+    def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the parameters and norm buffers (before a step)."""
+        return [v.detach().clone() for v in self.values], [b.clone() for b in self.buffers]
+
+    def restore(self, i: int, saved: list[torch.Tensor], *, buffers: bool) -> None:
+        """Replica ``i``'s parameters (or norm buffers) back to ``saved``'s slice ``i``."""
+        targets = self.buffers if buffers else self.values
+        with torch.no_grad():
+            for t, s in zip(targets, saved):
+                t[i].copy_(s[i])
+
+    def freeze_buffers(self, saved: list[torch.Tensor]) -> None:
+        """Inactive replicas' norm buffers back to ``saved`` (their forward ran with the others')."""
+        with torch.no_grad():
+            for b, s in zip(self.buffers, saved):
+                b.copy_(torch.where(self.mask(b), b, s))
+
+    def load(self, i: int) -> None:
+        """The model's selected parameters and norm buffers := replica ``i``'s."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, [v[i] for v in self.values])
+            if self.model_buffers:
+                torch._foreach_copy_(self.model_buffers, [b[i] for b in self.buffers])
+
+
+def per_replica_norm(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The L2 norm of each replica's slice over all ``tensors`` (K,) in float64."""
+    total = torch.zeros(k, dtype=torch.float64, device=tensors[0].device if tensors else None)
+    for t in tensors:
+        total += t.detach().reshape(k, -1).double().pow(2).sum(dim=1)
+    return total.sqrt()
+
+
+class _ReplicaRollback:
+    """What ``RunContext.finish_step`` rolls back, for one replica: its parameters and buffers."""
+
+    def __init__(self, replicas: Replicas, i: int, saved: tuple[list[torch.Tensor], list[torch.Tensor]]):
+        self.replicas, self.i, self.saved = replicas, i, saved
+
+    def restore_snapshot(self) -> None:
+        self.replicas.restore(self.i, self.saved[0], buffers=False)
+
+    def drop_snapshot(self) -> None:
+        pass
+
+    def restore(self) -> None:
+        self.replicas.restore(self.i, self.saved[1], buffers=True)
+
+
+def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int) -> list[Any]:
+    """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module."""
+    from .run import report as make_report
+
+    loop, config = session.loop, session.config
+    model, method = loop.model, loop.method
+    steps = int(config.steps)
+    ctxs, batches = [], []
+    for record in records:
+        got = batches_of(session, record)
+        batches.append(got)
+        ctxs.append(RunContext(model=model, batches=got, config=config, method="tent", steps=steps, generator=None,
+                               updated_param_count=loop.updated_param_count, backend="torch"))
+    k = len(records)
+    loop.arena.reset_values()
+    loop.origin.restore()
+    was_training = bool(model.training)
+    memory_start = _ref._memory_start(model)
+    start = time.time()
+    replicas = Replicas(loop, k)
+    keep = guards.needs_snapshot(config)
+    rollback = bool(config.rollback_on_stop)
+    method.host_metrics, method.abstained = {}, False
+    try:
+        model.train()
+        for step in range(steps):
+            x = torch.stack([b[step % len(b)] for b in batches])
+            saved = replicas.snapshot() if (keep or rollback or not bool(replicas.active.all())) else ([], [])
+            losses = replicas.losses(x)
+            norms = replicas.update(float(config.lr), config.max_grad_norm)
+            if saved[1]:
+                replicas.freeze_buffers(saved[1])
+            values = read(losses, norms)
+            active = replicas.active.tolist()
+            for i, ctx in enumerate(ctxs):
+                if not active[i]:
+                    continue
+                loss = values[i]
+                stats = StepStats(grad_norm=values[k + i], grad_norm_clipped=values[2 * k + i],
+                                  update_norm=values[3 * k + i], total_update_norm=values[4 * k + i],
+                                  anchor_loss=0.0, clip_coef=1.0, restored=0.0)
+                outcome: StepOutcome = method.outcome(stats, [loss, loss], step)
+                ctx.forward_calls += outcome.forwards
+                ctx.backward_calls += outcome.backwards
+                ctx.optimizer_steps += outcome.optimizer_steps
+                entry = base_entry(step, outcome, method.preclip_norm_reported, config.max_grad_norm)
+                undo = _ReplicaRollback(replicas, i, saved)
+                if ctx.finish_step(entry, float(loss), arena=undo, buffers=undo if rollback else None):
+                    replicas.active[i] = False
+            if not bool(replicas.active.any()):
+                break
+    finally:
+        if not was_training:
+            model.eval()
+    seconds = float(time.time() - start) / k
+    reports = [make_report(ctx, "tent", b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
+    for i, (record, rep) in enumerate(zip(records, reports)):
+        replicas.load(i)
+        if on_image is not None:
+            on_image(first_index + i, record, rep)
+    return reports
+
+
+def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | None = None) -> list[Any]:
+    """See ``TTTSession.run_parallel``."""
+    k = check_k(k)
+    records = list(records)
+    if not records:
+        return []
+    reports: list[Any] = []
+
+    def one_by_one(todo: list[Any], first: int) -> None:
+        for j, record in enumerate(todo):
+            rep = session.run([record])
+            reports.append(rep)
+            if on_image is not None:
+                on_image(first + j, record, rep)
+
+    # the first record runs alone: it binds the session with run_ttt's checks and messages
+    one_by_one(records[:1], 0)
+    loop = session.loop
+    why = "the fused engine does not run here (see the ReferenceFallbackWarning)" if loop is None else None
+    if why is None and k > 1:
+        why = why_sequential(str(session.config.method or "tent").lower(), session.config, session.amp,
+                             session.graph, loop)
+    if why is not None and k > 1:
+        warnings.warn(f"yolozu_ttt: run_parallel adapts these records one by one: {why}",
+                      ParallelFallbackWarning, stacklevel=3)
+    if why is not None or k == 1:
+        one_by_one(records[1:], 1)
+        return reports
+    for first in range(1, len(records), k):
+        group = records[first:first + k]
+        shapes = {tuple(tuple(b.shape) for b in batches_of(session, r)) for r in group}
+        if len(shapes) > 1:
+            warnings.warn("yolozu_ttt: run_parallel adapts a group one by one: its records' batches differ in "
+                          f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=3)
+            one_by_one(group, first)
+            continue
+        reports.extend(run_group(session, group, on_image, first))
+    return reports
+
+
+def batches_of(session: Any, record: Any) -> list[Any]:
+    """The batches ``run([record])`` adapts on, with its checks and messages."""
+    config = session.config
+    got = _ref._take_batches(session.adapter.build_loader([record], batch_size=int(config.batch_size)),
+                             max_batches=int(config.max_batches))
+    if not got:
+        raise RuntimeError("TTT requires at least one batch from adapter.build_loader()")
+    if not all(torch.is_tensor(x) for x in got):
+        raise RuntimeError("yolozu_ttt: run_parallel needs tensor batches")
+    return got
