@@ -196,11 +196,11 @@ class FastBackend:
 
     * the ``yolozu_ttt.run_ttt`` callable (module import/resolution);
     * the engine summary (``build_info()``) recorded in the meta / log;
-    * if ``yolozu_ttt.run`` provides ``prepare_session(adapter, config)`` returning an
-      object with ``run(records) -> TTTReport`` (holding parameter selection, flat
-      buffers, engine handles; each ``run`` must start from the model's current
-      parameter values with fresh optimizer state, like ``run_ttt``), that session,
-      built once per (model, config) and reused for every record.
+    * the session of ``yolozu_ttt.run.prepare_session(adapter, config)``, built once per
+      (model, config) and reused for every record: selection, arena, engine and method
+      bound once; each ``run(records) -> TTTReport`` resets to the session's start (the
+      values the model had when it bound, which YOLOZU's sample loop also restores before
+      every record) with fresh optimizer state, and reports what ``run_ttt`` would.
 
     YOLOZU's own sample loop already snapshots the selected parameters and norm
     buffers once and restores them in place around each record; the model and adapter
