@@ -40,14 +40,14 @@ from typing import Any, Callable
 
 import torch
 from torch.func import functional_call, vmap
-from yolozu.tta import integration as _ref
-from yolozu.tta import tent as _tent
 
 from . import guards
 from .common import StepStats
 from .engine import read
 from .kernels.constants import CLIP_EPS
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
+from .seam import integration as _ref
+from .seam import tent as _tent
 
 
 class ParallelFallbackWarning(UserWarning):
