@@ -12,8 +12,8 @@ A step's options are one frozen :class:`StepSpec`, built once per run (a method'
 CoTTA's restore step, once each), validated once here (the backends keep only memory-safety
 checks), handed to the backend as one object (the Triton engine takes the spec itself, the C++
 engine its ``_C.StepOptions``, built once per spec: :attr:`StepSpec.native`) and used in the
-key of the run's CUDA graphs (:class:`GraphCache`: the update alone
-here, the whole step in ``yolozu_ttt.capture``).
+key of the run's CUDA graphs (:class:`GraphCache`: the update alone here, the whole step in
+``yolozu_ttt.capture``).
 """
 from __future__ import annotations
 
