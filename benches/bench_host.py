@@ -26,7 +26,7 @@ import torch
 from conftest import rtdetr_param_sizes
 
 from yolozu_ttt.common import STAT_KEYS
-from yolozu_ttt.engine import UpdateEngine
+from yolozu_ttt.engine import StepSpec, UpdateEngine
 from yolozu_ttt.kernels import update as U
 from yolozu_ttt.kernels import update_kernels
 
@@ -84,9 +84,10 @@ def test_host_fused_step(benchmark, stubbed, provider, update_filter):
     if provider == "fast":
         out = torch.empty(len(STAT_KEYS), dtype=torch.float64)
         groups = [arena.group]
+        spec = StepSpec(lr=1e-4, max_grad_norm=1.0, write_snapshot=True)  # once per run, as a run builds it
 
         def step():
-            U.fused_step(groups, out, lr=1e-4, max_grad_norm=1.0, write_snapshot=True)
+            U.fused_step(groups, out, spec)
     else:
         engine = UpdateEngine(arena, lr=1e-4, max_grad_norm=1.0)
         engine._stats.zero_()

@@ -20,6 +20,7 @@ from yolozu.tta.tent import _global_grad_norm
 
 import yolozu_ttt._C as C
 from yolozu_ttt.common import STAT_KEYS
+from yolozu_ttt.engine import StepSpec
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -63,9 +64,11 @@ def fast_engine(sizes, device):
         engine, group_cls = update, update.TritonArenaGroup
     group = group_cls(offsets=offsets, sizes=list(sizes), **bufs)
     out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=device)
+    spec = StepSpec(lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)  # once per run
+    options = spec.native if device == "cpu" else spec  # what each engine's fused_step takes
 
     def step():
-        engine.fused_step([group], out, lr=1e-4, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True)
+        engine.fused_step([group], out, options)
         out.tolist()  # the engine's one host read per step
 
     return step, (bufs, group, out)

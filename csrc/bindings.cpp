@@ -7,6 +7,7 @@
 
 namespace py = pybind11;
 using yttt::ArenaGroup;
+using yttt::StepOptions;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "yolozu_ttt fused CPU update engine (flat parameter arena, OpenMP)";
@@ -54,19 +55,30 @@ PYBIND11_MODULE(_C, m) {
   constants["UNIFORM_BITS"] = yttt::kUniformBits;
   m.attr("CONSTANTS") = constants;
 
-  m.def("fused_step", &yttt::fused_step, py::arg("groups"), py::arg("out"), py::arg("lr"),
-        py::arg("beta1") = 0.9, py::arg("beta2") = 0.999, py::arg("eps") = 1e-8,
-        py::arg("max_grad_norm") = py::none(), py::arg("anchor_lambda") = 0.0,
-        py::arg("write_snapshot") = true, py::arg("ema_momentum") = py::none(),
-        py::arg("restore_prob") = 0.0, py::arg("restore_seed") = 0, py::arg("restore_counter") = 0,
-        py::arg("gate") = py::none(),
-        "One fused step over all groups: grad norm, clip, Adam (torch defaults), snapshot, "
-        "update and total-update norms; with ema_momentum, the teacher EMA on the updated "
-        "params, and with restore_prob > 0 the CoTTA stochastic restore to base (counter-based "
-        "RNG keyed by restore_seed and restore_counter). gate: None, or a 1-element float64 CPU "
-        "tensor read at the call: 0 applies nothing (as if no segment had a grad). Writes "
-        "out[0:NUM_STATS] (out: a contiguous float64 CPU tensor) in the order of "
-        "yolozu_ttt.common.STAT_KEYS.");
+  py::class_<StepOptions>(m, "StepOptions")
+      .def(py::init(&yttt::step_options), py::arg("spec"),
+           "A fused step's options from a yolozu_ttt.engine.StepSpec (its fields, read once, "
+           "already validated by the spec: nothing here checks a value). Built once per spec and "
+           "passed to every fused_step of it.")
+      .def_readonly("lr", &StepOptions::lr)
+      .def_readonly("betas", &StepOptions::betas)
+      .def_readonly("eps", &StepOptions::eps)
+      .def_readonly("max_grad_norm", &StepOptions::max_grad_norm)
+      .def_readonly("anchor_lambda", &StepOptions::anchor_lambda)
+      .def_readonly("write_snapshot", &StepOptions::write_snapshot)
+      .def_readonly("ema_momentum", &StepOptions::ema_momentum)
+      .def_readonly("restore_prob", &StepOptions::restore_prob)
+      .def_readonly("restore_seed", &StepOptions::restore_seed);
+
+  m.def("fused_step", &yttt::fused_step, py::arg("groups"), py::arg("out"), py::arg("options"),
+        py::arg("restore_counter") = 0, py::arg("gate") = py::none(),
+        "One fused step of `options` (a StepOptions) over all groups: grad norm, clip, Adam "
+        "(torch defaults), snapshot, update and total-update norms; with ema_momentum, the "
+        "teacher EMA on the updated params, and with restore_prob > 0 the CoTTA stochastic "
+        "restore to base (counter-based RNG keyed by restore_seed and restore_counter). gate: "
+        "None, or a 1-element float64 CPU tensor read at the call: 0 applies nothing (as if no "
+        "segment had a grad). Writes out[0:NUM_STATS] (out: a contiguous float64 CPU tensor) in "
+        "the order of yolozu_ttt.common.STAT_KEYS.");
   m.def("restore_key", &yttt::restore_key, py::arg("seed"), py::arg("counter"), py::arg("group"),
         "The 32-bit key of the counter-based restore RNG for one group and step.");
   m.def("grad_stats", &yttt::grad_stats, py::arg("groups"), py::arg("out"),

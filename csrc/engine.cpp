@@ -1,6 +1,8 @@
 // The engine interface of yolozu_ttt._C over ArenaGroups: see engine.h.
 #include "engine.h"
 
+#include <pybind11/stl.h>  // the std::optional and std::pair casts of step_options
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -89,35 +91,42 @@ uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group) {
 //   1 EATA anchor gradient, 2 grad norm ||g||, 3 clip coefficient, 4 Adam, 5 pre-step snapshot,
 //   6 CoTTA teacher EMA, 7 CoTTA stochastic restore, 8 update / total-update norms (and the
 //   restored count). Steps 1, 2 and 4-8 run per element in ArenaGroup::adam_pass (update.cpp).
-void fused_step(const py::list& groups, const py::object& out, double lr, double beta1, double beta2,
-                double eps, std::optional<double> max_grad_norm, double anchor_lambda,
-                bool write_snapshot, std::optional<double> ema_momentum, double restore_prob,
-                uint64_t restore_seed, uint64_t restore_counter, const py::object& gate) {
-  if (!(restore_prob >= 0.0)) throw py::value_error("yolozu_ttt._C: restore_prob must be >= 0");
-  if (!(lr >= 0.0)) throw py::value_error("yolozu_ttt._C: lr must be >= 0");
-  if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
-    throw py::value_error("yolozu_ttt._C: betas must lie in [0, 1)");
+StepOptions step_options(const py::object& spec) {
+  StepOptions o;
+  o.lr = spec.attr("lr").cast<double>();
+  o.betas = spec.attr("betas").cast<std::pair<double, double>>();
+  o.eps = spec.attr("eps").cast<double>();
+  o.max_grad_norm = spec.attr("max_grad_norm").cast<std::optional<double>>();
+  o.anchor_lambda = spec.attr("anchor_lambda").cast<double>();
+  o.write_snapshot = spec.attr("write_snapshot").cast<bool>();
+  o.ema_momentum = spec.attr("ema_momentum").cast<std::optional<double>>();
+  o.restore_prob = spec.attr("restore_prob").cast<double>();
+  o.restore_seed = spec.attr("restore_seed").cast<uint64_t>();
+  return o;
+}
+
+void fused_step(const py::list& groups, const py::object& out, const StepOptions& options,
+                uint64_t restore_counter, const py::object& gate) {
   const auto gs = as_groups(groups);
   const StatsOut<Stat> stats(out, "fused_step");
   const bool open = gate_open(gate);
   const GateClosed closed(gs, !open);  // a closed gate: no grads, no teacher EMA, no restore
   CottaStep cotta;
-  cotta.ema = open && ema_momentum.has_value();
-  cotta.ema_momentum = ema_momentum.value_or(0.0);
-  cotta.restore_prob = open ? restore_prob : 0.0;
+  cotta.ema = open && options.ema_momentum.has_value();
+  cotta.restore_prob = open ? options.restore_prob : 0.0;
   StepStats total;
   float coef = 1.0f;
   {
     py::gil_scoped_release release;
-    if (max_grad_norm) {
+    if (options.max_grad_norm) {
       // 1-2. ||g|| (anchor gradient included) over all groups first, then 3. the clip coefficient
       double gsq = 0.0;
-      for (auto* g : gs) gsq += g->grad_pass(anchor_lambda).grad_sumsq;
-      coef = clip_coefficient(gsq, *max_grad_norm);
+      for (auto* g : gs) gsq += g->grad_pass(options.anchor_lambda).grad_sumsq;
+      coef = clip_coefficient(gsq, *options.max_grad_norm);
     }
     for (size_t i = 0; i < gs.size(); ++i) {  // 1-8 per element; 7 keyed per group
-      cotta.key = restore_key(restore_seed, restore_counter, i);
-      total += gs[i]->adam_pass(lr, beta1, beta2, eps, coef, anchor_lambda, write_snapshot, cotta);
+      cotta.key = restore_key(options.restore_seed, restore_counter, i);
+      total += gs[i]->adam_pass(options, coef, cotta);
     }
   }
   // 2, 8. the norms from the fp64 sums, non-finite where the reference's fp32 sums are

@@ -6,7 +6,6 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <optional>
 
 #include "update.h"
 
@@ -36,11 +35,14 @@ enum class SarStat : int {  // SAR_STAT_KEYS: sar_perturb
   Count
 };
 
-// One fused step over all groups (see engine.cpp); writes out[0:Stat::Count].
-void fused_step(const pybind11::list& groups, const pybind11::object& out, double lr, double beta1,
-                double beta2, double eps, std::optional<double> max_grad_norm, double anchor_lambda,
-                bool write_snapshot, std::optional<double> ema_momentum, double restore_prob,
-                uint64_t restore_seed, uint64_t restore_counter, const pybind11::object& gate);
+// A step's options from a yolozu_ttt.engine.StepSpec (any object with its fields), read once;
+// the spec has validated them.
+StepOptions step_options(const pybind11::object& spec);
+
+// One fused step of `options` over all groups at restore counter `restore_counter` (see
+// engine.cpp); writes out[0:Stat::Count].
+void fused_step(const pybind11::list& groups, const pybind11::object& out, const StepOptions& options,
+                uint64_t restore_counter, const pybind11::object& gate);
 
 // The grad norm and the anchor value, changing nothing; writes out[0:GradStat::Count].
 void grad_stats(const pybind11::list& groups, const pybind11::object& out, double anchor_lambda,

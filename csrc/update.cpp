@@ -467,9 +467,10 @@ StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
 // Steps 1, 2 and 4-8 of the fused step over the group (numbering: engine.cpp): one Adam step
 // (torch.optim.Adam defaults and operation order, fp32 math), fused with the anchor gradient,
 // clipping by `clip_coef`, the pre-step snapshot, the CoTTA extras and the update norms.
-StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double eps,
-                                float clip_coef, double anchor_lambda, bool write_snapshot,
-                                const CottaStep& cotta) {
+StepStats ArenaGroup::adam_pass(const StepOptions& options, float clip_coef, const CottaStep& cotta) {
+  const double lr = options.lr, beta1 = options.betas.first, beta2 = options.betas.second;
+  const double eps = options.eps, anchor_lambda = options.anchor_lambda;
+  const bool write_snapshot = options.write_snapshot;
   if (write_snapshot && !snap_.defined())
     throw py::value_error("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
   if (cotta.ema && !teacher_.defined())
@@ -488,7 +489,7 @@ StepStats ArenaGroup::adam_pass(double lr, double beta1, double beta2, double ep
     neg_step_size[s] = static_cast<float>(-(lr / bc1));
     bc2_sqrt[s] = static_cast<float>(std::sqrt(bc2));
   }
-  const double m = std::min(1.0, std::max(0.0, cotta.ema_momentum));
+  const double m = std::min(1.0, std::max(0.0, options.ema_momentum.value_or(0.0)));
   const int64_t n_items = static_cast<int64_t>(work_.size());
   std::vector<Partials> parts(n_items);
   const bool anchor = anchor_lambda != 0.0;

@@ -13,7 +13,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace yttt {
@@ -103,11 +105,26 @@ struct StepStats {
   }
 };
 
-// CoTTA extras fused into the step: EMA of a teacher buffer on the updated parameters, then a
-// stochastic restore to the base snapshot with a counter-based RNG keyed by `key`.
+// A fused step's options, the fields of yolozu_ttt.engine.StepSpec (bound read-only as
+// _C.StepOptions, built once per run from the spec, which has validated them: nothing here
+// checks a value).
+struct StepOptions {
+  double lr = 0.0;
+  std::pair<double, double> betas{0.9, 0.999};
+  double eps = 1e-8;
+  std::optional<double> max_grad_norm;  // clip like clip_grad_norm_ (none: no clipping)
+  double anchor_lambda = 0.0;           // EATA anchor weight
+  bool write_snapshot = true;           // snap <- p (pre-step values) in the same pass
+  std::optional<double> ema_momentum;   // CoTTA teacher EMA (none: no EMA), clamped to [0, 1]
+  double restore_prob = 0.0;            // CoTTA stochastic restore to base
+  uint64_t restore_seed = 0;            // the key of the counter-based restore RNG
+};
+
+// What one call of the step makes of the CoTTA options (a closed gate turns both off): the
+// teacher EMA on the updated parameters, then the stochastic restore to the base snapshot with
+// a counter-based RNG keyed by `key`.
 struct CottaStep {
   bool ema = false;
-  double ema_momentum = 0.0;
   double restore_prob = 0.0;
   uint32_t key = 0;
 };
@@ -124,8 +141,7 @@ class ArenaGroup {
 
   // Passes (each parallel over work items, deterministic).
   StepStats grad_pass(double anchor_lambda, bool anchor_value = false) const;
-  StepStats adam_pass(double lr, double beta1, double beta2, double eps, float clip_coef,
-                      double anchor_lambda, bool write_snapshot, const CottaStep& cotta);
+  StepStats adam_pass(const StepOptions& options, float clip_coef, const CottaStep& cotta);
   // The CoTTA teacher's selected parameters (None unbinds): flat like param or one tensor per segment.
   void set_teacher(py::object teacher);
   // The base snapshot: one flat tensor like param, or one contiguous tensor per segment (e.g.

@@ -25,19 +25,21 @@ a CUDA graph and replay it.
 from __future__ import annotations
 
 import math
-from collections import namedtuple
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES, check_step_options
+from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES
 from ._shared import num_warps as _warps
 from .constants import restore_key  # noqa: F401 (the API, as _C.restore_key)
 from .update_kernels import (ANCHOR_LOSS, BIAS_COLS, BLK_COLS, BLK_END, BLK_SEG, BLK_SEG_NUMEL, BLK_START, GRAD_NORM,
                              GS_ANCHOR_LOSS, GS_GRAD_NORM, PART_ROWS, _adam_kernel, _grad_pass_kernel,
                              _grad_stats_kernel, _RBLOCK, _sar_apply_kernel, _sar_norm_kernel, _sar_scale_kernel,
                              _step_stats_kernel)
+
+if TYPE_CHECKING:  # the spec's module imports this one (lazily), never the other way
+    from ..engine import StepSpec
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,104 +325,87 @@ def _grad_pass(plan: _Plan, has_anchor: bool, anchor_value: bool, anchor_lambda:
 # ------------------------------------------------------------------------------------------
 # Launchers (the engine interface, as yolozu_ttt._C's)
 # ------------------------------------------------------------------------------------------
-#: a prepared step's scalars, by name (``StepLaunch.args``; ``gate``: the gate tensor or None)
-LaunchArgs = namedtuple("LaunchArgs", "lr beta1 beta2 eps max_grad_norm anchor_lambda write_snapshot has_ema ema_m "
-                                      "restore_prob gate")
-
-
 class StepLaunch:
     """One fused step after its host work (checks, the has-grad and restore-key uploads, the tables).
 
     ``run()`` enqueues the step's kernels; they read and write only device memory that outlives
     the call (the groups' buffers and tables, the plan's workspace, ``out``), so a CUDA graph of
     ``run()`` replays the same step for as long as :meth:`key` is unchanged (``key`` names every
-    scalar and pointer the launches bake in; the per-step inputs are uploaded before ``run``).
+    scalar and pointer the launches bake in: the spec, the gate's and the tables' pointers; the
+    per-step inputs are uploaded before ``run``).
     """
 
-    __slots__ = ("plan", "out", "args")
+    __slots__ = ("plan", "out", "spec", "gate")
 
-    def __init__(self, plan: _Plan, out: torch.Tensor, args: LaunchArgs):
-        self.plan, self.out, self.args = plan, out, args
+    def __init__(self, plan: _Plan, out: torch.Tensor, spec: "StepSpec", gate: torch.Tensor | None):
+        self.plan, self.out, self.spec, self.gate = plan, out, spec, gate
 
     def key(self) -> tuple:
         """What a replay of ``run`` depends on besides the uploaded per-step inputs."""
         ptrs = []
         for g, _ in self.plan.items:
             ptrs.extend(t.data_ptr() if t is not None else 0 for t in (g.snap, g.teacher, g._anchor, g._bias))
-        gate = self.args.gate
-        args = self.args._replace(gate=None if gate is None else gate.data_ptr())
-        return (tuple(map(id, self.plan.groups)), self.out.data_ptr(), tuple(args), tuple(ptrs))
+        gate = None if self.gate is None else self.gate.data_ptr()
+        return (tuple(map(id, self.plan.groups)), self.out.data_ptr(), self.spec, gate, tuple(ptrs))
 
     def run(self) -> None:
         """Enqueue the step's kernels (no host work beyond the launches)."""
-        plan, out, a = self.plan, self.out, self.args
+        plan, out, spec, gate = self.plan, self.out, self.spec, self.gate
         part, stride, n_slots = plan.part, plan.stride, plan.n_slots
-        clip = a.max_grad_norm is not None
-        has_anchor = a.anchor_lambda != 0.0
-        has_restore = a.restore_prob > 0.0
-        gate, has_ema, write_snapshot = a.gate, a.has_ema, a.write_snapshot
+        clip = spec.max_grad_norm is not None
+        has_anchor = spec.anchor_lambda != 0.0
+        has_restore = spec.restore_prob > 0.0
+        has_ema, write_snapshot = spec.ema_momentum is not None, spec.write_snapshot
         # 1-3. with clipping: grad-norm pass, then the coefficient on device
         if clip:
-            _grad_pass(plan, has_anchor, has_anchor, a.anchor_lambda)
-            _grad_stats_kernel[(1,)](part, stride, n_slots, out, a.max_grad_norm, NORM_AT=GRAD_NORM,
+            _grad_pass(plan, has_anchor, has_anchor, spec.anchor_lambda)
+            _grad_stats_kernel[(1,)](part, stride, n_slots, out, spec.max_grad_norm, NORM_AT=GRAD_NORM,
                                      ANCHOR_AT=ANCHOR_LOSS, CLIP=True, RBLOCK=_RBLOCK)
         # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
-        one_minus_beta1, one_minus_beta2, ema_w = 1.0 - a.beta1, 1.0 - a.beta2, 1.0 - a.ema_m
+        beta1, beta2 = spec.betas
+        ema_m = min(max(spec.ema_momentum, 0.0), 1.0) if has_ema else 0.0  # type: ignore[type-var]
         for g, base in plan.items:
             if g.num_blocks:
                 _adam_kernel[g._grid](
                     g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
                     g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
                     g._blocks, g._flags, g._anchor if has_anchor else g._flags, g._bias, g._steps, out, part,
-                    stride, base, one_minus_beta1, a.beta2, one_minus_beta2, a.eps, a.ema_m, ema_w, a.restore_prob, g._key,
-                    out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
+                    stride, base, 1.0 - beta1, beta2, 1.0 - beta2, spec.eps, ema_m, 1.0 - ema_m, spec.restore_prob,
+                    g._key, out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
                     WRITE_SNAPSHOT=write_snapshot, HAS_EMA=has_ema, HAS_RESTORE=has_restore, GATED=gate is not None,
                     BLOCK_SIZE=g.block_size, num_warps=g._warps)
         _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
 
 
-def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
-                 anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-                 restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
+def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "StepSpec", restore_counter: int = 0,
                  gate: torch.Tensor | None = None) -> StepLaunch:
-    """The host half of :func:`fused_step` (same parameters): checks the arguments, uploads the
+    """The host half of :func:`fused_step` (same parameters): checks the buffers, uploads the
     has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
     launch. Nothing changes unless the launch runs, except the device flags and keys."""
-    lr, beta1, beta2, eps, restore_prob = float(lr), float(beta1), float(beta2), float(eps), float(restore_prob)
-    check_step_options(lr, beta1, beta2, restore_prob, "yolozu_ttt.kernels.update")
     gs, plan = _prepare(groups, out, STAT_KEYS)
-    write_snapshot = bool(write_snapshot)
-    has_ema = ema_momentum is not None
+    has_ema, has_restore = spec.ema_momentum is not None, spec.restore_prob > 0.0
     for g in gs:
-        if write_snapshot and g.snap is None:
+        if spec.write_snapshot and g.snap is None:
             raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
         if has_ema and g.teacher is None:
             raise ValueError("yolozu_ttt.kernels.update: ema_momentum needs a teacher buffer (set_teacher)")
-    ema_m = min(max(float(ema_momentum), 0.0), 1.0) if has_ema else 0.0  # type: ignore[arg-type]
-    anchor_lambda = float(anchor_lambda)
-    has_restore = restore_prob > 0.0
+    if gate is not None and not (type(gate) is torch.Tensor and gate.dtype == torch.float64
+                                 and gate.device == out.device and gate.numel() == 1):
+        raise ValueError("yolozu_ttt.kernels.update: gate must be a 1-element float64 tensor on the groups' device")
+    lr, (beta1, beta2), anchor_lambda = spec.lr, spec.betas, spec.anchor_lambda
     for i, g in enumerate(gs):
         g._upload_flags()
         g._bias_table(lr, beta1, beta2)
         if anchor_lambda != 0.0:
             g._anchor_coefs(anchor_lambda)
         if has_restore:
-            key = _as_i32(restore_key(restore_seed, restore_counter, i))
+            key = _as_i32(restore_key(spec.restore_seed, restore_counter, i))
             g._key.copy_(torch.tensor([key], dtype=torch.int32), non_blocking=True)
         g._adam_steps += 1
-    if gate is not None and not (type(gate) is torch.Tensor and gate.dtype == torch.float64
-                                 and gate.device == out.device and gate.numel() == 1):
-        raise ValueError("yolozu_ttt.kernels.update: gate must be a 1-element float64 tensor on the groups' device")
-    clip = None if max_grad_norm is None else float(max_grad_norm)
-    return StepLaunch(plan, out, LaunchArgs(lr, beta1, beta2, eps, clip, anchor_lambda, write_snapshot, has_ema, ema_m,
-                                            restore_prob, gate))
+    return StepLaunch(plan, out, spec, gate)
 
 
-def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float, beta1: float = 0.9,
-               beta2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
-               anchor_lambda: float = 0.0, write_snapshot: bool = True, ema_momentum: float | None = None,
-               restore_prob: float = 0.0, restore_seed: int = 0, restore_counter: int = 0,
+def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "StepSpec", restore_counter: int = 0,
                gate: torch.Tensor | None = None) -> None:
     """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
 
@@ -432,24 +417,27 @@ def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, lr: float,
             grad_norm_clipped, update_norm, total_update_norm (norms of the final params; NaN
             where the sum of squares holds a NaN, inf where an fp32 sum overflows), anchor_loss,
             clip_coef, restored (elements restored).
-        lr, beta1, beta2, eps: torch.optim.Adam hyper-parameters (no weight decay, no amsgrad).
-        max_grad_norm: clip like torch.nn.utils.clip_grad_norm_ (None: no clipping).
-        anchor_lambda: EATA anchor weight; adds 2*lambda*(p-base)/n to each segment's grad.
-        write_snapshot: write snap <- p (pre-step values, bit-exact) in the same pass.
-        ema_momentum: CoTTA teacher EMA t <- t*m + (1-m)*p on the updated params, m clamped to
-            [0, 1], every element (needs ``set_teacher``); None: no EMA.
-        restore_prob: CoTTA stochastic restore after the EMA: element j of group i goes back to
-            ``base`` where ``(fmix32(j ^ restore_key(restore_seed, restore_counter, i)) >> 8) * 2^-24
-            < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
-        restore_seed, restore_counter: the key of the counter-based restore RNG.
+        spec: the step's options, a ``yolozu_ttt.engine.StepSpec`` (validated when it was built;
+            taken as it is here):
+
+            - lr, betas, eps: torch.optim.Adam hyper-parameters (no weight decay, no amsgrad).
+            - max_grad_norm: clip like torch.nn.utils.clip_grad_norm_ (None: no clipping).
+            - anchor_lambda: EATA anchor weight; adds 2*lambda*(p-base)/n to each segment's grad.
+            - write_snapshot: write snap <- p (pre-step values, bit-exact) in the same pass.
+            - ema_momentum: CoTTA teacher EMA t <- t*m + (1-m)*p on the updated params, m clamped
+              to [0, 1], every element (needs ``set_teacher``); None: no EMA.
+            - restore_prob: CoTTA stochastic restore after the EMA: element j of group i goes back
+              to ``base`` where ``(fmix32(j ^ restore_key(restore_seed, restore_counter, i)) >> 8)
+              * 2^-24 < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
+            - restore_seed: the key of the counter-based restore RNG, with ``restore_counter``.
+        restore_counter: this step's restore counter.
         gate: None, or a 1-element float64 tensor on the device read by the kernels: 0 applies
             nothing (as if no segment had a grad; the stats are still written, the update norm 0).
 
     Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``. The host
     work is O(1) in the number of segments (:func:`prepare_step`), then :meth:`StepLaunch.run`.
     """
-    prepare_step(groups, out, lr, beta1, beta2, eps, max_grad_norm, anchor_lambda, write_snapshot, ema_momentum,
-                 restore_prob, restore_seed, restore_counter, gate).run()
+    prepare_step(groups, out, spec, restore_counter, gate).run()
 
 
 def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lambda: float = 0.0,

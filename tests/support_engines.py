@@ -1,4 +1,4 @@
-"""Update-engine helpers: calling a backend by name, the documented restore draws, torch's reference norms."""
+"""Update-engine helpers: calling a backend by name (a step through its spec), the documented restore draws, torch's reference norms."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,21 @@ def engine_stats(fn: Any, groups: list, *args: Any, keys: tuple[str, ...], devic
     out = torch.full((len(keys),), float("nan"), dtype=torch.float64, device=device)
     fn(groups, out, *args, **kwargs)
     return dict(zip(keys, out.tolist()))
+
+
+def step_stats(fn: Any, groups: list, lr: float, *, device: Any = "cpu", restore_counter: int = 0, gate: Any = None,
+               **options: Any) -> dict[str, float]:
+    """One ``fn(groups, out, options, restore_counter, gate)`` (the ``fused_step`` of ``yolozu_ttt._C``
+    or ``yolozu_ttt.kernels.update``) with its options built as a run builds them: one
+    ``StepSpec(lr=lr, **options)`` (the one validation), passed as the backend takes it (the C++
+    engine its ``native`` options, anything else the spec); the stats by name, as ``engine_stats``."""
+    import yolozu_ttt._C as C
+    from yolozu_ttt.common import STAT_KEYS
+    from yolozu_ttt.engine import StepSpec
+
+    spec = StepSpec(lr=lr, **options)
+    return engine_stats(fn, groups, spec.native if fn is C.fused_step else spec, restore_counter, gate,
+                        keys=STAT_KEYS, device=device)
 
 def expected_restore_mask(n: int, prob: float, seed: int, counter: int, group: int = 0) -> torch.Tensor:
     """CoTTA's documented restore draws, ported to numpy: element j of arena group ``group`` goes back

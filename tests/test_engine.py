@@ -51,17 +51,27 @@ def test_spec_validates_once_with_the_backends_messages(kw, match):
         spec.replace(**kw)
 
 
-def test_spec_backend_kwargs_are_the_backends_parameters():
+def test_spec_native_is_the_cpp_options_read_once_from_the_spec():
     import yolozu_ttt._C as C
 
+    spec = E.StepSpec(lr=1e-2, betas=(0.8, 0.99), eps=1e-7, max_grad_norm=0.5, anchor_lambda=0.25,
+                      write_snapshot=False, ema_momentum=0.9, restore_prob=0.125, restore_seed=-1)
+    native = spec.native
+    assert type(native) is C.StepOptions and spec.native is native  # built once, kept on the spec
+    backend_fields = [f.name for f in dataclasses.fields(E.StepSpec) if f.name != "gated"]
+    assert {k: getattr(native, k) for k in backend_fields} == {k: getattr(spec, k) for k in backend_fields}
+    with pytest.raises(AttributeError):
+        native.lr = 1.0  # read-only, like the spec
     model = make_model()
-    spec = E.StepSpec(lr=1e-2, max_grad_norm=0.5, write_snapshot=False)
     with ParamArena(model, norm_params(model)) as arena:
         groups = E.bind_groups(arena)
         arena.backward(loss_of(model))
         out = torch.full((len(STAT_KEYS),), float("nan"), dtype=torch.float64)
-        C.fused_step(groups, out, restore_counter=0, gate=None, **spec.backend_kwargs)
-        assert torch.isfinite(out).all()
+        with pytest.raises(TypeError):
+            C.fused_step(groups, out, spec)  # the engine takes its options object, not the spec
+        assert all(s == 0 for g in groups for s in g.steps)
+        C.fused_step(groups, out, spec.replace(ema_momentum=None, restore_prob=0.0).native)
+        assert torch.isfinite(out).all() and all(s == 1 for g in groups for s in g.steps)
 
 
 # ---- the backend seam ----------------------------------------------------------------------------

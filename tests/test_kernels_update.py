@@ -21,9 +21,11 @@ import pytest
 import torch
 from conftest import (UNDER_INTERPRETER, engine_stats, expected_restore_mask, non_finite_update_inputs,
                       run_under_interpreter, same_float, skip_under_interpreter, torch_reference_norms)
+from support_engines import step_stats
 
 import yolozu_ttt._C as C
 from yolozu_ttt.common import GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS
+from yolozu_ttt.engine import StepSpec
 from yolozu_ttt.kernels import update as U
 
 ON_CUDA = torch.cuda.is_available() and not UNDER_INTERPRETER
@@ -36,10 +38,10 @@ SIZES = [7, 1, 1000, 33]  # odd sizes: a 1-element segment, a multi-block segmen
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The engine calls with a fresh float64 ``out`` (NaN where nothing is written), scalars by name.
-fused_step = functools.partial(engine_stats, U.fused_step, keys=STAT_KEYS, device=DEVICE)
+fused_step = functools.partial(step_stats, U.fused_step, device=DEVICE)  # options through a StepSpec
 grad_stats = functools.partial(engine_stats, U.grad_stats, keys=GRAD_STAT_KEYS, device=DEVICE)
 sar_perturb = functools.partial(engine_stats, U.sar_perturb, keys=SAR_STAT_KEYS, device=DEVICE)
-c_fused_step = functools.partial(engine_stats, C.fused_step, keys=STAT_KEYS)
+c_fused_step = functools.partial(step_stats, C.fused_step)
 c_grad_stats = functools.partial(engine_stats, C.grad_stats, keys=GRAD_STAT_KEYS)
 c_sar_perturb = functools.partial(engine_stats, C.sar_perturb, keys=SAR_STAT_KEYS)
 
@@ -413,13 +415,14 @@ def test_bad_inputs_have_clear_errors():
         sar_perturb([group], 0.05, False)
     with pytest.raises(ValueError):
         fused_step([], 1e-2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="yolozu_ttt: lr must be >= 0"):  # the spec's one check
         fused_step([group], -1.0, write_snapshot=False)
     fused_step([group], 1e-2, write_snapshot=False)  # fine without a snapshot buffer
 
 
 @needs_triton_path
-@pytest.mark.parametrize("call,args", [("fused_step", (1e-2,)), ("grad_stats", ()), ("sar_perturb", (0.05, False))])
+@pytest.mark.parametrize("call,args", [("fused_step", (StepSpec(lr=1e-2),)), ("grad_stats", ()),
+                                       ("sar_perturb", (0.05, False))])
 @pytest.mark.parametrize("make_out,match", [
     (lambda n: torch.zeros(n, dtype=torch.float32, device=DEVICE), "dtype torch.float32, expected torch.float64"),
     (lambda n: torch.zeros(n - 1, dtype=torch.float64, device=DEVICE), "expected 1-D with at least"),
@@ -447,7 +450,7 @@ def test_writes_only_its_layout():
     bufs["grad"].copy_(_grads(torch.float32, SIZES, 6).to(DEVICE))
     group = _bind(U.TritonArenaGroup, bufs, SIZES, None, block_size=256)
     for call, keys, args in [(U.grad_stats, GRAD_STAT_KEYS, (0.3,)), (U.sar_perturb, SAR_STAT_KEYS, (0.05, True)),
-                             (U.fused_step, STAT_KEYS, (1e-2, 0.9, 0.999, 1e-8, 0.5, 0.3))]:
+                             (U.fused_step, STAT_KEYS, (StepSpec(lr=1e-2, max_grad_norm=0.5, anchor_lambda=0.3),))]:
         out = torch.full((len(keys) + 3,), -7.0, dtype=torch.float64, device=DEVICE)
         assert call([group], out, *args) is None
         assert all(math.isfinite(v) and v != -7.0 for v in out[:len(keys)].tolist()), (call.__name__, out)
@@ -614,7 +617,8 @@ def test_reserved_steps_keep_the_launch_key(reserve):
     group = _bind(U.TritonArenaGroup, bufs, SIZES, None)
     group.reserve_steps(reserve)
     out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=DEVICE)
-    keys = {U.prepare_step([group], out, lr=1e-3).key() for _ in range(400)}  # host halves only
+    spec = StepSpec(lr=1e-3)
+    keys = {U.prepare_step([group], out, spec).key() for _ in range(400)}  # host halves only
     assert len(keys) == (1 if reserve else 2)
 
 
@@ -755,7 +759,7 @@ def test_cotta_restore_prob_one_and_bad_teachers():
         group.set_teacher(torch.zeros(3, dtype=torch.float16, device=DEVICE))
     with pytest.raises(TypeError):
         group.set_teacher(torch.zeros(bufs["param"].numel(), device=DEVICE))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="yolozu_ttt: restore_prob must be >= 0"):  # the spec's one check
         fused_step([group], 1e-2, restore_prob=-0.5)
     group.set_teacher(bufs["param"].clone())
     group.set_teacher(None)
@@ -786,14 +790,15 @@ def test_replaying_the_first_launch_equals_fresh_steps(restore):
     outs = [torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=DEVICE) for _ in range(2)]
     kw = dict(lr=1e-2, max_grad_norm=0.5, anchor_lambda=0.3, ema_momentum=0.9 if restore else None,
               restore_prob=0.3 if restore else 0.0, restore_seed=5)
+    spec = StepSpec(**kw)
     first = None
     for step, (flag_bytes, _, _) in enumerate(_SCHEDULE):
         g = _grads(torch.float32, sizes, step)
         for bufs, hg in zip((fresh, replay), flags):
             bufs["grad"].copy_(g)
             hg[:] = flag_bytes
-        U.fused_step([groups[0]], outs[0], restore_counter=step, **kw)
-        launch = U.prepare_step([groups[1]], outs[1], restore_counter=step, **kw)
+        U.fused_step([groups[0]], outs[0], spec, restore_counter=step)
+        launch = U.prepare_step([groups[1]], outs[1], spec, restore_counter=step)
         if first is None:
             first = launch
         assert launch.key() == first.key(), step
@@ -803,5 +808,5 @@ def test_replaying_the_first_launch_equals_fresh_steps(restore):
             assert torch.equal(_bits(fresh[k]), _bits(replay[k])), (step, k)
         assert torch.equal(groups[0].teacher, groups[1].teacher)
     assert groups[0].steps == groups[1].steps
-    other = U.prepare_step([groups[1]], outs[1], **dict(kw, anchor_lambda=0.5))
+    other = U.prepare_step([groups[1]], outs[1], spec.replace(anchor_lambda=0.5))
     assert other.key() != first.key()  # a new anchor table: a graph would be captured anew

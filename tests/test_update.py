@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 from conftest import engine_stats, non_finite_update_inputs, same_float, torch_reference_norms
+from support_engines import step_stats
 from yolozu.tta import integration as ref
 
 import yolozu_ttt._C as C
 from yolozu_ttt.common import GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS
+from yolozu_ttt.engine import StepSpec
 
-# The engine calls with a fresh float64 ``out``, returning its scalars by name.
-fused_step = functools.partial(engine_stats, C.fused_step, keys=STAT_KEYS)
+# The engine calls with a fresh float64 ``out``, returning its scalars by name (a step through its StepSpec).
+fused_step = functools.partial(step_stats, C.fused_step)
 grad_stats = functools.partial(engine_stats, C.grad_stats, keys=GRAD_STAT_KEYS)
 sar_perturb = functools.partial(engine_stats, C.sar_perturb, keys=SAR_STAT_KEYS)
 
@@ -229,7 +231,7 @@ def test_multiple_groups_share_one_grad_norm():
     (lambda: C.ArenaGroup(torch.zeros(4, dtype=torch.int32), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4]), "unsupported dtype torch.int32"),
     (lambda: C.ArenaGroup([1.0], torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4]), "param must be a torch.Tensor"),
     (lambda: C.ArenaGroup(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), None, [0], [4], bytearray(2)), "one entry per segment"),
-    (lambda: C.fused_step([], torch.empty(7, dtype=torch.float64), lr=1e-3), "groups must not be empty"),
+    (lambda: C.fused_step([], torch.empty(7, dtype=torch.float64), StepSpec(lr=1e-3).native), "groups must not be empty"),
 ])
 def test_bad_inputs_have_clear_errors(make, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -438,8 +440,8 @@ def test_each_stat_lands_in_its_slot():
     assert_each_in_its_slot(out, GRAD_STAT_KEYS, {"grad_norm": gnorm, "anchor_loss": anchor})
 
     out = torch.full((9,), -7.0, dtype=torch.float64)
-    C.fused_step([arena.group], out, lr=1e-2, max_grad_norm=max_norm, anchor_lambda=lam, restore_prob=0.3,
-                 restore_seed=2, restore_counter=1)
+    C.fused_step([arena.group], out, StepSpec(lr=1e-2, max_grad_norm=max_norm, anchor_lambda=lam, restore_prob=0.3,
+                                              restore_seed=2).native, restore_counter=1)
     assert_each_in_its_slot(out, STAT_KEYS, {
         "grad_norm": gnorm, "grad_norm_clipped": coef * gnorm, "anchor_loss": anchor, "clip_coef": coef,
         "update_norm": torch.linalg.vector_norm((arena.flat - p0).double()).item(),
@@ -454,8 +456,8 @@ def test_each_stat_lands_in_its_slot():
                             {"direction_norm": torch.linalg.vector_norm(grad.double()).item(), "applied": 1.0})
 
 
-@pytest.mark.parametrize("call,kwargs", [("fused_step", dict(lr=1e-2, max_grad_norm=0.5)), ("grad_stats", {}),
-                                         ("sar_perturb", dict(rho=0.05, adaptive=False))])
+@pytest.mark.parametrize("call,kwargs", [("fused_step", dict(options=StepSpec(lr=1e-2, max_grad_norm=0.5).native)),
+                                         ("grad_stats", {}), ("sar_perturb", dict(rho=0.05, adaptive=False))])
 @pytest.mark.parametrize("out,match", [
     (torch.zeros(7, dtype=torch.float32), "out must be float64, got torch.float32"),
     (torch.zeros(1, dtype=torch.float64), "out has 1 elements, {call} writes {n}"),

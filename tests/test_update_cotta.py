@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import engine_stats, expected_restore_mask
+from conftest import expected_restore_mask
+from support_engines import step_stats
 from yolozu.tta import integration as ref
 
 import yolozu_ttt._C as C
-from yolozu_ttt.common import STAT_KEYS
 
-# _C.fused_step with a fresh float64 ``out``, returning its scalars by name.
-fused_step = functools.partial(engine_stats, C.fused_step, keys=STAT_KEYS)
+# _C.fused_step with a fresh float64 ``out`` (its options through a StepSpec), returning its scalars by name.
+fused_step = functools.partial(step_stats, C.fused_step)
 
 SIZES = [7, 1, 1000, 33]
 
@@ -109,8 +109,20 @@ def test_ema_needs_a_teacher_and_teacher_must_match():
         a.group.set_teacher(torch.zeros(a.flat.numel(), dtype=torch.float16))
     with pytest.raises(ValueError, match="teacher has 1 tensors"):
         a.group.set_teacher([torch.zeros(a.flat.numel())])
-    with pytest.raises(ValueError, match="restore_prob"):
-        fused_step([a.group], 1e-2, restore_prob=-0.1)
+
+
+@pytest.mark.parametrize("options,match", [({"restore_prob": -0.1}, "restore_prob must be >= 0"),
+                                           ({"lr": -1e-2}, "lr must be >= 0"),
+                                           ({"betas": (0.9, 1.0)}, r"betas must lie in \[0, 1\)")])
+def test_bad_step_options_stop_at_the_spec_before_the_engine(options, match):
+    """The one validation is the StepSpec's: a bad option raises there, and no call reaches the
+    engine (which checks only memory safety), so the arena is as it was."""
+    a = Arena(SIZES)
+    before = a.flat.clone()
+    calls = []
+    with pytest.raises(ValueError, match="yolozu_ttt: " + match):
+        step_stats(lambda *args: calls.append(args), [a.group], **{"lr": 1e-2, **options})
+    assert calls == [] and torch.equal(a.flat, before) and a.group.steps == [0] * len(SIZES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

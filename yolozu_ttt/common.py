@@ -41,15 +41,15 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return INTERPRET and tensor.device.type == "cpu"
 
 
-def check_step_options(lr: float, beta1: float, beta2: float, restore_prob: float, who: str = "yolozu_ttt") -> None:
-    """The one validation of a fused step's options (``engine.StepSpec`` and the Triton launcher's;
-    the C++ engine keeps its own for memory safety)."""
+def check_step_options(lr: float, beta1: float, beta2: float, restore_prob: float) -> None:
+    """The one validation of a fused step's options, run once per ``engine.StepSpec`` (both
+    backends take the spec's options as they are and keep only memory-safety checks)."""
     if not restore_prob >= 0.0:
-        raise ValueError(f"{who}: restore_prob must be >= 0")
+        raise ValueError("yolozu_ttt: restore_prob must be >= 0")
     if not lr >= 0.0:
-        raise ValueError(f"{who}: lr must be >= 0")
+        raise ValueError("yolozu_ttt: lr must be >= 0")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"{who}: betas must lie in [0, 1)")
+        raise ValueError("yolozu_ttt: betas must lie in [0, 1)")
 
 
 #: Parameter (and fused-op input) dtypes the engine and the kernels handle.

@@ -9,9 +9,11 @@ of ``yolozu_ttt.common``; the engine reads it back once per step (with the calle
 scalars) and returns a :class:`StepStats`.
 
 A step's options are one frozen :class:`StepSpec`, built once per run (a method's variants, e.g.
-CoTTA's restore step, once each), validated once here, handed to the backend as keyword
-arguments and used in the key of the run's CUDA graphs (:class:`GraphCache`: the update alone
-here, the whole step in ``yolozu_ttt.capture``).
+CoTTA's restore step, once each), validated once here (the backends keep only memory-safety
+checks), handed to the backend as one object (the Triton engine takes the spec itself, the C++
+engine its ``_C.StepOptions``, built once per spec: :attr:`StepSpec.native`) and used in the
+key of the run's CUDA graphs (:class:`GraphCache`: the update alone here, the whole step in
+``yolozu_ttt.capture``).
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def bind_groups(arena: "ParamArena") -> list[Any]:
 # ---- one step's options ----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """The options of one fused step (hashable: part of a graph's key); see ``kernels.update.fused_step``.
+    """The options of one fused step (hashable: part of a graph's key); the fields are documented
+    at ``kernels.update.fused_step``, which takes the spec itself.
 
     ``gated``: the step reads the gate :meth:`UpdateEngine.gate` set on the device. The restore
     counter is the step's own (``UpdateEngine.step(counter=...)``), uploaded per step.
@@ -105,12 +108,10 @@ class StepSpec:
         return dataclasses.replace(self, **options) if options else self
 
     @functools.cached_property
-    def backend_kwargs(self) -> dict[str, Any]:
-        """The backends' keyword arguments (``fused_step`` / ``prepare_step``) without the gate and counter."""
-        return dict(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                    max_grad_norm=self.max_grad_norm, anchor_lambda=self.anchor_lambda,
-                    write_snapshot=self.write_snapshot, ema_momentum=self.ema_momentum,
-                    restore_prob=self.restore_prob, restore_seed=self.restore_seed)
+    def native(self) -> Any:
+        """This spec as the C++ engine's ``_C.StepOptions`` (what ``_C.fused_step`` takes), built
+        on first use and kept on the spec, so once per run."""
+        return backend_module("cpp").StepOptions(self)
 
 
 # ---- the host read ---------------------------------------------------------------------------
@@ -181,14 +182,14 @@ class GraphCache(dict):
 
 class _EagerLaunch:
     """A prepared update of a backend without a host/launch split (the C++ engine): ``run()`` runs
-    it with every argument as prepared, so ``key()`` is all of them (a replay of ``run`` is the
-    same step only for the same arguments)."""
+    ``fn(groups, out, options, counter, gate)`` as prepared, so ``key()`` is all of its per-step
+    arguments (a replay of ``run`` is the same step only for the same ones)."""
 
     __slots__ = ("run", "args")
 
-    def __init__(self, fn: Any, *args: Any, **kwargs: Any):
-        self.run = functools.partial(fn, *args, **kwargs)
-        self.args = tuple(sorted(kwargs.items()))
+    def __init__(self, fn: Any, groups: list[Any], out: torch.Tensor, options: Any, counter: int, gate: Any):
+        self.run = functools.partial(fn, groups, out, options, counter, gate)
+        self.args = (options, counter, gate)
 
     def key(self) -> tuple:
         return self.args
@@ -274,10 +275,8 @@ class UpdateEngine:
         gate = self._gate if spec.gated else None
         counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
         if self.backend == "triton":
-            return self._impl.prepare_step(self._groups, self._stats, restore_counter=counter, gate=gate,
-                                           **spec.backend_kwargs)
-        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, restore_counter=counter,
-                            gate=gate, **spec.backend_kwargs)
+            return self._impl.prepare_step(self._groups, self._stats, spec, counter, gate)
+        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, spec.native, counter, gate)
 
     def collect(self, extra: Sequence[Any] = ()) -> tuple[StepStats, list[float]]:
         """The launched update's stats and the values of ``extra``, in the step's one host read."""
