@@ -28,26 +28,13 @@ from conftest import bench_device
 from yolozu.tta.config import TTTConfig
 
 import yolozu_ttt
+from yolozu_ttt.floor import RecordAdapter
 from yolozu_ttt.run import TTTSession
 
 IMAGES = 5
 SIZE = int(os.environ.get("YOLOZU_TTT_BENCH_SIZE", "160"))
 DEVICE = bench_device()
 PROVIDERS = ("per_image", "session", "parallel_k4")
-
-
-class RecordAdapter:
-    """Record ``{"i": n}`` is image ``n``."""
-
-    def __init__(self, model, images):
-        self.model, self.images = model, images
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size: int = 1):
-        for record in records:
-            yield self.images[record["i"]]
 
 
 def setup_case():

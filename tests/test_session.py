@@ -10,24 +10,11 @@ from conftest import (assert_models_match, assert_reports_match, method_case, me
                       skip_under_interpreter)
 
 import yolozu_ttt
+from yolozu_ttt.floor import RecordAdapter
 from yolozu_ttt.arena import ParamArena
 from yolozu_ttt.run import TTTSession, prepare_session
 
 METHODS = ("tent", "mim", "cotta", "eata", "sar")
-
-
-class RecordAdapter:
-    """YOLOZU's adapter contract: record ``{"i": n}`` is batch ``n``."""
-
-    def __init__(self, model, batches):
-        self.model, self.batches = model, batches
-
-    def get_model(self):
-        return self.model
-
-    def build_loader(self, records, *, batch_size: int = 1):
-        for record in records:
-            yield self.batches[record["i"]]
 
 
 def case(method: str, n: int = 3):

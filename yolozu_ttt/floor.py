@@ -6,7 +6,9 @@ guards, no report), then the device is waited for. A backend timed next to it sh
 its time is engine work: fast/floor near 1 means the passes are the cost on that device, and only
 cheaper passes (``--ttt-amp bf16``) go lower. ``yolozu-ttt demo`` and ``benches/`` measure it
 with this one function; ``FixedAdapter`` is YOLOZU's adapter contract over one fixed batch, so
-every provider timed against the floor sees the same preloaded tensor (no image loading).
+every provider timed against the floor sees the same preloaded tensor (no image loading);
+``RecordAdapter`` is the same contract with one preloaded batch per record (sample-mode sessions
+in tests and benches).
 """
 from __future__ import annotations
 
@@ -24,6 +26,21 @@ class FixedAdapter:
 
     def build_loader(self, records: Any, *, batch_size: int = 1):
         yield self.batch
+
+
+class RecordAdapter:
+    """YOLOZU's adapter contract where record ``{"i": n}`` is batch ``n`` of ``batches`` (one
+    record, one batch: how a sample-mode session sees its images)."""
+
+    def __init__(self, model: Any, batches: Any):
+        self.model, self.batches = model, batches
+
+    def get_model(self) -> Any:
+        return self.model
+
+    def build_loader(self, records: Any, *, batch_size: int = 1):
+        for record in records:
+            yield self.batches[record["i"]]
 
 
 def tent_floor_run(model: Any, batch: Any, update_filter: str, steps: int) -> None:
