@@ -63,20 +63,20 @@ def check_k(k: Any) -> int:
     return k
 
 
-def why_sequential(method: str, config: Any, amp: str, graph: bool, loop: Any) -> str | None:
-    """Why these runs cannot be adapted K at once (None: they can)."""
-    if method != "tent":
-        return f"method {method!r} is not sample-parallel yet (only tent)"
-    if amp != "off":
-        return f"amp={amp}: mixed precision is not sample-parallel yet"
-    if graph:
-        return "graph mode is not sample-parallel yet"
-    m = loop.method
-    if m.has_aux or m.has_teacher or m.tc.detector_response:
-        return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
+def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod | None]:
+    """(why these runs cannot be adapted K at once or None, the method's replica step)."""
+    method = str(session.config.method or "tent").lower()
+    cls = REPLICA_METHODS.get(method)
+    if cls is None:
+        return f"method {method!r} is not sample-parallel yet", None
+    if session.amp != "off":
+        return f"amp={session.amp}: mixed precision is not sample-parallel yet", None
+    if session.graph:
+        return "graph mode is not sample-parallel yet", None
     if any(p.dtype != torch.float32 for p in loop.arena.params):
-        return "parameters other than float32"
-    return None
+        return "parameters other than float32", None
+    rmethod = cls(session, loop)
+    return rmethod.why_not(), rmethod
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -205,18 +205,67 @@ class _ReplicaRollback:
         self.replicas.restore(self.i, self.saved[1], buffers=True)
 
 
-def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int) -> list[Any]:
+class ReplicaMethod:
+    """What makes a method sample-parallel: its K-replica step and its per-image outcome.
+
+    ``run_group`` owns what every method shares (contexts, snapshots, guards per replica, the one
+    read per step, loading replica i for ``on_image``); a method's replica class supplies:
+
+    - ``why_not(session, loop)``: why these runs cannot be adapted K at once (None: they can);
+    - ``begin(replicas, records, ctxs)``: per-group state (e.g. per-image generators);
+    - ``step(replicas, x, step)``: the passes and the update for the K images ``x`` (K, B, ...),
+      nothing read: a (rows, K) float64 tensor, column i image i's values;
+    - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
+      method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
+    - ``after_step(i, outcome)``: after image i's kept step.
+    """
+
+    name = "tent"
+
+    def __init__(self, session: Any, loop: Any):
+        self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
+
+    def why_not(self) -> str | None:
+        m = self.method
+        if m.has_aux or m.has_teacher or m.tc.detector_response:
+            return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
+        return None
+
+    def begin(self, replicas: Replicas, records: list[Any], ctxs: list[RunContext]) -> None:
+        self.method.host_metrics, self.method.abstained = {}, False
+
+    def step(self, replicas: Replicas, x: torch.Tensor, step: int) -> torch.Tensor:
+        losses = replicas.losses(x)
+        norms = replicas.update(float(self.config.lr), self.config.max_grad_norm)
+        return torch.cat([losses.double().unsqueeze(0), norms.double()])
+
+    def after_step(self, i: int, outcome: StepOutcome) -> None:
+        """After image i's kept step (the loop's ``method.after_step``)."""
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        loss, grad, clipped, update, total = column[:5]
+        stats = StepStats(grad_norm=grad, grad_norm_clipped=clipped, update_norm=update, total_update_norm=total,
+                          anchor_loss=0.0, clip_coef=1.0, restored=0.0)
+        return self.method.outcome(stats, [loss, loss], step)
+
+
+#: method name -> its replica class (methods without one run one by one, with a warning)
+REPLICA_METHODS: dict[str, type[ReplicaMethod]] = {"tent": ReplicaMethod}
+
+
+def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
+              rmethod: ReplicaMethod) -> list[Any]:
     """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module."""
     from .run import report as make_report
 
     loop, config = session.loop, session.config
-    model, method = loop.model, loop.method
+    model, method, name = loop.model, loop.method, rmethod.name
     steps = int(config.steps)
     ctxs, batches = [], []
     for record in records:
         got = batches_of(session, record)
         batches.append(got)
-        ctxs.append(RunContext(model=model, batches=got, config=config, method="tent", steps=steps, generator=None,
+        ctxs.append(RunContext(model=model, batches=got, config=config, method=name, steps=steps, generator=None,
                                updated_param_count=loop.updated_param_count, backend="torch"))
     k = len(records)
     loop.arena.reset_values()
@@ -227,32 +276,36 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     replicas = Replicas(loop, k)
     keep = guards.needs_snapshot(config)
     rollback = bool(config.rollback_on_stop)
-    method.host_metrics, method.abstained = {}, False
+    rmethod.begin(replicas, records, ctxs)
     try:
         model.train()
         for step in range(steps):
             x = torch.stack([b[step % len(b)] for b in batches])
             saved = replicas.snapshot() if (keep or rollback or not bool(replicas.active.all())) else ([], [])
-            losses = replicas.losses(x)
-            norms = replicas.update(float(config.lr), config.max_grad_norm)
+            table = rmethod.step(replicas, x, step)
             if saved[1]:
                 replicas.freeze_buffers(saved[1])
-            values = read(losses, norms)
+            rows = int(table.shape[0])
+            values = read(table.t())  # (K, rows) flattened: image i's column is values[i*rows:(i+1)*rows]
             active = replicas.active.tolist()
             for i, ctx in enumerate(ctxs):
                 if not active[i]:
                     continue
-                loss = values[i]
-                stats = StepStats(grad_norm=values[k + i], grad_norm_clipped=values[2 * k + i],
-                                  update_norm=values[3 * k + i], total_update_norm=values[4 * k + i],
-                                  anchor_loss=0.0, clip_coef=1.0, restored=0.0)
-                outcome: StepOutcome = method.outcome(stats, [loss, loss], step)
+                outcome: StepOutcome = rmethod.outcome(i, values[i * rows:(i + 1) * rows], step)
                 ctx.forward_calls += outcome.forwards
                 ctx.backward_calls += outcome.backwards
                 ctx.optimizer_steps += outcome.optimizer_steps
+                ctx.abstained_steps += int(outcome.abstained)
                 entry = base_entry(step, outcome, method.preclip_norm_reported, config.max_grad_norm)
-                undo = _ReplicaRollback(replicas, i, saved)
-                if ctx.finish_step(entry, float(loss), arena=undo, buffers=undo if rollback else None):
+                if outcome.skipped:
+                    stop = ctx.skip_step(entry, outcome.skip_stop)
+                else:
+                    undo = _ReplicaRollback(replicas, i, saved)
+                    stop = ctx.finish_step(entry, float(outcome.loss), arena=undo, buffers=undo if rollback else None,
+                                           params_changed=not outcome.abstained, method_stop=outcome.method_stop)
+                    if not stop:
+                        rmethod.after_step(i, outcome)
+                if stop:
                     replicas.active[i] = False
             if not bool(replicas.active.any()):
                 break
@@ -260,7 +313,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         if not was_training:
             model.eval()
     seconds = float(time.time() - start) / k
-    reports = [make_report(ctx, "tent", b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
+    reports = [make_report(ctx, name, b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
     for i, (record, rep) in enumerate(zip(records, reports)):
         replicas.load(i)
         if on_image is not None:
@@ -288,8 +341,7 @@ def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | 
     loop = session.loop
     why = "the fused engine does not run here (see the ReferenceFallbackWarning)" if loop is None else None
     if why is None and k > 1:
-        why = why_sequential(str(session.config.method or "tent").lower(), session.config, session.amp,
-                             session.graph, loop)
+        why, rmethod = replica_method(session, loop)
     if why is not None and k > 1:
         warnings.warn(f"yolozu_ttt: run_parallel adapts these records one by one: {why}",
                       ParallelFallbackWarning, stacklevel=3)
@@ -304,7 +356,7 @@ def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | 
                           f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=3)
             one_by_one(group, first)
             continue
-        reports.extend(run_group(session, group, on_image, first))
+        reports.extend(run_group(session, group, on_image, first, rmethod))
     return reports
 
 
