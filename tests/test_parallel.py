@@ -12,7 +12,8 @@ from test_session import RecordAdapter
 from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
-from yolozu_ttt.parallel import ParallelFallbackWarning, entropy
+from yolozu_ttt.methods.loop import vmap_entropy as entropy
+from yolozu_ttt.parallel import ParallelFallbackWarning
 from yolozu_ttt.run import TTTSession
 
 

@@ -27,6 +27,9 @@ The replicas (the design, and why):
   the snapshot) and frozen from then on: its parameters, moments and norm buffers are gated by a
   device-side mask (``torch.where``) while the other replicas go on.
 
+A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
+:class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
+``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
 Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32, eager.
 Anything else (another method, those Tent options, ``amp``, graph mode) runs the records one by one
 through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
@@ -34,6 +37,7 @@ the host per image, or their loss or draws are not split per image here yet.
 """
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from typing import Any, Callable
@@ -47,7 +51,6 @@ from .engine import read
 from .kernels.constants import CLIP_EPS
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
-from .seam import tent as _tent
 
 
 class ParallelFallbackWarning(UserWarning):
@@ -66,7 +69,7 @@ def check_k(k: Any) -> int:
 def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod | None]:
     """(why these runs cannot be adapted K at once or None, the method's replica step)."""
     method = str(session.config.method or "tent").lower()
-    cls = REPLICA_METHODS.get(method)
+    cls = getattr(importlib.import_module(f"{__package__}.methods.{method}"), "REPLICA", None)
     if cls is None:
         return f"method {method!r} is not sample-parallel yet", None
     if session.amp != "off":
@@ -77,12 +80,6 @@ def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod |
         return "parameters other than float32", None
     rmethod = cls(session, loop)
     return rmethod.why_not(), rmethod
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean softmax entropy over all rows (the fused op's value) in plain torch ops vmap can batch."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
 class Replicas:
@@ -112,20 +109,26 @@ class Replicas:
         """The active mask shaped to broadcast against the stacked ``t``."""
         return self.active.view((self.k,) + (1,) * (t.ndim - 1))
 
-    def losses(self, x: torch.Tensor) -> torch.Tensor:
-        """The K replicas' Tent losses on their K images ``x`` (K, B, ...) in one batched forward
-        and backward into the stacked leaves (their ``.grad``)."""
+    def backward(self, loss: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
+        """The K replicas' forwards on their K images ``x`` (K, B, ...) in one batched call, and one
+        backward of their summed losses into the stacked leaves (their ``.grad``).
+
+        ``loss(output, *per_image_i)`` is one image's loss from its model output: a scalar, or a
+        tuple whose first item is the loss and whose others are returned too; ``per_image`` are
+        stacked (K, ...) inputs sliced per image (e.g. masks). Returns the detached (K,) losses, or
+        the tuple of detached stacked results."""
         model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
 
-        def one(values, buffers, image):
+        def one(values, buffers, image, *extra):
             state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
-            return entropy(_tent._extract_logits(functional_call(model, state, (image,))))
+            return loss(functional_call(model, state, (image,)), *extra)
 
         for v in self.values:
             v.grad = None
-        losses = vmap(one)(self.values, self.buffers, x)
-        losses.sum().backward(inputs=self.values)
-        return losses.detach()
+        got = vmap(one)(self.values, self.buffers, x, *per_image)
+        first = got[0] if isinstance(got, tuple) else got
+        first.sum().backward(inputs=self.values)
+        return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
     def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
         """Clip and Adam per replica (active ones only); returns the (4, K) norms: grad, clipped grad,
@@ -220,37 +223,32 @@ class ReplicaMethod:
     - ``after_step(i, outcome)``: after image i's kept step.
     """
 
-    name = "tent"
+    name = ""
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
 
     def why_not(self) -> str | None:
-        m = self.method
-        if m.has_aux or m.has_teacher or m.tc.detector_response:
-            return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
         return None
 
     def begin(self, replicas: Replicas, records: list[Any], ctxs: list[RunContext]) -> None:
-        self.method.host_metrics, self.method.abstained = {}, False
+        """Per-group state before the first step."""
 
     def step(self, replicas: Replicas, x: torch.Tensor, step: int) -> torch.Tensor:
-        losses = replicas.losses(x)
-        norms = replicas.update(float(self.config.lr), self.config.max_grad_norm)
-        return torch.cat([losses.double().unsqueeze(0), norms.double()])
+        raise NotImplementedError
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        raise NotImplementedError
 
     def after_step(self, i: int, outcome: StepOutcome) -> None:
         """After image i's kept step (the loop's ``method.after_step``)."""
 
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        loss, grad, clipped, update, total = column[:5]
-        stats = StepStats(grad_norm=grad, grad_norm_clipped=clipped, update_norm=update, total_update_norm=total,
-                          anchor_loss=0.0, clip_coef=1.0, restored=0.0)
-        return self.method.outcome(stats, [loss, loss], step)
 
-
-#: method name -> its replica class (methods without one run one by one, with a warning)
-REPLICA_METHODS: dict[str, type[ReplicaMethod]] = {"tent": ReplicaMethod}
+def norm_stats(column: list[float]) -> StepStats:
+    """The four norms of ``Replicas.update``'s rows, as the fused engine's stats."""
+    grad, clipped, update, total = column[:4]
+    return StepStats(grad_norm=grad, grad_norm_clipped=clipped, update_norm=update, total_update_norm=total,
+                     anchor_loss=0.0, clip_coef=1.0, restored=0.0)
 
 
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,

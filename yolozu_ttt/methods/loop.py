@@ -426,6 +426,13 @@ def select_params(ctx: RunContext) -> list[torch.Tensor]:
     return params
 
 
+def vmap_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean softmax entropy over all rows (the fused op's value) in plain torch ops ``vmap`` can batch
+    (the sample-parallel replicas' loss; the custom op has no batching rule)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
 def entropy(logits: Any, fallback=_ref._entropy_loss_from_logits) -> torch.Tensor:
     """Mean softmax entropy (the fused op); other inputs take the reference's ``fallback`` (and its
     errors)."""

@@ -15,6 +15,8 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from ..seam import tent as _tent
 
+from ..parallel import ReplicaMethod, norm_stats
+from .loop import vmap_entropy
 from .loop import Method, StepOutcome, entropy
 
 # Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
@@ -96,4 +98,28 @@ class Tent(Method):
                            optimizer_steps=int(not self.abstained), abstained=self.abstained)
 
 
+class TentReplicas(ReplicaMethod):
+    """Tent's K-replica step (``yolozu_ttt.parallel``): plain entropy only."""
+
+    name = "tent"
+
+    def why_not(self) -> str | None:
+        m = self.method
+        if m.has_aux or m.has_teacher or m.tc.detector_response:
+            return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
+        return None
+
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        self.method.host_metrics, self.method.abstained = {}, False
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        losses = replicas.backward(lambda output: vmap_entropy(_tent._extract_logits(output)), x)
+        norms = replicas.update(float(self.config.lr), self.config.max_grad_norm)
+        return torch.cat([losses.double().unsqueeze(0), norms])
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        return self.method.outcome(norm_stats(column[1:]), [column[0], column[0]], step)
+
+
 METHOD = Tent
+REPLICA = TentReplicas
