@@ -4,7 +4,7 @@
 # time; end to end eager for every method) and one JSON, in under 8 minutes.
 #
 # On the GPU machine (H200, no network), from the repo root, with the pure-Python yolozu wheel
-# carried in .whl/ (fetched here first; see /work/.library/device/README.md):
+# carried in .whl/ (fetched first on a machine with network access):
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl yolozu==4.12.0          # once, here (py3-none-any)

@@ -14,6 +14,28 @@ checks), handed to the backend as one object (the Triton engine takes the spec i
 engine its ``_C.StepOptions``, built once per spec: :attr:`StepSpec.native`) and used in the
 key of the run's CUDA graphs (:class:`GraphCache`: the update alone here, the whole step in
 ``yolozu_ttt.capture``).
+
+One adaptation step, as data::
+
+    batch -> model forward (autograd, as in the reference)
+          -> loss op (yolozu_ttt.ops: fused entropy / masked reconstruction)
+          -> backward for the selected parameters only: grads accumulate into the arena's flat buffer
+          -> ONE fused update call over the arena (its options: the run's StepSpec), in these steps
+             (the same numbers in csrc/update.cpp and kernels/update_kernels.py):
+               1 anchor gradient (EATA) -> 2 grad norm -> 3 clip coefficient -> 4 Adam
+               -> 5 pre-step snapshot -> 6 teacher EMA (CoTTA) -> 7 stochastic restore (CoTTA)
+               -> 8 update / total-update norms
+               (a gated step, EATA's, applies nothing of 1-7 when its device-side gate is closed)
+          -> ONE host read of a StepStats (the same float64 layout from both backends,
+             yolozu_ttt.common.STAT_KEYS) with the step's losses -> the guards (keep, or stop + rollback)
+
+Dispatch is by device: CUDA tensors take the Triton kernels, CPU tensors the C++ engine; with
+``TRITON_INTERPRET=1`` set before import, CPU tensors take the Triton kernels in the interpreter, so
+the GPU code path runs (and is tested in CI) anywhere (Triton 3.6's interpreter with NumPy 2 cannot
+loop to a runtime bound: those tests skip there, saying so). The C++ engine is built without
+``-ffast-math`` (IEEE order) but with ``-fno-math-errno`` (lets the Adam loop vectorise), and sums
+every reduction in fixed-size chunks in a fixed order: bit-identical results whatever the thread
+count.
 """
 from __future__ import annotations
 

@@ -21,6 +21,24 @@ One step (:meth:`Method.adapt`, the loop's, never overridden):
 A method (a :class:`Method` subclass) supplies only what makes it that method: its parameter
 selection, ``passes``, its update options and ``outcome``, and flags for YOLOZU's report quirks
 (``preclip_norm_reported``). It never mentions graphs, grad clearing or a backend.
+
+A run, as data::
+
+    run_ttt / TTTSession.run -> StepLoop(Method).run(ctx)
+        bound at the first run, kept by a session: selection, arena, engine, spec, step graph
+        later runs: parameters, norm buffers, Adam state, method state reset to the first run's start
+        per run: batches, counters, base entry, guards
+        spec = engine.spec.replace(**method.update_options())      one frozen StepSpec per binding
+        per step (Method.adapt):
+          inputs = method.inputs(batch)                            the batch (MIM: + its patch grid)
+          eager:       new grads; [clear grads, method.passes(*inputs)]; engine.step(method.update(step))
+          graph mode:  capture.StepGraph: copy inputs in, replay [clear grads, passes, launch]
+                       (where method.capturable; graphs keyed by inputs, spec and launch)
+          stats, values = the one read  ->  method.outcome(stats, values, step) -> StepOutcome
+
+Tent's ``passes`` are forward, entropy, backward; EATA adds sample selection (a gate on the update)
+and the anchor (``update_options``); SAR the ascent pass; CoTTA the teacher, EMA and restore (two
+specs); MIM the patch grid (``inputs``) and the reconstruction.
 """
 from __future__ import annotations
 
