@@ -11,6 +11,16 @@ providers:
     parallel_k4 one ``TTTSession``, ``session.run_parallel(records, 4)`` (the first record alone,
                 then groups of 4)
 
+Host time outside the passes (``test_session_host_time``, issue 19's <= 3% target): the same
+session calls with the model's passes stubbed out, as bench_host stubs the kernel launches: a
+stand-in model holds the builtin RT-DETR's norm layers (the same 96 selected tensors, so the same
+selection, arena, engine and update) and its forward returns fixed logits tied to every selected
+parameter by one cheap op, so what is timed is everything a session does per image besides the
+model's forward and backward (binding checks, the reset, batches, the update, the read, guards,
+the report; ``parallel_k8``: the replicas too), less the stand-in's own forward and backward
+(``tent_floor_run`` on it). The ratio to the real passes of one image
+(``tent_floor_run``, measured in the same test) is ``extra_info["host_over_passes"]``.
+
     python -m pytest benches/bench_session.py --benchmark-only
     python benches/bench_session.py --repeats 3      # interleaved, rotating order, medians
 """
@@ -24,7 +34,7 @@ import time
 
 import pytest
 import torch
-from conftest import bench_device
+from conftest import bench_device, tent_floor_run
 from yolozu.tta.config import TTTConfig
 
 import yolozu_ttt
@@ -84,6 +94,62 @@ def test_sample_mode_tent(benchmark, case, provider):
     benchmark.extra_info.update({"provider": provider, "images": IMAGES, "size": SIZE, "device": str(DEVICE)})
     benchmark.pedantic(once, rounds=3, iterations=1)
     done()
+
+
+HOST_TARGET = 0.03
+NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+class PassesStub(torch.nn.Module):
+    """The builtin RT-DETR's norm layers without the network: its forward is one cheap op that
+    ties fixed logits to every norm parameter (what the session's host side sees, minus the passes)."""
+
+    def __init__(self, model: torch.nn.Module, logits: torch.Tensor):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(copy.deepcopy(m) for m in model.modules() if isinstance(m, NORMS))
+        self.register_buffer("logits", logits.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tie = torch.cat([p.reshape(-1) for p in self.parameters()]).sum() * 0.0
+        return {"logits": self.logits * (1.0 + x.mean() * 0.0) + tie}
+
+
+@pytest.mark.parametrize("provider", ["session", "parallel_k8"])
+def test_session_host_time(benchmark, case, provider):
+    model, images, config = case
+    model = copy.deepcopy(model)
+    passes = []
+    for image in images:
+        with torch.no_grad():
+            logits = model(image)["logits"]
+        start = time.perf_counter()
+        tent_floor_run(model, image, "norm_only", 1)
+        passes.append(time.perf_counter() - start)
+    stub = PassesStub(model, logits)
+    stub_passes = []  # the stub's own forward and backward, taken off the session's time
+    for image in images * 4:
+        start = time.perf_counter()
+        tent_floor_run(stub, image, "norm_only", 1)
+        stub_passes.append(time.perf_counter() - start)
+    records = [{"i": i} for i in range(len(images) * 2)]
+    session = TTTSession(RecordAdapter(stub, images * 2), config)
+    if provider == "session":
+        def once():
+            for record in records:
+                session.run([record])
+    else:
+        def once():
+            session.run_parallel(records, 8)
+    once()  # bind and warm
+    benchmark.group = f"sample mode host time outside the passes (tent/norm_only, {len(records)} images)"
+    benchmark.pedantic(once, rounds=5, iterations=1)
+    session.close()
+    if benchmark.stats is not None:
+        per_image = benchmark.stats.stats.median / len(records) - statistics.median(stub_passes)
+        floor = statistics.median(passes)
+        benchmark.extra_info.update({"provider": provider, "host_ms_per_image": round(per_image * 1e3, 3),
+                                     "passes_ms_per_image": round(floor * 1e3, 2), "size": SIZE,
+                                     "host_over_passes": round(per_image / floor, 4), "target": HOST_TARGET})
 
 
 def main() -> None:
