@@ -150,3 +150,30 @@ def test_what_cannot_run_k_at_once_runs_one_by_one_and_says_why():
     with pytest.warns(ParallelFallbackWarning, match="method 'sar' is not sample-parallel"):
         reports, states = parallel(model, batches, cfg, 2)
     assert_like_alone(model, start, batches, cfg, reports, states, rtol=0.0, atol=0.0)
+
+
+def test_bf16_groups_track_fp32_alone_within_the_derived_tolerance():
+    """amp=bf16, tent/norm_only: every image of a group of three runs its forwards in bf16 (entries
+    say so) and its losses stay within the derived bf16 tolerance of its fp32 run alone; its
+    parameters are fp32 master weights."""
+    from test_amp import TINYDET_BF16_DEPTH, trajectory_tolerance
+
+    model, batches = make_model().eval(), images(4)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        with TTTSession(RecordAdapter(model, batches), cfg, amp="bf16") as session:
+            reports = session.run_parallel([{"i": i} for i in range(4)], 3)
+    assert "forward" not in vars(model)
+    alone = copy.deepcopy(model)
+    for i, got in enumerate(reports):
+        alone.load_state_dict(start)
+        fp32 = yolozu_ttt.run_ttt(RecordAdapter(alone, batches), [{"i": i}], config=cfg)
+        alone.load_state_dict(start)
+        tol = trajectory_tolerance("tent", alone, [batches[i]], cfg, fp32, TINYDET_BF16_DEPTH)
+        diffs = [abs(a - b) for a, b in zip(got.losses, fp32.losses)]
+        assert len(diffs) == fp32.steps_run and all(d <= t for d, t in zip(diffs, tol)), (i, diffs, tol)
+        assert max(diffs) > 1e-4 * max(fp32.losses)  # beyond fp32's tolerance: the passes ran in bf16
+        assert all(e["amp"] == "bf16" for e in got.step_metrics)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

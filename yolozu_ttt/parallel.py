@@ -30,13 +30,15 @@ The replicas (the design, and why):
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
 ``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
-Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32, eager.
-Anything else (another method, those Tent options, ``amp``, graph mode) runs the records one by one
-through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
+Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32 or
+bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager.
+Anything else (another method, those Tent options, fp16, whose loss scale decides on the host per
+image, graph mode) runs the records one by one through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
 the host per image, or their loss or draws are not split per image here yet.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 import warnings
@@ -45,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call, vmap
 
-from . import guards
+from . import amp, guards
 from .common import StepStats
 from .engine import read
 from .kernels.constants import CLIP_EPS
@@ -72,8 +74,8 @@ def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod |
     cls = getattr(importlib.import_module(f"{__package__}.methods.{method}"), "REPLICA", None)
     if cls is None:
         return f"method {method!r} is not sample-parallel yet", None
-    if session.amp != "off":
-        return f"amp={session.amp}: mixed precision is not sample-parallel yet", None
+    if session.amp == "fp16":
+        return "amp=fp16: its loss scale decides on the host per image (bf16 is sample-parallel)", None
     if session.graph:
         return "graph mode is not sample-parallel yet", None
     if any(p.dtype != torch.float32 for p in loop.arena.params):
@@ -275,7 +277,9 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     keep = guards.needs_snapshot(config)
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
+    precision = contextlib.ExitStack()  # bf16: every forward of the group under autocast, as a run's
     try:
+        precision.enter_context(amp.autocast_forwards(model, session.amp))
         model.train()
         for step in range(steps):
             x = torch.stack([b[step % len(b)] for b in batches])
@@ -295,6 +299,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
                 ctx.optimizer_steps += outcome.optimizer_steps
                 ctx.abstained_steps += int(outcome.abstained)
                 entry = base_entry(step, outcome, method.preclip_norm_reported, config.max_grad_norm)
+                if session.amp != "off":
+                    entry["amp"] = session.amp
                 if outcome.skipped:
                     stop = ctx.skip_step(entry, outcome.skip_stop)
                 else:
@@ -308,6 +314,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
             if not bool(replicas.active.any()):
                 break
     finally:
+        precision.close()
         if not was_training:
             model.eval()
     seconds = float(time.time() - start) / k
