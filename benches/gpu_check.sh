@@ -87,6 +87,17 @@ else
   step tests 150 "${PYTEST[@]}" --junitxml="$WORK/tests.xml" "$ROOT/tests/test_cuda.py"
 fi
 
+# 1b. issue 19's figure: sample-mode adapt+predict images/s at K in {1, 8, 32, 64}, graph mode on
+#     and off, bf16, against the reference (builtin RT-DETR, 320x320, tent/norm_only, 1 step), with
+#     the allocator's peak per provider
+if (( DRY )); then
+  step bench_parallel 120 "$PY" "$ROOT/benches/bench_parallel.py" --size 64 --k 2 --bf16-k 2 --repeats 1 \
+    --graph --json "$WORK/bench_parallel.json"
+else
+  step bench_parallel 180 "$PY" "$ROOT/benches/bench_parallel.py" --size 320 --k 8 32 64 --bf16-k 64 --repeats 2 \
+    --graph --json "$WORK/bench_parallel.json"
+fi
+
 # 2. benches: graph mode (whole step, batch 1, builtin RT-DETR) vs eager and Tent's floor; ops,
 #    update, host time (kernels stubbed); end to end eager (fast vs reference vs floor)
 BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-disable-gc)
@@ -233,6 +244,9 @@ for name in ("bench_graph", "bench_ops", "bench_e2e_eager"):
 env = os.path.join(work, "env.json")
 if os.path.exists(env) and os.path.getsize(env):
     doc["env"] = json.load(open(env))
+par = os.path.join(work, "bench_parallel.json")
+if os.path.exists(par) and os.path.getsize(par):
+    doc["bench_parallel"] = json.load(open(par))
 probe = os.path.join(work, "host_probe.json")
 if os.path.exists(probe) and os.path.getsize(probe):
     doc["host_probe"] = json.load(open(probe))
