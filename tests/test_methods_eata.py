@@ -5,10 +5,13 @@ import copy
 import functools
 
 import pytest
+import test_parallel
 import torch
 from conftest import (assert_bfloat16_tracks_reference, assert_raises_like_reference, assert_triton_engine_runs,
                       check_parity, make_batches, make_model, only_under_interpreter, run_under_interpreter,
                       skip_under_interpreter)
+from support_parallel import FramesAdapter, parallel_like_alone
+from test_parallel import images, tiny_rtdetr
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _eata_sample_signals
 
@@ -294,33 +297,10 @@ def test_triton_backend_is_the_one_running():
 
 
 # ---- sample-parallel EATA (TTTSession.run_parallel): K records at once, each as alone -------------
-import warnings  # noqa: E402
-
-import test_parallel  # noqa: E402
-from test_parallel import assert_like_alone, images, parallel, tiny_rtdetr  # noqa: E402
-
-from yolozu_ttt.parallel import ParallelFallbackWarning  # noqa: E402
 
 
 def eata_parallel(model, batches, k, **kw):
-    """run_parallel (no fallback) on a copy of ``model`` and each record against a fresh run_ttt of it
-    alone: the reports, the adapted states and the start."""
-    model = copy.deepcopy(model)  # a session leaves its last run's state in the model
-    start = copy.deepcopy(model.state_dict())
-    cfg = eata(**{"lr": 1e-2, "max_grad_norm": 1.0, **kw})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ParallelFallbackWarning)
-        reports, states = parallel(model, batches, cfg, k)
-    assert_like_alone(model, start, batches, cfg, reports, states)
-    return reports, states, start
-
-
-class FramesAdapter(test_parallel.RecordAdapter):
-    """Record ``{"i": n}`` is the list of frames ``batches[n]`` (several batches per record)."""
-
-    def build_loader(self, records, *, batch_size: int = 1):
-        for record in records:
-            yield from self.batches[record["i"]]
+    return parallel_like_alone(model, batches, eata(**{"lr": 1e-2, "max_grad_norm": 1.0, **kw}), k)
 
 
 @pytest.fixture
@@ -344,7 +324,7 @@ def test_parallel_eata_equals_each_image_alone(k, kw, train_mode):
     each with its own anchor (value and gradient), clip and Adam, as alone."""
     model = make_model().train(train_mode)
     reports, _, _ = eata_parallel(model, images(6), k, update_filter="norm_only", **kw)
-    assert all(r.optimizer_steps == r.steps_run == 3 + (kw.get("steps", 3) - 3) for r in reports)
+    assert all(r.optimizer_steps == r.steps_run == kw.get("steps", 3) for r in reports)
 
 
 def test_parallel_eata_on_the_shrunk_rtdetr():
