@@ -30,7 +30,12 @@ The replicas (the design, and why):
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
 ``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
-Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32, eager.
+Supported: Tent with plain entropy (no aux-consistency, teacher or detector response); EATA (per
+replica its selection, its update gated on the device by it, ``update(gate=...)``, its anchor value
+and gradient, ``anchor_value`` and ``update(anchor_lambda=...)``, its skip streak and ratio stop);
+SAR (per replica its clip, ``clip``, its ascent by its own direction norm, ``perturb``, its second
+pass and ``restore_values``); fp32, eager. EATA and SAR run in the model's own mode, as the
+reference's (``ReplicaMethod.train``).
 Anything else (another method, those Tent options, ``amp``, graph mode) runs the records one by one
 through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
 the host per image, or their loss or draws are not split per image here yet.
