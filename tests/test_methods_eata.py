@@ -327,8 +327,11 @@ def test_parallel_eata_equals_each_image_alone(k, kw, train_mode):
     assert all(r.optimizer_steps == r.steps_run == kw.get("steps", 3) for r in reports)
 
 
-def test_parallel_eata_on_the_shrunk_rtdetr():
-    eata_parallel(tiny_rtdetr(), images(3, size=64), 2, update_filter="norm_only", steps=2, lr=1e-4)
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_parallel_eata_on_the_shrunk_rtdetr(train_mode):
+    """Train mode: batch norm at batch 1 per image (the settled-layout gradient fix per replica)."""
+    model = tiny_rtdetr().train(train_mode)
+    eata_parallel(model, images(3, size=64), 2, update_filter="norm_only", steps=2, lr=1e-4)
 
 
 def test_an_image_selecting_nothing_is_gated_alone_until_its_streak_stops():
