@@ -149,9 +149,8 @@ class EATA(Method):
 
 
 def vmap_signals(logits: torch.Tensor, conf_min: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sample_signals`` of one image's logits in torch ops ``vmap`` can batch (the custom op and the
-    Triton kernels have no batching rule): the same row math as ``ops.entropy_stats``' torch path;
-    other inputs take the reference."""
+    """``sample_signals`` of one image's logits in torch ops ``vmap`` can batch (the fused op has no
+    batching rule): the row math of ``ops.entropy_stats``' torch path; other inputs take the reference."""
     if logits.ndim < 2 or not logits.is_floating_point() or logits.shape[-1] <= 1:
         return _ref._eata_sample_signals(logits, conf_min=conf_min)
     batch = int(logits.shape[0])
