@@ -5,10 +5,13 @@ import copy
 import functools
 
 import pytest
+import test_parallel
 import torch
 from conftest import (assert_bfloat16_tracks_reference, assert_raises_like_reference, assert_triton_engine_runs,
                       check_parity, make_batches, make_model, only_under_interpreter, run_under_interpreter,
                       skip_under_interpreter)
+from support_parallel import FramesAdapter, parallel_like_alone
+from test_parallel import images, tiny_rtdetr
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import _eata_sample_signals
 
@@ -291,3 +294,109 @@ def test_eata_parity_through_the_triton_path():
 @only_under_interpreter
 def test_triton_backend_is_the_one_running():
     assert_triton_engine_runs()
+
+
+# ---- sample-parallel EATA (TTTSession.run_parallel): K records at once, each as alone -------------
+
+
+def eata_parallel(model, batches, k, **kw):
+    return parallel_like_alone(model, batches, eata(**{"lr": 1e-2, "max_grad_norm": 1.0, **kw}), k)
+
+
+@pytest.fixture
+def frames(monkeypatch):
+    """test_parallel's helpers with records of several frames."""
+    monkeypatch.setattr(test_parallel, "RecordAdapter", FramesAdapter)
+
+
+EATA_PARALLEL = {
+    "default": dict(),
+    "anchor_clip": dict(eata_anchor_lambda=50.0, max_grad_norm=0.05, steps=4),
+    "lambda_0": dict(eata_anchor_lambda=0.0),
+}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("kw", list(EATA_PARALLEL.values()), ids=list(EATA_PARALLEL))
+@pytest.mark.parametrize("k", [2, 4])
+def test_parallel_eata_equals_each_image_alone(k, kw, train_mode):
+    """TinyDet (batch-, group- and layer-norm): six records in groups of k (the last one smaller),
+    each with its own anchor (value and gradient), clip and Adam, as alone."""
+    model = make_model().train(train_mode)
+    reports, _, _ = eata_parallel(model, images(6), k, update_filter="norm_only", **kw)
+    assert all(r.optimizer_steps == r.steps_run == kw.get("steps", 3) for r in reports)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("k", [2, 4])
+def test_parallel_eata_on_the_shrunk_rtdetr(k, train_mode):
+    """Four records (the last group smaller than k); train mode: batch norm at batch 1 per image
+    (the settled-layout gradient fix per replica). At 96 px: at 64 px the last stage normalises 2x2
+    maps at batch 1, whose fp32 grads differ by ~1e-4 relative between any two float orders (an
+    image's grad norm alone and in a group of three lie on either side of the fp32 truth)."""
+    model = tiny_rtdetr().train(train_mode)
+    eata_parallel(model, images(4, size=96), k, update_filter="norm_only", steps=2, lr=1e-4)
+
+
+def test_an_image_selecting_nothing_is_gated_alone_until_its_streak_stops():
+    """Image 4's entropy lies above the band: its replica applies nothing (gated on the device: its
+    parameters, moments and step count stay) and stops on its skip streak, while image 3, in its
+    group, adapts every step."""
+    model, batches = eval_model(), images(6)
+    entropy = [signals(model, b)[1][0] for b in batches]
+    assert max(entropy) == entropy[4]
+    limit = between(sorted(entropy)[-2], entropy[4])
+    reports, states, start = eata_parallel(model, batches, 2, update_filter="norm_only", steps=4,
+                                           eata_entropy_max=limit, eata_max_skip_streak=2)
+    assert [r.stop_reason for r in reports] == [None] * 4 + ["eata_max_skip_streak_exceeded", None]
+    assert [e["skip_streak"] for e in reports[4].step_metrics] == [1, 2, 3]
+    assert reports[3].optimizer_steps == 4 and reports[4].optimizer_steps == 0
+    for key, value in start.items():
+        assert torch.equal(states[4][key], value), key
+
+
+def test_skips_and_resumes_count_adam_steps_per_image(frames):
+    """Records of two frames: where the second is blank (above the entropy band) the replica skips
+    every other step and resumes, so replicas of one group are at different Adam steps (bias
+    corrections per replica); each as alone."""
+    model, real = eval_model(), images(5)
+    blank = torch.zeros_like(real[0])
+    batches = [[x, blank if i % 2 else x] for i, x in enumerate(real)]
+    limit = between(max(signals(model, x)[1][0] for x in real), signals(model, blank)[1][0])
+    reports, _, _ = eata_parallel(model, batches, 2, update_filter="norm_only", steps=4, lr=1e-3,
+                                  eata_entropy_max=limit)
+    skipped = [[e["skipped"] for e in r.step_metrics] for r in reports]
+    assert skipped[1][:3] == skipped[3][:3] == [False, True, False]  # a skip, then an update again
+    assert not any(skipped[0] + skipped[2] + skipped[4])
+
+
+def test_a_low_selected_ratio_stops_and_rolls_back_only_its_image():
+    """Records of two samples; record 2 pairs a sample above the entropy band with one in it: its
+    ratio 0.5 stops it after its first update (rolled back), the others adapt on."""
+    model, single = eval_model(), images(6)
+    entropy = [signals(model, b)[1][0] for b in single]
+    batches = [torch.cat([single[0], single[i]]) for i in (1, 4, 2, 3)]
+    batches[2], batches[1] = batches[1], batches[2]
+    reports, states, start = eata_parallel(model, batches, 3, update_filter="norm_only", rollback_on_stop=True,
+                                           eata_entropy_max=between(sorted(entropy)[-2], entropy[4]),
+                                           eata_selected_ratio_min=0.75)
+    assert [r.stop_reason for r in reports] == [None, None, "eata_selected_ratio_below_min", None]
+    assert reports[2].step_metrics[0]["selected_ratio"] == 0.5 and reports[2].step_metrics[0]["rolled_back"]
+    for key, value in start.items():
+        assert torch.equal(states[2][key], value), key
+
+
+def test_a_guard_and_a_nan_image_stop_only_their_images():
+    """A NaN image (nothing selected: skipped until its streak stops) and an image whose total update
+    crosses max_total_update_norm at its last step (stopped, rolled back) in groups of four."""
+    model, batches = eval_model(), images(6)
+    batches[2] = torch.full_like(batches[2], float("nan"))
+    cfg = dict(update_filter="norm_only", steps=4, eata_anchor_lambda=5.0, eata_max_skip_streak=1)
+    free, _, _ = eata_parallel(model, batches, 4, **cfg)
+    last = [r.step_metrics[-1]["total_update_norm"] for r in free]
+    top = max(range(6), key=lambda i: last[i] if i != 2 else -1.0)
+    limit = between(max(v for i, v in enumerate(last) if i not in (2, top)), last[top])
+    reports, _, _ = eata_parallel(model, batches, 4, **cfg, max_total_update_norm=limit, rollback_on_stop=True)
+    stops = [r.stop_reason for r in reports]
+    assert stops[2] == "eata_max_skip_streak_exceeded" and stops[top] == "max_total_update_norm_exceeded"
+    assert stops.count(None) == 4

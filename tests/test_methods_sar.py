@@ -8,6 +8,8 @@ import torch
 from conftest import (assert_bfloat16_tracks_reference, assert_raises_like_reference, assert_triton_engine_runs,
                       check_parity, make_batches, make_model, only_under_interpreter, run_under_interpreter,
                       skip_under_interpreter)
+from support_parallel import parallel_like_alone
+from test_parallel import images, tiny_rtdetr
 from yolozu.tta.config import TTTConfig
 
 import yolozu_ttt
@@ -176,3 +178,72 @@ def test_sar_parity_through_the_triton_path():
 @only_under_interpreter
 def test_triton_backend_is_the_one_running():
     assert_triton_engine_runs()
+
+
+# ---- sample-parallel SAR (TTTSession.run_parallel): K records at once, each as alone -------------
+def sar_parallel(model, batches, k, **kw):
+    return parallel_like_alone(model, batches, sar(**{"max_grad_norm": 1.0, **kw}), k)
+
+
+SAR_PARALLEL = {
+    "default": dict(),
+    "adaptive_clip": dict(sar_adaptive=True, sar_rho=0.5, max_grad_norm=0.05),
+    "no_ascent": dict(sar_rho=0.0),
+    "half_step_no_clip": dict(sar_first_step_scale=0.5, max_grad_norm=None),
+}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("kw", list(SAR_PARALLEL.values()), ids=list(SAR_PARALLEL))
+@pytest.mark.parametrize("k", [2, 4])
+def test_parallel_sar_equals_each_image_alone(k, kw, train_mode):
+    """TinyDet (batch-, group- and layer-norm): six records in groups of k (the last one smaller),
+    each with its own clip, ascent (its own direction norm) and second pass, as alone."""
+    model = make_model().train(train_mode)
+    reports, _, _ = sar_parallel(model, images(6), k, update_filter="norm_only", **kw)
+    assert all(r.forward_calls == r.backward_calls == 6 and r.optimizer_steps == 3 for r in reports)
+    applied = {e["sar_rho_applied"] for r in reports for e in r.step_metrics}
+    rho = kw.get("sar_rho", 0.05) * kw.get("sar_first_step_scale", 1.0)
+    assert applied == {rho}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_parallel_sar_on_the_shrunk_rtdetr(k):
+    """Four records (the last group smaller than k), in eval mode (the model's own, as the
+    reference's SAR): in train mode one BN bias element of one image has a true gradient of ~0
+    whose Adam step is rounding noise (alone and in a group it differs by 3% of lr)."""
+    sar_parallel(tiny_rtdetr(), images(4, size=64), k, update_filter="norm_only", steps=2, lr=1e-4)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_nan_image_stops_or_poisons_only_itself(guard):
+    """A NaN image in a group of three: its NaN ascent and update stay in its replica; with the
+    non-finite guard it stops at its first step (rolled back to the start), without it its
+    parameters go NaN while the others adapt on."""
+    model, batches = make_model().eval(), images(4)
+    batches[2] = torch.full_like(batches[2], float("nan"))
+    reports, states, start = sar_parallel(model, batches, 3, update_filter="norm_only", stop_on_non_finite=guard,
+                                          rollback_on_stop=True)
+    assert [r.stop_reason for r in reports] == [None, None, "non_finite_metrics" if guard else None, None]
+    assert reports[2].step_metrics[0]["sar_rho_applied"] == 0.05
+    if guard:
+        for key, value in start.items():
+            assert torch.equal(states[2][key], value), key
+    else:
+        assert torch.isnan(states[2]["gn.weight"]).all()
+    assert all(torch.isfinite(states[i]["gn.weight"]).all() for i in (0, 1, 3))
+
+
+def test_a_total_update_guard_trips_for_one_image_of_a_group():
+    """max_total_update_norm set between the images' last total update norms: only the image above
+    it stops (at its last step, rolled back)."""
+    model, batches = make_model().train(), images(5)
+    free, _, _ = sar_parallel(model, batches, 4, update_filter="norm_only")
+    last = [r.step_metrics[-1]["total_update_norm"] for r in free]
+    top = max(range(1, 5), key=last.__getitem__)
+    limit = between(max(v for i, v in enumerate(last) if i != top), last[top])
+    reports, _, _ = sar_parallel(model, batches, 4, update_filter="norm_only", max_total_update_norm=limit,
+                                 rollback_on_stop=True)
+    assert [r.stop_reason for r in reports] == [
+        "max_total_update_norm_exceeded" if i == top else None for i in range(5)]
+    assert reports[top].steps_run == 2 and reports[top].step_metrics[-1]["rolled_back"]

@@ -142,12 +142,12 @@ def test_bad_k_is_refused_before_any_work(k, error):
 
 
 def test_what_cannot_run_k_at_once_runs_one_by_one_and_says_why():
-    """SAR (two passes and an ascent per step, not split per image yet): a warning naming it, then
-    each record as alone."""
+    """Tent's aux-consistency term (a teacher forward and host metrics per image, not split per image
+    yet): a warning naming it, then each record as alone."""
     model, batches = make_model().eval(), images(3)
     start = copy.deepcopy(model.state_dict())
-    cfg = method_config("sar", update_filter="norm_only")
-    with pytest.warns(ParallelFallbackWarning, match="method 'sar' is not sample-parallel"):
+    cfg = method_config("tent", update_filter="norm_only", aux_depth_weight=0.5)
+    with pytest.warns(ParallelFallbackWarning, match="tent's aux-consistency, teacher and detector-response"):
         reports, states = parallel(model, batches, cfg, 2)
     assert_like_alone(model, start, batches, cfg, reports, states, rtol=0.0, atol=0.0)
 
@@ -177,3 +177,36 @@ def test_bf16_groups_track_fp32_alone_within_the_derived_tolerance():
         assert max(diffs) > 1e-4 * max(fp32.losses)  # beyond fp32's tolerance: the passes ran in bf16
         assert all(e["amp"] == "bf16" for e in got.step_metrics)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---- update filters (every method with a REPLICA) ---------------------------------------------
+@pytest.mark.parametrize("update_filter", ["norm_only", "adapter_only", "lora_only", "lora_norm_only", "all"])
+@pytest.mark.parametrize("method", ["tent", "eata", "sar"])
+def test_every_update_filter_runs_k_at_once_as_alone(method, update_filter):
+    """TinyDet (its LoRA block is what adapter_only / lora_only select; ``all``: every parameter a
+    replica, nothing shared), groups of two, each record as alone."""
+    model, batches = make_model().train(), images(4)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config(method, update_filter=update_filter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        reports, states = parallel(model, batches, cfg, 2)
+    selected = select_parameters(model, update_filter=update_filter)
+    assert reports[1].updated_param_count == sum(p.numel() for p in selected) > 0
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+@pytest.mark.parametrize("method", ["tent", "eata", "sar"])
+def test_a_filter_selecting_nothing_is_refused_like_the_reference(method):
+    """The shrunk RT-DETR has no adapter or LoRA module: the reference's error, no image reported."""
+    from yolozu.tta.integration import run_ttt as reference_run_ttt
+
+    model, batches = tiny_rtdetr(), images(2, size=64)
+    cfg = method_config(method, update_filter="lora_only")
+    with pytest.raises(Exception) as want:
+        reference_run_ttt(RecordAdapter(copy.deepcopy(model), batches), [{"i": 0}], config=cfg)
+    calls = []
+    with TTTSession(RecordAdapter(model, batches), cfg) as session:
+        with pytest.raises(type(want.value), match=f"^{want.value}$"):
+            session.run_parallel([{"i": 0}, {"i": 1}], 2, lambda *a: calls.append(a))
+    assert not calls

@@ -30,10 +30,16 @@ The replicas (the design, and why):
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
 ``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
-Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32 or
-bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager.
+Supported: Tent with plain entropy (no aux-consistency, teacher or detector response); EATA (per
+replica its selection, its update gated on the device by it, ``update(gate=...)``, its anchor value
+and gradient, ``anchor_value`` and ``update(anchor_lambda=...)``, its skip streak and ratio stop);
+SAR (per replica its clip, ``clip``, its ascent by its own direction norm, ``perturb``, its second
+pass and ``restore_values``); fp32 or bf16 (every forward of a group under autocast,
+``amp.autocast_forwards``, as a run's), eager. EATA and SAR run in the model's own mode, as the
+reference's (``ReplicaMethod.train``).
 Anything else (another method, those Tent options, fp16, whose loss scale decides on the host per
-image, graph mode) runs the records one by one through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
+image, graph mode) runs the records one by one through ``session.run`` with a
+:class:`ParallelFallbackWarning` saying why: their steps decide on
 the host per image, or their loss or draws are not split per image here yet.
 """
 from __future__ import annotations
@@ -50,7 +56,7 @@ from torch.func import functional_call, vmap
 from . import amp, guards
 from .common import StepStats
 from .engine import read
-from .kernels.constants import CLIP_EPS
+from .kernels.constants import CLIP_EPS, SAR_EPS
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
 
@@ -105,6 +111,8 @@ class Replicas:
             self.exp_avg = [torch.zeros_like(v) for v in self.values]
             self.exp_avg_sq = [torch.zeros_like(v) for v in self.values]
         self.steps = [0] * len(self.values)
+        #: per tensor, each replica's Adam step count (the gated update's bias corrections)
+        self.counts = [torch.zeros(k, dtype=torch.int64, device=v.device) for v in self.values]
         self.active = torch.ones(k, dtype=torch.bool, device=self.values[0].device)
 
     def mask(self, t: torch.Tensor) -> torch.Tensor:
@@ -132,34 +140,87 @@ class Replicas:
         first.sum().backward(inputs=self.values)
         return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
-    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8, *,
+               gate: torch.Tensor | None = None, anchor_lambda: float = 0.0) -> torch.Tensor:
         """Clip and Adam per replica (active ones only); returns the (4, K) norms: grad, clipped grad,
-        update, total update (float64, unread)."""
+        update, total update (float64, unread).
+
+        ``gate`` (K,) bool on the device: replica i's step applies only where ``gate[i]`` (closed: no
+        parameter, moment or step count changes, as the engine's gate; EATA's empty selection).
+        ``anchor_lambda``: EATA's anchor gradient ``2 lambda (theta - theta0) / numel`` per tensor
+        added to the grads first (in the grad norm and the clip, as the fused step adds it)."""
         with torch.no_grad():
             live = [i for i, v in enumerate(self.values) if v.grad is not None]
+            if anchor_lambda != 0.0:
+                for i in live:
+                    v = self.values[i]
+                    v.grad.add_(v.detach() - self.base[i], alpha=2.0 * anchor_lambda / (v[0].numel() or 1))
             grads = [self.values[i].grad for i in live]
-            norm = per_replica_norm(grads, self.k)
-            clipped = norm
-            if max_grad_norm is not None:
-                coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
-                for g in grads:
-                    g.mul_(coef.view((self.k,) + (1,) * (g.ndim - 1)))
-                clipped = per_replica_norm(grads, self.k)
+            norm, clipped = self.clip(max_grad_norm, grads)
             before = [v.detach().clone() for v in self.values]
+            on_k = self.active if gate is None else self.active & gate
             b1, b2 = betas
             for i, g in zip(live, grads):
                 v, m, s = self.values[i], self.exp_avg[i], self.exp_avg_sq[i]
                 self.steps[i] += 1
-                step = self.steps[i]
-                on = self.mask(v)
+                self.counts[i] += on_k
+                on = on_k.view((self.k,) + (1,) * (v.ndim - 1))
                 m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
                 s.copy_(torch.where(on, s * b2 + g * g * (1 - b2), s))
-                bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
-                denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
-                v.copy_(torch.where(on, v.addcdiv(m, denom, value=-lr / bias1), v))
+                if gate is None:  # every live replica at the same step (a stopped one never steps again)
+                    step = self.steps[i]
+                    bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+                    denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
+                    new = v.addcdiv(m, denom, value=-lr / bias1)
+                else:  # each replica at its own step (a closed gate did not count), bias corrections in fp64
+                    step = self.counts[i].clamp(min=1).double()
+                    size = (-lr / (1 - b1 ** step)).float().view_as(on)
+                    bc2 = (1 - b2 ** step).sqrt().float().view_as(on)
+                    new = v + (size * m) / (s.sqrt() / bc2 + eps)
+                v.copy_(torch.where(on, new, v))
             update = per_replica_norm([v - b for v, b in zip(self.values, before)], self.k)
             total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
             return torch.stack([norm, clipped, update, total])
+
+    def clip(self, max_grad_norm: float | None, grads: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each replica's grads (``grads``: the stacked ``.grad`` there are) clipped in place like
+        ``clip_grad_norm_`` with its own coefficient; returns the (K,) norms before and after."""
+        with torch.no_grad():
+            if grads is None:
+                grads = [v.grad for v in self.values if v.grad is not None]
+            norm = per_replica_norm(grads, self.k)
+            if max_grad_norm is None:
+                return norm, norm
+            coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.view((self.k,) + (1,) * (g.ndim - 1)))
+            return norm, per_replica_norm(grads, self.k)
+
+    def anchor_value(self) -> torch.Tensor:
+        """EATA's anchor ``sum_t mean((theta_t - theta0_t)^2)`` per replica (K,) float64, unread."""
+        total = torch.zeros(self.k, dtype=torch.float64, device=self.active.device)
+        for v, b in zip(self.values, self.base):
+            total += (v.detach() - b).reshape(self.k, -1).double().pow(2).mean(dim=1)
+        return total
+
+    def perturb(self, rho: float, adaptive: bool) -> torch.Tensor:
+        """SAR's ascent per replica from its grads: ``theta += rho / (||d|| + 1e-12) d`` with
+        ``d = g`` (adaptive: ``g |theta|``) and replica i's own direction norm, unless that norm is
+        zero (a NaN norm applies, as the engine's). Returns the (2, K) float64 rows (direction norm,
+        applied 1/0), unread; the caller holds the pre-ascent values (``snapshot``)."""
+        with torch.no_grad():
+            pairs = [(v, v.grad if not adaptive else v.grad * v.detach().abs()) for v in self.values if v.grad is not None]
+            norm = per_replica_norm([d for _, d in pairs], self.k).float().double()
+            applied = ~(norm <= 0.0)
+            scale = torch.where(applied, rho / (norm + SAR_EPS), 0.0).float()
+            for v, d in pairs:
+                v.add_(scale.view((self.k,) + (1,) * (v.ndim - 1)) * d)
+            return torch.stack([norm, applied.double()])
+
+    def restore_values(self, saved: list[torch.Tensor]) -> None:
+        """Every replica's parameters back to ``saved`` (SAR's restore after its second pass)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.values, saved)
 
     def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the parameters and norm buffers (before a step)."""
@@ -222,10 +283,13 @@ class ReplicaMethod:
       nothing read: a (rows, K) float64 tensor, column i image i's values;
     - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
       method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
-    - ``after_step(i, outcome)``: after image i's kept step.
+    - ``after_step(i, outcome)``: after image i's kept step;
+    - ``train``: the passes run in train mode, as Tent's (False: in the mode the model is in, as
+      the reference's EATA and SAR).
     """
 
     name = ""
+    train = True
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
@@ -280,7 +344,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     precision = contextlib.ExitStack()  # bf16: every forward of the group under autocast, as a run's
     try:
         precision.enter_context(amp.autocast_forwards(model, session.amp))
-        model.train()
+        if rmethod.train:
+            model.train()
         for step in range(steps):
             x = torch.stack([b[step % len(b)] for b in batches])
             saved = replicas.snapshot() if (keep or rollback or not bool(replicas.active.all())) else ([], [])

@@ -12,7 +12,8 @@ import torch
 from ..seam import integration as _ref
 
 from .. import ops
-from .loop import Method, StepOutcome
+from ..parallel import ReplicaMethod, norm_stats
+from .loop import Method, StepOutcome, vmap_entropy
 
 RATIO_STOP = "eata_selected_ratio_below_min"
 SELECTION_KEYS = ("step", "selected_count", "batch_count", "selected_ratio", "mean_conf", "mean_entropy",
@@ -49,17 +50,21 @@ def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor, valid
 UNSELECTED_LOGIT = -1.0e4
 
 
-def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, batch: int) -> torch.Tensor:
+def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, batch: int,
+               entropy: Any = None) -> torch.Tensor:
     """Mean entropy over the rows of the selected samples, without reading the selection: the rows of
     samples not selected are replaced by rows of entropy 0 and the mean over all rows is rescaled by
     ``batch / count`` (exactly 1 when all are selected; with none selected, the gated update applies
-    nothing, whatever the loss)."""
+    nothing, whatever the loss). ``entropy``: the mean-entropy function (default the fused op; the
+    replicas' ``vmap_entropy``)."""
     if logits.ndim < 2 or logits.shape[-1] <= 1:
+        if entropy is not None:
+            return entropy(logits)
         return ops.entropy_loss(logits) if logits.is_floating_point() else _ref._entropy_loss_from_logits(logits)
     row = torch.full(logits.shape[-1:], UNSELECTED_LOGIT, dtype=logits.dtype, device=logits.device)
     row[0] = 0.0
     rows = torch.where(mask.reshape((-1,) + (1,) * (logits.ndim - 1)), logits, row)
-    return ops.entropy_loss(rows) * (float(batch) / count.clamp(min=1).to(torch.float32))
+    return (entropy or ops.entropy_loss)(rows) * (float(batch) / count.clamp(min=1).to(torch.float32))
 
 
 class EATA(Method):
@@ -111,30 +116,98 @@ class EATA(Method):
         return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
 
     def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
-        count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values[:6]
+        anchor = values[6] if self.lam == 0.0 else stats.anchor_loss
+        outcome, self.streak = self.decide(stats, values[:6], anchor, self.streak, self.engine.idle_stats(),
+                                           self.ctx.warnings)
+        return outcome
+
+    def decide(self, stats: Any, values: list[float], anchor_loss: float, streak: int, idle: Any,
+               warnings: list[str]) -> tuple[StepOutcome, int]:
+        """One image's step outcome and skip streak from its read values (selection summary, batch
+        size, adapt loss) and anchor value; ``idle``: its stats were nothing applied."""
+        count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values
         count, batch, lam = int(count), int(batch), self.lam
         ratio = float(count) / float(max(1, batch))
         metrics: dict[str, Any] = {"selected_count": count, "batch_count": batch, "selected_ratio": ratio,
                                    "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid}
         if count <= 0:  # the gate kept the update from applying anything
-            return self.skip(metrics)
-        self.streak = 0
-        anchor_loss = values[6] if lam == 0.0 else stats.anchor_loss
+            return self.skip(metrics, streak + 1, idle, warnings), streak + 1
         metrics.update({"skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
                         "anchor_lambda": lam})
         return StepOutcome(loss=adapt_value + lam * anchor_loss, stats=stats, metrics=metrics, layout=ENTRY_LAYOUT,
-                           method_stop=RATIO_STOP if ratio < self.ratio_min else None)
+                           method_stop=RATIO_STOP if ratio < self.ratio_min else None), 0
 
-    def skip(self, metrics: dict[str, Any]) -> StepOutcome:
+    def skip(self, metrics: dict[str, Any], streak: int, idle: Any, warnings: list[str]) -> StepOutcome:
         """A step with nothing selected: no update, no guard (the backward ran, but the reference's
         does not: counted as none); a long streak stops."""
-        self.streak += 1
-        metrics.update({"skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(self.streak),
+        metrics.update({"skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(streak),
                         "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None})
-        self.ctx.warnings.append("eata_empty_selected_set")
-        stop = SKIP_STOP if self.streak > max(0, int(self.config.eata_max_skip_streak)) else None
-        return StepOutcome(loss=None, stats=self.engine.idle_stats(), metrics=metrics, backwards=0, optimizer_steps=0,
+        warnings.append("eata_empty_selected_set")
+        stop = SKIP_STOP if streak > max(0, int(self.config.eata_max_skip_streak)) else None
+        return StepOutcome(loss=None, stats=idle, metrics=metrics, backwards=0, optimizer_steps=0,
                            skipped=True, skip_stop=stop, layout=SKIP_LAYOUT)
 
 
+def vmap_signals(logits: torch.Tensor, conf_min: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample_signals`` of one image's logits in torch ops ``vmap`` can batch (the fused op has no
+    batching rule): the row math of ``ops.entropy_stats``' torch path; other inputs take the reference."""
+    if logits.ndim < 2 or not logits.is_floating_point() or logits.shape[-1] <= 1:
+        return _ref._eata_sample_signals(logits, conf_min=conf_min)
+    batch = int(logits.shape[0])
+    _, h, conf = ops._torch_entropy_rows(logits.detach())
+    conf, h = conf.view(batch, -1), h.view(batch, -1)
+    valid = (conf >= float(conf_min)).to(torch.float32).sum(dim=1) if logits.ndim > 2 else torch.ones_like(conf[:, 0])
+    return conf.mean(dim=1), h.mean(dim=1), valid
+
+
+class EATAReplicas(ReplicaMethod):
+    """EATA's K-replica step (``yolozu_ttt.parallel``): per image its own selection, gate (nothing
+    selected: no update for that replica), anchor to its own start and skip streak."""
+
+    name = "eata"
+    train = False  # the model's own mode, as the reference's EATA
+
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        self.ctxs, self.streaks = ctxs, [0] * len(records)
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Per replica: forward, selection, the selected samples' entropy and its backward (one
+        batched call); every selected parameter gets a grad (the anchor's reach); the anchor value
+        before the update; then the update gated per replica by its selection. Rows: adapt loss,
+        selection summary (4), batch, anchor value, the four norms."""
+        config, sizes = self.config, []
+        if x.ndim == 1:
+            raise RuntimeError("EATA requires batched tensor input")
+
+        def loss(output):
+            logits = _ref._extract_logits(output)
+            if logits.ndim == 0:
+                raise RuntimeError("EATA logits must have batch dimension")
+            conf, entropy, valid = vmap_signals(logits, float(config.eata_conf_min))
+            mask = select_samples(config, conf, entropy, valid)
+            sizes.append(int(conf.shape[0]))
+            selection = summary(mask, conf, entropy, valid)
+            return adapt_loss(logits, mask, selection[0], sizes[0], entropy=vmap_entropy), selection
+
+        losses, selection = replicas.backward(loss, x)
+        for v in replicas.values:  # the reference's anchor term reaches every selected parameter
+            if v.grad is None:
+                v.grad = torch.zeros_like(v)
+        anchor = replicas.anchor_value()
+        norms = replicas.update(float(config.lr), config.max_grad_norm, gate=selection[:, 0] > 0,
+                                anchor_lambda=self.method.lam)
+        batch = torch.full_like(anchor, float(sizes[0]))
+        return torch.cat([losses.double().unsqueeze(0), selection.double().t(), batch.unsqueeze(0),
+                          anchor.unsqueeze(0), norms])
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        loss, count, conf, entropy, valid, batch, anchor = column[:7]
+        stats = norm_stats(column[7:])
+        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0)
+        outcome, self.streaks[i] = self.method.decide(stats, [count, conf, entropy, valid, batch, loss], anchor,
+                                                      self.streaks[i], idle, self.ctxs[i].warnings)
+        return outcome
+
+
 METHOD = EATA
+REPLICA = EATAReplicas

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from ..seam import integration as _ref
 
-from .loop import Method, StepOutcome, entropy
+from ..parallel import ReplicaMethod, norm_stats
+from .loop import Method, StepOutcome, entropy, vmap_entropy
 
 
 #: the reference's step entry
@@ -79,4 +80,39 @@ class SAR(Method):
         })
 
 
+class SARReplicas(ReplicaMethod):
+    """SAR's K-replica step (``yolozu_ttt.parallel``): per replica its first grads clipped by its own
+    norm, its ascent scaled by its own direction norm, its second pass at its own perturbed point."""
+
+    name = "sar"
+    train = False  # the model's own mode, as the reference's SAR
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The first pass (K at once), each replica's grads clipped (pre-clip norms kept), each
+        replica's ascent from the pre-step values, the second pass at the perturbed points, the
+        pre-step values back, Adam on the second grads (unclipped). Rows: first loss, second loss,
+        pre-clip grad norm[, direction norm, applied], the four norms."""
+        method = self.method
+
+        def loss(output):
+            return vmap_entropy(_ref._extract_logits(output))
+
+        first = replicas.backward(loss, x)
+        grad_norm, _ = replicas.clip(self.config.max_grad_norm)
+        ascent = ()
+        if method.rho_value > 0.0:
+            backup = [v.detach().clone() for v in replicas.values]
+            ascent = (replicas.perturb(method.rho_value, method.adaptive),)
+        second = replicas.backward(loss, x)
+        if ascent:
+            replicas.restore_values(backup)
+        norms = replicas.update(float(self.config.lr), None)
+        return torch.cat([torch.stack([first.double(), second.double(), grad_norm]), *ascent, norms])
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        width = 5 if self.method.rho_value > 0.0 else 3
+        return self.method.outcome(norm_stats(column[width:]), column[:width], step)
+
+
 METHOD = SAR
+REPLICA = SARReplicas
