@@ -1,4 +1,5 @@
-"""Helpers for the export fault tests: process trees, and a worker entry point that records adaptations.
+"""Helpers for the export tests: a shrunk RT-DETR export set-up, process trees, and a worker entry
+point that records adaptations.
 
 Run as a script (``torchrun ... tests/helpers_export.py export-predictions ...``) it is
 ``yolozu-ttt`` with ``FastBackend.__call__`` wrapped: each adaptation appends ``start`` and ``end``
@@ -13,6 +14,55 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+
+TINY_MODEL = {"num_classes": 3, "hidden_dim": 32, "num_queries": 8, "stem_channels": 8,
+              "backbone_channels": [8, 16, 32], "stage_blocks": [1, 1, 1], "num_encoder_layers": 1,
+              "num_decoder_layers": 1, "nhead": 2, "encoder_dim_feedforward": 32, "decoder_dim_feedforward": 32}
+
+
+def tiny_export_data(root: Path) -> dict[str, Path]:
+    """In ``root``: 16 distinct images (YOLOZU's demo sample and its mirror images), a shrunk
+    RT-DETR config (``TINY_MODEL``) and a checkpoint of it."""
+    import importlib.resources
+
+    import torch
+    from PIL import Image, ImageOps
+    from yolozu.demos.labeled_dataset import generate_labeled_sample
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    generate_labeled_sample(run_dir=root / "demo", seed=0)
+    images = root / "ds" / "images" / "val"
+    images.mkdir(parents=True)
+    i = 0
+    for split in ("val", "train"):
+        for path in sorted((root / "demo" / "images" / split).glob("*.png")):
+            with Image.open(path) as src:
+                img = src.convert("RGB")
+            for variant in (img, ImageOps.mirror(img)):
+                variant.save(images / f"img_{i:03d}.png")
+                i += 1
+    base = json.loads(importlib.resources.files("rtdetr_pose").joinpath("configs/base.json").read_text(encoding="utf-8"))
+    base["model"].update(TINY_MODEL)
+    config = root / "tiny.json"
+    config.write_text(json.dumps(base), encoding="utf-8")
+    model = RTDETRPoseAdapter(config_path=str(config), init_seed=0).get_model()
+    torch.save(model.state_dict(), root / "tiny.pt")
+    return {"root": root, "dataset": root / "ds", "config": config, "checkpoint": root / "tiny.pt"}
+
+
+def export_args(data, *, reset: str | None, n: int, backend: str = "fast", dataset: Path | None = None) -> list[str]:
+    """A tiny export of ``n`` images: no TTT, or TTT with ``reset`` (1 step in sample mode) on ``backend``."""
+    args = ["--adapter", "rtdetr_pose", "--config", str(data["config"]), "--checkpoint", str(data["checkpoint"]),
+            "--dataset", str(dataset or data["dataset"]), "--split", "val", "--max-images", str(n),
+            "--image-size", "64", "--score-threshold", "0.0", "--max-detections", "3", "--wrap"]
+    if reset is not None:
+        # lr 0.01: the steps stay under the default guards (max update norm 1.0), so TTT changes the output
+        args += ["--ttt", "--ttt-reset", reset, "--ttt-steps", "1" if reset == "sample" else "2",
+                 "--ttt-update-filter", "norm_only", "--ttt-seed", "0", "--ttt-lr", "0.01", "--ttt-backend", backend]
+        if reset == "stream":
+            args += ["--ttt-batch-size", "2", "--ttt-max-batches", "2", "--infer-batch-size", "2"]
+    return args
 
 
 def children(pid: int) -> list[int]:
