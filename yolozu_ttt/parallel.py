@@ -187,7 +187,8 @@ class Replicas:
         """The K replicas' eval-mode forwards on their K images ``x`` (K, B, ...) in one batched
         call, without grad: the model's outputs stacked (K, B, ...), image i's what the model gives
         for ``x[i]`` in eval mode holding replica i's parameters and norm buffers. The model's
-        training flags are left as they were."""
+        training flags are left as they were. Transformer layers take their standard path, as in
+        training (their eval-only fused kernel has no vmap rule: vmap would loop it per image)."""
         model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
 
         def one(values, buffers, image):
@@ -195,11 +196,14 @@ class Replicas:
                                    (image,))
 
         flags = [(m, m.training) for m in model.modules()]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         model.eval()
         try:
+            torch.backends.mha.set_fastpath_enabled(False)
             with torch.no_grad():
                 return vmap(one)([v.detach() for v in self.values], self.buffers, x)
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, training in flags:
                 m.training = training
 
