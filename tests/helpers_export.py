@@ -3,7 +3,8 @@ point that records adaptations.
 
 Run as a script (``torchrun ... tests/helpers_export.py export-predictions ...``) it is
 ``yolozu-ttt`` with ``FastBackend.__call__`` wrapped: each adaptation appends ``start`` and ``end``
-lines (rank, attempt, image) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
+lines (rank, attempt, image; ``end`` also whether the image's prediction will be answered from its
+group's batched forward) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
 attempt SIGKILLs itself when its K-th adaptation starts (a worker dying mid-run, deterministically).
 """
 from __future__ import annotations
@@ -110,9 +111,9 @@ def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
     return bool(predicate())
 
 
-def _log(kind: str, image: str) -> None:
+def _log(kind: str, image: str, **extra) -> None:
     line = {"kind": kind, "rank": int(os.environ.get("RANK", 0)),
-            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), "image": image}
+            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), "image": image, **extra}
     with open(os.environ["YTTT_ADAPT_LOG"], "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")
 
@@ -132,7 +133,8 @@ def main() -> int:
                 and started[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         report = real(self, adapter, records, config=config)
-        _log("end", image)
+        # --ttt-parallel: whether YOLOZU's predict is answered from a group's batched forward
+        _log("end", image, answered=self._answer is not None and adapter.get_model().__dict__.get("forward") is self._answer)
         return report
 
     cli.FastBackend.__call__ = recorded

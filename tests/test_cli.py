@@ -486,3 +486,46 @@ def test_parallel_k_equals_one_image_at_a_time(tiny, tmp_path, monkeypatch, k):
     for ttt in (got["meta"]["ttt"], got_log["ttt"]):
         assert ttt["parallel"] == k and ttt["engine"]["parallel"] == k and ttt["engine"]["engine"] == "fast"
     assert "parallel" not in one["meta"]["ttt"] and "parallel" not in one["meta"]["ttt"]["engine"]
+
+
+def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(tiny, tmp_path, monkeypatch):
+    """The memory estimate (K replicas of the selected parameters and norm buffers, plus K images'
+    activations measured on the first image) against a monkeypatched available memory: a K that
+    does not fit is refused before any prediction is written, naming the largest K that fits,
+    which then runs."""
+    import re
+
+    import torch
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+    from yolozu.tta.ttt_mim import select_parameters
+
+    from yolozu_ttt import parallel
+
+    available = [1]
+    monkeypatch.setattr(parallel, "available_memory", lambda device: (available[0], "available RAM (test)"))
+    out = tmp_path / "out.json"
+
+    def refused(k: int) -> str:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", str(k), "--output", str(out)])
+        _nothing_written(out)
+        return str(exc.value.code)
+
+    message = refused(2)
+    found = re.search(r"^yolozu-ttt export-predictions: --ttt-parallel 2 does not fit: 2 x \(([\d.e+-]+) MiB replica "
+                      r"\+ ([\d.e+-]+) MiB activations\) = [\d.e+-]+ MiB, 9.537e-07 MiB available RAM \(test\) "
+                      r"\(90% usable\); the largest K that fits is 1$", message)
+    assert found, message
+    model = RTDETRPoseAdapter(config_path=str(tiny["config"]), checkpoint_path=str(tiny["checkpoint"])).get_model()
+    params = select_parameters(model, update_filter="norm_only")
+    norms = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    replica, activations = float(found[1]) * 2 ** 20, float(found[2]) * 2 ** 20
+    assert replica == pytest.approx(7 * nbytes(params) + 2 * nbytes(norms), rel=1e-3)
+    image = torch.zeros(1, 3, 64, 64)
+    assert activations > nbytes([image])  # at least one feature map of the input's size is saved
+
+    available[0] = int(2.5 * (replica + activations) / parallel.MEMORY_HEADROOM)
+    assert refused(3).endswith("the largest K that fits is 2")
+    assert cli.main(["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", "2", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["ttt"]["engine"]["parallel"] == 2

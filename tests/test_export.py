@@ -596,3 +596,62 @@ def test_progress_counts_unique_images_on_a_resumed_run(data, killed, tmp_path, 
     assert counts and all(total == N_SAMPLE for _, total in counts), err[-3000:]
     assert max(n for n, _ in counts) == N_SAMPLE and counts[-1][0] == N_SAMPLE, err[-3000:]
     assert counts[0][0] == len(killed["done"])  # resumed images counted from the start
+
+
+# ---------------------------------------------------------------------------------------
+# --ttt-parallel K: K-groups inside each rank's shard
+# ---------------------------------------------------------------------------------------
+def _helper_cmd(args: list[str], nproc: int | None = None) -> list[str]:
+    """``yolozu-ttt`` through tests/helpers_export.py (adaptations logged), under torchrun with ``nproc``."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [sys.executable, *launcher, str(HELPER), "export-predictions", *args]
+
+
+def _events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_two_workers_adapt_k_at_once_within_their_shards(data, single, tmp_path):
+    """torchrun, 2 workers, --ttt-parallel 2: each rank's shard of 4 is its first image alone, a
+    group of 2 (predicted from the group's batched forward) and a last image alone; the merged
+    file is one process's K = 1 export within tolerance, recording K."""
+    out, log = tmp_path / "out.json", tmp_path / "adapt.jsonl"
+    res = subprocess.run(_helper_cmd([*_args(data, reset="sample", n=N_SAMPLE), "--ttt-parallel", "2",
+                                      "--output", str(out)], nproc=2),
+                         cwd=tmp_path, env=dict(_env(), YTTT_ADAPT_LOG=str(log)), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    images = [e["image"] for e in single["sample-fast"]["predictions"]]
+    ends = {e["image"]: e for e in _events(log) if e["kind"] == "end"}
+    assert sorted(ends) == sorted(images)
+    assert [ends[image]["rank"] for image in images] == [0] * 4 + [1] * 4
+    assert [ends[image]["answered"] for image in images] == [False, True, True, False] * 2
+    merged, one = json.loads(out.read_text()), single["sample-fast"]
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
+    _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
+    assert merged["meta"]["ttt"]["parallel"] == 2 and merged["meta"]["ttt"]["engine"]["parallel"] == 2
+    assert f"{N_SAMPLE} images, 2 worker(s), gloo: {N_SAMPLE} computed, 0 from part files" in res.stderr
+
+
+def test_kill_mid_group_then_resume_redoes_only_the_unfinished_images(data, single, tmp_path, fast_backend_calls):
+    """--ttt-parallel 2 with --resume, SIGKILLed when YOLOZU asks for the second image of the first
+    group (adapted with the first, not yet written): the part file holds the images before it;
+    --resume adapts the others only and gives one process's K = 1 export."""
+    out, log = tmp_path / "out.json", tmp_path / "adapt.jsonl"
+    args = [*_args(data, reset="sample", n=N_SAMPLE), "--ttt-parallel", "2", "--output", str(out), "--resume"]
+    res = subprocess.run(_helper_cmd(args), cwd=tmp_path, env=dict(_env(), YTTT_ADAPT_LOG=str(log), YTTT_KILL_AT="0:3"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-4000:]
+    images = [e["image"] for e in single["sample-fast"]["predictions"]]
+    assert [(e["kind"], e["image"], e.get("answered")) for e in _events(log)] == [
+        ("start", images[0], None), ("end", images[0], False),  # alone
+        ("start", images[1], None), ("end", images[1], True),  # the group [1, 2], adapted at once
+        ("start", images[2], None)]
+    assert sorted(_entries(Path(str(out) + ".parts"))) == [0, 1] and not out.exists()
+
+    _single(args)
+    assert [r["image"] for records in fast_backend_calls for r in records] == images[2:]
+    merged, one = json.loads(out.read_text()), single["sample-fast"]
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
+    _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
+    assert not Path(str(out) + ".parts").exists()

@@ -390,8 +390,9 @@ class FastBackend:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
             self._engine = engine_summary(method, self.ran)
-            if self.calls and self.parallel > 1:
-                self._engine.update(self.last_engine() or {})
+            if self.parallel > 1:  # the K this process adapted with, else the one the part files record
+                ran = (self.last_engine() if self.calls else self.ran) or {}
+                self._engine.update({key: v for key, v in ran.items() if key.startswith("parallel")})
         return dict(self._engine)
 
 

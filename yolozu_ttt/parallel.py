@@ -497,8 +497,10 @@ def memory_refusal(k: int, loop: Any, activation_bytes: int, device: Any) -> str
     per_image = replica_bytes(loop) + int(activation_bytes)
     if k <= 1 or available is None or k <= largest_k(per_image, available):
         return None
-    mib = 1024.0 ** 2
-    return (f"--ttt-parallel {k} does not fit: {k} x ({replica_bytes(loop) / mib:.1f} MiB replica + "
-            f"{activation_bytes / mib:.1f} MiB activations) = {k * per_image / mib:.1f} MiB, "
-            f"{available / mib:.1f} MiB {what} ({MEMORY_HEADROOM:.0%} usable); "
-            f"the largest K that fits is {largest_k(per_image, available)}")
+    return (f"--ttt-parallel {k} does not fit: {k} x ({_mib(replica_bytes(loop))} replica + "
+            f"{_mib(activation_bytes)} activations) = {_mib(k * per_image)}, {_mib(available)} {what} "
+            f"({MEMORY_HEADROOM:.0%} usable); the largest K that fits is {largest_k(per_image, available)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024.0 ** 2:.4g} MiB"
