@@ -21,6 +21,12 @@
   record ``world_size`` and ``distributed_backend``. Its two flags (``--resume``,
   ``--dist-timeout``) default to ``argparse.SUPPRESS``, so a namespace without them is exactly
   YOLOZU's.
+* ``--ttt-parallel K`` (fast backend, ``--ttt-reset sample``; default 1, unchanged): YOLOZU's
+  sample loop is answered K images at a time (:class:`FastBackend`), each image adapted by its
+  own replica and predicted through one batched eval forward of its group; bad K, stream mode and
+  the reference backend are usage errors (exit 2, before anything is written), a K that does not
+  fit the memory is refused after the first image is adapted, before any prediction is written.
+  Recorded as ``parallel`` in the ``ttt`` block and log, and in its ``engine`` the K that ran.
 * Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
   a second run on a live output is refused before any work with one line and exit status 2.
 * Every private YOLOZU name (the export module's globals rebound here included) comes through

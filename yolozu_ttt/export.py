@@ -21,8 +21,11 @@ its module globals rebound (:mod:`yolozu_ttt.seam` lists them). The pipeline, in
    the per-image report is kept; stream mode: rank 0 adapts over the whole dataset, then one
    ``broadcast`` of a flat byte tensor of the selected parameters and every buffer) and the
    adapter's ``predict`` -> YOLOZU's ``predict`` on batches aligned to ``--infer-batch-size``; each
-   finished image is one JSON line appended to this rank's part file, flushed before the next
-   image starts. Its own output goes to a scratch file (thrown away).
+   finished image is one JSON line appended to this rank's part file (created with its first
+   image), flushed before the next image starts. With ``--ttt-parallel K`` the backend cuts its
+   K-groups from this rank's shard (its ``plan``) and YOLOZU still asks for, and this writes, one
+   image at a time: a kill mid-group loses only the group's unwritten images. Its own output goes
+   to a scratch file (thrown away).
 4. **gather** (over the process group, bounded by ``--dist-timeout``): every rank sends rank 0
    the finished records of its shard, so ``--output`` need be writable on rank 0's host only.
 5. **merge** (rank 0): YOLOZU's ``main`` once more over the whole dataset, with ``run_ttt`` and
