@@ -1087,10 +1087,10 @@ class ShardedExport:
         if self.env.rank == 0:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return
-        for path in self.parts_dir.glob(f"part-*-r{self.env.rank:05d}.jsonl"):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # on rank 0's filesystem the folder may be gone already
+            for path in list(self.parts_dir.glob(f"part-*-r{self.env.rank:05d}.jsonl")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
             self.parts_dir.rmdir()
 
     def _close_progress(self) -> None:
