@@ -1,8 +1,10 @@
-"""Helpers for the export fault tests: process trees, and a worker entry point that records adaptations.
+"""Helpers for the export tests: a shrunk RT-DETR export set-up, process trees, and a worker entry
+point that records adaptations.
 
 Run as a script (``torchrun ... tests/helpers_export.py export-predictions ...``) it is
 ``yolozu-ttt`` with ``FastBackend.__call__`` wrapped: each adaptation appends ``start`` and ``end``
-lines (rank, attempt, image) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
+lines (rank, attempt, image; ``end`` also whether the image's prediction will be answered from its
+group's batched forward) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
 attempt SIGKILLs itself when its K-th adaptation starts (a worker dying mid-run, deterministically).
 """
 from __future__ import annotations
@@ -13,6 +15,55 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+
+TINY_MODEL = {"num_classes": 3, "hidden_dim": 32, "num_queries": 8, "stem_channels": 8,
+              "backbone_channels": [8, 16, 32], "stage_blocks": [1, 1, 1], "num_encoder_layers": 1,
+              "num_decoder_layers": 1, "nhead": 2, "encoder_dim_feedforward": 32, "decoder_dim_feedforward": 32}
+
+
+def tiny_export_data(root: Path) -> dict[str, Path]:
+    """In ``root``: 16 distinct images (YOLOZU's demo sample and its mirror images), a shrunk
+    RT-DETR config (``TINY_MODEL``) and a checkpoint of it."""
+    import importlib.resources
+
+    import torch
+    from PIL import Image, ImageOps
+    from yolozu.demos.labeled_dataset import generate_labeled_sample
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    generate_labeled_sample(run_dir=root / "demo", seed=0)
+    images = root / "ds" / "images" / "val"
+    images.mkdir(parents=True)
+    i = 0
+    for split in ("val", "train"):
+        for path in sorted((root / "demo" / "images" / split).glob("*.png")):
+            with Image.open(path) as src:
+                img = src.convert("RGB")
+            for variant in (img, ImageOps.mirror(img)):
+                variant.save(images / f"img_{i:03d}.png")
+                i += 1
+    base = json.loads(importlib.resources.files("rtdetr_pose").joinpath("configs/base.json").read_text(encoding="utf-8"))
+    base["model"].update(TINY_MODEL)
+    config = root / "tiny.json"
+    config.write_text(json.dumps(base), encoding="utf-8")
+    model = RTDETRPoseAdapter(config_path=str(config), init_seed=0).get_model()
+    torch.save(model.state_dict(), root / "tiny.pt")
+    return {"root": root, "dataset": root / "ds", "config": config, "checkpoint": root / "tiny.pt"}
+
+
+def export_args(data, *, reset: str | None, n: int, backend: str = "fast", dataset: Path | None = None) -> list[str]:
+    """A tiny export of ``n`` images: no TTT, or TTT with ``reset`` (1 step in sample mode) on ``backend``."""
+    args = ["--adapter", "rtdetr_pose", "--config", str(data["config"]), "--checkpoint", str(data["checkpoint"]),
+            "--dataset", str(dataset or data["dataset"]), "--split", "val", "--max-images", str(n),
+            "--image-size", "64", "--score-threshold", "0.0", "--max-detections", "3", "--wrap"]
+    if reset is not None:
+        # lr 0.01: the steps stay under the default guards (max update norm 1.0), so TTT changes the output
+        args += ["--ttt", "--ttt-reset", reset, "--ttt-steps", "1" if reset == "sample" else "2",
+                 "--ttt-update-filter", "norm_only", "--ttt-seed", "0", "--ttt-lr", "0.01", "--ttt-backend", backend]
+        if reset == "stream":
+            args += ["--ttt-batch-size", "2", "--ttt-max-batches", "2", "--infer-batch-size", "2"]
+    return args
 
 
 def children(pid: int) -> list[int]:
@@ -60,9 +111,9 @@ def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
     return bool(predicate())
 
 
-def _log(kind: str, image: str) -> None:
+def _log(kind: str, image: str, **extra) -> None:
     line = {"kind": kind, "rank": int(os.environ.get("RANK", 0)),
-            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), "image": image}
+            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), "image": image, **extra}
     with open(os.environ["YTTT_ADAPT_LOG"], "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")
 
@@ -82,7 +133,8 @@ def main() -> int:
                 and started[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         report = real(self, adapter, records, config=config)
-        _log("end", image)
+        # --ttt-parallel: whether YOLOZU's predict is answered from a group's batched forward
+        _log("end", image, answered=self._answer is not None and adapter.get_model().__dict__.get("forward") is self._answer)
         return report
 
     cli.FastBackend.__call__ = recorded

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,172 @@ def test_engine_record_names_the_reference_when_the_engine_cannot_run(sample, tm
     for ttt in (json.loads(out.read_text())["meta"]["ttt"], json.loads(log.read_text())["ttt"]):
         assert ttt["backend"] == "fast"
         assert ttt["engine"]["engine"] == "reference" and "no _C in the source tree" in ttt["engine"]["reason"]
+
+
+# ---------------------------------------------------------------------------------------
+# --ttt-parallel K
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A shrunk RT-DETR and 16 distinct 64x64-exportable images (as tests/test_export.py's)."""
+    import helpers_export
+
+    return helpers_export.tiny_export_data(tmp_path_factory.mktemp("parallel"))
+
+
+def _tiny_args(tiny, n: int, **kw) -> list[str]:
+    import helpers_export
+
+    return helpers_export.export_args(tiny, reset="sample", n=n, **kw)
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists() and not Path(str(out) + ".lock").exists() and not Path(str(out) + ".parts").exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ttt-parallel", "0"], "--ttt-parallel must be >= 1 (got 0)"),
+    (["--ttt-parallel", "-3"], "--ttt-parallel must be >= 1 (got -3)"),
+    (["--ttt-parallel", "1.5"], "argument --ttt-parallel: invalid int value: '1.5'"),
+    (["--ttt-parallel", "two"], "argument --ttt-parallel: invalid int value: 'two'"),
+    (["--ttt-parallel", "2", "--ttt-reset", "stream"], "--ttt-parallel 2 needs --ttt-reset sample: stream mode"),
+    (["--ttt-parallel", "2", "--ttt-backend", "reference"], "--ttt-parallel 2 needs --ttt-backend fast"),
+    (["--ttt-parallel", "4", "--ttt-backend", "reference", "--resume"], "--ttt-parallel 4 needs --ttt-backend fast"),
+])
+def test_parallel_usage_errors_write_nothing(tiny, tmp_path, capsys, monkeypatch, extra, message):
+    """Bad K, K > 1 in stream mode or on the reference backend: a usage error (exit 2), before any
+    work: no output, no lock, no part files."""
+    calls = []
+    monkeypatch.setattr(cli.FastBackend, "__call__", lambda *a, **k: calls.append(1))
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export-predictions", *_tiny_args(tiny, 2), *extra, "--output", str(out),
+                  "--ttt-log-out", str(tmp_path / "log.json")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert calls == []
+    _nothing_written(out)
+    assert not (tmp_path / "log.json").exists()
+
+
+def _export(tiny, tmp_path: Path, name: str, n: int, extra: list[str]) -> tuple[dict, dict]:
+    out, log = tmp_path / f"{name}.json", tmp_path / f"{name}_log.json"
+    assert cli.main(["export-predictions", *_tiny_args(tiny, n), *extra, "--output", str(out),
+                     "--ttt-log-out", str(log)]) == 0
+    return json.loads(out.read_text()), json.loads(log.read_text())
+
+
+def _assert_sample_reports_close(a: dict, b: dict) -> None:
+    """Two sample-mode reports, image by image: the same steps, stops and counters, losses and step
+    metrics within the CLI's tolerance."""
+    assert a["samples_total"] == b["samples_total"] and len(a["per_sample"]) == len(b["per_sample"])
+    for sa, sb in zip(a["per_sample"], b["per_sample"]):
+        ra, rb = sa["report"], sb["report"]
+        assert (sa["index"], sa["image"]) == (sb["index"], sb["image"])
+        for key in ("steps_run", "stopped_early", "stop_reason", "forward_calls", "backward_calls", "optimizer_steps",
+                    "abstained_steps", "updated_param_count", "warnings"):
+            assert ra[key] == rb[key], key
+        for x, y in zip([*ra["losses"]], [*rb["losses"]]):
+            assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5)
+        assert len(ra["step_metrics"]) == len(rb["step_metrics"])
+        for ma, mb in zip(ra["step_metrics"], rb["step_metrics"]):
+            assert set(ma) == set(mb)
+            for key, value in ma.items():
+                if isinstance(value, float):
+                    assert math.isclose(value, mb[key], rel_tol=1e-4, abs_tol=1e-5), key
+                else:
+                    assert value == mb[key], key
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_parallel_k_equals_one_image_at_a_time(tiny, tmp_path, monkeypatch, k):
+    """--ttt-parallel K over 6 images (the first alone, then groups of K, the last one smaller):
+    the predictions and every --ttt-log-out entry are K = 1's within the CLI's tolerances; the
+    grouped images are predicted from the replicas' one batched forward (YOLOZU's predict is
+    answered with its row), and the K that ran is recorded next to the engine."""
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    n = 6
+    one, one_log = _export(tiny, tmp_path, "k1", n, [])
+    none, _ = _export(tiny, tmp_path, "none", n, ["--ttt-parallel", "1"])
+    assert max_prediction_diff(one["predictions"], none["predictions"]) == 0.0  # K = 1 is today's path
+
+    answered, real_answer = [], cli._Answer.__call__
+
+    def spy(self, *args, **kwargs):
+        got = real_answer(self, *args, **kwargs)
+        answered.append(got is self.output)
+        return got
+
+    monkeypatch.setattr(cli._Answer, "__call__", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        got, got_log = _export(tiny, tmp_path, f"k{k}", n, ["--ttt-parallel", str(k)])
+    grouped = n - 1 - (1 if (n - 1) % k == 1 else 0)  # a last group of one runs alone
+    assert answered == [True] * grouped
+    assert max_prediction_diff(one["predictions"], got["predictions"]) <= 1e-4
+    _assert_sample_reports_close(one_log["ttt"]["report"], got_log["ttt"]["report"])
+    _assert_sample_reports_close(one["meta"]["ttt"]["report"], got["meta"]["ttt"]["report"])
+    for ttt in (got["meta"]["ttt"], got_log["ttt"]):
+        assert ttt["parallel"] == k and ttt["engine"]["parallel"] == k and ttt["engine"]["engine"] == "fast"
+    assert "parallel" not in one["meta"]["ttt"] and "parallel" not in one["meta"]["ttt"]["engine"]
+
+
+def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(tiny, tmp_path, monkeypatch):
+    """The memory estimate (K replicas of the selected parameters and norm buffers, plus K images'
+    activations measured on the first image) against a monkeypatched available memory: a K that
+    does not fit is refused before any prediction is written, naming the largest K that fits,
+    which then runs."""
+    import re
+
+    import torch
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+    from yolozu.tta.ttt_mim import select_parameters
+
+    from yolozu_ttt import parallel
+
+    available = [1]
+    monkeypatch.setattr(parallel, "available_memory", lambda device: (available[0], "available RAM (test)"))
+    out = tmp_path / "out.json"
+
+    def refused(k: int) -> str:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", str(k), "--output", str(out)])
+        _nothing_written(out)
+        return str(exc.value.code)
+
+    message = refused(2)
+    found = re.search(r"^yolozu-ttt export-predictions: --ttt-parallel 2 does not fit: 2 x \(([\d.e+-]+) MiB replica "
+                      r"\+ ([\d.e+-]+) MiB activations\) = [\d.e+-]+ MiB, 9.537e-07 MiB available RAM \(test\) "
+                      r"\(90% usable\); the largest K that fits is 1$", message)
+    assert found, message
+    model = RTDETRPoseAdapter(config_path=str(tiny["config"]), checkpoint_path=str(tiny["checkpoint"])).get_model()
+    params = select_parameters(model, update_filter="norm_only")
+    norms = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    replica, activations = float(found[1]) * 2 ** 20, float(found[2]) * 2 ** 20
+    assert replica == pytest.approx(7 * nbytes(params) + 2 * nbytes(norms), rel=1e-3)
+    image = torch.zeros(1, 3, 64, 64)
+    assert activations > nbytes([image])  # at least one feature map of the input's size is saved
+
+    available[0] = int(2.5 * (replica + activations) / parallel.MEMORY_HEADROOM)
+    assert refused(3).endswith("the largest K that fits is 2")
+    assert cli.main(["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", "2", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["ttt"]["engine"]["parallel"] == 2
+
+
+def test_parallel_what_cannot_run_k_at_once_runs_one_by_one_and_says_why(tiny, tmp_path):
+    """--ttt-amp bf16 is not sample-parallel: a ParallelFallbackWarning naming it, then each image
+    exactly as K = 1 runs it, and the engine record says K = 1 ran and why."""
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    one, one_log = _export(tiny, tmp_path, "k1", 4, ["--ttt-amp", "bf16"])
+    with pytest.warns(ParallelFallbackWarning, match="--ttt-parallel 2 adapts the images one by one: amp=bf16"):
+        got, got_log = _export(tiny, tmp_path, "k2", 4, ["--ttt-amp", "bf16", "--ttt-parallel", "2"])
+    assert max_prediction_diff(one["predictions"], got["predictions"]) == 0.0
+    assert [s["report"]["losses"] for s in got_log["ttt"]["report"]["per_sample"]] == \
+        [s["report"]["losses"] for s in one_log["ttt"]["report"]["per_sample"]]
+    engine = got["meta"]["ttt"]["engine"]
+    assert got["meta"]["ttt"]["parallel"] == 2 and engine["parallel"] == 1
+    assert engine["parallel_reason"].startswith("amp=bf16") and engine["amp"] == "bf16"

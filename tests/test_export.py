@@ -25,9 +25,6 @@ from conftest import max_prediction_diff
 import yolozu_ttt
 from yolozu_ttt import cli, export
 
-TINY_MODEL = {"num_classes": 3, "hidden_dim": 32, "num_queries": 8, "stem_channels": 8,
-              "backbone_channels": [8, 16, 32], "stage_blocks": [1, 1, 1], "num_encoder_layers": 1,
-              "num_decoder_layers": 1, "nhead": 2, "encoder_dim_feedforward": 32, "decoder_dim_feedforward": 32}
 N_SAMPLE = 8    # images in the sample-mode runs (4 per rank)
 N_STREAM = 8    # images in the stream-mode runs
 TOL = 1e-4      # 1 thread per worker vs 2 threads in one process: float reduction order only
@@ -35,47 +32,10 @@ TOL = 1e-4      # 1 thread per worker vs 2 threads in one process: float reducti
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    """16 distinct images (YOLOZU's demo sample and its mirror images), a shrunk RT-DETR config
-    and a checkpoint of it."""
-    import importlib.resources
-
-    import torch
-    from PIL import Image, ImageOps
-    from yolozu.demos.labeled_dataset import generate_labeled_sample
-    from yolozu.inference.adapter import RTDETRPoseAdapter
-
-    root = tmp_path_factory.mktemp("export")
-    generate_labeled_sample(run_dir=root / "demo", seed=0)
-    images = root / "ds" / "images" / "val"
-    images.mkdir(parents=True)
-    i = 0
-    for split in ("val", "train"):
-        for path in sorted((root / "demo" / "images" / split).glob("*.png")):
-            with Image.open(path) as src:
-                img = src.convert("RGB")
-            for variant in (img, ImageOps.mirror(img)):
-                variant.save(images / f"img_{i:03d}.png")
-                i += 1
-    base = json.loads(importlib.resources.files("rtdetr_pose").joinpath("configs/base.json").read_text(encoding="utf-8"))
-    base["model"].update(TINY_MODEL)
-    config = root / "tiny.json"
-    config.write_text(json.dumps(base), encoding="utf-8")
-    model = RTDETRPoseAdapter(config_path=str(config), init_seed=0).get_model()
-    torch.save(model.state_dict(), root / "tiny.pt")
-    return {"root": root, "dataset": root / "ds", "config": config, "checkpoint": root / "tiny.pt"}
+    return helpers_export.tiny_export_data(tmp_path_factory.mktemp("export"))
 
 
-def _args(data, *, reset: str | None, n: int, backend: str = "fast", dataset: Path | None = None) -> list[str]:
-    args = ["--adapter", "rtdetr_pose", "--config", str(data["config"]), "--checkpoint", str(data["checkpoint"]),
-            "--dataset", str(dataset or data["dataset"]), "--split", "val", "--max-images", str(n),
-            "--image-size", "64", "--score-threshold", "0.0", "--max-detections", "3", "--wrap"]
-    if reset is not None:
-        # lr 0.01: the steps stay under the default guards (max update norm 1.0), so TTT changes the output
-        args += ["--ttt", "--ttt-reset", reset, "--ttt-steps", "1" if reset == "sample" else "2",
-                 "--ttt-update-filter", "norm_only", "--ttt-seed", "0", "--ttt-lr", "0.01", "--ttt-backend", backend]
-        if reset == "stream":
-            args += ["--ttt-batch-size", "2", "--ttt-max-batches", "2", "--infer-batch-size", "2"]
-    return args
+_args = helpers_export.export_args
 
 
 def _env() -> dict[str, str]:
@@ -636,3 +596,62 @@ def test_progress_counts_unique_images_on_a_resumed_run(data, killed, tmp_path, 
     assert counts and all(total == N_SAMPLE for _, total in counts), err[-3000:]
     assert max(n for n, _ in counts) == N_SAMPLE and counts[-1][0] == N_SAMPLE, err[-3000:]
     assert counts[0][0] == len(killed["done"])  # resumed images counted from the start
+
+
+# ---------------------------------------------------------------------------------------
+# --ttt-parallel K: K-groups inside each rank's shard
+# ---------------------------------------------------------------------------------------
+def _helper_cmd(args: list[str], nproc: int | None = None) -> list[str]:
+    """``yolozu-ttt`` through tests/helpers_export.py (adaptations logged), under torchrun with ``nproc``."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [sys.executable, *launcher, str(HELPER), "export-predictions", *args]
+
+
+def _events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_two_workers_adapt_k_at_once_within_their_shards(data, single, tmp_path):
+    """torchrun, 2 workers, --ttt-parallel 2: each rank's shard of 4 is its first image alone, a
+    group of 2 (predicted from the group's batched forward) and a last image alone; the merged
+    file is one process's K = 1 export within tolerance, recording K."""
+    out, log = tmp_path / "out.json", tmp_path / "adapt.jsonl"
+    res = subprocess.run(_helper_cmd([*_args(data, reset="sample", n=N_SAMPLE), "--ttt-parallel", "2",
+                                      "--output", str(out)], nproc=2),
+                         cwd=tmp_path, env=dict(_env(), YTTT_ADAPT_LOG=str(log)), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    images = [e["image"] for e in single["sample-fast"]["predictions"]]
+    ends = {e["image"]: e for e in _events(log) if e["kind"] == "end"}
+    assert sorted(ends) == sorted(images)
+    assert [ends[image]["rank"] for image in images] == [0] * 4 + [1] * 4
+    assert [ends[image]["answered"] for image in images] == [False, True, True, False] * 2
+    merged, one = json.loads(out.read_text()), single["sample-fast"]
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
+    _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
+    assert merged["meta"]["ttt"]["parallel"] == 2 and merged["meta"]["ttt"]["engine"]["parallel"] == 2
+    assert f"{N_SAMPLE} images, 2 worker(s), gloo: {N_SAMPLE} computed, 0 from part files" in res.stderr
+
+
+def test_kill_mid_group_then_resume_redoes_only_the_unfinished_images(data, single, tmp_path, fast_backend_calls):
+    """--ttt-parallel 2 with --resume, SIGKILLed when YOLOZU asks for the second image of the first
+    group (adapted with the first, not yet written): the part file holds the images before it;
+    --resume adapts the others only and gives one process's K = 1 export."""
+    out, log = tmp_path / "out.json", tmp_path / "adapt.jsonl"
+    args = [*_args(data, reset="sample", n=N_SAMPLE), "--ttt-parallel", "2", "--output", str(out), "--resume"]
+    res = subprocess.run(_helper_cmd(args), cwd=tmp_path, env=dict(_env(), YTTT_ADAPT_LOG=str(log), YTTT_KILL_AT="0:3"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-4000:]
+    images = [e["image"] for e in single["sample-fast"]["predictions"]]
+    assert [(e["kind"], e["image"], e.get("answered")) for e in _events(log)] == [
+        ("start", images[0], None), ("end", images[0], False),  # alone
+        ("start", images[1], None), ("end", images[1], True),  # the group [1, 2], adapted at once
+        ("start", images[2], None)]
+    assert sorted(_entries(Path(str(out) + ".parts"))) == [0, 1] and not out.exists()
+
+    _single(args)
+    assert [r["image"] for records in fast_backend_calls for r in records] == images[2:]
+    merged, one = json.loads(out.read_text()), single["sample-fast"]
+    assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
+    _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
+    assert not Path(str(out) + ".parts").exists()

@@ -153,3 +153,41 @@ def test_ttt_reference_identical_and_fast_within_tolerance(sample, tmp_path, mon
     before = fast_path.read_bytes()
     assert cli.main(["export", *args, "--ttt-backend", "fast", "--output", str(fast_path)]) == 0
     assert fast_path.read_bytes() == before  # its own backend: YOLOZU's reuse, untouched
+
+
+def test_fast_command_passes_the_parallel_k_on():
+    cmd = [sys.executable, "-m", orchestrate.EXPORTER_MODULE, "--ttt"]
+    assert orchestrate.fast_command(cmd, "off", 4)[-4:] == ["--ttt-backend", "fast", "--ttt-parallel", "4"]
+    assert orchestrate.fast_command(cmd, "bf16", 2)[-4:] == ["--ttt-amp", "bf16", "--ttt-parallel", "2"]
+    assert "--ttt-parallel" not in orchestrate.fast_command(cmd, "off", 1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ttt-parallel", "0", "--ttt-backend", "fast"], "--ttt-parallel must be >= 1 (got 0)"),
+    (["--ttt-parallel", "2"], "--ttt-parallel 2 needs --ttt-backend fast"),
+    (["--ttt-parallel", "2", "--ttt-backend", "fast"], "--ttt-parallel 2 needs --ttt-reset sample"),
+])
+def test_parallel_usage_errors_before_anything_runs(capsys, monkeypatch, extra, message):
+    ran = []
+    monkeypatch.setattr(seam.cli_commands, "_cmd_export", lambda a: ran.append(a) or 0)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", "--backend", "torch", "--ttt", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err and ran == []
+
+
+def test_the_export_subprocess_gets_the_parallel_k(sample, tmp_path, monkeypatch):
+    """``yolozu-ttt export --ttt --ttt-backend fast --ttt-parallel 3``: YOLOZU's export runs our
+    export-predictions with ``--ttt-parallel 3`` (the command is caught, not run)."""
+    commands = []
+
+    def caught(cmd):
+        commands.append(list(cmd))
+        raise SystemExit("caught")
+
+    monkeypatch.setattr(seam.cli_commands, "_subprocess_or_die", caught)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="caught"):
+        cli.main(["export", *_torch_args(sample), *TTT, "--ttt-backend", "fast", "--ttt-parallel", "3",
+                  "--output", str(tmp_path / "out.json")])
+    exporter = [c for c in commands if list(c[1:4]) == list(orchestrate.OUR_COMMAND)]
+    assert len(exporter) == 1 and exporter[0][-4:] == ["--ttt-backend", "fast", "--ttt-parallel", "3"]

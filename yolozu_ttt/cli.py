@@ -21,6 +21,12 @@
   record ``world_size`` and ``distributed_backend``. Its two flags (``--resume``,
   ``--dist-timeout``) default to ``argparse.SUPPRESS``, so a namespace without them is exactly
   YOLOZU's.
+* ``--ttt-parallel K`` (fast backend, ``--ttt-reset sample``; default 1, unchanged): YOLOZU's
+  sample loop is answered K images at a time (:class:`FastBackend`), each image adapted by its
+  own replica and predicted through one batched eval forward of its group; bad K, stream mode and
+  the reference backend are usage errors (exit 2, before anything is written), a K that does not
+  fit the memory is refused after the first image is adapted, before any prediction is written.
+  Recorded as ``parallel`` in the ``ttt`` block and log, and in its ``engine`` the K that ran.
 * Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
   a second run on a live output is refused before any work with one line and exit status 2.
 * Every private YOLOZU name (the export module's globals rebound here included) comes through
@@ -29,10 +35,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
@@ -41,7 +49,8 @@ BACKEND_FLAG = "--ttt-backend"
 RESUME_FLAG = "--resume"
 TIMEOUT_FLAG = "--dist-timeout"
 AMP_FLAG = "--ttt-amp"
-OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG)
+PARALLEL_FLAG = "--ttt-parallel"
+OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG, PARALLEL_FLAG)
 COMMANDS = ("export-predictions", "export", "demo", "doctor")
 PROG = "yolozu-ttt"
 
@@ -165,7 +174,34 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "block and the --ttt-log-out JSON. Needs --ttt-backend fast (YOLOZU's run_ttt has no such mode)."
         ),
     )
+    parser.add_argument(
+        PARALLEL_FLAG,
+        type=int,
+        default=argparse.SUPPRESS,  # absent: 1, and the namespace is YOLOZU's (+ --ttt-backend)
+        metavar="K",
+        help=(
+            "Adapt K images at once (--ttt-reset sample, fast backend): each image by its own replica of "
+            "the selected parameters, Adam state, norm statistics and guards, so its report and its "
+            "prediction are what it gets alone; the K are then predicted in one batched eval forward. "
+            "Default 1 (one image at a time, unchanged). A K whose replicas and activations do not fit the "
+            "free memory is refused, naming the largest K that does. Recorded as parallel in the --wrap "
+            "meta ttt block and the --ttt-log-out JSON."
+        ),
+    )
     return parser
+
+
+def check_parallel(parser: argparse.ArgumentParser, parallel: int, backend: str, reset: str) -> None:
+    """``--ttt-parallel K``: a usage error (exit 2, before anything is written) unless K >= 1, and
+    K > 1 only in sample mode (``reset``) on the fast backend."""
+    if parallel < 1:
+        parser.error(f"{PARALLEL_FLAG} must be >= 1 (got {parallel})")
+    if parallel > 1 and backend != "fast":
+        parser.error(f"{PARALLEL_FLAG} {parallel} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt adapts "
+                     "one image at a time")
+    if parallel > 1 and str(reset) != "sample":
+        parser.error(f"{PARALLEL_FLAG} {parallel} needs --ttt-reset sample: stream mode adapts one model over the "
+                     "whole dataset in order, so there is no image to adapt beside another")
 
 
 # --------------------------------------------------------------------------------------
@@ -205,11 +241,29 @@ class FastBackend:
     YOLOZU's own sample loop already snapshots the selected parameters and norm
     buffers once and restores them in place around each record; the model and adapter
     are never rebuilt.
+
+    With ``parallel`` K > 1 (``--ttt-parallel``, sample mode) YOLOZU's loop still calls
+    ``run_ttt([record])`` then ``predict([record])`` once per record, and this backend answers in
+    groups of K cut from the records :meth:`plan` named (the order YOLOZU adapts them in): the first
+    record runs alone (it binds the session and measures one image's activations for the memory
+    check), then the call for a group's first record adapts the whole group at once
+    (``yolozu_ttt.parallel.run_group``) and predicts it in one batched eval forward through its K
+    replicas (``Replicas.predict``); the call for record i of the group returns its report, loads
+    its replica into the model and hands the model's next forward on that image its precomputed
+    output (:class:`_Answer`), so YOLOZU's own ``predict`` decodes it. Any other forward runs the
+    model, which holds image i's adapted state.
     """
 
-    def __init__(self, amp: str = "off", ran: dict[str, Any] | None = None) -> None:
+    def __init__(self, amp: str = "off", ran: dict[str, Any] | None = None, parallel: int = 1) -> None:
         self.ran = ran  # the engine the part files record (a merge that adapted nothing itself)
         self.amp = amp  # --ttt-amp, passed on only when on (off: the calls are exactly as before)
+        self.parallel = parallel  # --ttt-parallel K
+        self.parallel_why: str | None = None  # why the images were adapted one by one after all
+        self._upcoming: list[Any] = []
+        self._position: dict[int, int] = {}
+        self._served: dict[int, Callable[[], Any]] = {}
+        self._rmethod: Any = None
+        self._answer: _Answer | None = None
         self.calls = 0
         self._run_ttt: Callable[..., Any] | None = None
         self._prepare: Callable[..., Any] | None = None
@@ -240,8 +294,100 @@ class FastBackend:
                 if self._session is None or self._session_key != key:
                     self._session = self._prepare(adapter, config, **self._amp_kw())
                     self._session_key = key
+                    self._rmethod, self._served = None, {}
+                if self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1:
+                    return self._grouped(adapter, model, records[0])
                 return self._session.run(records)
         return run_ttt(adapter, records, config=config, **self._amp_kw())
+
+    # -- --ttt-parallel K -----------------------------------------------------------------
+    def plan(self, records: list[Any]) -> None:
+        """The records YOLOZU's sample loop adapts, in its order: the K-groups are cut from them."""
+        self._upcoming = list(records)
+        self._position = {id(r): i for i, r in enumerate(self._upcoming)}
+
+    def planning(self, build_manifest: Callable[..., Any], max_images: int | None) -> Callable[..., Any]:
+        """YOLOZU's ``build_manifest``, telling :meth:`plan` the records its main then adapts."""
+        def planned(*a: Any, **kw: Any) -> Any:
+            manifest = build_manifest(*a, **kw)
+            records = list(manifest["images"])
+            self.plan(records if max_images is None else records[:max_images])
+            return manifest
+
+        return planned
+
+    def _grouped(self, adapter: Any, model: Any, record: Any) -> Any:
+        import torch
+
+        from .parallel import ParallelFallbackWarning, batches_of, replica_method, run_group
+
+        if self._answer is not None:
+            self._answer.close()  # not taken by a predict: gone before the next image
+        served = self._served.pop(id(record), None)
+        if served is not None:
+            return served()
+        session = self._session
+        if self._rmethod is None and self.parallel_why is None:
+            return self._first(session, model, record, replica_method, ParallelFallbackWarning)
+        position = self._position.get(id(record))
+        group = [record] if self._rmethod is None or position is None else \
+            self._upcoming[position:position + self.parallel]
+        batches = [batches_of(session, r) for r in group] if len(group) > 1 else []
+        if len({tuple(tuple(b.shape) for b in got) for got in batches}) != 1:
+            if batches:
+                warnings.warn("yolozu_ttt: --ttt-parallel adapts this image alone: the images of its group "
+                              "differ in shape", ParallelFallbackWarning, stacklevel=2)
+            return session.run([record])
+
+        def on_group(first: int, records: list[Any], reports: list[Any], replicas: Any) -> None:
+            inputs = [got[0] for got in batches]
+            outputs = replicas.predict(torch.stack(inputs)) if _plain_predict(adapter) else None
+            for i, (rec, rep) in enumerate(zip(records, reports)):
+                self._served[id(rec)] = functools.partial(self._serve, model, replicas, i, rep, inputs[i], outputs)
+
+        run_group(session, group, None, 0, self._rmethod, on_group)
+        return self._served.pop(id(record))()
+
+    def _first(self, session: Any, model: Any, record: Any, replica_method: Callable, warning: type) -> Any:
+        """The first image alone: binds the session, measures one image's activations; then the
+        memory check (a K that does not fit: ``SystemExit`` naming the largest that does) or the
+        reason the images go one by one."""
+        from .parallel import ActivationMeter, memory_refusal
+
+        device = next(iter(model.parameters())).device
+        with ActivationMeter(device, model) as meter:
+            report = session.run([record])
+        loop = session.loop
+        why, rmethod = ("the fused engine does not run here", None) if loop is None else replica_method(session, loop)
+        if why is None:
+            refusal = memory_refusal(self.parallel, loop, meter.bytes, device)
+            if refusal is not None:
+                raise SystemExit(f"{PROG} export-predictions: {refusal}")
+            self._rmethod = rmethod
+        else:
+            self.parallel_why = why
+            warnings.warn(f"yolozu_ttt: {PARALLEL_FLAG} {self.parallel} adapts the images one by one: {why}",
+                          warning, stacklevel=3)
+        return report
+
+    def _serve(self, model: Any, replicas: Any, i: int, report: Any, x: Any, outputs: Any) -> Any:
+        """Image i of an adapted group: the model holds its replica; its next forward on ``x`` is
+        its row of the batched outputs."""
+        replicas.load(i)
+        if outputs is not None:
+            self._answer = _Answer(model, x, _row(outputs, i))
+        return report
+
+    def last_engine(self) -> dict[str, Any] | None:
+        """``yolozu_ttt.run.last_engine()``, plus the K this backend adapted at once (``parallel``,
+        1 with ``parallel_reason`` where it went one by one)."""
+        from .run import last_engine
+
+        engine = last_engine()
+        if engine is None or self.parallel <= 1:
+            return engine
+        ran = {"parallel": 1, "parallel_reason": self.parallel_why} if self.parallel_why else {"parallel": self.parallel}
+        return {**engine, **ran}
 
     def _amp_kw(self) -> dict[str, Any]:
         return {"amp": self.amp} if self.amp != "off" else {}
@@ -250,19 +396,67 @@ class FastBackend:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
             self._engine = engine_summary(method, self.ran)
+            if self.parallel > 1:  # the K this process adapted with, else the one the part files record
+                ran = (self.last_engine() if self.calls else self.ran) or {}
+                self._engine.update({key: v for key, v in ran.items() if key.startswith("parallel")})
         return dict(self._engine)
 
 
+def _plain_predict(adapter: Any) -> bool:
+    """Whether the adapter's ``predict`` runs the model itself in fp32 (no ``--torch-amp``, no
+    ``--torch-compile``): then its forwards can be answered from the replicas' batched forward."""
+    amp = str(getattr(adapter, "amp", "off") or "off").strip().lower()
+    return amp in ("", "off", "none", "false", "0") and not bool(getattr(adapter, "compile_model", False))
+
+
+def _row(outputs: Any, i: int) -> Any:
+    """Image i's slice of the replicas' stacked outputs (a tensor, or a dict/tuple/list of them)."""
+    if isinstance(outputs, dict):
+        return {key: _row(value, i) for key, value in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_row(value, i) for value in outputs)
+    return outputs[i]
+
+
+class _Answer:
+    """The model's next forward, one-shot: on an input equal to ``x`` in eval mode it returns
+    ``output`` (that image's row of the replicas' batched eval forward); any other call runs the
+    model's own forward. Set as the instance's ``forward`` and removed by its first call (or
+    :meth:`close`)."""
+
+    def __init__(self, model: Any, x: Any, output: Any):
+        self.model, self.x, self.output = model, x, output
+        self.prior = model.__dict__.get("forward")
+        model.forward = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.close()
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if torch.is_tensor(x) and not self.model.training and x.shape == self.x.shape \
+                and x.device == self.x.device and x.dtype == self.x.dtype and torch.equal(x, self.x):
+            return self.output
+        return self.model.forward(*args, **kwargs)
+
+    def close(self) -> None:
+        if self.model.__dict__.get("forward") is self:
+            del self.model.forward
+            if self.prior is not None:
+                self.model.forward = self.prior
+
+
 def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,
-                     amp: str = "off", ran: dict[str, Any] | None = None) -> dict[str, Any]:
+                     amp: str = "off", ran: dict[str, Any] | None = None, parallel: int = 1) -> dict[str, Any]:
     """Module names to rebind for ``args``: the fast backend's ``run_ttt`` and a settings
-    wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``); empty for
-    the reference backend in one process, which therefore runs YOLOZU unchanged."""
+    wrapper (``backend``/``engine`` for fast, plus ``extra`` such as ``world_size``), and with
+    ``parallel`` > 1 YOLOZU's ``build_manifest`` telling the backend the records it adapts; empty
+    for the reference backend in one process, which therefore runs YOLOZU unchanged."""
     fast = bool(getattr(args, "ttt", False)) and args.ttt_backend == "fast"
     names: dict[str, Any] = {}
     if not fast and not extra:
         return names
-    backend = FastBackend(amp, ran) if fast else None
+    backend = FastBackend(amp, ran, parallel) if fast else None
     build_settings = mod.build_ttt_settings_from_args
 
     def _settings_with_backend(ns: Any) -> dict[str, Any]:
@@ -272,11 +466,15 @@ def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] |
             settings["engine"] = backend.engine(getattr(ns, "ttt_method", None))
             if amp != "off":
                 settings["amp"] = amp
+            if parallel > 1:
+                settings["parallel"] = parallel
         settings.update(extra or {})
         return settings
 
     if backend is not None:
         names["run_ttt"] = backend
+        if parallel > 1:  # under torchrun or --resume the export plans each rank's shard instead
+            names["build_manifest"] = backend.planning(mod.build_manifest, args.max_images)
     names["build_ttt_settings_from_args"] = _settings_with_backend
     return names
 
@@ -290,6 +488,8 @@ def export_predictions(argv: Sequence[str]) -> int:
     if amp != "off" and args.ttt_backend != "fast":
         parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
                      "mixed-precision mode (it always adapts in fp32)")
+    parallel = vars(args).pop("ttt_parallel", 1)
+    check_parallel(parser, parallel, args.ttt_backend, args.ttt_reset)
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
     from .seam import rebound
@@ -301,7 +501,7 @@ def export_predictions(argv: Sequence[str]) -> int:
                 return export.run_sharded(
                     mod, args, env=env, resume=resume,
                     timeout_s=export.DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s),
-                    patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran),
+                    patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran, parallel),
                 )
 
         def _parse_args(_argv: Any) -> argparse.Namespace:
@@ -310,7 +510,7 @@ def export_predictions(argv: Sequence[str]) -> int:
         # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
         # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
         with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
-                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp)):
+                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp, parallel=parallel)):
             mod.main([])
         return 0
     except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
@@ -496,7 +696,8 @@ commands:
   export-predictions  YOLOZU's export_predictions CLI (all of its flags) plus
                       --ttt-backend {{reference,fast}} (default: reference)
                       --ttt-amp {{off,bf16,fp16}} (fast only; default: off)
-  export              YOLOZU's `yolozu export` (all of its flags) plus the same two
+                      --ttt-parallel K (fast, sample mode; default: 1)
+  export              YOLOZU's `yolozu export` (all of its flags) plus the same three
                       flags; with --ttt --ttt-backend fast its export subprocess is
                       `yolozu-ttt export-predictions`
   demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR

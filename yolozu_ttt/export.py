@@ -21,8 +21,11 @@ its module globals rebound (:mod:`yolozu_ttt.seam` lists them). The pipeline, in
    the per-image report is kept; stream mode: rank 0 adapts over the whole dataset, then one
    ``broadcast`` of a flat byte tensor of the selected parameters and every buffer) and the
    adapter's ``predict`` -> YOLOZU's ``predict`` on batches aligned to ``--infer-batch-size``; each
-   finished image is one JSON line appended to this rank's part file, flushed before the next
-   image starts. Its own output goes to a scratch file (thrown away).
+   finished image is one JSON line appended to this rank's part file (created with its first
+   image), flushed before the next image starts. With ``--ttt-parallel K`` the backend cuts its
+   K-groups from this rank's shard (its ``plan``) and YOLOZU still asks for, and this writes, one
+   image at a time: a kill mid-group loses only the group's unwritten images. Its own output goes
+   to a scratch file (thrown away).
 4. **gather** (over the process group, bounded by ``--dist-timeout``): every rank sends rank 0
    the finished records of its shard, so ``--output`` need be writable on rank 0's host only.
 5. **merge** (rank 0): YOLOZU's ``main`` once more over the whole dataset, with ``run_ttt`` and
@@ -561,6 +564,7 @@ class ShardedExport:
         self.writer: _PartWriter | None = None
         self.progress: _Progress | None = None
         self.adapter: Any = None
+        self.backend: Any = None
         self.current: str | None = None
         self.pending_report: dict[str, Any] | None = None
         self.pending_engine: dict[str, Any] | None = None
@@ -591,6 +595,8 @@ class ShardedExport:
             except (_Stopped, KeyboardInterrupt):
                 raise
             except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    self.parts_dir.rmdir()  # only if nothing is in it (no rank wrote an image)
                 self._fail(exc)
             finally:
                 if self.writer is not None:
@@ -771,7 +777,9 @@ class ShardedExport:
             self._exchange(error, sum(1 for i in mine if i in self.entries))
             self._started = True
             todo = [i for i in mine if i not in self.entries]
-            self._open_part()
+            plan = getattr(self.backend, "plan", None)
+            if callable(plan):  # --ttt-parallel: the backend cuts its K-groups from this rank's shard
+                plan([records[i] for i in todo])
             if self.env.rank == 0:
                 self.progress = _Progress(self.parts_dir, len(records),
                                           f"export ({self.env.world_size} worker{'s' if self.env.world_size > 1 else ''})")
@@ -822,7 +830,8 @@ class ShardedExport:
                 self.current = str(records[0].get("image")) if len(records) == 1 else None
                 report = backend(adapter, records, config=config)
                 self.pending_report = report.to_dict()
-                self.pending_engine = last_engine()
+                ran = getattr(backend, "last_engine", None)  # the fast backend's adds --ttt-parallel's K
+                self.pending_engine = ran() if callable(ran) else last_engine()
                 return report
             return self._stream(backend, adapter, config)
 
@@ -906,7 +915,8 @@ class ShardedExport:
                     if self.pending_report is not None:
                         entry["report"] = self.pending_report
                         entry["engine"] = self.pending_engine
-                    assert self.writer is not None
+                    if self.writer is None:  # a part file exists once it holds an image
+                        self._open_part()
                     self.writer.write(entry)
                     self.computed += 1
                 self.pending_report = None
@@ -962,7 +972,7 @@ class ShardedExport:
         """2. shard and 3. work: YOLOZU's main over this rank's shard, output to a scratch file."""
         mod = self.mod
         base = self._patches(self.settings_extra())
-        backend = base.pop("run_ttt", mod.run_ttt)
+        backend = self.backend = base.pop("run_ttt", mod.run_ttt)
         scratch = self.parts_dir / f"scratch-r{self.env.rank:05d}-{os.getpid()}.json"
         ns = self._main_ns(output=str(scratch), ttt_log_out=None, tta_log_out=None)
         names = dict(base)
@@ -1077,10 +1087,10 @@ class ShardedExport:
         if self.env.rank == 0:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return
-        for path in self.parts_dir.glob(f"part-*-r{self.env.rank:05d}.jsonl"):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # on rank 0's filesystem the folder may be gone already
+            for path in list(self.parts_dir.glob(f"part-*-r{self.env.rank:05d}.jsonl")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
             self.parts_dir.rmdir()
 
     def _close_progress(self) -> None:

@@ -6,8 +6,9 @@ configuration, reuses a cached or existing output, and for ``--backend torch``/`
 (config hash, git, platform, timestamp) to the artefact. This command is that command:
 
 * its parser is YOLOZU's ``parse_common_export_args`` (every flag of ``yolozu export``), plus
-  ``--ttt-backend {reference,fast}`` and ``--ttt-amp {off,bf16,fp16}``, both of which default to
-  ``argparse.SUPPRESS`` and are removed before YOLOZU sees the namespace;
+  ``--ttt-backend {reference,fast}``, ``--ttt-amp {off,bf16,fp16}`` and ``--ttt-parallel K``, all
+  of which default to ``argparse.SUPPRESS`` and are removed before YOLOZU sees the namespace (K is
+  checked as ``export-predictions`` checks it, before anything runs);
 * without ``--ttt``, or with ``--ttt-backend reference``, YOLOZU's own ``export`` body
   (``yolozu.cli_commands._cmd_export``) runs on the namespace YOLOZU's parser produced, with
   nothing patched but the existing-output check below (with ``--ttt``): the artefact is
@@ -15,7 +16,8 @@ configuration, reuses a cached or existing output, and for ``--backend torch``/`
   ``seconds`` and peak RSS, which differ between any two runs of ``yolozu export``);
 * with ``--ttt --ttt-backend fast``, the same body runs with one name rebound for the call: the
   subprocess runner (``yolozu.cli_commands._subprocess_or_die``) is wrapped so that the export
-  subprocess is ``python -m yolozu_ttt export-predictions ... --ttt-backend fast [--ttt-amp M]``
+  subprocess is ``python -m yolozu_ttt export-predictions ... --ttt-backend fast [--ttt-amp M]
+  [--ttt-parallel K]``
   (this package's ``export-predictions``: YOLOZU's export CLI on the fused engine) instead of
   YOLOZU's module; every other command passes through unchanged. That subprocess records
   ``"backend": "fast"``, the ``engine`` that ran (and ``amp``) in the artefact's ``meta.ttt``, which
@@ -23,6 +25,7 @@ configuration, reuses a cached or existing output, and for ``--backend torch``/`
   YOLOZU's score-only lite mode, which runs no ``run_ttt``): refused otherwise. An existing output (or cache entry) is reused only when it was made by
   the same backend and precision: YOLOZU's config fingerprint has no backend field, so without
   that check a reference artefact would be returned for a fast request (and the other way round).
+  K is not part of that check: every K gives each image what it gets alone.
 """
 from __future__ import annotations
 
@@ -37,11 +40,11 @@ TORCH_BACKENDS = ("torch", "dummy")  # the backends whose export subprocess runs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``yolozu export``'s parser (YOLOZU's ``parse_common_export_args``) plus our two flags."""
+    """``yolozu export``'s parser (YOLOZU's ``parse_common_export_args``) plus our three flags."""
     from yolozu.inference.export_orchestrator import parse_common_export_args
 
     from .amp import AMP_MODES
-    from .cli import AMP_FLAG, BACKEND_FLAG, PROG, TTT_BACKENDS
+    from .cli import AMP_FLAG, BACKEND_FLAG, PARALLEL_FLAG, PROG, TTT_BACKENDS
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} export",
@@ -61,18 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
         AMP_FLAG, choices=AMP_MODES, default=argparse.SUPPRESS,
         help="Precision of the --ttt adaptation passes (fast backend only; default: off).",
     )
+    parser.add_argument(
+        PARALLEL_FLAG, type=int, default=argparse.SUPPRESS, metavar="K",
+        help="Adapt K images at once, each by its own replica (fast backend, --ttt-reset sample; default: 1).",
+    )
     return parser
 
 
-def fast_command(cmd: list[str], amp: str) -> list[str]:
+def fast_command(cmd: list[str], amp: str, parallel: int = 1) -> list[str]:
     """YOLOZU's exporter command with this package's ``export-predictions`` in its place (same
-    interpreter, same arguments, plus ``--ttt-backend fast`` and ``--ttt-amp``); other commands
-    unchanged."""
+    interpreter, same arguments, plus ``--ttt-backend fast``, ``--ttt-amp`` and
+    ``--ttt-parallel``); other commands unchanged."""
     if len(cmd) < 3 or list(cmd[1:3]) != ["-m", EXPORTER_MODULE]:
         return list(cmd)
     ours = [cmd[0], *OUR_COMMAND, *cmd[3:], "--ttt-backend", "fast"]
     if amp != "off":
         ours += ["--ttt-amp", amp]
+    if parallel != 1:
+        ours += ["--ttt-parallel", str(parallel)]
     return ours
 
 
@@ -101,7 +110,7 @@ def _same_backend_check(original: Callable[..., None], want: tuple[str, str]) ->
 
 
 def export(argv: Sequence[str]) -> int:
-    from .cli import AMP_FLAG, BACKEND_FLAG
+    from .cli import AMP_FLAG, BACKEND_FLAG, check_parallel
     from .seam import cli_commands, export_orchestrator, rebound
 
     parser = build_parser()
@@ -111,6 +120,8 @@ def export(argv: Sequence[str]) -> int:
     if amp != "off" and backend != "fast":
         parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
                      "mixed-precision mode (it always adapts in fp32)")
+    parallel = vars(args).pop("ttt_parallel", 1)
+    check_parallel(parser, parallel, backend, getattr(args, "ttt_reset", "stream"))
     if backend == "fast" and args.ttt and str(args.backend) not in TORCH_BACKENDS:
         parser.error(f"{BACKEND_FLAG} fast needs --backend torch or dummy: YOLOZU's --backend {args.backend} "
                      "runs no run_ttt (its --ttt is the score-only lite mode)")
@@ -124,7 +135,7 @@ def export(argv: Sequence[str]) -> int:
         run = cli_commands._subprocess_or_die  # YOLOZU's own (the seam checks it exists)
 
         def subprocess_or_die(cmd: list[str]) -> str:
-            return run(fast_command(cmd, amp))
+            return run(fast_command(cmd, amp, parallel))
 
         with rebound(cli_commands, _subprocess_or_die=subprocess_or_die):
             return int(cli_commands._cmd_export(args))

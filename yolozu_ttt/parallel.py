@@ -246,6 +246,30 @@ class Replicas:
             if self.model_buffers:
                 torch._foreach_copy_(self.model_buffers, [b[i] for b in self.buffers])
 
+    def predict(self, x: torch.Tensor) -> Any:
+        """The K replicas' eval-mode forwards on their K images ``x`` (K, B, ...) in one batched
+        call, without grad: the model's outputs stacked (K, B, ...), image i's what the model gives
+        for ``x[i]`` in eval mode holding replica i's parameters and norm buffers. The model's
+        training flags are left as they were. Transformer layers take their standard path, as in
+        training (their eval-only fused kernel has no vmap rule: vmap would loop it per image)."""
+        model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
+
+        def one(values, buffers, image):
+            return functional_call(model, {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))},
+                                   (image,))
+
+        flags = [(m, m.training) for m in model.modules()]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        model.eval()
+        try:
+            torch.backends.mha.set_fastpath_enabled(False)
+            with torch.no_grad():
+                return vmap(one)([v.detach() for v in self.values], self.buffers, x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for m, training in flags:
+                m.training = training
+
 
 def per_replica_norm(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
     """The L2 norm of each replica's slice over all ``tensors`` (K,) in float64."""
@@ -318,8 +342,10 @@ def norm_stats(column: list[float]) -> StepStats:
 
 
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
-              rmethod: ReplicaMethod) -> list[Any]:
-    """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module."""
+              rmethod: ReplicaMethod, on_group: Callable | None = None) -> list[Any]:
+    """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module.
+    ``on_group(first_index, records, reports, replicas)``, if given, is called once the group is
+    adapted, before ``on_image`` (e.g. to predict the group through its replicas at once)."""
     from .run import report as make_report
 
     loop, config = session.loop, session.config
@@ -384,6 +410,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
             model.eval()
     seconds = float(time.time() - start) / k
     reports = [make_report(ctx, name, b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
+    if on_group is not None:
+        on_group(first_index, records, reports, replicas)
     for i, (record, rep) in enumerate(zip(records, reports)):
         replicas.load(i)
         if on_image is not None:
@@ -397,17 +425,8 @@ def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | 
     records = list(records)
     if not records:
         return []
-    reports: list[Any] = []
-
-    def one_by_one(todo: list[Any], first: int) -> None:
-        for j, record in enumerate(todo):
-            rep = session.run([record])
-            reports.append(rep)
-            if on_image is not None:
-                on_image(first + j, record, rep)
-
     # the first record runs alone: it binds the session with run_ttt's checks and messages
-    one_by_one(records[:1], 0)
+    reports: list[Any] = one_by_one(session, records[:1], on_image, 0)
     loop = session.loop
     why = "the fused engine does not run here (see the ReferenceFallbackWarning)" if loop is None else None
     if why is None and k > 1:
@@ -416,17 +435,9 @@ def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | 
         warnings.warn(f"yolozu_ttt: run_parallel adapts these records one by one: {why}",
                       ParallelFallbackWarning, stacklevel=3)
     if why is not None or k == 1:
-        one_by_one(records[1:], 1)
-        return reports
+        return reports + one_by_one(session, records[1:], on_image, 1)
     for first in range(1, len(records), k):
-        group = records[first:first + k]
-        shapes = {tuple(tuple(b.shape) for b in batches_of(session, r)) for r in group}
-        if len(shapes) > 1:
-            warnings.warn("yolozu_ttt: run_parallel adapts a group one by one: its records' batches differ in "
-                          f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=3)
-            one_by_one(group, first)
-            continue
-        reports.extend(run_group(session, group, on_image, first, rmethod))
+        reports.extend(run_bound(session, records[first:first + k], rmethod, on_image, first))
     return reports
 
 
@@ -440,3 +451,128 @@ def batches_of(session: Any, record: Any) -> list[Any]:
     if not all(torch.is_tensor(x) for x in got):
         raise RuntimeError("yolozu_ttt: run_parallel needs tensor batches")
     return got
+
+
+# --------------------------------------------------------------------------------------
+# groups on a bound session, and what K replicas cost (the export's ``--ttt-parallel K``)
+# --------------------------------------------------------------------------------------
+MEMORY_HEADROOM = 0.9  # the share of the available memory K replicas may be planned to take
+
+
+def one_by_one(session: Any, records: list[Any], on_image: Callable | None, first_index: int) -> list[Any]:
+    """``records`` adapted one after another through ``session.run`` (each alone)."""
+    reports = []
+    for j, record in enumerate(records):
+        reports.append(session.run([record]))
+        if on_image is not None:
+            on_image(first_index + j, record, reports[-1])
+    return reports
+
+
+def run_bound(session: Any, records: list[Any], rmethod: ReplicaMethod, on_image: Callable | None = None,
+              first_index: int = 0, on_group: Callable | None = None) -> list[Any]:
+    """One group (at most K records) on a session already bound (``session.loop`` and ``rmethod``
+    from :func:`replica_method`): adapted at once by ``run_group``, or one by one, with a
+    :class:`ParallelFallbackWarning`, when their batches differ in shape (``on_group`` is then not
+    called)."""
+    shapes = {tuple(tuple(b.shape) for b in batches_of(session, r)) for r in records}
+    if len(shapes) > 1:
+        warnings.warn("yolozu_ttt: run_parallel adapts a group one by one: its records' batches differ in "
+                      f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=4)
+        return one_by_one(session, records, on_image, first_index)
+    return run_group(session, records, on_image, first_index, rmethod, on_group)
+
+
+def replica_bytes(loop: Any) -> int:
+    """The bytes one replica of a bound loop takes (:class:`Replicas`): the selected parameters 7
+    times (value, grad, two Adam moments, the reset base, the step snapshot, the update's copy of
+    the values before it) and the norm buffers twice (value, snapshot)."""
+    params = sum(p.numel() * p.element_size() for p in loop.arena.params)
+    buffers = sum(b.numel() * b.element_size() for n, b in loop.model.named_buffers()
+                  if b is not None and n.endswith(NORM_BUFFER_SUFFIXES))
+    return 7 * params + 2 * buffers
+
+
+class ActivationMeter:
+    """One image's activation bytes, measured around its alone run (``with ActivationMeter(device)
+    as meter: session.run([record])``, then ``meter.bytes``): on CUDA the allocator's peak above
+    where it started; elsewhere the bytes autograd saves for the backward in the first forward
+    (``saved_tensors_hooks``, counted until the first backward reads them back; each storage once,
+    the model's parameters not at all)."""
+
+    def __init__(self, device: Any, model: Any = None):
+        self.device = torch.device(device)
+        self.bytes = 0
+        self._skip = {p.data_ptr() for p in model.parameters()} if model is not None else set()
+        self._seen: set[int] = set()
+        self._counting = True
+        self._hooks: Any = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._counting and torch.is_tensor(t):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self._seen and ptr not in self._skip:
+                self._seen.add(ptr)
+                self.bytes += storage.nbytes()
+        return t
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        self._counting = False  # the first backward: the first forward's activations are all saved
+        return t
+
+    def __enter__(self) -> "ActivationMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        else:
+            self._hooks.__exit__(*exc)
+
+
+def available_memory(device: Any) -> tuple[int | None, str]:
+    """(bytes available to new replicas on ``device`` or None where unknown, what was read): CUDA's
+    free device memory (``torch.cuda.mem_get_info``), else ``MemAvailable`` of ``/proc/meminfo``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), f"free memory on {device}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable)"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "available RAM (unknown: no /proc/meminfo)"
+
+
+def largest_k(per_image: int, available: int) -> int:
+    """The largest K whose replicas and activations fit ``MEMORY_HEADROOM`` of ``available`` bytes
+    (at least 1: K = 1 adapts each image alone, with no replicas)."""
+    return max(1, int(available * MEMORY_HEADROOM) // max(1, int(per_image)))
+
+
+def memory_refusal(k: int, loop: Any, activation_bytes: int, device: Any) -> str | None:
+    """Why ``k`` replicas of the bound ``loop`` and ``k`` images' activations do not fit the memory
+    available on ``device`` (naming the largest K that does), or None when they do (or where the
+    available memory cannot be read)."""
+    available, what = available_memory(device)
+    per_image = replica_bytes(loop) + int(activation_bytes)
+    if k <= 1 or available is None or k <= largest_k(per_image, available):
+        return None
+    return (f"--ttt-parallel {k} does not fit: {k} x ({_mib(replica_bytes(loop))} replica + "
+            f"{_mib(activation_bytes)} activations) = {_mib(k * per_image)}, {_mib(available)} {what} "
+            f"({MEMORY_HEADROOM:.0%} usable); the largest K that fits is {largest_k(per_image, available)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024.0 ** 2:.4g} MiB"
