@@ -532,16 +532,16 @@ def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(ti
 
 
 def test_parallel_what_cannot_run_k_at_once_runs_one_by_one_and_says_why(tiny, tmp_path):
-    """--ttt-amp bf16 is not sample-parallel: a ParallelFallbackWarning naming it, then each image
+    """--ttt-amp fp16 is not sample-parallel (its loss scale decides on the host per image): a ParallelFallbackWarning naming it, then each image
     exactly as K = 1 runs it, and the engine record says K = 1 ran and why."""
     from yolozu_ttt.parallel import ParallelFallbackWarning
 
-    one, one_log = _export(tiny, tmp_path, "k1", 4, ["--ttt-amp", "bf16"])
-    with pytest.warns(ParallelFallbackWarning, match="--ttt-parallel 2 adapts the images one by one: amp=bf16"):
-        got, got_log = _export(tiny, tmp_path, "k2", 4, ["--ttt-amp", "bf16", "--ttt-parallel", "2"])
+    one, one_log = _export(tiny, tmp_path, "k1", 4, ["--ttt-amp", "fp16"])
+    with pytest.warns(ParallelFallbackWarning, match="--ttt-parallel 2 adapts the images one by one: amp=fp16"):
+        got, got_log = _export(tiny, tmp_path, "k2", 4, ["--ttt-amp", "fp16", "--ttt-parallel", "2"])
     assert max_prediction_diff(one["predictions"], got["predictions"]) == 0.0
     assert [s["report"]["losses"] for s in got_log["ttt"]["report"]["per_sample"]] == \
         [s["report"]["losses"] for s in one_log["ttt"]["report"]["per_sample"]]
     engine = got["meta"]["ttt"]["engine"]
     assert got["meta"]["ttt"]["parallel"] == 2 and engine["parallel"] == 1
-    assert engine["parallel_reason"].startswith("amp=bf16") and engine["amp"] == "bf16"
+    assert engine["parallel_reason"].startswith("amp=fp16") and engine["amp"] == "fp16"
