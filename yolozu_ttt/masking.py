@@ -60,3 +60,22 @@ def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int) -> torch.
             and pred.device == x.device):
         return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size)
     return _mim.reconstruction_loss(pred, x, mask=full_mask(grid, x, patch_size))
+
+
+def vmap_masked_pass(net: Any, x: torch.Tensor, grid: torch.Tensor, patch_size: int,
+                     mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``plain_forward``'s masked forward, loss and mask ratio for one image in plain torch ops ``vmap``
+    can batch (the sample-parallel replicas'; the fused patch ops have no batching rule): the same
+    masked input and ratio, the loss of :func:`recon_loss` (the fused op's where ``pred`` is shaped
+    like ``x``, else the reference's broadcasting one) up to float summation order."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    full = full_mask(grid, x, patch_size)
+    pred = _mim._default_recon_fn(net(torch.where(full, torch.tensor(float(mask_value), dtype=x.dtype, device=x.device), x)))
+    fused = (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
+             and pred.device == x.device)
+    diff = (pred - x) ** 2
+    hit = full.expand_as(diff)
+    count = hit.sum()
+    empty = torch.zeros_like(diff.sum()) if fused else diff.sum() * 0.0  # the fused op's 0, the reference's
+    loss = torch.where(count > 0, torch.where(hit, diff, 0.0).sum() / count.clamp(min=1).to(diff.dtype), empty)
+    return loss, full.sum().to(torch.float32) / float(height * width)

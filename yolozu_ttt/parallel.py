@@ -117,22 +117,41 @@ class Replicas:
         tuple whose first item is the loss and whose others are returned too; ``per_image`` are
         stacked (K, ...) inputs sliced per image (e.g. masks). Returns the detached (K,) losses, or
         the tuple of detached stacked results."""
-        model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
+        return self.backward_passes(lambda net, image, *extra: loss(net(image), *extra), x, *per_image)
 
-        def one(values, buffers, image, *extra):
-            state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
-            return loss(functional_call(model, state, (image,)), *extra)
-
+    def backward_passes(self, passes: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
+        """:meth:`backward` for a method whose passes call the model themselves (several views, keyword
+        inputs): ``passes(net, image, *per_image_i)`` returns one image's loss (or a tuple led by it),
+        ``net(*args, **kwargs)`` being the model with replica i's state."""
         for v in self.values:
             v.grad = None
-        got = vmap(one)(self.values, self.buffers, x, *per_image)
+        got = self.map(passes, x, *per_image)
         first = got[0] if isinstance(got, tuple) else got
         first.sum().backward(inputs=self.values)
         return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
-    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
-        """Clip and Adam per replica (active ones only); returns the (4, K) norms: grad, clipped grad,
-        update, total update (float64, unread)."""
+    def map(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None,
+            values: list[torch.Tensor] | None = None) -> Any:
+        """``fn(net, image, *per_image_i)`` for the K images in one ``vmap``: ``net`` is the loop's model
+        with replica i's selected parameters and norm buffers, or ``module`` (a copy of the model with
+        its own buffers, e.g. CoTTA's teacher) with slice i of ``values`` (stacked like the replicas'
+        values) as its selected parameters."""
+        model = self.loop.model if module is None else module
+        values = self.values if values is None else values
+        buffers, buffer_names = (self.buffers, self.buffer_names) if module is None else ([], [])
+        names, shared = self.names, self.shared
+
+        def one(values, buffers, image, *extra):
+            state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
+            return fn(lambda *args, **kwargs: functional_call(model, state, args, kwargs or None), image, *extra)
+
+        return vmap(one)(values, buffers, x, *per_image)
+
+    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8,
+               after_adam: Callable[[], Any] | None = None) -> torch.Tensor:
+        """Clip and Adam per replica (active ones only), then ``after_adam()`` (CoTTA's teacher EMA and
+        restore: the fused step's order); returns the (4, K) norms of the final values: grad, clipped
+        grad, update, total update (float64, unread)."""
         with torch.no_grad():
             live = [i for i, v in enumerate(self.values) if v.grad is not None]
             grads = [self.values[i].grad for i in live]
@@ -155,6 +174,8 @@ class Replicas:
                 bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
                 denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
                 v.copy_(torch.where(on, v.addcdiv(m, denom, value=-lr / bias1), v))
+            if after_adam is not None:
+                after_adam()
             update = per_replica_norm([v - b for v, b in zip(self.values, before)], self.k)
             total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
             return torch.stack([norm, clipped, update, total])
@@ -224,6 +245,9 @@ class ReplicaMethod:
     """
 
     name = ""
+    #: the passes put the model in training mode (Tent's, as its ``passes``); else it runs in the mode
+    #: it was given, as the loop runs MIM, CoTTA, EATA and SAR
+    trains = False
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
@@ -254,7 +278,7 @@ def norm_stats(column: list[float]) -> StepStats:
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
               rmethod: ReplicaMethod) -> list[Any]:
     """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module."""
-    from .run import report as make_report
+    from .run import report as make_report, seed_generator
 
     loop, config = session.loop, session.config
     model, method, name = loop.model, loop.method, rmethod.name
@@ -265,6 +289,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         batches.append(got)
         ctxs.append(RunContext(model=model, batches=got, config=config, method=name, steps=steps, generator=None,
                                updated_param_count=loop.updated_param_count, backend="torch"))
+        seed_generator(ctxs[-1])  # each image's own stream, seeded as its run alone seeds it
     k = len(records)
     loop.arena.reset_values()
     loop.origin.restore()
@@ -276,7 +301,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
     try:
-        model.train()
+        if rmethod.trains:
+            model.train()
         for step in range(steps):
             x = torch.stack([b[step % len(b)] for b in batches])
             saved = replicas.snapshot() if (keep or rollback or not bool(replicas.active.all())) else ([], [])

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from ..seam import ttt_mim as _mim
 
-from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss
+from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_masked_pass
+from ..parallel import ReplicaMethod, norm_stats
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -90,4 +91,41 @@ class MIM(Method):
         self.ctx.mask_ratios.append(outcome.metrics["mask_ratio"])
 
 
+class MIMReplicas(ReplicaMethod):
+    """MIM's K-replica step (``yolozu_ttt.parallel``): the plain masked reconstruction, each image's
+    patch grids drawn from its own stream (its run's generator, seeded as alone) before its steps."""
+
+    name = "mim"
+
+    def why_not(self) -> str | None:
+        if self.method.structured:
+            return ("MIM's structured branch (a model with enable_mim): YOLOZU's feature loss "
+                    "(rtdetr_pose.losses.mim_reconstruction_loss) decides on the host per image (mask.any(), "
+                    "boolean indexing)")
+        return None
+
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        """Each image's grids for every step, in image order: what its run alone draws step by step
+        (a seeded stream each; unseeded, torch's global stream as the images' runs one after another
+        draw it when none stops early)."""
+        m, self.ctxs = self.method, ctxs
+        self.grids = [[draw_grid(c.batches[s % len(c.batches)], m.patch_size, m.mask_prob, c.generator)
+                       for s in range(c.steps)] for c in ctxs]
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        m = self.method
+        grids = torch.stack([g[step] for g in self.grids])
+        losses, ratios = replicas.backward_passes(
+            lambda net, image, grid: vmap_masked_pass(net, image, grid, m.patch_size, m.mask_value), x, grids)
+        norms = replicas.update(float(self.config.lr), m.max_grad_norm())
+        return torch.cat([torch.stack([losses.double(), ratios.double()]), norms])
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        return self.method.outcome(norm_stats(column[2:]), column[:2], step)
+
+    def after_step(self, i: int, outcome: StepOutcome) -> None:
+        self.ctxs[i].mask_ratios.append(outcome.metrics["mask_ratio"])
+
+
 METHOD = MIM
+REPLICA = MIMReplicas
