@@ -30,7 +30,12 @@ The replicas (the design, and why):
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
 ``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
-Supported: Tent with plain entropy (no aux-consistency, teacher or detector response), fp32, eager.
+Supported: Tent with plain entropy (no aux-consistency, teacher or detector response); MIM, plain and
+structured (each image's masks drawn before its steps from its own stream: its run's generator,
+seeded as alone; the losses in vmap-able torch ops, ``masking``); CoTTA (per replica a stacked
+teacher, the EMA of its own student, and the restore to its own start drawn from its own seed, in
+the fused step's order through ``update(after_adam=...)``); fp32, eager. A replica method runs the
+model in the mode it was given unless it ``trains`` (Tent), as the loop does.
 Anything else (another method, those Tent options, ``amp``, graph mode) runs the records one by one
 through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their steps decide on
 the host per image, or their loss or draws are not split per image here yet.
