@@ -53,7 +53,7 @@ from torch.func import functional_call, vmap
 from . import guards
 from .common import StepStats
 from .engine import read
-from .kernels.constants import CLIP_EPS
+from .kernels.constants import CLIP_EPS, FMIX32_M1, FMIX32_M2, MASK32, UNIFORM_BITS, restore_key
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
 
@@ -185,6 +185,24 @@ class Replicas:
             total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
             return torch.stack([norm, clipped, update, total])
 
+    def restore_to_base(self, prob: float, seeds: list[int], counter: int) -> torch.Tensor:
+        """CoTTA's stochastic restore per active replica: element j of a parameter back to replica i's
+        start where the fused step's draw for (``seeds[i]``, ``counter``, its arena group, its offset
+        there + j) is below ``prob`` (:func:`restore_hits`). Returns the (K,) float64 restored counts."""
+        arena = self.loop.arena
+        where = {id(p): (i, offset) for i, g in enumerate(arena.groups) for p, offset in zip(g.params, g.offsets)}
+        device = self.active.device
+        keys = {i: torch.tensor([restore_key(seed, counter, i) for seed in seeds], dtype=torch.int64, device=device)
+                for i in range(len(arena.groups))}
+        counts = torch.zeros(self.k, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for p, v, base in zip(self.params, self.values, self.base):
+                group, offset = where[id(p)]
+                hit = restore_hits(offset, v[0].numel(), keys[group], prob) & self.active[:, None]
+                v.copy_(torch.where(hit.view_as(v), base, v))
+                counts += hit.sum(dim=1)
+        return counts
+
     def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the parameters and norm buffers (before a step)."""
         return [v.detach().clone() for v in self.values], [b.clone() for b in self.buffers]
@@ -216,6 +234,22 @@ def per_replica_norm(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
     for t in tensors:
         total += t.detach().reshape(k, -1).double().pow(2).sum(dim=1)
     return total.sqrt()
+
+
+def _mul32(h: torch.Tensor, m: int) -> torch.Tensor:
+    """``h * m mod 2^32`` for int64 ``h`` in [0, 2^32), without int64 overflow (16-bit halves)."""
+    return (((((h >> 16) * m) & 0xFFFF) << 16) + (h & 0xFFFF) * m) & MASK32
+
+
+def restore_hits(offset: int, n: int, keys: torch.Tensor, prob: float) -> torch.Tensor:
+    """The fused restore's draws in torch ops: (K, n) where element ``offset + j`` of its arena group
+    goes back to its base, ``(fmix32((offset + j) ^ key_i) >> 8) * 2^-24 < prob`` for the (K,) int64
+    ``keys`` (``restore_key(seed_i, counter, group)``), bit-identical to both engines' draws."""
+    h = (torch.arange(offset, offset + n, dtype=torch.int64, device=keys.device)[None, :] ^ keys[:, None]) & MASK32
+    for shift, mul in ((16, FMIX32_M1), (13, FMIX32_M2)):
+        h = _mul32(h ^ (h >> shift), mul)
+    h = h ^ (h >> 16)
+    return (h >> (32 - UNIFORM_BITS)).to(torch.float32) * (2.0 ** -UNIFORM_BITS) < prob
 
 
 class _ReplicaRollback:

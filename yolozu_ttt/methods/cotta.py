@@ -19,7 +19,6 @@ from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from ..kernels.constants import FMIX32_M1, FMIX32_M2, MASK32, UNIFORM_BITS, restore_key
 from ..parallel import ReplicaMethod, norm_stats
 from .loop import Method, StepOutcome, entropy, vmap_entropy
 
@@ -130,22 +129,6 @@ class CoTTA(Method):
         })
 
 
-def _mul32(h: torch.Tensor, m: int) -> torch.Tensor:
-    """``h * m mod 2^32`` for int64 ``h`` in [0, 2^32), without int64 overflow (16-bit halves)."""
-    return (((((h >> 16) * m) & 0xFFFF) << 16) + (h & 0xFFFF) * m) & MASK32
-
-
-def restore_hits(offset: int, n: int, keys: torch.Tensor, prob: float) -> torch.Tensor:
-    """The fused restore's draws in torch ops: (K, n) where element ``offset + j`` of its arena group
-    goes back to its base, ``(fmix32((offset + j) ^ key_i) >> 8) * 2^-24 < prob`` for the (K,) int64
-    ``keys`` (``restore_key(seed_i, counter, group)``), bit-identical to both engines' draws."""
-    h = (torch.arange(offset, offset + n, dtype=torch.int64, device=keys.device)[None, :] ^ keys[:, None]) & MASK32
-    for shift, mul in ((16, FMIX32_M1), (13, FMIX32_M2)):
-        h = _mul32(h ^ (h >> shift), mul)
-    h = h ^ (h >> 16)
-    return (h >> (32 - UNIFORM_BITS)).to(torch.float32) * (2.0 ** -UNIFORM_BITS) < prob
-
-
 class CoTTAReplicas(ReplicaMethod):
     """CoTTA's K-replica step (``yolozu_ttt.parallel``): per replica its student's augmented forwards,
     entropy and backward, its own teacher (a stacked EMA of its own student, in the fused step's
@@ -156,14 +139,11 @@ class CoTTAReplicas(ReplicaMethod):
 
     def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
         """Each replica's teacher at its start; its restore seed as its run alone takes it (``config.seed``,
-        else one draw of torch's global RNG per image, in image order); each parameter's arena group
-        and offset (the restore draws' element index)."""
+        else one draw of torch's global RNG per image, in image order)."""
         m = self.method
         with torch.no_grad():
             self.teachers = [v.detach().clone() for v in replicas.values]
         self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
-        where = {id(p): (i, offset) for i, g in enumerate(m.arena.groups) for p, offset in zip(g.params, g.offsets)}
-        self.layout = [where[id(p)] for p in replicas.params]
 
     def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
         m, meta = self.method, {}
@@ -194,15 +174,8 @@ class CoTTAReplicas(ReplicaMethod):
         with torch.no_grad():
             for t, v in zip(self.teachers, replicas.values):
                 t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * v, t))
-            if not m.restores(step):
-                return
-            keys = torch.tensor([restore_key(seed, step, 0) for seed in self.seeds], dtype=torch.int64)
-            for v, base, (group, offset) in zip(replicas.values, replicas.base, self.layout):
-                if group:
-                    keys = torch.tensor([restore_key(seed, step, group) for seed in self.seeds], dtype=torch.int64)
-                hit = restore_hits(offset, v[0].numel(), keys.to(v.device), m.restore_prob) & replicas.active[:, None]
-                v.copy_(torch.where(hit.view_as(v), base, v))
-                self.restored += hit.sum(dim=1)
+        if m.restores(step):
+            self.restored = replicas.restore_to_base(m.restore_prob, self.seeds, step)
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
         stats = norm_stats(column[3:])._replace(restored=column[2])
