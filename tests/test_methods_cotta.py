@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -241,6 +242,113 @@ def test_session_runs_match_fresh_runs():
         got = session.run([])
         assert got.step_metrics == expected.step_metrics
         assert_models_match(fresh, reused, rtol=0, atol=0)
+
+
+# ---- sample-parallel (yolozu_ttt.parallel): K images at once, each as it runs alone ----------------
+def parallel_cotta(**kw) -> TTTConfig:
+    """One batch per record, a teacher that moves (momentum 0.5) and a seeded restore every step."""
+    return cotta(**{"steps": 3, "max_batches": 1, "max_grad_norm": 1.0, "cotta_ema_momentum": 0.5,
+                    "cotta_restore_prob": 0.3, "seed": 4, **kw})
+
+
+PARALLEL = {
+    "norm_cwm_hflip": dict(update_filter="norm_only"),
+    "lora_mean_hflip": dict(update_filter="lora_only", cotta_aggregation="mean"),
+    "adapter_identity_interval_2": dict(update_filter="adapter_only", cotta_augmentations=("identity",),
+                                        cotta_restore_interval=2),
+    "lora_norm_full_restore": dict(update_filter="lora_norm_only", cotta_restore_prob=1.0),
+    "all_restore_off": dict(update_filter="all", cotta_restore_prob=0.0),
+}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("case", list(PARALLEL))
+def test_parallel_k_images_at_once_equal_each_alone(case, k):
+    """Six records in groups of k (the last smaller), each with its own teacher, consistency and restore:
+    losses, step metrics (restored counts, consistency, branches), counters and adapted state as its
+    run alone, with no fallback."""
+    from test_parallel import assert_like_alone, images, parallel
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    model, batches = make_model().eval(), images(6)
+    start = copy.deepcopy(model.state_dict())
+    cfg = parallel_cotta(**PARALLEL[case])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        reports, states = parallel(model, batches, cfg, k)
+    assert_like_alone(model, start, batches, cfg, reports, states)
+    restored = [m["restored_count"] for r in reports for m in r.step_metrics]
+    assert (sum(restored) > 0) == (cfg.cotta_restore_prob > 0.0)
+
+
+def test_parallel_unseeded_restores_draw_a_seed_per_image_in_order():
+    """Without a seed each image's restore seed is one draw of torch's global RNG, in image order: the
+    reports and states of session runs one after another from the same global seed."""
+    from test_parallel import images
+    from test_session import RecordAdapter
+    from yolozu_ttt.run import TTTSession
+
+    model, batches = make_model(), images(5)
+    cfg = parallel_cotta(seed=None, update_filter="norm_only")
+    runs = []
+    for k in (1, 2):
+        runs.append([copy.deepcopy(model), None])
+        torch.manual_seed(21)
+        with TTTSession(RecordAdapter(runs[-1][0], batches), cfg) as session:
+            states = []
+            runs[-1][1] = session.run_parallel([{"i": i} for i in range(5)], k,
+                                               lambda *a: states.append(copy.deepcopy(runs[-1][0].state_dict())))
+            runs[-1].append(states)
+    (_, want, want_states), (_, got, got_states) = runs
+    for w, g, ws, gs in zip(want, got, want_states, got_states):
+        assert [m["restored_count"] for m in g.step_metrics] == [m["restored_count"] for m in w.step_metrics]
+        assert_reports_match(w, g)
+        for key in ws:
+            torch.testing.assert_close(gs[key], ws[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert len({tuple(m["restored_count"] for m in r.step_metrics) for r in got}) > 1  # a seed per image
+
+
+@pytest.mark.parametrize("guard", ["non_finite", "non_finite_kept", "max_total_update_norm"])
+def test_parallel_one_image_tripping_a_guard_stops_and_rolls_back_only_itself(guard):
+    """Images of a group of three trip a guard on their own (a NaN image, rolled back or not; or the total
+    update cap at the last step, crossed by every image's but image 2's): each stops (and is rolled
+    back) on its own, its update, teacher EMA and restore stop with it, while the others adapt on,
+    each as alone."""
+    from test_parallel import assert_like_alone, images, parallel
+
+    model, batches = make_model().eval(), images(4)
+    kw = dict(stop_on_non_finite=True, rollback_on_stop=True, update_filter="lora_norm_only")
+    if guard.startswith("non_finite"):
+        batches[2] = batches[2].clone().fill_(float("nan"))
+        kw.update(rollback_on_stop=guard == "non_finite")  # kept: its NaN state must stay as it is
+    else:
+        kw.update(max_total_update_norm=0.32)  # the free runs' last totals: 0.339, 0.330, 0.314, 0.339
+    start = copy.deepcopy(model.state_dict())
+    cfg = parallel_cotta(**kw)
+    reports, states = parallel(model, batches, cfg, 3)
+    if guard.startswith("non_finite"):
+        assert [r.stop_reason for r in reports] == [None, None, "non_finite_metrics", None]
+    else:
+        assert [r.steps_run for r in reports] == [2, 2, 3, 2] and reports[2].stop_reason is None
+    assert_like_alone(model, start, batches, cfg, reports, states)
+    if guard == "non_finite":
+        for key, value in start.items():
+            assert torch.equal(states[2][key], value), key
+
+
+def test_parallel_shrunk_rtdetr_at_batch_one():
+    """YOLOZU's builtin RT-DETR (shrunk) at batch 1, both augmented views, restore on: each image as alone."""
+    from test_parallel import assert_like_alone, images, parallel, tiny_rtdetr
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    model, batches = tiny_rtdetr(), images(3, size=64)
+    start = copy.deepcopy(model.state_dict())
+    cfg = parallel_cotta(update_filter="norm_only", steps=2, lr=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        reports, states = parallel(model, batches, cfg, 2)
+    assert all(m["aug"]["branches"] == 2 and m["restored_count"] > 0 for r in reports for m in r.step_metrics)
+    assert_like_alone(model, start, batches, cfg, reports, states)
 
 
 @skip_under_interpreter

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -277,6 +278,117 @@ def test_structured_builtin_rtdetr_matches_reference(kw):
     ref, fast = check(model, batches, cfg(steps=2, lr=1e-3, max_batches=1, **kw))
     assert fast.steps_run == 2 and all(e["entropy_loss"] is not None for e in fast.step_metrics)
     assert not fast.warnings
+
+
+# ---- sample-parallel (yolozu_ttt.parallel): K images at once, each as it runs alone ----------------
+
+class NormRecon(nn.Module):
+    """A reconstruction net with batch-, group- and layer-norm and a LoRA-named 1x1 branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.lora = nn.Conv2d(8, 8, 1, bias=False)
+        self.ln = nn.LayerNorm(8)
+        self.dec = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.enc(x)))
+        h = torch.relu(self.gn(self.mid(h)))
+        h = self.ln((h + self.lora(h)).movedim(-3, -1)).movedim(-1, -3)
+        return {"recon": self.dec(h)}
+
+
+def parallel_cfg(**kw) -> TTTConfig:
+    return cfg(**{"max_batches": 1, "mim_patch_size": 4, "update_filter": "norm_only", "max_grad_norm": 1.0, **kw})
+
+
+def one_by_one(model, batches, config, seed):
+    """Each record through one session run after another from torch's global RNG at ``seed``."""
+    from test_session import RecordAdapter
+    from yolozu_ttt.run import TTTSession
+
+    torch.manual_seed(seed)
+    with TTTSession(RecordAdapter(model, batches), config) as session:
+        return [session.run([{"i": i}]) for i in range(len(batches))]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("update_filter", ["norm_only", "lora_only", "lora_norm_only"])
+def test_parallel_k_images_at_once_equal_each_alone(k, update_filter):
+    """Six records in groups of k (the last smaller): each image's losses, mask ratios, step metrics
+    and adapted state as its own seeded run alone, with no fallback; a seeded run draws the same
+    masks for every image (each from its own stream, seeded alike)."""
+    from test_parallel import assert_like_alone, images, parallel
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    model, batches = make_model(NormRecon), images(6, size=20)
+    start = copy.deepcopy(model.state_dict())
+    config = parallel_cfg(update_filter=update_filter, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        reports, states = parallel(model, batches, config, k)
+    assert_like_alone(model, start, batches, config, reports, states)
+    ratios = [[e["mask_ratio"] for e in r.step_metrics] for r in reports]
+    assert ratios == [ratios[0]] * 6 and len(set(ratios[0])) > 1
+    assert all(r.mask_ratio == reports[0].mask_ratio for r in reports)
+
+
+def test_parallel_unseeded_masks_follow_the_global_stream_as_runs_one_after_another():
+    """Without a seed each image's masks come from torch's global RNG in image order: the reports and
+    states of session runs one after another from the same global seed."""
+    from test_parallel import images
+    from test_session import RecordAdapter
+    from yolozu_ttt.run import TTTSession
+
+    model, batches = make_model(NormRecon), images(5, size=20)
+    config = parallel_cfg(seed=None)
+    want = one_by_one(copy.deepcopy(model), batches, config, seed=11)
+    torch.manual_seed(11)
+    with TTTSession(RecordAdapter(model, batches), config) as session:
+        got = session.run_parallel([{"i": i} for i in range(5)], 2)
+    for w, g in zip(want, got):
+        assert [e["mask_ratio"] for e in g.step_metrics] == [e["mask_ratio"] for e in w.step_metrics]
+        assert_reports_match(w, g)
+    assert len({tuple(e["mask_ratio"] for e in r.step_metrics) for r in got}) > 1  # drawn anew per image
+
+
+def test_parallel_one_image_tripping_a_guard_stops_and_rolls_back_only_itself():
+    """A NaN image in a group of three: it stops at its first step (no mask ratio kept) and is rolled
+    back to the start (parameters and norm statistics) while the others adapt on, each as alone."""
+    from test_parallel import assert_like_alone, images, parallel
+
+    model, batches = make_model(NormRecon), images(4, size=20)
+    batches[2] = batches[2].clone().fill_(float("nan"))
+    start = copy.deepcopy(model.state_dict())
+    config = parallel_cfg(seed=5, stop_on_non_finite=True, rollback_on_stop=True, update_filter="lora_norm_only")
+    reports, states = parallel(model, batches, config, 3)
+    assert [r.stop_reason for r in reports] == [None, None, "non_finite_metrics", None]
+    assert reports[2].mask_ratio is None and reports[3].steps_run == 3
+    assert_like_alone(model, start, batches, config, reports, states)
+    for key, value in start.items():
+        assert torch.equal(states[2][key], value), key
+
+
+@pytest.mark.slow
+def test_parallel_structured_shrunk_rtdetr_at_batch_one():
+    """The builtin RT-DETR (shrunk, its structured MIM branch on) at batch 1: each image's feature loss,
+    entropy term, mask ratio and adapted state as alone (the settled batch-1 norm gradients)."""
+    from test_parallel import assert_like_alone, images, parallel
+    from yolozu_ttt.parallel import ParallelFallbackWarning
+
+    model, batches = tiny_rtdetr(), images(3, size=64)
+    start = copy.deepcopy(model.state_dict())
+    config = parallel_cfg(seed=1, steps=2, lr=1e-3, mim_patch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        warnings.filterwarnings("ignore", message=".*performance drop")  # vmap's fallback for CPU attention
+        reports, states = parallel(model, batches, config, 2)
+    assert all(e["entropy_loss"] is not None and e["mim_loss"] is not None for r in reports for e in r.step_metrics)
+    assert_like_alone(model, start, batches, config, reports, states)
 
 
 # ---- devices and the Triton path -----------------------------------------------------------------

@@ -34,11 +34,14 @@ Supported: Tent with plain entropy (no aux-consistency, teacher or detector resp
 replica its selection, its update gated on the device by it, ``update(gate=...)``, its anchor value
 and gradient, ``anchor_value`` and ``update(anchor_lambda=...)``, its skip streak and ratio stop);
 SAR (per replica its clip, ``clip``, its ascent by its own direction norm, ``perturb``, its second
-pass and ``restore_values``); fp32 or bf16 (every forward of a group under autocast,
-``amp.autocast_forwards``, as a run's), eager. EATA and SAR run in the model's own mode, as the
-reference's (``ReplicaMethod.train``).
-Anything else (another method, those Tent options, fp16, whose loss scale decides on the host per
-image, graph mode) runs the records one by one through ``session.run`` with a
+pass and ``restore_values``); MIM, plain and structured (each image's masks drawn before its steps
+from its own stream: its run's generator, seeded as alone; the losses in vmap-able torch ops,
+``masking``); CoTTA (per replica a stacked teacher, the EMA of its own student, and the restore to
+its own start drawn from its own seed, in the fused step's order through ``update(after_adam=...)``);
+fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager.
+A replica method runs the model in the mode it was given unless it ``trains`` (Tent), as the loop does.
+Anything else (those Tent options, fp16, whose loss scale decides on the host per image, graph
+mode) runs the records one by one through ``session.run`` with a
 :class:`ParallelFallbackWarning` saying why: their steps decide on
 the host per image, or their loss or draws are not split per image here yet.
 """
@@ -56,7 +59,7 @@ from torch.func import functional_call, vmap
 from . import amp, guards
 from .common import StepStats
 from .engine import read
-from .kernels.constants import CLIP_EPS, SAR_EPS
+from .kernels.constants import CLIP_EPS, FMIX32_M1, FMIX32_M2, MASK32, SAR_EPS, UNIFORM_BITS, restore_key
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
 
@@ -127,23 +130,42 @@ class Replicas:
         tuple whose first item is the loss and whose others are returned too; ``per_image`` are
         stacked (K, ...) inputs sliced per image (e.g. masks). Returns the detached (K,) losses, or
         the tuple of detached stacked results."""
-        model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
+        return self.backward_passes(lambda net, image, *extra: loss(net(image), *extra), x, *per_image)
 
-        def one(values, buffers, image, *extra):
-            state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
-            return loss(functional_call(model, state, (image,)), *extra)
-
+    def backward_passes(self, passes: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
+        """:meth:`backward` for a method whose passes call the model themselves (several views, keyword
+        inputs): ``passes(net, image, *per_image_i)`` returns one image's loss (or a tuple led by it),
+        ``net(*args, **kwargs)`` being the model with replica i's state."""
         for v in self.values:
             v.grad = None
-        got = vmap(one)(self.values, self.buffers, x, *per_image)
+        got = self.map(passes, x, *per_image)
         first = got[0] if isinstance(got, tuple) else got
         first.sum().backward(inputs=self.values)
         return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
+    def map(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None,
+            values: list[torch.Tensor] | None = None) -> Any:
+        """``fn(net, image, *per_image_i)`` for the K images in one ``vmap``: ``net`` is the loop's model
+        with replica i's selected parameters and norm buffers, or ``module`` (a copy of the model with
+        its own buffers, e.g. CoTTA's teacher) with slice i of ``values`` (stacked like the replicas'
+        values) as its selected parameters."""
+        model = self.loop.model if module is None else module
+        values = self.values if values is None else values
+        buffers, buffer_names = (self.buffers, self.buffer_names) if module is None else ([], [])
+        names, shared = self.names, self.shared
+
+        def one(values, buffers, image, *extra):
+            state = {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))}
+            return fn(lambda *args, **kwargs: functional_call(model, state, args, kwargs or None), image, *extra)
+
+        return vmap(one)(values, buffers, x, *per_image)
+
     def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8, *,
-               gate: torch.Tensor | None = None, anchor_lambda: float = 0.0) -> torch.Tensor:
-        """Clip and Adam per replica (active ones only); returns the (4, K) norms: grad, clipped grad,
-        update, total update (float64, unread).
+               gate: torch.Tensor | None = None, anchor_lambda: float = 0.0,
+               after_adam: Callable[[], Any] | None = None) -> torch.Tensor:
+        """Clip and Adam per replica (active ones only), then ``after_adam()`` (CoTTA's teacher EMA and
+        restore: the fused step's order); returns the (4, K) norms of the final values: grad, clipped
+        grad, update, total update (float64, unread).
 
         ``gate`` (K,) bool on the device: replica i's step applies only where ``gate[i]`` (closed: no
         parameter, moment or step count changes, as the engine's gate; EATA's empty selection).
@@ -178,6 +200,8 @@ class Replicas:
                     bc2 = (1 - b2 ** step).sqrt().float().view_as(on)
                     new = v + (size * m) / (s.sqrt() / bc2 + eps)
                 v.copy_(torch.where(on, new, v))
+            if after_adam is not None:
+                after_adam()
             update = per_replica_norm([v - b for v, b in zip(self.values, before)], self.k)
             total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
             return torch.stack([norm, clipped, update, total])
@@ -221,6 +245,24 @@ class Replicas:
         """Every replica's parameters back to ``saved`` (SAR's restore after its second pass)."""
         with torch.no_grad():
             torch._foreach_copy_(self.values, saved)
+
+    def restore_to_base(self, prob: float, seeds: list[int], counter: int) -> torch.Tensor:
+        """CoTTA's stochastic restore per active replica: element j of a parameter back to replica i's
+        start where the fused step's draw for (``seeds[i]``, ``counter``, its arena group, its offset
+        there + j) is below ``prob`` (:func:`restore_hits`). Returns the (K,) float64 restored counts."""
+        arena = self.loop.arena
+        where = {id(p): (i, offset) for i, g in enumerate(arena.groups) for p, offset in zip(g.params, g.offsets)}
+        device = self.active.device
+        keys = {i: torch.tensor([restore_key(seed, counter, i) for seed in seeds], dtype=torch.int64, device=device)
+                for i in range(len(arena.groups))}
+        counts = torch.zeros(self.k, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for p, v, base in zip(self.params, self.values, self.base):
+                group, offset = where[id(p)]
+                hit = restore_hits(offset, v[0].numel(), keys[group], prob) & self.active[:, None]
+                v.copy_(torch.where(hit.view_as(v), base, v))
+                counts += hit.sum(dim=1)
+        return counts
 
     def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the parameters and norm buffers (before a step)."""
@@ -279,6 +321,22 @@ def per_replica_norm(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
     return total.sqrt()
 
 
+def _mul32(h: torch.Tensor, m: int) -> torch.Tensor:
+    """``h * m mod 2^32`` for int64 ``h`` in [0, 2^32), without int64 overflow (16-bit halves)."""
+    return (((((h >> 16) * m) & 0xFFFF) << 16) + (h & 0xFFFF) * m) & MASK32
+
+
+def restore_hits(offset: int, n: int, keys: torch.Tensor, prob: float) -> torch.Tensor:
+    """The fused restore's draws in torch ops: (K, n) where element ``offset + j`` of its arena group
+    goes back to its base, ``(fmix32((offset + j) ^ key_i) >> 8) * 2^-24 < prob`` for the (K,) int64
+    ``keys`` (``restore_key(seed_i, counter, group)``), bit-identical to both engines' draws."""
+    h = (torch.arange(offset, offset + n, dtype=torch.int64, device=keys.device)[None, :] ^ keys[:, None]) & MASK32
+    for shift, mul in ((16, FMIX32_M1), (13, FMIX32_M2)):
+        h = _mul32(h ^ (h >> shift), mul)
+    h = h ^ (h >> 16)
+    return (h >> (32 - UNIFORM_BITS)).to(torch.float32) * (2.0 ** -UNIFORM_BITS) < prob
+
+
 class _ReplicaRollback:
     """What ``RunContext.finish_step`` rolls back, for one replica: its parameters and buffers."""
 
@@ -313,7 +371,9 @@ class ReplicaMethod:
     """
 
     name = ""
-    train = True
+    #: the passes put the model in training mode (Tent's, as its ``passes``); else it runs in the mode
+    #: it was given, as the loop runs MIM, CoTTA, EATA and SAR
+    trains = False
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
@@ -346,7 +406,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module.
     ``on_group(first_index, records, reports, replicas)``, if given, is called once the group is
     adapted, before ``on_image`` (e.g. to predict the group through its replicas at once)."""
-    from .run import report as make_report
+    from .run import report as make_report, seed_generator
 
     loop, config = session.loop, session.config
     model, method, name = loop.model, loop.method, rmethod.name
@@ -357,6 +417,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         batches.append(got)
         ctxs.append(RunContext(model=model, batches=got, config=config, method=name, steps=steps, generator=None,
                                updated_param_count=loop.updated_param_count, backend="torch"))
+        seed_generator(ctxs[-1])  # each image's own stream, seeded as its run alone seeds it
     k = len(records)
     loop.arena.reset_values()
     loop.origin.restore()
@@ -370,7 +431,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     precision = contextlib.ExitStack()  # bf16: every forward of the group under autocast, as a run's
     try:
         precision.enter_context(amp.autocast_forwards(model, session.amp))
-        if rmethod.train:
+        if rmethod.trains:
             model.train()
         for step in range(steps):
             x = torch.stack([b[step % len(b)] for b in batches])

@@ -199,13 +199,7 @@ class TTTSession:
 
         ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None,
                          amp=amp, graph=self.graph)
-        if config.seed is not None:
-            try:
-                ctx.generator = torch.Generator(device="cpu")
-                ctx.generator.manual_seed(int(config.seed))
-            except Exception:  # pragma: no cover
-                ctx.warnings.append("failed_to_seed_generator")
-                ctx.generator = None
+        seed_generator(ctx)
 
         if self.loop is not None and not self.loop.fits(model):
             self.close()
@@ -227,6 +221,18 @@ class TTTSession:
                     ctx.warnings.append("failed_to_restore_eval")
         seconds = float(time.time() - start)
         return report(ctx, method, batches, seconds, memory_start)
+
+
+def seed_generator(ctx: RunContext) -> None:
+    """The run's own random stream (MIM's masks), as the reference seeds it: a CPU generator seeded
+    with ``config.seed``, else None (torch's global RNG)."""
+    if ctx.config.seed is not None:
+        try:
+            ctx.generator = torch.Generator(device="cpu")
+            ctx.generator.manual_seed(int(ctx.config.seed))
+        except Exception:  # pragma: no cover
+            ctx.warnings.append("failed_to_seed_generator")
+            ctx.generator = None
 
 
 def report(ctx: RunContext, method: str, batches: list[Any], seconds: float, memory_start: Any) -> TTTReport:

@@ -19,7 +19,8 @@ from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from .loop import Method, StepOutcome, entropy
+from ..parallel import ReplicaMethod, norm_stats
+from .loop import Method, StepOutcome, entropy, vmap_entropy
 
 SEED_BITS = 63
 
@@ -128,4 +129,58 @@ class CoTTA(Method):
         })
 
 
+class CoTTAReplicas(ReplicaMethod):
+    """CoTTA's K-replica step (``yolozu_ttt.parallel``): per replica its student's augmented forwards,
+    entropy and backward, its own teacher (a stacked EMA of its own student, in the fused step's
+    order: after Adam, before the restore), its consistency and its stochastic restore to its start,
+    drawn from its own restore seed. The augmentations (identity, hflip) draw nothing."""
+
+    name = "cotta"
+
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        """Each replica's teacher at its start; its restore seed as its run alone takes it (``config.seed``,
+        else one draw of torch's global RNG per image, in image order)."""
+        m = self.method
+        with torch.no_grad():
+            self.teachers = [v.detach().clone() for v in replicas.values]
+        self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        m, meta = self.method, {}
+
+        def student(net, image):
+            logits, meta["student"] = forward(net, image, m.aug_set, m.aggregation)
+            return vmap_entropy(logits), logits
+
+        def teacher(net, image):
+            logits, meta["teacher"] = forward(net, image, m.aug_set, m.aggregation)
+            return logits
+
+        losses, logits = replicas.backward_passes(student, x)
+        with torch.no_grad():
+            teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teachers)
+            consistency = ((logits - teacher_logits) ** 2).reshape(replicas.k, -1).mean(dim=1)
+        m.rank = x.ndim - 1
+        m.meta[m.rank] = (meta["student"], meta["teacher"])
+        self.restored = torch.zeros(replicas.k, dtype=torch.float64, device=x.device)
+        norms = replicas.update(float(self.config.lr), m.max_grad_norm(), after_adam=lambda: self.ema_and_restore(
+            replicas, step))
+        return torch.cat([torch.stack([losses.double(), consistency.double(), self.restored]), norms])
+
+    def ema_and_restore(self, replicas: Any, step: int) -> None:
+        """Each active replica's teacher EMA of its updated student, then (a restore step) its
+        stochastic restore to its start, counted per replica."""
+        m = self.method
+        with torch.no_grad():
+            for t, v in zip(self.teachers, replicas.values):
+                t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * v, t))
+        if m.restores(step):
+            self.restored = replicas.restore_to_base(m.restore_prob, self.seeds, step)
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        stats = norm_stats(column[3:])._replace(restored=column[2])
+        return self.method.outcome(stats, column[:2], step)
+
+
 METHOD = CoTTA
+REPLICA = CoTTAReplicas

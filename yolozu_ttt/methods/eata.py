@@ -165,7 +165,6 @@ class EATAReplicas(ReplicaMethod):
     selected: no update for that replica), anchor to its own start and skip streak."""
 
     name = "eata"
-    train = False  # the model's own mode, as the reference's EATA
 
     def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
         self.ctxs, self.streaks = ctxs, [0] * len(records)

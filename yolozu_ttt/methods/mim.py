@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from ..seam import ttt_mim as _mim
 
-from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss
+from ..masking import (draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_mask_ratio,
+                       vmap_masked_pass)
+from ..parallel import ReplicaMethod, norm_stats
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -32,8 +34,10 @@ def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_
     return loss, None, None, mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
 
 
-def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float):
-    """Forward and loss of ``ttt_structured_mim_step``; returns ``(loss, loss_mim, entropy, ratio)``."""
+def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float,
+                       feature_loss=structured_loss, grid_ratio=mask_ratio):
+    """Forward and loss of ``ttt_structured_mim_step``; returns ``(loss, loss_mim, entropy, ratio)``
+    (the sample-parallel replicas pass the ``vmap``-able loss and ratio)."""
     mask = full_mask(grid, x, patch_size)
     output = model(x, geom_input=_mim._default_geom_input(x), feature_mask=mask, return_mim=True)
     if not isinstance(output, dict):
@@ -45,7 +49,7 @@ def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, 
     if recon_feat is None or teacher_feat is None:
         raise RuntimeError("structured MIM expected recon_feat and teacher_feat")
     mask_out = mim.get("mask")
-    loss_mim = structured_loss(recon_feat, teacher_feat, mask=mask_out)
+    loss_mim = feature_loss(recon_feat, teacher_feat, mask=mask_out)
     entropy = mim.get("entropy")
     loss = loss_mim
     if entropy is not None:
@@ -54,7 +58,7 @@ def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, 
     if mask_out is not None:
         ratio = mask_out.to(dtype=torch.float32).mean()
     else:
-        ratio = mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
+        ratio = grid_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
     return loss, loss_mim, entropy, ratio
 
 
@@ -90,4 +94,48 @@ class MIM(Method):
         self.ctx.mask_ratios.append(outcome.metrics["mask_ratio"])
 
 
+class MIMReplicas(ReplicaMethod):
+    """MIM's K-replica step (``yolozu_ttt.parallel``), plain and structured: each image's patch grids
+    drawn from its own stream (its run's generator, seeded as alone) before its steps, its masked
+    loss and mask ratio its own."""
+
+    name = "mim"
+
+    def why_not(self) -> str | None:
+        if self.method.structured and structured_loss is _mim.reconstruction_loss:  # pragma: no cover
+            return "MIM's structured branch without rtdetr_pose's loss (the one masking.vmap_feature_loss follows)"
+        return None
+
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        """Each image's grids for every step, in image order: what its run alone draws step by step
+        (a seeded stream each; unseeded, torch's global stream as the images' runs one after another
+        draw it when none stops early)."""
+        m, self.ctxs = self.method, ctxs
+        self.grids = [[draw_grid(c.batches[s % len(c.batches)], m.patch_size, m.mask_prob, c.generator)
+                       for s in range(c.steps)] for c in ctxs]
+
+    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+        m = self.method
+
+        def passes(net, image, grid):
+            """(loss, mask ratio[, mim loss, entropy]): ``MIM.passes``'s values for one image."""
+            if not m.structured:
+                return vmap_masked_pass(net, image, grid, m.patch_size, m.mask_value)
+            loss, loss_mim, entropy, ratio = structured_forward(net, image, grid, m.patch_size, m.mask_value,
+                                                                vmap_feature_loss, vmap_mask_ratio)
+            return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
+
+        got = replicas.backward_passes(passes, x, torch.stack([g[step] for g in self.grids]))
+        self.rows = len(got)
+        norms = replicas.update(float(self.config.lr), m.max_grad_norm())
+        return torch.cat([torch.stack([t.double() for t in got]), norms])
+
+    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
+        return self.method.outcome(norm_stats(column[self.rows:]), column[:self.rows], step)
+
+    def after_step(self, i: int, outcome: StepOutcome) -> None:
+        self.ctxs[i].mask_ratios.append(outcome.metrics["mask_ratio"])
+
+
 METHOD = MIM
+REPLICA = MIMReplicas

@@ -85,7 +85,6 @@ class SARReplicas(ReplicaMethod):
     norm, its ascent scaled by its own direction norm, its second pass at its own perturbed point."""
 
     name = "sar"
-    train = False  # the model's own mode, as the reference's SAR
 
     def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
         """The first pass (K at once), each replica's grads clipped (pre-clip norms kept), each

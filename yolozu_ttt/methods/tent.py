@@ -102,6 +102,7 @@ class TentReplicas(ReplicaMethod):
     """Tent's K-replica step (``yolozu_ttt.parallel``): plain entropy only."""
 
     name = "tent"
+    trains = True
 
     def why_not(self) -> str | None:
         m = self.method
