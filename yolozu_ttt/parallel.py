@@ -117,6 +117,12 @@ class Replicas:
         #: per tensor, each replica's Adam step count (the gated update's bias corrections)
         self.counts = [torch.zeros(k, dtype=torch.int64, device=v.device) for v in self.values]
         self.active = torch.ones(k, dtype=torch.bool, device=self.values[0].device)
+        self.stopped = 0  #: how many replicas a guard stopped (the host's mirror of ``active``)
+
+    def stop(self, i: int) -> None:
+        """Replica ``i`` is frozen from now on (a guard stopped it)."""
+        self.active[i] = False
+        self.stopped += 1
 
     def mask(self, t: torch.Tensor) -> torch.Tensor:
         """The active mask shaped to broadcast against the stacked ``t``."""
@@ -182,6 +188,25 @@ class Replicas:
             before = [v.detach().clone() for v in self.values]
             on_k = self.active if gate is None else self.active & gate
             b1, b2 = betas
+            steps = {self.steps[i] for i in live}
+            if gate is None and not self.stopped and len(steps) == 1 and live:
+                # every replica steps, every live tensor at the same count: the loop below in foreach
+                # ops, the same arithmetic in the same order (a fixed number of calls per step)
+                vs, ms, ss = ([t[i] for i in live] for t in (self.values, self.exp_avg, self.exp_avg_sq))
+                step = steps.pop() + 1
+                for i in live:
+                    self.steps[i] = step
+                torch._foreach_add_([self.counts[i] for i in live], [on_k] * len(live))
+                torch._foreach_mul_(ms, b1)
+                torch._foreach_add_(ms, torch._foreach_mul(grads, 1 - b1))
+                torch._foreach_mul_(ss, b2)
+                torch._foreach_add_(ss, torch._foreach_mul(torch._foreach_mul(grads, grads), 1 - b2))
+                bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+                denoms = torch._foreach_sqrt(ss)
+                torch._foreach_div_(denoms, bias2 ** 0.5)
+                torch._foreach_add_(denoms, eps)
+                torch._foreach_addcdiv_([v.detach() for v in vs], ms, denoms, value=-lr / bias1)
+                live = []  # done
             for i, g in zip(live, grads):
                 v, m, s = self.values[i], self.exp_avg[i], self.exp_avg_sq[i]
                 self.steps[i] += 1
@@ -462,7 +487,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
                     if not stop:
                         rmethod.after_step(i, outcome)
                 if stop:
-                    replicas.active[i] = False
+                    replicas.stop(i)
             if not bool(replicas.active.any()):
                 break
     finally:
