@@ -23,9 +23,12 @@ The replicas (the design, and why):
   share one ``StepStats`` (one norm over all segments, one clip coefficient, one gate), so K
   replicas as K more segments would need per-replica stat slots and gates in both backends; the
   stacked torch update is the simplest design that is per-replica by construction, and on the
-  CPU the passes dominate. A replica whose guard stops it is rolled back on its own (its slice of
-  the snapshot) and frozen from then on: its parameters, moments and norm buffers are gated by a
-  device-side mask (``torch.where``) while the other replicas go on.
+  CPU the passes dominate. While every replica steps at one count, Adam is foreach ops over the
+  stacked tensors (a fixed number of calls per step); the clip and the norms still loop over them
+  (one flat (K, N) buffer per state would make the whole update a handful of ops: not done). A
+  replica whose guard stops it is rolled back on its own (its slice of the snapshot) and frozen
+  from then on: its parameters, moments and norm buffers are gated by a device-side mask
+  (``torch.where``) while the other replicas go on (``Replicas.stop`` keeps the host's count).
 
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
