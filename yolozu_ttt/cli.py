@@ -319,7 +319,7 @@ class FastBackend:
     def _grouped(self, adapter: Any, model: Any, record: Any) -> Any:
         import torch
 
-        from .parallel import ParallelFallbackWarning, batches_of, replica_method, run_group
+        from .parallel import ParallelFallbackWarning, group_batches, replica_method, run_group
 
         if self._answer is not None:
             self._answer.close()  # not taken by a predict: gone before the next image
@@ -332,8 +332,8 @@ class FastBackend:
         position = self._position.get(id(record))
         group = [record] if self._rmethod is None or position is None else \
             self._upcoming[position:position + self.parallel]
-        batches = [batches_of(session, r) for r in group] if len(group) > 1 else []
-        if len({tuple(tuple(b.shape) for b in got) for got in batches}) != 1:
+        batches, shapes = group_batches(session, group) if len(group) > 1 else ([], set())
+        if len(shapes) != 1:
             if batches:
                 warnings.warn("yolozu_ttt: --ttt-parallel adapts this image alone: the images of its group "
                               "differ in shape", ParallelFallbackWarning, stacklevel=2)
@@ -345,7 +345,7 @@ class FastBackend:
             for i, (rec, rep) in enumerate(zip(records, reports)):
                 self._served[id(rec)] = functools.partial(self._serve, model, replicas, i, rep, inputs[i], outputs)
 
-        run_group(session, group, None, 0, self._rmethod, on_group)
+        run_group(session, group, None, 0, self._rmethod, on_group, batches)
         return self._served.pop(id(record))()
 
     def _first(self, session: Any, model: Any, record: Any, replica_method: Callable, warning: type) -> Any:

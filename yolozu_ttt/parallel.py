@@ -322,19 +322,14 @@ class Replicas:
         for ``x[i]`` in eval mode holding replica i's parameters and norm buffers. The model's
         training flags are left as they were. Transformer layers take their standard path, as in
         training (their eval-only fused kernel has no vmap rule: vmap would loop it per image)."""
-        model, names, buffer_names, shared = self.loop.model, self.names, self.buffer_names, self.shared
-
-        def one(values, buffers, image):
-            return functional_call(model, {**shared, **dict(zip(names, values)), **dict(zip(buffer_names, buffers))},
-                                   (image,))
-
+        model = self.loop.model
         flags = [(m, m.training) for m in model.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
         model.eval()
         try:
             torch.backends.mha.set_fastpath_enabled(False)
             with torch.no_grad():
-                return vmap(one)([v.detach() for v in self.values], self.buffers, x)
+                return self.map(lambda net, image: net(image), x, values=[v.detach() for v in self.values])
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, training in flags:
@@ -394,13 +389,11 @@ class ReplicaMethod:
     - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
       method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
     - ``after_step(i, outcome)``: after image i's kept step;
-    - ``train``: the passes run in train mode, as Tent's (False: in the mode the model is in, as
-      the reference's EATA and SAR).
+    - ``trains``: the passes put the model in training mode (Tent's); else they run in the mode it
+      was given, as the loop runs MIM, CoTTA, EATA and SAR.
     """
 
     name = ""
-    #: the passes put the model in training mode (Tent's, as its ``passes``); else it runs in the mode
-    #: it was given, as the loop runs MIM, CoTTA, EATA and SAR
     trains = False
 
     def __init__(self, session: Any, loop: Any):
@@ -430,19 +423,20 @@ def norm_stats(column: list[float]) -> StepStats:
 
 
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
-              rmethod: ReplicaMethod, on_group: Callable | None = None) -> list[Any]:
+              rmethod: ReplicaMethod, on_group: Callable | None = None,
+              batches: list[list[Any]] | None = None) -> list[Any]:
     """Adapt ``records`` (a group of at most K) at once on the session's bound loop; see the module.
     ``on_group(first_index, records, reports, replicas)``, if given, is called once the group is
-    adapted, before ``on_image`` (e.g. to predict the group through its replicas at once)."""
+    adapted, before ``on_image`` (e.g. to predict the group through its replicas at once);
+    ``batches``: the records' batches where the caller already loaded them (:func:`group_batches`)."""
     from .run import report as make_report, seed_generator
 
     loop, config = session.loop, session.config
     model, method, name = loop.model, loop.method, rmethod.name
     steps = int(config.steps)
-    ctxs, batches = [], []
-    for record in records:
-        got = batches_of(session, record)
-        batches.append(got)
+    batches = [batches_of(session, record) for record in records] if batches is None else batches
+    ctxs = []
+    for got in batches:
         ctxs.append(RunContext(model=model, batches=got, config=config, method=name, steps=steps, generator=None,
                                updated_param_count=loop.updated_param_count, backend="torch"))
         seed_generator(ctxs[-1])  # each image's own stream, seeded as its run alone seeds it
@@ -564,12 +558,19 @@ def run_bound(session: Any, records: list[Any], rmethod: ReplicaMethod, on_image
     from :func:`replica_method`): adapted at once by ``run_group``, or one by one, with a
     :class:`ParallelFallbackWarning`, when their batches differ in shape (``on_group`` is then not
     called)."""
-    shapes = {tuple(tuple(b.shape) for b in batches_of(session, r)) for r in records}
+    batches, shapes = group_batches(session, records)
     if len(shapes) > 1:
         warnings.warn("yolozu_ttt: run_parallel adapts a group one by one: its records' batches differ in "
                       f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=4)
         return one_by_one(session, records, on_image, first_index)
-    return run_group(session, records, on_image, first_index, rmethod, on_group)
+    return run_group(session, records, on_image, first_index, rmethod, on_group, batches)
+
+
+def group_batches(session: Any, records: list[Any]) -> tuple[list[list[Any]], set[tuple[Any, ...]]]:
+    """Each record's batches (:func:`batches_of`, loaded once) and the set of their shapes: more than
+    one shape and the group cannot be adapted at once."""
+    batches = [batches_of(session, r) for r in records]
+    return batches, {tuple(tuple(b.shape) for b in got) for got in batches}
 
 
 def replica_bytes(loop: Any) -> int:
