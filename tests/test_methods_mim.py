@@ -316,12 +316,61 @@ def one_by_one(model, batches, config, seed):
         return [session.run([{"i": i}]) for i in range(len(batches))]
 
 
+def reference_alone(model, start, batches, config, i) -> tuple[dict, dict]:
+    """Record ``i`` adapted alone by YOLOZU's reference (the same masks) in float64, the truth fp32
+    runs round, and in float32: the two states."""
+    from test_session import RecordAdapter
+
+    states = []
+    for dtype in (torch.float64, torch.float32):
+        ref = copy.deepcopy(model).to(dtype)
+        ref.load_state_dict(start)
+        reference_run_ttt(RecordAdapter(ref, [b.to(dtype) for b in batches]), [{"i": i}], config=config)
+        states.append(ref.state_dict())
+    return states[0], states[1]
+
+
+def assert_like_alone_or_fp64(model, start, batches, config, reports, states, rtol=1e-4, atol=1e-6):
+    """``assert_like_alone``, except a state tensor not within the tolerance of the run alone: its error
+    against the float64 truth must be no more than twice the fp32 runs' alone (ours, YOLOZU's) own
+    (tests/test_ops.py's rule for what fp32 cannot resolve). That passes only where those runs are
+    themselves >= tolerance / 3 off the truth; a wrong loss, mask or replica mixing is lr-sized."""
+    from test_session import RecordAdapter
+
+    alone = copy.deepcopy(model)
+    for i, (got, state) in enumerate(zip(reports, states)):
+        alone.load_state_dict(start)
+        want = yolozu_ttt.run_ttt(RecordAdapter(alone, batches), [{"i": i}], config=config)
+        assert_reports_match(want, got, rtol=rtol, atol=atol)
+        refs = None
+        for name, value in alone.state_dict().items():
+            other = state[name]
+            assert other.dtype == value.dtype and other.shape == value.shape, name
+            if torch.allclose(other, value, rtol=rtol, atol=atol):
+                continue
+            refs = refs or reference_alone(model, start, batches, config, i)
+            truth = refs[0][name]
+            own = max((value.double() - truth).abs().max(), (refs[1][name].double() - truth).abs().max())
+            assert (other.double() - truth).abs().max() <= 2.0 * own, (i, name, own)
+
+
 @pytest.mark.parametrize("k", [2, 4])
-@pytest.mark.parametrize("update_filter", ["norm_only", "lora_only", "lora_norm_only"])
+@pytest.mark.parametrize("update_filter", ["norm_only", "lora_only", "lora_norm_only", "all"])
 def test_parallel_k_images_at_once_equal_each_alone(k, update_filter):
     """Six records in groups of k (the last smaller): each image's losses, mask ratios, step metrics
     and adapted state as its own seeded run alone, with no fallback; a seeded run draws the same
-    masks for every image (each from its own stream, seeded alike)."""
+    masks for every image (each from its own stream, seeded alike).
+
+    ``all`` (every conv weight a replica too; lr 1e-2 moves |w| ~ 0.05 weights 20% a step): image 3's
+    grad norm falls from 35 to 1.7 at step 3, so its clip coefficient jumps 0.028 -> 0.58 while Adam's
+    sqrt(v_hat) is still that of the clipped steps (~1e-3): a unit of step-3 gradient moves enc.weight
+    and mid.weight elements by 90-240 lr, and the ~1e-6 step-3 gradient rounding (fp32 reduction order;
+    the true gradients are not zero, e.g. mid.weight[2, 5, 0, 2]'s is +4.2e-2, -2.1e-2, -9.5e-4 in fp64
+    at steps 1-3, so this is not the +-lr sign noise of a zero gradient) ends as 2-4e-6 in the weight.
+    fp32 cannot resolve those to 1e-4 relative: the run alone is itself 6.2e-6 off the fp64 truth
+    there, YOLOZU's own fp32 run 3.8e-6 off ours, the parallel one 2-4e-6 off the truth (0.65 of the
+    tolerance from ours here; 6.5e-6, over it, seen elsewhere). So ``all`` compares tightly, and a
+    tensor over the tolerance against the fp64 truth (``assert_like_alone_or_fp64``)."""
     from test_parallel import assert_like_alone, images, parallel
     from yolozu_ttt.parallel import ParallelFallbackWarning
 
@@ -331,7 +380,10 @@ def test_parallel_k_images_at_once_equal_each_alone(k, update_filter):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParallelFallbackWarning)
         reports, states = parallel(model, batches, config, k)
-    assert_like_alone(model, start, batches, config, reports, states)
+    if update_filter == "all":
+        assert_like_alone_or_fp64(model, start, batches, config, reports, states)
+    else:
+        assert_like_alone(model, start, batches, config, reports, states)
     ratios = [[e["mask_ratio"] for e in r.step_metrics] for r in reports]
     assert ratios == [ratios[0]] * 6 and len(set(ratios[0])) > 1
     assert all(r.mask_ratio == reports[0].mask_ratio for r in reports)
