@@ -50,6 +50,25 @@ def fast_backend_calls(monkeypatch) -> list[list[dict]]:
     return calls
 
 @pytest.fixture
+def replayed(monkeypatch):
+    """Graph mode on a CPU arena: captured steps through ReplayedCalls (strict: every replay runs
+    the launches its capture ran), the update alone eagerly; the list of the ReplayedCalls made."""
+    from yolozu_ttt import capture
+    from yolozu_ttt.engine import UpdateEngine
+
+    made: list[capture.ReplayedCalls] = []
+
+    def graphs(device):
+        made.append(capture.ReplayedCalls(strict=True))
+        return made[-1]
+
+    monkeypatch.setattr(capture, "CudaGraphs", graphs)
+    monkeypatch.setattr(UpdateEngine, "_graph_possible", lambda self: True)
+    monkeypatch.setattr(UpdateEngine, "_graph_run", lambda self, launch: launch.run())
+    return made
+
+
+@pytest.fixture
 def deterministic_cudnn():
     """cuDNN picks deterministic kernels, so two runs (backends, modes) see the same forward/backward numbers."""
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark

@@ -24,7 +24,7 @@ from yolozu.tta.config import TTTConfig
 
 import yolozu_ttt
 from yolozu_ttt import capture
-from yolozu_ttt.engine import GraphFallbackWarning, UpdateEngine
+from yolozu_ttt.engine import GraphFallbackWarning
 
 def config(method: str, **kw) -> TTTConfig:
     """The method's small case, seeded (CoTTA's restores and MIM's grids repeat)."""
@@ -59,6 +59,32 @@ def test_probe_ignores_device_only_work():
         loss.backward()
         t.index_select(0, torch.tensor([0, 2]))
     assert not probe.hits, probe.hits
+
+
+def test_strict_replays_catch_a_step_whose_launches_follow_host_state():
+    """``ReplayedCalls(strict=True)``: a step that bakes a host value into a launch (a Python counter
+    as a scalar argument) replays stale in a CUDA graph; the stand-in names the launch that differs.
+    The same step with the value in a device tensor replays as captured."""
+    graphs, state, x = capture.ReplayedCalls(strict=True), {"n": 0}, torch.ones(3)
+    counter = torch.zeros(())
+
+    def host_scalar():
+        state["n"] += 1
+        return (x * state["n"],)
+
+    def device_value():
+        counter.add_(1)
+        return (x * counter,)
+
+    graph, (out,) = graphs.capture(device_value)
+    for n in range(1, 4):
+        graph.replay()
+        assert torch.equal(out, x * n)
+    graph, _ = graphs.capture(host_scalar)
+    graph.replay()  # the capture's own step
+    with pytest.raises(AssertionError, match=r"replay 2 ran other launches than its capture: launch 0 is "
+                                             r"\('aten.mul.Tensor', .*, 2\)\), captured .*, 1\)\)$"):
+        graph.replay()
 
 
 # ---- host reads per step -----------------------------------------------------------------------
@@ -120,21 +146,6 @@ def test_tent_teacher_and_aux_terms_read_with_the_step():
 
 
 # ---- whole-step capture (ReplayedCalls in place of a CUDA graph) --------------------------------
-
-@pytest.fixture
-def replayed(monkeypatch):
-    """Graph mode on a CPU arena: the whole step through ReplayedCalls, the update alone eagerly."""
-    made: list[capture.ReplayedCalls] = []
-
-    def graphs(device):
-        made.append(capture.ReplayedCalls())
-        return made[-1]
-
-    monkeypatch.setattr(capture, "CudaGraphs", graphs)
-    monkeypatch.setattr(UpdateEngine, "_graph_possible", lambda self: True)
-    monkeypatch.setattr(UpdateEngine, "_graph_run", lambda self, launch: launch.run())
-    return made
-
 
 def run(cfg: TTTConfig, batches, graph: bool, model=None):
     model = model if model is not None else make_model()

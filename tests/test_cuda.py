@@ -260,3 +260,39 @@ def test_graph_mode_off_cuda_warns_and_runs_eagerly():
         "assert msgs and 'CUDA arena' in msgs[0], msgs\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ, YOLOZU_TTT_CUDA_GRAPH="1"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["tent", "eata", "sar", "mim", "cotta"])
+def test_sample_parallel_graph_mode_equals_eager_groups(name, monkeypatch, deterministic_cudnn):
+    """run_parallel in graph mode (groups of two, the last of one) against eager groups: every
+    image's report and adapted state, CUDA graphs replayed for the groups, nothing fell back."""
+    import copy
+
+    from yolozu_ttt.engine import GraphFallbackWarning
+    from yolozu_ttt.floor import RecordAdapter
+    from yolozu_ttt.run import TTTSession
+
+    replays: list[int] = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    model, _ = model_for(name)
+    size = 32 if name == "mim" else 12
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(1, 3, size, size, generator=g).to(DEVICE) for _ in range(6)]
+    cfg = config(name, update_filter="norm_only", steps=3, **({"seed": 1} if name in ("mim", "cotta") else {}))
+    runs = {}
+    for graph in (False, True):
+        states = []
+        replays.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with TTTSession(RecordAdapter(copy.deepcopy(model).eval(), batches), cfg, graph=graph) as session:
+                reports = session.run_parallel([{"i": i} for i in range(6)], 2, lambda *a: states.append(
+                    {k: v.detach().cpu().clone() for k, v in session.adapter.get_model().state_dict().items()}))
+        runs[graph] = [(r.to_dict(), s) for r, s in zip(reports, states)]
+        fallbacks = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]
+        assert not fallbacks, fallbacks
+    assert len(replays) >= 3 * 3  # the groups' replays, beside the first image's
+    for (ref, ref_state), (ours, state) in zip(runs[False], runs[True]):
+        assert_same_outcome(ref, ref_state, ours, state)

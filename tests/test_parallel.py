@@ -7,12 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_models_match, assert_reports_match, make_model, method_config
+from conftest import assert_models_match, assert_reports_match, make_model, method_case, method_config
 from test_session import RecordAdapter
 from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
 from yolozu_ttt.methods.loop import vmap_entropy as entropy
+from yolozu_ttt.engine import GraphFallbackWarning
 from yolozu_ttt.parallel import ParallelFallbackWarning
 from yolozu_ttt.run import TTTSession
 
@@ -34,10 +35,10 @@ def tiny_rtdetr() -> torch.nn.Module:
                                    decoder_dim_feedforward=32)).eval()
 
 
-def parallel(model, batches, cfg, k):
+def parallel(model, batches, cfg, k, **session):
     """run_parallel over every batch's record: the reports and each record's adapted state (seen
     by ``on_image`` in the training mode run_ttt leaves); a plain run afterwards still starts from
-    the session's start."""
+    the session's start. ``session``: TTTSession's options (amp, graph)."""
     states = {}
     training = model.training
 
@@ -45,7 +46,7 @@ def parallel(model, batches, cfg, k):
         assert record == {"i": index} and model.training == training
         states[index] = copy.deepcopy(model.state_dict())
 
-    with TTTSession(RecordAdapter(model, batches), cfg) as session:
+    with TTTSession(RecordAdapter(model, batches), cfg, **session) as session:
         reports = session.run_parallel([{"i": i} for i in range(len(batches))], k, on_image)
         assert_reports_match(reports[0], session.run([{"i": 0}]), rtol=0.0, atol=0.0)
     return reports, [states[i] for i in range(len(batches))]
@@ -210,3 +211,102 @@ def test_a_filter_selecting_nothing_is_refused_like_the_reference(method):
         with pytest.raises(type(want.value), match=f"^{want.value}$"):
             session.run_parallel([{"i": 0}, {"i": 1}], 2, lambda *a: calls.append(a))
     assert not calls
+
+
+# ---- graph mode (ReplayedCalls, strict, stands in for CUDA graphs: conftest's ``replayed``) --------
+GRAPH_CASES = {"tent": {}, "eata": {"eata_conf_min": 0.72, "eata_selected_ratio_min": 0.0}, "sar": {},
+               "mim": {"seed": 3}, "cotta": {"cotta_restore_interval": 2, "cotta_restore_prob": 0.3, "seed": 1}}
+
+
+@pytest.mark.parametrize("method", list(GRAPH_CASES))
+def test_graph_mode_captures_once_per_k_and_inputs_and_replays_every_group(replayed, method):
+    """Eight records in groups of two (the first alone, the last group of one), three steps: each as
+    alone; the replica step is captured once per (K, input layouts: CoTTA's restore steps take their
+    keys) whatever the number of groups, every key's first step eager (the warm-up), every later
+    step a replay that runs the launches its capture ran (strict)."""
+    model, batches = method_case(method)[0].eval(), images(8, size=32 if method == "mim" else 12)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config(method, update_filter="norm_only", steps=3, **GRAPH_CASES[method])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        warnings.simplefilter("error", GraphFallbackWarning)
+        reports, states = parallel(model, batches, cfg, 2, graph=True)
+    graphs = replayed[-1]  # the replica step's (the first, the first image's StepGraph)
+    keys = 2 * (2 if method == "cotta" else 1)  # K in {2, 1} x (CoTTA) restore steps and the others
+    assert len(replayed) == 2 and len(graphs.captured) <= keys
+    assert sum(g.replays for g in graphs.captured) == 4 * cfg.steps - keys  # 4 groups' steps, warm-ups eager
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+def test_graph_mode_one_image_tripping_a_guard_stops_only_itself(replayed):
+    """A NaN image in the second group of three (its steps replayed): it stops and is rolled back on
+    its own; the others adapt on, each as alone."""
+    model, batches = make_model().eval(), images(7)
+    batches[5] = batches[5].clone().fill_(float("nan"))
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only", stop_on_non_finite=True, rollback_on_stop=True)
+    reports, states = parallel(model, batches, cfg, 3, graph=True)
+    assert [r.stop_reason for r in reports] == [None] * 5 + ["non_finite_metrics", None]
+    assert replayed[-1].captured[0].replays == 2 * cfg.steps - 1
+    assert_like_alone(model, start, batches, cfg, reports, states)
+    for key, value in start.items():
+        assert torch.equal(states[5][key], value), key
+
+
+def test_graph_mode_session_keeps_its_captures_across_calls(replayed):
+    """A session's second run_parallel replays the first's captures (none new), with the same results."""
+    model, batches = make_model().eval(), images(5)
+    records = [{"i": i} for i in range(5)]
+    with TTTSession(RecordAdapter(model, batches), method_config("eata", update_filter="norm_only"),
+                    graph=True) as session:
+        first = session.run_parallel(records, 2)
+        captured = [len(g.captured) for g in replayed]
+        second = session.run_parallel(records, 2)
+    assert [len(g.captured) for g in replayed] == captured and captured[-1] == 1
+    for a, b in zip(first, second):
+        assert_reports_match(a, b, rtol=0.0, atol=0.0)
+
+
+class ReadsAGain(torch.nn.Module):
+    """TinyDet whose forward reads a scalar buffer on the host (a sync: not capturable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.det = make_model()
+        self.register_buffer("gain", torch.tensor(0.5))
+
+    def forward(self, x):
+        out = self.det(x)
+        return {**out, "logits": out["logits"] * float(self.gain)}
+
+
+def test_graph_mode_step_that_reads_the_device_runs_eagerly_and_says_why(replayed):
+    """The warm-up's probe sees the host read: a GraphFallbackWarning naming it, nothing captured for
+    the groups, every image as alone."""
+    model, batches = ReadsAGain().eval(), images(4)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only")
+    with pytest.warns(GraphFallbackWarning, match=r"sample-parallel step: the step's passes wait for the device "
+                                                  r"\(aten._local_scalar_dense x1\); the groups run eagerly"):
+        reports, states = parallel(model, batches, cfg, 3, graph=True)
+    assert not any(g.captured for g in replayed)  # the first image's StepGraph fell back too
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+def test_graph_mode_with_bf16_runs_the_groups_eagerly_and_says_so(replayed):
+    """Mixed precision cannot be captured: a GraphFallbackWarning, the groups still K at once, as an
+    eager bf16 session's."""
+    model, batches = make_model().eval(), images(3)
+    cfg = method_config("tent", update_filter="norm_only")
+    runs = []
+    for graph in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs.append(parallel(copy.deepcopy(model), batches, cfg, 2, amp="bf16", graph=graph)[0])
+        said = [str(w.message) for w in caught if issubclass(w.category, (GraphFallbackWarning, ParallelFallbackWarning))]
+        assert any("sample-parallel step: mixed precision (bf16)" in m for m in said) == graph, said
+        assert not any(issubclass(w.category, ParallelFallbackWarning) for w in caught)
+    assert not replayed
+    for a, b in zip(*runs):
+        assert_reports_match(a, b, rtol=0.0, atol=0.0)
+

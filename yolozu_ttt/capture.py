@@ -20,8 +20,11 @@ keyed by the step's inputs' layouts, its :class:`~yolozu_ttt.engine.StepSpec` an
 (MIM's patch grid): each is copied into the graph's static input before a replay.
 ``graphs`` is what captures and replays; :class:`ReplayedCalls` does the same on any device by
 calling the step again (the tests' stand-in for a GPU: capture runs nothing new, a replay reruns
-the captured callable and refreshes its static outputs), so the bookkeeping around the graph is
-checked on the CPU.
+the captured callable and refreshes its static outputs; ``strict``: and checks it ran the launches
+the capture ran, :class:`LaunchLog`), so the bookkeeping around the graph is checked on the CPU.
+
+:class:`ReplicaGraph` is the same for sample-parallel groups (``yolozu_ttt.parallel``): a group's
+whole K-replica step captured once per (K, input layouts) and replayed for every later group.
 """
 from __future__ import annotations
 
@@ -124,11 +127,40 @@ class CudaGraphs:
             current.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        """Capture ``fn`` (nothing runs yet); returns the graph and ``fn``'s static outputs."""
+        """Capture ``fn`` (nothing runs yet); returns the graph and ``fn``'s static outputs. The blocks
+        the allocator caches from the eager warm-up go back to the device first, so the graph's pool
+        can take them (else a capture needs room for a second step's activations)."""
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             outputs = fn()
         return graph, outputs
+
+
+class LaunchLog(TorchDispatchMode):
+    """The aten operations run under it, each with what a CUDA graph bakes into its launch besides
+    the tensors' addresses: the arguments' shapes, strides and dtypes and every non-tensor argument
+    (``log.launches``). Two calls of a step that log the same launches replay as one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: list[tuple[str, tuple[Any, ...]]] = []
+
+    @staticmethod
+    def _arg(a: Any) -> Any:
+        if torch.is_tensor(a):
+            return ("tensor", tuple(a.shape), a.stride(), a.dtype)
+        if isinstance(a, (list, tuple)):
+            return tuple(LaunchLog._arg(t) for t in a)
+        if isinstance(a, (torch.UntypedStorage, torch.TypedStorage)):
+            return ("storage", a.nbytes())
+        return a if isinstance(a, (bool, int, float, str, type(None))) else repr(a)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.launches.append((str(func), tuple(self._arg(a) for a in args) +
+                              tuple((k, self._arg(v)) for k, v in sorted(kwargs.items()))))
+        return func(*args, **kwargs)
 
 
 class ReplayedCalls:
@@ -139,11 +171,15 @@ class ReplayedCalls:
     What it cannot show: a replay here runs the body's Python again, a CUDA graph's runs none. So
     a body keeps nothing per step on the host that a later step reads: what varies with the input
     goes out as a device tensor (EATA's batch size) or is kept per input layout (CoTTA's branch
-    metadata, per input rank), and the has-grad flags stay as the capture left them."""
+    metadata, per input rank), and the has-grad flags stay as the capture left them. ``strict``:
+    every replay must run the launches the capture ran (:class:`LaunchLog`), else AssertionError
+    naming the first that differs: a body whose launches follow host state (a Python branch, a host
+    scalar) would replay stale in a CUDA graph."""
 
     class Graph:
-        def __init__(self, fn: Callable[[], tuple[torch.Tensor, ...]], outputs: tuple[torch.Tensor, ...]):
-            self.fn, self.outputs, self.fresh = fn, outputs, True
+        def __init__(self, fn: Callable[[], tuple[torch.Tensor, ...]], outputs: tuple[torch.Tensor, ...],
+                     launches: list[Any] | None = None):
+            self.fn, self.outputs, self.fresh, self.launches = fn, outputs, True, launches
             self.replays = 0
 
         def replay(self) -> None:
@@ -151,19 +187,30 @@ class ReplayedCalls:
             if self.fresh:  # the capture ran this step already
                 self.fresh = False
                 return
-            new = self.fn()
+            with LaunchLog() if self.launches is not None else contextlib.nullcontext() as log:
+                new = self.fn()
+            if log is not None and log.launches != self.launches:
+                first = next((i for i, (a, b) in enumerate(zip(log.launches, self.launches)) if a != b),
+                             min(len(log.launches), len(self.launches)))
+                got = log.launches[first] if first < len(log.launches) else None
+                want = self.launches[first] if first < len(self.launches) else None
+                raise AssertionError(f"replay {self.replays} ran other launches than its capture: launch {first} "
+                                     f"is {got}, captured {want}")
             with torch.no_grad():
                 for static, value in zip(self.outputs, new):
                     static.copy_(value)
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.captured: list[ReplayedCalls.Graph] = []
+        self.strict = strict
 
     side_stream = staticmethod(contextlib.nullcontext)
 
     def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        outputs = tuple(t.detach() for t in fn())
-        graph = ReplayedCalls.Graph(fn, outputs)
+        with LaunchLog() if self.strict else contextlib.nullcontext() as log:
+            outputs = fn()
+        outputs = tuple(t.detach() for t in outputs)
+        graph = ReplayedCalls.Graph(fn, outputs, log.launches if log is not None else None)
         self.captured.append(graph)
         return graph, outputs
 
@@ -238,6 +285,65 @@ class StepGraph:
         self.off = why
         warnings.warn(f"yolozu_ttt: graph mode cannot capture the whole step: {why}; the step runs eagerly "
                       f"with only the fused update in a CUDA graph", GraphFallbackWarning, stacklevel=4)
+
+
+#: the first item of a sample-parallel step's key in the engine's graph cache
+REPLICA_GRAPH_KEY = "replicas"
+
+
+class ReplicaGraph:
+    """Graph mode for sample-parallel groups (``yolozu_ttt.parallel``): a group's whole replica step
+    (the K replicas' passes and their per-replica update, ``ReplicaMethod.step``) captured once per
+    key and replayed for every later step and group of that key, so an export captures once per
+    (K, the inputs' layouts: CoTTA's restore steps take one more input) instead of once per image.
+
+    ``step(key, body, inputs)``: ``body(*inputs)`` returns the step's (rows, K) table. A key's first
+    step runs eagerly under the :class:`SyncProbe` (the warm-up: a step that would wait for the
+    device is never captured, and the groups run eagerly from then on with a
+    :class:`~yolozu_ttt.engine.GraphFallbackWarning` naming the operations); its second is captured
+    and every later one replayed: the inputs copied into the graph's static ones, ``replay()``, the
+    static table returned (read by the caller before the next replay). The graphs live in the
+    engine's one cache (``UpdateEngine.graphs``) under ``REPLICA_GRAPH_KEY``; they read the
+    replicas' own tensors, which ``Replicas.reset`` refills in place every group."""
+
+    def __init__(self, engine: UpdateEngine, graphs: Any = None):
+        self.cache = engine.graphs
+        self.graphs = graphs if graphs is not None else CudaGraphs(engine.arena.device)
+        self.off: str | None = None  # why the groups run eagerly from now on
+        self.replays = 0
+
+    def step(self, key: Any, body: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.off is not None:
+            return body(*inputs)
+        key = (REPLICA_GRAPH_KEY, key, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+        if key not in self.cache:  # the key's warm-up
+            self.cache.add(key, None)
+            with self.graphs.side_stream(), SyncProbe() as seen:
+                table = body(*inputs)
+            if seen.hits:
+                self._fall_back(f"the step's passes wait for the device ({seen.describe()})")
+            return table
+        entry = self.cache[key]
+        if entry is None:
+            statics = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                            for t in inputs)
+            try:
+                graph, outputs = self.graphs.capture(lambda: (body(*statics),))
+            except Exception as exc:  # noqa: BLE001 - any capture failure: eager from here on
+                self._fall_back(f"capturing the step failed ({type(exc).__name__}: {exc})")
+                return body(*inputs)
+            entry = self.cache.add(key, (graph, statics, outputs))
+        graph, statics, outputs = entry
+        for static, t in zip(statics, inputs):
+            static.copy_(t)
+        graph.replay()
+        self.replays += 1
+        return outputs[0]
+
+    def _fall_back(self, why: str) -> None:
+        self.off = why
+        warnings.warn(f"yolozu_ttt: graph mode cannot capture the sample-parallel step: {why}; the groups run "
+                      f"eagerly", GraphFallbackWarning, stacklevel=5)
 
 
 def whole_step(body: Callable[..., tuple[torch.Tensor, ...]] | None, method: str, amp: str,

@@ -29,6 +29,17 @@ The replicas (the design, and why):
   replica whose guard stops it is rolled back on its own (its slice of the snapshot) and frozen
   from then on: its parameters, moments and norm buffers are gated by a device-side mask
   (``torch.where``) while the other replicas go on (``Replicas.stop`` keeps the host's count).
+- **Lifetime**: the replicas of a K are made at its first group and kept with the session's
+  binding (``StepLoop.parallel``); every later group refills the same tensors (``Replicas.reset``,
+  ``Replicas.kept`` for a method's stacked state, CoTTA's teachers). One K at a time: a smaller
+  last group replaces them.
+- **Graph mode** (``graph=True`` on a CUDA model, fp32): the group's whole step (the K replicas'
+  passes and update, ``ReplicaMethod.step``) is captured once per (K, input layouts) and replayed
+  for every later step and group (:class:`~yolozu_ttt.capture.ReplicaGraph`): an export captures
+  once per K, not once per image. The update then never decides on host state (``Replicas.fixed``:
+  the masked path with each replica's step count on the device); what a step draws on the host
+  (MIM's grids, CoTTA's restore keys) is its ``inputs``, copied into the graph before a replay.
+  bf16 groups, and a step whose probe sees a host read, run eagerly with a GraphFallbackWarning.
 
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
@@ -41,16 +52,17 @@ pass and ``restore_values``); MIM, plain and structured (each image's masks draw
 from its own stream: its run's generator, seeded as alone; the losses in vmap-able torch ops,
 ``masking``); CoTTA (per replica a stacked teacher, the EMA of its own student, and the restore to
 its own start drawn from its own seed, in the fused step's order through ``update(after_adam=...)``);
-fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager.
+fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager
+or in graph mode (fp32).
 A replica method runs the model in the mode it was given unless it ``trains`` (Tent), as the loop does.
-Anything else (those Tent options, fp16, whose loss scale decides on the host per image, graph
-mode) runs the records one by one through ``session.run`` with a
-:class:`ParallelFallbackWarning` saying why: their steps decide on
-the host per image, or their loss or draws are not split per image here yet.
+Anything else (those Tent options, fp16, whose loss scale decides on the host per image) runs the
+records one by one through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their
+steps decide on the host per image, or their loss or draws are not split per image here yet.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import time
 import warnings
@@ -59,9 +71,9 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call, vmap
 
-from . import amp, guards
+from . import amp, capture, guards
 from .common import StepStats
-from .engine import read
+from .engine import GraphFallbackWarning, read
 from .kernels.constants import CLIP_EPS, FMIX32_M1, FMIX32_M2, MASK32, SAR_EPS, UNIFORM_BITS, restore_key
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
@@ -88,8 +100,6 @@ def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod |
         return f"method {method!r} is not sample-parallel yet", None
     if session.amp == "fp16":
         return "amp=fp16: its loss scale decides on the host per image (bf16 is sample-parallel)", None
-    if session.graph:
-        return "graph mode is not sample-parallel yet", None
     if any(p.dtype != torch.float32 for p in loop.arena.params):
         return "parameters other than float32", None
     rmethod = cls(session, loop)
@@ -110,17 +120,50 @@ class Replicas:
         self.buffer_names = [n for n, b in model.named_buffers() if b is not None and n.endswith(NORM_BUFFER_SUFFIXES)]
         buffers = dict(model.named_buffers())
         self.model_buffers = [buffers[n] for n in self.buffer_names]
-        with torch.no_grad():
-            self.values = [p.detach().unsqueeze(0).repeat(k, *([1] * p.ndim)).requires_grad_() for p in self.params]
-            self.buffers = [b.detach().unsqueeze(0).repeat(k, *([1] * b.ndim)) for b in self.model_buffers]
-            self.base = [v.detach().clone() for v in self.values]
-            self.exp_avg = [torch.zeros_like(v) for v in self.values]
-            self.exp_avg_sq = [torch.zeros_like(v) for v in self.values]
-        self.steps = [0] * len(self.values)
+
+        def stacked(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((k, *t.shape), dtype=t.dtype, device=t.device)
+
+        self.values = [stacked(p).requires_grad_() for p in self.params]
+        self.buffers = [stacked(b) for b in self.model_buffers]
+        self.base = [stacked(p) for p in self.params]
+        self.exp_avg = [stacked(p) for p in self.params]
+        self.exp_avg_sq = [stacked(p) for p in self.params]
         #: per tensor, each replica's Adam step count (the gated update's bias corrections)
         self.counts = [torch.zeros(k, dtype=torch.int64, device=v.device) for v in self.values]
         self.active = torch.ones(k, dtype=torch.bool, device=self.values[0].device)
+        #: graph mode: the update's launches never depend on host state (the masked path, each
+        #: replica's step count on the device), so one capture serves every step and group
+        self.fixed = False
+        self._kept: dict[str, list[torch.Tensor]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Every replica := the model's current selected parameters and norm buffers (a group's start),
+        fresh Adam state, none stopped: the same tensors refilled in place, so a captured step reads
+        them every group."""
+        with torch.no_grad():
+            for stack, t in ((self.values, self.params), (self.buffers, self.model_buffers)):
+                for s, one in zip(stack, t):
+                    s.copy_(one.detach().unsqueeze(0).expand_as(s))
+            torch._foreach_copy_(self.base, [v.detach() for v in self.values])
+            for t in (*self.exp_avg, *self.exp_avg_sq, *self.counts):
+                t.zero_()
+            self.active.fill_(True)
+        self.steps = [0] * len(self.values)
         self.stopped = 0  #: how many replicas a guard stopped (the host's mirror of ``active``)
+
+    def kept(self, name: str, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the stacked ``values`` a method keeps beside the replicas under ``name`` (CoTTA's
+        teachers): made at the first call, refilled in place at every later one (a group's start),
+        so a captured step reads the same tensors every group."""
+        with torch.no_grad():
+            have = self._kept.get(name)
+            if have is None:
+                have = self._kept[name] = [v.detach().clone() for v in values]
+            else:
+                torch._foreach_copy_(have, [v.detach() for v in values])
+        return have
 
     def stop(self, i: int) -> None:
         """Replica ``i`` is frozen from now on (a guard stopped it)."""
@@ -192,7 +235,7 @@ class Replicas:
             on_k = self.active if gate is None else self.active & gate
             b1, b2 = betas
             steps = {self.steps[i] for i in live}
-            if gate is None and not self.stopped and len(steps) == 1 and live:
+            if gate is None and not self.stopped and not self.fixed and len(steps) == 1 and live:
                 # every replica steps, every live tensor at the same count: the loop below in foreach
                 # ops, the same arithmetic in the same order (a fixed number of calls per step)
                 vs, ms, ss = ([t[i] for i in live] for t in (self.values, self.exp_avg, self.exp_avg_sq))
@@ -217,12 +260,12 @@ class Replicas:
                 on = on_k.view((self.k,) + (1,) * (v.ndim - 1))
                 m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
                 s.copy_(torch.where(on, s * b2 + g * g * (1 - b2), s))
-                if gate is None:  # every live replica at the same step (a stopped one never steps again)
+                if gate is None and not self.fixed:  # every live replica at the same step (a stopped one never steps again)
                     step = self.steps[i]
                     bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
                     denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
                     new = v.addcdiv(m, denom, value=-lr / bias1)
-                else:  # each replica at its own step (a closed gate did not count), bias corrections in fp64
+                else:  # each replica at its own step (a closed gate or a stop did not count), bias corrections in fp64
                     step = self.counts[i].clamp(min=1).double()
                     size = (-lr / (1 - b1 ** step)).float().view_as(on)
                     bc2 = (1 - b2 ** step).sqrt().float().view_as(on)
@@ -274,16 +317,21 @@ class Replicas:
         with torch.no_grad():
             torch._foreach_copy_(self.values, saved)
 
-    def restore_to_base(self, prob: float, seeds: list[int], counter: int) -> torch.Tensor:
+    def restore_keys(self, seeds: list[int], counter: int) -> torch.Tensor:
+        """The fused restore's keys ``restore_key(seed_i, counter, group)`` for replica i's seed, per
+        arena group: (groups, K) int64 on the device (a step's input, drawn on the host before it)."""
+        groups = range(len(self.loop.arena.groups))
+        return torch.tensor([[restore_key(seed, counter, g) for seed in seeds] for g in groups],
+                            dtype=torch.int64).to(self.active.device)
+
+    def restore_to_base(self, prob: float, keys: torch.Tensor) -> torch.Tensor:
         """CoTTA's stochastic restore per active replica: element j of a parameter back to replica i's
-        start where the fused step's draw for (``seeds[i]``, ``counter``, its arena group, its offset
-        there + j) is below ``prob`` (:func:`restore_hits`). Returns the (K,) float64 restored counts."""
+        start where the fused step's draw for (replica i's seed, the step's counter, its arena group,
+        its offset there + j) is below ``prob`` (:func:`restore_hits`; ``keys``: :meth:`restore_keys`).
+        Returns the (K,) float64 restored counts."""
         arena = self.loop.arena
         where = {id(p): (i, offset) for i, g in enumerate(arena.groups) for p, offset in zip(g.params, g.offsets)}
-        device = self.active.device
-        keys = {i: torch.tensor([restore_key(seed, counter, i) for seed in seeds], dtype=torch.int64, device=device)
-                for i in range(len(arena.groups))}
-        counts = torch.zeros(self.k, dtype=torch.float64, device=device)
+        counts = torch.zeros(self.k, dtype=torch.float64, device=self.active.device)
         with torch.no_grad():
             for p, v, base in zip(self.params, self.values, self.base):
                 group, offset = where[id(p)]
@@ -380,12 +428,17 @@ class ReplicaMethod:
     """What makes a method sample-parallel: its K-replica step and its per-image outcome.
 
     ``run_group`` owns what every method shares (contexts, snapshots, guards per replica, the one
-    read per step, loading replica i for ``on_image``); a method's replica class supplies:
+    read per step, graph mode, loading replica i for ``on_image``); a method's replica class supplies:
 
     - ``why_not(session, loop)``: why these runs cannot be adapted K at once (None: they can);
-    - ``begin(replicas, records, ctxs)``: per-group state (e.g. per-image generators);
-    - ``step(replicas, x, step)``: the passes and the update for the K images ``x`` (K, B, ...),
-      nothing read: a (rows, K) float64 tensor, column i image i's values;
+    - ``begin(replicas, records, ctxs)``: per-group state (e.g. per-image generators; stacked state
+      the step reads lives in ``replicas.kept``, the same tensors every group);
+    - ``inputs(x, step)``: what step ``step`` takes, drawn on the host before it (the stacked images
+      ``x`` (K, B, ...); MIM's grids; CoTTA's restore keys, on its restore steps only): a graph's
+      static inputs, whose layouts key its captures;
+    - ``step(replicas, *inputs)``: the passes and the update, device work only: nothing read, and no
+      host state that a later step reads or that changes its launches (graph mode replays it): a
+      (rows, K) float64 tensor, column i image i's values;
     - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
       method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
     - ``after_step(i, outcome)``: after image i's kept step;
@@ -405,7 +458,10 @@ class ReplicaMethod:
     def begin(self, replicas: Replicas, records: list[Any], ctxs: list[RunContext]) -> None:
         """Per-group state before the first step."""
 
-    def step(self, replicas: Replicas, x: torch.Tensor, step: int) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        return (x,)
+
+    def step(self, replicas: Replicas, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
@@ -446,7 +502,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     was_training = bool(model.training)
     memory_start = _ref._memory_start(model)
     start = time.time()
-    replicas = Replicas(loop, k)
+    graph = replica_graph(session, loop)
+    replicas = replicas_for(loop, k, fixed=graph is not None)
     keep = guards.needs_snapshot(config)
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
@@ -456,9 +513,12 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         if rmethod.trains:
             model.train()
         for step in range(steps):
-            x = torch.stack([b[step % len(b)] for b in batches])
-            saved = replicas.snapshot() if (keep or rollback or not bool(replicas.active.all())) else ([], [])
-            table = rmethod.step(replicas, x, step)
+            inputs = rmethod.inputs(torch.stack([b[step % len(b)] for b in batches]), step)
+            saved = replicas.snapshot() if (keep or rollback or replicas.stopped) else ([], [])
+            if graph is None:
+                table = rmethod.step(replicas, *inputs)
+            else:
+                table = graph.step((name, k), functools.partial(rmethod.step, replicas), inputs)
             if saved[1]:
                 replicas.freeze_buffers(saved[1])
             rows = int(table.shape[0])
@@ -485,7 +545,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
                         rmethod.after_step(i, outcome)
                 if stop:
                     replicas.stop(i)
-            if not bool(replicas.active.any()):
+            if replicas.stopped == k:
                 break
     finally:
         precision.close()
@@ -500,6 +560,43 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         if on_image is not None:
             on_image(first_index + i, record, rep)
     return reports
+
+
+def replicas_for(loop: Any, k: int, *, fixed: bool) -> Replicas:
+    """The bound loop's replicas for a group of ``k``, reset to the group's start: made at the first
+    group of ``k`` and kept with the binding (``loop.parallel``), so an export allocates them once and
+    a captured step finds them every group. One K at a time: another K (a smaller last group) drops
+    the earlier replicas and the graphs captured on them."""
+    state = loop.parallel
+    replicas = state.get("replicas")
+    if replicas is not None and replicas.k == k:
+        replicas.reset()
+    else:
+        graphs = loop.engine.graphs
+        for key in [key for key in (graphs or ()) if key[0] == capture.REPLICA_GRAPH_KEY]:
+            del graphs[key]
+        state["replicas"] = None  # freed before the next K's are made
+        replicas = state["replicas"] = Replicas(loop, k)
+    replicas.fixed = fixed
+    return replicas
+
+
+def replica_graph(session: Any, loop: Any) -> Any:
+    """Graph mode's replica step for the bound loop (:class:`~yolozu_ttt.capture.ReplicaGraph`, kept
+    with the binding: one capture per (K, input layouts) for every later group), or
+    None: graph mode off or not possible (the engine has warned), or mixed precision (a
+    ``GraphFallbackWarning`` says so once: the groups run eagerly)."""
+    state = loop.parallel
+    if "graph" not in state:
+        state["graph"] = None
+        if session.graph and loop.engine.graph_mode:
+            if session.amp != "off":
+                warnings.warn(f"yolozu_ttt: graph mode cannot capture the sample-parallel step: mixed precision "
+                              f"({session.amp}): autocast's weight-cast cache cannot live in a graph; the groups run "
+                              f"eagerly", GraphFallbackWarning, stacklevel=4)
+            else:
+                state["graph"] = capture.ReplicaGraph(loop.engine)
+    return state["graph"]
 
 
 def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | None = None) -> list[Any]:

@@ -141,11 +141,20 @@ class CoTTAReplicas(ReplicaMethod):
         """Each replica's teacher at its start; its restore seed as its run alone takes it (``config.seed``,
         else one draw of torch's global RNG per image, in image order)."""
         m = self.method
-        with torch.no_grad():
-            self.teachers = [v.detach().clone() for v in replicas.values]
+        self.teachers = replicas.kept("teachers", replicas.values)
         self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
+        self.replicas = replicas
 
-    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        """The images, and on a restore step each replica's restore keys for it (``Replicas.restore_keys``)."""
+        self.method.rank = x.ndim - 1  # the branch metadata's key (one image's rank, as ``CoTTA.inputs``)
+        if not self.method.restores(step):
+            return (x,)
+        return x, self.replicas.restore_keys(self.seeds, step)
+
+    def step(self, replicas: Any, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's passes, the teachers' forwards and consistency, the update, the teachers' EMA
+        and (``keys``: a restore step) the restore."""
         m, meta = self.method, {}
 
         def student(net, image):
@@ -160,22 +169,21 @@ class CoTTAReplicas(ReplicaMethod):
         with torch.no_grad():
             teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teachers)
             consistency = ((logits - teacher_logits) ** 2).reshape(replicas.k, -1).mean(dim=1)
-        m.rank = x.ndim - 1
-        m.meta[m.rank] = (meta["student"], meta["teacher"])
+        m.meta[x.ndim - 1] = (meta["student"], meta["teacher"])
         self.restored = torch.zeros(replicas.k, dtype=torch.float64, device=x.device)
         norms = replicas.update(float(self.config.lr), m.max_grad_norm(), after_adam=lambda: self.ema_and_restore(
-            replicas, step))
+            replicas, keys))
         return torch.cat([torch.stack([losses.double(), consistency.double(), self.restored]), norms])
 
-    def ema_and_restore(self, replicas: Any, step: int) -> None:
-        """Each active replica's teacher EMA of its updated student, then (a restore step) its
+    def ema_and_restore(self, replicas: Any, keys: torch.Tensor | None) -> None:
+        """Each active replica's teacher EMA of its updated student, then (a restore step: ``keys``) its
         stochastic restore to its start, counted per replica."""
         m = self.method
         with torch.no_grad():
             for t, v in zip(self.teachers, replicas.values):
                 t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * v, t))
-        if m.restores(step):
-            self.restored = replicas.restore_to_base(m.restore_prob, self.seeds, step)
+        if keys is not None:
+            self.restored = replicas.restore_to_base(m.restore_prob, keys)
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
         stats = norm_stats(column[3:])._replace(restored=column[2])

@@ -169,7 +169,7 @@ class EATAReplicas(ReplicaMethod):
     def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
         self.ctxs, self.streaks = ctxs, [0] * len(records)
 
-    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
         """Per replica: forward, selection, the selected samples' entropy and its backward (one
         batched call); every selected parameter gets a grad (the anchor's reach); the anchor value
         before the update; then the update gated per replica by its selection. Rows: adapt loss,

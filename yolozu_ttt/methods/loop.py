@@ -303,6 +303,8 @@ class StepLoop:
         self.method = method
         self.arena: ParamArena | None = None
         self.model: Any = None
+        #: ``yolozu_ttt.parallel``'s state kept with the binding (the replicas of the last K, their graph)
+        self.parallel: dict[str, Any] = {}
 
     def fits(self, model: Any) -> bool:
         """Whether a later run on ``model`` can reuse these bindings (same model, its selected
@@ -337,6 +339,7 @@ class StepLoop:
         if self.arena is None:
             return
         arena, self.arena = self.arena, None
+        self.parallel.clear()
         try:
             self.method.close()
         finally:

@@ -114,7 +114,11 @@ class MIMReplicas(ReplicaMethod):
         self.grids = [[draw_grid(c.batches[s % len(c.batches)], m.patch_size, m.mask_prob, c.generator)
                        for s in range(c.steps)] for c in ctxs]
 
-    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and each one's grid for this step (K, gh, gw)."""
+        return x, torch.stack([g[step] for g in self.grids])
+
+    def step(self, replicas: Any, x: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         m = self.method
 
         def passes(net, image, grid):
@@ -125,7 +129,7 @@ class MIMReplicas(ReplicaMethod):
                                                                 vmap_feature_loss, vmap_mask_ratio)
             return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
 
-        got = replicas.backward_passes(passes, x, torch.stack([g[step] for g in self.grids]))
+        got = replicas.backward_passes(passes, x, grids)
         self.rows = len(got)
         norms = replicas.update(float(self.config.lr), m.max_grad_norm())
         return torch.cat([torch.stack([t.double() for t in got]), norms])

@@ -86,7 +86,7 @@ class SARReplicas(ReplicaMethod):
 
     name = "sar"
 
-    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
         """The first pass (K at once), each replica's grads clipped (pre-clip norms kept), each
         replica's ascent from the pre-step values, the second pass at the perturbed points, the
         pre-step values back, Adam on the second grads (unclipped). Rows: first loss, second loss,

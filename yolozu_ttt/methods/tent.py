@@ -113,7 +113,7 @@ class TentReplicas(ReplicaMethod):
     def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
         self.method.host_metrics, self.method.abstained = {}, False
 
-    def step(self, replicas: Any, x: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
         losses = replicas.backward(lambda output: vmap_entropy(_tent._extract_logits(output)), x)
         norms = replicas.update(float(self.config.lr), self.config.max_grad_norm)
         return torch.cat([losses.double().unsqueeze(0), norms])
