@@ -345,6 +345,19 @@ def rel_l2(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm() / torch.cat([y.flatten() for y in b]).norm())
 
 
+def fp64_norm_grads(model: TokenNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The fp64 ground truth of the entropy's gradient in ``model.bn``'s weight and bias on the batch
+    ``x``: BN decomposed into elementary ops (no layout-dependent kernel)."""
+    truth_model = copy.deepcopy(model).double().train()
+    xx = x.double()
+    h = truth_model.conv(xx)
+    mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    w, b = truth_model.bn.weight, truth_model.bn.bias
+    h = (h - mean) / (var + truth_model.bn.eps).sqrt() * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    p = truth_model.proj(tokens(truth_model.coarse(xx), F.silu(h))).softmax(-1)
+    return [g.double() for g in torch.autograd.grad(-(p * p.clamp_min(1e-12).log()).sum(-1).mean(), [w, b])]
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_1_norm_gradients_match_fp64(batch, layout):
@@ -353,15 +366,7 @@ def test_batch_1_norm_gradients_match_fp64(batch, layout):
     x = torch.randn(batch, 3, 6, 5, generator=torch.Generator().manual_seed(3))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    # fp64 ground truth: BN decomposed into elementary ops (no layout-dependent kernel)
-    truth_model = copy.deepcopy(model).double().train()
-    xx = x.double()
-    h = truth_model.conv(xx)
-    mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
-    w, b = truth_model.bn.weight, truth_model.bn.bias
-    h = (h - mean) / (var + truth_model.bn.eps).sqrt() * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-    p = truth_model.proj(tokens(truth_model.coarse(xx), F.silu(h))).softmax(-1)
-    truth = [g.double() for g in torch.autograd.grad(-(p * p.clamp_min(1e-12).log()).sum(-1).mean(), [w, b])]
+    truth = fp64_norm_grads(model, x)
     fixed = first_step_grads(model, x, torch.float32, settled=True)
     assert rel_l2(fixed, truth) < 1e-5
     if batch == 1 and layout == "contiguous":  # what torch's CPU kernel does without the fix

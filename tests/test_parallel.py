@@ -128,6 +128,37 @@ def test_shrunk_rtdetr_at_batch_one_keeps_the_norm_gradient_fix():
         assert reports[i].step_metrics[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
+def test_batch_1_gradients_per_image_match_fp64():
+    """test_amp's TokenNet (a BN whose batch-1 gradient through ``flatten(2).transpose(1, 2)`` torch's
+    CPU kernel gets wrong, README difference 24), three images at batch 1 in one group: each replica's
+    first gradient equals that image's fp64 truth (BN in elementary ops), where the unsettled
+    single-image kernel is over 10% off."""
+    from test_amp import TokenNet, first_step_grads, fp64_norm_grads, rel_l2
+
+    from yolozu_ttt.parallel import replica_method, run_group
+
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(1, 3, 6, 5, generator=g) for _ in range(4)]
+    cfg = method_config("tent", update_filter="norm_only", steps=1, max_grad_norm=None)
+    start = copy.deepcopy(model)
+    grads = {}
+
+    def on_group(first, records, reports, replicas):
+        assert replicas.names == ["bn.weight", "bn.bias"]
+        grads.update({i: [v.grad[i].double() for v in replicas.values] for i in range(len(records))})
+
+    with TTTSession(RecordAdapter(model, batches), cfg) as session:
+        session.run([{"i": 0}])  # binds
+        _, rmethod = replica_method(session, session.loop)
+        run_group(session, [{"i": i} for i in (1, 2, 3)], None, 1, rmethod, on_group)
+    for i in (1, 2, 3):
+        truth = fp64_norm_grads(start, batches[i])
+        assert rel_l2(grads[i - 1], truth) < 1e-5, i  # image i is the group's (i - 1)th
+        assert rel_l2(first_step_grads(start, batches[i], torch.float32, settled=False), truth) > 0.1
+
+
 @pytest.mark.parametrize("k, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_bad_k_is_refused_before_any_work(k, error):
     model, batches = make_model().eval(), images(2)
