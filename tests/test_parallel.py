@@ -341,3 +341,26 @@ def test_graph_mode_with_bf16_runs_the_groups_eagerly_and_says_so(replayed):
     for a, b in zip(*runs):
         assert_reports_match(a, b, rtol=0.0, atol=0.0)
 
+
+
+def test_a_plain_group_warns_nothing_in_a_fresh_process():
+    """The replicas' grads are strided views of one flat buffer (as the leaves are of another): torch's
+    once-per-process note on that layout is not the user's business. A fresh process (torch warns
+    it once) adapting a group with every warning an error runs clean."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import torch, yolozu_ttt\n"
+        "from conftest import make_model, method_config\n"
+        "from test_parallel import images, RecordAdapter\n"
+        "from yolozu_ttt.run import TTTSession\n"
+        "batches = images(3)\n"
+        "with TTTSession(RecordAdapter(make_model().eval(), batches), method_config('sar')) as s:\n"
+        "    s.run_parallel([{'i': i} for i in range(3)], 2)\n"
+        "print('clean')\n")
+    tests = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tests, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "clean", proc.stderr[-3000:]

@@ -18,17 +18,16 @@ The replicas (the design, and why):
   its own leaves). The CPU batch-1 batch-norm backward error that ``amp.settled_norm_layouts``
   fixes for a single image (README difference 24) does not arise on the folded tensors: the
   per-image grads match the settled single-image ones (tests).
-- **Update**: Adam, the clip, and the four norms as torch ops over the stacked (K, ...) tensors,
-  reduced per replica along dim 0, read once per step for all K. Not the fused engine: its groups
-  share one ``StepStats`` (one norm over all segments, one clip coefficient, one gate), so K
-  replicas as K more segments would need per-replica stat slots and gates in both backends; the
-  stacked torch update is the simplest design that is per-replica by construction, and on the
-  CPU the passes dominate. While every replica steps at one count, Adam is foreach ops over the
-  stacked tensors (a fixed number of calls per step); the clip and the norms still loop over them
-  (one flat (K, N) buffer per state would make the whole update a handful of ops: not done). A
-  replica whose guard stops it is rolled back on its own (its slice of the snapshot) and frozen
-  from then on: its parameters, moments and norm buffers are gated by a device-side mask
-  (``torch.where``) while the other replicas go on (``Replicas.stop`` keeps the host's count).
+- **Update**: Adam, the clip, and the four norms as torch ops over flat (K, N) buffers, one per
+  state (values, grads, base, moments), reduced per replica along dim 1 in float64 and read once
+  per step for all K: a fixed handful of ops whatever the number of parameters (``Replicas``: the
+  layout). Not the fused engine: its groups share one ``StepStats`` (one norm over all segments,
+  one clip coefficient, one gate), so K replicas as K more segments would need per-replica stat
+  slots and gates in both backends; the flat torch update is per-replica by construction, and on
+  the CPU the passes dominate. A replica whose guard stops it is rolled back on its own (its row
+  of the snapshot) and frozen from then on: its parameters, moments and norm buffers are gated by
+  a device-side mask (``torch.where``) while the other replicas go on (``Replicas.stop`` keeps
+  the host's count).
 - **Lifetime**: the replicas of a K are made at its first group and kept with the session's
   binding (``StepLoop.parallel``); every later group refills the same tensors (``Replicas.reset``,
   ``Replicas.kept`` for a method's stacked state, CoTTA's teachers). One K at a time: a smaller
@@ -107,7 +106,16 @@ def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod |
 
 
 class Replicas:
-    """K replicas of a bound session's adapted state (see the module docstring)."""
+    """K replicas of a bound session's adapted state (see the module docstring).
+
+    Each per-replica state is one flat (K, N) float32 buffer, row i replica i's, N the selected
+    parameters' elements in ``params`` order: ``flat`` (the values), ``grad``, ``base`` (the group's
+    start), ``exp_avg``, ``exp_avg_sq``. ``values`` are per-parameter (K, *shape) leaves sharing
+    ``flat``'s storage (what ``map`` hands to vmap), their ``.grad`` views of ``grad`` (autograd
+    accumulates into them in place), so the clip, Adam, the norms, the snapshots and the ascent are
+    a fixed handful of ops over the flat buffers whatever the number of parameters. A parameter the
+    loss does not reach keeps a zero grad, zero moments and so its value (where a run alone skips
+    it). The norm buffers stay per tensor (``buffers``: (K, *shape) each; their dtypes differ)."""
 
     def __init__(self, loop: Any, k: int):
         self.loop, self.k = loop, k
@@ -120,49 +128,57 @@ class Replicas:
         self.buffer_names = [n for n, b in model.named_buffers() if b is not None and n.endswith(NORM_BUFFER_SUFFIXES)]
         buffers = dict(model.named_buffers())
         self.model_buffers = [buffers[n] for n in self.buffer_names]
-
-        def stacked(t: torch.Tensor) -> torch.Tensor:
-            return torch.empty((k, *t.shape), dtype=t.dtype, device=t.device)
-
-        self.values = [stacked(p).requires_grad_() for p in self.params]
-        self.buffers = [stacked(b) for b in self.model_buffers]
-        self.base = [stacked(p) for p in self.params]
-        self.exp_avg = [stacked(p) for p in self.params]
-        self.exp_avg_sq = [stacked(p) for p in self.params]
-        #: per tensor, each replica's Adam step count (the gated update's bias corrections)
-        self.counts = [torch.zeros(k, dtype=torch.int64, device=v.device) for v in self.values]
-        self.active = torch.ones(k, dtype=torch.bool, device=self.values[0].device)
+        self.sizes = [p.numel() for p in self.params]
+        device = self.params[0].device
+        self.flat, self.grad, self.base, self.exp_avg, self.exp_avg_sq = (
+            torch.empty((k, sum(self.sizes)), dtype=torch.float32, device=device) for _ in range(5))
+        self.values = [v.detach().requires_grad_() for v in self.views(self.flat)]
+        for v, g in zip(self.values, self.views(self.grad)):
+            v.grad = g
+        self.buffers = [torch.empty((k, *b.shape), dtype=b.dtype, device=b.device) for b in self.model_buffers]
+        #: each replica's Adam step count (the masked update's bias corrections)
+        self.counts = torch.zeros(k, dtype=torch.int64, device=device)
+        self.active = torch.ones(k, dtype=torch.bool, device=device)
         #: graph mode: the update's launches never depend on host state (the masked path, each
         #: replica's step count on the device), so one capture serves every step and group
         self.fixed = False
-        self._kept: dict[str, list[torch.Tensor]] = {}
+        self._kept: dict[str, torch.Tensor] = {}
+        self._inverse_numel: torch.Tensor | None = None
         self.reset()
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat (K, N) state's per-parameter (K, *shape) views."""
+        out, offset = [], 0
+        for p, n in zip(self.params, self.sizes):
+            out.append(flat[:, offset:offset + n].view(self.k, *p.shape))
+            offset += n
+        return out
 
     def reset(self) -> None:
         """Every replica := the model's current selected parameters and norm buffers (a group's start),
         fresh Adam state, none stopped: the same tensors refilled in place, so a captured step reads
         them every group."""
         with torch.no_grad():
-            for stack, t in ((self.values, self.params), (self.buffers, self.model_buffers)):
-                for s, one in zip(stack, t):
-                    s.copy_(one.detach().unsqueeze(0).expand_as(s))
-            torch._foreach_copy_(self.base, [v.detach() for v in self.values])
-            for t in (*self.exp_avg, *self.exp_avg_sq, *self.counts):
+            self.flat.copy_(torch.cat([p.detach().reshape(-1) for p in self.params]).expand_as(self.flat))
+            for s, b in zip(self.buffers, self.model_buffers):
+                s.copy_(b.unsqueeze(0).expand_as(s))
+            self.base.copy_(self.flat)
+            for t in (self.exp_avg, self.exp_avg_sq, self.counts):
                 t.zero_()
             self.active.fill_(True)
-        self.steps = [0] * len(self.values)
+        self.steps = 0  # the host's step count while every replica steps (the unmasked update)
         self.stopped = 0  #: how many replicas a guard stopped (the host's mirror of ``active``)
 
-    def kept(self, name: str, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies of the stacked ``values`` a method keeps beside the replicas under ``name`` (CoTTA's
+    def kept(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """A copy of a flat state ``values`` a method keeps beside the replicas under ``name`` (CoTTA's
         teachers): made at the first call, refilled in place at every later one (a group's start),
-        so a captured step reads the same tensors every group."""
+        so a captured step reads the same tensor every group."""
         with torch.no_grad():
             have = self._kept.get(name)
             if have is None:
-                have = self._kept[name] = [v.detach().clone() for v in values]
+                have = self._kept[name] = values.detach().clone()
             else:
-                torch._foreach_copy_(have, [v.detach() for v in values])
+                have.copy_(values)
         return have
 
     def stop(self, i: int) -> None:
@@ -176,7 +192,7 @@ class Replicas:
 
     def backward(self, loss: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
         """The K replicas' forwards on their K images ``x`` (K, B, ...) in one batched call, and one
-        backward of their summed losses into the stacked leaves (their ``.grad``).
+        backward of their summed losses into the stacked leaves (``grad``).
 
         ``loss(output, *per_image_i)`` is one image's loss from its model output: a scalar, or a
         tuple whose first item is the loss and whose others are returned too; ``per_image`` are
@@ -188,11 +204,12 @@ class Replicas:
         """:meth:`backward` for a method whose passes call the model themselves (several views, keyword
         inputs): ``passes(net, image, *per_image_i)`` returns one image's loss (or a tuple led by it),
         ``net(*args, **kwargs)`` being the model with replica i's state."""
-        for v in self.values:
-            v.grad = None
+        self.grad.zero_()
         got = self.map(passes, x, *per_image)
         first = got[0] if isinstance(got, tuple) else got
-        first.sum().backward(inputs=self.values)
+        with warnings.catch_warnings():  # the grads are strided views of ``grad``, as the leaves are of ``flat``
+            warnings.filterwarnings("ignore", GRAD_LAYOUT_WARNING)
+            first.sum().backward(inputs=self.values)
         return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
     def map(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None,
@@ -200,7 +217,7 @@ class Replicas:
         """``fn(net, image, *per_image_i)`` for the K images in one ``vmap``: ``net`` is the loop's model
         with replica i's selected parameters and norm buffers, or ``module`` (a copy of the model with
         its own buffers, e.g. CoTTA's teacher) with slice i of ``values`` (stacked like the replicas'
-        values) as its selected parameters."""
+        values, e.g. :meth:`views` of a kept state) as its selected parameters."""
         model = self.loop.model if module is None else module
         values = self.values if values is None else values
         buffers, buffer_names = (self.buffers, self.buffer_names) if module is None else ([], [])
@@ -224,98 +241,78 @@ class Replicas:
         ``anchor_lambda``: EATA's anchor gradient ``2 lambda (theta - theta0) / numel`` per tensor
         added to the grads first (in the grad norm and the clip, as the fused step adds it)."""
         with torch.no_grad():
-            live = [i for i, v in enumerate(self.values) if v.grad is not None]
+            flat, g, m, s = self.flat, self.grad, self.exp_avg, self.exp_avg_sq
             if anchor_lambda != 0.0:
-                for i in live:
-                    v = self.values[i]
-                    v.grad.add_(v.detach() - self.base[i], alpha=2.0 * anchor_lambda / (v[0].numel() or 1))
-            grads = [self.values[i].grad for i in live]
-            norm, clipped = self.clip(max_grad_norm, grads)
-            before = [v.detach().clone() for v in self.values]
-            on_k = self.active if gate is None else self.active & gate
+                g.addcmul_(flat - self.base, self.inverse_numel(), value=2.0 * anchor_lambda)
+            norm, clipped = self.clip(max_grad_norm)
+            before = flat.clone()
             b1, b2 = betas
-            steps = {self.steps[i] for i in live}
-            if gate is None and not self.stopped and not self.fixed and len(steps) == 1 and live:
-                # every replica steps, every live tensor at the same count: the loop below in foreach
-                # ops, the same arithmetic in the same order (a fixed number of calls per step)
-                vs, ms, ss = ([t[i] for i in live] for t in (self.values, self.exp_avg, self.exp_avg_sq))
-                step = steps.pop() + 1
-                for i in live:
-                    self.steps[i] = step
-                torch._foreach_add_([self.counts[i] for i in live], [on_k] * len(live))
-                torch._foreach_mul_(ms, b1)
-                torch._foreach_add_(ms, torch._foreach_mul(grads, 1 - b1))
-                torch._foreach_mul_(ss, b2)
-                torch._foreach_add_(ss, torch._foreach_mul(torch._foreach_mul(grads, grads), 1 - b2))
-                bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
-                denoms = torch._foreach_sqrt(ss)
-                torch._foreach_div_(denoms, bias2 ** 0.5)
-                torch._foreach_add_(denoms, eps)
-                torch._foreach_addcdiv_([v.detach() for v in vs], ms, denoms, value=-lr / bias1)
-                live = []  # done
-            for i, g in zip(live, grads):
-                v, m, s = self.values[i], self.exp_avg[i], self.exp_avg_sq[i]
-                self.steps[i] += 1
-                self.counts[i] += on_k
-                on = on_k.view((self.k,) + (1,) * (v.ndim - 1))
+            self.steps += 1
+            if gate is None and not self.stopped and not self.fixed:
+                # every replica steps at one count: torch's Adam, in place
+                self.counts += 1
+                bias1, bias2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+                m.mul_(b1).add_(g * (1 - b1))
+                s.mul_(b2).add_(g * g * (1 - b2))
+                flat.addcdiv_(m, s.sqrt().div_(bias2 ** 0.5).add_(eps), value=-lr / bias1)
+            else:  # each replica at its own step (a closed gate or a stop did not count), bias corrections in fp64
+                on = (self.active if gate is None else self.active & gate)
+                self.counts += on
+                on = on[:, None]
                 m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
                 s.copy_(torch.where(on, s * b2 + g * g * (1 - b2), s))
-                if gate is None and not self.fixed:  # every live replica at the same step (a stopped one never steps again)
-                    step = self.steps[i]
-                    bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
-                    denom = (s.sqrt() / (bias2 ** 0.5)).add_(eps)
-                    new = v.addcdiv(m, denom, value=-lr / bias1)
-                else:  # each replica at its own step (a closed gate or a stop did not count), bias corrections in fp64
-                    step = self.counts[i].clamp(min=1).double()
-                    size = (-lr / (1 - b1 ** step)).float().view_as(on)
-                    bc2 = (1 - b2 ** step).sqrt().float().view_as(on)
-                    new = v + (size * m) / (s.sqrt() / bc2 + eps)
-                v.copy_(torch.where(on, new, v))
+                step = self.counts.clamp(min=1).double()
+                size = (-lr / (1 - b1 ** step)).float()[:, None]
+                bc2 = (1 - b2 ** step).sqrt().float()[:, None]
+                flat.copy_(torch.where(on, flat + (size * m) / (s.sqrt() / bc2 + eps), flat))
             if after_adam is not None:
                 after_adam()
-            update = per_replica_norm([v - b for v, b in zip(self.values, before)], self.k)
-            total = per_replica_norm([v - b for v, b in zip(self.values, self.base)], self.k)
-            return torch.stack([norm, clipped, update, total])
+            return torch.stack([norm, clipped, row_norms(flat, before), row_norms(flat, self.base)])
 
-    def clip(self, max_grad_norm: float | None, grads: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each replica's grads (``grads``: the stacked ``.grad`` there are) clipped in place like
-        ``clip_grad_norm_`` with its own coefficient; returns the (K,) norms before and after."""
+    def clip(self, max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each replica's grads clipped in place like ``clip_grad_norm_`` with its own coefficient;
+        returns the (K,) norms before and after."""
         with torch.no_grad():
-            if grads is None:
-                grads = [v.grad for v in self.values if v.grad is not None]
-            norm = per_replica_norm(grads, self.k)
+            norm = row_norms(self.grad)
             if max_grad_norm is None:
                 return norm, norm
             coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef.view((self.k,) + (1,) * (g.ndim - 1)))
-            return norm, per_replica_norm(grads, self.k)
+            self.grad.mul_(coef[:, None])
+            return norm, row_norms(self.grad)
+
+    def inverse_numel(self) -> torch.Tensor:
+        """(N,): each element's 1 / its parameter's numel (a per-tensor mean over the flat layout)."""
+        if self._inverse_numel is None:
+            self._inverse_numel = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float32) for n in self.sizes]
+                                            ).to(self.flat.device)
+        return self._inverse_numel
 
     def anchor_value(self) -> torch.Tensor:
         """EATA's anchor ``sum_t mean((theta_t - theta0_t)^2)`` per replica (K,) float64, unread."""
-        total = torch.zeros(self.k, dtype=torch.float64, device=self.active.device)
-        for v, b in zip(self.values, self.base):
-            total += (v.detach() - b).reshape(self.k, -1).double().pow(2).mean(dim=1)
-        return total
+        with torch.no_grad():
+            return row_squares(self.flat, self.base, self.inverse_numel())
 
     def perturb(self, rho: float, adaptive: bool) -> torch.Tensor:
         """SAR's ascent per replica from its grads: ``theta += rho / (||d|| + 1e-12) d`` with
         ``d = g`` (adaptive: ``g |theta|``) and replica i's own direction norm, unless that norm is
         zero (a NaN norm applies, as the engine's). Returns the (2, K) float64 rows (direction norm,
-        applied 1/0), unread; the caller holds the pre-ascent values (``snapshot``)."""
+        applied 1/0), unread; the caller holds the pre-ascent values (:meth:`copy_values`)."""
         with torch.no_grad():
-            pairs = [(v, v.grad if not adaptive else v.grad * v.detach().abs()) for v in self.values if v.grad is not None]
-            norm = per_replica_norm([d for _, d in pairs], self.k).float().double()
+            d = self.grad if not adaptive else self.grad * self.flat.abs()
+            norm = row_norms(d).float().double()
             applied = ~(norm <= 0.0)
             scale = torch.where(applied, rho / (norm + SAR_EPS), 0.0).float()
-            for v, d in pairs:
-                v.add_(scale.view((self.k,) + (1,) * (v.ndim - 1)) * d)
+            self.flat.add_(scale[:, None] * d)
             return torch.stack([norm, applied.double()])
 
-    def restore_values(self, saved: list[torch.Tensor]) -> None:
-        """Every replica's parameters back to ``saved`` (SAR's restore after its second pass)."""
+    def copy_values(self) -> torch.Tensor:
+        """A copy of every replica's parameters (SAR's backup)."""
+        return self.flat.detach().clone()
+
+    def restore_values(self, saved: torch.Tensor) -> None:
+        """Every replica's parameters back to ``saved`` (:meth:`copy_values`)."""
         with torch.no_grad():
-            torch._foreach_copy_(self.values, saved)
+            self.flat.copy_(saved)
 
     def restore_keys(self, seeds: list[int], counter: int) -> torch.Tensor:
         """The fused restore's keys ``restore_key(seed_i, counter, group)`` for replica i's seed, per
@@ -333,23 +330,26 @@ class Replicas:
         where = {id(p): (i, offset) for i, g in enumerate(arena.groups) for p, offset in zip(g.params, g.offsets)}
         counts = torch.zeros(self.k, dtype=torch.float64, device=self.active.device)
         with torch.no_grad():
-            for p, v, base in zip(self.params, self.values, self.base):
+            for p, v, base in zip(self.params, self.views(self.flat), self.views(self.base)):
                 group, offset = where[id(p)]
                 hit = restore_hits(offset, v[0].numel(), keys[group], prob) & self.active[:, None]
                 v.copy_(torch.where(hit.view_as(v), base, v))
                 counts += hit.sum(dim=1)
         return counts
 
-    def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copies of the parameters and norm buffers (before a step)."""
-        return [v.detach().clone() for v in self.values], [b.clone() for b in self.buffers]
+    def snapshot(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Copies of the parameters (flat) and the norm buffers (before a step)."""
+        return self.copy_values(), [b.clone() for b in self.buffers]
 
-    def restore(self, i: int, saved: list[torch.Tensor], *, buffers: bool) -> None:
-        """Replica ``i``'s parameters (or norm buffers) back to ``saved``'s slice ``i``."""
-        targets = self.buffers if buffers else self.values
+    def restore(self, i: int, saved: Any, *, buffers: bool) -> None:
+        """Replica ``i``'s parameters (``saved``: a flat copy) or norm buffers (a list) back to
+        ``saved``'s slice ``i``."""
         with torch.no_grad():
-            for t, s in zip(targets, saved):
-                t[i].copy_(s[i])
+            if buffers:
+                for t, s in zip(self.buffers, saved):
+                    t[i].copy_(s[i])
+            else:
+                self.flat[i].copy_(saved[i])
 
     def freeze_buffers(self, saved: list[torch.Tensor]) -> None:
         """Inactive replicas' norm buffers back to ``saved`` (their forward ran with the others')."""
@@ -384,12 +384,31 @@ class Replicas:
                 m.training = training
 
 
-def per_replica_norm(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """The L2 norm of each replica's slice over all ``tensors`` (K,) in float64."""
-    total = torch.zeros(k, dtype=torch.float64, device=tensors[0].device if tensors else None)
-    for t in tensors:
-        total += t.detach().reshape(k, -1).double().pow(2).sum(dim=1)
-    return total.sqrt()
+#: columns x K elements per float64 temporary of :func:`row_norms` (the flat states are reduced in chunks)
+NORM_CHUNK = 1 << 22
+#: torch's note that a leaf's grad is a strided view (the replicas' are, by design: views of ``grad``)
+GRAD_LAYOUT_WARNING = "grad and param do not obey the gradient layout contract"
+
+
+def row_squares(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's sum of squares of the (K, N) ``a`` (or ``a - b``; ``weight`` (N,): each square times
+    it) in float64, summed in column chunks (no (K, N) float64 copy)."""
+    width = max(1, NORM_CHUNK // max(1, a.shape[0]))
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for j in range(0, a.shape[1], width):
+        c = a[:, j:j + width].double()
+        if b is not None:
+            c = c - b[:, j:j + width].double()
+        c = c.square()
+        if weight is not None:
+            c = c * weight[j:j + width].double()
+        total += c.sum(dim=1)
+    return total
+
+
+def row_norms(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's L2 norm of the (K, N) ``a`` (or ``a - b``) in float64 (:func:`row_squares`)."""
+    return row_squares(a, b).sqrt()
 
 
 def _mul32(h: torch.Tensor, m: int) -> torch.Tensor:
@@ -411,7 +430,7 @@ def restore_hits(offset: int, n: int, keys: torch.Tensor, prob: float) -> torch.
 class _ReplicaRollback:
     """What ``RunContext.finish_step`` rolls back, for one replica: its parameters and buffers."""
 
-    def __init__(self, replicas: Replicas, i: int, saved: tuple[list[torch.Tensor], list[torch.Tensor]]):
+    def __init__(self, replicas: Replicas, i: int, saved: tuple[torch.Tensor | None, list[torch.Tensor]]):
         self.replicas, self.i, self.saved = replicas, i, saved
 
     def restore_snapshot(self) -> None:
@@ -514,7 +533,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
             model.train()
         for step in range(steps):
             inputs = rmethod.inputs(torch.stack([b[step % len(b)] for b in batches]), step)
-            saved = replicas.snapshot() if (keep or rollback or replicas.stopped) else ([], [])
+            saved = replicas.snapshot() if (keep or rollback or replicas.stopped) else (None, [])
             if graph is None:
                 table = rmethod.step(replicas, *inputs)
             else:

@@ -141,7 +141,8 @@ class CoTTAReplicas(ReplicaMethod):
         """Each replica's teacher at its start; its restore seed as its run alone takes it (``config.seed``,
         else one draw of torch's global RNG per image, in image order)."""
         m = self.method
-        self.teachers = replicas.kept("teachers", replicas.values)
+        self.teachers = replicas.kept("teachers", replicas.flat)
+        self.teacher_values = replicas.views(self.teachers)
         self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
         self.replicas = replicas
 
@@ -167,7 +168,7 @@ class CoTTAReplicas(ReplicaMethod):
 
         losses, logits = replicas.backward_passes(student, x)
         with torch.no_grad():
-            teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teachers)
+            teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teacher_values)
             consistency = ((logits - teacher_logits) ** 2).reshape(replicas.k, -1).mean(dim=1)
         m.meta[x.ndim - 1] = (meta["student"], meta["teacher"])
         self.restored = torch.zeros(replicas.k, dtype=torch.float64, device=x.device)
@@ -180,8 +181,8 @@ class CoTTAReplicas(ReplicaMethod):
         stochastic restore to its start, counted per replica."""
         m = self.method
         with torch.no_grad():
-            for t, v in zip(self.teachers, replicas.values):
-                t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * v, t))
+            t = self.teachers
+            t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * replicas.flat, t))
         if keys is not None:
             self.restored = replicas.restore_to_base(m.restore_prob, keys)
 

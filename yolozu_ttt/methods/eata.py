@@ -188,10 +188,7 @@ class EATAReplicas(ReplicaMethod):
             selection = summary(mask, conf, entropy, valid)
             return adapt_loss(logits, mask, selection[0], sizes[0], entropy=vmap_entropy), selection
 
-        losses, selection = replicas.backward(loss, x)
-        for v in replicas.values:  # the reference's anchor term reaches every selected parameter
-            if v.grad is None:
-                v.grad = torch.zeros_like(v)
+        losses, selection = replicas.backward(loss, x)  # every selected parameter has a grad (the anchor's reach)
         anchor = replicas.anchor_value()
         norms = replicas.update(float(config.lr), config.max_grad_norm, gate=selection[:, 0] > 0,
                                 anchor_lambda=self.method.lam)

@@ -100,7 +100,7 @@ class SARReplicas(ReplicaMethod):
         grad_norm, _ = replicas.clip(self.config.max_grad_norm)
         ascent = ()
         if method.rho_value > 0.0:
-            backup = [v.detach().clone() for v in replicas.values]
+            backup = replicas.copy_values()
             ascent = (replicas.perturb(method.rho_value, method.adaptive),)
         second = replicas.backward(loss, x)
         if ascent:
