@@ -531,6 +531,24 @@ def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(ti
     assert json.loads(out.read_text())["meta"]["ttt"]["engine"]["parallel"] == 2
 
 
+def test_a_refused_k_keeps_the_last_exports_files(tiny, tmp_path, monkeypatch):
+    """YOLOZU's main deletes the output and the TTT log before any work; when the memory check then
+    refuses --ttt-parallel K, the last export's files are put back as they were (a refusal of ours
+    costs the user nothing), with nothing of ours left beside them."""
+    from yolozu_ttt import parallel
+
+    monkeypatch.setattr(parallel, "available_memory", lambda device: (1, "available RAM (test)"))
+    out, log = tmp_path / "out.json", tmp_path / "ttt_log.json"
+    out.write_text('{"last": "export"}')
+    log.write_text('{"last": "log"}')
+    argv = ["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", "2", "--output", str(out),
+            "--ttt-log-out", str(log)]
+    with pytest.raises(SystemExit, match="--ttt-parallel 2 does not fit"):
+        cli.main(argv)
+    assert out.read_text() == '{"last": "export"}' and log.read_text() == '{"last": "log"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "ttt_log.json"]
+
+
 def test_parallel_what_cannot_run_k_at_once_runs_one_by_one_and_says_why(tiny, tmp_path):
     """--ttt-amp fp16 is not sample-parallel (its loss scale decides on the host per image): a ParallelFallbackWarning naming it, then each image
     exactly as K = 1 runs it, and the engine record says K = 1 ran and why."""

@@ -35,13 +35,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
+import os
+import shutil
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 TTT_BACKENDS = ("reference", "fast")
@@ -60,6 +64,11 @@ _PATCH_LOCK = threading.RLock()
 # --------------------------------------------------------------------------------------
 # export-predictions: parser
 # --------------------------------------------------------------------------------------
+class ParallelDoesNotFit(SystemExit):
+    """``--ttt-parallel K`` refused after the first image: K replicas do not fit the memory (the
+    message names the largest K that does); the last export's files are put back (:func:`_kept_on_refusal`)."""
+
+
 class _ParserCaptured(Exception):
     def __init__(self, parser: argparse.ArgumentParser):
         super().__init__("parser captured")
@@ -362,7 +371,7 @@ class FastBackend:
         if why is None:
             refusal = memory_refusal(self.parallel, loop, meter.bytes, device)
             if refusal is not None:
-                raise SystemExit(f"{PROG} export-predictions: {refusal}")
+                raise ParallelDoesNotFit(f"{PROG} export-predictions: {refusal}")
             self._rmethod = rmethod
         else:
             self.parallel_why = why
@@ -510,13 +519,49 @@ def export_predictions(argv: Sequence[str]) -> int:
         # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
         # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
         with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
-                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp, parallel=parallel)):
+                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp, parallel=parallel)), \
+                _kept_on_refusal(_written_by_main(mod, args) if parallel > 1 else []):
             mod.main([])
         return 0
     except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
         if busy.code:
             print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
         return 2
+
+
+def _written_by_main(mod: Any, args: argparse.Namespace) -> list[Path]:
+    """The files YOLOZU's ``main`` deletes before any work and then writes: the output, and the TTA
+    and TTT logs where their flags ask for them (relative paths under its ``repo_root``, as it
+    resolves them)."""
+    root = Path(mod.repo_root)
+    logs = [Path(log) for on, log in ((args.tta, args.tta_log_out), (args.ttt, args.ttt_log_out)) if on and log]
+    return [root / args.output, *(log if log.is_absolute() else root / log for log in logs)]
+
+
+@contextlib.contextmanager
+def _kept_on_refusal(paths: list[Path]) -> Iterator[None]:
+    """The existing ``paths`` kept aside (hard links, else copies, next to them) while YOLOZU's
+    ``main`` runs: put back if our memory check refuses ``--ttt-parallel K`` (:class:`ParallelDoesNotFit`,
+    raised after ``main`` deleted them and before it wrote anything), dropped on every other exit."""
+    kept = []
+    try:
+        for path in paths:
+            if path.is_file():
+                aside = path.with_name(f".{path.name}.kept-{os.getpid()}")
+                try:
+                    os.link(path, aside)
+                except OSError:
+                    shutil.copy2(path, aside)
+                kept.append((path, aside))
+        yield
+    except ParallelDoesNotFit:
+        for path, aside in kept:
+            if not path.exists():
+                os.replace(aside, path)
+        raise
+    finally:
+        for _, aside in kept:
+            aside.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------
