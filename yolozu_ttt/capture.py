@@ -215,6 +215,31 @@ class ReplayedCalls:
         return graph, outputs
 
 
+def layouts(inputs: Sequence[torch.Tensor]) -> tuple:
+    """What a graph bakes in of its inputs (a part of its key): each one's shape, strides, dtype, device."""
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+
+
+def static_copies(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A graph's static inputs: copies of ``inputs`` laid out alike, copied into before each replay."""
+    return tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t) for t in inputs)
+
+
+def replay(entry: tuple, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``entry`` = (graph, its static inputs, its static outputs): ``inputs`` copied in, one replay;
+    returns the static outputs."""
+    graph, statics, outputs = entry
+    for static, t in zip(statics, inputs):
+        static.copy_(t)
+    graph.replay()
+    return outputs
+
+
+def mixed_precision_reason(amp: str) -> str:
+    """Why a step under mixed precision ``amp`` is not captured whole."""
+    return f"mixed precision ({amp}): autocast's weight-cast cache cannot live in a graph"
+
+
 class StepGraph:
     """One method's whole step (``body``'s passes, then the fused update) captured per input layout
     and update spec, and replayed; see the module docstring."""
@@ -238,7 +263,7 @@ class StepGraph:
                 return self._eager(inputs, spec, counter, probe=True)
         # the has-grad flags stay as the warm-up's backward set them (a replay runs no hooks)
         launch = self.engine.prepare(spec, counter)
-        key = ("step", tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs), spec, launch.key())
+        key = ("step", layouts(inputs), spec, launch.key())
         entry = self.engine.graphs.get(key)
         if entry is None:
             entry = self._capture(key, inputs, launch)
@@ -246,10 +271,7 @@ class StepGraph:
                 outputs = self.body(*inputs)
                 launch.run()
                 return self.engine.collect(outputs)
-        graph, statics, outputs = entry
-        for static, t in zip(statics, inputs):
-            static.copy_(t)
-        graph.replay()
+        outputs = replay(entry, inputs)
         self.replays += 1
         return self.engine.collect(outputs)
 
@@ -266,8 +288,7 @@ class StepGraph:
 
     def _capture(self, key: tuple, inputs: Sequence[torch.Tensor], launch: Any) -> tuple | None:
         """Capture the step for ``key``'s inputs (the step itself runs at the first replay)."""
-        statics = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                        for t in inputs)
+        statics = static_copies(inputs)
 
         def whole_step() -> tuple[torch.Tensor, ...]:
             outputs = self.body(*statics)
@@ -310,12 +331,11 @@ class ReplicaGraph:
         self.cache = engine.graphs
         self.graphs = graphs if graphs is not None else CudaGraphs(engine.arena.device)
         self.off: str | None = None  # why the groups run eagerly from now on
-        self.replays = 0
 
     def step(self, key: Any, body: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.off is not None:
             return body(*inputs)
-        key = (REPLICA_GRAPH_KEY, key, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+        key = (REPLICA_GRAPH_KEY, key, layouts(inputs))
         if key not in self.cache:  # the key's warm-up
             self.cache.add(key, None)
             with self.graphs.side_stream(), SyncProbe() as seen:
@@ -325,25 +345,29 @@ class ReplicaGraph:
             return table
         entry = self.cache[key]
         if entry is None:
-            statics = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                            for t in inputs)
+            statics = static_copies(inputs)
             try:
                 graph, outputs = self.graphs.capture(lambda: (body(*statics),))
             except Exception as exc:  # noqa: BLE001 - any capture failure: eager from here on
                 self._fall_back(f"capturing the step failed ({type(exc).__name__}: {exc})")
                 return body(*inputs)
             entry = self.cache.add(key, (graph, statics, outputs))
-        graph, statics, outputs = entry
-        for static, t in zip(statics, inputs):
-            static.copy_(t)
-        graph.replay()
-        self.replays += 1
-        return outputs[0]
+        return replay(entry, inputs)[0]
+
+    def forget(self) -> None:
+        """Drop every captured replica step (their replicas are being replaced: another K)."""
+        for key in [key for key in self.cache if key[0] == REPLICA_GRAPH_KEY]:
+            del self.cache[key]
 
     def _fall_back(self, why: str) -> None:
         self.off = why
-        warnings.warn(f"yolozu_ttt: graph mode cannot capture the sample-parallel step: {why}; the groups run "
-                      f"eagerly", GraphFallbackWarning, stacklevel=5)
+        warn_groups_eager(why, stacklevel=6)
+
+
+def warn_groups_eager(why: str, stacklevel: int) -> None:
+    """The GraphFallbackWarning of sample-parallel groups that run eagerly, saying ``why``."""
+    warnings.warn(f"yolozu_ttt: graph mode cannot capture the sample-parallel step: {why}; the groups run "
+                  f"eagerly", GraphFallbackWarning, stacklevel=stacklevel)
 
 
 def whole_step(body: Callable[..., tuple[torch.Tensor, ...]] | None, method: str, amp: str,
@@ -357,7 +381,7 @@ def whole_step(body: Callable[..., tuple[torch.Tensor, ...]] | None, method: str
     if body is None:
         why = f"{method}'s step decides on the host between its passes (or has a teacher or aux term)"
     elif amp != "off":
-        why = f"mixed precision ({amp}): autocast's weight-cast cache cannot live in a graph"
+        why = mixed_precision_reason(amp)
     if why is not None:
         warnings.warn(f"yolozu_ttt: graph mode cannot capture the whole step: {why}; only the fused update is "
                       f"captured", GraphFallbackWarning, stacklevel=3)

@@ -72,7 +72,7 @@ from torch.func import functional_call, vmap
 
 from . import amp, capture, guards
 from .common import StepStats
-from .engine import GraphFallbackWarning, read
+from .engine import read
 from .kernels.constants import CLIP_EPS, FMIX32_M1, FMIX32_M2, MASK32, SAR_EPS, UNIFORM_BITS, restore_key
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
@@ -522,7 +522,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     memory_start = _ref._memory_start(model)
     start = time.time()
     graph = replica_graph(session, loop)
-    replicas = replicas_for(loop, k, fixed=graph is not None)
+    replicas = replicas_for(loop, k, graph)
     keep = guards.needs_snapshot(config)
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
@@ -581,22 +581,21 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     return reports
 
 
-def replicas_for(loop: Any, k: int, *, fixed: bool) -> Replicas:
+def replicas_for(loop: Any, k: int, graph: Any) -> Replicas:
     """The bound loop's replicas for a group of ``k``, reset to the group's start: made at the first
     group of ``k`` and kept with the binding (``loop.parallel``), so an export allocates them once and
-    a captured step finds them every group. One K at a time: another K (a smaller last group) drops
-    the earlier replicas and the graphs captured on them."""
+    a captured step finds them every group (``graph``: :func:`replica_graph`'s). One K at a time:
+    another K (a smaller last group) drops the earlier replicas and the graphs captured on them."""
     state = loop.parallel
     replicas = state.get("replicas")
     if replicas is not None and replicas.k == k:
         replicas.reset()
     else:
-        graphs = loop.engine.graphs
-        for key in [key for key in (graphs or ()) if key[0] == capture.REPLICA_GRAPH_KEY]:
-            del graphs[key]
+        if graph is not None:
+            graph.forget()
         state["replicas"] = None  # freed before the next K's are made
         replicas = state["replicas"] = Replicas(loop, k)
-    replicas.fixed = fixed
+    replicas.fixed = graph is not None
     return replicas
 
 
@@ -610,9 +609,7 @@ def replica_graph(session: Any, loop: Any) -> Any:
         state["graph"] = None
         if session.graph and loop.engine.graph_mode:
             if session.amp != "off":
-                warnings.warn(f"yolozu_ttt: graph mode cannot capture the sample-parallel step: mixed precision "
-                              f"({session.amp}): autocast's weight-cast cache cannot live in a graph; the groups run "
-                              f"eagerly", GraphFallbackWarning, stacklevel=4)
+                capture.warn_groups_eager(capture.mixed_precision_reason(session.amp), stacklevel=5)
             else:
                 state["graph"] = capture.ReplicaGraph(loop.engine)
     return state["graph"]
