@@ -162,16 +162,25 @@ def graph_run(name: str, update_filter: str, graph: bool, monkeypatch, steps: in
     """One run of a case, eager or in graph mode: report, final state, CUDA graph replays, graph warnings."""
     from yolozu_ttt.engine import GraphFallbackWarning
 
-    replays: list[int] = []
-    original = torch.cuda.CUDAGraph.replay
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    replays = count_replays(monkeypatch)
     model, batches = model_for(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = yolozu_ttt_run(model, batches, config(name, update_filter=update_filter, steps=steps, **kw), graph)
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return report.to_dict(), state, len(replays), fallbacks
+    return report.to_dict(), cpu_state(model), len(replays), fallbacks
+
+
+def count_replays(monkeypatch) -> list[int]:
+    """Every CUDA graph replay from now on appends to the returned list."""
+    replays: list[int] = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    return replays
+
+
+def cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def yolozu_ttt_run(model, batches, cfg, graph):
@@ -273,9 +282,7 @@ def test_sample_parallel_graph_mode_equals_eager_groups(name, monkeypatch, deter
     from yolozu_ttt.floor import RecordAdapter
     from yolozu_ttt.run import TTTSession
 
-    replays: list[int] = []
-    original = torch.cuda.CUDAGraph.replay
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    replays = count_replays(monkeypatch)
     model, _ = model_for(name)
     size = 32 if name == "mim" else 12
     g = torch.Generator().manual_seed(5)
@@ -289,7 +296,7 @@ def test_sample_parallel_graph_mode_equals_eager_groups(name, monkeypatch, deter
             warnings.simplefilter("always")
             with TTTSession(RecordAdapter(copy.deepcopy(model).eval(), batches), cfg, graph=graph) as session:
                 reports = session.run_parallel([{"i": i} for i in range(6)], 2, lambda *a: states.append(
-                    {k: v.detach().cpu().clone() for k, v in session.adapter.get_model().state_dict().items()}))
+                    cpu_state(session.adapter.get_model())))
         runs[graph] = [(r.to_dict(), s) for r, s in zip(reports, states)]
         fallbacks = [str(w.message) for w in caught if issubclass(w.category, GraphFallbackWarning)]
         assert not fallbacks, fallbacks
