@@ -22,7 +22,7 @@ from support_engines import (  # noqa: F401 (re-exported)
     engine_stats, expected_restore_mask, torch_reference_norms, same_float, non_finite_update_inputs,
 )
 from support_reads import (  # noqa: F401 (re-exported)
-    HOST_READS_PER_STEP, HostReads,
+    HOST_READS_PER_CAPTURED_STEP, HOST_READS_PER_SKIPPED_STEP, HOST_READS_PER_STEP, HostReads,
 )
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 import torch
 
 
-#: host reads per step of each method (what would sync with a GPU): the engine's one read, which
-#: brings back the method's scalars with the stats (README difference 12)
-HOST_READS_PER_STEP = dict.fromkeys(("tent", "eata", "sar", "cotta", "mim"), 1)
+#: host reads per eager step of each method (what would sync with a GPU): the engine's one read,
+#: which brings back the method's scalars with the stats, and EATA's read of its selection before its
+#: backward, which saves the backward where nothing is selected (README difference 12)
+HOST_READS_PER_STEP = {**dict.fromkeys(("tent", "sar", "cotta", "mim"), 1), "eata": 2}
+#: host reads of a step in graph mode (replayed), every method: the one read after the replay
+HOST_READS_PER_CAPTURED_STEP = 1
+#: host reads of an eager EATA step that selects nothing: the selection's, no backward, no update
+HOST_READS_PER_SKIPPED_STEP = 1
 
 class HostReads:
     """Counts, inside ``with``, what would make the host wait for a GPU: the operations

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import (HOST_READS_PER_STEP, METHOD_CONFIGS, HostReads, ListAdapter, assert_reports_match,
+from conftest import (HOST_READS_PER_SKIPPED_STEP, HOST_READS_PER_STEP, METHOD_CONFIGS, HostReads, ListAdapter, assert_reports_match,
                       make_batches, make_model, method_case, method_config, only_under_interpreter,
                       run_under_interpreter, skip_under_interpreter)
 from torch import nn
@@ -132,6 +132,14 @@ def test_eata_partial_selection_reads_no_more():
     selected = [m["selected_count"] for m in report.step_metrics]
     assert 0 < selected[0] < 4, selected  # a partial selection is what this checks
     assert counts == [HOST_READS_PER_STEP["eata"]] * len(counts), counts
+
+
+def test_eata_step_selecting_nothing_reads_its_selection_only():
+    """Nothing selected (the confidence floor above 1): each step reads its selection and stops there
+    (no backward, no update, no second read)."""
+    counts, report = reads_per_step("eata", config("eata", eata_conf_min=1.5, eata_max_skip_streak=5, steps=3))
+    assert all(e["skipped"] for e in report.step_metrics)
+    assert counts == [HOST_READS_PER_SKIPPED_STEP] * 3, counts
 
 
 def test_tent_teacher_and_aux_terms_read_with_the_step():

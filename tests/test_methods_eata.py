@@ -196,6 +196,53 @@ def test_skips_between_updates_report_the_current_drift():
     assert steps[1]["skip_streak"] == 1 and steps[3]["skip_streak"] == 1
 
 
+@pytest.fixture
+def backwards(monkeypatch):
+    """Counts the backward passes: every ``torch.autograd.backward`` (``Tensor.backward``'s too)."""
+    calls = []
+    original = torch.autograd.backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", counted)
+    return calls
+
+
+def test_a_step_selecting_nothing_runs_no_backward(backwards):
+    """As the reference: steps 1 and 3 select nothing and run no backward (counted on the passes
+    themselves, the reference's too); the steps that select run one each."""
+    model, (b0,) = eval_model(), make_batches(1, shape=(4, 3, 12, 12))
+    entropies = signals(model, b0)[1]
+    order = sorted(range(4), key=entropies.__getitem__)
+    b1 = b0[order[-1]:order[-1] + 1].repeat(2, 1, 1, 1)
+    cfg = eata(steps=4, lr=1e-3, update_filter="norm_only",
+               eata_entropy_max=between(entropies[order[-2]], entropies[order[-1]]))
+    from support_parity import run_both
+
+    ref_model, ref, fast_model, fast = run_both(model, [b0, b1], cfg)
+    assert [e["skipped"] for e in fast.step_metrics] == [False, True, False, True]
+    assert len(backwards) == 2 * 2  # two updates each, the reference's and ours
+
+
+def test_a_group_selecting_nothing_runs_no_backward(backwards):
+    """A sample-parallel group in which no image selects anything runs no backward (one read of
+    its selection decides); a group in which one image selects runs the group's backward."""
+    model, batches = eval_model(), images(4)
+    entropy = [signals(model, b)[1][0] for b in batches]
+    top = sorted(range(4), key=entropy.__getitem__)
+    batches = [batches[top[-1]], batches[top[-1]], batches[top[0]], batches[top[-1]]]
+    cfg = eata(update_filter="norm_only", steps=2, eata_max_skip_streak=5,
+               eata_entropy_max=between(entropy[top[-2]], entropy[top[-1]]))
+    from yolozu_ttt.run import TTTSession
+
+    with TTTSession(test_parallel.RecordAdapter(model, batches), cfg) as session:
+        reports = session.run_parallel([{"i": i} for i in range(4)], 2)
+    assert [r.optimizer_steps for r in reports] == [0, 0, 2, 0]
+    assert len(backwards) == 2  # group 1 none, group 2 (image 2 selects) one a step
+
+
 @pytest.mark.parametrize("signal", ["entropy_max", "entropy_min", "conf_min"])
 def test_threshold_selecting_a_subset_of_samples(signal):
     model, batches = eval_model(), make_batches(2, shape=(4, 3, 12, 12))

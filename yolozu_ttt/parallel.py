@@ -190,26 +190,30 @@ class Replicas:
         """The active mask shaped to broadcast against the stacked ``t``."""
         return self.active.view((self.k,) + (1,) * (t.ndim - 1))
 
-    def backward(self, loss: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
+    def backward(self, loss: Callable[..., Any], x: torch.Tensor, *per_image: Any,
+                 worth: Callable[[Any], bool] | None = None) -> Any:
         """The K replicas' forwards on their K images ``x`` (K, B, ...) in one batched call, and one
         backward of their summed losses into the stacked leaves (``grad``).
 
         ``loss(output, *per_image_i)`` is one image's loss from its model output: a scalar, or a
         tuple whose first item is the loss and whose others are returned too; ``per_image`` are
         stacked (K, ...) inputs sliced per image (e.g. masks). Returns the detached (K,) losses, or
-        the tuple of detached stacked results."""
-        return self.backward_passes(lambda net, image, *extra: loss(net(image), *extra), x, *per_image)
+        the tuple of detached stacked results; ``worth``: as :meth:`backward_passes`'."""
+        return self.backward_passes(lambda net, image, *extra: loss(net(image), *extra), x, *per_image, worth=worth)
 
-    def backward_passes(self, passes: Callable[..., Any], x: torch.Tensor, *per_image: Any) -> Any:
+    def backward_passes(self, passes: Callable[..., Any], x: torch.Tensor, *per_image: Any,
+                        worth: Callable[[Any], bool] | None = None) -> Any:
         """:meth:`backward` for a method whose passes call the model themselves (several views, keyword
         inputs): ``passes(net, image, *per_image_i)`` returns one image's loss (or a tuple led by it),
-        ``net(*args, **kwargs)`` being the model with replica i's state."""
+        ``net(*args, **kwargs)`` being the model with replica i's state. ``worth(got)``: whether the
+        backward can change anything (False: it is not run and the grads stay zero)."""
         self.grad.zero_()
         got = self.map(passes, x, *per_image)
         first = got[0] if isinstance(got, tuple) else got
-        with warnings.catch_warnings():  # the grads are strided views of ``grad``, as the leaves are of ``flat``
-            warnings.filterwarnings("ignore", GRAD_LAYOUT_WARNING)
-            first.sum().backward(inputs=self.values)
+        if worth is None or worth(got):
+            with warnings.catch_warnings():  # the grads are strided views of ``grad``, as the leaves are of ``flat``
+                warnings.filterwarnings("ignore", GRAD_LAYOUT_WARNING)
+                first.sum().backward(inputs=self.values)
         return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
 
     def map(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None,
@@ -467,9 +471,16 @@ class ReplicaMethod:
 
     name = ""
     trains = False
+    #: set by ``run_group``: the group's steps are captured (graph mode), so nothing is read in them
+    captured = False
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
+
+    def read_before_backward(self, *values: Any) -> list[float] | None:
+        """The loop's ``Method.read_before_backward`` for the group: eagerly one read of ``values``,
+        where a decision on them saves the group's backward; a captured group reads nothing (None)."""
+        return None if self.captured else read(*values)
 
     def why_not(self) -> str | None:
         return None
@@ -526,6 +537,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     keep = guards.needs_snapshot(config)
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
+    rmethod.captured = graph is not None
     precision = contextlib.ExitStack()  # bf16: every forward of the group under autocast, as a run's
     try:
         precision.enter_context(amp.autocast_forwards(model, session.amp))

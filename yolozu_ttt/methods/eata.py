@@ -75,7 +75,7 @@ class EATA(Method):
     def select(self) -> list[torch.Tensor]:
         self.lam = float(self.config.eata_anchor_lambda)
         self.ratio_min = float(self.config.eata_selected_ratio_min)
-        self.streak = 0
+        self.streak, self.learns = 0, True
         return super().select()
 
     def reset(self, ctx: Any) -> None:
@@ -96,8 +96,9 @@ class EATA(Method):
             raise RuntimeError("EATA requires batched tensor input")
 
     def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Forward, selection, the selected samples' entropy and its backward, the update's gate
-        (anything selected); nothing read: (selection summary, batch size, adapt loss[, anchor value])."""
+        """Forward and selection; where anything is selected (eagerly read: nothing selected runs no
+        backward, as in the reference), the selected samples' entropy, its backward and the update's
+        gate: (selection summary, batch size, adapt loss[, anchor value])."""
         config, arena = self.config, self.arena
         logits = _ref._extract_logits(self.ctx.model(x))
         if logits.ndim == 0:
@@ -106,6 +107,10 @@ class EATA(Method):
         mask = select_samples(config, conf, entropy, valid)
         batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
         selection = summary(mask, conf, entropy, valid)
+        early = self.read_before_backward(selection)
+        self.learns = early is None or early[0] > 0
+        if not self.learns:  # the step's values, on the host (the loss and anchor are unread)
+            return (*early, float(batch), 0.0) + ((0.0,) if self.lam == 0.0 else ())
         loss = adapt_loss(logits, mask, selection[0], batch)
         if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
             arena.backward(loss)
@@ -114,6 +119,9 @@ class EATA(Method):
         anchor = (self.engine.anchor_value(),) if self.lam == 0.0 else ()
         # the batch size as a device constant, read with the step (one per input layout)
         return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
+
+    def update(self, step: int):
+        return self.spec if self.learns else None
 
     def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
         anchor = values[6] if self.lam == 0.0 else stats.anchor_loss
@@ -138,8 +146,8 @@ class EATA(Method):
                            method_stop=RATIO_STOP if ratio < self.ratio_min else None), 0
 
     def skip(self, metrics: dict[str, Any], streak: int, idle: Any, warnings: list[str]) -> StepOutcome:
-        """A step with nothing selected: no update, no guard (the backward ran, but the reference's
-        does not: counted as none); a long streak stops."""
+        """A step with nothing selected: no backward, no update, no guard (a captured step runs its
+        backward, gated: counted as none, as the reference's); a long streak stops."""
         metrics.update({"skipped": True, "skip_reason": "empty_selected_set", "skip_streak": int(streak),
                         "anchor_loss": 0.0, "adapt_loss": 0.0, "grad_norm": None})
         warnings.append("eata_empty_selected_set")
@@ -171,9 +179,10 @@ class EATAReplicas(ReplicaMethod):
 
     def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
         """Per replica: forward, selection, the selected samples' entropy and its backward (one
-        batched call); every selected parameter gets a grad (the anchor's reach); the anchor value
-        before the update; then the update gated per replica by its selection. Rows: adapt loss,
-        selection summary (4), batch, anchor value, the four norms."""
+        batched call; none where no image selected anything, read eagerly: a partly selected group
+        runs the whole group's backward); every selected parameter gets a grad (the anchor's reach);
+        the anchor value before the update; then the update gated per replica by its selection.
+        Rows: adapt loss, selection summary (4), batch, anchor value, the four norms."""
         config, sizes = self.config, []
         if x.ndim == 1:
             raise RuntimeError("EATA requires batched tensor input")
@@ -188,13 +197,19 @@ class EATAReplicas(ReplicaMethod):
             selection = summary(mask, conf, entropy, valid)
             return adapt_loss(logits, mask, selection[0], sizes[0], entropy=vmap_entropy), selection
 
-        losses, selection = replicas.backward(loss, x)  # every selected parameter has a grad (the anchor's reach)
+        # nothing selected in any image: no backward (one read); every selected parameter has a grad (the anchor's reach)
+        losses, selection = replicas.backward(loss, x, worth=self.any_selected)
         anchor = replicas.anchor_value()
         norms = replicas.update(float(config.lr), config.max_grad_norm, gate=selection[:, 0] > 0,
                                 anchor_lambda=self.method.lam)
         batch = torch.full_like(anchor, float(sizes[0]))
         return torch.cat([losses.double().unsqueeze(0), selection.double().t(), batch.unsqueeze(0),
                           anchor.unsqueeze(0), norms])
+
+    def any_selected(self, got: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether any image of the group selected a sample (read eagerly; a captured group: True)."""
+        count = self.read_before_backward(got[1][:, 0].sum())
+        return count is None or count[0] > 0
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
         loss, count, conf, entropy, valid, batch, anchor = column[:7]

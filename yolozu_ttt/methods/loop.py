@@ -234,6 +234,13 @@ class Method:
         """The step's fused update (None: it applies nothing)."""
         return self.spec
 
+    def read_before_backward(self, *values: Any) -> list[float] | None:
+        """``values`` (device tensors the passes computed, e.g. EATA's selection) read on the host now,
+        where a decision on them saves the backward and the update (what the reference skips, we
+        skip): one read, eagerly. A captured step (graph mode) reads nothing: None, and the method
+        gates its update on the device instead."""
+        return None if self.step_graph is not None else read(*values)
+
     def outcome(self, stats: StepStats, values: list[float], step: int) -> StepOutcome:
         """The step's outcome from its stats and the values of ``passes``."""
         raise NotImplementedError
