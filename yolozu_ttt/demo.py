@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .timing import interleave, spreads
+
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/yolozu_ttt_demo",
     "method": "tent",
@@ -393,8 +395,6 @@ def _interleaved_rounds(*, records, config, device, image_size, initial_state, c
     import torch
     from tqdm import tqdm
 
-    from .timing import interleave
-
     adapter, model = _new_adapter(device, int(image_size), initial_state, config_path)
     batch = next(iter(adapter.build_loader(records, batch_size=len(records))))
     providers = [p for p in PROVIDERS if p != "floor" or str(config.method) in FLOOR_METHODS]
@@ -466,8 +466,6 @@ def _timing(times: dict[str, list[float]], rounds: int, warmup_steps: int, devic
             bf16_loss_diff: float | None) -> dict[str, Any]:
     """The interleaved rounds' figures: each row's median seconds per step, its spread, every
     round's, its ratio to the reference's median; fast over the floor; the reading."""
-    from .timing import spreads
-
     rows = {p: {"median_s_per_step": s.median, "min_s_per_step": s.low, "max_s_per_step": s.high,
                 "round_s_per_step": list(s.values)} for p, s in spreads(times).items()}
     ref = rows["reference"]["median_s_per_step"]
