@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
 
 import torch
 from yolozu.tta.config import TTTConfig
@@ -24,6 +23,7 @@ import yolozu_ttt
 from conftest import FixedAdapter
 from interleaved import interleave, print_rounds
 from yolozu_ttt import amp as amp_mod
+from yolozu_ttt import timing
 
 STEPS = 3
 BATCH = (2, 3, 320, 320)
@@ -71,10 +71,11 @@ def main() -> None:
         if args.fp16:
             runs["fast fp16"] = lambda m: yolozu_ttt.run_ttt(FixedAdapter(m, x), [], config=config, amp="fp16")
         times = interleave(runs, model, state, args.repeats)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        spread = timing.spreads(times)
+        med = {k: v.median for k, v in spread.items()}
         base = med["floor fp32"]
         cells = "  ".join(f"{k} {v * 1e3:7.0f} ms ({base / v:.2f}x)" for k, v in med.items())
-        low = {k: min(v) for k, v in times.items()}  # load only ever adds time
+        low = {k: v.low for k, v in spread.items()}  # load only ever adds time
         cells += "\n" + " " * 17 + "fastest: " + "  ".join(
             f"{k} {v * 1e3:7.0f} ms ({low['floor fp32'] / v:.2f}x)" for k, v in low.items())
         print(f"{name:<16} {cells}  [speed-up vs fp32 floor; {args.repeats} interleaved repeats, {STEPS} steps, "

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from yolozu_ttt.timing import rotation
+
 IMAGES = 8
 SIZE = 320
 RATE = re.compile(r"yolozu-ttt export: (\d+) images, (\d+) worker\(s\)[^:]*: (\d+) computed.*?; ([\d.]+) images/s")
@@ -98,7 +100,7 @@ def sample_parallel(opts) -> None:
                 runs = sample_parallel_providers(threads)
                 order, rates = list(runs), {k: [] for k in runs}
                 for i in range(opts.repeats):
-                    for name in order[i % len(order):] + order[: i % len(order)]:
+                    for name in rotation(order, i):
                         cmd, env, flags = runs[name]
                         rate, _ = run_once(cmd, env, base + flags, root / "out.json", images=opts.images)
                         rates[name].append(rate)
@@ -184,7 +186,7 @@ def main() -> None:
         walls: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
         for i in range(opts.repeats):
-            for name in order[i % len(order):] + order[: i % len(order)]:
+            for name in rotation(order, i):
                 rate, wall = run_once(*runs[name], args, root / "out.json")
                 rates[name].append(rate)
                 walls[name].append(wall)

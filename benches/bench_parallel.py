@@ -36,6 +36,7 @@ from yolozu.tta.integration import run_ttt as reference_run_ttt
 import yolozu_ttt
 from yolozu_ttt.floor import RecordAdapter
 from yolozu_ttt.run import TTTSession
+from yolozu_ttt.timing import rotation
 
 IMAGES = 9  # one alone (it binds the session), then groups
 SIZE = int(os.environ.get("YOLOZU_TTT_BENCH_SIZE", "160"))
@@ -151,7 +152,7 @@ def main() -> None:
                 peaks[n] = peak_mib(once)
             times: dict[str, list[float]] = {n: [] for n in runs}
             for r in range(args.repeats):
-                for n in order[r % len(order):] + order[:r % len(order)]:
+                for n in rotation(order, r):
                     start = time.perf_counter()
                     runs[n][0]()
                     times[n].append(time.perf_counter() - start)

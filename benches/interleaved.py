@@ -2,8 +2,9 @@
 
 pytest-benchmark times all rounds of one provider before the next, so a burst of load on a shared
 machine lands on one side of the ratio. This script alternates reference, fast and floor runs
-(builtin RT-DETR, the cases of bench_run_ttt.py / bench_methods.py) in an order that rotates every
-round, and prints each side's median and the ratio of medians (``--verbose``: every run).
+(builtin RT-DETR, the cases of bench_run_ttt.py / bench_methods.py) through ``yolozu_ttt.timing``
+(the demo's runner: the order rotates every round), and prints each side's median and the ratio of
+medians (``--verbose``: every run).
 
     python benches/interleaved.py --repeats 5 tent/all eata/all sar/all cotta/all mim/all
 
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import statistics
-import time
 
 import torch
 from yolozu.tta.config import TTTConfig
@@ -28,6 +27,7 @@ import bench_methods
 import bench_run_ttt
 import yolozu_ttt
 from conftest import FixedAdapter, tent_floor_run
+from yolozu_ttt import timing
 
 
 def case(name: str):
@@ -50,20 +50,14 @@ def case(name: str):
 
 def interleave(runs: dict, model, state: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each ``runs[provider](model)``, ``repeats`` rounds after one dropped warm-up round,
-    the model reset to ``state`` (eval mode) before each run. The order rotates every round, so each
-    provider follows each other one equally often (a run inherits the C library heap the previous
-    one left: trimmed or warm)."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    order = list(runs)
-    for i in range(repeats + 1):
-        for provider in order[i % len(order):] + order[:i % len(order)]:
-            model.load_state_dict(state)
-            model.eval()
-            t = time.perf_counter()
-            runs[provider](model)
-            if i:
-                times[provider].append(time.perf_counter() - t)
-    return times
+    the model reset to ``state`` (eval mode) before each run, in ``yolozu_ttt.timing``'s rotating
+    order (the demo's runner)."""
+    def prepare(provider: str, _round: int):
+        model.load_state_dict(state)
+        model.eval()
+        return lambda: runs[provider](model)
+
+    return timing.interleave(prepare, list(runs), repeats)
 
 
 def print_rounds(times: dict[str, list[float]]) -> None:
@@ -91,7 +85,7 @@ def main() -> None:
             before = importlib.import_module(args.before)
             runs["before"] = lambda m: before.run_ttt(FixedAdapter(m, batch), [], config=config)
         times = interleave(runs, model, state, args.repeats)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: s.median for k, s in timing.spreads(times).items()}
         print(f"{name:<16} median reference {med['reference'] * 1e3:8.1f} ms  fast {med['fast'] * 1e3:8.1f} ms  "
               f"floor {med['floor'] * 1e3:8.1f} ms  speed-up {med['reference'] / med['fast']:.2f}x  "
               f"fast/floor {med['fast'] / med['floor']:.2f}x  ({args.repeats} interleaved repeats)", flush=True)

@@ -1,7 +1,8 @@
 """Shared fixtures; the helpers live in the support_* modules by job and are re-exported here, so
 ``from conftest import X`` keeps working: support_models (TinyDet, adapters, each method's case),
 support_parity (reference comparisons), support_interpreter (Triton's interpreter), support_engines
-(update-engine helpers), support_reads (host reads per step)."""
+(update-engine helpers), support_reads (host reads per step), support_capture (CUDA graphs'
+stand-in)."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +25,7 @@ from support_engines import (  # noqa: F401 (re-exported)
 from support_reads import (  # noqa: F401 (re-exported)
     HOST_READS_PER_CAPTURED_STEP, HOST_READS_PER_SKIPPED_STEP, HOST_READS_PER_STEP, HostReads,
 )
+from support_capture import LaunchLog, ReplayedCalls  # noqa: F401 (re-exported)
 
 
 @pytest.fixture
@@ -56,10 +58,10 @@ def replayed(monkeypatch):
     from yolozu_ttt import capture
     from yolozu_ttt.engine import UpdateEngine
 
-    made: list[capture.ReplayedCalls] = []
+    made: list[ReplayedCalls] = []
 
     def graphs(device):
-        made.append(capture.ReplayedCalls(strict=True))
+        made.append(ReplayedCalls(strict=True))
         return made[-1]
 
     monkeypatch.setattr(capture, "CudaGraphs", graphs)

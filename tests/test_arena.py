@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, only_under_interpreter, run_under_interpreter, skip_under_interpreter
 
 from yolozu_ttt.arena import ParamArena
 from yolozu_ttt.engine import UpdateEngine
@@ -178,3 +178,69 @@ def test_non_contiguous_parameters_get_a_contiguous_base():
         assert group.base[0].is_contiguous() and torch.equal(group.base[0], before)
         group.flat.add_(1.0)
     assert torch.equal(weight, before + 1.0)
+
+
+# ---- the original storages' release (Triton arenas): torch's private storage use counter ------
+def test_storage_use_count_reads_one_per_sharing_tensor_plus_the_storage_object():
+    """``arena._release_unshared`` frees an original storage only where
+    ``torch._C._storage_Use_Count`` (private to torch) reads 2: the original tensor and the storage
+    object asked for. Its meaning pinned: each tensor sharing the storage (a view, a detached
+    alias, a Parameter) adds one, and asking for the storage object again adds none."""
+    use_count = torch._C._storage_Use_Count
+    param = torch.nn.Parameter(torch.randn(16))
+    original = param.data  # what ParamArena._pack keeps, before it rebinds param.data
+    storage = original.untyped_storage()
+    assert use_count(storage._cdata) == 3  # param, original, the storage object
+    param.data = torch.zeros(16)
+    assert use_count(storage._cdata) == 2  # unshared: the arena's case
+    assert use_count(original.untyped_storage()._cdata) == 2
+    view, alias = original[4:], original.detach()
+    assert use_count(storage._cdata) == 4
+    del view
+    assert use_count(storage._cdata) == 3
+    del alias
+    assert use_count(storage._cdata) == 2
+
+
+def test_unshared_original_storages_are_freed_and_shared_ones_kept():
+    """The originals of rebound parameters: one nothing else holds is emptied (its memory freed,
+    the storage object kept for close() to grow back); one a caller still views keeps its bytes."""
+    from yolozu_ttt.arena import _release_unshared
+
+    alone, shared = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(1000))
+    caller_view = shared.detach()[10:]
+    originals = [alone.data, shared.data]
+    values = [o.clone() for o in originals]
+    alone.data, shared.data = torch.zeros(1000), torch.zeros(1000)
+    released = _release_unshared(originals)
+    assert [(s._cdata, n) for s, n in released] == [(originals[0].untyped_storage()._cdata, 4000)]
+    assert originals[0].untyped_storage().nbytes() == 0 and originals[0].untyped_storage().data_ptr() == 0
+    assert originals[1].untyped_storage().nbytes() == 4000 and torch.equal(originals[1], values[1])
+    assert torch.equal(caller_view, values[1][10:])
+
+
+@only_under_interpreter
+def test_triton_arena_releases_the_original_storages_while_open():
+    """A Triton arena (here in the interpreter on CPU tensors) holds each selected parameter once:
+    the originals are emptied while it is open, except one a caller still views; close() grows
+    them back with the final values."""
+    model = make_model()
+    params = norm_params(model)
+    caller_view = model.bn.bias.detach()
+    values = [p.detach().clone() for p in params]
+    with ParamArena(model, params) as arena:
+        assert arena.backend == "triton"
+        (group,) = arena.groups
+        emptied = [o.untyped_storage().nbytes() == 0 for o in group.originals]
+        assert emptied == [p is not model.bn.bias for p in params]
+        assert sum(n for _, n in group.released) == sum(4 * p.numel() for p in params if p is not model.bn.bias)
+        group.flat.mul_(2.0)
+    for p, v in zip(params, values):
+        assert torch.equal(p, v * 2.0)
+    assert torch.equal(caller_view, values[1] * 2.0)
+
+
+@skip_under_interpreter
+def test_release_under_the_interpreter():
+    """The Triton arena's release again with TRITON_INTERPRET=1 (set before triton is imported)."""
+    run_under_interpreter(__file__, "-k", "releases_the_original_storages")

@@ -1,6 +1,6 @@
 """yolozu_ttt.capture: the sync probe, the host reads of every method's step, and graph mode's
-whole-step capture checked on the CPU (``ReplayedCalls`` stands in for a CUDA graph; the CUDA
-checks are in test_cuda.py).
+whole-step capture checked on the CPU (support_capture's ``ReplayedCalls`` stands in for a CUDA
+graph; the CUDA checks are in test_cuda.py).
 
 * Host reads: every ``adapt`` step runs under ``HostReads`` (conftest): what the probe flags plus
   each ``tolist``/``numpy`` read, i.e. what would make the host wait for a GPU. The counts equal
@@ -16,9 +16,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import (HOST_READS_PER_SKIPPED_STEP, HOST_READS_PER_STEP, METHOD_CONFIGS, HostReads, ListAdapter, assert_reports_match,
-                      make_batches, make_model, method_case, method_config, only_under_interpreter,
-                      run_under_interpreter, skip_under_interpreter)
+from conftest import (HOST_READS_PER_SKIPPED_STEP, HOST_READS_PER_STEP, METHOD_CONFIGS, HostReads, ListAdapter,
+                      ReplayedCalls, assert_reports_match, make_batches, make_model, method_case, method_config,
+                      only_under_interpreter, run_under_interpreter, skip_under_interpreter)
 from torch import nn
 from yolozu.tta.config import TTTConfig
 
@@ -65,7 +65,7 @@ def test_strict_replays_catch_a_step_whose_launches_follow_host_state():
     """``ReplayedCalls(strict=True)``: a step that bakes a host value into a launch (a Python counter
     as a scalar argument) replays stale in a CUDA graph; the stand-in names the launch that differs.
     The same step with the value in a device tensor replays as captured."""
-    graphs, state, x = capture.ReplayedCalls(strict=True), {"n": 0}, torch.ones(3)
+    graphs, state, x = ReplayedCalls(strict=True), {"n": 0}, torch.ones(3)
     counter = torch.zeros(())
 
     def host_scalar():

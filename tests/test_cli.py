@@ -384,15 +384,15 @@ def test_engine_record_names_the_reference_when_the_engine_cannot_run(sample, tm
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A shrunk RT-DETR and 16 distinct 64x64-exportable images (as tests/test_export.py's)."""
-    import helpers_export
+    import support_export
 
-    return helpers_export.tiny_export_data(tmp_path_factory.mktemp("parallel"))
+    return support_export.tiny_export_data(tmp_path_factory.mktemp("parallel"))
 
 
 def _tiny_args(tiny, n: int, **kw) -> list[str]:
-    import helpers_export
+    import support_export
 
-    return helpers_export.export_args(tiny, reset="sample", n=n, **kw)
+    return support_export.export_args(tiny, reset="sample", n=n, **kw)
 
 
 def _nothing_written(out: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -60,9 +61,19 @@ def test_demo_interleaved_table_summary_and_plots(tmp_path, capsys):
     assert math.isclose(timing["fast_over_floor"],
                         timing["rows"]["fast"]["median_s_per_step"] / timing["rows"]["floor"]["median_s_per_step"])
 
+    # the figures recomputed from the rounds the demo reports
+    med = {name: statistics.median(row["round_s_per_step"]) for name, row in timing["rows"].items()}
+    for name, row in timing["rows"].items():
+        assert row["median_s_per_step"] == med[name], name
+        assert (row["min_s_per_step"], row["max_s_per_step"]) == (min(row["round_s_per_step"]),
+                                                                   max(row["round_s_per_step"])), name
     cmp_ = summary["comparison"]
-    assert cmp_["speedup"] == timing["rows"]["fast"]["speedup_vs_reference"]
-    assert cmp_["bf16_speedup"] == timing["rows"]["fast bf16"]["speedup_vs_reference"]
+    assert math.isclose(cmp_["speedup"], med["reference"] / med["fast"])
+    assert math.isclose(cmp_["bf16_speedup"], med["reference"] / med["fast bf16"])
+    assert math.isclose(cmp_["fast_over_floor"], med["fast"] / med["floor"])
+    assert f"speedup (reference / fast, medians): {med['reference'] / med['fast']:.2f}x" in out
+    for name in ("reference", "fast", "fast bf16"):
+        assert summary["backends"][name]["seconds_per_step"] == med[name], name
     _check_agreement(cmp_)
     assert 0 < cmp_["bf16_max_abs_loss_diff"] <= 1e-2  # bf16 passes: close, and not the fp32 figures
     assert set(summary["backends"]) == {"reference", "fast", "fast bf16"}  # the floor updates nothing
@@ -93,6 +104,10 @@ def test_demo_quick_is_the_single_round_form(tmp_path, capsys):
         assert b["seconds_per_step"] > 0
         assert b["report"]["steps_run"] == 1
     assert summary["comparison"]["speedup"] > 0
+    per_step = {name: statistics.fmean(summary["backends"][name]["step_seconds"]) for name in ("reference", "fast")}
+    for name, seconds in per_step.items():
+        assert math.isclose(summary["backends"][name]["seconds_per_step"], seconds), name
+    assert math.isclose(summary["comparison"]["speedup"], per_step["reference"] / per_step["fast"])
     _check_agreement(summary["comparison"])
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import helpers_export
+import support_export
 from conftest import max_prediction_diff
 
 import yolozu_ttt
@@ -32,10 +32,10 @@ TOL = 1e-4      # 1 thread per worker vs 2 threads in one process: float reducti
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    return helpers_export.tiny_export_data(tmp_path_factory.mktemp("export"))
+    return support_export.tiny_export_data(tmp_path_factory.mktemp("export"))
 
 
-_args = helpers_export.export_args
+_args = support_export.export_args
 
 
 def _env() -> dict[str, str]:
@@ -351,7 +351,7 @@ def test_dist_timeout_must_be_positive(data, tmp_path):
 # ---------------------------------------------------------------------------------------
 # faults: one live run per output, launcher death, elastic restarts, progress
 # ---------------------------------------------------------------------------------------
-HELPER = Path(__file__).with_name("helpers_export.py")
+HELPER = Path(__file__).with_name("support_export.py")
 GONE_WITHIN_S = 5.0  # a worker whose launcher died stops within this
 
 
@@ -386,14 +386,14 @@ class _Tree:
         return self.log.read_text(errors="replace")
 
     def workers(self) -> list[int]:
-        found = helpers_export.children(self.proc.pid)
+        found = support_export.children(self.proc.pid)
         self.seen.update(found)
         return found
 
     def close(self) -> str:
         """Kill the launcher and every worker it started; its stderr so far."""
-        self.seen.update(helpers_export.children(self.proc.pid))
-        helpers_export.kill_tree([self.proc.pid, *self.seen])
+        self.seen.update(support_export.children(self.proc.pid))
+        support_export.kill_tree([self.proc.pid, *self.seen])
         self.wait(30)
         return self.stderr()
 
@@ -434,12 +434,12 @@ def test_killed_launcher_takes_its_workers_with_it_and_resume_gives_the_same_fil
     tree = _Tree(_torchrun_cmd([*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]), tmp_path)
     try:
         # header + 1 finished image on rank 1: both workers are mid-shard
-        assert helpers_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
+        assert support_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
         workers = tree.workers()
         assert len(workers) >= 2
         os.kill(tree.proc.pid, signal.SIGKILL)  # the launcher alone
-        assert helpers_export.wait_until(lambda: not any(helpers_export.alive(p) for p in workers), GONE_WITHIN_S), \
-            [p for p in workers if helpers_export.alive(p)]
+        assert support_export.wait_until(lambda: not any(support_export.alive(p) for p in workers), GONE_WITHIN_S), \
+            [p for p in workers if support_export.alive(p)]
     finally:
         tree.close()
     assert not out.exists()  # the workers did not go on to merge by themselves
@@ -459,7 +459,7 @@ def test_second_run_on_a_live_output_is_refused(data, uninterrupted, tmp_path, c
     args = [*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out)]
     tree = _Tree(_torchrun_cmd(args), tmp_path)
     try:
-        assert helpers_export.wait_until(lock.exists, 120)
+        assert support_export.wait_until(lock.exists, 120)
         holder = json.loads(lock.read_text())
         pids = [tree.proc.pid, *tree.workers()]
         for pid in pids:  # hold the first run still while the others try (it keeps its lock)
@@ -602,7 +602,7 @@ def test_progress_counts_unique_images_on_a_resumed_run(data, killed, tmp_path, 
 # --ttt-parallel K: K-groups inside each rank's shard
 # ---------------------------------------------------------------------------------------
 def _helper_cmd(args: list[str], nproc: int | None = None) -> list[str]:
-    """``yolozu-ttt`` through tests/helpers_export.py (adaptations logged), under torchrun with ``nproc``."""
+    """``yolozu-ttt`` through tests/support_export.py (adaptations logged), under torchrun with ``nproc``."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return [sys.executable, *launcher, str(HELPER), "export-predictions", *args]
 

@@ -6,14 +6,14 @@ with ``enable_mim`` on, so the structured branch runs), and the same
 ``TTTConfig`` run through ``yolozu.tta.integration.run_ttt`` (reference) and
 ``yolozu_ttt.run_ttt`` (fast). Writes ``summary.json`` and PNG plots to the run dir.
 
-Default (interleaved) timing, as ``benches/interleaved.py`` measures: the batch is loaded once
-and every provider adapts the same model, reset to the initial weights before each run, through
-``yolozu_ttt.floor.FixedAdapter``. The providers are ``reference``, ``fast``, ``floor`` (Tent's
+Default (interleaved) timing, through ``yolozu_ttt.timing`` (the runner ``benches/interleaved.py``
+uses too): the batch is loaded once and every provider adapts the same model, reset to the initial
+weights before each run, through ``yolozu_ttt.floor.FixedAdapter``. The providers are ``reference``, ``fast``, ``floor`` (Tent's
 passes alone, ``yolozu_ttt.floor.tent_floor_run``: what no engine removes; Tent only) and
 ``fast bf16`` (the fast backend with ``amp="bf16"``). One untimed warm-up round
 (``warmup_steps`` steps each) pays the first-call costs, then ``rounds`` timed rounds run every
 provider once, in an order that rotates every round (so a burst of load on a shared machine
-does not land on one side, and each provider follows each other one equally often). Each row is
+does not land on one side, and every provider takes every place in the order). Each row is
 the median seconds per step over the rounds, with the spread (min-max); the ratios are ratios
 of medians; losses and parameters are compared from the first timed round.
 
@@ -25,11 +25,15 @@ phases and is driven by the same hook.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from .timing import interleave, spreads
 
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/yolozu_ttt_demo",
@@ -204,8 +208,7 @@ def _run_backend(
     fn = _backend_fn(name)
     adapter, model = _new_adapter(device, image_size, initial_state, config_path)
     clock = _StepClock(model, bar, cap, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with _seeded(seed):
         start = time.perf_counter()
         try:
             report = fn(adapter, records, config=config)
@@ -216,17 +219,30 @@ def _run_backend(
     n_steps = len(metrics) if metrics else len(report.losses)
     step_seconds, timing_source = _step_seconds(clock.times, end, n_steps, float(report.seconds))
     return {
-        "report": report.to_dict(),
-        "losses": [float(v) for v in (m.get("loss") for m in metrics) if v is not None] or list(report.losses),
-        "update_norms": [float(m.get("update_norm") or 0.0) for m in metrics],
+        **_report_fields(report),
         "step_seconds": step_seconds,
         "seconds_per_step": (sum(step_seconds) / len(step_seconds)) if step_seconds else None,
         "wall_seconds": float(wall),
         "timing_source": timing_source,
         "forward_calls_seen": len(clock.times),
-        "params": _param_copy(model),
-        "buffers": _buffer_copy(model),
+        **_model_copies(model),
     }
+
+
+def _report_fields(report: Any) -> dict[str, Any]:
+    """A run's report and its per-step figures: the losses (the report's own list when the steps
+    carry none) and the update norms."""
+    metrics = list(report.step_metrics or [])
+    return {
+        "report": report.to_dict(),
+        "losses": [float(v) for v in (m.get("loss") for m in metrics) if v is not None] or list(report.losses),
+        "update_norms": [float(m.get("update_norm") or 0.0) for m in metrics],
+    }
+
+
+def _model_copies(model: Any) -> dict[str, Any]:
+    """The adapted parameters and buffers, on the CPU (compared, not written to the summary)."""
+    return {"params": _param_copy(model), "buffers": _buffer_copy(model)}
 
 
 def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str,
@@ -262,26 +278,9 @@ def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str,
     fig = Figure(figsize=(6, 4.6 if timing else 4), dpi=100)
     ax = fig.subplots()
     if timing is None:
-        width = 0.4
-        for i, backend in enumerate(BACKENDS):
-            secs = results[backend]["step_seconds"]
-            ax.bar([s + 1 + (i - 0.5) * width for s in range(len(secs))], secs, width=width, label=backend)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"time per step - {title}")
-        ax.legend()
+        _draw_step_times(ax, results, title)
     else:
-        import textwrap
-
-        rows = timing["rows"]
-        names = list(rows)
-        med = [rows[n]["median_s_per_step"] for n in names]
-        err = [[m - rows[n]["min_s_per_step"] for n, m in zip(names, med)],
-               [rows[n]["max_s_per_step"] - m for n, m in zip(names, med)]]
-        ax.bar(names, med, yerr=err, capsize=6, color=["C0", "C1", "C7", "C2"][: len(names)])
-        ax.set_title(f"s/step: median of {timing['rounds']} interleaved rounds (bars: min-max)\n{title}",
-                     fontsize=9)
-        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(timing["reading"], 110)), fontsize=6.5, va="bottom")
+        _draw_round_medians(fig, ax, timing, title)
     ax.set_ylabel("seconds")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout(rect=(0, 0.12, 1, 1) if timing else None)
@@ -289,6 +288,34 @@ def _plot(run_dir: Path, results: dict[str, dict[str, Any]], title: str,
     fig.savefig(path, format="png")
     files["time_plot"] = str(path)
     return files
+
+
+def _draw_step_times(ax: Any, results: dict[str, dict[str, Any]], title: str) -> None:
+    """Quick: each backend's seconds for each step, side by side."""
+    from matplotlib.ticker import MaxNLocator
+
+    width = 0.4
+    for i, backend in enumerate(BACKENDS):
+        secs = results[backend]["step_seconds"]
+        ax.bar([s + 1 + (i - 0.5) * width for s in range(len(secs))], secs, width=width, label=backend)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"time per step - {title}")
+    ax.legend()
+
+
+def _draw_round_medians(fig: Any, ax: Any, timing: dict[str, Any], title: str) -> None:
+    """Interleaved: each row's median seconds per step with its min-max spread; the reading below."""
+    import textwrap
+
+    rows = timing["rows"]
+    names = list(rows)
+    med = [rows[n]["median_s_per_step"] for n in names]
+    err = [[m - rows[n]["min_s_per_step"] for n, m in zip(names, med)],
+           [rows[n]["max_s_per_step"] - m for n, m in zip(names, med)]]
+    ax.bar(names, med, yerr=err, capsize=6, color=["C0", "C1", "C7", "C2"][: len(names)])
+    ax.set_title(f"s/step: median of {timing['rounds']} interleaved rounds (bars: min-max)\n{title}", fontsize=9)
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(timing["reading"], 110)), fontsize=6.5, va="bottom")
 
 
 def _check_args(steps: int, images: int, image_size: int, warmup_steps: int, rounds: int) -> None:
@@ -319,21 +346,10 @@ def _quick_rounds(*, records, config, device, image_size, initial_state, config_
         for label, backend, n in phases:
             bar.set_description(label)
             phase_config = _replace(config, steps=n) if label.startswith("warm-up") else config
-            try:
-                out = _run_backend(
-                    backend,
-                    records=records,
-                    config=phase_config,
-                    device=device,
-                    image_size=int(image_size),
-                    initial_state=initial_state,
-                    config_path=config_path,
-                    seed=int(seed),
-                    bar=bar,
-                    cap=n,
-                )
-            except ImportError as exc:
-                raise DemoError(f"{backend} backend unavailable: {exc}") from exc
+            with _unavailable(backend):
+                out = _run_backend(backend, records=records, config=phase_config, device=device,
+                                   image_size=int(image_size), initial_state=initial_state, config_path=config_path,
+                                   seed=int(seed), bar=bar, cap=n)
             done += n
             bar.n = done
             if out["losses"]:
@@ -348,64 +364,71 @@ def _provider_run(provider: str, model: Any, batch: Any, config: Any) -> Callabl
     """One run of ``provider`` on ``model`` over the fixed ``batch``: a TTTReport, or None (floor)."""
     from .floor import FixedAdapter, tent_floor_run
 
-    if provider == "floor":
-        return lambda: tent_floor_run(model, batch, config.update_filter, config.steps)
-    fn = _backend_fn("reference" if provider == "reference" else "fast")
+    with _unavailable(provider):
+        fn = None if provider == "floor" else _backend_fn("reference" if provider == "reference" else "fast")
     kw = {"amp": "bf16"} if provider == "fast bf16" else {}
-    return lambda: fn(FixedAdapter(model, batch), [], config=config, **kw)
+
+    def run() -> Any:
+        with _unavailable(provider):
+            if fn is None:
+                return tent_floor_run(model, batch, config.update_filter, config.steps)
+            return fn(FixedAdapter(model, batch), [], config=config, **kw)
+    return run
 
 
-def _report_fields(report: Any) -> dict[str, Any]:
-    metrics = list(report.step_metrics or [])
-    return {
-        "report": report.to_dict(),
-        "losses": [float(v) for v in (m.get("loss") for m in metrics) if v is not None] or list(report.losses),
-        "update_norms": [float(m.get("update_norm") or 0.0) for m in metrics],
-    }
+@contextlib.contextmanager
+def _unavailable(backend: str) -> Iterator[None]:
+    """A backend that cannot be imported is a :class:`DemoError` naming it."""
+    try:
+        yield
+    except ImportError as exc:
+        raise DemoError(f"{backend} backend unavailable: {exc}") from exc
 
 
 def _interleaved_rounds(*, records, config, device, image_size, initial_state, config_path, seed, warmup_steps,
                         rounds, progress) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
-    """Every provider once per round, the order rotating every round, one model reset to the
-    initial weights (eval mode) before each run, after one untimed warm-up round. Returns the
-    adapting rows' first timed run (report, losses, update norms, final parameters and buffers)
-    and every provider's seconds per step, round by round."""
+    """Every provider once per round through ``yolozu_ttt.timing.interleave`` (the order rotating
+    every round, after one untimed warm-up round of ``warmup_steps`` steps), one model reset to the
+    initial weights (eval mode) and the RNG seeded before each run. Returns the adapting rows'
+    first timed run (report, losses, update norms, final parameters and buffers) and every
+    provider's seconds per step, round by round."""
     import torch
     from tqdm import tqdm
 
     adapter, model = _new_adapter(device, int(image_size), initial_state, config_path)
     batch = next(iter(adapter.build_loader(records, batch_size=len(records))))
     providers = [p for p in PROVIDERS if p != "floor" or str(config.method) in FLOOR_METHODS]
-    plan = [(0, _replace(config, steps=int(warmup_steps)))] if int(warmup_steps) > 0 else []
-    plan += [(i, config) for i in range(1, int(rounds) + 1)]
+    warmup = int(warmup_steps) > 0
     first: dict[str, dict[str, Any]] = {}
-    times: dict[str, list[float]] = {p: [] for p in providers}
-    cuda = str(device).startswith("cuda")
-    with tqdm(total=len(plan) * len(providers), unit="run", desc="TTT", disable=not progress, dynamic_ncols=True) as bar:
-        for i, cfg in plan:
-            k = i % len(providers)
-            for provider in providers[k:] + providers[:k]:
-                bar.set_description(f"{'warm-up' if i == 0 else f'round {i}/{rounds}'} {provider}")
-                run = _provider_run(provider, model, batch, cfg)
-                model.load_state_dict(initial_state)
-                model.eval()
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(seed))
-                    try:
-                        t = time.perf_counter()
-                        report = run()
-                        if cuda:
-                            torch.cuda.synchronize()
-                        seconds = time.perf_counter() - t
-                    except ImportError as exc:
-                        raise DemoError(f"{provider} backend unavailable: {exc}") from exc
-                if i:
-                    times[provider].append(seconds / int(cfg.steps))
-                    if report is not None and provider not in first:
-                        first[provider] = {**_report_fields(report), "params": _param_copy(model),
-                                           "buffers": _buffer_copy(model)}
-                bar.update(1)
-    return first, times
+
+    def prepare(provider: str, i: int) -> Callable[[], Any]:
+        bar.set_description(f"{'warm-up' if i == 0 else f'round {i}/{rounds}'} {provider}")
+        run = _provider_run(provider, model, batch, config if i else _replace(config, steps=int(warmup_steps)))
+        model.load_state_dict(initial_state)
+        model.eval()
+        return run
+
+    def done(provider: str, i: int, report: Any, _seconds: float) -> None:
+        if i and report is not None and provider not in first:
+            first[provider] = {**_report_fields(report), **_model_copies(model)}
+        bar.update(1)
+
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+    total = (int(rounds) + warmup) * len(providers)
+    with tqdm(total=total, unit="run", desc="TTT", disable=not progress, dynamic_ncols=True) as bar:
+        times = interleave(prepare, providers, int(rounds), warmup=warmup, around=lambda: _seeded(seed),
+                           sync=sync, done=done)
+    return first, {p: [t / int(config.steps) for t in v] for p, v in times.items()}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The global RNG seeded with ``seed`` inside, restored after (every run draws alike)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def reading(rows: dict[str, dict[str, Any]], device: str, bf16_loss_diff: float | None) -> str:
@@ -441,11 +464,10 @@ def reading(rows: dict[str, dict[str, Any]], device: str, bf16_loss_diff: float 
 
 def _timing(times: dict[str, list[float]], rounds: int, warmup_steps: int, device: str,
             bf16_loss_diff: float | None) -> dict[str, Any]:
-    import statistics
-
-    rows = {p: {"median_s_per_step": float(statistics.median(v)), "min_s_per_step": float(min(v)),
-                "max_s_per_step": float(max(v)), "round_s_per_step": [float(x) for x in v]}
-            for p, v in times.items()}
+    """The interleaved rounds' figures: each row's median seconds per step, its spread, every
+    round's, its ratio to the reference's median; fast over the floor; the reading."""
+    rows = {p: {"median_s_per_step": s.median, "min_s_per_step": s.low, "max_s_per_step": s.high,
+                "round_s_per_step": list(s.values)} for p, s in spreads(times).items()}
     ref = rows["reference"]["median_s_per_step"]
     for row in rows.values():
         row["speedup_vs_reference"] = ref / row["median_s_per_step"]
@@ -459,6 +481,82 @@ def _timing(times: dict[str, list[float]], rounds: int, warmup_steps: int, devic
         "fast_over_floor": rows["fast"]["median_s_per_step"] / floor["median_s_per_step"] if floor else None,
         "reading": reading(rows, device, bf16_loss_diff),
     }
+
+
+@dataclasses.dataclass
+class _Case:
+    """What every backend of one demo run shares: the records, the config, the initial weights."""
+
+    dataset: Path
+    records: list[dict[str, Any]]
+    config: Any
+    config_path: str
+    initial_state: dict[str, Any]
+
+
+def _case(run_dir: Path, *, method: str, steps: int, device: str, update_filter: str, images: int,
+          image_size: int, lr: float, seed: int) -> _Case:
+    from yolozu.tta.config import TTTConfig
+
+    dataset = prepare_dataset(run_dir, seed)
+    records = load_records(dataset, int(images))
+    config = TTTConfig(
+        enabled=True,
+        method=str(method),
+        reset="stream",
+        steps=int(steps),
+        batch_size=len(records),  # every image in the one TTT batch
+        max_batches=1,
+        lr=float(lr),
+        update_filter=str(update_filter),
+        seed=int(seed),
+    )
+    config_path = model_config_path(run_dir, str(method))
+    _, model0 = _new_adapter(device, int(image_size), None, config_path)
+    initial_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
+    return _Case(dataset, records, config, config_path, initial_state)
+
+
+def _comparison(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Reference vs fast: losses, final parameters and buffers, steps."""
+    ref, fast = results["reference"], results["fast"]
+    return {
+        "max_abs_loss_diff": _max_loss_diff(ref, fast),
+        "max_abs_param_diff": _max_abs_diff(ref["params"], fast["params"]),
+        "max_abs_buffer_diff": _max_abs_diff(ref["buffers"], fast["buffers"]),
+        "steps_compared": min(len(ref["losses"]), len(fast["losses"])),
+        "steps_run": {b: int(results[b]["report"]["steps_run"]) for b in results},
+    }
+
+
+def _measure_quick(case: _Case, *, device: str, image_size: int, seed: int, warmup_steps: int, rounds: int,
+                   progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any], None]:
+    """``--quick``: each backend's one run, timed per step; the speedup is of their mean s/step."""
+    results = _quick_rounds(records=case.records, config=case.config, device=device, image_size=image_size,
+                            initial_state=case.initial_state, config_path=case.config_path, seed=seed,
+                            warmup_steps=warmup_steps, progress=progress)
+    ref, fast = results["reference"]["seconds_per_step"], results["fast"]["seconds_per_step"]
+    return results, {**_comparison(results), "speedup": ref / fast if ref and fast else None}, None
+
+
+def _measure_interleaved(case: _Case, *, device: str, image_size: int, seed: int, warmup_steps: int,
+                         rounds: int, progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict]:
+    """The default: interleaved rounds; every ratio is of medians (a row's s/step is its median)."""
+    results, times = _interleaved_rounds(records=case.records, config=case.config, device=device,
+                                         image_size=image_size, initial_state=case.initial_state,
+                                         config_path=case.config_path, seed=seed, warmup_steps=warmup_steps,
+                                         rounds=rounds, progress=progress)
+    ref, bf16 = results["reference"], results["fast bf16"]
+    comparison = {**_comparison(results), "bf16_max_abs_loss_diff": _max_loss_diff(ref, bf16),
+                  "bf16_max_abs_param_diff": _max_abs_diff(ref["params"], bf16["params"])}
+    timing = _timing(times, rounds, warmup_steps, device, comparison["bf16_max_abs_loss_diff"])
+    rows = timing["rows"]
+    comparison.update(speedup=rows["fast"]["speedup_vs_reference"],
+                      bf16_speedup=rows["fast bf16"]["speedup_vs_reference"],
+                      fast_over_floor=timing["fast_over_floor"])
+    for name, out in results.items():
+        out["seconds_per_step"] = rows[name]["median_s_per_step"]
+    return results, comparison, timing
 
 
 def run_demo(
@@ -479,68 +577,28 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the comparison, write ``summary.json`` and the plots, return the summary."""
     _check_args(steps, images, image_size, warmup_steps, rounds)
-    from yolozu.tta.config import TTTConfig
-
-    from . import build_info
-
     run_dir = Path(run_dir)
-    dataset = prepare_dataset(run_dir, seed)
-    records = load_records(dataset, int(images))
-    config = TTTConfig(
-        enabled=True,
-        method=str(method),
-        reset="stream",
-        steps=int(steps),
-        batch_size=len(records),  # every image in the one TTT batch
-        max_batches=1,
-        lr=float(lr),
-        update_filter=str(update_filter),
-        seed=int(seed),
-    )
-    config_path = model_config_path(run_dir, str(method))
-    _, model0 = _new_adapter(device, int(image_size), None, config_path)
-    initial_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
-    del model0
-
-    common = dict(records=records, config=config, device=device, image_size=int(image_size),
-                  initial_state=initial_state, config_path=config_path, seed=int(seed),
-                  warmup_steps=int(warmup_steps), progress=progress)
-    timing: dict[str, Any] | None = None
-    if quick:
-        results = _quick_rounds(**common)
-    else:
-        results, times = _interleaved_rounds(**common, rounds=int(rounds))
-
-    ref, fast = results["reference"], results["fast"]
-    n_common = min(len(ref["losses"]), len(fast["losses"]))
-    comparison = {
-        "max_abs_loss_diff": _max_loss_diff(ref, fast),
-        "max_abs_param_diff": _max_abs_diff(ref["params"], fast["params"]),
-        "max_abs_buffer_diff": _max_abs_diff(ref["buffers"], fast["buffers"]),
-        "steps_compared": int(n_common),
-        "steps_run": {b: int(results[b]["report"]["steps_run"]) for b in results},
-    }
-    if quick:
-        comparison["speedup"] = (
-            ref["seconds_per_step"] / fast["seconds_per_step"]
-            if ref["seconds_per_step"] and fast["seconds_per_step"]
-            else None
-        )
-    else:
-        bf16 = results["fast bf16"]
-        comparison["bf16_max_abs_loss_diff"] = _max_loss_diff(ref, bf16)
-        comparison["bf16_max_abs_param_diff"] = _max_abs_diff(ref["params"], bf16["params"])
-        timing = _timing(times, int(rounds), int(warmup_steps), str(device), comparison["bf16_max_abs_loss_diff"])
-        comparison["speedup"] = timing["rows"]["fast"]["speedup_vs_reference"]
-        comparison["bf16_speedup"] = timing["rows"]["fast bf16"]["speedup_vs_reference"]
-        comparison["fast_over_floor"] = timing["fast_over_floor"]
-        for name, out in results.items():
-            row = timing["rows"][name]
-            out["seconds_per_step"] = row["median_s_per_step"]
-    title = f"{method}/{update_filter}, {len(records)} img @ {image_size}px"
-    files = _plot(run_dir, results, title, timing)
+    case = _case(run_dir, method=method, steps=steps, device=device, update_filter=update_filter, images=images,
+                 image_size=image_size, lr=lr, seed=seed)
+    measure = _measure_quick if quick else _measure_interleaved
+    results, comparison, timing = measure(case, device=str(device), image_size=int(image_size), seed=int(seed),
+                                          warmup_steps=int(warmup_steps), rounds=1 if quick else int(rounds),
+                                          progress=progress)
+    title = f"{method}/{update_filter}, {len(case.records)} img @ {image_size}px"
     summary_path = run_dir / "summary.json"
-    files = {"summary": str(summary_path), **files}
+    files = {"summary": str(summary_path), **_plot(run_dir, results, title, timing)}
+    summary = _summary(case, results, comparison, timing, files, steps=steps, lr=lr, seed=seed, device=device,
+                       image_size=image_size, warmup_steps=warmup_steps)
+    summary_path.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return summary
+
+
+def _summary(case: _Case, results: dict[str, dict[str, Any]], comparison: dict[str, Any], timing: dict | None,
+             files: dict[str, str], *, steps: int, lr: float, seed: int, device: str, image_size: int,
+             warmup_steps: int) -> dict[str, Any]:
+    """``summary.json``: the config, the dataset, the build, each backend's run (no tensors), the
+    comparison, the files; interleaved: the timing."""
+    from . import build_info
 
     try:
         import yolozu
@@ -550,21 +608,21 @@ def run_demo(
         yolozu_version = None
     summary: dict[str, Any] = {
         "config": {
-            "method": str(method),
-            "update_filter": str(update_filter),
+            "method": str(case.config.method),
+            "update_filter": str(case.config.update_filter),
             "steps": int(steps),
             "lr": float(lr),
             "seed": int(seed),
             "device": str(device),
-            "images": len(records),
+            "images": len(case.records),
             "image_size": int(image_size),
-            "batch_size": len(records),
+            "batch_size": len(case.records),
             "warmup_steps": int(warmup_steps),
-            "mode": "quick" if quick else "interleaved",
-            "rounds": 1 if quick else int(rounds),
-            "model": {"adapter": "RTDETRPoseAdapter", "config_path": config_path, "init_seed": 0},
+            "mode": "quick" if timing is None else "interleaved",
+            "rounds": 1 if timing is None else timing["rounds"],
+            "model": {"adapter": "RTDETRPoseAdapter", "config_path": case.config_path, "init_seed": 0},
         },
-        "dataset": {"root": str(dataset), "images": [str(r.get("image")) for r in records]},
+        "dataset": {"root": str(case.dataset), "images": [str(r.get("image")) for r in case.records]},
         "engine": build_info(),
         "yolozu_version": yolozu_version,
         "backends": {
@@ -575,7 +633,6 @@ def run_demo(
     }
     if timing is not None:
         summary["timing"] = timing
-    summary_path.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return summary
 
 
@@ -584,8 +641,6 @@ def _max_loss_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def _replace(config: Any, **changes: Any) -> Any:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
 
 

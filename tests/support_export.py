@@ -1,7 +1,7 @@
 """Helpers for the export tests: a shrunk RT-DETR export set-up, process trees, and a worker entry
 point that records adaptations.
 
-Run as a script (``torchrun ... tests/helpers_export.py export-predictions ...``) it is
+Run as a script (``torchrun ... tests/support_export.py export-predictions ...``) it is
 ``yolozu-ttt`` with ``FastBackend.__call__`` wrapped: each adaptation appends ``start`` and ``end``
 lines (rank, attempt, image; ``end`` also whether the image's prediction will be answered from its
 group's batched forward) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
