@@ -7,6 +7,7 @@ machine lands on one side of the ratio. This script alternates reference, fast a
 medians (``--verbose``: every run).
 
     python benches/interleaved.py --repeats 5 tent/all eata/all sar/all cotta/all mim/all
+    python benches/interleaved.py --repeats 4 eata-defaults/norm_only   # YOLOZU's default selection
 
 ``--before MODULE`` adds a fourth provider, ``before``: another build of this package importable
 as MODULE (e.g. an earlier commit's wheel unpacked as ``yolozu_ttt_old``, its pybind11 class
@@ -30,9 +31,21 @@ from conftest import FixedAdapter, tent_floor_run
 from yolozu_ttt import timing
 
 
+#: ``eata-defaults/F``: EATA at YOLOZU's default selection (conf >= 0.2, entropy in [0.05, 3.0], one
+#: valid detection), where the builtin RT-DETR selects nothing and every step is skipped: 2 images at
+#: 320 px in one batch, 4 steps (the other eata cases select every sample)
+EATA_DEFAULTS = dict(shape=(2, 3, 320, 320), steps=4)
+
+
 def case(name: str):
-    """(model, state, batch, config, floor) for 'method/update_filter'."""
+    """(model, batch, config, floor) for 'method/update_filter'."""
     method, update_filter = name.split("/")
+    if method == "eata-defaults":
+        model = bench_methods.build_models()[0][False][0]
+        batch = torch.randn(EATA_DEFAULTS["shape"], generator=torch.Generator().manual_seed(0))
+        config = TTTConfig(enabled=True, method="eata", steps=EATA_DEFAULTS["steps"], update_filter=update_filter,
+                           lr=1e-4, seed=0)
+        return model, batch, config, lambda m: bench_methods.floor_run("eata", m, batch, update_filter)
     if method == "tent":
         from yolozu.inference.adapter import RTDETRPoseAdapter
 
