@@ -29,23 +29,22 @@
   Recorded as ``parallel`` in the ``ttt`` block and log, and in its ``engine`` the K that ran.
 * Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
   a second run on a live output is refused before any work with one line and exit status 2.
+* Every ``export-predictions`` publishes atomically (``yolozu_ttt.publish``): YOLOZU's ``main``
+  writes the output and its logs to temporary files beside them, renamed into place when complete;
+  a write error, Ctrl-C or SIGTERM keeps the earlier files and ends in one line (exit 1 / 130 / 143).
 * Every private YOLOZU name (the export module's globals rebound here included) comes through
   ``yolozu_ttt.seam``, checked against this release's supported YOLOZU when imported.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
 import json
-import os
-import shutil
 import sys
 import threading
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 TTT_BACKENDS = ("reference", "fast")
@@ -66,7 +65,8 @@ _PATCH_LOCK = threading.RLock()
 # --------------------------------------------------------------------------------------
 class ParallelDoesNotFit(SystemExit):
     """``--ttt-parallel K`` refused after the first image: K replicas do not fit the memory (the
-    message names the largest K that does); the last export's files are put back (:func:`_kept_on_refusal`)."""
+    message names the largest K that does); the last export's files are untouched (YOLOZU's ``main``
+    writes temporary files, :mod:`yolozu_ttt.publish`)."""
 
 
 class _ParserCaptured(Exception):
@@ -501,7 +501,7 @@ def export_predictions(argv: Sequence[str]) -> int:
     check_parallel(parser, parallel, args.ttt_backend, args.ttt_reset)
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
-    from .seam import rebound
+    from .publish import Fault
 
     try:
         env = export.DistEnv.from_environ()
@@ -513,55 +513,37 @@ def export_predictions(argv: Sequence[str]) -> int:
                     patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran, parallel),
                 )
 
-        def _parse_args(_argv: Any) -> argparse.Namespace:
-            return args
-
-        # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
-        # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
-        with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
-                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp, parallel=parallel)), \
-                _kept_on_refusal(_written_by_main(mod, args) if parallel > 1 else []):
-            mod.main([])
+        run_one_process(mod, args, _backend_patches(mod, args, amp=amp, parallel=parallel))
         return 0
     except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
         if busy.code:
             print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
         return 2
+    except Fault as fault:  # a write error, Ctrl-C or SIGTERM: one line, what was kept, how to go on
+        print(f"{PROG} export-predictions: {fault.message}", file=sys.stderr, flush=True)
+        return fault.status
 
 
-def _written_by_main(mod: Any, args: argparse.Namespace) -> list[Path]:
-    """The files YOLOZU's ``main`` deletes before any work and then writes: the output, and the TTA
-    and TTT logs where their flags ask for them (relative paths under its ``repo_root``, as it
-    resolves them)."""
-    root = Path(mod.repo_root)
-    logs = [Path(log) for on, log in ((args.tta, args.tta_log_out), (args.ttt, args.ttt_log_out)) if on and log]
-    return [root / args.output, *(log if log.is_absolute() else root / log for log in logs)]
+def run_one_process(mod: Any, args: argparse.Namespace, names: dict[str, Any]) -> None:
+    """YOLOZU's own ``main`` on ``args`` (plus the backend's ``names``, none for the reference
+    backend), under the output's lock, writing temporary files that are published when it is done
+    (:func:`yolozu_ttt.publish.run_published`): the earlier output stays in place until then, and
+    the published bytes are the ones YOLOZU's ``main`` wrote."""
+    from . import export
+    from .publish import Publication, run_published
+    from .seam import rebound
 
+    publication = Publication(mod.repo_root, args)
+    ns = argparse.Namespace(**{**vars(args), **publication.changes()})
 
-@contextlib.contextmanager
-def _kept_on_refusal(paths: list[Path]) -> Iterator[None]:
-    """The existing ``paths`` kept aside (hard links, else copies, next to them) while YOLOZU's
-    ``main`` runs: put back if our memory check refuses ``--ttt-parallel K`` (:class:`ParallelDoesNotFit`,
-    raised after ``main`` deleted them and before it wrote anything), dropped on every other exit."""
-    kept = []
-    try:
-        for path in paths:
-            if path.is_file():
-                aside = path.with_name(f".{path.name}.kept-{os.getpid()}")
-                try:
-                    os.link(path, aside)
-                except OSError:
-                    shutil.copy2(path, aside)
-                kept.append((path, aside))
-        yield
-    except ParallelDoesNotFit:
-        for path, aside in kept:
-            if not path.exists():
-                os.replace(aside, path)
-        raise
-    finally:
-        for _, aside in kept:
-            aside.unlink(missing_ok=True)
+    def _parse_args(_argv: Any) -> argparse.Namespace:
+        return ns
+
+    with export.OutputLock(publication.output).held(), _PATCH_LOCK, rebound(mod, _parse_args=_parse_args, **names):
+        publication.clear_leftovers()
+        run_published(lambda: mod.main([]), publication,
+                      then_interrupted="nothing finished is kept without --resume: rerun the export (with --resume, "
+                                       "finished images are kept in part files and a rerun continues them)")
 
 
 # --------------------------------------------------------------------------------------

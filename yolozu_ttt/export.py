@@ -31,12 +31,15 @@ its module globals rebound (:mod:`yolozu_ttt.seam` lists them). The pipeline, in
 5. **merge** (rank 0): YOLOZU's ``main`` once more over the whole dataset, with ``run_ttt`` and
    ``predict`` answered from those records: YOLOZU builds the output (schema, order, logs) and
    writes it, and its logs, to temporary paths next to the real ones.
-6. **publish** (rank 0): ``os.replace`` of each temporary file onto its real path; then the part
-   files are removed (each rank its own) and the lock released.
+6. **publish** (rank 0): ``os.replace`` of each temporary file onto its real path
+   (:class:`yolozu_ttt.publish.Publication`); then the part files are removed (each rank its own)
+   and the lock released.
 
 Failures: a failing rank appends ``(rank R of W, image PATH)`` to YOLOZU's message (``TTT failed:
 ...``) and exits 1; torchrun then stops (SIGTERM) or restarts (``--max-restarts``) the group. The
-part files stay the durable record; they are removed only after the output is in place.
+part files stay the durable record; they are removed only after the output is in place. A write
+error (part file, stream state, the merged files) or Ctrl-C / SIGTERM ends in one line saying what
+was kept (the earlier output, untouched; the part files) and how to continue (exit 1 / 130 / 143).
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .publish import (Fault, HeldLines, Interrupted, Publication, Terminated, WriteFailed, is_write_error, signal_name,
+                      strerror)
 from .run import last_engine
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -80,11 +85,6 @@ class ExportError(SystemExit):
 
 class OutputBusy(ExportError):
     """Another live export holds the output's lock (the cli prints it and exits 2)."""
-
-
-class _Stopped(BaseException):
-    """SIGTERM (torchrun stopping or restarting the group): a BaseException, so YOLOZU's
-    ``except Exception`` around ``run_ttt`` does not turn it into a ``TTT failed`` message."""
 
 
 # --------------------------------------------------------------------------------------
@@ -390,28 +390,43 @@ def read_parts(parts_dir: Path) -> tuple[list[dict[str, Any]], dict[int, dict[st
 
 
 class _PartWriter:
+    """One rank's part file: one JSON line per finished image, flushed before the next starts. A
+    write error is a :class:`WriteFailed` naming the file (a BaseException: YOLOZU's ``main`` does
+    not catch it); a line cut short by it is ignored by :func:`read_parts`."""
+
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
-        self._handle = open(path, "x", encoding="utf-8")
+        try:
+            self._handle = open(path, "x", encoding="utf-8")
+        except OSError as exc:
+            raise WriteFailed(f"cannot write {path}: {strerror(exc)}") from None
         self._last_sync = time.monotonic()
         self._write(header, sync=True)
 
     def _write(self, obj: dict[str, Any], *, sync: bool = False) -> None:
-        self._handle.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._handle.flush()  # on disk for the OS: survives a killed process
-        now = time.monotonic()
-        if sync or now - self._last_sync >= FSYNC_EVERY_S:  # and a machine crash, within ~2 s
-            os.fsync(self._handle.fileno())
-            self._last_sync = now
+        try:
+            self._handle.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._handle.flush()  # on disk for the OS: survives a killed process
+            now = time.monotonic()
+            if sync or now - self._last_sync >= FSYNC_EVERY_S:  # and a machine crash, within ~2 s
+                os.fsync(self._handle.fileno())
+                self._last_sync = now
+        except OSError as exc:
+            raise WriteFailed(f"cannot write {self.path}: {strerror(exc)}") from None
 
     def write(self, entry: dict[str, Any]) -> None:
         self._write(entry)
 
     def close(self) -> None:
         if not self._handle.closed:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            try:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+            except OSError:
+                pass  # what could be written is in the file; the write error itself was reported
+            finally:
+                with contextlib.suppress(OSError):
+                    self._handle.close()
 
 
 class _StoredReport:
@@ -553,6 +568,7 @@ class ShardedExport:
         self.timeout_s = float(timeout_s)
         self._patches = patches
         self.output_path = Path(mod.repo_root / args.output)
+        self.publication = Publication(mod.repo_root, args)  # the files the merge writes, published at the end
         self.parts_dir = Path(str(self.output_path) + ".parts")
         self.lock: OutputLock | None = None
         self.records: list[dict[str, Any]] = []
@@ -592,7 +608,7 @@ class ShardedExport:
             self._lock()                       # 1. lock (rank 0), refused before any work
             try:
                 self._work()                   # 2. shard + 3. work, inside YOLOZU's main
-            except (_Stopped, KeyboardInterrupt):
+            except (Terminated, KeyboardInterrupt):
                 raise
             except BaseException as exc:
                 with contextlib.suppress(OSError):
@@ -606,19 +622,23 @@ class ShardedExport:
             if self.env.rank == 0:
                 try:
                     self._close_progress()
-                    written = self._merge()    # 5. YOLOZU's main writes temporary files
-                    self._publish(written)     # 6. os.replace them into place
+                    held = self._merge()       # 5. YOLOZU's main writes temporary files
+                    self._publish(held)        # 6. os.replace them into place
                 except BaseException as exc:
                     error = f"merge failed on rank 0: {type(exc).__name__}: {exc}"
                     self._announce(error)
+                    if isinstance(exc, OSError) and (is_write_error(exc) or self.publication.written()):
+                        raise self.publication.write_failed(exc, then=self._then()) from None
                     raise
+                finally:
+                    self.publication.discard()
             if self._announce(error) is None:
                 self._remove_parts()
             if self.env.rank == 0:
                 self._summary(statuses)
             return 0
-        except _Stopped:
-            raise ExportError(self._stopped_message()) from None
+        except (Terminated, KeyboardInterrupt) as exc:
+            raise self._interrupted(exc) from None
         finally:
             self._close_progress()
             if self.lock is not None:
@@ -632,8 +652,8 @@ class ShardedExport:
         env = self.env
         if env.torchrun:
             die_with_launcher()
-            if threading.current_thread() is threading.main_thread():
-                self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         cuda = self.device.startswith("cuda")
         if env.torchrun and cuda and self.device == "cuda":
             # one GPU per rank
@@ -684,6 +704,7 @@ class ShardedExport:
                 note = self.lock.acquire()
                 if note:
                     print(note, file=sys.stderr, flush=True)
+                self._clear_leftovers()
             except ExportError as exc:  # OutputBusy, or an output folder that cannot be written
                 self.lock = None
                 refusal = (isinstance(exc, OutputBusy), str(exc.code))
@@ -693,6 +714,13 @@ class ShardedExport:
             if busy:  # one line, from rank 0 only
                 raise OutputBusy(message if self.env.rank == 0 else None)
             raise ExportError(message)
+
+    def _clear_leftovers(self) -> None:
+        """What a killed run on this output left (its temporary files; a stream state cut short)."""
+        self.publication.clear_leftovers()
+        for path in self.parts_dir.glob(f".{STREAM_STATE}.tmp-*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (one collective; the identity in one process)."""
@@ -806,20 +834,20 @@ class ShardedExport:
     # while an image is in hand stops the rank once that image is in the part file.
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if not self._busy:
-            raise _Stopped()
+            raise Terminated()
         self._stop_requested = True
 
     def _begin_image(self) -> None:
         self._mark_start()
         if not self._busy:
             if self._stop_requested:
-                raise _Stopped()
+                raise Terminated()
             self._busy = True
 
     def _end_image(self) -> None:
         self._busy = False
         if self._stop_requested:
-            raise _Stopped()
+            raise Terminated()
 
     # -- 3. work: the wrappers YOLOZU's main calls ----------------------------------------------
     def _ttt(self, backend: Callable[..., Any]) -> Callable[..., Any]:
@@ -856,11 +884,7 @@ class ShardedExport:
                 report = real
                 self.stream_adapted = True
                 flat = pack(tensors).cpu()
-                tmp = state_path.with_name(f".{STREAM_STATE}.tmp-{os.getpid()}")
-                torch.save({"fingerprint": _digest(self.fingerprint), "report": json.dumps(real.to_dict()),
-                            "engine": json.dumps(last_engine()),
-                            "flat": flat}, tmp)
-                os.replace(tmp, state_path)
+                self._save_stream_state(state_path, real, flat)
         if self.env.world_size > 1:
             import torch.distributed as dist
 
@@ -874,6 +898,19 @@ class ShardedExport:
                 unpack(buf, tensors)
                 report = _StoredReport(None)
         return report
+
+    def _save_stream_state(self, path: Path, report: Any, flat: Any) -> None:
+        import torch
+
+        tmp = path.with_name(f".{STREAM_STATE}.tmp-{os.getpid()}")
+        try:
+            torch.save({"fingerprint": _digest(self.fingerprint), "report": json.dumps(report.to_dict()),
+                        "engine": json.dumps(last_engine()), "flat": flat}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise WriteFailed(f"cannot write {path}: {strerror(exc) if isinstance(exc, OSError) else exc}") from None
 
     def _load_stream_state(self, path: Path) -> dict[str, Any] | None:
         if not (self.resume and path.is_file()):
@@ -1015,9 +1052,10 @@ class ShardedExport:
                 self.entries.setdefault(int(i), entry)
         return statuses
 
-    def _merge(self) -> list[tuple[Path, Path]]:
+    def _merge(self) -> HeldLines:
         """5. merge (rank 0): YOLOZU's main over the whole dataset, answered from the gathered
-        records, writing the output and its logs to temporary paths; returns (temporary, final)."""
+        records, writing the output and its logs to temporary paths; returns the lines it printed
+        that name them (printed once they are published)."""
         mod = self.mod
         missing = [i for i in range(len(self.records)) if i not in self.entries]
         if missing:
@@ -1032,47 +1070,22 @@ class ShardedExport:
         names["build_manifest"] = lambda *a, **kw: dict(self.manifest, images=self.records)
         for name in ADAPTER_NAMES:
             names[name] = self._adapter_factory(getattr(mod, name), replay=True)
-        targets = [(_temporary(self.output_path), self.output_path)]
-        changes = {"output": str(targets[0][0])}
-        for flag in ("ttt_log_out", "tta_log_out"):
-            value = getattr(self.args, flag, None)
-            if value:
-                final = Path(value) if Path(value).is_absolute() else Path(mod.repo_root / value)
-                targets.append((_temporary(final), final))
-                changes[flag] = str(targets[-1][0])
-        printed = io.StringIO()
+        held = HeldLines(sys.stdout, self.publication)
         try:
-            with contextlib.redirect_stdout(printed):
-                self._run_main(self._main_ns(**changes), names)
-        except BaseException:
-            _remove_temporaries(targets)
-            raise
+            with contextlib.redirect_stdout(held):
+                self._run_main(self._main_ns(**self.publication.changes()), names)
         finally:
             if self.adapter is not None:
                 with contextlib.suppress(AttributeError):
                     del self.adapter.predict
-        # the logs name the output they belong to: the final path, not the temporary one
-        for tmp, _ in targets[1:]:
-            if tmp.is_file():
-                text = tmp.read_text(encoding="utf-8")
-                tmp.write_text(text.replace(json.dumps(str(targets[0][0])), json.dumps(str(self.output_path))),
-                               encoding="utf-8")
-        self._printed = printed.getvalue()
-        for tmp, final in targets:
-            self._printed = self._printed.replace(str(tmp), str(final))
-        return [(tmp, final) for tmp, final in targets if tmp.is_file()]
+        return held
 
-    def _publish(self, targets: list[tuple[Path, Path]]) -> None:
-        """6. publish (rank 0): each temporary file fsync-ed and ``os.replace``-d onto its final path."""
-        try:
-            for tmp, final in targets:
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, final)
-        finally:
-            _remove_temporaries(targets)
-        sys.stdout.write(self._printed)
-        sys.stdout.flush()
+    def _publish(self, held: HeldLines) -> None:
+        """6. publish (rank 0): each temporary file fsync-ed and ``os.replace``-d onto its final
+        path (the logs naming the final output); then the lines naming them are printed."""
+        self.publication.finish_logs()
+        self.publication.publish()
+        held.release()
 
     def _announce(self, error: str | None) -> str | None:
         """Rank 0 tells every rank whether the output is in place (one broadcast)."""
@@ -1109,6 +1122,11 @@ class ShardedExport:
 
     # -- failures and the summary ---------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, Fault):  # a write error of ours (part file, stream state): one line
+            raise WriteFailed(f"{exc.message}; {self.publication.kept()}; {self._then()} "
+                              f"({self._where(self.current)})", exc.status) from None
+        if is_write_error(exc):
+            raise self.publication.write_failed(exc, then=self._then()).located(self._where(self.current)) from None
         if isinstance(exc, SystemExit):
             if exc.code is None or exc.code == 0:
                 raise exc
@@ -1131,9 +1149,12 @@ class ShardedExport:
                 if self.env.torchrun and left > 0 else "rerun with --resume")
         return f"the images finished so far stay in {self.parts_dir}: {then}"
 
-    def _stopped_message(self) -> str:
-        return (f"yolozu-ttt export: {self._where()} stopped by SIGTERM (torchrun stops every worker when one "
-                f"fails); {self._then()}")
+    def _interrupted(self, exc: BaseException) -> Fault:
+        """Ctrl-C or SIGTERM: one line, what was kept and how to continue; exit 130 / 143."""
+        how, status = signal_name(exc)
+        why = " (torchrun stops every worker when one fails)" if self.env.torchrun and status != 130 else ""
+        return Interrupted(f"{self._where()} stopped by {how}{why}; {self.publication.kept()}; {self._then()}",
+                           status)
 
     def _summary(self, statuses: list[dict[str, Any]]) -> None:
         computed = sum(int(s.get("computed") or 0) for s in statuses)
@@ -1149,16 +1170,6 @@ class ShardedExport:
         backend = f", {self.dist_backend}" if self.dist_backend else ""
         print(f"yolozu-ttt export: {len(self.records)} images, {self.env.world_size} worker(s){backend}: "
               f"{computed} computed, {self.resumed} from part files{adapted}{rate}", file=sys.stderr, flush=True)
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _remove_temporaries(targets: list[tuple[Path, Path]]) -> None:
-    for tmp, _ in targets:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def run_sharded(mod: Any, args: argparse.Namespace, *, env: DistEnv | None, resume: bool, timeout_s: float,
