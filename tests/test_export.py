@@ -261,21 +261,21 @@ def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, t
     out = tmp_path / "out.json"
     args = [*_args(data, reset=reset, n=n), "--output", str(out), "--resume"]
     adapted = fast_backend_calls
-    real_replace = export.os.replace
+    real_replace = os.replace
 
     def disk_full(src, dst):
         if Path(dst) == out:
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     assert cli.main(["export-predictions", *args]) == 1  # one line, no traceback (tests below)
     assert not out.exists() and not list(tmp_path.glob(".out.json.tmp-*"))  # no partial output left behind
     assert sorted(_entries(Path(str(out) + ".parts"))) == list(range(n))
     assert [len(records) for records in adapted] == ([1] * n if reset == "sample" else [n])
 
     renamed = []
-    monkeypatch.setattr(export.os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
     adapted.clear()
     _single(args)
     assert adapted == [] and out in renamed
@@ -694,7 +694,7 @@ def _full_part_files(monkeypatch, out: Path) -> None:
     """The part files' disk is full once the third image's line is synced (every line is)."""
     import errno
 
-    monkeypatch.setattr(export, "FSYNC_EVERY_S", 0.0)
+    monkeypatch.setattr(export.parts, "FSYNC_EVERY_S", 0.0)
     real, synced = os.fsync, [0]
 
     def fsync(fd):

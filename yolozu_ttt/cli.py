@@ -29,7 +29,7 @@
   Recorded as ``parallel`` in the ``ttt`` block and log, and in its ``engine`` the K that ran.
 * Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
   a second run on a live output is refused before any work with one line and exit status 2.
-* Every ``export-predictions`` publishes atomically (``yolozu_ttt.publish``): YOLOZU's ``main``
+* Every ``export-predictions`` publishes atomically (``yolozu_ttt.export.publish``): YOLOZU's ``main``
   writes the output and its logs to temporary files beside them, renamed into place when complete;
   a write error, Ctrl-C or SIGTERM keeps the earlier files and ends in one line (exit 1 / 130 / 143).
 * Every private YOLOZU name (the export module's globals rebound here included) comes through
@@ -66,7 +66,7 @@ _PATCH_LOCK = threading.RLock()
 class ParallelDoesNotFit(SystemExit):
     """``--ttt-parallel K`` refused after the first image: K replicas do not fit the memory (the
     message names the largest K that does); the last export's files are untouched (YOLOZU's ``main``
-    writes temporary files, :mod:`yolozu_ttt.publish`)."""
+    writes temporary files, :mod:`yolozu_ttt.export.publish`)."""
 
 
 class _ParserCaptured(Exception):
@@ -501,7 +501,7 @@ def export_predictions(argv: Sequence[str]) -> int:
     check_parallel(parser, parallel, args.ttt_backend, args.ttt_reset)
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
-    from .publish import Fault
+    from .export.publish import Fault
 
     try:
         env = export.DistEnv.from_environ()
@@ -527,10 +527,10 @@ def export_predictions(argv: Sequence[str]) -> int:
 def run_one_process(mod: Any, args: argparse.Namespace, names: dict[str, Any]) -> None:
     """YOLOZU's own ``main`` on ``args`` (plus the backend's ``names``, none for the reference
     backend), under the output's lock, writing temporary files that are published when it is done
-    (:func:`yolozu_ttt.publish.run_published`): the earlier output stays in place until then, and
+    (:func:`yolozu_ttt.export.publish.run_published`): the earlier output stays in place until then, and
     the published bytes are the ones YOLOZU's ``main`` wrote."""
     from . import export
-    from .publish import Publication, run_published
+    from .export.publish import Publication, run_published
     from .seam import rebound
 
     publication = Publication(mod.repo_root, args)
