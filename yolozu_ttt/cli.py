@@ -46,16 +46,11 @@ import threading
 import warnings
 from typing import Any, Callable, Sequence
 
+from .flags import (AMP_FLAG, BACKEND_FLAG, OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG,  # noqa: F401
+                    TTT_BACKENDS, add_amp, add_backend, add_parallel, check_parallel, take)
+
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
-TTT_BACKENDS = ("reference", "fast")
-BACKEND_FLAG = "--ttt-backend"
-RESUME_FLAG = "--resume"
-TIMEOUT_FLAG = "--dist-timeout"
-AMP_FLAG = "--ttt-amp"
-PARALLEL_FLAG = "--ttt-parallel"
-OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG, PARALLEL_FLAG)
 COMMANDS = ("export-predictions", "export", "demo", "doctor")
-PROG = "yolozu-ttt"
 
 _PATCH_LOCK = threading.RLock()
 
@@ -137,10 +132,9 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
         "YOLOZU's export_predictions CLI (every flag is YOLOZU's), plus --ttt-backend: "
         "run --ttt on yolozu_ttt's fused engine (fast) or on YOLOZU's run_ttt (reference)."
     )
-    parser.add_argument(
-        BACKEND_FLAG,
-        choices=TTT_BACKENDS,
-        default="reference",
+    add_backend(
+        parser,
+        "reference",
         help=(
             "Which run_ttt executes --ttt: 'reference' is yolozu.tta.integration.run_ttt "
             "(YOLOZU unchanged, byte-identical output); 'fast' is yolozu_ttt.run_ttt, "
@@ -148,7 +142,6 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "and the --ttt-log-out JSON (default: reference). Without --ttt it has no effect."
         ),
     )
-    from .amp import AMP_MODES
     from .export import DEFAULT_TIMEOUT_S
 
     parser.add_argument(
@@ -172,10 +165,8 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             f"waits for other ranks without any new finished image before failing (default: {DEFAULT_TIMEOUT_S:g})."
         ),
     )
-    parser.add_argument(
-        AMP_FLAG,
-        choices=AMP_MODES,
-        default=argparse.SUPPRESS,  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
+    add_amp(  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
+        parser,
         help=(
             "Precision of the --ttt adaptation passes on the fast backend: 'off' (fp32, the default: "
             "unchanged), 'bf16' or 'fp16' (torch.autocast for the model's device; fp32 weights, optimizer "
@@ -183,11 +174,8 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "block and the --ttt-log-out JSON. Needs --ttt-backend fast (YOLOZU's run_ttt has no such mode)."
         ),
     )
-    parser.add_argument(
-        PARALLEL_FLAG,
-        type=int,
-        default=argparse.SUPPRESS,  # absent: 1, and the namespace is YOLOZU's (+ --ttt-backend)
-        metavar="K",
+    add_parallel(  # absent: 1, and the namespace is YOLOZU's (+ --ttt-backend)
+        parser,
         help=(
             "Adapt K images at once (--ttt-reset sample, fast backend): each image by its own replica of "
             "the selected parameters, Adam state, norm statistics and guards, so its report and its "
@@ -198,19 +186,6 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
         ),
     )
     return parser
-
-
-def check_parallel(parser: argparse.ArgumentParser, parallel: int, backend: str, reset: str) -> None:
-    """``--ttt-parallel K``: a usage error (exit 2, before anything is written) unless K >= 1, and
-    K > 1 only in sample mode (``reset``) on the fast backend."""
-    if parallel < 1:
-        parser.error(f"{PARALLEL_FLAG} must be >= 1 (got {parallel})")
-    if parallel > 1 and backend != "fast":
-        parser.error(f"{PARALLEL_FLAG} {parallel} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt adapts "
-                     "one image at a time")
-    if parallel > 1 and str(reset) != "sample":
-        parser.error(f"{PARALLEL_FLAG} {parallel} needs --ttt-reset sample: stream mode adapts one model over the "
-                     "whole dataset in order, so there is no image to adapt beside another")
 
 
 # --------------------------------------------------------------------------------------
@@ -493,12 +468,8 @@ def export_predictions(argv: Sequence[str]) -> int:
     parser = build_export_parser(mod)
     args = parser.parse_args(list(argv))
     resume = bool(vars(args).pop("resume", False))
-    amp = vars(args).pop("ttt_amp", "off")  # ours: YOLOZU's main sees its own namespace
-    if amp != "off" and args.ttt_backend != "fast":
-        parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
-                     "mixed-precision mode (it always adapts in fp32)")
-    parallel = vars(args).pop("ttt_parallel", 1)
-    check_parallel(parser, parallel, args.ttt_backend, args.ttt_reset)
+    ours = take(parser, args, keep_backend=True)  # ours: YOLOZU's main sees its own namespace
+    amp, parallel = ours.amp, ours.parallel
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
     from .export.publish import Fault
