@@ -742,7 +742,9 @@ def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_pat
     capsys.readouterr()
     assert cli.main(["export-predictions", *args]) == 0
     assert f"{N_FAULT - done} computed, {done} from part files" in capsys.readouterr().err
-    assert len(json.loads(out.read_text())["predictions"]) == N_FAULT
+    merged = json.loads(out.read_text())
+    assert len(merged["predictions"]) == N_FAULT
+    assert merged["meta"]["ttt"]["engine"]["engine"] == "fast"  # what adapted, from the part files / stream state
     assert json.loads(log.read_text())["output"] == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.json", "out.json"]
 

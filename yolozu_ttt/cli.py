@@ -192,17 +192,16 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
 # export-predictions: fast backend
 # --------------------------------------------------------------------------------------
 def engine_summary(method: str | None = None, ran: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``build_info()`` as recorded next to ``"backend": "fast"``, and the engine that actually ran
-    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``, or ``ran``, the one recorded in the part
-    files, where this process adapted nothing): ``"engine": "fast"`` with the update ``"backend"``
-    (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
+    """``build_info()`` as recorded next to ``"backend": "fast"``, and ``ran``, the engine that
+    actually adapted (the backend's session's, or the one recorded in the part files where this
+    process adapted nothing): ``"engine": "fast"`` with the update ``"backend"`` (cpp or triton),
+    or ``"engine": "reference"`` with the fallback ``"reason"``."""
     from . import build_info
-    from .run import last_engine
 
     info = dict(build_info())
     if method is not None:
         info["method"] = str(method)
-    info.update(last_engine() or ran or {})
+    info.update(ran or {})
     return info
 
 
@@ -254,6 +253,7 @@ class FastBackend:
         self._session: Any = None
         self._session_key: tuple[int, int] | None = None
         self._engine: dict[str, Any] | None = None
+        self._ran: dict[str, Any] | None = None  # what the last call ran (its session's engine)
 
     def _resolve(self) -> Callable[..., Any]:
         if self._run_ttt is None:
@@ -271,7 +271,7 @@ class FastBackend:
     def __call__(self, adapter: Any, records: list[dict[str, Any]], *, config: Any) -> Any:
         self.calls += 1
         run_ttt = self._resolve()
-        if self._prepare is not None and bool(getattr(config, "enabled", True)):
+        if self._prepare is not None:
             model = adapter.get_model() if hasattr(adapter, "get_model") else None
             if model is not None:
                 key = (id(model), id(config))
@@ -279,9 +279,11 @@ class FastBackend:
                     self._session = self._prepare(adapter, config, **self._amp_kw())
                     self._session_key = key
                     self._rmethod, self._served = None, {}
-                if self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1:
-                    return self._grouped(adapter, model, records[0])
-                return self._session.run(records)
+                grouped = self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1
+                report = self._grouped(adapter, model, records[0]) if grouped else self._session.run(records)
+                self._ran = getattr(self._session, "engine", None)
+                return report
+        self._ran = None  # no session to say (a model-less adapter: YOLOZU's error follows)
         return run_ttt(adapter, records, config=config, **self._amp_kw())
 
     # -- --ttt-parallel K -----------------------------------------------------------------
@@ -362,12 +364,11 @@ class FastBackend:
             self._answer = _Answer(model, x, _row(outputs, i))
         return report
 
-    def last_engine(self) -> dict[str, Any] | None:
-        """``yolozu_ttt.run.last_engine()``, plus the K this backend adapted at once (``parallel``,
-        1 with ``parallel_reason`` where it went one by one)."""
-        from .run import last_engine
-
-        engine = last_engine()
+    def engine_ran(self) -> dict[str, Any] | None:
+        """The engine the last call ran (its session's :attr:`~yolozu_ttt.run.TTTSession.engine`),
+        plus the K this backend adapted at once (``parallel``, 1 with ``parallel_reason`` where it
+        went one by one)."""
+        engine = self._ran
         if engine is None or self.parallel <= 1:
             return engine
         ran = {"parallel": 1, "parallel_reason": self.parallel_why} if self.parallel_why else {"parallel": self.parallel}
@@ -379,9 +380,9 @@ class FastBackend:
     def engine(self, method: str | None) -> dict[str, Any]:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
-            self._engine = engine_summary(method, self.ran)
+            self._engine = engine_summary(method, self._ran or self.ran)
             if self.parallel > 1:  # the K this process adapted with, else the one the part files record
-                ran = (self.last_engine() if self.calls else self.ran) or {}
+                ran = (self.engine_ran() if self.calls else self.ran) or {}
                 self._engine.update({key: v for key, v in ran.items() if key.startswith("parallel")})
         return dict(self._engine)
 

@@ -16,12 +16,18 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
-from ..run import last_engine
 from .errors import ExportError
 from .job import ADAPTER_NAMES, Job
 from .parts import PART_VERSION, PartWriter, Progress, describe_fingerprint_diff, digest, fingerprint_args, \
     read_parts, shard_bounds
 from .stream import STREAM_STATE, StoredReport, load_state, nbytes, pack, save_state, stream_tensors, unpack
+
+
+def _engine_ran(backend: Any) -> dict[str, Any] | None:
+    """What the backend's last call ran (the fast backend says, with --ttt-parallel's K; YOLOZU's
+    ``run_ttt`` records nothing)."""
+    ran = getattr(backend, "engine_ran", None)
+    return ran() if callable(ran) else None
 
 
 @dataclasses.dataclass
@@ -174,8 +180,7 @@ class Shard:
                 self.hand.current = str(records[0].get("image")) if len(records) == 1 else None
                 report = backend(adapter, records, config=config)
                 self.hand.report = report.to_dict()
-                ran = getattr(backend, "last_engine", None)  # the fast backend's adds --ttt-parallel's K
-                self.hand.engine = ran() if callable(ran) else last_engine()
+                self.hand.engine = _engine_ran(backend)
                 return report
             return self._stream(backend, adapter, config)
 
@@ -197,7 +202,7 @@ class Shard:
                 report = backend(adapter, list(data.records), config=config)
                 self.hand.adapting = False
                 self.stream_adapted = True
-                saved = {"report": report.to_dict(), "engine": last_engine(), "flat": pack(tensors).cpu()}
+                saved = {"report": report.to_dict(), "engine": _engine_ran(backend), "flat": pack(tensors).cpu()}
                 save_state(path, data.digest, saved["report"], saved["engine"], saved["flat"])
             else:
                 report = StoredReport(saved["report"])
