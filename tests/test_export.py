@@ -716,8 +716,9 @@ def _full_part_files(monkeypatch, out: Path) -> None:
 def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_path, monkeypatch, capsys, mode, reset,
                                                                    full):
     """A write error (ENOSPC, injected) while the run writes: exit 1, one line naming the path and
-    what was kept, the earlier output and log byte-identical, no temporary file left; with part
-    files, a rerun with --resume after freeing space completes from them."""
+    what was kept, the earlier output and log byte-identical, no temporary file left; the rerun
+    after freeing space completes (with part files, from them) and removes what a killed run left
+    beside the output."""
     out, log = _earlier(tmp_path)
     args = _fault_args(data, reset, out, log, resume=mode == "resume")
     with monkeypatch.context() as patch:
@@ -731,21 +732,23 @@ def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_pat
     target = Path(str(out) + ".parts") if full == "part" else tmp_path / full
     assert re.match(rf"{LINE}cannot write {re.escape(str(target))}\S*: \[Errno 28\] No space left on device; ", line), line
     parts = Path(str(out) + ".parts")
+    done = 0 if mode == "one-process" else len(_entries(parts))
     if mode == "one-process":
         assert not parts.exists()
-        return
-    done = len(_entries(parts))
-    assert f"the images finished so far stay in {parts}: rerun with --resume" in line
-    assert done == (3 if full == "part" else N_FAULT)
+    else:
+        assert f"the images finished so far stay in {parts}: rerun with --resume" in line
+        assert done == (3 if full == "part" else N_FAULT)
     (tmp_path / f".{out.name}.kept-{_dead_pid()}").write_bytes(EARLIER_OUT)  # what an older release left
     (tmp_path / f".{out.name}.tmp-{_dead_pid()}").write_bytes(EARLIER_OUT[:5])  # what a SIGKILL leaves
     capsys.readouterr()
     assert cli.main(["export-predictions", *args]) == 0
-    assert f"{N_FAULT - done} computed, {done} from part files" in capsys.readouterr().err
+    if mode == "resume":
+        assert f"{N_FAULT - done} computed, {done} from part files" in capsys.readouterr().err
     merged = json.loads(out.read_text())
     assert len(merged["predictions"]) == N_FAULT
-    assert merged["meta"]["ttt"]["engine"]["engine"] == "fast"  # what adapted, from the part files / stream state
-    assert json.loads(log.read_text())["output"] == str(out)
+    if reset is not None:
+        assert merged["meta"]["ttt"]["engine"]["engine"] == "fast"  # what adapted (part files, stream state)
+        assert json.loads(log.read_text())["output"] == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.json", "out.json"]
 
 
