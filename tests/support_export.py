@@ -6,11 +6,18 @@ Run as a script (``torchrun ... tests/support_export.py export-predictions ...``
 lines (rank, attempt, image; ``end`` also whether the image's prediction will be answered from its
 group's batched forward) to ``$YTTT_ADAPT_LOG``; with ``$YTTT_KILL_AT=R:K`` rank R of the first
 attempt SIGKILLs itself when its K-th adaptation starts (a worker dying mid-run, deterministically).
+Two more faults for the export's fault tests, on rank 0 of the first attempt: ``$YTTT_SIGNAL_AT=SIG:K``
+sends itself signal SIG when YOLOZU's ``predict`` is called for the K-th time (an interrupt
+mid-run, with or without ``--ttt``), and ``$YTTT_DISK_FULL=NAME`` makes every ``Path.write_text`` of
+the file NAME (or a temporary file beside it, ``.NAME.tmp-*``) write half its text and fail with
+ENOSPC (:func:`disk_full`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -118,8 +125,46 @@ def _log(kind: str, image: str, **extra) -> None:
         handle.write(json.dumps(line) + "\n")
 
 
+def disk_full(name: str):
+    """A ``Path.write_text`` for which the file ``name`` and its temporary files (``.name.tmp-*``)
+    sit on a full disk: half the text is written, then ENOSPC, as a real full disk does."""
+    real = pathlib.Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name == name or self.name.startswith(f".{name}.tmp-"):
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data, *args, **kwargs)
+
+    return write_text
+
+
+def _first_attempt_rank_0() -> bool:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))) == (0, 0)
+
+
+def _signal_at_predict(spec: str) -> None:
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    name, at = spec.split(":")
+    sig, real, calls = getattr(signal, name), RTDETRPoseAdapter.predict, [0]
+
+    def predict(self, records):
+        calls[0] += 1
+        if calls[0] == int(at) and _first_attempt_rank_0():
+            os.kill(os.getpid(), sig)
+        return real(self, records)
+
+    RTDETRPoseAdapter.predict = predict
+
+
 def main() -> int:
     from yolozu_ttt import cli
+
+    if os.environ.get("YTTT_SIGNAL_AT"):
+        _signal_at_predict(os.environ["YTTT_SIGNAL_AT"])
+    if os.environ.get("YTTT_DISK_FULL") and _first_attempt_rank_0():
+        pathlib.Path.write_text = disk_full(os.environ["YTTT_DISK_FULL"])
 
     real = cli.FastBackend.__call__
     kill_rank, kill_at = (int(x) for x in os.environ.get("YTTT_KILL_AT", "-1:0").split(":"))
@@ -128,11 +173,14 @@ def main() -> int:
     def recorded(self, adapter, records, *, config):
         image = str(records[0].get("image")) if len(records) == 1 else "*"
         started[0] += 1
-        _log("start", image)
+        if "YTTT_ADAPT_LOG" in os.environ:
+            _log("start", image)
         if (int(os.environ.get("RANK", 0)), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))) == (kill_rank, 0) \
                 and started[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         report = real(self, adapter, records, config=config)
+        if "YTTT_ADAPT_LOG" not in os.environ:
+            return report
         # --ttt-parallel: whether YOLOZU's predict is answered from a group's batched forward
         _log("end", image, answered=self._answer is not None and adapter.get_model().__dict__.get("forward") is self._answer)
         return report

@@ -144,15 +144,22 @@ def test_backend_choices_are_validated(capsys):
 # ---------------------------------------------------------------------------------------
 # zero impact
 # ---------------------------------------------------------------------------------------
-def test_zero_impact_without_ttt_byte_identical(sample, tmp_path, one_thread):
+def test_zero_impact_without_ttt_byte_identical(sample, tmp_path, one_thread, capsys):
+    """Without --ttt the published file is YOLOZU's bytes (written to a temporary file and renamed
+    into place), and the line printed names it as YOLOZU's does."""
     args = _rtdetr_args(sample)
     theirs = tmp_path / "yolozu.json"
     res = _yolozu_cli([*args, "--output", str(theirs)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{theirs}\n"
     for backend in ("reference", "fast"):  # without --ttt the backend flag has no effect
         ours = tmp_path / f"ours_{backend}.json"
+        ours.write_text("an earlier export")
+        capsys.readouterr()
         assert cli.main(["export-predictions", *args, "--ttt-backend", backend, "--output", str(ours)]) == 0
         assert ours.read_bytes() == theirs.read_bytes(), backend
+        assert capsys.readouterr().out == f"{ours}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours_fast.json", "ours_reference.json", "yolozu.json"]
     _assert_export_module_untouched()
 
 
@@ -532,9 +539,9 @@ def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(ti
 
 
 def test_a_refused_k_keeps_the_last_exports_files(tiny, tmp_path, monkeypatch):
-    """YOLOZU's main deletes the output and the TTT log before any work; when the memory check then
-    refuses --ttt-parallel K, the last export's files are put back as they were (a refusal of ours
-    costs the user nothing), with nothing of ours left beside them."""
+    """YOLOZU's main deletes the output and the TTT log before any work (here: the temporary paths
+    it is given); when the memory check then refuses --ttt-parallel K, the last export's files are
+    as they were (a refusal of ours costs the user nothing), with nothing of ours left beside them."""
     from yolozu_ttt import parallel
 
     monkeypatch.setattr(parallel, "available_memory", lambda device: (1, "available RAM (test)"))

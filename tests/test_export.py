@@ -261,22 +261,21 @@ def test_failed_merge_keeps_part_files_and_resume_adapts_nothing(data, single, t
     out = tmp_path / "out.json"
     args = [*_args(data, reset=reset, n=n), "--output", str(out), "--resume"]
     adapted = fast_backend_calls
-    real_replace = export.os.replace
+    real_replace = os.replace
 
     def disk_full(src, dst):
         if Path(dst) == out:
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        _single(args)
+    monkeypatch.setattr(os, "replace", disk_full)
+    assert cli.main(["export-predictions", *args]) == 1  # one line, no traceback (tests below)
     assert not out.exists() and not list(tmp_path.glob(".out.json.tmp-*"))  # no partial output left behind
     assert sorted(_entries(Path(str(out) + ".parts"))) == list(range(n))
     assert [len(records) for records in adapted] == ([1] * n if reset == "sample" else [n])
 
     renamed = []
-    monkeypatch.setattr(export.os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
     adapted.clear()
     _single(args)
     assert adapted == [] and out in renamed
@@ -655,3 +654,186 @@ def test_kill_mid_group_then_resume_redoes_only_the_unfinished_images(data, sing
     assert max_prediction_diff(one["predictions"], merged["predictions"]) <= TOL
     _assert_reports_close(one["meta"]["ttt"]["report"], merged["meta"]["ttt"]["report"])
     assert not Path(str(out) + ".parts").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# a full disk, Ctrl-C, SIGTERM: the earlier output kept, one line, finished work resumable
+# ---------------------------------------------------------------------------------------
+EARLIER_OUT, EARLIER_LOG = b'{"earlier": "output"}\n', b'{"earlier": "log"}\n'
+N_FAULT = 4
+LINE = "yolozu-ttt export-predictions: "
+
+
+def _earlier(root: Path) -> tuple[Path, Path]:
+    """An earlier export's output and TTT log, in place before the run that fails."""
+    out, log = root / "out.json", root / "log.json"
+    out.write_bytes(EARLIER_OUT)
+    log.write_bytes(EARLIER_LOG)
+    return out, log
+
+
+def _fault_args(data, reset: str | None, out: Path, log: Path, resume: bool) -> list[str]:
+    return [*_args(data, reset=reset, n=N_FAULT), "--output", str(out), "--ttt-log-out", str(log),
+            *(["--resume"] if resume else [])]
+
+
+def _assert_kept(out: Path, log: Path, err: str, ttt: bool = True) -> str:
+    """The earlier files byte-identical, nothing of ours beside them, and the run's one line (no
+    traceback), which names what was kept (the log is the run's only with --ttt): returned."""
+    assert out.read_bytes() == EARLIER_OUT and log.read_bytes() == EARLIER_LOG
+    assert not [p.name for p in out.parent.iterdir() if re.search(r"\.(tmp|kept)-\d+$", p.name)]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    ours = [line for line in re.split(r"[\r\n]", err) if line.startswith(LINE)]
+    assert len(ours) == 1, err[-3000:]
+    kept = f"the earlier {out}, {log} are kept unchanged" if ttt else f"the earlier {out} is kept unchanged"
+    assert kept in ours[0], ours[0]
+    return ours[0]
+
+
+def _full_part_files(monkeypatch, out: Path) -> None:
+    """The part files' disk is full once the third image's line is synced (every line is)."""
+    import errno
+
+    monkeypatch.setattr(export.parts, "FSYNC_EVERY_S", 0.0)
+    real, synced = os.fsync, [0]
+
+    def fsync(fd):
+        if f"/{out.name}.parts/part-" in os.readlink(f"/proc/self/fd/{fd}"):
+            synced[0] += 1
+            if synced[0] == 4:  # the header, two images, then the third image's line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("mode, reset, full", [
+    ("one-process", None, "out.json"),     # no --ttt: YOLOZU's own write of the output
+    ("one-process", "sample", "log.json"),  # --ttt: the TTT log's write (after the output's)
+    ("resume", "stream", "out.json"),      # the merge's write of the output
+    ("resume", "sample", "part"),          # the part writer's own write
+])
+def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_path, monkeypatch, capsys, mode, reset,
+                                                                   full):
+    """A write error (ENOSPC, injected) while the run writes: exit 1, one line naming the path and
+    what was kept, the earlier output and log byte-identical, no temporary file left; the rerun
+    after freeing space completes (with part files, from them) and removes what a killed run left
+    beside the output."""
+    out, log = _earlier(tmp_path)
+    args = _fault_args(data, reset, out, log, resume=mode == "resume")
+    with monkeypatch.context() as patch:
+        if full == "part":
+            _full_part_files(patch, out)
+        else:
+            patch.setattr(Path, "write_text", helpers_export.disk_full(full))
+        capsys.readouterr()
+        assert cli.main(["export-predictions", *args]) == 1
+    line = _assert_kept(out, log, capsys.readouterr().err, ttt=reset is not None)
+    target = Path(str(out) + ".parts") if full == "part" else tmp_path / full
+    assert re.match(rf"{LINE}cannot write {re.escape(str(target))}\S*: \[Errno 28\] No space left on device; ", line), line
+    parts = Path(str(out) + ".parts")
+    done = 0 if mode == "one-process" else len(_entries(parts))
+    if mode == "one-process":
+        assert not parts.exists()
+    else:
+        assert f"the images finished so far stay in {parts}: rerun with --resume" in line
+        assert done == (3 if full == "part" else N_FAULT)
+    (tmp_path / f".{out.name}.kept-{_dead_pid()}").write_bytes(EARLIER_OUT)  # what an older release left
+    (tmp_path / f".{out.name}.tmp-{_dead_pid()}").write_bytes(EARLIER_OUT[:5])  # what a SIGKILL leaves
+    capsys.readouterr()
+    assert cli.main(["export-predictions", *args]) == 0
+    if mode == "resume":
+        assert f"{N_FAULT - done} computed, {done} from part files" in capsys.readouterr().err
+    merged = json.loads(out.read_text())
+    assert len(merged["predictions"]) == N_FAULT
+    if reset is not None:
+        assert merged["meta"]["ttt"]["engine"]["engine"] == "fast"  # what adapted (part files, stream state)
+        assert json.loads(log.read_text())["output"] == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.json", "out.json"]
+
+
+@pytest.mark.parametrize("mode, reset, sig", [
+    ("one-process", None, "SIGINT"),
+    ("one-process", "sample", "SIGTERM"),
+    ("resume", "sample", "SIGINT"),
+    ("resume", "stream", "SIGTERM"),
+])
+def test_ctrl_c_and_sigterm_keep_the_earlier_output_and_end_in_one_line(data, tmp_path, mode, reset, sig):
+    """SIGINT / SIGTERM sent when YOLOZU's predict is called the second time (without --ttt, in one
+    process, the first and only time): exit 130 / 143, one line saying what was kept and how to
+    continue, the earlier output and log byte-identical, no temporary file; with --resume the
+    finished images are in the part files and a rerun continues them."""
+    out, log = _earlier(tmp_path)
+    args = _fault_args(data, reset, out, log, resume=mode == "resume")
+    at = 1 if reset is None else 2
+    res = subprocess.run(_helper_cmd(args), cwd=tmp_path, env=dict(_env(), YTTT_SIGNAL_AT=f"{sig}:{at}"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == (130 if sig == "SIGINT" else 143), res.stderr[-4000:]
+    line = _assert_kept(out, log, res.stderr, ttt=reset is not None)
+    how = "Ctrl-C (SIGINT)" if sig == "SIGINT" else "SIGTERM"
+    assert f"stopped by {how}; " in line, line
+    parts = Path(str(out) + ".parts")
+    if mode == "one-process":
+        assert "nothing finished is kept without --resume" in line and not parts.exists()
+        return
+    assert f"the images finished so far stay in {parts}: rerun with --resume" in line
+    done = len(_entries(parts))
+    # SIGINT stops at once (the first image is kept); SIGTERM comes while the second batch of 2 is
+    # in hand, which is written first (--infer-batch-size 2: all 4 images)
+    assert done == {"SIGINT": 1, "SIGTERM": 4}[sig]
+    res = subprocess.run(_helper_cmd(args), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"{N_FAULT - done} computed, {done} from part files" in res.stderr
+    assert len(json.loads(out.read_text())["predictions"]) == N_FAULT
+
+
+def _no_traceback_of_ours(err: str) -> None:
+    assert not re.search(r'File ".*(yolozu_ttt|yolozu)/', err) and "KeyboardInterrupt" not in err, err[-4000:]
+
+
+def test_torchrun_full_disk_at_the_merge_keeps_the_earlier_output(data, single, tmp_path):
+    """torchrun, 2 workers, rank 0's disk full when YOLOZU's main writes the merged output: the
+    earlier output byte-identical, rank 0's one line, no traceback of ours; --resume in one process
+    then publishes from the part files without computing anything."""
+    out, log = _earlier(tmp_path)
+    args = _fault_args(data, "sample", out, log, resume=False)
+    res = subprocess.run(_helper_cmd(args, nproc=2), cwd=tmp_path, env=dict(_env(), YTTT_DISK_FULL="out.json"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    _no_traceback_of_ours(res.stderr)
+    assert out.read_bytes() == EARLIER_OUT and log.read_bytes() == EARLIER_LOG
+    assert re.search(rf"{LINE}cannot write {re.escape(str(out))}: \[Errno 28\] No space left on device; the earlier "
+                     rf"{re.escape(str(out))}, {re.escape(str(log))} are kept unchanged; the images finished so far "
+                     rf"stay in {re.escape(str(out))}.parts: rerun with --resume", res.stderr), res.stderr[-4000:]
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert cli.main(["export-predictions", *args, "--resume"]) == 0
+    merged = json.loads(out.read_text())
+    assert max_prediction_diff(single["sample-fast"]["predictions"][:N_FAULT], merged["predictions"]) <= TOL
+
+
+def test_torchrun_sigterm_keeps_the_earlier_output_and_resumes(data, tmp_path):
+    """torchrun, 2 workers, the launcher sent SIGTERM mid-run (a scheduler stopping the job): every
+    worker ends in one line with exit 143 and no traceback of ours; the earlier output stays
+    byte-identical and --resume finishes from the part files."""
+    out, log = _earlier(tmp_path)
+    parts = Path(str(out) + ".parts")
+    args = _fault_args(data, "sample", out, log, resume=False)
+    tree = _Tree(_torchrun_cmd(args), tmp_path)
+    try:
+        assert helpers_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
+        workers = tree.workers()
+        os.kill(tree.proc.pid, signal.SIGTERM)
+        status = tree.wait(60)
+    finally:
+        err = tree.close()
+    assert status is not None and status != 0, err[-4000:]
+    _no_traceback_of_ours(err)
+    assert len(workers) >= 2
+    assert len(re.findall(rf"{LINE}rank [01] of 2 stopped by SIGTERM .*; the earlier {re.escape(str(out))}, "
+                          rf"{re.escape(str(log))} are kept unchanged; the images finished so far stay in ", err)) == 2, \
+        err[-4000:]
+    assert out.read_bytes() == EARLIER_OUT and log.read_bytes() == EARLIER_LOG
+    done = len(_entries(parts))
+    assert 0 < done < N_FAULT or done == N_FAULT
+    assert cli.main(["export-predictions", *args, "--resume"]) == 0
+    assert len(json.loads(out.read_text())["predictions"]) == N_FAULT

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import (assert_models_match, assert_reports_match, method_case, method_config, run_under_interpreter,
-                      skip_under_interpreter)
+from conftest import (UNDER_INTERPRETER, assert_models_match, assert_reports_match, method_case, method_config,
+                      run_under_interpreter, skip_under_interpreter)
 
 import yolozu_ttt
 from yolozu_ttt.floor import RecordAdapter
@@ -208,3 +208,21 @@ def test_session_through_the_triton_path():
     """The GPU code path's reset (Triton's base copy, its Adam state, CoTTA's flat teacher), in the
     interpreter on CPU."""
     run_under_interpreter(__file__, "-k", "equal_fresh_runs and norm_only and (tent or cotta) or stopped")
+
+
+def test_the_engine_that_ran_belongs_to_the_session():
+    """``session.engine`` is what that session's last run ran: another session's run in the same
+    thread (here one that falls back to the reference: a disabled config) does not change it, as it
+    changes the thread's ``last_engine()``."""
+    model, batches = case("tent")
+    fast_session = prepare_session(RecordAdapter(model, batches), method_config("tent", update_filter="norm_only"))
+    other = prepare_session(RecordAdapter(copy.deepcopy(model), batches),
+                            method_config("tent", update_filter="norm_only", enabled=False))
+    with fast_session, other:
+        assert fast_session.engine is None and other.engine is None  # before any run
+        fast_session.run([{"i": 0}])
+        ran = {"engine": "fast", "backend": "triton" if UNDER_INTERPRETER else "cpp"}
+        assert fast_session.engine == ran
+        other.run([{"i": 0}])
+        assert other.engine == {"engine": "reference", "reason": None}
+        assert fast_session.engine == ran and yolozu_ttt.run.last_engine() == other.engine

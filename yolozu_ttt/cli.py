@@ -29,34 +29,28 @@
   Recorded as ``parallel`` in the ``ttt`` block and log, and in its ``engine`` the K that ran.
 * Every ``export-predictions`` holds ``<output>.lock`` while it runs (``yolozu_ttt.export.OutputLock``):
   a second run on a live output is refused before any work with one line and exit status 2.
+* Every ``export-predictions`` publishes atomically (``yolozu_ttt.export.publish``): YOLOZU's ``main``
+  writes the output and its logs to temporary files beside them, renamed into place when complete;
+  a write error, Ctrl-C or SIGTERM keeps the earlier files and ends in one line (exit 1 / 130 / 143).
 * Every private YOLOZU name (the export module's globals rebound here included) comes through
   ``yolozu_ttt.seam``, checked against this release's supported YOLOZU when imported.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
 import json
-import os
-import shutil
 import sys
 import threading
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
+
+from .flags import (AMP_FLAG, BACKEND_FLAG, OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG,  # noqa: F401
+                    TTT_BACKENDS, add_amp, add_backend, add_parallel, check_parallel, take)
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
-TTT_BACKENDS = ("reference", "fast")
-BACKEND_FLAG = "--ttt-backend"
-RESUME_FLAG = "--resume"
-TIMEOUT_FLAG = "--dist-timeout"
-AMP_FLAG = "--ttt-amp"
-PARALLEL_FLAG = "--ttt-parallel"
-OUR_FLAGS = (BACKEND_FLAG, RESUME_FLAG, TIMEOUT_FLAG, AMP_FLAG, PARALLEL_FLAG)
 COMMANDS = ("export-predictions", "export", "demo", "doctor")
-PROG = "yolozu-ttt"
 
 _PATCH_LOCK = threading.RLock()
 
@@ -66,7 +60,8 @@ _PATCH_LOCK = threading.RLock()
 # --------------------------------------------------------------------------------------
 class ParallelDoesNotFit(SystemExit):
     """``--ttt-parallel K`` refused after the first image: K replicas do not fit the memory (the
-    message names the largest K that does); the last export's files are put back (:func:`_kept_on_refusal`)."""
+    message names the largest K that does); the last export's files are untouched (YOLOZU's ``main``
+    writes temporary files, :mod:`yolozu_ttt.export.publish`)."""
 
 
 class _ParserCaptured(Exception):
@@ -137,10 +132,9 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
         "YOLOZU's export_predictions CLI (every flag is YOLOZU's), plus --ttt-backend: "
         "run --ttt on yolozu_ttt's fused engine (fast) or on YOLOZU's run_ttt (reference)."
     )
-    parser.add_argument(
-        BACKEND_FLAG,
-        choices=TTT_BACKENDS,
-        default="reference",
+    add_backend(
+        parser,
+        "reference",
         help=(
             "Which run_ttt executes --ttt: 'reference' is yolozu.tta.integration.run_ttt "
             "(YOLOZU unchanged, byte-identical output); 'fast' is yolozu_ttt.run_ttt, "
@@ -148,7 +142,6 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "and the --ttt-log-out JSON (default: reference). Without --ttt it has no effect."
         ),
     )
-    from .amp import AMP_MODES
     from .export import DEFAULT_TIMEOUT_S
 
     parser.add_argument(
@@ -172,10 +165,8 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             f"waits for other ranks without any new finished image before failing (default: {DEFAULT_TIMEOUT_S:g})."
         ),
     )
-    parser.add_argument(
-        AMP_FLAG,
-        choices=AMP_MODES,
-        default=argparse.SUPPRESS,  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
+    add_amp(  # absent: off, and the namespace is YOLOZU's (+ --ttt-backend)
+        parser,
         help=(
             "Precision of the --ttt adaptation passes on the fast backend: 'off' (fp32, the default: "
             "unchanged), 'bf16' or 'fp16' (torch.autocast for the model's device; fp32 weights, optimizer "
@@ -183,11 +174,8 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
             "block and the --ttt-log-out JSON. Needs --ttt-backend fast (YOLOZU's run_ttt has no such mode)."
         ),
     )
-    parser.add_argument(
-        PARALLEL_FLAG,
-        type=int,
-        default=argparse.SUPPRESS,  # absent: 1, and the namespace is YOLOZU's (+ --ttt-backend)
-        metavar="K",
+    add_parallel(  # absent: 1, and the namespace is YOLOZU's (+ --ttt-backend)
+        parser,
         help=(
             "Adapt K images at once (--ttt-reset sample, fast backend): each image by its own replica of "
             "the selected parameters, Adam state, norm statistics and guards, so its report and its "
@@ -200,34 +188,20 @@ def build_export_parser(mod: Any | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def check_parallel(parser: argparse.ArgumentParser, parallel: int, backend: str, reset: str) -> None:
-    """``--ttt-parallel K``: a usage error (exit 2, before anything is written) unless K >= 1, and
-    K > 1 only in sample mode (``reset``) on the fast backend."""
-    if parallel < 1:
-        parser.error(f"{PARALLEL_FLAG} must be >= 1 (got {parallel})")
-    if parallel > 1 and backend != "fast":
-        parser.error(f"{PARALLEL_FLAG} {parallel} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt adapts "
-                     "one image at a time")
-    if parallel > 1 and str(reset) != "sample":
-        parser.error(f"{PARALLEL_FLAG} {parallel} needs --ttt-reset sample: stream mode adapts one model over the "
-                     "whole dataset in order, so there is no image to adapt beside another")
-
-
 # --------------------------------------------------------------------------------------
 # export-predictions: fast backend
 # --------------------------------------------------------------------------------------
 def engine_summary(method: str | None = None, ran: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``build_info()`` as recorded next to ``"backend": "fast"``, and the engine that actually ran
-    the last ``run_ttt`` (``yolozu_ttt.run.last_engine()``, or ``ran``, the one recorded in the part
-    files, where this process adapted nothing): ``"engine": "fast"`` with the update ``"backend"``
-    (cpp or triton), or ``"engine": "reference"`` with the fallback ``"reason"``."""
+    """``build_info()`` as recorded next to ``"backend": "fast"``, and ``ran``, the engine that
+    actually adapted (the backend's session's, or the one recorded in the part files where this
+    process adapted nothing): ``"engine": "fast"`` with the update ``"backend"`` (cpp or triton),
+    or ``"engine": "reference"`` with the fallback ``"reason"``."""
     from . import build_info
-    from .run import last_engine
 
     info = dict(build_info())
     if method is not None:
         info["method"] = str(method)
-    info.update(last_engine() or ran or {})
+    info.update(ran or {})
     return info
 
 
@@ -279,6 +253,7 @@ class FastBackend:
         self._session: Any = None
         self._session_key: tuple[int, int] | None = None
         self._engine: dict[str, Any] | None = None
+        self._ran: dict[str, Any] | None = None  # what the last call ran (its session's engine)
 
     def _resolve(self) -> Callable[..., Any]:
         if self._run_ttt is None:
@@ -296,7 +271,7 @@ class FastBackend:
     def __call__(self, adapter: Any, records: list[dict[str, Any]], *, config: Any) -> Any:
         self.calls += 1
         run_ttt = self._resolve()
-        if self._prepare is not None and bool(getattr(config, "enabled", True)):
+        if self._prepare is not None:
             model = adapter.get_model() if hasattr(adapter, "get_model") else None
             if model is not None:
                 key = (id(model), id(config))
@@ -304,9 +279,11 @@ class FastBackend:
                     self._session = self._prepare(adapter, config, **self._amp_kw())
                     self._session_key = key
                     self._rmethod, self._served = None, {}
-                if self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1:
-                    return self._grouped(adapter, model, records[0])
-                return self._session.run(records)
+                grouped = self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1
+                report = self._grouped(adapter, model, records[0]) if grouped else self._session.run(records)
+                self._ran = getattr(self._session, "engine", None)
+                return report
+        self._ran = None  # no session to say (a model-less adapter: YOLOZU's error follows)
         return run_ttt(adapter, records, config=config, **self._amp_kw())
 
     # -- --ttt-parallel K -----------------------------------------------------------------
@@ -387,12 +364,11 @@ class FastBackend:
             self._answer = _Answer(model, x, _row(outputs, i))
         return report
 
-    def last_engine(self) -> dict[str, Any] | None:
-        """``yolozu_ttt.run.last_engine()``, plus the K this backend adapted at once (``parallel``,
-        1 with ``parallel_reason`` where it went one by one)."""
-        from .run import last_engine
-
-        engine = last_engine()
+    def engine_ran(self) -> dict[str, Any] | None:
+        """The engine the last call ran (its session's :attr:`~yolozu_ttt.run.TTTSession.engine`),
+        plus the K this backend adapted at once (``parallel``, 1 with ``parallel_reason`` where it
+        went one by one)."""
+        engine = self._ran
         if engine is None or self.parallel <= 1:
             return engine
         ran = {"parallel": 1, "parallel_reason": self.parallel_why} if self.parallel_why else {"parallel": self.parallel}
@@ -404,9 +380,9 @@ class FastBackend:
     def engine(self, method: str | None) -> dict[str, Any]:
         """The engine summary, built after the run (the meta and the log are written then)."""
         if self._engine is None:
-            self._engine = engine_summary(method, self.ran)
+            self._engine = engine_summary(method, self._ran or self.ran)
             if self.parallel > 1:  # the K this process adapted with, else the one the part files record
-                ran = (self.last_engine() if self.calls else self.ran) or {}
+                ran = (self.engine_ran() if self.calls else self.ran) or {}
                 self._engine.update({key: v for key, v in ran.items() if key.startswith("parallel")})
         return dict(self._engine)
 
@@ -493,15 +469,11 @@ def export_predictions(argv: Sequence[str]) -> int:
     parser = build_export_parser(mod)
     args = parser.parse_args(list(argv))
     resume = bool(vars(args).pop("resume", False))
-    amp = vars(args).pop("ttt_amp", "off")  # ours: YOLOZU's main sees its own namespace
-    if amp != "off" and args.ttt_backend != "fast":
-        parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
-                     "mixed-precision mode (it always adapts in fp32)")
-    parallel = vars(args).pop("ttt_parallel", 1)
-    check_parallel(parser, parallel, args.ttt_backend, args.ttt_reset)
+    ours = take(parser, args, keep_backend=True)  # ours: YOLOZU's main sees its own namespace
+    amp, parallel = ours.amp, ours.parallel
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
-    from .seam import rebound
+    from .export.publish import Fault
 
     try:
         env = export.DistEnv.from_environ()
@@ -513,55 +485,37 @@ def export_predictions(argv: Sequence[str]) -> int:
                     patches=lambda extra, ran=None: _backend_patches(mod, args, extra, amp, ran, parallel),
                 )
 
-        def _parse_args(_argv: Any) -> argparse.Namespace:
-            return args
-
-        # Reference backend: nothing but _parse_args is rebound, so YOLOZU's own main runs with the
-        # namespace YOLOZU's own parser produced (byte-identical output), under the output's lock.
-        with export.OutputLock(mod.repo_root / args.output).held(), _PATCH_LOCK, \
-                rebound(mod, _parse_args=_parse_args, **_backend_patches(mod, args, amp=amp, parallel=parallel)), \
-                _kept_on_refusal(_written_by_main(mod, args) if parallel > 1 else []):
-            mod.main([])
+        run_one_process(mod, args, _backend_patches(mod, args, amp=amp, parallel=parallel))
         return 0
     except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
         if busy.code:
             print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
         return 2
+    except Fault as fault:  # a write error, Ctrl-C or SIGTERM: one line, what was kept, how to go on
+        print(f"{PROG} export-predictions: {fault.message}", file=sys.stderr, flush=True)
+        return fault.status
 
 
-def _written_by_main(mod: Any, args: argparse.Namespace) -> list[Path]:
-    """The files YOLOZU's ``main`` deletes before any work and then writes: the output, and the TTA
-    and TTT logs where their flags ask for them (relative paths under its ``repo_root``, as it
-    resolves them)."""
-    root = Path(mod.repo_root)
-    logs = [Path(log) for on, log in ((args.tta, args.tta_log_out), (args.ttt, args.ttt_log_out)) if on and log]
-    return [root / args.output, *(log if log.is_absolute() else root / log for log in logs)]
+def run_one_process(mod: Any, args: argparse.Namespace, names: dict[str, Any]) -> None:
+    """YOLOZU's own ``main`` on ``args`` (plus the backend's ``names``, none for the reference
+    backend), under the output's lock, writing temporary files that are published when it is done
+    (:func:`yolozu_ttt.export.publish.run_published`): the earlier output stays in place until then, and
+    the published bytes are the ones YOLOZU's ``main`` wrote."""
+    from . import export
+    from .export.publish import Publication, run_published
+    from .seam import rebound
 
+    publication = Publication(mod.repo_root, args)
+    ns = argparse.Namespace(**{**vars(args), **publication.changes()})
 
-@contextlib.contextmanager
-def _kept_on_refusal(paths: list[Path]) -> Iterator[None]:
-    """The existing ``paths`` kept aside (hard links, else copies, next to them) while YOLOZU's
-    ``main`` runs: put back if our memory check refuses ``--ttt-parallel K`` (:class:`ParallelDoesNotFit`,
-    raised after ``main`` deleted them and before it wrote anything), dropped on every other exit."""
-    kept = []
-    try:
-        for path in paths:
-            if path.is_file():
-                aside = path.with_name(f".{path.name}.kept-{os.getpid()}")
-                try:
-                    os.link(path, aside)
-                except OSError:
-                    shutil.copy2(path, aside)
-                kept.append((path, aside))
-        yield
-    except ParallelDoesNotFit:
-        for path, aside in kept:
-            if not path.exists():
-                os.replace(aside, path)
-        raise
-    finally:
-        for _, aside in kept:
-            aside.unlink(missing_ok=True)
+    def _parse_args(_argv: Any) -> argparse.Namespace:
+        return ns
+
+    with export.OutputLock(publication.output).held(), _PATCH_LOCK, rebound(mod, _parse_args=_parse_args, **names):
+        publication.clear_leftovers()
+        run_published(lambda: mod.main([]), publication,
+                      then_interrupted="nothing finished is kept without --resume: rerun the export (with --resume, "
+                                       "finished images are kept in part files and a rerun continues them)")
 
 
 # --------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .flags import AMP_FLAG, BACKEND_FLAG, PARALLEL_FLAG, PROG, add_amp, add_backend, add_parallel, take
+
 EXPORTER_MODULE = "yolozu.inference.export_predictions_cli"
 OUR_COMMAND = ("-m", "yolozu_ttt", "export-predictions")
 TORCH_BACKENDS = ("torch", "dummy")  # the backends whose export subprocess runs run_ttt
@@ -42,9 +44,6 @@ TORCH_BACKENDS = ("torch", "dummy")  # the backends whose export subprocess runs
 def build_parser() -> argparse.ArgumentParser:
     """``yolozu export``'s parser (YOLOZU's ``parse_common_export_args``) plus our three flags."""
     from yolozu.inference.export_orchestrator import parse_common_export_args
-
-    from .amp import AMP_MODES
-    from .cli import AMP_FLAG, BACKEND_FLAG, PARALLEL_FLAG, PROG, TTT_BACKENDS
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} export",
@@ -55,17 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parse_common_export_args(parser)
-    parser.add_argument(
-        BACKEND_FLAG, choices=TTT_BACKENDS, default=argparse.SUPPRESS,
+    add_backend(
+        parser, argparse.SUPPRESS,
         help="Which run_ttt executes --ttt: 'reference' (YOLOZU unchanged, the default) or 'fast' "
              "(yolozu_ttt's engine, recorded as backend/engine in meta.ttt). No effect without --ttt.",
     )
-    parser.add_argument(
-        AMP_FLAG, choices=AMP_MODES, default=argparse.SUPPRESS,
+    add_amp(
+        parser,
         help="Precision of the --ttt adaptation passes (fast backend only; default: off).",
     )
-    parser.add_argument(
-        PARALLEL_FLAG, type=int, default=argparse.SUPPRESS, metavar="K",
+    add_parallel(
+        parser,
         help="Adapt K images at once, each by its own replica (fast backend, --ttt-reset sample; default: 1).",
     )
     return parser
@@ -77,11 +76,11 @@ def fast_command(cmd: list[str], amp: str, parallel: int = 1) -> list[str]:
     ``--ttt-parallel``); other commands unchanged."""
     if len(cmd) < 3 or list(cmd[1:3]) != ["-m", EXPORTER_MODULE]:
         return list(cmd)
-    ours = [cmd[0], *OUR_COMMAND, *cmd[3:], "--ttt-backend", "fast"]
+    ours = [cmd[0], *OUR_COMMAND, *cmd[3:], BACKEND_FLAG, "fast"]
     if amp != "off":
-        ours += ["--ttt-amp", amp]
+        ours += [AMP_FLAG, amp]
     if parallel != 1:
-        ours += ["--ttt-parallel", str(parallel)]
+        ours += [PARALLEL_FLAG, str(parallel)]
     return ours
 
 
@@ -110,18 +109,12 @@ def _same_backend_check(original: Callable[..., None], want: tuple[str, str]) ->
 
 
 def export(argv: Sequence[str]) -> int:
-    from .cli import AMP_FLAG, BACKEND_FLAG, check_parallel
     from .seam import cli_commands, export_orchestrator, rebound
 
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    backend = vars(args).pop("ttt_backend", "reference")
-    amp = vars(args).pop("ttt_amp", "off")
-    if amp != "off" and backend != "fast":
-        parser.error(f"{AMP_FLAG} {amp} needs {BACKEND_FLAG} fast: YOLOZU's reference run_ttt has no "
-                     "mixed-precision mode (it always adapts in fp32)")
-    parallel = vars(args).pop("ttt_parallel", 1)
-    check_parallel(parser, parallel, backend, getattr(args, "ttt_reset", "stream"))
+    ours = take(parser, args, keep_backend=False)
+    backend, amp, parallel = ours.backend, ours.amp, ours.parallel
     if backend == "fast" and args.ttt and str(args.backend) not in TORCH_BACKENDS:
         parser.error(f"{BACKEND_FLAG} fast needs --backend torch or dummy: YOLOZU's --backend {args.backend} "
                      "runs no run_ttt (its --ttt is the score-only lite mode)")

@@ -73,17 +73,21 @@ def engine_problem(model: Any) -> str | None:
 def last_engine() -> dict[str, Any] | None:
     """The engine the last ``run_ttt`` of this thread ran: ``{"engine": "fast", "backend": "cpp" |
     "triton"}`` (plus ``"amp": "bf16" | "fp16"`` when the passes ran in mixed precision) or
-    ``{"engine": "reference", "reason": ...}``; None before any run."""
+    ``{"engine": "reference", "reason": ...}``; None before any run. A convenience for callers of
+    the bare ``run_ttt``; a caller holding a :class:`TTTSession` reads its :attr:`TTTSession.engine`
+    (what that session's last run ran), which no other run in the thread changes."""
     return getattr(_LAST, "engine", None)
 
 
+def _ran(engine: dict[str, Any]) -> dict[str, Any]:
+    _LAST.engine = engine
+    return engine
+
+
 def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None,
-              amp: str = "off", stacklevel: int = 3) -> TTTReport:
+              stacklevel: int = 3) -> TTTReport:
     """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot), say so once per
-    process and reason. The reference runs in fp32: a requested ``amp`` is named in the reason."""
-    if reason is not None and amp != "off":
-        reason = f"{reason}; amp={amp} not applied (the reference runs in fp32)"
-    _LAST.engine = {"engine": "reference", "reason": reason}
+    process and reason."""
     if reason is not None and reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"yolozu_ttt: running YOLOZU's reference run_ttt at reference speed: {reason}",
@@ -138,6 +142,8 @@ class TTTSession:
         self.adapter, self.config, self.amp = adapter, config, check_amp(amp)
         self.graph = CUDA_GRAPH if graph is None else bool(graph)
         self.loop: StepLoop | None = None
+        #: the engine this session's last run ran (see :func:`last_engine`); None before any run
+        self.engine: dict[str, Any] | None = None
 
     def run(self, records: list[dict[str, Any]]) -> TTTReport:
         """One adaptation on ``records`` from the session's starting values (see the class)."""
@@ -166,23 +172,31 @@ class TTTSession:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _reference(self, records: list[dict[str, Any]], reason: str | None, stacklevel: int) -> TTTReport:
+        """YOLOZU's reference (:func:`_fallback`); the reference runs in fp32: a requested ``amp``
+        is named in the reason."""
+        if reason is not None and self.amp != "off":
+            reason = f"{reason}; amp={self.amp} not applied (the reference runs in fp32)"
+        self.engine = _ran({"engine": "reference", "reason": reason})
+        return _fallback(self.adapter, records, self.config, reason, stacklevel=stacklevel + 1)
+
     def _run(self, records: list[dict[str, Any]], stacklevel: int) -> TTTReport:
         adapter, config, amp = self.adapter, self.config, self.amp
         method = str(config.method or "tent").lower()
         methods = _accelerated()
         if not config.enabled:
-            return _fallback(adapter, records, config, None, stacklevel=stacklevel)
+            return self._reference(records, None, stacklevel)
         if method not in methods:  # YOLOZU's own error for a method it does not know either
             known = method in SUPPORTED_TTT_METHODS
-            return _fallback(adapter, records, config, f"method {method!r} has no fused implementation" if known
-                             else None, amp, stacklevel=stacklevel)
+            return self._reference(records, f"method {method!r} has no fused implementation" if known else None,
+                                   stacklevel)
         if hasattr(adapter, "get_model") and hasattr(adapter, "build_loader"):
             candidate = adapter.get_model()
             bound = self.loop is not None and self.loop.fits(candidate)
             problem = engine_problem(candidate) if candidate is not None and not bound else None
             if problem is not None:
                 self.close()
-                return _fallback(adapter, records, config, problem, amp, stacklevel=stacklevel)
+                return self._reference(records, problem, stacklevel)
 
         if not hasattr(adapter, "get_model") or not hasattr(adapter, "build_loader"):
             raise RuntimeError("TTT requires an adapter with get_model() and build_loader()")
@@ -211,7 +225,7 @@ class TTTSession:
         try:
             self.loop.run(ctx)
         finally:
-            _LAST.engine = {"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})}
+            self.engine = _ran({"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})})
             if self.loop.arena is None:  # the first run's binding failed: nothing is bound
                 self.loop = None
             if not was_training:
