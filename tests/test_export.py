@@ -725,7 +725,7 @@ def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_pat
         if full == "part":
             _full_part_files(patch, out)
         else:
-            patch.setattr(Path, "write_text", helpers_export.disk_full(full))
+            patch.setattr(Path, "write_text", support_export.disk_full(full))
         capsys.readouterr()
         assert cli.main(["export-predictions", *args]) == 1
     line = _assert_kept(out, log, capsys.readouterr().err, ttt=reset is not None)
@@ -820,7 +820,7 @@ def test_torchrun_sigterm_keeps_the_earlier_output_and_resumes(data, tmp_path):
     args = _fault_args(data, "sample", out, log, resume=False)
     tree = _Tree(_torchrun_cmd(args), tmp_path)
     try:
-        assert helpers_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
+        assert support_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
         workers = tree.workers()
         os.kill(tree.proc.pid, signal.SIGTERM)
         status = tree.wait(60)
