@@ -124,7 +124,9 @@ class TritonArenaGroup:
     def __init__(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, base: torch.Tensor, snap: torch.Tensor | None,
                  offsets: Sequence[int], sizes: Sequence[int], has_grad: Any = None, *,
-                 block_size: int = 2048):
+                 rows: int = 1, block_size: int = 2048):
+        if rows != 1:
+            raise ValueError("yolozu_ttt.kernels.update: rows other than 1 are not supported yet")
         self.param = _check_tensor(param, "param", None, None, SUPPORTED_DTYPES)
         n, dev, dt = param.numel(), param.device, param.dtype
         self.grad = _check_tensor(grad, "grad", n, dev, (dt,))
@@ -378,7 +380,7 @@ class StepLaunch:
 
 
 def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "StepSpec", restore_counter: int = 0,
-                 gate: torch.Tensor | None = None) -> StepLaunch:
+                 gate: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> StepLaunch:
     """The host half of :func:`fused_step` (same parameters): checks the buffers, uploads the
     has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
     launch. Nothing changes unless the launch runs, except the device flags and keys."""
@@ -399,7 +401,7 @@ def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "S
         if anchor_lambda != 0.0:
             g._anchor_coefs(anchor_lambda)
         if has_restore:
-            key = _as_i32(restore_key(spec.restore_seed, restore_counter, i))
+            key = _as_i32(restore_key(spec.restore_seed if seeds is None else seeds[0], restore_counter, i))
             g._key.copy_(torch.tensor([key], dtype=torch.int32), non_blocking=True)
         g._adam_steps += 1
     return StepLaunch(plan, out, spec, gate)
