@@ -1,0 +1,113 @@
+"""The update alone over K rows (sample-parallel replicas), interleaved: the C++ engine's K-row step
+vs the torch-ops replica update (``parallel.Replicas.update``), at the builtin RT-DETR's sizes.
+
+torch-ops: ``Replicas.update(lr, max_grad_norm)`` over (K, N) float32 buffers (clip per replica,
+Adam at one step count, the four (K,) norms) and one host read of them.
+engine: one ``_C.fused_step`` over one K-row group of the same (K, N) buffers (per-row clip, Adam,
+the snapshot into the grad rows, the norms) and one host read of its (K, 7) stats.
+
+Each round runs every provider once in a rotating order; the table gives each side's median and the
+ratio torch-ops / engine of the medians (the shared machine's load bursts land on both sides).
+
+    python benches/bench_rows.py --repeats 7 norm_only:1,8,64 all:1,8
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import rtdetr_param_sizes  # noqa: E402
+
+import yolozu_ttt._C as C  # noqa: E402
+from yolozu_ttt.common import STAT_KEYS  # noqa: E402
+from yolozu_ttt.engine import StepSpec, read  # noqa: E402
+from yolozu_ttt.parallel import Replicas  # noqa: E402
+
+LR, MAX_GRAD_NORM = 1e-4, 1.0
+
+
+def states(k: int, n: int) -> dict[str, torch.Tensor]:
+    """Seeded (K, N) replica states: values, grads, base and zero moments."""
+    gen = torch.Generator().manual_seed(k)
+    flat = torch.randn(k, n, generator=gen)
+    return dict(flat=flat, grad=torch.randn(k, n, generator=gen) * 1e-3, base=flat.clone(),
+                exp_avg=torch.zeros(k, n), exp_avg_sq=torch.zeros(k, n))
+
+
+def torch_ops(k: int, sizes: tuple[int, ...]):
+    """``Replicas.update`` on its (K, N) buffers (the replicas' other state is not needed by it)."""
+    r = Replicas.__new__(Replicas)  # the update's buffers only: no model, no passes
+    r.k, r.sizes = k, list(sizes)
+    for name, t in states(k, sum(sizes)).items():
+        setattr(r, name, t)
+    r.counts = torch.zeros(k, dtype=torch.int64)
+    r.active = torch.ones(k, dtype=torch.bool)
+    r.steps, r.stopped, r.fixed, r._inverse_numel = 0, 0, False, None
+
+    def step():
+        read(r.update(LR, MAX_GRAD_NORM))  # the (4, K) norms, one host read
+
+    return step, r
+
+
+def engine(k: int, sizes: tuple[int, ...]):
+    """One K-row ``_C.ArenaGroup`` over the same buffers, its snapshot in the grad rows."""
+    s = states(k, sum(sizes))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    flat = {name: t.view(-1) for name, t in s.items()}
+    group = C.ArenaGroup(flat["flat"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], flat["base"],
+                         flat["grad"], offsets, list(sizes), None, rows=k)
+    out = torch.empty(k * len(STAT_KEYS), dtype=torch.float64)
+    options = StepSpec(lr=LR, max_grad_norm=MAX_GRAD_NORM, write_snapshot=True).native
+
+    def step():
+        C.fused_step([group], out, options)
+        out.tolist()  # the engine's one host read per step
+
+    return step, (s, group)
+
+
+def interleave(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each provider's step, ``repeats`` rounds after one dropped warm-up round, the order
+    rotating every round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(repeats + 1):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="*", default=["norm_only:1,8,64", "all:1,8"],
+                    help="update_filter:K,K,... (all at K=64 needs ~15 GB per provider)")
+    ap.add_argument("--repeats", type=int, default=7)
+    opts = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP {C.num_threads()} threads")
+    print("| case | K | torch-ops (median) | engine (median) | torch-ops / engine |")
+    print("|---|---:|---:|---:|---:|")
+    for spec in opts.cases:
+        update_filter, ks = spec.split(":")
+        sizes = rtdetr_param_sizes(update_filter)
+        for k in (int(x) for x in ks.split(",")):
+            a, keep_a = torch_ops(k, sizes)
+            b, keep_b = engine(k, sizes)
+            times = interleave({"torch-ops": a, "engine": b}, opts.repeats)
+            ta, tb = statistics.median(times["torch-ops"]), statistics.median(times["engine"])
+            print(f"| {update_filter} ({sum(sizes) / 1e6:.2f}M x K) | {k} | {ta * 1e3:.3f} ms | {tb * 1e3:.3f} ms "
+                  f"| **{ta / tb:.2f}x** |", flush=True)
+            del keep_a, keep_b
+
+
+if __name__ == "__main__":
+    main()
