@@ -9,12 +9,20 @@ the snapshot into the grad rows, the norms) and one host read of its (K, 7) stat
 Each round runs every provider once in a rotating order; the table gives each side's median and the
 ratio torch-ops / engine of the medians (the shared machine's load bursts land on both sides).
 
+``--device cuda``: the same on a GPU, the engine being ``UpdateEngine.step`` over a
+``rows.RowArena`` (the Triton engine: one launch set per step whatever K, and its one read), with
+``--graph`` also in graph mode (the update captured once, then replayed: provider ``engine-graph``).
+``--json PATH`` writes the rows (``benches/gpu_check.sh`` records them).
+
     python benches/bench_rows.py --repeats 7 norm_only:1,8,64 all:1,8
+    python benches/bench_rows.py --device cuda --graph norm_only:8,32,64 all:8,32,64
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -26,28 +34,29 @@ from conftest import rtdetr_param_sizes  # noqa: E402
 
 import yolozu_ttt._C as C  # noqa: E402
 from yolozu_ttt.common import STAT_KEYS  # noqa: E402
-from yolozu_ttt.engine import StepSpec, read  # noqa: E402
+from yolozu_ttt.engine import StepSpec, UpdateEngine, read  # noqa: E402
 from yolozu_ttt.parallel import Replicas  # noqa: E402
+from yolozu_ttt.rows import RowArena  # noqa: E402
 
 LR, MAX_GRAD_NORM = 1e-4, 1.0
 
 
-def states(k: int, n: int) -> dict[str, torch.Tensor]:
+def states(k: int, n: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Seeded (K, N) replica states: values, grads, base and zero moments."""
-    gen = torch.Generator().manual_seed(k)
-    flat = torch.randn(k, n, generator=gen)
-    return dict(flat=flat, grad=torch.randn(k, n, generator=gen) * 1e-3, base=flat.clone(),
-                exp_avg=torch.zeros(k, n), exp_avg_sq=torch.zeros(k, n))
+    gen = torch.Generator(device=device).manual_seed(k)
+    flat = torch.randn(k, n, generator=gen, device=device)
+    return dict(flat=flat, grad=torch.randn(k, n, generator=gen, device=device) * 1e-3, base=flat.clone(),
+                exp_avg=torch.zeros(k, n, device=device), exp_avg_sq=torch.zeros(k, n, device=device))
 
 
-def torch_ops(k: int, sizes: tuple[int, ...]):
+def torch_ops(k: int, sizes: tuple[int, ...], device: str = "cpu"):
     """``Replicas.update`` on its (K, N) buffers (the replicas' other state is not needed by it)."""
     r = Replicas.__new__(Replicas)  # the update's buffers only: no model, no passes
     r.k, r.sizes = k, list(sizes)
-    for name, t in states(k, sum(sizes)).items():
+    for name, t in states(k, sum(sizes), device).items():
         setattr(r, name, t)
-    r.counts = torch.zeros(k, dtype=torch.int64)
-    r.active = torch.ones(k, dtype=torch.bool)
+    r.counts = torch.zeros(k, dtype=torch.int64, device=device)
+    r.active = torch.ones(k, dtype=torch.bool, device=device)
     r.steps, r.stopped, r.fixed, r._inverse_numel = 0, 0, False, None
 
     def step():
@@ -73,6 +82,20 @@ def engine(k: int, sizes: tuple[int, ...]):
     return step, (s, group)
 
 
+def row_engine(k: int, sizes: tuple[int, ...], device: str, graph: bool):
+    """``UpdateEngine.step`` over a RowArena of the same buffers (its one read included)."""
+    s = states(k, sum(sizes), device)
+    arena = RowArena(s["flat"], s["grad"], s["base"], sizes, exp_avg=s["exp_avg"], exp_avg_sq=s["exp_avg_sq"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # graph mode off the GPU says so
+        eng = UpdateEngine(arena, lr=LR, max_grad_norm=MAX_GRAD_NORM, graph=graph)
+
+    def step():
+        eng.step()
+
+    return step, (s, arena, eng)
+
+
 def interleave(runs: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each provider's step, ``repeats`` rounds after one dropped warm-up round, the order
     rotating every round."""
@@ -92,21 +115,44 @@ def main() -> None:
     ap.add_argument("cases", nargs="*", default=["norm_only:1,8,64", "all:1,8"],
                     help="update_filter:K,K,... (all at K=64 needs ~15 GB per provider)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="cpu (the C++ engine) or cuda (the Triton engine)")
+    ap.add_argument("--graph", action="store_true", help="also the engine in graph mode (CUDA)")
+    ap.add_argument("--json", help="write the rows here")
     opts = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP {C.num_threads()} threads")
-    print("| case | K | torch-ops (median) | engine (median) | torch-ops / engine |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP {C.num_threads()} threads, "
+          f"{opts.device}")
+    rows = []
     for spec in opts.cases:
         update_filter, ks = spec.split(":")
         sizes = rtdetr_param_sizes(update_filter)
         for k in (int(x) for x in ks.split(",")):
-            a, keep_a = torch_ops(k, sizes)
-            b, keep_b = engine(k, sizes)
-            times = interleave({"torch-ops": a, "engine": b}, opts.repeats)
-            ta, tb = statistics.median(times["torch-ops"]), statistics.median(times["engine"])
-            print(f"| {update_filter} ({sum(sizes) / 1e6:.2f}M x K) | {k} | {ta * 1e3:.3f} ms | {tb * 1e3:.3f} ms "
-                  f"| **{ta / tb:.2f}x** |", flush=True)
-            del keep_a, keep_b
+            runs, keep = {}, []
+            for name, make in (("torch-ops", lambda: torch_ops(k, sizes, opts.device)),
+                               ("engine", lambda: engine(k, sizes) if opts.device == "cpu"
+                                else row_engine(k, sizes, opts.device, False)),
+                               ("engine-graph", lambda: row_engine(k, sizes, opts.device, True))):
+                if name == "engine-graph" and not opts.graph:
+                    continue
+                runs[name], kept = make()
+                runs[name]()  # first use: tables, compiles, the graph's first sighting
+                keep.append(kept)
+            times = interleave(runs, opts.repeats)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            row = dict(case=update_filter, numel=sum(sizes), k=k, device=opts.device,
+                       **{f"{name}_ms": t * 1e3 for name, t in med.items()},
+                       **{f"torch-ops/{name}": med["torch-ops"] / t for name, t in med.items() if name != "torch-ops"})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del keep, runs
+    print("| case | K | " + " | ".join(f"{n} (median)" for n in med) + " | torch-ops / engine |")
+    print("|---|---:|" + "---:|" * (len(med) + 1))
+    for row in rows:
+        times_ms = " | ".join(f"{v:.3f} ms" for key, v in row.items() if key.endswith("_ms"))
+        print(f"| {row['case']} ({row['numel'] / 1e6:.2f}M x K) | {row['k']} | {times_ms} | "
+              f"**{row['torch-ops/engine']:.2f}x** |")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES
 from ._shared import num_warps as _warps
-from .constants import restore_key  # noqa: F401 (the API, as _C.restore_key)
+from .constants import counter_words, group_word, restore_key, seed_prefix  # noqa: F401 (restore_key: the API, as _C's)
 from .update_kernels import (ANCHOR_LOSS, BIAS_COLS, BLK_COLS, BLK_END, BLK_SEG, BLK_SEG_NUMEL, BLK_START, GRAD_NORM,
                              GS_ANCHOR_LOSS, GS_GRAD_NORM, PART_ROWS, _adam_kernel, _grad_pass_kernel,
                              _grad_stats_kernel, _RBLOCK, _sar_apply_kernel, _sar_norm_kernel, _sar_scale_kernel,
@@ -192,7 +192,7 @@ class TritonArenaGroup:
         self._flags_src = flags_src
         self._steps = torch.zeros(self.rows * max(self.num_blocks, 1), dtype=torch.int32, device=dev)
         self._adam_steps = 0  # fused steps since the last reset: a bound on every step count
-        self._key = torch.zeros(self.rows, dtype=torch.int32, device=dev)  # one restore key per row
+
         self._anchor_lambda: float | None = None
         self._anchor: torch.Tensor | None = None
         self._bias_key: tuple[float, float, float] | None = None
@@ -291,6 +291,21 @@ class _Plan:
         self.stride = self.part.stride(0)
         self.sar_scale = torch.empty(self.rows, dtype=torch.float32, device=device)
         self.items = list(zip(gs, self.bases))
+        # the restore keys' parts on the device: each row's seed prefix (uploaded when the seeds
+        # change), the step counter's words (uploaded per restore step), each group's word (fixed)
+        self.seed_prefix = torch.zeros(self.rows, dtype=torch.int32, device=device)
+        self.seeds: tuple[int, ...] | None = None
+        self.counter = torch.zeros(2, dtype=torch.int32, device=device)
+        self.group_words = [_as_i32(group_word(i)) for i in range(len(gs))]
+
+    def upload_keys(self, seeds: tuple[int, ...], counter: int) -> None:
+        """The restore keys' per-step parts: the rows' seed prefixes when ``seeds`` changed, the counter's words."""
+        if seeds != self.seeds:
+            prefixes = [_as_i32(seed_prefix(s)) for s in seeds]
+            self.seed_prefix.copy_(torch.tensor(prefixes, dtype=torch.int32), non_blocking=True)
+            self.seeds = seeds
+        words = [_as_i32(w) for w in counter_words(counter)]
+        self.counter.copy_(torch.tensor(words, dtype=torch.int32), non_blocking=True)
 
 
 def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) -> tuple[list[TritonArenaGroup], _Plan]:
@@ -379,14 +394,14 @@ class StepLaunch:
         # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
         beta1, beta2 = spec.betas
         ema_m = min(max(spec.ema_momentum, 0.0), 1.0) if has_ema else 0.0  # type: ignore[type-var]
-        for g, base in plan.items:
+        for (g, base), word in zip(plan.items, plan.group_words):
             if g.num_blocks:
                 _adam_kernel[g._grid](
                     g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
                     g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
                     g._blocks, g._flags, g._anchor if has_anchor else g._flags, g._bias, g._steps, out, part,
                     stride, base, g.row_numel, n_slots, g.num_blocks, 1.0 - beta1, beta2, 1.0 - beta2, spec.eps, ema_m, 1.0 - ema_m, spec.restore_prob,
-                    g._key, out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
+                    plan.seed_prefix, plan.counter, word, out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
                     WRITE_SNAPSHOT=write_snapshot, HAS_EMA=has_ema, HAS_RESTORE=has_restore, GATED=gate is not None,
                     BLOCK_SIZE=g.block_size, num_warps=g._warps)
         _step_stats_kernel[(plan.rows,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
@@ -411,17 +426,15 @@ def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "S
                          "on the groups' device")
     if seeds is not None and len(seeds) != rows:
         raise ValueError(f"yolozu_ttt.kernels.update: seeds must have one seed per row ({rows}), got {len(seeds)}")
-    row_seeds = [spec.restore_seed] * rows if seeds is None else [int(s) for s in seeds]
     lr, (beta1, beta2), anchor_lambda = spec.lr, spec.betas, spec.anchor_lambda
-    for i, g in enumerate(gs):
+    for g in gs:
         g._upload_flags()
         g._bias_table(lr, beta1, beta2)
         if anchor_lambda != 0.0:
             g._anchor_coefs(anchor_lambda)
-        if has_restore:
-            keys = [_as_i32(restore_key(seed, restore_counter, i)) for seed in row_seeds]
-            g._key.copy_(torch.tensor(keys, dtype=torch.int32), non_blocking=True)
         g._adam_steps += 1
+    if has_restore:
+        plan.upload_keys((spec.restore_seed,) * rows if seeds is None else tuple(seeds), restore_counter)
     return StepLaunch(plan, out, spec, gate)
 
 

@@ -8,7 +8,7 @@ clip coefficient is computed on device and read from ``out`` by the Adam pass.
 The step, numbered as in the C++ engine and the README: 1 EATA anchor gradient, 2 grad norm,
 3 clip coefficient, 4 Adam, 5 pre-step snapshot, 6 CoTTA teacher EMA, 7 CoTTA stochastic restore
 (counter-based draws keyed by ``restore_key(seed, counter, group)``, the same hash and key as
-``_C``), 8 update / total-update norms (of the final parameters) and restored count.
+``_C``, the key finished on the device from the row's seed prefix and the step's counter words), 8 update / total-update norms (of the final parameters) and restored count.
 
 Over K rows (replicas; every per-element buffer holds K rows of the arena's elements, row-major)
 the grid is (blocks, K): program (b, r) runs block b of row r, with row r's step counts, gate,
@@ -257,7 +257,9 @@ def _adam_kernel(
     ema_m,
     ema_w,
     restore_q,
-    key_ptr,
+    prefix_ptr,
+    counter_ptr,
+    group_word,
     gate_ptr,
     HAS_CLIP: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
@@ -288,8 +290,11 @@ def _adam_kernel(
         row_numel, row_slots, num_blocks: one row's elements, workspace slots and blocks.
         one_minus_beta1, beta2, one_minus_beta2, eps: Adam's scalars.
         ema_m, ema_w: the teacher EMA's m and 1 - m.
-        restore_q, key_ptr: the restore probability and this group's 32-bit key per row (int32 on
-            the device, written by the host before the launch).
+        restore_q: the restore probability.
+        prefix_ptr, counter_ptr, group_word: the restore key's parts: each row's seed prefix (int32
+            on the device, ``constants.seed_prefix``), the step counter's two words (int32 on the
+            device, written by the host before the launch) and this group's word (an int32
+            scalar): the row's key is ``restore_key(seed, counter, group)``, finished here.
         gate_ptr: with GATED, one float64 per row on the device: 0 closes the row's step (no
             segment counts as having a grad: no parameter, moment, step count, teacher or restore changes).
         HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE, GATED: the step's parts.
@@ -365,7 +370,11 @@ def _adam_kernel(
 
     # 7. CoTTA stochastic restore: p <- base where u(j) < q (every segment, counter-based RNG)
     if HAS_RESTORE:
-        hit = (_uniform01(offs, tl.load(key_ptr + row).to(tl.uint32, bitcast=True)) < restore_q) & live
+        key = _fmix32(tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
+                      ^ tl.load(counter_ptr).to(tl.uint32, bitcast=True))
+        key = _fmix32(key ^ tl.load(counter_ptr + 1).to(tl.uint32, bitcast=True))
+        key = _fmix32(key ^ group_word.to(tl.uint32, bitcast=True))
+        hit = (_uniform01(offs, key) < restore_q) & live
         tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
         p_new = tl.where(hit, base, p_new)
         n_restored = tl.sum(hit.to(tl.float32), axis=0).to(tl.float64)

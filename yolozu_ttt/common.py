@@ -78,7 +78,7 @@ class RowStats(namedtuple("RowStats", STAT_KEYS)):
     def from_values(cls, values: list[float], k: int) -> "RowStats":
         """The stats of ``values``: K rows of ``len(STAT_KEYS)`` floats, row-major."""
         n = len(STAT_KEYS)
-        return cls(*(tuple(values[r * n + j] for r in range(k)) for j in range(n)))
+        return cls(*(tuple(values[j:n * k:n]) for j in range(n)))
 
     @property
     def k(self) -> int:

@@ -253,6 +253,7 @@ class UpdateEngine:
         self._gate = torch.ones(k, dtype=torch.float64, device=arena.device)  # see ``gate``
         self._active = torch.ones(k, dtype=torch.float64, device=arena.device)  # see ``stop_rows``
         self.stopped: set[int] = set()  #: the rows ``stop_rows`` froze
+        self._seeds: tuple[tuple, tuple[int, ...]] = ((), ())  # the last seeds given and their uint64s
         self.total_update_norm: Any = 0.0 if self.rows is None else (0.0,) * k  # of the last applied step
         #: graph mode: asked for and possible (a CUDA arena on the Triton engine)
         self.graph_mode = bool(graph) and self._graph_possible()
@@ -336,15 +337,21 @@ class UpdateEngine:
             self.arena.hold_snapshot(in_grad=True)
         gate = self._gate if spec.gated else (self._active if self.stopped else None)
         counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
-        if seeds is not None:
-            seeds = tuple(int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds)
-            if len(seeds) != (self.rows or 1):
-                raise ValueError(f"yolozu_ttt: seeds must have one seed per row ({self.rows or 1}), got {len(seeds)}")
-            if spec.restore_prob <= 0.0:
-                seeds = None  # only the restore draws from them
+        seeds = self._row_seeds(seeds) if seeds is not None and spec.restore_prob > 0.0 else None
         if self.backend == "triton":
             return self._impl.prepare_step(self._groups, self._stats, spec, counter, gate, seeds)
         return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, spec.native, counter, gate, seeds)
+
+    def _row_seeds(self, seeds: Sequence[int]) -> tuple[int, ...]:
+        """``seeds`` checked (one per row) as uint64s, converted again only when they change (a run
+        passes the same ones every step)."""
+        given = tuple(seeds)
+        if given != self._seeds[0]:
+            row_seeds = tuple(int(s) & 0xFFFFFFFFFFFFFFFF for s in given)
+            if len(row_seeds) != (self.rows or 1):
+                raise ValueError(f"yolozu_ttt: seeds must have one seed per row ({self.rows or 1}), got {len(row_seeds)}")
+            self._seeds = (given, row_seeds)
+        return self._seeds[1]
 
     def collect(self, extra: Sequence[Any] = ()) -> tuple[Any, list[float]]:
         """The launched update's stats (a StepStats; over K rows a RowStats) and the values of
