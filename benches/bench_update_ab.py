@@ -30,7 +30,7 @@ import yolozu_ttt._C as C
 from yolozu_ttt.common import SAR_STAT_KEYS, STAT_KEYS
 from yolozu_ttt.engine import StepSpec
 
-sizes_by_filter, steps = json.loads(sys.argv[1]), int(sys.argv[2])
+sizes_by_filter, steps, methods = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 SPECS = dict(tent=dict(max_grad_norm=1.0), eata=dict(max_grad_norm=1.0, anchor_lambda=1.0),
              sar=dict(max_grad_norm=1.0), cotta=dict(max_grad_norm=1.0, ema_momentum=0.999, restore_prob=0.01))
 result = {}
@@ -39,6 +39,8 @@ for update_filter, sizes in sizes_by_filter.items():
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     gen = torch.Generator().manual_seed(0)
     for method, options in SPECS.items():
+        if method not in methods:
+            continue
         p = torch.randn(n, generator=gen)
         g = torch.randn(n, generator=gen) * 1e-3
         m, v, base, teacher, backup = torch.zeros(n), torch.zeros(n), p.clone(), p.clone(), torch.empty(n)
@@ -66,9 +68,9 @@ print(json.dumps(result))
 """
 
 
-def run(path: str, sizes: dict, steps: int) -> dict[str, float]:
+def run(path: str, sizes: dict, steps: int, methods: str) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes), str(steps)], env=env, cwd=path,
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes), str(steps), methods], env=env, cwd=path,
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -79,17 +81,19 @@ def main() -> None:
     ap.add_argument("--after", default=str(HERE.parent), help="this checkout (default)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=9, help="fused updates per case per subprocess (median)")
+    ap.add_argument("--methods", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
+    ap.add_argument("--filters", default="all,norm_only", help="update filters, comma-separated")
     opts = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from conftest import rtdetr_param_sizes
 
-    sizes = {f: list(rtdetr_param_sizes(f)) for f in ("all", "norm_only")}
+    sizes = {f: list(rtdetr_param_sizes(f)) for f in opts.filters.split(",")}
     sides = {"before": opts.before, "after": opts.after}
     got: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
     order = list(sides)
     for i in range(opts.rounds):
         for side in order[i % 2:] + order[:i % 2]:
-            for case, t in run(sides[side], sizes, opts.steps).items():
+            for case, t in run(sides[side], sizes, opts.steps, opts.methods).items():
                 got[side].setdefault(case, []).append(t)
     print("| case (K = 1) | before (median) | after (median) | before / after |")
     print("|---|---:|---:|---:|")
