@@ -125,19 +125,8 @@ StepOptions step_options(const py::object& spec) {
   return o;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "yolozu_ttt fused CPU update engine (flat parameter arena, OpenMP)";
-
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const yttt::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    }
-  });
-
+// The engine's group object: ArenaGroup and its buffers' setters.
+void bind_arena_group(py::module_& m) {
   py::class_<ArenaGroup>(m, "ArenaGroup")
       .def(py::init([](const py::object& param, const py::object& grad, const py::object& exp_avg,
                        const py::object& exp_avg_sq, const py::object& base, const py::object& snap,
@@ -188,22 +177,10 @@ PYBIND11_MODULE(_C, m) {
            "before writing the snapshot over it), except for sar_perturb, whose backup must "
            "outlive the next backward.");
 
-  // How many scalars each call writes into `out` (their names and order: yolozu_ttt.common).
-  m.attr("NUM_STATS") = static_cast<int>(yttt::Stat::Count);
-  m.attr("NUM_GRAD_STATS") = static_cast<int>(yttt::GradStat::Count);
-  m.attr("NUM_SAR_STATS") = static_cast<int>(yttt::SarStat::Count);
-  // The constants shared with yolozu_ttt/kernels/constants.py, by its names.
-  py::dict constants;
-  constants["CLIP_EPS"] = yttt::kClipEps;
-  constants["SAR_EPS"] = yttt::kSarEps;
-  constants["FMIX32_M1"] = yttt::kFmix32M1;
-  constants["FMIX32_M2"] = yttt::kFmix32M2;
-  constants["RESTORE_SEED_MIX"] = yttt::kRestoreSeedMix;
-  constants["RESTORE_COUNTER_MUL"] = yttt::kRestoreCounterMul;
-  constants["RESTORE_GROUP_MUL"] = yttt::kRestoreGroupMul;
-  constants["UNIFORM_BITS"] = yttt::kUniformBits;
-  m.attr("CONSTANTS") = constants;
+}
 
+// A step's options and the engine's calls.
+void bind_calls(py::module_& m) {
   py::class_<StepOptions>(m, "StepOptions")
       .def(py::init(&step_options), py::arg("spec"),
            "A fused step's options from a yolozu_ttt.engine.StepSpec (its fields, read once, "
@@ -270,4 +247,36 @@ PYBIND11_MODULE(_C, m) {
   m.def("openmp", &yttt::openmp_enabled, "Whether the module was built with OpenMP.");
   m.def("num_threads", &yttt::num_threads, "OpenMP's thread count (1 without OpenMP).");
   m.def("set_num_threads", &yttt::set_num_threads, py::arg("n"), "Set OpenMP's thread count (n >= 1).");
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "yolozu_ttt fused CPU update engine (flat parameter arena, OpenMP)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const yttt::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  bind_arena_group(m);
+  // How many scalars each call writes into `out` (their names and order: yolozu_ttt.common).
+  m.attr("NUM_STATS") = static_cast<int>(yttt::Stat::Count);
+  m.attr("NUM_GRAD_STATS") = static_cast<int>(yttt::GradStat::Count);
+  m.attr("NUM_SAR_STATS") = static_cast<int>(yttt::SarStat::Count);
+  // The constants shared with yolozu_ttt/kernels/constants.py, by its names.
+  py::dict constants;
+  constants["CLIP_EPS"] = yttt::kClipEps;
+  constants["SAR_EPS"] = yttt::kSarEps;
+  constants["FMIX32_M1"] = yttt::kFmix32M1;
+  constants["FMIX32_M2"] = yttt::kFmix32M2;
+  constants["RESTORE_SEED_MIX"] = yttt::kRestoreSeedMix;
+  constants["RESTORE_COUNTER_MUL"] = yttt::kRestoreCounterMul;
+  constants["RESTORE_GROUP_MUL"] = yttt::kRestoreGroupMul;
+  constants["UNIFORM_BITS"] = yttt::kUniformBits;
+  m.attr("CONSTANTS") = constants;
+
+  bind_calls(m);
 }
