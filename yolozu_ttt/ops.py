@@ -32,7 +32,6 @@ the custom ops. On the Triton path each op is one launch per call (``entropy_sta
 ``(B, ..., C)`` logits two), the reductions' final sums and means folded into the kernels, and
 no op reads device memory back to the host.
 """
-from __future__ import annotations
 
 import math
 
