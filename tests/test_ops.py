@@ -492,6 +492,8 @@ def test_dispatch_rule():
 # torch.func.vmap: each op's batching rule equals a loop of the op over the batch
 # =======================================================================================
 
+# torch < 2.5 has no torch.library.register_vmap: there vmap's fallback loops the ops (the equality tests
+# run on every torch; the rules' own tests need them)
 needs_vmap_rules = pytest.mark.skipif(not hasattr(torch.library, "register_vmap"),
                                       reason="custom ops' batching rules need torch.library.register_vmap (torch 2.5)")
 
@@ -526,19 +528,16 @@ def _sample(args, in_dims, i):
 def _vmap_and_loop(fn, args, in_dims, *, grad=True, weights_seed=0):
     """``fn`` under vmap and in a loop over the batch: (values, gradients) of each, the gradients of
     ``sum_i w_i * fn(sample i)`` (random w: every sample its own upstream gradient) w.r.t. the float
-    tensors among ``args``, taken by autograd through vmap's result. Fails on vmap's fallback (no rule)."""
-    import warnings
+    tensors among ``args``, taken by autograd through vmap's result."""
 
     def run(batched: bool):
         leaves = [a.detach().clone().requires_grad_(grad and a.is_floating_point()) if isinstance(a, torch.Tensor)
                   else a for a in args]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*performance drop.*")  # the fallback loop, no rule
-            if batched:
-                out = torch.func.vmap(fn, in_dims=tuple(in_dims))(*leaves)
-            else:
-                outs = [fn(*_sample(leaves, in_dims, i)) for i in range(V)]
-                out = tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
+        if batched:
+            out = torch.func.vmap(fn, in_dims=tuple(in_dims))(*leaves)
+        else:
+            outs = [fn(*_sample(leaves, in_dims, i)) for i in range(V)]
+            out = tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
         first = out[0] if isinstance(out, tuple) else out
         wanted = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
         if not wanted or not first.requires_grad:
@@ -565,7 +564,6 @@ def _logits(shape, dtype, device, seed):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(device=device, dtype=dtype)
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
 @pytest.mark.parametrize("in_dim", [0, 1])
@@ -589,7 +587,6 @@ def test_vmap_entropy_loss_equals_loop(shape, in_dim, dtype, device):
     _exactly_or_close(grads[0], loop_grads[0], terms=shape[-1], dtype=dtype, strided_rows=strided)
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
 @pytest.mark.parametrize("in_dim", [0, 2])
@@ -654,7 +651,6 @@ def _mim_case_id(case):
     return f"{'x'.join(map(str, shape))}-g{'x'.join(map(str, gshape))}-dims{dims[0]}{dims[1]}"
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
 @pytest.mark.parametrize("case", VMAP_MIM_CASES, ids=_mim_case_id)
@@ -674,7 +670,6 @@ def test_vmap_apply_patch_mask_equals_loop(case, dtype, device):
     _shared_input_close(grads[0], loop_grads[0], dx)
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
 @pytest.mark.parametrize("case", VMAP_MIM_CASES, ids=_mim_case_id)
@@ -695,7 +690,6 @@ def test_vmap_masked_reconstruction_loss_equals_loop(case, dtype, device):
         _shared_input_close(g, lg, dx)
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_of_the_backward_ops_and_nested_vmap(device):
     """The backward ops batch too (vmap of entropy_loss_bwd, of masked_reconstruction_loss_bwd), and
@@ -727,7 +721,6 @@ def test_vmap_of_the_backward_ops_and_nested_vmap(device):
     assert torch.equal(got, want)
 
 
-@needs_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_ops_replace_the_plain_torch_twins(device):
     """Under vmap each op equals the plain-torch twin the sample-parallel methods carry (and the loop,
