@@ -309,11 +309,14 @@ def _opcheck_cases(device):
         (torch.ops.yolozu_ttt.apply_patch_mask.default, (x, grid, 16, 0.5)),
         (torch.ops.yolozu_ttt.masked_reconstruction_loss.default, (x, t, grid, 16)),
         (torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd.default, (g, x.detach(), t.detach(), grid, 16)),
+        (torch.ops.yolozu_ttt.entropy_loss_samples.default, (z,)),
+        (torch.ops.yolozu_ttt.entropy_loss_bwd.default, (g.expand(3) * torch.arange(1, 4, device=device), z.detach(),
+                                                         lse.view(3, 5), h.view(3, 5))),  # per-sample grads
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(index, device):
     op, args = _opcheck_cases(device)[index]
     torch.library.opcheck(op, args)
