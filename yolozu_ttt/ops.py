@@ -704,6 +704,7 @@ def entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Tens
     ``logits (B, ..., C)``: per-sample means over ``...`` of the max-probability and entropy,
     and ``valid`` = number of rows with max-probability ``>= conf_min``.
     ``C <= 1``: all zeros.  Not differentiable (computed on ``logits.detach()``).
+    Under ``torch.func.vmap`` over V such inputs: each ``(V, B)``, one call on the flattened batch.
     """
     if _eager(logits):
         return _entropy_stats_impl(logits.detach(), float(conf_min))
@@ -716,7 +717,8 @@ def apply_patch_mask(x: Tensor, patch_mask: Tensor, *, patch_size: int, mask_val
     ``x``: ``(B, C, H, W)`` or ``(C, H, W)``.  ``patch_mask``: bool/uint8 grid ``(gh, gw)``,
     ``(B|1, gh, gw)`` (4-D ``x``) / ``(C|1, gh, gw)`` (3-D ``x``), or ``(B|1, C|1, gh, gw)``
     with ``gh = ceil(H / patch_size)``, ``gw = ceil(W / patch_size)``.  Returns a tensor shaped
-    and typed like ``x``; the gradient flows through unmasked elements only.
+    and typed like ``x``; the gradient flows through unmasked elements only.  Under
+    ``torch.func.vmap`` (``x``, ``patch_mask`` or both batched): ``(V, *x.shape)``, one call.
     """
     if _eager(x, patch_mask):
         if x.requires_grad and torch.is_grad_enabled():
@@ -730,7 +732,8 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, patch_mask: Tensor,
 
     ``pred``, ``target``: same shape, ``(B, C, H, W)`` or ``(C, H, W)``; ``patch_mask`` as in
     :func:`apply_patch_mask`.  fp32 accumulation; an empty mask gives 0 with a zero gradient.
-    Differentiable w.r.t. ``pred`` and ``target``.
+    Differentiable w.r.t. ``pred`` and ``target``.  Under ``torch.func.vmap``: ``(V,)``, the op
+    looped over the V samples (each divides by its own masked count).
     """
     if _eager(pred, target, patch_mask):
         if (pred.requires_grad or target.requires_grad) and torch.is_grad_enabled():
