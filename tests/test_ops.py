@@ -743,11 +743,12 @@ def test_vmap_ops_replace_the_plain_torch_twins(device):
     for a, b in zip(vmap(ops.entropy_stats, in_dims=(0, None))(z, 0.3), vmap(vmap_signals, in_dims=(0, None))(z, 0.3)):
         _close(a, b, rtol=1e-5, atol=1e-6)
 
-    x, t, grid, ps, _, _ = _vmap_mim_args(VMAP_MIM_CASES[4], torch.float32, device, 6)  # (C, H, W) images, (gh, gw) grids
+    # (C, H, W) images, (gh, gw) grids: what the replicas' MIM passes take
+    x, t, grid, ps, _, _ = _vmap_mim_args(VMAP_MIM_CASES[4], torch.float32, device, 6)
 
     def fused(x, t, grid):
-        return ops.masked_reconstruction_loss(ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=0.5) * 2.0, t, grid,
-                                              patch_size=ps)
+        masked = ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=0.5)
+        return ops.masked_reconstruction_loss(masked * 2.0, t, grid, patch_size=ps)
 
     def plain(x, t, grid):  # vmap_masked_pass's input masking and loss, without its model
         full = masking.full_mask(grid, x, ps)
@@ -797,8 +798,8 @@ def test_vmap_launches_per_call(monkeypatch):
         xx = x.clone().requires_grad_(True)
         masked = vmap(lambda a, g: ops.apply_patch_mask(a, g, patch_size=16))(xx, grid)
         torch.autograd.grad(masked.sum(), xx)
-        torch.autograd.grad(vmap(lambda a, g: ops.masked_reconstruction_loss(a, x[0], g, patch_size=16))(xx, grid).sum(),
-                            xx)
+        rec = vmap(lambda a, g: ops.masked_reconstruction_loss(a, x[0], g, patch_size=16))(xx, grid)
+        torch.autograd.grad(rec.sum(), xx)
 
     run_all()  # warm-up
     counter = _Launches(monkeypatch)
