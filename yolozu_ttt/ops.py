@@ -25,8 +25,8 @@ Dispatch (``common.use_triton``): CUDA tensors run the Triton kernels; CPU tenso
 implementation, unless ``TRITON_INTERPRET=1`` was set before import, in which case they run
 the Triton kernels in Triton's interpreter (so the GPU code path can be tested anywhere).
 
-Eager calls (plain tensors, not under ``torch.compile`` or ``vmap``) skip the ``torch.library`` layers on
-every device: they run the custom op's implementation under a plain ``autograd.Function`` (or
+Eager calls (plain tensors, not under ``torch.compile`` or ``vmap``) skip the ``torch.library``
+layers on every device: they run the custom op's implementation under a plain ``autograd.Function`` (or
 none where nothing needs a gradient), which costs ~70 µs less per call; traced calls go through
 the custom ops. On the Triton path each op is one launch per call (``entropy_stats`` of
 ``(B, ..., C)`` logits two), the reductions' final sums and means folded into the kernels, and
