@@ -98,6 +98,16 @@ else
     --graph --json "$WORK/bench_parallel.json"
 fi
 
+# 1c. the update alone over K rows (one engine for every K): the K-row step (Triton engine, graph
+#     mode off and on) vs the torch-ops replica update, K in {8, 32, 64}, tent norm_only and all
+if (( DRY )); then
+  step bench_rows 60 "$PY" "$ROOT/benches/bench_rows.py" --device cpu --repeats 1 --json "$WORK/bench_rows.json" \
+    norm_only:2
+else
+  step bench_rows 90 "$PY" "$ROOT/benches/bench_rows.py" --device cuda --graph --repeats 5 \
+    --json "$WORK/bench_rows.json" norm_only:8,32,64 all:8,32,64
+fi
+
 # 2. benches: graph mode (whole step, batch 1, builtin RT-DETR) vs eager and Tent's floor; ops,
 #    update, host time (kernels stubbed); end to end eager (fast vs reference vs floor)
 BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-disable-gc)
@@ -247,6 +257,9 @@ if os.path.exists(env) and os.path.getsize(env):
 par = os.path.join(work, "bench_parallel.json")
 if os.path.exists(par) and os.path.getsize(par):
     doc["bench_parallel"] = json.load(open(par))
+rows = os.path.join(work, "bench_rows.json")
+if os.path.exists(rows) and os.path.getsize(rows):
+    doc["bench_rows"] = json.load(open(rows))
 probe = os.path.join(work, "host_probe.json")
 if os.path.exists(probe) and os.path.getsize(probe):
     doc["host_probe"] = json.load(open(probe))

@@ -1,11 +1,11 @@
 // The engine interface of yolozu_ttt._C: the fused step, grad statistics and SAR's ascent over a
 // list of ArenaGroups, each writing its scalars into a caller's float64 `out` tensor (the same
-// interface as the Triton engine, yolozu_ttt.kernels.update). bindings.cpp only binds these.
+// interface as the Triton engine, yolozu_ttt.kernels.update). Plain C++: bindings.cpp converts
+// the Python arguments and binds these.
 #pragma once
 
-#include <pybind11/pybind11.h>
-
 #include <cstdint>
+#include <vector>
 
 #include "update.h"
 
@@ -35,21 +35,23 @@ enum class SarStat : int {  // SAR_STAT_KEYS: sar_perturb
   Count
 };
 
-// A step's options from a yolozu_ttt.engine.StepSpec (any object with its fields), read once;
-// the spec has validated them.
-StepOptions step_options(const pybind11::object& spec);
+// The groups of one call hold the same K rows (K = 1: one run); every call steps each row with its
+// own sums and writes row r's scalars to out[r * Count : (r + 1) * Count] (`out`: a float64 buffer
+// of at least K * Count). Each call checks its arguments before it changes anything, so bad input
+// leaves the arena as it was.
 
 // One fused step of `options` over all groups at restore counter `restore_counter` (see
-// engine.cpp); writes out[0:Stat::Count].
-void fused_step(const pybind11::list& groups, const pybind11::object& out, const StepOptions& options,
-                uint64_t restore_counter, const pybind11::object& gate);
+// engine.cpp). gate: unset (every row open) or K float64 values read at the call (0: the row
+// applies nothing). seeds: row r's restore seed (empty: options.restore_seed for every row).
+void fused_step(const std::vector<ArenaGroup*>& groups, const Buffer& out, const StepOptions& options,
+                uint64_t restore_counter, const Buffer& gate, const std::vector<uint64_t>& seeds = {});
 
-// The grad norm and the anchor value, changing nothing; writes out[0:GradStat::Count].
-void grad_stats(const pybind11::list& groups, const pybind11::object& out, double anchor_lambda,
+// Each row's grad norm and anchor value, changing nothing.
+void grad_stats(const std::vector<ArenaGroup*>& groups, const Buffer& out, double anchor_lambda,
                 bool anchor_value);
 
-// SAR's ascent step with the snapshot as backup (written whenever rho > 0); writes out[0:SarStat::Count].
-void sar_perturb(const pybind11::list& groups, const pybind11::object& out, double rho, bool adaptive);
+// SAR's ascent step per row with the snapshot as backup (written whenever rho > 0).
+void sar_perturb(const std::vector<ArenaGroup*>& groups, const Buffer& out, double rho, bool adaptive);
 
 // The 32-bit key of the counter-based CoTTA restore RNG for one (seed, step counter, group).
 uint32_t restore_key(uint64_t seed, uint64_t counter, uint64_t group);

@@ -113,20 +113,6 @@ auto dispatch(DType d, F&& f) {
   throw std::invalid_argument("yolozu_ttt._C: unsupported dtype");
 }
 
-DType parse_dtype(const std::string& s, const char* what) {
-  if (s == "torch.float32") return DType::F32;
-  if (s == "torch.bfloat16") return DType::BF16;
-  if (s == "torch.float16") return DType::F16;
-  throw py::type_error(std::string("yolozu_ttt._C: ") + what + " has unsupported dtype " + s +
-                       " (expected float32, bfloat16 or float16)");
-}
-
-double sum_in_order(const std::vector<double>& parts) {
-  double total = 0.0;
-  for (double v : parts) total += v;
-  return total;
-}
-
 // Below this many elements a pass runs on the calling thread: waking an OpenMP team costs more
 // than the work (and much more on a loaded machine, where a descheduled thread stalls the barrier).
 constexpr int64_t kParallelMinElements = 1 << 17;
@@ -141,68 +127,37 @@ void parallel_items(int64_t n, int64_t elements, Body&& body) {
 
 }  // namespace
 
-Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none, Holds holds) {
-  Buffer b;
-  if (tensor.is_none()) {
-    if (allow_none) return b;
-    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be a tensor, got None");
-  }
-  if (!py::hasattr(tensor, "data_ptr") || !py::hasattr(tensor, "is_contiguous")) {
-    throw py::type_error(std::string("yolozu_ttt._C: ") + what + " must be a torch.Tensor");
-  }
-  if (py::str(tensor.attr("device").attr("type")).cast<std::string>() != "cpu") {
-    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be a CPU tensor");
-  }
-  if (!tensor.attr("is_contiguous")().cast<bool>()) {
-    throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be contiguous");
-  }
-  b.ref = tensor;
-  b.ptr = reinterpret_cast<void*>(tensor.attr("data_ptr")().cast<uintptr_t>());
-  b.numel = tensor.attr("numel")().cast<int64_t>();
-  const std::string dtype = py::str(tensor.attr("dtype")).cast<std::string>();
-  if (holds == Holds::Stats) {
-    if (dtype != "torch.float64")
-      throw py::value_error(std::string("yolozu_ttt._C: ") + what + " must be float64, got " + dtype);
-    b.dtype = DType::F64;
-  } else {
-    b.dtype = parse_dtype(dtype, what);
-  }
-  return b;
-}
-
-ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
-                       py::object exp_avg_sq, py::object base, py::object snap,
-                       std::vector<int64_t> offsets, std::vector<int64_t> sizes,
-                       py::object has_grad)
-    : offsets_(std::move(offsets)), sizes_(std::move(sizes)) {
-  param_ = make_buffer(param, "param", false);
-  grad_ = make_buffer(grad, "grad", false);
+ArenaGroup::ArenaGroup(Buffer param, Buffer grad, const Buffers& exp_avg, const Buffers& exp_avg_sq,
+                       const Buffers& base, const std::optional<Buffers>& snap,
+                       std::vector<int64_t> offsets, std::vector<int64_t> sizes, Buffer has_grad,
+                       int64_t rows)
+    : param_(std::move(param)), grad_(std::move(grad)), offsets_(std::move(offsets)), sizes_(std::move(sizes)),
+      rows_(rows) {
+  if (rows_ < 1) throw ValueError("yolozu_ttt._C: rows must be >= 1");
   const int64_t n = param_.numel;
   check_flat(grad_, "grad", false);
   if (offsets_.size() != sizes_.size())
-    throw py::value_error("yolozu_ttt._C: offsets and sizes differ in length");
+    throw ValueError("yolozu_ttt._C: offsets and sizes differ in length");
   int64_t expect = 0;
   for (size_t s = 0; s < offsets_.size(); ++s) {
     if (offsets_[s] != expect || sizes_[s] < 0)
-      throw py::value_error("yolozu_ttt._C: segments must tile the arena in order");
+      throw ValueError("yolozu_ttt._C: segments must tile the arena in order");
     expect += sizes_[s];
     for (int64_t b = 0; b < sizes_[s]; b += kChunk)
       work_.push_back({static_cast<int64_t>(s), offsets_[s] + b,
                        offsets_[s] + std::min(sizes_[s], b + kChunk)});
   }
-  if (expect != n)
-    throw py::value_error("yolozu_ttt._C: segments cover " + std::to_string(expect) +
-                          " elements, arena has " + std::to_string(n));
-  if (!has_grad.is_none()) {
-    py::buffer_info info = py::buffer(has_grad).request();
-    if (info.itemsize != 1 || info.size != static_cast<py::ssize_t>(offsets_.size()))
-      throw py::value_error("yolozu_ttt._C: has_grad must be a byte buffer with one entry per segment");
-    has_grad_.ref = has_grad;
-    has_grad_.ptr = info.ptr;
-    has_grad_.numel = info.size;
+  if (expect * rows_ != n)
+    throw ValueError("yolozu_ttt._C: segments cover " + std::to_string(expect) + " elements" +
+                     (rows_ == 1 ? std::string() : " x " + std::to_string(rows_) + " rows") +
+                     ", arena has " + std::to_string(n));
+  row_numel_ = expect;
+  if (has_grad.owner) {  // given (the binding layer sets the owner of every buffer it passes)
+    if (has_grad.numel != static_cast<int64_t>(offsets_.size()))
+      throw ValueError("yolozu_ttt._C: has_grad must be a byte buffer with one entry per segment");
+    has_grad_ = std::move(has_grad);
   }
-  steps_.assign(offsets_.size(), 0);
-  no_grads_.assign(offsets_.size() + 1, 0);  // + 1: never empty, so its pointer is never null
+  steps_.assign(offsets_.size() * rows_, 0);
   set_base(base);
   set_moments(exp_avg, exp_avg_sq);
   set_snapshot(snap);
@@ -211,13 +166,13 @@ ArenaGroup::ArenaGroup(py::object param, py::object grad, py::object exp_avg,
 void ArenaGroup::check_flat(const Buffer& b, const char* what, bool moments) const {
   const std::string name = std::string("yolozu_ttt._C: ") + what;
   if (b.numel != param_.numel)
-    throw py::value_error(name + " has " + std::to_string(b.numel) + " elements, param has " +
+    throw ValueError(name + " has " + std::to_string(b.numel) + " elements, param has " +
                           std::to_string(param_.numel));
   if (b.dtype != (moments ? DType::F32 : param_.dtype))
-    throw py::type_error(name + (moments ? " must be float32" : " dtype differs from param"));
+    throw TypeError(name + (moments ? " must be float32" : " dtype differs from param"));
 }
 
-Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool moments) const {
+Segmented ArenaGroup::segmented(const Buffers& bufs, const char* what, bool moments) const {
   const DType dtype = moments ? DType::F32 : param_.dtype;
   const size_t n_seg = offsets_.size();
   const int64_t itemsize = dtype == DType::F32 ? 4 : 2;
@@ -225,32 +180,37 @@ Segmented ArenaGroup::segmented(const py::object& obj, const char* what, bool mo
   const char* dtype_name = moments ? "float32" : "the param dtype";
   Segmented out;
   out.starts.resize(n_seg);
-  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
-    const py::sequence items = obj;
+  out.row_stride.resize(n_seg);
+  if (bufs.per_segment) {  // segment s: rows x sizes[s] elements
+    const std::vector<Buffer>& items = bufs.items;
     if (items.size() != n_seg)
-      throw py::value_error(name + " has " + std::to_string(items.size()) + " tensors, the arena has " +
+      throw ValueError(name + " has " + std::to_string(items.size()) + " tensors, the arena has " +
                             std::to_string(n_seg) + " segments");
-    const std::string seg_what = std::string(what) + " segment";
     for (size_t s = 0; s < n_seg; ++s) {
-      Buffer b = make_buffer(items[s], seg_what.c_str(), false);
-      if (b.numel != sizes_[s] || b.dtype != dtype)
-        throw py::value_error(name + " segment " + std::to_string(s) + " must have " +
-                              std::to_string(sizes_[s]) + " elements of " + dtype_name);
+      const Buffer& b = items[s];
+      if (b.numel != rows_ * sizes_[s] || b.dtype != dtype)
+        throw ValueError(name + " segment " + std::to_string(s) + " must have " +
+                              std::to_string(rows_ * sizes_[s]) + " elements of " + dtype_name);
       out.starts[s] = static_cast<char*>(b.ptr);
-      out.refs.push_back(std::move(b));
+      out.row_stride[s] = sizes_[s];
+      out.refs.push_back(b);
     }
     return out;
   }
-  Buffer b = make_buffer(obj, what, false);
+  if (bufs.items.size() != 1) throw ValueError(name + " must be one buffer or one per segment");
+  const Buffer& b = bufs.items[0];
   check_flat(b, what, moments);
-  for (size_t s = 0; s < n_seg; ++s) out.starts[s] = static_cast<char*>(b.ptr) + offsets_[s] * itemsize;
-  out.refs.push_back(std::move(b));
+  for (size_t s = 0; s < n_seg; ++s) {
+    out.starts[s] = static_cast<char*>(b.ptr) + offsets_[s] * itemsize;
+    out.row_stride[s] = row_numel_;
+  }
+  out.refs.push_back(b);
   return out;
 }
 
-void ArenaGroup::set_base(py::object base) { base_ = segmented(base, "base", false); }
+void ArenaGroup::set_base(const Buffers& base) { base_ = segmented(base, "base", false); }
 
-void ArenaGroup::set_moments(py::object exp_avg, py::object exp_avg_sq) {
+void ArenaGroup::set_moments(const Buffers& exp_avg, const Buffers& exp_avg_sq) {
   Segmented m1 = segmented(exp_avg, "exp_avg", true);
   Segmented m2 = segmented(exp_avg_sq, "exp_avg_sq", true);
   exp_avg_ = std::move(m1);
@@ -261,10 +221,6 @@ void ArenaGroup::set_moments(py::object exp_avg, py::object exp_avg_sq) {
 void ArenaGroup::reset_state() {
   // A segment's first step never reads its moments, so zeroing the step counts is enough.
   std::fill(steps_.begin(), steps_.end(), 0);
-}
-
-const uint8_t* ArenaGroup::has_grad_ptr() const {
-  return closed_ ? no_grads_.data() : static_cast<const uint8_t*>(has_grad_.ptr);
 }
 
 // Sums of a tile are taken in fp32 (vectorised, `omp simd` reduction); tiles and work items are
@@ -322,13 +278,6 @@ struct Ptrs {
   float* m2 = nullptr;
   T* teacher = nullptr;
 };
-
-// The flat pointers of `q` (param, grad) moved to element `i`; the segmented ones (base,
-// snapshot, moments, teacher) are looked up per work item, so they are passed in already placed.
-template <typename T>
-Ptrs<T> at(const Ptrs<T>& q, int64_t i, const T* base, T* snap, float* m1, float* m2, T* teacher) {
-  return {q.p + i, q.g + i, base, snap, m1, m2, teacher};
-}
 
 // Counter-based uniform in [0, 1): murmur3's fmix32 of (index ^ key); 24 random bits.
 inline float uniform01(int64_t index, uint32_t key) {
@@ -416,110 +365,137 @@ auto with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-StepStats reduce(const std::vector<Partials>& parts, const std::vector<WorkItem>& work,
-                 const std::vector<int64_t>& sizes) {
-  StepStats st;
-  for (size_t i = 0; i < parts.size(); ++i) {
-    st.grad_sumsq += parts[i].g;
-    st.clipped_grad_sumsq += parts[i].c;
-    st.update_sumsq += parts[i].u;
-    st.total_sumsq += parts[i].t;
-    st.anchor += parts[i].a / static_cast<double>(sizes[work[i].seg]);
-    st.restored += parts[i].r;
+// Row r's stats from the partials of its work items (parts[r * items + i]), summed in item order:
+// the order of a single row, whatever the number of rows.
+std::vector<StepStats> reduce(const std::vector<Partials>& parts, const std::vector<WorkItem>& work,
+                              const std::vector<int64_t>& sizes, int64_t rows) {
+  std::vector<StepStats> out(rows);
+  const size_t n_items = work.size();
+  for (int64_t r = 0; r < rows; ++r) {
+    StepStats& st = out[r];
+    for (size_t i = 0; i < n_items; ++i) {
+      const Partials& q = parts[r * n_items + i];
+      st.grad_sumsq += q.g;
+      st.clipped_grad_sumsq += q.c;
+      st.update_sumsq += q.u;
+      st.total_sumsq += q.t;
+      st.anchor += q.a / static_cast<double>(sizes[work[i].seg]);
+      st.restored += q.r;
+    }
   }
-  return st;
+  return out;
 }
 
 }  // namespace
 
 template <typename Body>
-void ArenaGroup::for_items_with_grad(Body&& body) const {
-  const uint8_t* hg = has_grad_ptr();
+void ArenaGroup::for_items_with_grad(const RowsOpen& open, Body&& body) const {
+  const int64_t n_items = static_cast<int64_t>(work_.size());
   dispatch(param_.dtype, [&](auto tag) {
     using T = typename Storage<decltype(tag)::value>::T;
     const T* p = static_cast<const T*>(param_.ptr);
     const T* g = static_cast<const T*>(grad_.ptr);
-    parallel_items(static_cast<int64_t>(work_.size()), param_.numel, [&](int64_t i) {
-      const WorkItem& w = work_[i];
-      if (hg && !hg[w.seg]) return;
-      body(tag, i, w, p + w.begin, g + w.begin);
+    parallel_items(rows_ * n_items, param_.numel, [&](int64_t q) {
+      const int64_t r = q / n_items;
+      const WorkItem& w = work_[q - r * n_items];
+      if (!stepping(open, r, w.seg)) return;
+      const int64_t at = r * row_numel_ + w.begin;
+      body(tag, r, q, w, p + at, g + at);
     });
   });
 }
 
-// 1. EATA anchor gradient and 2. ||g||^2 (and the anchor value), without changing anything.
-StepStats ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value) const {
-  std::vector<Partials> parts(work_.size());
-  for_items_with_grad([&](auto tag, int64_t i, const WorkItem& w, const auto* p, const auto* g) {
+// 1. EATA anchor gradient and 2. ||g||^2 (and the anchor value) per row, without changing anything.
+std::vector<StepStats> ArenaGroup::grad_pass(double anchor_lambda, bool anchor_value, const RowsOpen& open) const {
+  std::vector<Partials> parts(work_.size() * rows_);
+  for_items_with_grad(open, [&](auto tag, int64_t r, int64_t q, const WorkItem& w, const auto* p, const auto* g) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
     const float ak = static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg]));
-    parts[i] = with_flag(anchor_lambda != 0.0, [&](auto A) {
+    parts[q] = with_flag(anchor_lambda != 0.0, [&](auto A) {
       return with_flag(anchor_lambda != 0.0 || anchor_value, [&](auto V) {
         return grad_item<S, decltype(A)::value, decltype(V)::value>(w.end - w.begin, p, g,
-                                                                     base_.at<const T>(w, offsets_), ak);
+                                                                     base_.at<const T>(w, offsets_, r), ak);
       });
     });
   });
-  return reduce(parts, work_, sizes_);
+  return reduce(parts, work_, sizes_, rows_);
 }
 
-// Steps 1, 2 and 4-8 of the fused step over the group (numbering: engine.cpp): one Adam step
-// (torch.optim.Adam defaults and operation order, fp32 math), fused with the anchor gradient,
-// clipping by `clip_coef`, the pre-step snapshot, the CoTTA extras and the update norms.
-StepStats ArenaGroup::adam_pass(const StepOptions& options, float clip_coef, const CottaStep& cotta) {
+// Steps 1, 2 and 4-8 of the fused step over the group (numbering: engine.cpp): one Adam step per
+// row (torch.optim.Adam defaults and operation order, fp32 math), fused with the anchor gradient,
+// clipping by the row's coefficient, the pre-step snapshot, the CoTTA extras and the update norms.
+std::vector<StepStats> ArenaGroup::adam_pass(const StepOptions& options, const std::vector<float>& clip_coefs,
+                                             const CottaStep& cotta, const RowsOpen& open) {
   const double lr = options.lr, beta1 = options.betas.first, beta2 = options.betas.second;
   const double eps = options.eps, anchor_lambda = options.anchor_lambda;
   const bool write_snapshot = options.write_snapshot;
   if (write_snapshot && !snap_.defined())
-    throw py::value_error("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
+    throw ValueError("yolozu_ttt._C: write_snapshot needs a snapshot buffer");
   if (cotta.ema && !teacher_.defined())
-    throw py::value_error("yolozu_ttt._C: ema_momentum needs a teacher buffer (set_teacher)");
+    throw ValueError("yolozu_ttt._C: ema_momentum needs a teacher buffer (set_teacher)");
   const int64_t n_seg = num_segments();
-  const uint8_t* hg = has_grad_ptr();
-  // Per-segment bias corrections (torch computes them as Python floats, i.e. fp64).
-  std::vector<float> neg_step_size(n_seg, 0.f), bc2_sqrt(n_seg, 1.f);
-  std::vector<uint8_t> first(n_seg, 0);
-  for (int64_t s = 0; s < n_seg; ++s) {
-    if (hg && !hg[s]) continue;
-    const double step = static_cast<double>(++steps_[s]);
-    first[s] = steps_[s] == 1;
-    const double bc1 = 1.0 - std::pow(beta1, step);
-    const double bc2 = 1.0 - std::pow(beta2, step);
-    neg_step_size[s] = static_cast<float>(-(lr / bc1));
-    bc2_sqrt[s] = static_cast<float>(std::sqrt(bc2));
+  // Per (row, segment) bias corrections (torch computes them as Python floats, i.e. fp64); the
+  // last step count's are reused (rows and segments mostly share their count).
+  std::vector<float> neg_step_size(n_seg * rows_, 0.f), bc2_sqrt(n_seg * rows_, 1.f);
+  std::vector<uint8_t> first(n_seg * rows_, 0);
+  int64_t last = 0;
+  float last_nss = 0.f, last_bcs = 1.f;
+  for (int64_t r = 0; r < rows_; ++r) {
+    for (int64_t s = 0; s < n_seg; ++s) {
+      if (!stepping(open, r, s)) continue;
+      const int64_t rs = r * n_seg + s;
+      const int64_t step = ++steps_[rs];
+      first[rs] = step == 1;
+      if (step != last) {
+        const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+        const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+        last = step;
+        last_nss = static_cast<float>(-(lr / bc1));
+        last_bcs = static_cast<float>(std::sqrt(bc2));
+      }
+      neg_step_size[rs] = last_nss;
+      bc2_sqrt[rs] = last_bcs;
+    }
   }
   const double m = std::min(1.0, std::max(0.0, options.ema_momentum.value_or(0.0)));
   const int64_t n_items = static_cast<int64_t>(work_.size());
-  std::vector<Partials> parts(n_items);
+  std::vector<Partials> parts(n_items * rows_);
   const bool anchor = anchor_lambda != 0.0;
   const bool restore = cotta.restore_prob > 0.0;
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
-    const Ptrs<T> q{static_cast<T*>(param_.ptr), static_cast<const T*>(grad_.ptr)};
-    parallel_items(n_items, param_.numel, [&](int64_t i) {
-      const WorkItem& w = work_[i];
+    T* const p = static_cast<T*>(param_.ptr);
+    const T* const g = static_cast<const T*>(grad_.ptr);
+    parallel_items(n_items * rows_, param_.numel, [&](int64_t q) {
+      const int64_t r = q / n_items;
+      const WorkItem& w = work_[q - r * n_items];
+      const int64_t rs = r * n_seg + w.seg;
+      const bool on = open.empty() || open[r];  // a closed row: no grads, no teacher EMA, no restore
       const AdamScalars k{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-                          static_cast<float>(1.0 - beta2), static_cast<float>(eps), clip_coef,
-                          neg_step_size[w.seg], bc2_sqrt[w.seg],
+                          static_cast<float>(1.0 - beta2), static_cast<float>(eps), clip_coefs[r],
+                          neg_step_size[rs], bc2_sqrt[rs],
                           static_cast<float>(2.0 * anchor_lambda / static_cast<double>(sizes_[w.seg])),
                           static_cast<float>(m), static_cast<float>(1.0 - m),
-                          static_cast<float>(cotta.restore_prob), cotta.key, first[w.seg] != 0};
-      const bool grad = !(hg && !hg[w.seg]);
-      parts[i] = with_flag(grad, [&](auto G) {
+                          static_cast<float>(cotta.restore_prob), cotta.keys[r], first[rs] != 0};
+      const bool grad = stepping(open, r, w.seg);
+      const bool ema = on && cotta.ema;
+      const int64_t at = r * row_numel_ + w.begin;
+      const Ptrs<T> ptrs{p + at,
+                         g + at,
+                         base_.at<const T>(w, offsets_, r),
+                         write_snapshot ? snap_.at<T>(w, offsets_, r) : nullptr,
+                         exp_avg_.at<float>(w, offsets_, r),
+                         exp_avg_sq_.at<float>(w, offsets_, r),
+                         ema ? teacher_.at<T>(w, offsets_, r) : nullptr};
+      parts[q] = with_flag(grad, [&](auto G) {
         return with_flag(grad && anchor, [&](auto A) {
           return with_flag(write_snapshot, [&](auto N) {
-            return with_flag(cotta.ema, [&](auto E) {
-              return with_flag(restore, [&](auto R) {
+            return with_flag(ema, [&](auto E) {
+              return with_flag(on && restore, [&](auto R) {
                 return step_item<S, decltype(G)::value, decltype(A)::value, decltype(N)::value,
-                                 decltype(E)::value, decltype(R)::value>(
-                    w.begin, w.end - w.begin,
-                    at(q, w.begin, base_.at<const T>(w, offsets_),
-                       write_snapshot ? snap_.at<T>(w, offsets_) : nullptr,
-                       exp_avg_.at<float>(w, offsets_), exp_avg_sq_.at<float>(w, offsets_),
-                       cotta.ema ? teacher_.at<T>(w, offsets_) : nullptr),
-                    k);
+                                 decltype(E)::value, decltype(R)::value>(w.begin, w.end - w.begin, ptrs, k);
               });
             });
           });
@@ -527,21 +503,21 @@ StepStats ArenaGroup::adam_pass(const StepOptions& options, float clip_coef, con
       });
     });
   });
-  return reduce(parts, work_, sizes_);
+  return reduce(parts, work_, sizes_, rows_);
 }
 
-void ArenaGroup::set_snapshot(py::object snap) {
-  snap_ = snap.is_none() ? Segmented{} : segmented(snap, "snap", false);
+void ArenaGroup::set_snapshot(const std::optional<Buffers>& snap) {
+  snap_ = snap ? segmented(*snap, "snap", false) : Segmented{};
 }
 
-void ArenaGroup::set_teacher(py::object teacher) {
-  teacher_ = teacher.is_none() ? Segmented{} : segmented(teacher, "teacher", false);
+void ArenaGroup::set_teacher(const std::optional<Buffers>& teacher) {
+  teacher_ = teacher ? segmented(*teacher, "teacher", false) : Segmented{};
 }
 
-// SAR: squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
-double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
-  std::vector<double> parts(work_.size(), 0.0);
-  for_items_with_grad([&](auto tag, int64_t i, const WorkItem& w, const auto* p, const auto* g) {
+// SAR: each row's squared norm of the ascent direction g (adaptive: g*|p|) over tensors with a grad.
+std::vector<double> ArenaGroup::sar_direction_sumsq(bool adaptive) const {
+  std::vector<double> parts(work_.size() * rows_, 0.0);
+  for_items_with_grad({}, [&](auto tag, int64_t, int64_t q, const WorkItem& w, const auto* p, const auto* g) {
     using S = Storage<decltype(tag)::value>;
     const int64_t n = w.end - w.begin;
     double total = 0.0;
@@ -556,29 +532,36 @@ double ArenaGroup::sar_direction_sumsq(bool adaptive) const {
       }
       total += acc;
     }
-    parts[i] = total;
+    parts[q] = total;
   });
-  return sum_in_order(parts);
+  std::vector<double> out(rows_, 0.0);
+  const size_t n_items = work_.size();
+  for (int64_t r = 0; r < rows_; ++r)
+    for (size_t i = 0; i < n_items; ++i) out[r] += parts[r * n_items + i];
+  return out;
 }
 
-// SAR: snapshot <- p ; p <- p + scale * g (adaptive: g*|p|), over tensors with a grad.
-void ArenaGroup::sar_perturb(double scale, bool adaptive, bool apply) {
-  if (!snap_.defined()) throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
+// SAR: snapshot <- p (every row) ; p <- p + scales[r] * g (adaptive: g*|p|) over tensors with a
+// grad, in the rows where apply[r].
+void ArenaGroup::sar_perturb(const std::vector<double>& scales, bool adaptive, const std::vector<uint8_t>& apply) {
+  if (!snap_.defined()) throw ValueError("yolozu_ttt._C: sar_perturb needs a snapshot buffer");
   if (snap_.starts[0] == grad_.ptr)
-    throw py::value_error("yolozu_ttt._C: sar_perturb needs a snapshot buffer apart from the grad buffer");
+    throw ValueError("yolozu_ttt._C: sar_perturb needs a snapshot buffer apart from the grad buffer");
   const int64_t n_items = static_cast<int64_t>(work_.size());
-  const uint8_t* hg = has_grad_ptr();
   dispatch(param_.dtype, [&](auto tag) {
     using S = Storage<decltype(tag)::value>;
     using T = typename S::T;
     using C = typename S::C;
-    T* p = static_cast<T*>(param_.ptr);
-    const T* g = static_cast<const T*>(grad_.ptr);
-    const C sc = static_cast<C>(scale);
-    parallel_items(n_items, param_.numel, [&](int64_t i) {
-      const WorkItem w = work_[i];
-      std::memcpy(snap_.at<T>(w, offsets_), p + w.begin, sizeof(T) * (w.end - w.begin));
-      if (!apply || (hg && !hg[w.seg])) return;
+    T* const p0 = static_cast<T*>(param_.ptr);
+    const T* const g0 = static_cast<const T*>(grad_.ptr);
+    parallel_items(n_items * rows_, param_.numel, [&](int64_t q) {
+      const int64_t r = q / n_items;
+      const WorkItem w = work_[q - r * n_items];
+      T* p = p0 + r * row_numel_;
+      const T* g = g0 + r * row_numel_;
+      std::memcpy(snap_.at<T>(w, offsets_, r), p + w.begin, sizeof(T) * (w.end - w.begin));
+      if (!apply[r] || !stepping({}, r, w.seg)) return;
+      const C sc = static_cast<C>(scales[r]);
       for (int64_t j = w.begin; j < w.end; ++j) {
         const C pv = S::load(p[j]);
         C d = S::load(g[j]);

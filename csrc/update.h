@@ -8,19 +8,27 @@
 // writes the snapshot over it (no 39 MB buffer to fault in per step).
 // Every reduction is accumulated in fp64 per fixed-size chunk and the chunks are summed
 // in a fixed order, so results do not depend on the number of OpenMP threads.
+// Plain C++ throughout: bad input is a ValueError (std::invalid_argument) or a TypeError (below);
+// bindings.cpp alone converts Python objects to these types and these errors to Python's.
 #pragma once
 
-#include <pybind11/pybind11.h>
-
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace yttt {
 
-namespace py = pybind11;
+// A wrong value (size, count, missing buffer): Python's ValueError.
+using ValueError = std::invalid_argument;
+// A wrong type (dtype): Python's TypeError (bindings.cpp translates it).
+class TypeError : public std::logic_error {
+ public:
+  using std::logic_error::logic_error;
+};
 
 // The constants shared with the Triton engine: the C++ copies of yolozu_ttt/kernels/constants.py
 // (bindings.cpp exports them as _C.CONSTANTS; a test checks every pair equal).
@@ -46,22 +54,22 @@ inline uint32_t fmix32(uint32_t h) {
 
 enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
-// A view of a contiguous torch tensor that keeps the tensor alive.
+// A contiguous array in host memory and what keeps it alive (the binding layer's owner: e.g. the
+// tensor whose storage `ptr` points into).
 struct Buffer {
-  py::object ref;       // the tensor itself: holds the storage the pointer points into
+  std::shared_ptr<void> owner;
   void* ptr = nullptr;
   int64_t numel = 0;
   DType dtype = DType::F32;
   bool defined() const { return ptr != nullptr; }
 };
 
-// What a buffer holds: parameter storage (float32, bfloat16 or float16; another dtype is a
-// TypeError) or a call's float64 stats output (another dtype is a ValueError, like a wrong size).
-enum class Holds { Storage, Stats };
-
-// `tensor` (a contiguous CPU torch tensor; None when allow_none) as a Buffer; errors name it `what`.
-Buffer make_buffer(const py::object& tensor, const char* what, bool allow_none,
-                   Holds holds = Holds::Storage);
+// A per-element state of the arena as given: one flat buffer of the arena's size, or one buffer
+// per segment (`per_segment`).
+struct Buffers {
+  std::vector<Buffer> items;
+  bool per_segment = false;
+};
 
 struct WorkItem {
   int64_t seg;
@@ -73,16 +81,19 @@ struct WorkItem {
 // contiguous tensor per segment: the base (the parameters' original storages), the moments,
 // SAR's backup and the CoTTA teacher come per segment from the arena, small allocations the C
 // library recycles instead of one fresh 39 MB mapping per run.
+// With K rows, a flat buffer holds row r at r * (the row's elements), a segment's buffer holds its
+// row r at r * (the segment's elements): `row_stride` says which, per segment.
 struct Segmented {
-  std::vector<Buffer> refs;   // the tensors the pointers point into
-  std::vector<char*> starts;  // where segment s starts (empty: unset)
+  std::vector<Buffer> refs;         // the tensors the pointers point into
+  std::vector<char*> starts;        // where segment s of row 0 starts (empty: unset)
+  std::vector<int64_t> row_stride;  // elements from one row of segment s to the next
 
   bool defined() const { return !starts.empty(); }
 
-  // Element `w.begin` of work item `w` (segment offsets given).
+  // Element `w.begin` of work item `w` in row `row` (segment offsets given).
   template <typename T>
-  T* at(const WorkItem& w, const std::vector<int64_t>& offsets) const {
-    return reinterpret_cast<T*>(starts[w.seg]) + (w.begin - offsets[w.seg]);
+  T* at(const WorkItem& w, const std::vector<int64_t>& offsets, int64_t row) const {
+    return reinterpret_cast<T*>(starts[w.seg]) + (row * row_stride[w.seg] + w.begin - offsets[w.seg]);
   }
 };
 
@@ -120,62 +131,79 @@ struct StepOptions {
   uint64_t restore_seed = 0;            // the key of the counter-based restore RNG
 };
 
-// What one call of the step makes of the CoTTA options (a closed gate turns both off): the
+// What one call of the step makes of the CoTTA options (a closed row turns both off for it): the
 // teacher EMA on the updated parameters, then the stochastic restore to the base snapshot with
-// a counter-based RNG keyed by `key`.
+// a counter-based RNG keyed per row by `keys[row]`.
 struct CottaStep {
   bool ema = false;
   double restore_prob = 0.0;
-  uint32_t key = 0;
+  std::vector<uint32_t> keys;  // one per row
 };
 
+// Which rows a pass steps: open[r] != 0 (empty: every row). A closed row reads as having no grad
+// in any segment (a gated step that applies nothing to it).
+using RowsOpen = std::vector<uint8_t>;
+
+// K rows (replicas) of one arena group: every per-element state holds K rows of the segments
+// (flat: K x the row's elements, row-major; per segment: K x the segment's elements), the
+// has-grad flags are shared, the Adam step counts are per row and segment. Each pass steps every
+// row, each with its own sums (returned per row, reduced in the order a single row is: K = 1 is
+// the same path), parallel over (row, work item) pairs.
 class ArenaGroup {
  public:
-  ArenaGroup(py::object param, py::object grad, py::object exp_avg, py::object exp_avg_sq,
-             py::object base, py::object snap, std::vector<int64_t> offsets,
-             std::vector<int64_t> sizes, py::object has_grad);
+  // has_grad: one byte per segment (unset: every segment has a grad); snap: unset = none.
+  ArenaGroup(Buffer param, Buffer grad, const Buffers& exp_avg, const Buffers& exp_avg_sq,
+             const Buffers& base, const std::optional<Buffers>& snap, std::vector<int64_t> offsets,
+             std::vector<int64_t> sizes, Buffer has_grad, int64_t rows = 1);
 
   int64_t num_segments() const { return static_cast<int64_t>(offsets_.size()); }
+  int64_t rows() const { return rows_; }
+  // Adam step counts, row-major (rows x segments).
   std::vector<int64_t> steps() const { return steps_; }
   void reset_state();
 
-  // Passes (each parallel over work items, deterministic).
-  StepStats grad_pass(double anchor_lambda, bool anchor_value = false) const;
-  StepStats adam_pass(const StepOptions& options, float clip_coef, const CottaStep& cotta);
-  // The CoTTA teacher's selected parameters (None unbinds): flat like param or one tensor per segment.
-  void set_teacher(py::object teacher);
+  // Passes (each parallel over (row, work item), deterministic); the stats per row.
+  std::vector<StepStats> grad_pass(double anchor_lambda, bool anchor_value, const RowsOpen& open) const;
+  // clip_coefs: one per row.
+  std::vector<StepStats> adam_pass(const StepOptions& options, const std::vector<float>& clip_coefs,
+                                   const CottaStep& cotta, const RowsOpen& open);
+  // The CoTTA teacher's selected parameters (unset unbinds): flat like param or one per segment.
+  void set_teacher(const std::optional<Buffers>& teacher);
   // The base snapshot: one flat tensor like param, or one contiguous tensor per segment (e.g.
   // the parameters' original storages, so no copy of them is made).
-  void set_base(py::object base);
+  void set_base(const Buffers& base);
   // The Adam moments (float32), flat or one tensor per segment; step counts back to 0.
-  void set_moments(py::object exp_avg, py::object exp_avg_sq);
-  // The pre-step snapshot (None unbinds): flat like param (possibly the grad buffer) or one
+  void set_moments(const Buffers& exp_avg, const Buffers& exp_avg_sq);
+  // The pre-step snapshot (unset unbinds): flat like param (possibly the grad buffer) or one
   // tensor per segment.
-  void set_snapshot(py::object snap);
-  double sar_direction_sumsq(bool adaptive) const;
-  void sar_perturb(double scale, bool adaptive, bool apply);
-  // A closed group reads as having no grad in any segment (a gated step that applies nothing).
-  void set_closed(bool closed) { closed_ = closed; }
+  void set_snapshot(const std::optional<Buffers>& snap);
+  // SAR: each row's squared ascent-direction norm; then its ascent by scales[r] where apply[r].
+  std::vector<double> sar_direction_sumsq(bool adaptive) const;
+  void sar_perturb(const std::vector<double>& scales, bool adaptive, const std::vector<uint8_t>& apply);
 
  private:
-  const uint8_t* has_grad_ptr() const;
-  // Runs body(tag, i, w, p, g) in parallel for every work item w = work_[i] of a segment with a
-  // grad: tag is the param dtype's std::integral_constant, p and g point at w's first element.
+  // Whether segment `seg` of row `row` steps (has a grad, its row open).
+  bool stepping(const RowsOpen& open, int64_t row, int64_t seg) const {
+    const uint8_t* hg = static_cast<const uint8_t*>(has_grad_.ptr);
+    return (open.empty() || open[row]) && (hg == nullptr || hg[seg]);
+  }
+  // Runs body(tag, r, q, w, p, g) in parallel for every (row r, work item w = work_[i]), q = r *
+  // items + i, where the segment steps: tag is the param dtype's std::integral_constant, p and g
+  // point at w's first element in row r.
   template <typename Body>
-  void for_items_with_grad(Body&& body) const;
+  void for_items_with_grad(const RowsOpen& open, Body&& body) const;
 
   // A flat buffer `b` matches param: its size, and float32 (`moments`) or the param dtype.
   void check_flat(const Buffer& b, const char* what, bool moments) const;
-  // `obj` (a flat tensor like param, or a list of one contiguous tensor per segment) as a
-  // Segmented buffer of float32 (`moments`) or of the param dtype; errors name it `what`.
-  Segmented segmented(const py::object& obj, const char* what, bool moments) const;
+  // `bufs` (flat like param, or one buffer per segment) as a Segmented buffer of float32
+  // (`moments`) or of the param dtype; errors name it `what`.
+  Segmented segmented(const Buffers& bufs, const char* what, bool moments) const;
 
   Buffer param_, grad_, has_grad_;
   Segmented base_, exp_avg_, exp_avg_sq_, snap_, teacher_;
   std::vector<int64_t> offsets_, sizes_, steps_;
   std::vector<WorkItem> work_;
-  std::vector<uint8_t> no_grads_;  // one zero per segment: the flags of a closed group
-  bool closed_ = false;
+  int64_t rows_ = 1, row_numel_ = 0;
 };
 
 }  // namespace yttt

@@ -34,12 +34,26 @@ def fmix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
+def seed_prefix(seed: int) -> int:
+    """The seed's share of its restore keys: fmix32 chained over its 32-bit halves (what every key of
+    one seed starts from; the Triton engine uploads it once per seed and finishes keys on the device)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return fmix32(fmix32((seed & MASK32) ^ RESTORE_SEED_MIX) ^ (seed >> 32))
+
+
+def counter_words(counter: int) -> tuple[int, int]:
+    """The step counter's two words a key mixes in: (low half * RESTORE_COUNTER_MUL mod 2^32, high half)."""
+    counter = int(counter) & 0xFFFFFFFFFFFFFFFF
+    return (counter * RESTORE_COUNTER_MUL) & MASK32, (counter >> 32) & MASK32
+
+
+def group_word(group: int) -> int:
+    """The group's word a key mixes in last: (group + 1) * RESTORE_GROUP_MUL mod 2^32."""
+    return ((int(group) + 1) * RESTORE_GROUP_MUL) & MASK32
+
+
 def restore_key(seed: int, counter: int, group: int) -> int:
     """The 32-bit restore key of one (seed, step counter, group); bit-identical to ``_C.restore_key``:
-    fmix32 chained over the seed's halves, the counter's halves and the group."""
-    seed, counter, group = (int(v) & 0xFFFFFFFFFFFFFFFF for v in (seed, counter, group))
-    h = fmix32((seed & MASK32) ^ RESTORE_SEED_MIX)
-    h = fmix32(h ^ (seed >> 32))
-    h = fmix32(h ^ ((counter * RESTORE_COUNTER_MUL) & MASK32))
-    h = fmix32(h ^ ((counter >> 32) & MASK32))
-    return fmix32(h ^ (((group + 1) * RESTORE_GROUP_MUL) & MASK32))
+    fmix32 chained over the seed's halves (:func:`seed_prefix`), the counter's words and the group's."""
+    low, high = counter_words(counter)
+    return fmix32(fmix32(fmix32(seed_prefix(seed) ^ low) ^ high) ^ group_word(group & 0xFFFFFFFFFFFFFFFF))

@@ -32,7 +32,7 @@ import torch
 
 from ..common import GRAD_STAT_KEYS, INTERPRET, SAR_STAT_KEYS, STAT_KEYS, SUPPORTED_DTYPES
 from ._shared import num_warps as _warps
-from .constants import restore_key  # noqa: F401 (the API, as _C.restore_key)
+from .constants import counter_words, group_word, restore_key, seed_prefix  # noqa: F401 (restore_key: the API, as _C's)
 from .update_kernels import (ANCHOR_LOSS, BIAS_COLS, BLK_COLS, BLK_END, BLK_SEG, BLK_SEG_NUMEL, BLK_START, GRAD_NORM,
                              GS_ANCHOR_LOSS, GS_GRAD_NORM, PART_ROWS, _adam_kernel, _grad_pass_kernel,
                              _grad_stats_kernel, _RBLOCK, _sar_apply_kernel, _sar_norm_kernel, _sar_scale_kernel,
@@ -64,8 +64,8 @@ def _check_tensor(t: Any, what: str, numel: int | None, device: torch.device | N
     return t
 
 
-def _check_out(out: Any, keys: Sequence[str], device: torch.device) -> torch.Tensor:
-    """``out`` must be a contiguous 1-D float64 tensor on ``device`` with room for ``keys``."""
+def _check_out(out: Any, keys: Sequence[str], device: torch.device, rows: int = 1) -> torch.Tensor:
+    """``out`` must be a contiguous 1-D float64 tensor on ``device`` with room for ``keys`` per row."""
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"yolozu_ttt.kernels.update: out must be a torch.Tensor, got {type(out).__name__}")
     problems = []
@@ -73,8 +73,10 @@ def _check_out(out: Any, keys: Sequence[str], device: torch.device) -> torch.Ten
         problems.append(f"dtype {out.dtype}, expected torch.float64")
     if out.device != device:
         problems.append(f"device {out.device}, expected the groups' {device}")
-    if out.dim() != 1 or out.numel() < len(keys):
-        problems.append(f"shape {tuple(out.shape)}, expected 1-D with at least {len(keys)} elements {tuple(keys)}")
+    if out.dim() != 1 or out.numel() < len(keys) * rows:
+        per_row = "" if rows == 1 else f" per row of {rows}"
+        problems.append(f"shape {tuple(out.shape)}, expected 1-D with at least {len(keys) * rows} elements "
+                        f"{tuple(keys)}{per_row}")
     elif not out.is_contiguous():
         problems.append("a stride other than 1, expected contiguous")
     if problems:
@@ -115,6 +117,9 @@ class TritonArenaGroup:
             step (nonzero = the segment has a grad), or None = every segment has one. A writable
             buffer is viewed once as a tensor and copied to the device at each step (one
             non-blocking copy); a read-only one (``bytes``) is copied once.
+        rows: K rows (replicas): every per-element buffer holds K rows of the segments (K x their
+            elements, row-major); the has-grad flags are shared; each row has its own step counts,
+            restore key and stats (K = 1: one run).
         block_size: elements per program (power of two); blocks never straddle segments.
 
     The group keeps references to every tensor. Adam step counts are kept on the device, per
@@ -124,7 +129,7 @@ class TritonArenaGroup:
     def __init__(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, base: torch.Tensor, snap: torch.Tensor | None,
                  offsets: Sequence[int], sizes: Sequence[int], has_grad: Any = None, *,
-                 block_size: int = 2048):
+                 rows: int = 1, block_size: int = 2048):
         self.param = _check_tensor(param, "param", None, None, SUPPORTED_DTYPES)
         n, dev, dt = param.numel(), param.device, param.dtype
         self.grad = _check_tensor(grad, "grad", n, dev, (dt,))
@@ -134,6 +139,9 @@ class TritonArenaGroup:
         self.snap = None if snap is None else _check_tensor(snap, "snap", n, dev, (dt,))
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError("yolozu_ttt.kernels.update: block_size must be a power of two >= 16")
+        if int(rows) < 1:
+            raise ValueError("yolozu_ttt.kernels.update: rows must be >= 1")
+        self.rows = int(rows)
         self.block_size = int(block_size)
         self.offsets = [int(o) for o in offsets]
         self.sizes = [int(s) for s in sizes]
@@ -150,8 +158,10 @@ class TritonArenaGroup:
             for b in range(0, max(size, 1), self.block_size):  # a zero-size segment: one empty block
                 for column, value in zip(columns, (s, off + b, off + min(size, b + self.block_size), size)):
                     column.append(value)
-        if expect != n:
-            raise ValueError(f"yolozu_ttt.kernels.update: segments cover {expect} elements, arena has {n}")
+        if expect * self.rows != n:
+            times = "" if self.rows == 1 else f" x {self.rows} rows"
+            raise ValueError(f"yolozu_ttt.kernels.update: segments cover {expect} elements{times}, arena has {n}")
+        self.row_numel = expect
         n_seg = len(self.sizes)
         flags_src = None
         if has_grad is not None:
@@ -162,7 +172,7 @@ class TritonArenaGroup:
                 flags_src = torch.frombuffer(has_grad, dtype=torch.uint8)  # a view: the hooks' writes show
         self.has_grad = has_grad
         self.num_blocks = len(columns[0])
-        self._grid = (self.num_blocks,)
+        self._grid = (self.num_blocks, self.rows)
         self._warps = _warps(self.block_size)
         # --- built once: the block table, the first block of each segment, 2/n per segment
         blocks = np.zeros((max(self.num_blocks, 1), BLK_COLS), dtype=np.int64)
@@ -180,9 +190,9 @@ class TritonArenaGroup:
             flags = np.ones(n_seg, dtype=np.uint8)
         self._flags = _upload(flags, dev, np.uint8)
         self._flags_src = flags_src
-        self._steps = torch.zeros(max(self.num_blocks, 1), dtype=torch.int32, device=dev)
+        self._steps = torch.zeros(self.rows * max(self.num_blocks, 1), dtype=torch.int32, device=dev)
         self._adam_steps = 0  # fused steps since the last reset: a bound on every step count
-        self._key = torch.zeros(1, dtype=torch.int32, device=dev)
+
         self._anchor_lambda: float | None = None
         self._anchor: torch.Tensor | None = None
         self._bias_key: tuple[float, float, float] | None = None
@@ -205,11 +215,11 @@ class TritonArenaGroup:
 
     @property
     def steps(self) -> list[int]:
-        """Adam step count per segment (as ``_C.ArenaGroup.steps``); reads the device."""
+        """Adam step count per (row, segment), row-major (as ``_C.ArenaGroup.steps``); reads the device."""
         if not self.sizes:
             return []
-        counts = self._steps.cpu().numpy()
-        return [int(c) for c in counts[self._first_block]]
+        counts = self._steps.cpu().numpy().reshape(self.rows, -1)
+        return [int(c) for c in counts[:, self._first_block].reshape(-1)]
 
     @property
     def device(self) -> torch.device:
@@ -266,19 +276,36 @@ class TritonArenaGroup:
 
 class _Plan:
     """What one tuple of groups keeps between calls: the fp64 partial-sum workspace (``PART_ROWS`` x
-    slots; every slot in use is written before it is read), each group's first slot, SAR's scale."""
+    K rows of ``n_slots`` slots; every slot in use is written before it is read), each group's
+    first slot in a row, SAR's scale per row."""
 
     def __init__(self, gs: list[TritonArenaGroup], device: torch.device):
         self.groups = gs
+        self.rows = gs[0].rows
         self.bases, total = [], 0
         for g in gs:
             self.bases.append(total)
             total += g.num_blocks
         self.n_slots = total
-        self.part = torch.empty((PART_ROWS, max(total, 1)), dtype=torch.float64, device=device)
+        self.part = torch.empty((PART_ROWS, max(total * self.rows, 1)), dtype=torch.float64, device=device)
         self.stride = self.part.stride(0)
-        self.sar_scale = torch.empty(1, dtype=torch.float32, device=device)
+        self.sar_scale = torch.empty(self.rows, dtype=torch.float32, device=device)
         self.items = list(zip(gs, self.bases))
+        # the restore keys' parts on the device: each row's seed prefix (uploaded when the seeds
+        # change), the step counter's words (uploaded per restore step), each group's word (fixed)
+        self.seed_prefix = torch.zeros(self.rows, dtype=torch.int32, device=device)
+        self.seeds: tuple[int, ...] | None = None
+        self.counter = torch.zeros(2, dtype=torch.int32, device=device)
+        self.group_words = [_as_i32(group_word(i)) for i in range(len(gs))]
+
+    def upload_keys(self, seeds: tuple[int, ...], counter: int) -> None:
+        """The restore keys' per-step parts: the rows' seed prefixes when ``seeds`` changed, the counter's words."""
+        if seeds != self.seeds:
+            prefixes = [_as_i32(seed_prefix(s)) for s in seeds]
+            self.seed_prefix.copy_(torch.tensor(prefixes, dtype=torch.int32), non_blocking=True)
+            self.seeds = seeds
+        words = [_as_i32(w) for w in counter_words(counter)]
+        self.counter.copy_(torch.tensor(words, dtype=torch.int32), non_blocking=True)
 
 
 def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) -> tuple[list[TritonArenaGroup], _Plan]:
@@ -295,14 +322,16 @@ def _prepare(groups: Sequence[TritonArenaGroup], out: Any, keys: Sequence[str]) 
     if plan is None:
         if any(g.device != device for g in gs):
             raise ValueError("yolozu_ttt.kernels.update: all groups must be on one device")
+        if any(g.rows != gs[0].rows for g in gs):
+            raise ValueError("yolozu_ttt.kernels.update: groups must hold the same number of rows")
         _check_device(device)
         plan = _Plan(gs, device)
         if len(gs[0]._plans) >= 8:
             gs[0]._plans.clear()
         gs[0]._plans[key] = plan
     if not (type(out) is torch.Tensor and out.dtype == torch.float64 and out.device == device and out.dim() == 1
-            and out.numel() >= len(keys) and out.is_contiguous()):
-        _check_out(out, keys, device)
+            and out.numel() >= len(keys) * plan.rows and out.is_contiguous()):
+        _check_out(out, keys, device, plan.rows)
     return gs, plan
 
 
@@ -318,7 +347,7 @@ def _grad_pass(plan: _Plan, has_anchor: bool, anchor_value: bool, anchor_lambda:
         if g.num_blocks:
             anchor = g._anchor_coefs(anchor_lambda) if has_anchor else g._flags
             _grad_pass_kernel[g._grid](
-                g.param, g.grad, g.base, g._blocks, g._flags, anchor, part, stride, base,
+                g.param, g.grad, g.base, g._blocks, g._flags, anchor, part, stride, base, g.row_numel, plan.n_slots,
                 HAS_ANCHOR=has_anchor, ANCHOR_VALUE=anchor_value, BLOCK_SIZE=g.block_size, num_warps=g._warps)
 
 
@@ -359,26 +388,27 @@ class StepLaunch:
         # 1-3. with clipping: grad-norm pass, then the coefficient on device
         if clip:
             _grad_pass(plan, has_anchor, has_anchor, spec.anchor_lambda)
-            _grad_stats_kernel[(1,)](part, stride, n_slots, out, spec.max_grad_norm, NORM_AT=GRAD_NORM,
-                                     ANCHOR_AT=ANCHOR_LOSS, CLIP=True, RBLOCK=_RBLOCK)
+            _grad_stats_kernel[(plan.rows,)](part, stride, n_slots, out, spec.max_grad_norm, NORM_AT=GRAD_NORM,
+                                             ANCHOR_AT=ANCHOR_LOSS, OUT_COUNT=len(STAT_KEYS), CLIP=True,
+                                             RBLOCK=_RBLOCK)
         # 1-8. Adam pass (reads the coefficient from out), snapshot, EMA, restore, partial sums
         beta1, beta2 = spec.betas
         ema_m = min(max(spec.ema_momentum, 0.0), 1.0) if has_ema else 0.0  # type: ignore[type-var]
-        for g, base in plan.items:
+        for (g, base), word in zip(plan.items, plan.group_words):
             if g.num_blocks:
                 _adam_kernel[g._grid](
                     g.param, g.grad, g.exp_avg, g.exp_avg_sq, g.base,
                     g.snap if write_snapshot else g.param, g.teacher if has_ema else g.param,
                     g._blocks, g._flags, g._anchor if has_anchor else g._flags, g._bias, g._steps, out, part,
-                    stride, base, 1.0 - beta1, beta2, 1.0 - beta2, spec.eps, ema_m, 1.0 - ema_m, spec.restore_prob,
-                    g._key, out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
+                    stride, base, g.row_numel, n_slots, g.num_blocks, 1.0 - beta1, beta2, 1.0 - beta2, spec.eps, ema_m, 1.0 - ema_m, spec.restore_prob,
+                    plan.seed_prefix, plan.counter, word, out if gate is None else gate, HAS_CLIP=clip, HAS_ANCHOR=has_anchor,
                     WRITE_SNAPSHOT=write_snapshot, HAS_EMA=has_ema, HAS_RESTORE=has_restore, GATED=gate is not None,
                     BLOCK_SIZE=g.block_size, num_warps=g._warps)
-        _step_stats_kernel[(1,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
+        _step_stats_kernel[(plan.rows,)](part, stride, n_slots, out, HAS_CLIP=clip, RBLOCK=_RBLOCK)
 
 
 def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "StepSpec", restore_counter: int = 0,
-                 gate: torch.Tensor | None = None) -> StepLaunch:
+                 gate: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> StepLaunch:
     """The host half of :func:`fused_step` (same parameters): checks the buffers, uploads the
     has-grad flags (and the restore keys), builds what is missing of the tables, and returns the
     launch. Nothing changes unless the launch runs, except the device flags and keys."""
@@ -389,31 +419,34 @@ def prepare_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "S
             raise ValueError("yolozu_ttt.kernels.update: write_snapshot needs a snapshot buffer")
         if has_ema and g.teacher is None:
             raise ValueError("yolozu_ttt.kernels.update: ema_momentum needs a teacher buffer (set_teacher)")
+    rows = plan.rows
     if gate is not None and not (type(gate) is torch.Tensor and gate.dtype == torch.float64
-                                 and gate.device == out.device and gate.numel() == 1):
-        raise ValueError("yolozu_ttt.kernels.update: gate must be a 1-element float64 tensor on the groups' device")
+                                 and gate.device == out.device and gate.numel() == rows and gate.is_contiguous()):
+        raise ValueError(f"yolozu_ttt.kernels.update: gate must be a float64 tensor of one element per row ({rows}) "
+                         "on the groups' device")
+    if seeds is not None and len(seeds) != rows:
+        raise ValueError(f"yolozu_ttt.kernels.update: seeds must have one seed per row ({rows}), got {len(seeds)}")
     lr, (beta1, beta2), anchor_lambda = spec.lr, spec.betas, spec.anchor_lambda
-    for i, g in enumerate(gs):
+    for g in gs:
         g._upload_flags()
         g._bias_table(lr, beta1, beta2)
         if anchor_lambda != 0.0:
             g._anchor_coefs(anchor_lambda)
-        if has_restore:
-            key = _as_i32(restore_key(spec.restore_seed, restore_counter, i))
-            g._key.copy_(torch.tensor([key], dtype=torch.int32), non_blocking=True)
         g._adam_steps += 1
+    if has_restore:
+        plan.upload_keys((spec.restore_seed,) * rows if seeds is None else tuple(seeds), restore_counter)
     return StepLaunch(plan, out, spec, gate)
 
 
 def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "StepSpec", restore_counter: int = 0,
-               gate: torch.Tensor | None = None) -> None:
+               gate: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> None:
     """One fused step over all groups; the Triton twin of ``yolozu_ttt._C.fused_step``.
 
     Parameters:
-        groups: the arena groups (one per dtype), all on one device; they share one global grad
-            norm and clip coefficient.
-        out: contiguous 1-D float64 tensor on the groups' device, at least ``len(STAT_KEYS)`` long;
-            out[0:7] receives, in the order of ``yolozu_ttt.common.STAT_KEYS``: grad_norm,
+        groups: the arena groups (one per dtype), all on one device, holding the same K rows; a
+            row's groups share its grad norm and clip coefficient (each row its own).
+        out: contiguous 1-D float64 tensor on the groups' device, at least ``K * len(STAT_KEYS)``
+            long; row r's out[7r:7r+7] receives, in the order of ``yolozu_ttt.common.STAT_KEYS``: grad_norm,
             grad_norm_clipped, update_norm, total_update_norm (norms of the final params; NaN
             where the sum of squares holds a NaN, inf where an fp32 sum overflows), anchor_loss,
             clip_coef, restored (elements restored).
@@ -427,17 +460,20 @@ def fused_step(groups: Sequence[TritonArenaGroup], out: torch.Tensor, spec: "Ste
             - ema_momentum: CoTTA teacher EMA t <- t*m + (1-m)*p on the updated params, m clamped
               to [0, 1], every element (needs ``set_teacher``); None: no EMA.
             - restore_prob: CoTTA stochastic restore after the EMA: element j of group i goes back
-              to ``base`` where ``(fmix32(j ^ restore_key(restore_seed, restore_counter, i)) >> 8)
-              * 2^-24 < restore_prob`` (the same draws as ``_C``); 0: none, >= 1: every element.
+              to ``base`` where ``(fmix32(j ^ restore_key(seed, restore_counter, i)) >> 8)
+              * 2^-24 < restore_prob`` (the same draws as ``_C``; j counts within the row, seed is
+              the row's); 0: none, >= 1: every element.
             - restore_seed: the key of the counter-based restore RNG, with ``restore_counter``.
         restore_counter: this step's restore counter.
-        gate: None, or a 1-element float64 tensor on the device read by the kernels: 0 applies
-            nothing (as if no segment had a grad; the stats are still written, the update norm 0).
+        gate: None, or a float64 tensor on the device of one element per row, read by the kernels:
+            0 makes the row apply nothing (as if no segment had a grad; the stats are still
+            written, the update norm 0).
+        seeds: each row's restore seed (K ints; None: ``spec.restore_seed`` for every row).
 
     Nothing is read back to the host; the non-finite check is ``~torch.isfinite(out)``. The host
     work is O(1) in the number of segments (:func:`prepare_step`), then :meth:`StepLaunch.run`.
     """
-    prepare_step(groups, out, spec, restore_counter, gate).run()
+    prepare_step(groups, out, spec, restore_counter, gate, seeds).run()
 
 
 def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lambda: float = 0.0,
@@ -456,8 +492,9 @@ def grad_stats(groups: Sequence[TritonArenaGroup], out: torch.Tensor, anchor_lam
     for g in gs:
         g._upload_flags()
     _grad_pass(plan, anchor_lambda != 0.0, anchor_lambda != 0.0 or bool(anchor_value), anchor_lambda)
-    _grad_stats_kernel[(1,)](plan.part, plan.stride, plan.n_slots, out, 0.0, NORM_AT=GS_GRAD_NORM,
-                             ANCHOR_AT=GS_ANCHOR_LOSS, CLIP=False, RBLOCK=_RBLOCK)
+    _grad_stats_kernel[(plan.rows,)](plan.part, plan.stride, plan.n_slots, out, 0.0, NORM_AT=GS_GRAD_NORM,
+                                     ANCHOR_AT=GS_ANCHOR_LOSS, OUT_COUNT=len(GRAD_STAT_KEYS), CLIP=False,
+                                     RBLOCK=_RBLOCK)
 
 
 def sar_perturb(groups: Sequence[TritonArenaGroup], out: torch.Tensor, rho: float, adaptive: bool) -> None:
@@ -488,11 +525,11 @@ def sar_perturb(groups: Sequence[TritonArenaGroup], out: torch.Tensor, rho: floa
     part, scale = plan.part, plan.sar_scale
     for g, base in plan.items:
         if g.num_blocks:
-            _sar_norm_kernel[g._grid](g.param, g.grad, g._blocks, g._flags, part, base,
+            _sar_norm_kernel[g._grid](g.param, g.grad, g._blocks, g._flags, part, base, g.row_numel, plan.n_slots,
                                       ADAPTIVE=adaptive, BLOCK_SIZE=g.block_size, num_warps=g._warps)
-    _sar_scale_kernel[(1,)](part, plan.n_slots, out, scale, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
+    _sar_scale_kernel[(plan.rows,)](part, plan.n_slots, out, scale, float(rho), RHO_POSITIVE=float(rho) > 0.0, RBLOCK=_RBLOCK)
     if float(rho) > 0.0:
         for g, _ in plan.items:
             if g.num_blocks:
-                _sar_apply_kernel[g._grid](g.param, g.grad, g.snap, g._blocks, g._flags, out, scale,
+                _sar_apply_kernel[g._grid](g.param, g.grad, g.snap, g._blocks, g._flags, out, scale, g.row_numel,
                                            ADAPTIVE=adaptive, BLOCK_SIZE=g.block_size, num_warps=g._warps)

@@ -8,7 +8,13 @@ clip coefficient is computed on device and read from ``out`` by the Adam pass.
 The step, numbered as in the C++ engine and the README: 1 EATA anchor gradient, 2 grad norm,
 3 clip coefficient, 4 Adam, 5 pre-step snapshot, 6 CoTTA teacher EMA, 7 CoTTA stochastic restore
 (counter-based draws keyed by ``restore_key(seed, counter, group)``, the same hash and key as
-``_C``), 8 update / total-update norms (of the final parameters) and restored count.
+``_C``, the key finished on the device from the row's seed prefix and the step's counter words), 8 update / total-update norms (of the final parameters) and restored count.
+
+Over K rows (replicas; every per-element buffer holds K rows of the arena's elements, row-major)
+the grid is (blocks, K): program (b, r) runs block b of row r, with row r's step counts, gate,
+restore key and workspace slots (row r's slots are ``[r * n_slots, (r + 1) * n_slots)``), and the
+finalize kernels run one program per row, writing row r's scalars at ``out[r * len(keys):]``.
+K = 1 is one run's step.
 
 Blocks never straddle segments (the block table maps block -> segment, start, end, segment
 numel; columns ``BLK_*``; a zero-size segment gets one empty block), so the per-segment inputs
@@ -67,6 +73,9 @@ GS_GRAD_NORM = _index(GRAD_STAT_KEYS, "grad_norm")
 GS_ANCHOR_LOSS = _index(GRAD_STAT_KEYS, "anchor_loss")
 SAR_DIRECTION_NORM = _index(SAR_STAT_KEYS, "direction_norm")
 SAR_APPLIED = _index(SAR_STAT_KEYS, "applied")
+NUM_STATS = tl.constexpr(len(STAT_KEYS))  # each row's share of ``out``
+NUM_GRAD_STATS = tl.constexpr(len(GRAD_STAT_KEYS))
+NUM_SAR_STATS = tl.constexpr(len(SAR_STAT_KEYS))
 
 _RBLOCK = RBLOCK  # finalize kernels: slots summed per iteration
 _CLIP_EPS = tl.constexpr(CLIP_EPS)
@@ -94,6 +103,12 @@ def _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE: tl.constexpr):
     grad_end = start + (end - start) * flag
     offs = start + tl.arange(0, BLOCK_SIZE)
     return seg, offs, offs < end, offs < grad_end, tl.load(row + BLK_SEG_NUMEL), flag
+
+
+@triton.jit
+def _row():
+    """This program's row (the grid's second axis) as int64."""
+    return tl.program_id(1).to(tl.int64)
 
 
 @triton.jit
@@ -172,11 +187,13 @@ def _grad_pass_kernel(
     part_ptr,
     part_stride,
     part_base,
+    row_numel,
+    row_slots,
     HAS_ANCHOR: tl.constexpr,
     ANCHOR_VALUE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Per block, over segments with a grad: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n.
+    """Per block of each row, over segments with a grad: ||g + 2*lambda*(p-base)/n||^2 and sum (p-base)^2 / n.
 
     Parameters:
         p_ptr, g_ptr, base_ptr: the flat parameter, grad and base buffers (arena dtype).
@@ -186,11 +203,16 @@ def _grad_pass_kernel(
         part_ptr, part_stride: the fp64 workspace (``PART_ROWS`` rows of ``part_stride`` slots);
             writes rows ``PART_GRAD`` and ``PART_ANCHOR``.
         part_base: this group's first slot (groups share the workspace).
+        row_numel, row_slots: one row's elements and workspace slots (row r at r * each).
         HAS_ANCHOR: add the anchor gradient to g.
         ANCHOR_VALUE: write the anchor value's partials (else zeros).
         BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
+    row = _row()
+    p_ptr += row * row_numel
+    g_ptr += row * row_numel
+    base_ptr += row * row_numel
     seg, offs, _, gmask, seg_numel, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     g = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
 
@@ -204,7 +226,7 @@ def _grad_pass_kernel(
         g = g + tl.load(anchor_ptr + seg) * d
 
     # 2. ||g||^2 (before clipping) and the anchor value
-    _put_grad_partials(part_ptr, part_stride, part_base + pid, g, d, seg_numel, ANCHOR_VALUE)
+    _put_grad_partials(part_ptr, part_stride, row * row_slots + part_base + pid, g, d, seg_numel, ANCHOR_VALUE)
 
 
 @triton.jit
@@ -225,6 +247,9 @@ def _adam_kernel(
     part_ptr,
     part_stride,
     part_base,
+    row_numel,
+    row_slots,
+    num_blocks,
     one_minus_beta1,
     beta2,
     one_minus_beta2,
@@ -232,7 +257,9 @@ def _adam_kernel(
     ema_m,
     ema_w,
     restore_q,
-    key_ptr,
+    prefix_ptr,
+    counter_ptr,
+    group_word,
     gate_ptr,
     HAS_CLIP: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
@@ -253,26 +280,42 @@ def _adam_kernel(
         blocks_ptr, flags_ptr, anchor_ptr: the block table, the has-grad flags and the anchor
             coefficients (with HAS_ANCHOR).
         bias_ptr: the bias-correction table (float32, ``BIAS_COLS`` per step count).
-        steps_ptr: the Adam step count of each block (int32), advanced here where the segment has a grad.
-        out_ptr: the caller's float64 stats (``STAT_KEYS``); with HAS_CLIP the coefficient is
-            read from ``out[CLIP_COEF]``.
+        steps_ptr: the Adam step count of each (row, block) (int32, row-major), advanced here where
+            the segment has a grad.
+        out_ptr: the caller's float64 stats (``STAT_KEYS`` per row); with HAS_CLIP the row's
+            coefficient is read from its ``CLIP_COEF``.
         part_ptr, part_stride, part_base: the fp64 workspace and this group's first slot; writes
             ``PART_CLIPPED``, ``PART_UPDATE``, ``PART_TOTAL``, ``PART_RESTORED`` and, without
             clipping (no grad pass ran), ``PART_GRAD`` and ``PART_ANCHOR``.
+        row_numel, row_slots, num_blocks: one row's elements, workspace slots and blocks.
         one_minus_beta1, beta2, one_minus_beta2, eps: Adam's scalars.
         ema_m, ema_w: the teacher EMA's m and 1 - m.
-        restore_q, key_ptr: the restore probability and this group's 32-bit key (an int32 on the
-            device, written by the host before the launch).
-        gate_ptr: with GATED, a float64 on the device: 0 closes the step (no segment counts as
-            having a grad: no parameter, moment, step count, teacher or restore changes).
+        restore_q: the restore probability.
+        prefix_ptr, counter_ptr, group_word: the restore key's parts: each row's seed prefix (int32
+            on the device, ``constants.seed_prefix``), the step counter's two words (int32 on the
+            device, written by the host before the launch) and this group's word (an int32
+            scalar): the row's key is ``restore_key(seed, counter, group)``, finished here.
+        gate_ptr: with GATED, one float64 per row on the device: 0 closes the row's step (no
+            segment counts as having a grad: no parameter, moment, step count, teacher or restore changes).
         HAS_CLIP, HAS_ANCHOR, WRITE_SNAPSHOT, HAS_EMA, HAS_RESTORE, GATED: the step's parts.
         BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
-    slot = part_base + pid
+    row = _row()
+    roff = row * row_numel
+    p_ptr += roff
+    g_ptr += roff
+    m_ptr += roff
+    v_ptr += roff
+    base_ptr += roff
+    snap_ptr += roff
+    teacher_ptr += roff
+    steps_ptr += row * num_blocks
+    out_ptr += row * NUM_STATS
+    slot = row * row_slots + part_base + pid
     seg, offs, mask, gmask, seg_numel, flag = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     if GATED:  # decided on the device (e.g. EATA: anything selected)
-        open_ = tl.load(gate_ptr) != 0.0
+        open_ = tl.load(gate_ptr + row) != 0.0
         gmask = tl.where(open_, gmask, False)
         flag = flag * open_.to(tl.int64)
         live = tl.where(open_, mask, False)
@@ -327,7 +370,11 @@ def _adam_kernel(
 
     # 7. CoTTA stochastic restore: p <- base where u(j) < q (every segment, counter-based RNG)
     if HAS_RESTORE:
-        hit = (_uniform01(offs, tl.load(key_ptr).to(tl.uint32, bitcast=True)) < restore_q) & live
+        key = _fmix32(tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
+                      ^ tl.load(counter_ptr).to(tl.uint32, bitcast=True))
+        key = _fmix32(key ^ tl.load(counter_ptr + 1).to(tl.uint32, bitcast=True))
+        key = _fmix32(key ^ group_word.to(tl.uint32, bitcast=True))
+        hit = (_uniform01(offs, key) < restore_q) & live
         tl.store(p_ptr + offs, tl.where(hit, base_raw, p_new_s), mask=gmask | hit)
         p_new = tl.where(hit, base, p_new)
         n_restored = tl.sum(hit.to(tl.float32), axis=0).to(tl.float64)
@@ -353,16 +400,20 @@ def _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, NORM_AT: tl.constex
 
 @triton.jit
 def _grad_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, max_norm, NORM_AT: tl.constexpr,
-                       ANCHOR_AT: tl.constexpr, CLIP: tl.constexpr, RBLOCK: tl.constexpr):
-    """||g|| and the anchor value from the grad pass's partials and, with CLIP, the clip coefficient.
+                       ANCHOR_AT: tl.constexpr, OUT_COUNT: tl.constexpr, CLIP: tl.constexpr, RBLOCK: tl.constexpr):
+    """Row r's (program r's) ||g|| and anchor value from the grad pass's partials and, with CLIP,
+    its clip coefficient.
 
     Parameters:
-        part_ptr, part_stride, n_slots: the fp64 workspace and the slots in use.
-        out_ptr: the caller's float64 buffer; writes out[NORM_AT], out[ANCHOR_AT] and, with CLIP,
-            out[CLIP_COEF] (``fused_step``'s layout).
+        part_ptr, part_stride, n_slots: the fp64 workspace and one row's slots.
+        out_ptr: the caller's float64 buffer, ``OUT_COUNT`` per row; writes the row's [NORM_AT],
+            [ANCHOR_AT] and, with CLIP, [CLIP_COEF] (``fused_step``'s layout).
         max_norm: the clipping threshold (with CLIP).
         RBLOCK: slots summed per iteration.
     """
+    r = tl.program_id(0).to(tl.int64)
+    part_ptr += r * n_slots
+    out_ptr += r * OUT_COUNT
     norm = _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, NORM_AT, ANCHOR_AT, RBLOCK)
     if CLIP:
         tl.store(out_ptr + CLIP_COEF, _clip_coef(norm, max_norm))
@@ -370,14 +421,17 @@ def _grad_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, max_norm, NORM_A
 
 @triton.jit
 def _step_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, HAS_CLIP: tl.constexpr, RBLOCK: tl.constexpr):
-    """The step's stats (``STAT_KEYS``) from the partials, in a fixed order.
+    """Row r's (program r's) step stats (``STAT_KEYS``) from the partials, in a fixed order.
 
     Parameters:
-        part_ptr, part_stride, n_slots: the fp64 workspace and the slots in use.
+        part_ptr, part_stride, n_slots: the fp64 workspace and one row's slots.
         out_ptr: the caller's float64 stats; without HAS_CLIP this kernel also writes the grad
             norm, the anchor value and the coefficient 1 (with it, ``_grad_stats_kernel`` did).
         RBLOCK: slots summed per iteration.
     """
+    r = tl.program_id(0).to(tl.int64)
+    part_ptr += r * n_slots
+    out_ptr += r * NUM_STATS
     if not HAS_CLIP:
         _put_grad_stats(part_ptr, part_stride, n_slots, out_ptr, GRAD_NORM, ANCHOR_LOSS, RBLOCK)
         tl.store(out_ptr + CLIP_COEF, 1.0)
@@ -389,35 +443,43 @@ def _step_stats_kernel(part_ptr, part_stride, n_slots, out_ptr, HAS_CLIP: tl.con
 
 
 @triton.jit
-def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, flags_ptr, part_ptr, part_base,
+def _sar_norm_kernel(p_ptr, g_ptr, blocks_ptr, flags_ptr, part_ptr, part_base, row_numel, row_slots,
                      ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Per block: ||d||^2 over segments with a grad.
+    """Per block of each row: ||d||^2 over segments with a grad.
 
     Parameters:
         p_ptr, g_ptr: the flat parameter and grad buffers.
         blocks_ptr, flags_ptr: the block table and the has-grad flags.
-        part_ptr, part_base: the fp64 workspace (one row) and this group's first slot.
+        part_ptr, part_base: the fp64 workspace (one workspace row) and this group's first slot.
+        row_numel, row_slots: one row's elements and slots.
         ADAPTIVE: d = g*|p| instead of g.  BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
+    row = _row()
+    p_ptr += row * row_numel
+    g_ptr += row * row_numel
     _, offs, _, gmask, _, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     d = tl.load(g_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
     if ADAPTIVE:
         d = d * tl.abs(tl.load(p_ptr + offs, mask=gmask, other=0.0).to(tl.float32))
-    tl.store(part_ptr + part_base + pid, _sumsq(d))
+    tl.store(part_ptr + row * row_slots + part_base + pid, _sumsq(d))
 
 
 @triton.jit
 def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: tl.constexpr, RBLOCK: tl.constexpr):
-    """norm = ||d|| (fp32) ; applied = rho > 0 and not norm <= 0 (a NaN norm applies: NaN params, like
-    the reference) ; scale = rho / (norm + 1e-12).
+    """Per row r (program r): norm = ||d|| (fp32) ; applied = rho > 0 and not norm <= 0 (a NaN norm
+    applies: NaN params, like the reference) ; scale = rho / (norm + 1e-12).
 
     Parameters:
-        part_ptr, n_slots: the direction's partial sums.
-        out_ptr: the caller's float64 buffer (``SAR_STAT_KEYS``): the norm and applied (1.0 / 0.0).
-        scale_ptr: float32 scratch for the scale, read by ``_sar_apply_kernel``.
+        part_ptr, n_slots: the direction's partial sums, one row's slots.
+        out_ptr: the caller's float64 buffer (``SAR_STAT_KEYS`` per row): the norm and applied (1.0 / 0.0).
+        scale_ptr: float32 scratch for the scales (one per row), read by ``_sar_apply_kernel``.
         rho: the neighbourhood size.  RHO_POSITIVE: rho > 0.  RBLOCK: slots summed per iteration.
     """
+    r = tl.program_id(0).to(tl.int64)
+    part_ptr += r * n_slots
+    out_ptr += r * NUM_SAR_STATS
+    scale_ptr += r
     norm = _f32_norm(_sum_slots(part_ptr, n_slots, RBLOCK))
     tl.store(out_ptr + SAR_DIRECTION_NORM, norm)
     if RHO_POSITIVE:
@@ -428,7 +490,7 @@ def _sar_scale_kernel(part_ptr, n_slots, out_ptr, scale_ptr, rho, RHO_POSITIVE: 
 
 
 @triton.jit
-def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, scale_ptr,
+def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, scale_ptr, row_numel,
                       ADAPTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """snap <- p (every segment) ; if applied (read on device): p <- p + scale*d (with a grad).
 
@@ -436,9 +498,16 @@ def _sar_apply_kernel(p_ptr, g_ptr, snap_ptr, blocks_ptr, flags_ptr, out_ptr, sc
         p_ptr, g_ptr, snap_ptr: the flat parameter, grad and snapshot buffers.
         blocks_ptr, flags_ptr: the block table and the has-grad flags.
         out_ptr: the float64 buffer ``_sar_scale_kernel`` wrote (its applied flag is read).
-        scale_ptr: the float32 scale.  ADAPTIVE: d = g*|p|.  BLOCK_SIZE: elements per program.
+        scale_ptr: the float32 scale per row.  row_numel: one row's elements.
+        ADAPTIVE: d = g*|p|.  BLOCK_SIZE: elements per program.
     """
     pid = tl.program_id(0).to(tl.int64)
+    row = _row()
+    p_ptr += row * row_numel
+    g_ptr += row * row_numel
+    snap_ptr += row * row_numel
+    out_ptr += row * NUM_SAR_STATS
+    scale_ptr += row
     _, offs, mask, gmask, _, _ = _block(blocks_ptr, flags_ptr, pid, BLOCK_SIZE)
     applied = tl.load(out_ptr + SAR_APPLIED) != 0.0  # decided on device
     gmask = tl.where(applied, gmask, False)

@@ -65,3 +65,26 @@ SAR_STAT_KEYS = ("direction_norm", "applied")
 
 #: One fused step's scalars on the host, read back once per step (``UpdateEngine.step``).
 StepStats = namedtuple("StepStats", STAT_KEYS)
+
+
+class RowStats(namedtuple("RowStats", STAT_KEYS)):
+    """One fused step's scalars of K rows (replicas), read back once per step: each field a tuple of
+    K floats, row i's at index i (``UpdateEngine.step`` over an arena of rows). Both backends write
+    them as a (K, len(STAT_KEYS)) float64 buffer, row-major."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_values(cls, values: list[float], k: int) -> "RowStats":
+        """The stats of ``values``: K rows of ``len(STAT_KEYS)`` floats, row-major."""
+        n = len(STAT_KEYS)
+        return cls(*(tuple(values[j:n * k:n]) for j in range(n)))
+
+    @property
+    def k(self) -> int:
+        """The number of rows."""
+        return len(self[0])
+
+    def row(self, i: int) -> StepStats:
+        """Row ``i``'s stats, as a single run's."""
+        return StepStats(*(field[i] for field in self))

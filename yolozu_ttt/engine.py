@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .common import CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, StepStats, check_step_options, use_triton
+from .common import (CUDA_GRAPH, GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS, RowStats, StepStats, check_step_options,
+                     use_triton)
 from .kernels.constants import CLIP_EPS
 
 if TYPE_CHECKING:  # the arena imports this module (backend choice), never the other way at run time
@@ -75,10 +76,17 @@ def backend_module(backend: str) -> Any:
     return update
 
 
+def arena_rows(arena: Any) -> int | None:
+    """The K rows of an arena of rows (``yolozu_ttt.rows.RowArena``), None for a ``ParamArena``
+    (one run: K = 1 with a single run's stats)."""
+    return getattr(arena, "rows", None)
+
+
 def bind_groups(arena: "ParamArena") -> list[Any]:
     """The backend's group object of every arena group, built over the group's buffers (once: an
-    engine already built for them is the same)."""
+    engine already built for them is the same); an arena of rows binds K rows per group."""
     groups = []
+    rows = arena_rows(arena) or 1
     for binding in arena.groups:
         buffers = binding.buffers
         if buffers.engine is None:
@@ -86,7 +94,7 @@ def bind_groups(arena: "ParamArena") -> list[Any]:
             impl = backend_module(buffers.backend)
             cls = impl.TritonArenaGroup if buffers.backend == "triton" else impl.ArenaGroup
             buffers.engine = cls(buffers.flat, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq, base,
-                                 binding.snap, buffers.offsets, buffers.sizes, buffers.has_grad)
+                                 binding.snap, buffers.offsets, buffers.sizes, buffers.has_grad, rows=rows)
         groups.append(buffers.engine)
     return groups
 
@@ -204,21 +212,28 @@ class GraphCache(dict):
 
 class _EagerLaunch:
     """A prepared update of a backend without a host/launch split (the C++ engine): ``run()`` runs
-    ``fn(groups, out, options, counter, gate)`` as prepared, so ``key()`` is all of its per-step
-    arguments (a replay of ``run`` is the same step only for the same ones)."""
+    ``fn(groups, out, options, counter, gate, seeds)`` as prepared, so ``key()`` is all of its
+    per-step arguments (a replay of ``run`` is the same step only for the same ones)."""
 
     __slots__ = ("run", "args")
 
-    def __init__(self, fn: Any, groups: list[Any], out: torch.Tensor, options: Any, counter: int, gate: Any):
-        self.run = functools.partial(fn, groups, out, options, counter, gate)
-        self.args = (options, counter, gate)
+    def __init__(self, fn: Any, groups: list[Any], out: torch.Tensor, options: Any, counter: int, gate: Any,
+                 seeds: Any):
+        self.run = functools.partial(fn, groups, out, options, counter, gate, seeds)
+        self.args = (options, counter, gate, seeds)
 
     def key(self) -> tuple:
         return self.args
 
 
 class UpdateEngine:
-    """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena."""
+    """Adam (torch defaults) with clipping, snapshot and update norms, fused over the arena.
+
+    Over an arena of K rows (``yolozu_ttt.rows.RowArena``: K replicas), one step steps every row,
+    each with its own grad norm, clip coefficient, Adam step counts, gate, anchor, ascent, EMA and
+    restore seed: the same backends' calls (K = 1 is one run's step), the stats a
+    :class:`~yolozu_ttt.common.RowStats` read once; :meth:`stop_rows` freezes rows.
+    """
 
     def __init__(self, arena: "ParamArena", *, lr: float, max_grad_norm: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: Any = None,
@@ -229,11 +244,17 @@ class UpdateEngine:
         self.backend = arena.backend
         self._impl = backend_module(self.backend)
         self._groups = bind_groups(arena)
-        self._stats = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=arena.device)
-        self._grad_stats = torch.empty(len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
-        self._sar_stats = torch.empty(len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
-        self._gate = torch.ones(1, dtype=torch.float64, device=arena.device)  # see ``gate``
-        self.total_update_norm = 0.0  # of the last applied step
+        #: K rows (replicas) of an arena of rows, else None (one run, whose stats are a StepStats)
+        self.rows = arena_rows(arena)
+        k = self.rows or 1
+        self._stats = torch.empty(k * len(STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._grad_stats = torch.empty(k * len(GRAD_STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._sar_stats = torch.empty(k * len(SAR_STAT_KEYS), dtype=torch.float64, device=arena.device)
+        self._gate = torch.ones(k, dtype=torch.float64, device=arena.device)  # see ``gate``
+        self._active = torch.ones(k, dtype=torch.float64, device=arena.device)  # see ``stop_rows``
+        self.stopped: set[int] = set()  #: the rows ``stop_rows`` froze
+        self._seeds: tuple[tuple, tuple[int, ...]] = ((), ())  # the last seeds given and their uint64s
+        self.total_update_norm: Any = 0.0 if self.rows is None else (0.0,) * k  # of the last applied step
         #: graph mode: asked for and possible (a CUDA arena on the Triton engine)
         self.graph_mode = bool(graph) and self._graph_possible()
         #: the run's one graph cache (None: no graphs); ``update_graphs``: the update alone is captured
@@ -253,20 +274,40 @@ class UpdateEngine:
         reset, no update applied yet, the gate open."""
         for g in self._groups:
             g.reset_state()
-        self.total_update_norm = 0.0
+        self.total_update_norm = 0.0 if self.rows is None else (0.0,) * self.rows
         self._gate.fill_(1.0)
+        self._active.fill_(1.0)
+        self.stopped.clear()
 
     def gate(self, open_: torch.Tensor) -> None:
         """Decide on the device whether the next gated step (``StepSpec.gated``) applies: where
-        ``open_`` (a boolean scalar on the arena's device) is false it changes nothing (no
-        parameter, moment or step count), as if no parameter had a grad. No host read."""
-        self._gate.copy_(open_.reshape(1))
+        ``open_`` (a boolean scalar on the arena's device; K of them over K rows) is false it
+        changes nothing (no parameter, moment or step count), as if no parameter had a grad. No
+        host read. A stopped row stays closed."""
+        self._gate.copy_(open_.reshape(-1))
+        if self.stopped:
+            self._gate.mul_(self._active)
+
+    def stop_rows(self, rows: Sequence[int]) -> None:
+        """Rows ``rows`` (of an arena of rows) stop: each is rolled back from its own snapshot row
+        (the pre-step values of the last step) and frozen from now on (every later step applies
+        nothing to it, as a closed gate), while the others go on. Until :meth:`reset_state`."""
+        rows = [int(r) for r in rows]
+        if self.rows is None or any(not 0 <= r < self.rows for r in rows):
+            raise ValueError(f"yolozu_ttt: stop_rows needs rows of an arena of rows, got {rows}")
+        if not rows:
+            return
+        self.arena.restore_rows(rows)
+        self._active[rows] = 0.0
+        self._gate.mul_(self._active)
+        self.stopped.update(rows)
 
     def step(self, spec: StepSpec | None = None, *, counter: int = 0, extra: Sequence[Any] = (),
-             **options: Any) -> tuple[StepStats, list[float]]:
+             seeds: Sequence[int] | None = None, **options: Any) -> tuple[Any, list[float]]:
         """Apply one update of ``spec`` (the run's :attr:`spec` with ``options`` by default) at
-        restore counter ``counter``; return its stats and the values of ``extra`` (one host
-        read): :meth:`prepare`, the launch, :meth:`collect`.
+        restore counter ``counter``; return its stats (a StepStats, or over K rows a RowStats) and
+        the values of ``extra`` (one host read): :meth:`prepare`, the launch, :meth:`collect`.
+        ``seeds``: each row's restore seed (K ints; None: ``spec.restore_seed`` for every row).
 
         With a loss scaler (fp16), the overflow flag is read first (so a step reads twice): an
         overflowed step applies nothing and returns an inf grad norm for the guards.
@@ -277,14 +318,14 @@ class UpdateEngine:
             self.scaler.update(overflow)
             if overflow:
                 return self._overflowed(spec, extra)
-        launch = self.prepare(spec, counter)
+        launch = self.prepare(spec, counter, seeds)
         if self.update_graphs:
             self._graph_run(launch)
         else:
             launch.run()
         return self.collect(extra)
 
-    def prepare(self, spec: StepSpec, counter: int = 0) -> Any:
+    def prepare(self, spec: StepSpec, counter: int = 0, seeds: Sequence[int] | None = None) -> Any:
         """The host half of one update: the snapshot bookkeeping and the backend's checks and
         uploads. Returns the launch: ``run()`` enqueues the kernels (nothing is applied before),
         ``key()`` names what a CUDA graph of ``run()`` bakes in (the C++ engine's: every argument).
@@ -294,18 +335,32 @@ class UpdateEngine:
         """
         if spec.write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        gate = self._gate if spec.gated else None
+        gate = self._gate if spec.gated else (self._active if self.stopped else None)
         counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
+        seeds = self._row_seeds(seeds) if seeds is not None and spec.restore_prob > 0.0 else None
         if self.backend == "triton":
-            return self._impl.prepare_step(self._groups, self._stats, spec, counter, gate)
-        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, spec.native, counter, gate)
+            return self._impl.prepare_step(self._groups, self._stats, spec, counter, gate, seeds)
+        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, spec.native, counter, gate, seeds)
 
-    def collect(self, extra: Sequence[Any] = ()) -> tuple[StepStats, list[float]]:
-        """The launched update's stats and the values of ``extra``, in the step's one host read."""
+    def _row_seeds(self, seeds: Sequence[int]) -> tuple[int, ...]:
+        """``seeds`` checked (one per row) as uint64s, converted again only when they change (a run
+        passes the same ones every step)."""
+        given = tuple(seeds)
+        if given != self._seeds[0]:
+            row_seeds = tuple(int(s) & 0xFFFFFFFFFFFFFFFF for s in given)
+            if len(row_seeds) != (self.rows or 1):
+                raise ValueError(f"yolozu_ttt: seeds must have one seed per row ({self.rows or 1}), got {len(row_seeds)}")
+            self._seeds = (given, row_seeds)
+        return self._seeds[1]
+
+    def collect(self, extra: Sequence[Any] = ()) -> tuple[Any, list[float]]:
+        """The launched update's stats (a StepStats; over K rows a RowStats) and the values of
+        ``extra``, in the step's one host read."""
         values = read(self._stats, *extra)
-        stats = StepStats(*values[: len(STAT_KEYS)])
+        n = self._stats.numel()
+        stats = StepStats(*values[:n]) if self.rows is None else RowStats.from_values(values[:n], self.rows)
         self.total_update_norm = stats.total_update_norm
-        return stats, values[len(STAT_KEYS):]
+        return stats, values[n:]
 
     def _overflowed(self, spec: StepSpec, extra: Sequence[Any]) -> tuple[StepStats, list[float]]:
         """The stats of a step whose scaled grads overflowed: nothing applied (parameters, moments and
@@ -357,21 +412,34 @@ class UpdateEngine:
             graphs.add(key, graph)
         graph.replay()
 
-    def idle_stats(self) -> StepStats:
+    def idle_stats(self) -> Any:
         """The stats of a step that applies nothing (zero norms, the running total update norm)."""
+        if self.rows is not None:
+            k = self.rows
+            return RowStats(grad_norm=(0.0,) * k, grad_norm_clipped=(0.0,) * k, update_norm=(0.0,) * k,
+                            total_update_norm=tuple(self.total_update_norm), anchor_loss=(0.0,) * k,
+                            clip_coef=(1.0,) * k, restored=(0.0,) * k)
         return StepStats(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0,
                          total_update_norm=self.total_update_norm, anchor_loss=0.0, clip_coef=1.0, restored=0.0)
 
+    def _grad_stat(self, index: int) -> torch.Tensor:
+        """Slot ``index`` of the grad stats: a device scalar, or over K rows a (K,) tensor."""
+        if self.rows is None:
+            return self._grad_stats[index]
+        return self._grad_stats.view(self.rows, len(GRAD_STAT_KEYS))[:, index]
+
     def anchor_value(self) -> torch.Tensor:
-        """``sum_i mean((theta_i - theta_i^0)^2)`` as a device scalar, without changing anything."""
+        """``sum_i mean((theta_i - theta_i^0)^2)`` as a device scalar (over K rows: (K,), each row's),
+        without changing anything."""
         self._impl.grad_stats(self._groups, self._grad_stats, 0.0, anchor_value=True)
-        return self._grad_stats[ANCHOR_VALUE]
+        return self._grad_stat(ANCHOR_VALUE)
 
     def clip_grads(self, max_grad_norm: float | None) -> torch.Tensor:
-        """The pre-clip grad norm (a device scalar); with ``max_grad_norm``, the grads are clipped in
-        place like ``torch.nn.utils.clip_grad_norm_`` (its fp32 coefficient expression)."""
+        """The pre-clip grad norm (a device scalar; over K rows (K,), each row's); with
+        ``max_grad_norm``, the grads are clipped in place like ``torch.nn.utils.clip_grad_norm_``
+        (its fp32 coefficient expression), each row by its own coefficient."""
         self._impl.grad_stats(self._groups, self._grad_stats, 0.0)
-        norm = self._grad_stats[GRAD_NORM]
+        norm = self._grad_stat(GRAD_NORM)
         if max_grad_norm is not None:
             coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
             self.arena.scale_grads(coef)  # always, like clip_grad_norm_ (no host read of the coefficient)
@@ -380,9 +448,12 @@ class UpdateEngine:
     def sar_perturb(self, rho: float, adaptive: bool) -> torch.Tensor:
         """SAR's ascent step from the current grads, with the arena's held snapshot as its backup
         (written whenever ``rho > 0``): returns the device scalars (direction norm, applied 1/0)
-        unread, for the step's one read."""
+        unread, for the step's one read; over K rows a (K, 2) tensor, each row ascending by its
+        own direction norm."""
         self._impl.sar_perturb(self._groups, self._sar_stats, float(rho), bool(adaptive))
-        return self._sar_stats
+        if self.rows is None:
+            return self._sar_stats
+        return self._sar_stats.view(self.rows, len(SAR_STAT_KEYS))
 
     def bind_teacher(self, buffers: Sequence[Any] | None) -> None:
         """Bind CoTTA's teacher buffers (``ParamArena.value_copies``), one per group, or unbind (None)."""

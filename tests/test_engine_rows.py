@@ -1,0 +1,209 @@
+"""The C++ engine over K rows (replicas) against K separate K = 1 steps, per stats field and state tensor."""
+from __future__ import annotations
+
+import pytest
+import torch
+from support_rows import Rows, Single, assert_stats_match, call_rows, fused_rows
+
+import yolozu_ttt._C as C
+from yolozu_ttt.common import STAT_KEYS, RowStats
+from yolozu_ttt.engine import StepSpec, UpdateEngine
+from yolozu_ttt.rows import RowArena
+
+#: every option of the fused step (the gate and the stop are their own parameters / tests)
+CASES = {
+    "plain": {},
+    "clip": dict(max_grad_norm=0.5),
+    "anchor": dict(anchor_lambda=0.3),
+    "clip_anchor": dict(max_grad_norm=0.5, anchor_lambda=0.3),
+    "no_snapshot": dict(write_snapshot=False),
+    "ema": dict(ema_momentum=0.9),
+    "restore": dict(restore_prob=0.3),
+    "cotta": dict(max_grad_norm=0.5, ema_momentum=0.9, restore_prob=0.3),
+}
+SEEDS = [11, 2**40 + 3, 0]  # one per row: row r's restore draws must be those of seed r alone
+#: per step, each row's gate (None: ungated): a row closed at its first step, one at a later step
+GATES = [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+
+
+def two_dtype_rows(k: int = 3, **kwargs) -> list[Rows]:
+    """Two groups of K rows (float32 with a segment past one work item and one without a grad; bfloat16)."""
+    return [Rows(C, k, [7, 1, 16500, 33], torch.float32, 1, has_grad=b"\x01\x01\x01\x00", **kwargs),
+            Rows(C, k, [5, 300], torch.bfloat16, 2, **kwargs)]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_k_rows_step_as_k_single_steps(case, gated):
+    """One fused call over K rows of two groups = K separate K = 1 calls: every stats field of every
+    row and every state tensor bit for bit (each row's own norms, clip coefficient, step counts,
+    gate, anchor, EMA and restore draws from its own seed)."""
+    arenas = two_dtype_rows()
+    spec = StepSpec(lr=1e-2, **CASES[case])
+    for step in range(3):
+        for a in arenas:
+            a.new_grads(scale=1e-3)
+        gate = torch.tensor(GATES[step], dtype=torch.float64) if gated else None
+        rows_out, singles = fused_rows(C, arenas, spec, counter=step, gate=gate, seeds=SEEDS)
+        assert_stats_match(rows_out, singles)
+        for a in arenas:
+            a.assert_rows_match()
+    if "max_grad_norm" in CASES[case]:  # the rows clipped apart: their coefficients differ
+        assert len(set(rows_out[:, STAT_KEYS.index("clip_coef")].tolist())) > 1
+    if "restore_prob" in CASES[case]:  # every open row restored some elements, a closed one none
+        restored = rows_out[:, STAT_KEYS.index("restored")].tolist()
+        assert [n > 0 for n in restored] == ([g != 0.0 for g in GATES[-1]] if gated else [True] * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_k_rows_with_the_base_and_moments_per_segment(dtype):
+    """The C++ engine's per-segment layout ((K, size) per segment) steps the rows as flat ones do."""
+    arenas = [Rows(C, 2, [3, 16400, 9], dtype, 5, per_segment=True)]
+    spec = StepSpec(lr=1e-2, max_grad_norm=0.5, anchor_lambda=0.2, ema_momentum=0.5, restore_prob=0.1)
+    for step in range(2):
+        arenas[0].new_grads(scale=1e-3)
+        rows_out, singles = fused_rows(C, arenas, spec, counter=step, seeds=[4, 9])
+        assert_stats_match(rows_out, singles)
+        arenas[0].assert_rows_match()
+
+
+def test_seeds_default_to_the_spec_seed_for_every_row():
+    arenas = [Rows(C, 2, [50, 7], torch.float32, 3)]
+    arenas[0].new_grads()
+    spec = StepSpec(lr=1e-2, restore_prob=0.4, restore_seed=77)
+    rows_out, singles = fused_rows(C, arenas, spec, counter=5)
+    assert_stats_match(rows_out, singles)
+    arenas[0].assert_rows_match()
+
+
+@pytest.mark.parametrize("anchor_lambda,anchor_value", [(0.0, False), (0.0, True), (0.3, False)])
+def test_grad_stats_per_row(anchor_lambda, anchor_value):
+    arenas = two_dtype_rows()
+    for a in arenas:
+        a.new_grads()
+    rows_out, singles = call_rows(C, "grad_stats", arenas, anchor_lambda, anchor_value)
+    assert_stats_match(rows_out, singles)
+    assert len(set(rows_out[:, 0].tolist())) == 3  # each row's own norm
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rho", [0.05, 0.0])
+def test_sar_ascent_per_row_by_its_own_direction_norm(adaptive, rho):
+    """Each row ascends by rho / its own direction norm; a row whose grads are zero is not applied
+    (the others are); the backup rows hold every row's pre-ascent values."""
+    arenas = two_dtype_rows()
+    for a in arenas:
+        a.new_grads()
+        a.grad[1].zero_()
+        a.singles[1].grad.zero_()
+    rows_out, singles = call_rows(C, "sar_perturb", arenas, rho, adaptive)
+    assert_stats_match(rows_out, singles)
+    assert rows_out[:, 1].tolist() == ([1.0, 0.0, 1.0] if rho > 0 else [0.0, 0.0, 0.0])
+    for a in arenas:
+        a.assert_rows_match()
+
+
+def test_bad_row_arguments_have_clear_errors():
+    rows = Rows(C, 2, [5, 3], torch.float32, 0)
+    other = Rows(C, 3, [5, 3], torch.float32, 0)
+    spec = StepSpec(lr=1e-2).native
+    out = torch.zeros(2 * len(STAT_KEYS), dtype=torch.float64)
+    with pytest.raises(ValueError, match="out has 7 elements, fused_step writes 14"):
+        C.fused_step([rows.group], torch.zeros(7, dtype=torch.float64), spec)
+    with pytest.raises(ValueError, match=r"gate must have one element per row \(2\), got 1"):
+        C.fused_step([rows.group], out, spec, 0, torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"seeds must have one seed per row \(2\), got 3"):
+        C.fused_step([rows.group], out, spec, 0, None, [1, 2, 3])
+    with pytest.raises(ValueError, match="the same number of rows"):
+        C.fused_step([rows.group, other.group], out, spec)
+    with pytest.raises(ValueError, match="segments cover 8 elements x 3 rows, arena has 16"):
+        C.ArenaGroup(rows.flat.view(-1), rows.grad.view(-1), rows.m.view(-1), rows.v.view(-1), rows.base.view(-1),
+                     None, rows.offsets, rows.sizes, None, rows=3)
+    assert rows.group.steps == [0, 0, 0, 0]  # nothing changed
+
+
+# ---- through the engine: RowArena + UpdateEngine -------------------------------------------------
+def engine_rows(k: int = 3, sizes=(7, 16500, 33), seed: int = 8) -> tuple[RowArena, UpdateEngine, list[Single], Rows]:
+    """An UpdateEngine over a RowArena of seeded rows, and the rows' K = 1 singles (C++)."""
+    rows = Rows(C, k, list(sizes), torch.float32, seed)
+    arena = RowArena(rows.flat, rows.grad, rows.base, list(sizes), exp_avg=rows.m, exp_avg_sq=rows.v)
+    return arena, UpdateEngine(arena, lr=1e-2, max_grad_norm=0.5), rows.singles, rows
+
+
+def single_step(single: Single, spec: StepSpec, gate: float | None = None) -> list[float]:
+    out = torch.empty(len(STAT_KEYS), dtype=torch.float64)
+    gate_t = None if gate is None else torch.tensor([gate], dtype=torch.float64)
+    C.fused_step([single.group], out, spec.native, 0, gate_t)
+    return out.tolist()
+
+
+def test_engine_rows_step_gate_stop_and_rollback():
+    """UpdateEngine over K rows: one RowStats per step (row r = its single's StepStats); ``gate``
+    per row; ``stop_rows`` rolls one row back from its own snapshot row and freezes it while the
+    others go on as their singles do."""
+    arena, engine, singles, rows = engine_rows()
+    spec = engine.spec.replace(anchor_lambda=0.1)
+    for step in range(4):
+        rows.new_grads(scale=1e-3)
+        if step == 1:  # a gated step: row 2 closed
+            engine.gate(torch.tensor([True, True, False]))
+            stats, _ = engine.step(spec.replace(gated=True))
+            want = [single_step(s, spec, g) for s, g in zip(singles, (1.0, 1.0, 0.0))]
+        else:
+            stats, _ = engine.step(spec)
+            want = [single_step(s, spec) if r not in engine.stopped else None for r, s in enumerate(singles)]
+        assert isinstance(stats, RowStats) and stats.k == 3
+        for r, w in enumerate(want):
+            if w is not None:
+                assert list(stats.row(r)) == w, (step, r)
+            else:  # a frozen row: nothing applied, its values those it was rolled back to
+                assert stats.update_norm[r] == 0.0 and stats.grad_norm[r] == 0.0
+                assert torch.equal(rows.flat[r], frozen)
+        if step == 2:  # the guard stops row 1: back to its pre-step values, then frozen
+            engine.stop_rows([1])
+            frozen = singles[1].snap.clone()  # its single's pre-step values
+            assert torch.equal(rows.flat[1], frozen)
+            assert not torch.equal(rows.flat[0], rows.snap[0])  # the others keep their step
+        for r, s in enumerate(singles):
+            if r not in engine.stopped:
+                assert torch.equal(rows.flat[r], s.flat) and torch.equal(rows.m[r], s.m), (step, r)
+        arena.zero_grad()
+    assert engine.stopped == {1}
+    engine.reset_state()
+    assert not engine.stopped and engine._active.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_engine_rows_clip_grads_anchor_value_and_sar_per_row():
+    arena, engine, singles, rows = engine_rows(k=2, sizes=(40, 9))
+    rows.new_grads()
+    anchors = engine.anchor_value().tolist()
+    norms = engine.clip_grads(0.5).tolist()
+    out = torch.empty(2, dtype=torch.float64)
+    for r, s in enumerate(singles):
+        C.grad_stats([s.group], out, 0.0, True)
+        assert out.tolist() == [norms[r], anchors[r]]
+        coef = min(0.5 / (torch.tensor(norms[r], dtype=torch.float32) + 1e-6).item(), 1.0)
+        torch.testing.assert_close(rows.grad[r], s.grad * coef, rtol=1e-6, atol=0.0)
+    arena.hold_snapshot()  # a backup of its own (SAR's)
+    before = rows.flat.clone()
+    sar = engine.sar_perturb(0.05, False)
+    assert sar.shape == (2, 2) and sar[:, 1].tolist() == [1.0, 1.0]
+    assert torch.equal(arena.snap, before)
+    for r in range(2):  # each row by its own direction norm
+        scale = 0.05 / (sar[r, 0].item() + 1e-12)
+        torch.testing.assert_close(rows.flat[r], before[r] + scale * rows.grad[r], rtol=1e-6, atol=1e-7)
+
+
+def test_row_arena_bad_inputs_and_stop_without_snapshot():
+    flat = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="sizes"):
+        RowArena(flat, torch.zeros(2, 5), torch.zeros(2, 5), [2, 2])
+    with pytest.raises(ValueError, match=r"grad must be a contiguous \(2, 5\)"):
+        RowArena(flat, torch.zeros(2, 4), torch.zeros(2, 5), [5])
+    engine = UpdateEngine(RowArena(flat, torch.zeros(2, 5), torch.zeros(2, 5), [5]), lr=1e-2)
+    with pytest.raises(RuntimeError, match="no step wrote one"):
+        engine.stop_rows([0])
+    with pytest.raises(ValueError, match="stop_rows needs rows"):
+        engine.stop_rows([2])
+    with pytest.raises(ValueError, match="one seed per row"):
+        engine.step(restore_prob=0.1, seeds=[1])
