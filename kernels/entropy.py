@@ -167,30 +167,33 @@ def _entropy_bwd_kernel(
     n_cols,
     z_stride,
     dz_stride,
+    rows_per_g,
     inv_n,
     LOG_EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Gradient of ``mean_rows(H)``: ``dz = -(g / N) p (max(log p, log 1e-12) + H)``.
+    """Gradient of ``mean_rows(H)``: ``dz = -(g / N) p (max(log p, log 1e-12) + H)``; the rows
+    fall into groups of N consecutive rows, each a mean with its own upstream gradient ``g``.
 
     Parameters:
         z_ptr: logits as in the forward.
         dz_ptr: out, same dtype as ``z``, row stride ``dz_stride``.
         lse_ptr, h_ptr: per-row ``lse`` and ``H`` saved by the forward.
-        g_ptr: 0-d upstream gradient of the scalar loss (read on device: no host sync).
+        g_ptr: upstream gradients, one per group (``n_rows / N`` of them; read on device: no host sync).
         n_rows, n_cols, z_stride, dz_stride: sizes and row strides (elements).
-        inv_n: ``1 / N``, N = number of rows the mean runs over.
+        rows_per_g: N, the rows of one group (``n_rows`` for the mean over all rows).
+        inv_n: ``1 / N``.
         LOG_EPS: the clamp of ``log p`` (``log(1e-12)``, the reference's).
         ROWS, BLOCK_C: tile as in the forward.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < n_rows
-    # 1. Per-row constants: lse, H and the scale -g / N.
+    # 1. Per-row constants: lse, H and the scale -g / N (g: the row's group's).
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     h = tl.load(h_ptr + rows, mask=row_ok, other=0.0)
-    coef = -tl.load(g_ptr).to(tl.float32) * inv_n
+    coef = -tl.load(g_ptr + rows // rows_per_g, mask=row_ok, other=0.0).to(tl.float32) * inv_n
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
@@ -200,7 +203,7 @@ def _entropy_bwd_kernel(
         p = tl.exp(log_p)
         log_p = tl.maximum(log_p, LOG_EPS)
         # 3. dz = coef * p * (log p + H).
-        dz = coef * p * (log_p + h[:, None])
+        dz = coef[:, None] * p * (log_p + h[:, None])
         tl.store(dz_ptr + rows[:, None] * dz_stride + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
@@ -310,15 +313,22 @@ def entropy_forward(z: torch.Tensor, *, want_conf: bool = False):
 
 def entropy_backward(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, *,
                      log_eps: float) -> torch.Tensor:
-    """``d mean(H) / dz`` scaled by the 0-d ``grad`` (any float dtype, read on device), ``log p``
-    clamped at ``log_eps``; returns a tensor shaped and typed like ``z`` (one launch)."""
+    """``d mean(H) / dz`` scaled by ``grad`` (any float dtype, read on device), ``log p`` clamped at
+    ``log_eps``; returns a tensor shaped and typed like ``z`` (one launch).
+
+    ``grad`` 0-d: the mean over all rows of ``z (..., C)``.  ``grad (B,)`` with ``B = z.shape[0]``:
+    ``B`` per-sample means (over the rows of ``z[b]``), ``grad[b]`` the upstream gradient of mean ``b``.
+    ``lse`` and ``H``: the per-row values, any shape holding them in row order."""
     z2 = _as_rows(z)
     n_rows, n_cols = z2.shape
     dz = torch.empty((n_rows, n_cols), dtype=z.dtype, device=z.device)
+    groups = grad.numel() if grad.ndim else 1
     if n_rows > 0 and n_cols > 0:
+        rows_per_g = n_rows // groups
         rows, block_c, num_warps, programs = _tile(n_rows, n_cols)
         _entropy_bwd_kernel[(programs,)](
-            z2, dz, lse, h, grad, n_rows, n_cols, z2.stride(0), dz.stride(0), 1.0 / n_rows,
+            z2, dz, lse.reshape(-1).contiguous(), h.reshape(-1).contiguous(), grad.reshape(-1).contiguous(),
+            n_rows, n_cols, z2.stride(0), dz.stride(0), rows_per_g, 1.0 / rows_per_g,
             LOG_EPS=log_eps, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     return dz.view(z.shape)

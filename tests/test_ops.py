@@ -309,11 +309,14 @@ def _opcheck_cases(device):
         (torch.ops.yolozu_ttt.apply_patch_mask.default, (x, grid, 16, 0.5)),
         (torch.ops.yolozu_ttt.masked_reconstruction_loss.default, (x, t, grid, 16)),
         (torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd.default, (g, x.detach(), t.detach(), grid, 16)),
+        (torch.ops.yolozu_ttt.entropy_loss_samples.default, (z,)),
+        (torch.ops.yolozu_ttt.entropy_loss_bwd.default, (g.expand(3) * torch.arange(1, 4, device=device), z.detach(),
+                                                         lse.view(3, 5), h.view(3, 5))),  # per-sample grads
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(index, device):
     op, args = _opcheck_cases(device)[index]
     torch.library.opcheck(op, args)
@@ -486,3 +489,336 @@ def test_dispatch_rule():
     if torch.cuda.is_available():
         assert common.use_triton(cpu.cuda())
     assert _path_name("cpu") == ("triton" if UNDER_INTERPRETER else "torch")
+
+
+# =======================================================================================
+# torch.func.vmap: each op's batching rule equals a loop of the op over the batch
+# =======================================================================================
+
+# torch < 2.5 has no torch.library.register_vmap: there vmap's fallback loops the ops (the equality tests
+# run on every torch; the rules' own tests need them)
+needs_vmap_rules = pytest.mark.skipif(not hasattr(torch.library, "register_vmap"),
+                                      reason="custom ops' batching rules need torch.library.register_vmap (torch 2.5)")
+
+VMAP_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+V = 3  # the vmapped batch
+
+
+def _loop_tolerance(dtype, terms: int) -> float:
+    """Relative bound between two results that sum ``terms`` fp32 terms in different orders (each
+    within ``(terms - 1) eps32`` of the exact sum of magnitudes) and are then cast to ``dtype`` (one ulp)."""
+    return torch.finfo(dtype).eps + 2 * max(terms - 1, 0) * torch.finfo(torch.float32).eps
+
+
+def _exactly_or_close(actual, expected, *, terms: int, dtype, strided_rows: bool = False):
+    """Per-row and elementwise results equal a loop's bit for bit where the rows' reductions run as in the
+    loop (the torch path, the interpreter); on CUDA a row's tile may differ with the row count, and torch
+    reduces a strided class axis of several rows in another order than one row's (``strided_rows``:
+    torch's default tolerance for the dtype)."""
+    if strided_rows:
+        torch.testing.assert_close(actual, expected)
+    elif actual.device.type == "cpu":
+        assert torch.equal(actual, expected)
+    else:
+        tol = _loop_tolerance(actual.dtype, terms)
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def _sample(args, in_dims, i):
+    return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+
+
+def _vmap_and_loop(fn, args, in_dims, *, grad=True, weights_seed=0):
+    """``fn`` under vmap and in a loop over the batch: (values, gradients) of each, the gradients of
+    ``sum_i w_i * fn(sample i)`` (random w: every sample its own upstream gradient) w.r.t. the float
+    tensors among ``args``, taken by autograd through vmap's result."""
+
+    def run(batched: bool):
+        leaves = [a.detach().clone().requires_grad_(grad and a.is_floating_point()) if isinstance(a, torch.Tensor)
+                  else a for a in args]
+        if batched:
+            out = torch.func.vmap(fn, in_dims=tuple(in_dims))(*leaves)
+        else:
+            outs = [fn(*_sample(leaves, in_dims, i)) for i in range(V)]
+            out = tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
+        first = out[0] if isinstance(out, tuple) else out
+        wanted = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not wanted or not first.requires_grad:
+            return out, []
+        w = torch.rand(first.shape, generator=torch.Generator().manual_seed(weights_seed)).to(first.device)
+        grads = torch.autograd.grad((first.double() * w).sum(), wanted, allow_unused=True)
+        return out, [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
+
+    return run(True), run(False)
+
+
+def _raises_like_loop(fn, args, in_dims):
+    """Where one sample raises, vmap raises the same error; returns whether it did."""
+    try:
+        fn(*_sample(args, in_dims, 0))
+    except (TypeError, ValueError) as err:
+        with pytest.raises(type(err), match=str(err)[:40].replace("(", r"\(").replace(")", r"\)")):
+            torch.func.vmap(fn, in_dims=tuple(in_dims))(*args)
+        return True
+    return False
+
+
+def _logits(shape, dtype, device, seed):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
+@pytest.mark.parametrize("in_dim", [0, 1])
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3, 81), (5, 1), (200,)], ids=lambda s: "x".join(map(str, s)))
+def test_vmap_entropy_loss_equals_loop(shape, in_dim, dtype, device):
+    """vmap(entropy_loss) over V samples: the per-sample means (one call on the flattened rows) and their
+    gradients equal a loop's; the means up to their fp32 sum's order, the gradients bit for bit."""
+    full = list(shape)
+    full.insert(min(in_dim, len(shape)), V)
+    z = _logits(full, dtype, device, len(shape) + in_dim)
+    dims = [min(in_dim, len(shape))]
+    if _raises_like_loop(ops.entropy_loss, [z], dims):
+        assert dtype == torch.float64 and _path_name(device) == "triton"
+        return
+    (vals, grads), (loop_vals, loop_grads) = _vmap_and_loop(ops.entropy_loss, [z], dims)
+    assert vals.shape == (V,) and vals.dtype == dtype
+    rows = max(z[0].numel() // shape[-1], 1)
+    strided = z.select(dims[0], 0).stride(-1) != 1 and _path_name(device) == "torch"
+    tol = _loop_tolerance(dtype, rows + (shape[-1] if device != "cpu" or strided else 0))
+    torch.testing.assert_close(vals, loop_vals, rtol=tol, atol=0.0)
+    _exactly_or_close(grads[0], loop_grads[0], terms=shape[-1], dtype=dtype, strided_rows=strided)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
+@pytest.mark.parametrize("in_dim", [0, 2])
+@pytest.mark.parametrize("shape", [(5, 81), (4, 30, 81), (3, 7, 1), (6,)], ids=lambda s: "x".join(map(str, s)))
+def test_vmap_entropy_stats_equals_loop(shape, in_dim, dtype, device):
+    """vmap(entropy_stats): one call on the samples of every batch element, equal to a loop's."""
+    full = list(shape)
+    full.insert(min(in_dim, len(shape)), V)
+    z = _logits(full, dtype, device, 5 + in_dim)
+    dims = [min(in_dim, len(shape)), None]
+    if _raises_like_loop(ops.entropy_stats, [z, 0.4], dims):
+        assert (dtype == torch.float64 and _path_name(device) == "triton") or len(shape) == 1
+        return
+    (vals, _), (loop_vals, _) = _vmap_and_loop(ops.entropy_stats, [z, 0.4], dims, grad=False)
+    for v, lv in zip(vals, loop_vals):
+        assert v.shape == (V, shape[0]) and v.dtype == torch.float32
+        _exactly_or_close(v, lv, terms=shape[-1] + z[0].numel() // (shape[0] * shape[-1]), dtype=torch.float32,
+                          strided_rows=z.select(dims[0], 0).stride(-1) != 1 and _path_name(device) == "torch")
+
+
+# (per-sample input shape, patch size, per-sample grid shape, which of (x, grid) is batched and where)
+VMAP_MIM_CASES = [
+    ((2, 3, 13, 17), 8, (2, 3), (0, None)),
+    ((2, 3, 13, 17), 8, (2, 2, 3), (0, 0)),
+    ((2, 3, 13, 17), 8, (1, 3, 2, 3), (1, 2)),
+    ((2, 3, 13, 17), 8, (2, 1, 2, 3), (None, 0)),
+    ((3, 13, 17), 8, (2, 3), (0, 0)),
+    ((3, 13, 17), 8, (3, 2, 3), (2, None)),
+    ((3, 13, 17), 8, (1, 2, 3), (None, 1)),
+]
+
+
+def _vmap_mim_args(case, dtype, device, seed):
+    shape, ps, gshape, (dx, dg) = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def batched(s, d, make):
+        if d is None:
+            return make(s)
+        full = list(s)
+        full.insert(d, V)
+        return make(full)
+
+    x = batched(shape, dx, lambda s: torch.randn(s, generator=gen)).to(device=device, dtype=dtype)
+    t = batched(shape, dx, lambda s: torch.randn(s, generator=gen)).to(device=device, dtype=dtype)
+    grid = batched(gshape, dg, lambda s: torch.rand(s, generator=gen) < 0.5).to(device)
+    return x, t, grid, ps, dx, dg
+
+
+def _shared_input_close(grad, loop_grad, in_dim):
+    """A batched input's gradient equals the loop's bit for bit; an unbatched one (shared by the V samples)
+    sums V gradients in its dtype, in another order than the loop's accumulation."""
+    if in_dim is not None:
+        assert torch.equal(grad, loop_grad)
+    else:
+        tol = 2 * (V - 1) * torch.finfo(grad.dtype).eps
+        torch.testing.assert_close(grad, loop_grad, rtol=tol, atol=tol * float(loop_grad.abs().max()))
+
+
+def _mim_case_id(case):
+    shape, ps, gshape, dims = case
+    return f"{'x'.join(map(str, shape))}-g{'x'.join(map(str, gshape))}-dims{dims[0]}{dims[1]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", VMAP_MIM_CASES, ids=_mim_case_id)
+def test_vmap_apply_patch_mask_equals_loop(case, dtype, device):
+    """vmap(apply_patch_mask): one call on the flattened batch (the grids expanded with it), values and
+    gradients equal to a loop's bit for bit."""
+    x, _, grid, ps, dx, dg = _vmap_mim_args(case, dtype, device, 1)
+
+    def fn(a, g):
+        return ops.apply_patch_mask(a, g, patch_size=ps, mask_value=-0.5)
+
+    if _raises_like_loop(fn, [x, grid], [dx, dg]):
+        assert dtype == torch.float64 and _path_name(device) == "triton"
+        return
+    (vals, grads), (loop_vals, loop_grads) = _vmap_and_loop(fn, [x, grid], [dx, dg])
+    assert torch.equal(vals, loop_vals) and vals.dtype == dtype
+    _shared_input_close(grads[0], loop_grads[0], dx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", VMAP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", VMAP_MIM_CASES, ids=_mim_case_id)
+def test_vmap_masked_reconstruction_loss_equals_loop(case, dtype, device):
+    """vmap(masked_reconstruction_loss): the op per sample (a loop: each sample's own masked count),
+    values and gradients w.r.t. pred and target equal to a loop's bit for bit."""
+    x, t, grid, ps, dx, dg = _vmap_mim_args(case, dtype, device, 2)
+
+    def fn(p, tt, g):
+        return ops.masked_reconstruction_loss(p, tt, g, patch_size=ps)
+
+    if _raises_like_loop(fn, [x, t, grid], [dx, dx, dg]):
+        assert dtype == torch.float64 and _path_name(device) == "triton"
+        return
+    (vals, grads), (loop_vals, loop_grads) = _vmap_and_loop(fn, [x, t, grid], [dx, dx, dg])
+    assert torch.equal(vals, loop_vals) and vals.shape == (V,) and vals.dtype == dtype
+    for g, lg in zip(grads, loop_grads):
+        _shared_input_close(g, lg, dx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_the_backward_ops_and_nested_vmap(device):
+    """The backward ops batch too (vmap of entropy_loss_bwd, of masked_reconstruction_loss_bwd), and
+    vmap of vmap equals a double loop."""
+    z = _logits((V, 4, 6, 9), torch.float32, device, 3)
+    _, lse, h = torch.ops.yolozu_ttt.entropy_loss_fwd(z[0, 0])
+    lse_b = torch.stack([torch.ops.yolozu_ttt.entropy_loss_fwd(z[i, 0])[1] for i in range(V)])
+    h_b = torch.stack([torch.ops.yolozu_ttt.entropy_loss_fwd(z[i, 0])[2] for i in range(V)])
+    g = torch.rand(V, device=device) + 0.5
+    bwd = torch.ops.yolozu_ttt.entropy_loss_bwd
+    got = torch.func.vmap(bwd)(g, z[:, 0], lse_b, h_b)
+    want = torch.stack([bwd(g[i], z[i, 0], lse_b[i], h_b[i]) for i in range(V)])
+    _exactly_or_close(got, want, terms=9, dtype=torch.float32)
+    got = torch.func.vmap(bwd, in_dims=(0, None, None, None))(g, z[0, 0], lse, h)  # only the grad batched
+    want = torch.stack([bwd(g[i], z[0, 0], lse, h) for i in range(V)])
+    _exactly_or_close(got, want, terms=9, dtype=torch.float32)
+
+    nested = torch.func.vmap(torch.func.vmap(ops.entropy_loss))(z)
+    double = torch.stack([torch.stack([ops.entropy_loss(z[i, j]) for j in range(4)]) for i in range(V)])
+    torch.testing.assert_close(nested, double, rtol=_loop_tolerance(torch.float32, 6 + 9), atol=0.0)
+    stats = torch.func.vmap(torch.func.vmap(lambda s: ops.entropy_stats(s, 0.3)))(z)
+    for a, b in zip(stats, zip(*[zip(*[ops.entropy_stats(z[i, j], 0.3) for j in range(4)]) for i in range(V)])):
+        _exactly_or_close(a, torch.stack([torch.stack(col) for col in b]), terms=9, dtype=torch.float32)
+
+    x, t, grid, ps, dx, dg = _vmap_mim_args(VMAP_MIM_CASES[1], torch.float32, device, 4)
+    rbwd = torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd
+    got = torch.func.vmap(rbwd, in_dims=(0, dx, dx, dg, None))(g, x, t, grid, ps)
+    want = torch.stack([rbwd(g[i], x[i], t[i], grid[i], ps) for i in range(V)])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_ops_replace_the_plain_torch_twins(device):
+    """Under vmap each op equals the plain-torch twin the sample-parallel methods carry (and the loop,
+    above): methods.loop.vmap_entropy -> entropy_loss, methods.eata.vmap_signals -> entropy_stats,
+    masking's where/masked_mean of vmap_masked_pass -> apply_patch_mask / masked_reconstruction_loss,
+    masking.vmap_mask_ratio -> masking.mask_ratio (mask_count). Tolerances: the reference tests' above."""
+    from yolozu_ttt import masking
+    from yolozu_ttt.methods.eata import vmap_signals
+    from yolozu_ttt.methods.loop import vmap_entropy
+
+    vmap = torch.func.vmap
+    z = _logits((V, 2, 30, 81), torch.float32, device, 8)
+    ours, (grad,) = _value_and_grad(lambda t: vmap(ops.entropy_loss)(t).sum(), z)
+    twin, (twin_grad,) = _value_and_grad(lambda t: vmap(vmap_entropy)(t).sum(), z)
+    _close(ours, twin, rtol=1e-5, atol=1e-5)
+    _close(grad, twin_grad, rtol=1e-4, atol=1e-7)
+    for a, b in zip(vmap(ops.entropy_stats, in_dims=(0, None))(z, 0.3), vmap(vmap_signals, in_dims=(0, None))(z, 0.3)):
+        _close(a, b, rtol=1e-5, atol=1e-6)
+
+    # (C, H, W) images, (gh, gw) grids: what the replicas' MIM passes take
+    x, t, grid, ps, _, _ = _vmap_mim_args(VMAP_MIM_CASES[4], torch.float32, device, 6)
+
+    def fused(x, t, grid):
+        masked = ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=0.5)
+        return ops.masked_reconstruction_loss(masked * 2.0, t, grid, patch_size=ps)
+
+    def plain(x, t, grid):  # vmap_masked_pass's input masking and loss, without its model
+        full = masking.full_mask(grid, x, ps)
+        pred = torch.where(full, torch.tensor(0.5, dtype=x.dtype, device=x.device), x) * 2.0
+        diff = (pred - t) ** 2
+        return masking.masked_mean(diff, full.expand_as(diff), torch.zeros_like(diff.sum()))
+
+    ours, grads = _value_and_grad(lambda a, b: vmap(fused, in_dims=(0, 0, 0))(a, b, grid).sum(), x, t)
+    twin, twin_grads = _value_and_grad(lambda a, b: vmap(plain, in_dims=(0, 0, 0))(a, b, grid).sum(), x, t)
+    _close(ours, twin, rtol=1e-5, atol=1e-6)
+    for g, tg in zip(grads, twin_grads):
+        _close(g, tg, rtol=1e-5, atol=1e-8)
+    ratio = vmap(masking.mask_ratio, in_dims=(0, None, None, None))(grid, 13, 17, ps)
+    assert torch.equal(ratio, vmap(masking.vmap_mask_ratio, in_dims=(0, None, None, None))(grid, 13, 17, ps))
+    assert torch.equal(ratio, torch.stack([masking.mask_ratio(grid[i], 13, 17, ps) for i in range(V)]))
+    full = vmap(ops.expand_patch_mask, in_dims=(0, None, None, None))(grid, 13, 17, ps)
+    assert torch.equal(full, torch.stack([ops.expand_patch_mask(grid[i], 13, 17, ps) for i in range(V)]))
+
+
+CUSTOM_OPS = ["entropy_loss_fwd", "entropy_loss_samples", "entropy_loss_bwd", "entropy_stats", "apply_patch_mask",
+              "masked_reconstruction_loss", "masked_reconstruction_loss_bwd"]
+
+
+@needs_vmap_rules
+@pytest.mark.parametrize("name", CUSTOM_OPS)
+def test_every_custom_op_has_a_batching_rule(name):
+    """A batching rule, not vmap's fallback (which loops the op per sample, its own launches each)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"yolozu_ttt::{name}", "FuncTorchBatched")
+
+
+@needs_vmap_rules
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_vmap_launches_per_call(monkeypatch):
+    """On the Triton path the flattened rules launch once for the whole batch (entropy_loss forward and
+    backward, entropy_stats' two, apply_patch_mask forward and backward); masked_reconstruction_loss
+    loops, one launch per sample and direction."""
+    device = _triton_device()
+    z = (torch.randn(V, 2, 30, 81) * 3).to(device)
+    x = torch.randn(V, 2, 3, 37, 50, device=device)
+    grid = _grid((V, 3, 4), 0.5, 1).to(device)
+    vmap = torch.func.vmap
+
+    def run_all():
+        zz = z.clone().requires_grad_(True)
+        torch.autograd.grad(vmap(ops.entropy_loss)(zz).sum(), zz)
+        vmap(ops.entropy_stats, in_dims=(0, None))(z, 0.2)
+        xx = x.clone().requires_grad_(True)
+        masked = vmap(lambda a, g: ops.apply_patch_mask(a, g, patch_size=16))(xx, grid)
+        torch.autograd.grad(masked.sum(), xx)
+        rec = vmap(lambda a, g: ops.masked_reconstruction_loss(a, x[0], g, patch_size=16))(xx, grid)
+        torch.autograd.grad(rec.sum(), xx)
+
+    run_all()  # warm-up
+    counter = _Launches(monkeypatch)
+    with counter:
+        zz = z.clone().requires_grad_(True)
+        counter.take()
+        loss = vmap(ops.entropy_loss)(zz).sum()
+        assert counter.take()[0] == ["_entropy_fwd_kernel"]
+        torch.autograd.grad(loss, zz)
+        assert counter.take()[0] == ["_entropy_bwd_kernel"]
+        vmap(ops.entropy_stats, in_dims=(0, None))(z, 0.2)
+        assert counter.take()[0] == ["_entropy_fwd_kernel", "_sample_stats_kernel"]
+        xx = x.clone().requires_grad_(True)
+        counter.take()
+        masked = vmap(lambda a, g: ops.apply_patch_mask(a, g, patch_size=16))(xx, grid)
+        assert counter.take()[0] == ["_apply_patch_mask_kernel"]
+        torch.autograd.grad(masked.sum(), xx)
+        assert counter.take()[0] == ["_apply_patch_mask_kernel"]
+        rec = vmap(lambda a, g: ops.masked_reconstruction_loss(a, x[0], g, patch_size=16))(xx, grid).sum()
+        assert counter.take()[0] == ["_masked_sse_kernel"] * V
+        torch.autograd.grad(rec, xx)
+        assert counter.take()[0] == ["_masked_sse_bwd_kernel"] * V

@@ -9,22 +9,29 @@ Public functions (same semantics as YOLOZU 4.12's reference helpers, see the REA
 * :func:`expand_patch_mask` - the full-resolution mask ``generate_block_mask`` would return
 
 Layers: Triton kernels (``yolozu_ttt.kernels.entropy`` / ``.mim``) or a torch implementation
--> ``torch.library.custom_op`` (``yolozu_ttt::*``) with ``register_fake`` and
+-> ``torch.library.custom_op`` (``yolozu_ttt::*``) with ``register_fake``,
 ``register_autograd`` (so ``torch.compile(fullgraph=True)`` traces through and
-``torch.library.opcheck`` passes) -> the small public functions below.
+``torch.library.opcheck`` passes) and ``register_vmap`` -> the small public functions below.
+
+Batching (``torch.func.vmap``, torch >= 2.5; forward, and autograd through vmap's result): every
+public function equals a loop of it over the batch. ``entropy_loss``, ``entropy_stats`` and
+``apply_patch_mask`` work per row or per element: their rules call the op once on the flattened
+batch (``entropy_loss`` through ``yolozu_ttt::entropy_loss_samples``, the per-sample means, whose
+backward takes one upstream gradient per sample); ``masked_reconstruction_loss`` divides by each
+sample's own masked count: its rule loops the op over the batch. The backward ops batch too.
+``torch.func.grad`` is not supported (torch's custom-op autograd is not a functorch-ready Function).
 
 Dispatch (``common.use_triton``): CUDA tensors run the Triton kernels; CPU tensors run the torch
 implementation, unless ``TRITON_INTERPRET=1`` was set before import, in which case they run
 the Triton kernels in Triton's interpreter (so the GPU code path can be tested anywhere).
 
-Eager calls (plain tensors, not under ``torch.compile``) skip the ``torch.library`` layers on
+Eager calls (plain tensors, not under ``torch.compile`` or ``vmap``) skip the ``torch.library`` layers on
 every device: they run the custom op's implementation under a plain ``autograd.Function`` (or
 none where nothing needs a gradient), which costs ~70 µs less per call; traced calls go through
 the custom ops. On the Triton path each op is one launch per call (``entropy_stats`` of
 ``(B, ..., C)`` logits two), the reductions' final sums and means folded into the kernels, and
 no op reads device memory back to the host.
 """
-from __future__ import annotations
 
 import math
 
@@ -85,13 +92,18 @@ def _torch_entropy_rows(z: Tensor):
 
 
 def _torch_entropy_backward(grad: Tensor, z: Tensor, lse: Tensor, h: Tensor) -> Tensor:
-    """``dz = -(g / N) p (max(log p, log 1e-12) + H)`` with ``log p = z - lse``."""
+    """``dz = -(g / N) p (max(log p, log 1e-12) + H)`` with ``log p = z - lse``: one mean over all
+    rows (``grad`` 0-d) or one per sample ``z[b]`` (``grad (B,)``, N the rows of a sample)."""
     z2 = _rows_fp32(z)
     n_rows = z2.shape[0]
-    coef = grad.reshape(()).to(torch.float32) * (-1.0 / max(n_rows, 1))
-    log_p = torch.sub(z2, lse.unsqueeze(-1))
+    if grad.ndim == 0:
+        coef = grad.to(torch.float32) * (-1.0 / max(n_rows, 1))
+    else:  # per sample: each row's group's coefficient, the same fp32 product as one sample's
+        per = n_rows // max(grad.numel(), 1)
+        coef = (grad.to(torch.float32) * (-1.0 / max(per, 1))).repeat_interleave(per).unsqueeze(-1)
+    log_p = torch.sub(z2, lse.reshape(-1, 1))
     p = log_p.exp()
-    dz = log_p.clamp_min_(_LOG_EPS).add_(h.unsqueeze(-1)).mul_(p).mul_(coef)
+    dz = log_p.clamp_min_(_LOG_EPS).add_(h.reshape(-1, 1)).mul_(p).mul_(coef)
     return dz.to(z.dtype).reshape(z.shape)
 
 
@@ -142,7 +154,11 @@ def _(logits: Tensor):
 
 
 def _entropy_loss_bwd_impl(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor) -> Tensor:
-    """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1)."""
+    """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1): of the mean over all rows
+    (``grad`` 0-d) or of the per-sample means (``grad (B,)``, ``B = logits.shape[0]``)."""
+    if grad.ndim not in (0, 1) or (grad.ndim == 1 and (logits.ndim < 2 or grad.shape[0] != logits.shape[0])):
+        raise ValueError(f"entropy_loss_bwd: grad must be 0-d or (B,) for logits (B, ..., C), got "
+                         f"{tuple(grad.shape)} for {tuple(logits.shape)}")
     if logits.shape[-1] <= 1:
         return torch.zeros_like(logits)
     if use_triton(logits):
@@ -152,7 +168,8 @@ def _entropy_loss_bwd_impl(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor)
 
 @torch.library.custom_op("yolozu_ttt::entropy_loss_bwd", mutates_args=())
 def _entropy_loss_bwd(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor) -> Tensor:
-    """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1)."""
+    """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1); ``grad (B,)``: of the
+    per-sample means of ``entropy_loss_samples``."""
     return _entropy_loss_bwd_impl(grad, logits, lse, h)
 
 
@@ -192,6 +209,43 @@ class _EagerEntropyLoss(torch.autograd.Function):
         return output[0]
 
     backward = staticmethod(_entropy_backward)
+
+
+def _entropy_samples_impl(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(loss, lse, H)`` of ``logits (B, ..., C)``: ``loss[b]`` the mean entropy of the rows
+    of ``logits[b]`` (``(B,)`` in ``logits.dtype``), ``lse`` and ``H`` fp32 ``(B, N)`` (N = 0 if C <= 1)."""
+    if logits.ndim < 2:
+        raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
+    batch, n = int(logits.shape[0]), (math.prod(logits.shape[1:-1]) if logits.shape[-1] > 1 else 0)
+    if logits.shape[-1] <= 1:
+        empty = logits.new_empty((batch, 0), dtype=torch.float32)
+        return logits.new_zeros((batch,)), empty, empty.clone()
+    lse, h, _ = _entropy_rows(logits)  # the rows as one sample's: per-row values independent of the batch
+    h = h.view(batch, n)
+    return h.mean(dim=1).to(logits.dtype), lse.view(batch, n), h
+
+
+@torch.library.custom_op("yolozu_ttt::entropy_loss_samples", mutates_args=())
+def _entropy_loss_samples(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``entropy_loss_fwd`` (its batching rule): ``logits (B, ..., C)`` -> ``(loss (B,),
+    lse (B, N), H (B, N))``."""
+    return _entropy_samples_impl(logits)
+
+
+@_entropy_loss_samples.register_fake
+def _(logits: Tensor):
+    if logits.ndim < 2:
+        raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
+    batch = int(logits.shape[0])
+    n = math.prod(logits.shape[1:-1]) if logits.shape[-1] > 1 else 0
+    return (
+        logits.new_empty((batch,)),
+        logits.new_empty((batch, n), dtype=torch.float32),
+        logits.new_empty((batch, n), dtype=torch.float32),
+    )
+
+
+_entropy_loss_samples.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
 
 
 def _stats_batch(logits: Tensor):
@@ -447,12 +501,144 @@ _masked_recon.register_autograd(_recon_backward, setup_context=_recon_setup_cont
 
 
 # =======================================================================================
+# Batching rules (torch.func.vmap): one call on the flattened batch where the op works per row or
+# per element, a loop of the op over the batch where it reduces over a sample
+# =======================================================================================
+
+def _batched(arg, in_dim, size: int) -> Tensor:
+    """``arg`` with its batch dimension first (an unbatched tensor expanded to ``size``)."""
+    return arg.movedim(in_dim, 0) if in_dim is not None else arg.expand(size, *arg.shape)
+
+
+def _loop(op, info, in_dims, *args) -> Tensor | tuple[Tensor, ...]:
+    """``op`` on each sample of the batch, its outputs stacked (batch size 0: the op's fake on
+    sample-shaped meta tensors, so its shape checks still run)."""
+    moved = [a.movedim(d, 0) if d is not None else a for a, d in zip(args, in_dims)]
+    if info.batch_size == 0:
+        device = next(m.device for m, d in zip(moved, in_dims) if d is not None)
+        sample = [torch.empty(m.shape[1:] if d is not None else m.shape, dtype=m.dtype, device="meta")
+                  if isinstance(m, Tensor) else m for m, d in zip(moved, in_dims)]
+        shaped = op(*sample)
+        outs = shaped if isinstance(shaped, tuple) else (shaped,)
+        empty = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs)
+        return empty if isinstance(shaped, tuple) else empty[0]
+    results = [op(*(m[i] if d is not None else m for m, d in zip(moved, in_dims))) for i in range(info.batch_size)]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results))
+    return torch.stack(results)
+
+
+def _entropy_loss_fwd_vmap(info, in_dims, logits):
+    """Flattened: the rows of every sample in one call, the per-sample means (``entropy_loss_samples``)."""
+    return torch.ops.yolozu_ttt.entropy_loss_samples(_batched(logits, in_dims[0], info.batch_size)), (0, 0, 0)
+
+
+def _entropy_loss_samples_vmap(info, in_dims, logits):
+    """Flattened: the two batch dimensions as one."""
+    z = _batched(logits, in_dims[0], info.batch_size)
+    if z.ndim < 3:
+        raise ValueError("entropy_loss: logits must have at least one dimension (classes last)")
+    loss, lse, h = torch.ops.yolozu_ttt.entropy_loss_samples(z.flatten(0, 1))
+    lead = z.shape[:2]
+    return (loss.view(lead), lse.view(*lead, -1), h.view(*lead, -1)), (0, 0, 0)
+
+
+def _entropy_loss_bwd_vmap(info, in_dims, grad, logits, lse, h):
+    """Flattened: one call with per-sample upstream gradients (the samples' means each have their own)."""
+    size = info.batch_size
+    g, z = _batched(grad, in_dims[0], size), _batched(logits, in_dims[1], size)
+    lse, h = _batched(lse, in_dims[2], size), _batched(h, in_dims[3], size)
+    shape = z.shape
+    if g.ndim == 2:  # per-sample means already (the samples rule's backward): both batches as one
+        z, g = z.flatten(0, 1), g.flatten()
+    return torch.ops.yolozu_ttt.entropy_loss_bwd(g, z, lse.reshape(-1), h.reshape(-1)).view(shape), 0
+
+
+def _entropy_stats_vmap(info, in_dims, logits, conf_min):
+    """Flattened where each sample has rows of its own (``(B, ..., C)`` logits): the samples of every
+    batch element in one call; 1-D logits (an error, or the one-class zeros) loop."""
+    z = _batched(logits, in_dims[0], info.batch_size)
+    if z.ndim < 3:
+        return _loop(torch.ops.yolozu_ttt.entropy_stats, info, in_dims, logits, conf_min), (0, 0, 0)
+    lead = z.shape[:2]
+    out = torch.ops.yolozu_ttt.entropy_stats(z.flatten(0, 1), conf_min)
+    return tuple(o.view(lead) for o in out), (0, 0, 0)
+
+
+def _grid5(grid: Tensor, x_ndim: int) -> Tensor:
+    """A batch of patch grids ``(V, *grid)`` as ``(V, Bm, Cm, gh, gw)`` (``normalize_patch_mask``'s
+    reading of each grid for ``x_ndim``-D input)."""
+    if grid.ndim == 3:
+        return grid[:, None, None]
+    if grid.ndim == 4:
+        return grid[:, :, None] if x_ndim == 4 else grid[:, None]
+    return grid
+
+
+def _apply_patch_mask_vmap(info, in_dims, x, patch_mask, patch_size, mask_value):
+    """Flattened (elementwise): the batch of inputs as one ``(V * B, C, H, W)`` input, the grids
+    expanded along with it."""
+    size = info.batch_size
+    xb = _batched(x, in_dims[0], size)
+    xs = xb.shape[1:]
+    if in_dims[1] is None:  # one grid for every sample: (1, Bm, Cm, gh, gw)
+        grid = normalize_patch_mask(patch_mask, xs, patch_size)[0].unsqueeze(0)
+    else:  # the op's own checks on one sample's shapes (same errors)
+        grid = patch_mask.movedim(in_dims[1], 0)
+        normalize_patch_mask(torch.empty(grid.shape[1:], dtype=torch.bool, device="meta"), xs, patch_size)
+        grid = _grid5(grid, len(xs))
+    if len(xs) == 3:  # (C, H, W) samples (Bm = 1): the batch is the input's batch dimension
+        flat_x, flat_grid = xb, grid.flatten(0, 1)
+    elif grid.shape[0] == 1 and grid.shape[1] == 1:  # broadcast over every sample: as it is
+        flat_x, flat_grid = xb.flatten(0, 1), grid[0]
+    else:  # one grid per (batch element, sample)
+        flat_x, flat_grid = xb.flatten(0, 1), grid.expand(size, xs[0], *grid.shape[2:]).flatten(0, 1)
+    out = torch.ops.yolozu_ttt.apply_patch_mask(flat_x, flat_grid, patch_size, mask_value)
+    return out.view(size, *xs), 0
+
+
+def _masked_recon_vmap(info, in_dims, pred, target, patch_mask, patch_size):
+    """Loop: each sample's sum over its own masked count."""
+    return _loop(torch.ops.yolozu_ttt.masked_reconstruction_loss, info, in_dims, pred, target, patch_mask,
+                 patch_size), 0
+
+
+def _masked_recon_bwd_vmap(info, in_dims, grad, pred, target, patch_mask, patch_size):
+    """Loop, as the forward's."""
+    return _loop(torch.ops.yolozu_ttt.masked_reconstruction_loss_bwd, info, in_dims, grad, pred, target,
+                 patch_mask, patch_size), 0
+
+
+#: Whether this torch has batching rules for custom ops (``torch.library.register_vmap``, torch 2.5).
+HAVE_VMAP_RULES = hasattr(torch.library, "register_vmap")
+
+if HAVE_VMAP_RULES:
+    for _op, _rule in (
+        (_entropy_loss_fwd, _entropy_loss_fwd_vmap),
+        (_entropy_loss_samples, _entropy_loss_samples_vmap),
+        (_entropy_loss_bwd, _entropy_loss_bwd_vmap),
+        (_entropy_stats, _entropy_stats_vmap),
+        (_apply_patch_mask, _apply_patch_mask_vmap),
+        (_masked_recon, _masked_recon_vmap),
+        (_masked_recon_bwd, _masked_recon_bwd_vmap),
+    ):
+        _op.register_vmap(_rule)
+
+
+# =======================================================================================
 # Eager paths: the custom ops' implementations without the torch.library layers
 # =======================================================================================
 
+def _transformed() -> bool:
+    """Whether a call runs under ``torch.compile`` or a ``torch.func`` transform (``vmap``): the custom
+    ops, whose batching rules the transforms use."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _eager(*tensors: Tensor) -> bool:
-    """Whether a call runs eagerly on plain tensors (not traced, no tensor subclass / fake tensor)."""
-    return not torch.compiler.is_compiling() and all(type(t) is Tensor for t in tensors)
+    """Whether a call runs eagerly on plain tensors (not traced, not transformed, no tensor subclass /
+    fake tensor)."""
+    return not _transformed() and all(type(t) is Tensor for t in tensors)
 
 
 class _EagerApplyPatchMask(torch.autograd.Function):
@@ -503,9 +689,10 @@ def entropy_loss(logits: Tensor) -> Tensor:
 
     Eager calls run the custom op's implementation and autograd (``_EagerEntropyLoss``)
     without the ``torch.library`` layers (~70 µs per call); under ``torch.compile`` the custom
-    op ``yolozu_ttt::entropy_loss_fwd`` is traced.
+    op ``yolozu_ttt::entropy_loss_fwd`` is traced; under ``torch.func.vmap`` it runs with its
+    batching rule (``(V, ..., C) -> (V,)``, each the mean over its sample's rows).
     """
-    if torch.compiler.is_compiling():
+    if _transformed():
         return torch.ops.yolozu_ttt.entropy_loss_fwd(logits)[0]
     return _EagerEntropyLoss.apply(logits)
 
@@ -517,6 +704,7 @@ def entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Tens
     ``logits (B, ..., C)``: per-sample means over ``...`` of the max-probability and entropy,
     and ``valid`` = number of rows with max-probability ``>= conf_min``.
     ``C <= 1``: all zeros.  Not differentiable (computed on ``logits.detach()``).
+    Under ``torch.func.vmap`` over V such inputs: each ``(V, B)``, one call on the flattened batch.
     """
     if _eager(logits):
         return _entropy_stats_impl(logits.detach(), float(conf_min))
@@ -529,7 +717,8 @@ def apply_patch_mask(x: Tensor, patch_mask: Tensor, *, patch_size: int, mask_val
     ``x``: ``(B, C, H, W)`` or ``(C, H, W)``.  ``patch_mask``: bool/uint8 grid ``(gh, gw)``,
     ``(B|1, gh, gw)`` (4-D ``x``) / ``(C|1, gh, gw)`` (3-D ``x``), or ``(B|1, C|1, gh, gw)``
     with ``gh = ceil(H / patch_size)``, ``gw = ceil(W / patch_size)``.  Returns a tensor shaped
-    and typed like ``x``; the gradient flows through unmasked elements only.
+    and typed like ``x``; the gradient flows through unmasked elements only.  Under
+    ``torch.func.vmap`` (``x``, ``patch_mask`` or both batched): ``(V, *x.shape)``, one call.
     """
     if _eager(x, patch_mask):
         if x.requires_grad and torch.is_grad_enabled():
@@ -543,7 +732,8 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, patch_mask: Tensor,
 
     ``pred``, ``target``: same shape, ``(B, C, H, W)`` or ``(C, H, W)``; ``patch_mask`` as in
     :func:`apply_patch_mask`.  fp32 accumulation; an empty mask gives 0 with a zero gradient.
-    Differentiable w.r.t. ``pred`` and ``target``.
+    Differentiable w.r.t. ``pred`` and ``target``.  Under ``torch.func.vmap``: ``(V,)``, the op
+    looped over the V samples (each divides by its own masked count).
     """
     if _eager(pred, target, patch_mask):
         if (pred.requires_grad or target.requires_grad) and torch.is_grad_enabled():
