@@ -12,7 +12,8 @@ import torch
 from ..seam import integration as _ref
 
 from .. import ops
-from ..parallel import ReplicaMethod, norm_stats
+from ..common import STAT_KEYS
+from ..parallel import ReplicaMethod, split
 from .loop import Method, StepOutcome, vmap_entropy
 
 RATIO_STOP = "eata_selected_ratio_below_min"
@@ -199,12 +200,14 @@ class EATAReplicas(ReplicaMethod):
 
         # nothing selected in any image: no backward (one read); every selected parameter has a grad (the anchor's reach)
         losses, selection = replicas.backward(loss, x, worth=self.any_selected)
-        anchor = replicas.anchor_value()
-        norms = replicas.update(float(config.lr), config.max_grad_norm, gate=selection[:, 0] > 0,
-                                anchor_lambda=self.method.lam)
+        engine = replicas.engine
+        anchor = engine.anchor_value() if self.method.lam == 0.0 else None  # else the update's own
+        engine.gate(selection[:, 0] > 0)
+        stats = replicas.update()
+        anchor = stats[STAT_KEYS.index("anchor_loss")] if anchor is None else anchor
         batch = torch.full_like(anchor, float(sizes[0]))
         return torch.cat([losses.double().unsqueeze(0), selection.double().t(), batch.unsqueeze(0),
-                          anchor.unsqueeze(0), norms])
+                          anchor.unsqueeze(0), stats])
 
     def any_selected(self, got: tuple[torch.Tensor, torch.Tensor]) -> bool:
         """Whether any image of the group selected a sample (read eagerly; a captured group: True)."""
@@ -212,9 +215,9 @@ class EATAReplicas(ReplicaMethod):
         return count is None or count[0] > 0
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        loss, count, conf, entropy, valid, batch, anchor = column[:7]
-        stats = norm_stats(column[7:])
-        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0)
+        (loss, count, conf, entropy, valid, batch, anchor), stats = split(column)
+        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0, clip_coef=1.0,
+                              restored=0.0)
         outcome, self.streaks[i] = self.method.decide(stats, [count, conf, entropy, valid, batch, loss], anchor,
                                                       self.streaks[i], idle, self.ctxs[i].warnings)
         return outcome

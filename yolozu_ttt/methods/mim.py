@@ -13,7 +13,7 @@ from ..seam import ttt_mim as _mim
 
 from ..masking import (draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_mask_ratio,
                        vmap_masked_pass)
-from ..parallel import ReplicaMethod, norm_stats
+from ..parallel import ReplicaMethod, split
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -130,12 +130,11 @@ class MIMReplicas(ReplicaMethod):
             return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
 
         got = replicas.backward_passes(passes, x, grids)
-        self.rows = len(got)
-        norms = replicas.update(float(self.config.lr), m.max_grad_norm())
-        return torch.cat([torch.stack([t.double() for t in got]), norms])
+        return torch.cat([torch.stack([t.double() for t in got]), replicas.update()])
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        return self.method.outcome(norm_stats(column[self.rows:]), column[:self.rows], step)
+        values, stats = split(column)
+        return self.method.outcome(stats, values, step)
 
     def after_step(self, i: int, outcome: StepOutcome) -> None:
         self.ctxs[i].mask_ratios.append(outcome.metrics["mask_ratio"])
