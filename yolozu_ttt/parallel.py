@@ -49,7 +49,8 @@ replica its selection, its update gated on the device by it, ``UpdateEngine.gate
 its skip streak and ratio stop); SAR (per replica its clip, ``UpdateEngine.clip_grads``, its ascent
 by its own direction norm, ``UpdateEngine.sar_perturb`` with the snapshot rows as its backup, its
 second pass); MIM, plain and structured (each image's masks drawn before its steps from its own
-stream: its run's generator, seeded as alone; the losses in vmap-able torch ops, ``masking``);
+stream: its run's generator, seeded as alone; the fused patch ops batch under vmap, the reference's
+structured feature loss as ``masking.vmap_feature_loss``);
 CoTTA (per replica a stacked teacher, bound as the engine's teacher rows: the EMA of its own
 student and the restore to its own start drawn from its own seed, in the fused step);
 fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager
@@ -487,37 +488,55 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     return reports
 
 
+class Kept:
+    """What sample-parallel groups keep with a session's binding (``StepLoop.parallel``, made by
+    :meth:`of` and used here only; the binding drops it when it closes): the replicas of the last K
+    (``replicas``) and graph mode's replica step (``graph``, decided once: ``graph_decided``)."""
+
+    def __init__(self) -> None:
+        self.replicas: Replicas | None = None
+        self.graph: capture.ReplicaGraph | None = None
+        self.graph_decided = False
+
+    @staticmethod
+    def of(loop: Any) -> "Kept":
+        """The bound ``loop``'s kept state, made at its first group."""
+        if loop.parallel is None:
+            loop.parallel = Kept()
+        return loop.parallel
+
+
 def replicas_for(loop: Any, k: int, graph: Any) -> Replicas:
     """The bound loop's replicas for a group of ``k``, reset to the group's start: made at the first
-    group of ``k`` and kept with the binding (``loop.parallel``), so an export allocates them once and
+    group of ``k`` and kept with the binding (:class:`Kept`), so an export allocates them once and
     a captured step finds them every group (``graph``: :func:`replica_graph`'s). One K at a time:
     another K (a smaller last group) drops the earlier replicas and the graphs captured on them."""
-    state = loop.parallel
-    replicas = state.get("replicas")
+    kept = Kept.of(loop)
+    replicas = kept.replicas
     if replicas is not None and replicas.k == k:
         replicas.reset()
     else:
         if graph is not None:
             graph.forget()
-        state["replicas"] = None  # freed before the next K's are made
-        replicas = state["replicas"] = Replicas(loop, k)
+        kept.replicas = None  # freed before the next K's are made
+        replicas = kept.replicas = Replicas(loop, k)
     return replicas
 
 
 def replica_graph(session: Any, loop: Any) -> Any:
     """Graph mode's replica step for the bound loop (:class:`~yolozu_ttt.capture.ReplicaGraph`, kept
-    with the binding: one capture per (K, input layouts) for every later group), or
+    with the binding: one capture per (K, step options, input layouts) for every later group), or
     None: graph mode off or not possible (the engine has warned), or mixed precision (a
     ``GraphFallbackWarning`` says so once: the groups run eagerly)."""
-    state = loop.parallel
-    if "graph" not in state:
-        state["graph"] = None
+    kept = Kept.of(loop)
+    if not kept.graph_decided:
+        kept.graph_decided = True
         if session.graph and loop.engine.graph_mode:
             if session.amp != "off":
                 capture.warn_groups_eager(capture.mixed_precision_reason(session.amp), stacklevel=5)
             else:
-                state["graph"] = capture.ReplicaGraph(loop.engine)
-    return state["graph"]
+                kept.graph = capture.ReplicaGraph(loop.engine)
+    return kept.graph
 
 
 def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | None = None) -> list[Any]:

@@ -20,7 +20,7 @@ from ..seam import integration as _ref
 from ..arena import ParamArena
 from ..engine import UpdateEngine
 from ..parallel import ReplicaMethod, split
-from .loop import Method, StepOutcome, entropy, vmap_entropy
+from .loop import Method, StepOutcome, entropy
 
 SEED_BITS = 63
 
@@ -162,7 +162,7 @@ class CoTTAReplicas(ReplicaMethod):
 
         def student(net, image):
             logits, meta["student"] = forward(net, image, m.aug_set, m.aggregation)
-            return vmap_entropy(logits), logits
+            return entropy(logits), logits
 
         def teacher(net, image):
             logits, meta["teacher"] = forward(net, image, m.aug_set, m.aggregation)

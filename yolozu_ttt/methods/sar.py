@@ -14,7 +14,7 @@ import torch
 from ..seam import integration as _ref
 
 from ..parallel import ReplicaMethod, split
-from .loop import Method, StepOutcome, entropy, vmap_entropy
+from .loop import Method, StepOutcome, entropy
 
 
 #: the reference's step entry
@@ -97,7 +97,7 @@ class SARReplicas(ReplicaMethod):
         method = self.method
 
         def loss(output):
-            return vmap_entropy(_ref._extract_logits(output))
+            return entropy(_ref._extract_logits(output))
 
         engine, arena = replicas.engine, replicas.rows
         first = replicas.backward(loss, x)
