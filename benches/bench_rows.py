@@ -1,7 +1,8 @@
 """The update alone over K rows (sample-parallel replicas), interleaved: the C++ engine's K-row step
-vs the torch-ops replica update (``parallel.Replicas.update``), at the builtin RT-DETR's sizes.
+vs the torch-ops replica update the replicas ran before the engine stepped them (:class:`TorchOps`,
+kept here as the baseline), at the builtin RT-DETR's sizes.
 
-torch-ops: ``Replicas.update(lr, max_grad_norm)`` over (K, N) float32 buffers (clip per replica,
+torch-ops: ``TorchOps.update(lr, max_grad_norm)`` over (K, N) float32 buffers (clip per replica,
 Adam at one step count, the four (K,) norms) and one host read of them.
 engine: one ``_C.fused_step`` over one K-row group of the same (K, N) buffers (per-row clip, Adam,
 the snapshot into the grad rows, the norms) and one host read of its (K, 7) stats.
@@ -35,7 +36,7 @@ from conftest import rtdetr_param_sizes  # noqa: E402
 import yolozu_ttt._C as C  # noqa: E402
 from yolozu_ttt.common import STAT_KEYS  # noqa: E402
 from yolozu_ttt.engine import StepSpec, UpdateEngine, read  # noqa: E402
-from yolozu_ttt.parallel import Replicas  # noqa: E402
+from yolozu_ttt.kernels.constants import CLIP_EPS  # noqa: E402
 from yolozu_ttt.rows import RowArena  # noqa: E402
 
 LR, MAX_GRAD_NORM = 1e-4, 1.0
@@ -49,15 +50,47 @@ def states(k: int, n: int, device: str = "cpu") -> dict[str, torch.Tensor]:
                 exp_avg=torch.zeros(k, n, device=device), exp_avg_sq=torch.zeros(k, n, device=device))
 
 
+class TorchOps:
+    """The torch-ops replica update the sample-parallel replicas ran before they were stepped by the
+    engine (kept here as this bench's baseline only): per replica the clip, Adam at one step count
+    and the four (K,) norms, as a handful of torch ops over flat (K, N) buffers, float64 reductions."""
+
+    def __init__(self, k: int, sizes: tuple[int, ...], device: str):
+        for name, t in states(k, sum(sizes), device).items():
+            setattr(self, name, t)
+        self.steps = 0
+
+    @staticmethod
+    def norms(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 1 << 22) -> torch.Tensor:
+        """Each row's L2 norm of ``a`` (or ``a - b``) in float64, summed in column chunks."""
+        width = max(1, chunk // max(1, a.shape[0]))
+        total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+        for j in range(0, a.shape[1], width):
+            c = a[:, j:j + width].double()
+            if b is not None:
+                c = c - b[:, j:j + width].double()
+            total += c.square().sum(dim=1)
+        return total.sqrt()
+
+    def update(self, lr: float, max_grad_norm: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+        with torch.no_grad():
+            flat, g, m, s = self.flat, self.grad, self.exp_avg, self.exp_avg_sq
+            norm = self.norms(g)
+            g.mul_((max_grad_norm / (norm.float() + CLIP_EPS)).clamp(max=1.0)[:, None])
+            clipped = self.norms(g)
+            before = flat.clone()
+            b1, b2 = betas
+            self.steps += 1
+            bias1, bias2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+            m.mul_(b1).add_(g * (1 - b1))
+            s.mul_(b2).add_(g * g * (1 - b2))
+            flat.addcdiv_(m, s.sqrt().div_(bias2 ** 0.5).add_(eps), value=-lr / bias1)
+            return torch.stack([norm, clipped, self.norms(flat, before), self.norms(flat, self.base)])
+
+
 def torch_ops(k: int, sizes: tuple[int, ...], device: str = "cpu"):
-    """``Replicas.update`` on its (K, N) buffers (the replicas' other state is not needed by it)."""
-    r = Replicas.__new__(Replicas)  # the update's buffers only: no model, no passes
-    r.k, r.sizes = k, list(sizes)
-    for name, t in states(k, sum(sizes), device).items():
-        setattr(r, name, t)
-    r.counts = torch.zeros(k, dtype=torch.int64, device=device)
-    r.active = torch.ones(k, dtype=torch.bool, device=device)
-    r.steps, r.stopped, r.fixed, r._inverse_numel = 0, 0, False, None
+    """:class:`TorchOps`' update and one host read of its norms."""
+    r = TorchOps(k, sizes, device)
 
     def step():
         read(r.update(LR, MAX_GRAD_NORM))  # the (4, K) norms, one host read

@@ -173,6 +173,45 @@ def test_engine_rows_step_gate_stop_and_rollback():
     assert not engine.stopped and engine._active.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_stop_rows_without_rollback_freezes_rows_as_they_are():
+    """A stop where the guards do not roll back: the row keeps its last step's values and applies
+    nothing from then on; the others step on as their singles."""
+    arena, engine, singles, rows = engine_rows()
+    rows.new_grads(scale=1e-3)
+    engine.step()
+    stepped = rows.flat[0].clone()
+    assert not torch.equal(stepped, arena.snap[0])  # the step changed it: a rollback would show
+    engine.stop_rows([0], rollback=False)
+    assert torch.equal(rows.flat[0], stepped) and engine.stopped == {0}
+    for s in singles[1:]:
+        single_step(s, engine.spec)
+    arena.zero_grad()
+    rows.new_grads(scale=1e-3)
+    for s in singles[1:]:
+        single_step(s, engine.spec)
+    stats, _ = engine.step()
+    assert torch.equal(rows.flat[0], stepped) and stats.update_norm[0] == 0.0
+    for r in (1, 2):
+        assert torch.equal(rows.flat[r], singles[r].flat), r
+
+
+def test_a_k_row_launch_is_the_same_before_and_after_a_stop():
+    """Over K rows every launch takes the rows' gate, so a stop changes no launch (graph mode's
+    captured K-row step stays valid) and ``gate`` runs the same device op either way."""
+    arena, engine, _, rows = engine_rows()
+    rows.new_grads(scale=1e-3)
+    before = engine.prepare(engine.spec).key()
+    gated = engine.spec.replace(gated=True)
+    engine.gate(torch.tensor([True, True, True]))
+    gate_before = engine._gate.clone()
+    engine.step()
+    engine.stop_rows([1])
+    assert engine.prepare(engine.spec).key() == before
+    engine.gate(torch.tensor([True, True, True]))
+    assert gate_before.tolist() == [1.0, 1.0, 1.0] and engine._gate.tolist() == [1.0, 0.0, 1.0]
+    assert engine.prepare(gated).key()[2] is engine._gate
+
+
 def test_engine_rows_clip_grads_anchor_value_and_sar_per_row():
     arena, engine, singles, rows = engine_rows(k=2, sizes=(40, 9))
     rows.new_grads()

@@ -726,13 +726,13 @@ def test_vmap_of_the_backward_ops_and_nested_vmap(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_ops_replace_the_plain_torch_twins(device):
-    """Under vmap each op equals the plain-torch twin the sample-parallel methods carry (and the loop,
-    above): methods.loop.vmap_entropy -> entropy_loss, methods.eata.vmap_signals -> entropy_stats,
-    masking's where/masked_mean of vmap_masked_pass -> apply_patch_mask / masked_reconstruction_loss,
-    masking.vmap_mask_ratio -> masking.mask_ratio (mask_count). Tolerances: the reference tests' above."""
+    """Under vmap each op equals its plain-torch twin (what the sample-parallel methods ran before the
+    ops batched; and the loop, above): support_twins.plain_entropy -> entropy_loss, plain_signals ->
+    entropy_stats, masking's where/masked_mean -> apply_patch_mask / masked_reconstruction_loss,
+    plain_mask_ratio -> masking.mask_ratio (mask_count). Tolerances: the reference tests' above."""
+    from support_twins import plain_entropy as vmap_entropy, plain_mask_ratio, plain_signals as vmap_signals
+
     from yolozu_ttt import masking
-    from yolozu_ttt.methods.eata import vmap_signals
-    from yolozu_ttt.methods.loop import vmap_entropy
 
     vmap = torch.func.vmap
     z = _logits((V, 2, 30, 81), torch.float32, device, 8)
@@ -750,7 +750,7 @@ def test_vmap_ops_replace_the_plain_torch_twins(device):
         masked = ops.apply_patch_mask(x, grid, patch_size=ps, mask_value=0.5)
         return ops.masked_reconstruction_loss(masked * 2.0, t, grid, patch_size=ps)
 
-    def plain(x, t, grid):  # vmap_masked_pass's input masking and loss, without its model
+    def plain(x, t, grid):  # the replicas' former masked pass's input masking and loss, without its model
         full = masking.full_mask(grid, x, ps)
         pred = torch.where(full, torch.tensor(0.5, dtype=x.dtype, device=x.device), x) * 2.0
         diff = (pred - t) ** 2
@@ -762,7 +762,7 @@ def test_vmap_ops_replace_the_plain_torch_twins(device):
     for g, tg in zip(grads, twin_grads):
         _close(g, tg, rtol=1e-5, atol=1e-8)
     ratio = vmap(masking.mask_ratio, in_dims=(0, None, None, None))(grid, 13, 17, ps)
-    assert torch.equal(ratio, vmap(masking.vmap_mask_ratio, in_dims=(0, None, None, None))(grid, 13, 17, ps))
+    assert torch.equal(ratio, vmap(plain_mask_ratio, in_dims=(0, None, None, None))(grid, 13, 17, ps))
     assert torch.equal(ratio, torch.stack([masking.mask_ratio(grid[i], 13, 17, ps) for i in range(V)]))
     full = vmap(ops.expand_patch_mask, in_dims=(0, None, None, None))(grid, 13, 17, ps)
     assert torch.equal(full, torch.stack([ops.expand_patch_mask(grid[i], 13, 17, ps) for i in range(V)]))

@@ -8,12 +8,12 @@ import warnings
 import pytest
 import torch
 from conftest import assert_models_match, assert_reports_match, make_model, method_case, method_config
+from support_twins import plain_entropy as entropy
 from test_session import RecordAdapter
 from yolozu.tta.ttt_mim import select_parameters
 
 import yolozu_ttt
-from yolozu_ttt.methods.loop import vmap_entropy as entropy
-from yolozu_ttt.engine import GraphFallbackWarning
+from yolozu_ttt.engine import GraphFallbackWarning, UpdateEngine
 from yolozu_ttt.parallel import ParallelFallbackWarning
 from yolozu_ttt.run import TTTSession
 
@@ -73,6 +73,30 @@ def test_k_at_once_equals_each_alone_on_batch_layer_and_group_norms(k):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParallelFallbackWarning)
         reports, states = parallel(model, batches, cfg, k)
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
+@pytest.mark.parametrize("method", ["tent", "cotta"])
+def test_each_group_step_is_one_engine_call_over_k_rows(monkeypatch, method):
+    """The replicas' update is the engine's: every step of a group of K is one fused call of an
+    UpdateEngine over K rows at the step's restore counter (CoTTA: its restore steps with each
+    image's own seed), and the results are each image's alone."""
+    calls = []
+    prepare = UpdateEngine.prepare
+
+    def spy(self, spec, counter=0, seeds=None):
+        calls.append((self.rows, counter, spec.restore_prob > 0.0, None if seeds is None else len(seeds)))
+        return prepare(self, spec, counter, seeds)
+
+    monkeypatch.setattr(UpdateEngine, "prepare", spy)
+    model, batches = make_model().eval(), images(4)
+    start = copy.deepcopy(model.state_dict())
+    extra = {"cotta_restore_interval": 2, "cotta_restore_prob": 0.3, "seed": 1} if method == "cotta" else {}
+    cfg = method_config(method, update_filter="norm_only", steps=3, **extra)
+    reports, states = parallel(model, batches, cfg, 3)
+    restores = [method == "cotta" and (s + 1) % 2 == 0 for s in range(3)]
+    seeds = 3 if method == "cotta" else None
+    assert [c for c in calls if c[0] is not None] == [(3, s, r, seeds) for s, r in zip(range(3), restores)]
     assert_like_alone(model, start, batches, cfg, reports, states)
 
 

@@ -235,9 +235,10 @@ REPLICA_GRAPH_KEY = "replicas"
 
 class ReplicaGraph:
     """Graph mode for sample-parallel groups (``yolozu_ttt.parallel``): a group's whole replica step
-    (the K replicas' passes and their per-replica update, ``ReplicaMethod.step``) captured once per
+    (the K replicas' passes and the engine's K-row update, ``ReplicaMethod.step``) captured once per
     key and replayed for every later step and group of that key, so an export captures once per
-    (K, the inputs' layouts: CoTTA's restore steps take one more input) instead of once per image.
+    (K, the step's options: CoTTA's restore steps have their own, the inputs' layouts) instead of
+    once per image.
 
     ``step(key, body, inputs)``: ``body(*inputs)`` returns the step's (rows, K) table. A key's first
     step runs eagerly under the :class:`SyncProbe` (the warm-up: a step that would wait for the

@@ -284,20 +284,20 @@ class UpdateEngine:
         ``open_`` (a boolean scalar on the arena's device; K of them over K rows) is false it
         changes nothing (no parameter, moment or step count), as if no parameter had a grad. No
         host read. A stopped row stays closed."""
-        self._gate.copy_(open_.reshape(-1))
-        if self.stopped:
-            self._gate.mul_(self._active)
+        torch.mul(open_.reshape(-1), self._active, out=self._gate)  # the same launch whether or not a row stopped
 
-    def stop_rows(self, rows: Sequence[int]) -> None:
+    def stop_rows(self, rows: Sequence[int], *, rollback: bool = True) -> None:
         """Rows ``rows`` (of an arena of rows) stop: each is rolled back from its own snapshot row
-        (the pre-step values of the last step) and frozen from now on (every later step applies
-        nothing to it, as a closed gate), while the others go on. Until :meth:`reset_state`."""
+        (the pre-step values of the last step; not where ``rollback`` is False) and frozen from now
+        on (every later step applies nothing to it, as a closed gate), while the others go on.
+        Until :meth:`reset_state`."""
         rows = [int(r) for r in rows]
         if self.rows is None or any(not 0 <= r < self.rows for r in rows):
             raise ValueError(f"yolozu_ttt: stop_rows needs rows of an arena of rows, got {rows}")
         if not rows:
             return
-        self.arena.restore_rows(rows)
+        if rollback:
+            self.arena.restore_rows(rows)
         self._active[rows] = 0.0
         self._gate.mul_(self._active)
         self.stopped.update(rows)
@@ -335,7 +335,8 @@ class UpdateEngine:
         """
         if spec.write_snapshot:
             self.arena.hold_snapshot(in_grad=True)
-        gate = self._gate if spec.gated else (self._active if self.stopped else None)
+        # over K rows the launch always takes the rows' gate: a stop never changes it (graph mode)
+        gate = self._gate if spec.gated else (self._active if self.stopped or self.rows is not None else None)
         counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
         seeds = self._row_seeds(seeds) if seeds is not None and spec.restore_prob > 0.0 else None
         if self.backend == "triton":
@@ -361,6 +362,12 @@ class UpdateEngine:
         stats = StepStats(*values[:n]) if self.rows is None else RowStats.from_values(values[:n], self.rows)
         self.total_update_norm = stats.total_update_norm
         return stats, values[n:]
+
+    def unread_stats(self) -> torch.Tensor:
+        """The last launched update's stats on the device, unread: (len(STAT_KEYS), K) float64,
+        column r row r's (K = 1 for a run's arena), for a caller that reads them with its own
+        values in one read (a captured sample-parallel step)."""
+        return self._stats.view(self.rows or 1, len(STAT_KEYS)).t()
 
     def _overflowed(self, spec: StepSpec, extra: Sequence[Any]) -> tuple[StepStats, list[float]]:
         """The stats of a step whose scaled grads overflowed: nothing applied (parameters, moments and

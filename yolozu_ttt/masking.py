@@ -63,28 +63,22 @@ def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int) -> torch.
 
 
 
-# ---- the sample-parallel replicas' versions (plain torch ops ``vmap`` can batch: the fused patch ops
-# have no batching rule, the reference's losses branch on the host and index by mask) ----------------
-def vmap_mask_ratio(grid: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """:func:`mask_ratio` (the same exact count, the same fp32 division), from the expanded grid."""
-    count = ops.expand_patch_mask(grid, height, width, patch_size).sum()
-    return count.to(torch.float32) / float(height * width)
-
-
+# ---- the sample-parallel replicas' passes (under ``vmap``: the fused ops batch; the reference's
+# losses branch on the host and index by mask, so where they would run, a where/mean stands in) -----
 def vmap_masked_pass(net: Any, x: torch.Tensor, grid: torch.Tensor, patch_size: int,
                      mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``plain_forward``'s masked forward, loss and mask ratio for one image: the same masked input
-    and ratio, the loss of :func:`recon_loss` (the fused op's where ``pred`` is shaped like ``x``,
-    else the reference's broadcasting one) up to float summation order."""
+    """``plain_forward``'s masked forward, loss and mask ratio for one image: the same ops (the fused
+    patch ops batch under vmap), except where ``pred`` is not shaped like ``x``: the reference's
+    broadcasting loss as a masked mean, up to float summation order."""
     height, width = int(x.shape[-2]), int(x.shape[-1])
+    pred = _mim._default_recon_fn(net(mask_input(x, grid, patch_size, mask_value)))
+    ratio = mask_ratio(grid, height, width, patch_size)
+    if (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
+            and pred.device == x.device):
+        return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size), ratio
     full = full_mask(grid, x, patch_size)
-    pred = _mim._default_recon_fn(net(torch.where(full, torch.tensor(float(mask_value), dtype=x.dtype,
-                                                                      device=x.device), x)))
-    fused = (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
-             and pred.device == x.device)
     diff = (pred - x) ** 2
-    empty = torch.zeros_like(diff.sum()) if fused else diff.sum() * 0.0  # the fused op's 0, the reference's
-    return masked_mean(diff, full.expand_as(diff), empty), vmap_mask_ratio(grid, height, width, patch_size)
+    return masked_mean(diff, full.expand_as(diff), diff.sum() * 0.0), ratio
 
 
 def vmap_feature_loss(recon_feat: torch.Tensor, teacher_feat: torch.Tensor,

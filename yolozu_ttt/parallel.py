@@ -18,39 +18,41 @@ The replicas (the design, and why):
   its own leaves). The CPU batch-1 batch-norm backward error that ``amp.settled_norm_layouts``
   fixes for a single image (README difference 24) does not arise on the folded tensors: the
   per-image grads match the settled single-image ones (tests).
-- **Update**: Adam, the clip, and the four norms as torch ops over flat (K, N) buffers, one per
-  state (values, grads, base, moments), reduced per replica along dim 1 in float64 and read once
-  per step for all K: a fixed handful of ops whatever the number of parameters (``Replicas``: the
-  layout). Not the fused engine: its groups share one ``StepStats`` (one norm over all segments,
-  one clip coefficient, one gate), so K replicas as K more segments would need per-replica stat
-  slots and gates in both backends; the flat torch update is per-replica by construction, and on
-  the CPU the passes dominate. A replica whose guard stops it is rolled back on its own (its row
-  of the snapshot) and frozen from then on: its parameters, moments and norm buffers are gated by
-  a device-side mask (``torch.where``) while the other replicas go on (``Replicas.stop`` keeps
-  the host's count).
+- **Update**: the engine's (:class:`~yolozu_ttt.engine.UpdateEngine` over a
+  :class:`~yolozu_ttt.rows.RowArena` of the K replicas' flat (K, N) buffers, the ones the stacked
+  leaves view): one fused K-row call per step steps every replica with its own clip, Adam step
+  count, gate (EATA's selection), anchor (EATA), ascent (SAR: ``sar_perturb``), teacher EMA and
+  restore drawn from its own seed (CoTTA), and its stats come back as (7, K) device values read
+  once with the method's. No update math here. A replica whose guard stops it is rolled back
+  from its own snapshot row (where the guards roll back) and frozen from then on
+  (``UpdateEngine.stop_rows``), while the other replicas go on; its norm buffers are put back
+  after every later forward (``Replicas.freeze_buffers``).
 - **Lifetime**: the replicas of a K are made at its first group and kept with the session's
   binding (``StepLoop.parallel``); every later group refills the same tensors (``Replicas.reset``,
   ``Replicas.kept`` for a method's stacked state, CoTTA's teachers). One K at a time: a smaller
   last group replaces them.
 - **Graph mode** (``graph=True`` on a CUDA model, fp32): the group's whole step (the K replicas'
-  passes and update, ``ReplicaMethod.step``) is captured once per (K, input layouts) and replayed
-  for every later step and group (:class:`~yolozu_ttt.capture.ReplicaGraph`): an export captures
-  once per K, not once per image. The update then never decides on host state (``Replicas.fixed``:
-  the masked path with each replica's step count on the device); what a step draws on the host
-  (MIM's grids, CoTTA's restore keys) is its ``inputs``, copied into the graph before a replay.
-  bf16 groups, and a step whose probe sees a host read, run eagerly with a GraphFallbackWarning.
+  passes and the engine's K-row launch, ``ReplicaMethod.step``) is captured once per (K, step
+  options, input layouts) and replayed for every later step and group
+  (:class:`~yolozu_ttt.capture.ReplicaGraph`): an export captures once per K, not once per image.
+  The update's host half (``Replicas.prepare``: the restore counter and seeds uploaded, the
+  engine's tables) runs before every step, outside the graph; a stop changes no launch (over K
+  rows the engine always takes the rows' gate); what a step draws on the host (MIM's grids) is
+  its ``inputs``, copied into the graph before a replay. bf16 groups, and a step whose probe
+  sees a host read, run eagerly with a GraphFallbackWarning.
 
 A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
 :class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
-``Replicas.update`` for the per-replica update) and its per-image outcome; ``run_group`` owns the rest.
+``Replicas.update`` for the engine's K-row step) and its per-image outcome; ``run_group`` owns the rest.
 Supported: Tent with plain entropy (no aux-consistency, teacher or detector response); EATA (per
-replica its selection, its update gated on the device by it, ``update(gate=...)``, its anchor value
-and gradient, ``anchor_value`` and ``update(anchor_lambda=...)``, its skip streak and ratio stop);
-SAR (per replica its clip, ``clip``, its ascent by its own direction norm, ``perturb``, its second
-pass and ``restore_values``); MIM, plain and structured (each image's masks drawn before its steps
-from its own stream: its run's generator, seeded as alone; the losses in vmap-able torch ops,
-``masking``); CoTTA (per replica a stacked teacher, the EMA of its own student, and the restore to
-its own start drawn from its own seed, in the fused step's order through ``update(after_adam=...)``);
+replica its selection, its update gated on the device by it, ``UpdateEngine.gate``, its anchor,
+its skip streak and ratio stop); SAR (per replica its clip, ``UpdateEngine.clip_grads``, its ascent
+by its own direction norm, ``UpdateEngine.sar_perturb`` with the snapshot rows as its backup, its
+second pass); MIM, plain and structured (each image's masks drawn before its steps from its own
+stream: its run's generator, seeded as alone; the fused patch ops batch under vmap, the reference's
+structured feature loss as ``masking.vmap_feature_loss``);
+CoTTA (per replica a stacked teacher, bound as the engine's teacher rows: the EMA of its own
+student and the restore to its own start drawn from its own seed, in the fused step);
 fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager
 or in graph mode (fp32).
 A replica method runs the model in the mode it was given unless it ``trains`` (Tent), as the loop does.
@@ -70,10 +72,10 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call, vmap
 
-from . import amp, capture, guards
-from .common import StepStats
-from .engine import read
-from .kernels.constants import CLIP_EPS, FMIX32_M1, FMIX32_M2, MASK32, SAR_EPS, UNIFORM_BITS, restore_key
+from . import amp, capture
+from .common import STAT_KEYS, StepStats
+from .engine import StepSpec, UpdateEngine, read
+from .rows import RowArena
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
 from .seam import integration as _ref
 
@@ -109,41 +111,44 @@ class Replicas:
     """K replicas of a bound session's adapted state (see the module docstring).
 
     Each per-replica state is one flat (K, N) float32 buffer, row i replica i's, N the selected
-    parameters' elements in ``params`` order: ``flat`` (the values), ``grad``, ``base`` (the group's
-    start), ``exp_avg``, ``exp_avg_sq``. ``values`` are per-parameter (K, *shape) leaves sharing
-    ``flat``'s storage (what ``map`` hands to vmap), their ``.grad`` views of ``grad`` (autograd
-    accumulates into them in place), so the clip, Adam, the norms, the snapshots and the ascent are
-    a fixed handful of ops over the flat buffers whatever the number of parameters. A parameter the
-    loss does not reach keeps a zero grad, zero moments and so its value (where a run alone skips
-    it). The norm buffers stay per tensor (``buffers``: (K, *shape) each; their dtypes differ)."""
+    parameters' elements in the arena's order (``params``): the values, grads, base (the group's
+    start), Adam moments and snapshot rows of ``rows`` (a :class:`~yolozu_ttt.rows.RowArena`, bound
+    as it is by ``engine``, an :class:`~yolozu_ttt.engine.UpdateEngine` of K rows: the update is
+    the engine's). ``values`` are per-parameter (K, *shape) leaves sharing ``flat``'s storage (what
+    ``map`` hands to vmap), their ``.grad`` views of ``grad`` (autograd accumulates into them in
+    place). A parameter the loss does not reach keeps a zero grad, zero moments and so its value
+    (where a run alone skips it). The norm buffers stay per tensor (``buffers``: (K, *shape) each;
+    their dtypes differ)."""
 
     def __init__(self, loop: Any, k: int):
         self.loop, self.k = loop, k
         model = loop.model
-        chosen = {id(p): i for i, p in enumerate(loop.arena.params)}
-        named = list(model.named_parameters())
-        self.names = [n for n, p in named if id(p) in chosen]
-        self.params = [p for n, p in named if id(p) in chosen]
-        self.shared = {n: p for n, p in named if id(p) not in chosen}
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        self.params = list(loop.arena.params)  # the arena's order: a row's offsets are a run's (the restore's draws)
+        self.names = [name_of[id(p)] for p in self.params]
+        chosen = {id(p) for p in self.params}
+        self.shared = {n: p for n, p in model.named_parameters() if id(p) not in chosen}
         self.buffer_names = [n for n, b in model.named_buffers() if b is not None and n.endswith(NORM_BUFFER_SUFFIXES)]
         buffers = dict(model.named_buffers())
         self.model_buffers = [buffers[n] for n in self.buffer_names]
         self.sizes = [p.numel() for p in self.params]
         device = self.params[0].device
-        self.flat, self.grad, self.base, self.exp_avg, self.exp_avg_sq = (
-            torch.empty((k, sum(self.sizes)), dtype=torch.float32, device=device) for _ in range(5))
+        flat, grad, base = (torch.empty((k, sum(self.sizes)), dtype=torch.float32, device=device) for _ in range(3))
+        self.rows = RowArena(flat, grad, base, self.sizes)
+        self.rows.hold_snapshot()  # rows of their own: each step's pre-step values (a stop's rollback, SAR's backup)
+        spec = loop.engine.spec
+        self.engine = UpdateEngine(self.rows, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                   max_grad_norm=spec.max_grad_norm, graph=False)
+        self.flat, self.grad, self.base = flat, grad, base
         self.values = [v.detach().requires_grad_() for v in self.views(self.flat)]
         for v, g in zip(self.values, self.views(self.grad)):
             v.grad = g
         self.buffers = [torch.empty((k, *b.shape), dtype=b.dtype, device=b.device) for b in self.model_buffers]
-        #: each replica's Adam step count (the masked update's bias corrections)
-        self.counts = torch.zeros(k, dtype=torch.int64, device=device)
+        #: the device's copy of which replicas go on (the norm buffers of stopped ones are put back)
         self.active = torch.ones(k, dtype=torch.bool, device=device)
-        #: graph mode: the update's launches never depend on host state (the masked path, each
-        #: replica's step count on the device), so one capture serves every step and group
-        self.fixed = False
         self._kept: dict[str, torch.Tensor] = {}
-        self._inverse_numel: torch.Tensor | None = None
+        self._specs: dict[tuple[StepSpec, bool], StepSpec] = {}
+        self.launch: Any = None
         self.reset()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -156,18 +161,23 @@ class Replicas:
 
     def reset(self) -> None:
         """Every replica := the model's current selected parameters and norm buffers (a group's start),
-        fresh Adam state, none stopped: the same tensors refilled in place, so a captured step reads
-        them every group."""
+        fresh Adam state (``UpdateEngine.reset_state``), none stopped: the same tensors refilled in
+        place, so a captured step reads them every group."""
         with torch.no_grad():
             self.flat.copy_(torch.cat([p.detach().reshape(-1) for p in self.params]).expand_as(self.flat))
             for s, b in zip(self.buffers, self.model_buffers):
                 s.copy_(b.unsqueeze(0).expand_as(s))
             self.base.copy_(self.flat)
-            for t in (self.exp_avg, self.exp_avg_sq, self.counts):
-                t.zero_()
+            self.rows.exp_avg.zero_()
+            self.rows.exp_avg_sq.zero_()
             self.active.fill_(True)
-        self.steps = 0  # the host's step count while every replica steps (the unmasked update)
-        self.stopped = 0  #: how many replicas a guard stopped (the host's mirror of ``active``)
+        self.engine.reset_state()
+        self.running = [True] * self.k  #: the host's record of which replicas go on
+
+    @property
+    def stopped(self) -> int:
+        """How many replicas a guard stopped."""
+        return self.k - sum(self.running)
 
     def kept(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """A copy of a flat state ``values`` a method keeps beside the replicas under ``name`` (CoTTA's
@@ -181,10 +191,12 @@ class Replicas:
                 have.copy_(values)
         return have
 
-    def stop(self, i: int) -> None:
-        """Replica ``i`` is frozen from now on (a guard stopped it)."""
+    def stop(self, i: int, rollback: bool) -> None:
+        """Replica ``i`` is frozen from now on (a guard stopped it), rolled back to its pre-step values
+        first where ``rollback`` (``UpdateEngine.stop_rows``: its snapshot row)."""
+        self.engine.stop_rows([i], rollback=rollback)
         self.active[i] = False
-        self.stopped += 1
+        self.running[i] = False
 
     def mask(self, t: torch.Tensor) -> torch.Tensor:
         """The active mask shaped to broadcast against the stacked ``t``."""
@@ -233,127 +245,35 @@ class Replicas:
 
         return vmap(one)(values, buffers, x, *per_image)
 
-    def update(self, lr: float, max_grad_norm: float | None, betas=(0.9, 0.999), eps: float = 1e-8, *,
-               gate: torch.Tensor | None = None, anchor_lambda: float = 0.0,
-               after_adam: Callable[[], Any] | None = None) -> torch.Tensor:
-        """Clip and Adam per replica (active ones only), then ``after_adam()`` (CoTTA's teacher EMA and
-        restore: the fused step's order); returns the (4, K) norms of the final values: grad, clipped
-        grad, update, total update (float64, unread).
+    # ---- the update: the engine's K-row step ------------------------------------------------
+    def prepare(self, spec: StepSpec, step: int, seeds: list[int] | None = None, *, backup: bool = False) -> StepSpec:
+        """The host half of this step's update (``UpdateEngine.prepare``: the restore counter ``step``,
+        each replica's restore seed ``seeds``), before the step's passes (graph mode captures them
+        and :meth:`update`, never this); ``spec`` with every step's pre-step values in the snapshot
+        rows, unless ``backup`` (SAR's ascent: its backup is the snapshot). Returns the spec run."""
+        key = (spec, backup)
+        run = self._specs.get(key)
+        if run is None:
+            run = self._specs[key] = spec.replace(write_snapshot=not backup)
+        self.launch = self.engine.prepare(run, step, seeds)
+        return run
 
-        ``gate`` (K,) bool on the device: replica i's step applies only where ``gate[i]`` (closed: no
-        parameter, moment or step count changes, as the engine's gate; EATA's empty selection).
-        ``anchor_lambda``: EATA's anchor gradient ``2 lambda (theta - theta0) / numel`` per tensor
-        added to the grads first (in the grad norm and the clip, as the fused step adds it)."""
+    def update(self) -> torch.Tensor:
+        """The prepared update of every replica (one fused K-row call: per row its clip, Adam at its
+        own step count, its gate, anchor, EMA and restore): its (len(STAT_KEYS), K) float64 stats,
+        column i replica i's, unread."""
+        self.launch.run()
+        return self.engine.unread_stats()
+
+    def snapshot_buffers(self) -> list[torch.Tensor]:
+        """Copies of the norm buffers (before a step)."""
+        return [b.clone() for b in self.buffers]
+
+    def restore_buffers(self, i: int, saved: list[torch.Tensor]) -> None:
+        """Replica ``i``'s norm buffers back to ``saved``'s slice ``i``."""
         with torch.no_grad():
-            flat, g, m, s = self.flat, self.grad, self.exp_avg, self.exp_avg_sq
-            if anchor_lambda != 0.0:
-                g.addcmul_(flat - self.base, self.inverse_numel(), value=2.0 * anchor_lambda)
-            norm, clipped = self.clip(max_grad_norm)
-            before = flat.clone()
-            b1, b2 = betas
-            self.steps += 1
-            if gate is None and not self.stopped and not self.fixed:
-                # every replica steps at one count: torch's Adam, in place
-                self.counts += 1
-                bias1, bias2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
-                m.mul_(b1).add_(g * (1 - b1))
-                s.mul_(b2).add_(g * g * (1 - b2))
-                flat.addcdiv_(m, s.sqrt().div_(bias2 ** 0.5).add_(eps), value=-lr / bias1)
-            else:  # each replica at its own step (a closed gate or a stop did not count), bias corrections in fp64
-                on = (self.active if gate is None else self.active & gate)
-                self.counts += on
-                on = on[:, None]
-                m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
-                s.copy_(torch.where(on, s * b2 + g * g * (1 - b2), s))
-                step = self.counts.clamp(min=1).double()
-                size = (-lr / (1 - b1 ** step)).float()[:, None]
-                bc2 = (1 - b2 ** step).sqrt().float()[:, None]
-                flat.copy_(torch.where(on, flat + (size * m) / (s.sqrt() / bc2 + eps), flat))
-            if after_adam is not None:
-                after_adam()
-            return torch.stack([norm, clipped, row_norms(flat, before), row_norms(flat, self.base)])
-
-    def clip(self, max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each replica's grads clipped in place like ``clip_grad_norm_`` with its own coefficient;
-        returns the (K,) norms before and after."""
-        with torch.no_grad():
-            norm = row_norms(self.grad)
-            if max_grad_norm is None:
-                return norm, norm
-            coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
-            self.grad.mul_(coef[:, None])
-            return norm, row_norms(self.grad)
-
-    def inverse_numel(self) -> torch.Tensor:
-        """(N,): each element's 1 / its parameter's numel (a per-tensor mean over the flat layout)."""
-        if self._inverse_numel is None:
-            self._inverse_numel = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float32) for n in self.sizes]
-                                            ).to(self.flat.device)
-        return self._inverse_numel
-
-    def anchor_value(self) -> torch.Tensor:
-        """EATA's anchor ``sum_t mean((theta_t - theta0_t)^2)`` per replica (K,) float64, unread."""
-        with torch.no_grad():
-            return row_squares(self.flat, self.base, self.inverse_numel())
-
-    def perturb(self, rho: float, adaptive: bool) -> torch.Tensor:
-        """SAR's ascent per replica from its grads: ``theta += rho / (||d|| + 1e-12) d`` with
-        ``d = g`` (adaptive: ``g |theta|``) and replica i's own direction norm, unless that norm is
-        zero (a NaN norm applies, as the engine's). Returns the (2, K) float64 rows (direction norm,
-        applied 1/0), unread; the caller holds the pre-ascent values (:meth:`copy_values`)."""
-        with torch.no_grad():
-            d = self.grad if not adaptive else self.grad * self.flat.abs()
-            norm = row_norms(d).float().double()
-            applied = ~(norm <= 0.0)
-            scale = torch.where(applied, rho / (norm + SAR_EPS), 0.0).float()
-            self.flat.add_(scale[:, None] * d)
-            return torch.stack([norm, applied.double()])
-
-    def copy_values(self) -> torch.Tensor:
-        """A copy of every replica's parameters (SAR's backup)."""
-        return self.flat.detach().clone()
-
-    def restore_values(self, saved: torch.Tensor) -> None:
-        """Every replica's parameters back to ``saved`` (:meth:`copy_values`)."""
-        with torch.no_grad():
-            self.flat.copy_(saved)
-
-    def restore_keys(self, seeds: list[int], counter: int) -> torch.Tensor:
-        """The fused restore's keys ``restore_key(seed_i, counter, group)`` for replica i's seed, per
-        arena group: (groups, K) int64 on the device (a step's input, drawn on the host before it)."""
-        groups = range(len(self.loop.arena.groups))
-        return torch.tensor([[restore_key(seed, counter, g) for seed in seeds] for g in groups],
-                            dtype=torch.int64).to(self.active.device)
-
-    def restore_to_base(self, prob: float, keys: torch.Tensor) -> torch.Tensor:
-        """CoTTA's stochastic restore per active replica: element j of a parameter back to replica i's
-        start where the fused step's draw for (replica i's seed, the step's counter, its arena group,
-        its offset there + j) is below ``prob`` (:func:`restore_hits`; ``keys``: :meth:`restore_keys`).
-        Returns the (K,) float64 restored counts."""
-        arena = self.loop.arena
-        where = {id(p): (i, offset) for i, g in enumerate(arena.groups) for p, offset in zip(g.params, g.offsets)}
-        counts = torch.zeros(self.k, dtype=torch.float64, device=self.active.device)
-        with torch.no_grad():
-            for p, v, base in zip(self.params, self.views(self.flat), self.views(self.base)):
-                group, offset = where[id(p)]
-                hit = restore_hits(offset, v[0].numel(), keys[group], prob) & self.active[:, None]
-                v.copy_(torch.where(hit.view_as(v), base, v))
-                counts += hit.sum(dim=1)
-        return counts
-
-    def snapshot(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Copies of the parameters (flat) and the norm buffers (before a step)."""
-        return self.copy_values(), [b.clone() for b in self.buffers]
-
-    def restore(self, i: int, saved: Any, *, buffers: bool) -> None:
-        """Replica ``i``'s parameters (``saved``: a flat copy) or norm buffers (a list) back to
-        ``saved``'s slice ``i``."""
-        with torch.no_grad():
-            if buffers:
-                for t, s in zip(self.buffers, saved):
-                    t[i].copy_(s[i])
-            else:
-                self.flat[i].copy_(saved[i])
+            for t, s in zip(self.buffers, saved):
+                t[i].copy_(s[i])
 
     def freeze_buffers(self, saved: list[torch.Tensor]) -> None:
         """Inactive replicas' norm buffers back to ``saved`` (their forward ran with the others')."""
@@ -388,63 +308,26 @@ class Replicas:
                 m.training = training
 
 
-#: columns x K elements per float64 temporary of :func:`row_norms` (the flat states are reduced in chunks)
-NORM_CHUNK = 1 << 22
 #: torch's note that a leaf's grad is a strided view (the replicas' are, by design: views of ``grad``)
 GRAD_LAYOUT_WARNING = "grad and param do not obey the gradient layout contract"
 
 
-def row_squares(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Each row's sum of squares of the (K, N) ``a`` (or ``a - b``; ``weight`` (N,): each square times
-    it) in float64, summed in column chunks (no (K, N) float64 copy)."""
-    width = max(1, NORM_CHUNK // max(1, a.shape[0]))
-    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for j in range(0, a.shape[1], width):
-        c = a[:, j:j + width].double()
-        if b is not None:
-            c = c - b[:, j:j + width].double()
-        c = c.square()
-        if weight is not None:
-            c = c * weight[j:j + width].double()
-        total += c.sum(dim=1)
-    return total
-
-
-def row_norms(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """Each row's L2 norm of the (K, N) ``a`` (or ``a - b``) in float64 (:func:`row_squares`)."""
-    return row_squares(a, b).sqrt()
-
-
-def _mul32(h: torch.Tensor, m: int) -> torch.Tensor:
-    """``h * m mod 2^32`` for int64 ``h`` in [0, 2^32), without int64 overflow (16-bit halves)."""
-    return (((((h >> 16) * m) & 0xFFFF) << 16) + (h & 0xFFFF) * m) & MASK32
-
-
-def restore_hits(offset: int, n: int, keys: torch.Tensor, prob: float) -> torch.Tensor:
-    """The fused restore's draws in torch ops: (K, n) where element ``offset + j`` of its arena group
-    goes back to its base, ``(fmix32((offset + j) ^ key_i) >> 8) * 2^-24 < prob`` for the (K,) int64
-    ``keys`` (``restore_key(seed_i, counter, group)``), bit-identical to both engines' draws."""
-    h = (torch.arange(offset, offset + n, dtype=torch.int64, device=keys.device)[None, :] ^ keys[:, None]) & MASK32
-    for shift, mul in ((16, FMIX32_M1), (13, FMIX32_M2)):
-        h = _mul32(h ^ (h >> shift), mul)
-    h = h ^ (h >> 16)
-    return (h >> (32 - UNIFORM_BITS)).to(torch.float32) * (2.0 ** -UNIFORM_BITS) < prob
-
-
 class _ReplicaRollback:
-    """What ``RunContext.finish_step`` rolls back, for one replica: its parameters and buffers."""
+    """What ``RunContext.finish_step`` rolls back, for one replica: its parameters (noted here, done
+    by the stop: ``Replicas.stop``) and its norm buffers."""
 
-    def __init__(self, replicas: Replicas, i: int, saved: tuple[torch.Tensor | None, list[torch.Tensor]]):
+    def __init__(self, replicas: Replicas, i: int, saved: list[torch.Tensor]):
         self.replicas, self.i, self.saved = replicas, i, saved
+        self.rolled_back = False
 
     def restore_snapshot(self) -> None:
-        self.replicas.restore(self.i, self.saved[0], buffers=False)
+        self.rolled_back = True
 
     def drop_snapshot(self) -> None:
         pass
 
     def restore(self) -> None:
-        self.replicas.restore(self.i, self.saved[1], buffers=True)
+        self.replicas.restore_buffers(self.i, self.saved)
 
 
 class ReplicaMethod:
@@ -457,11 +340,14 @@ class ReplicaMethod:
     - ``begin(replicas, records, ctxs)``: per-group state (e.g. per-image generators; stacked state
       the step reads lives in ``replicas.kept``, the same tensors every group);
     - ``inputs(x, step)``: what step ``step`` takes, drawn on the host before it (the stacked images
-      ``x`` (K, B, ...); MIM's grids; CoTTA's restore keys, on its restore steps only): a graph's
-      static inputs, whose layouts key its captures;
-    - ``step(replicas, *inputs)``: the passes and the update, device work only: nothing read, and no
-      host state that a later step reads or that changes its launches (graph mode replays it): a
-      (rows, K) float64 tensor, column i image i's values;
+      ``x`` (K, B, ...); MIM's grids): a graph's static inputs, whose layouts key its captures;
+    - ``update_spec(step)``: the step's :class:`~yolozu_ttt.engine.StepSpec` (the method's, as its
+      run alone steps; CoTTA's restore steps their own), with ``seeds`` (each replica's restore
+      seed, or None) and ``backup`` (SAR's ascent keeps its backup in the snapshot rows);
+    - ``step(replicas, *inputs)``: the passes and ``replicas.update()`` (the engine's K-row step),
+      device work only: nothing read, and no host state that a later step reads or that changes
+      its launches (graph mode replays it): a (rows, K) float64 tensor, column i image i's values,
+      the update's stats last (:func:`split`);
     - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
       method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
     - ``after_step(i, outcome)``: after image i's kept step;
@@ -473,6 +359,10 @@ class ReplicaMethod:
     trains = False
     #: set by ``run_group``: the group's steps are captured (graph mode), so nothing is read in them
     captured = False
+    #: each replica's restore seed (CoTTA's), or None
+    seeds: list[int] | None = None
+    #: the step's snapshot rows hold the method's backup (SAR's ascent), not the update's pre-step values
+    backup = False
 
     def __init__(self, session: Any, loop: Any):
         self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
@@ -491,6 +381,10 @@ class ReplicaMethod:
     def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
         return (x,)
 
+    def update_spec(self, step: int) -> StepSpec:
+        """Step ``step``'s update options: the method's, as its run alone takes them."""
+        return self.method.spec
+
     def step(self, replicas: Replicas, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -501,11 +395,10 @@ class ReplicaMethod:
         """After image i's kept step (the loop's ``method.after_step``)."""
 
 
-def norm_stats(column: list[float]) -> StepStats:
-    """The four norms of ``Replicas.update``'s rows, as the fused engine's stats."""
-    grad, clipped, update, total = column[:4]
-    return StepStats(grad_norm=grad, grad_norm_clipped=clipped, update_norm=update, total_update_norm=total,
-                     anchor_loss=0.0, clip_coef=1.0, restored=0.0)
+def split(column: list[float]) -> tuple[list[float], StepStats]:
+    """A read column of ``ReplicaMethod.step``'s table: (the method's values, the update's stats)."""
+    n = len(STAT_KEYS)
+    return column[:-n], StepStats(*column[-n:])
 
 
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
@@ -534,7 +427,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     start = time.time()
     graph = replica_graph(session, loop)
     replicas = replicas_for(loop, k, graph)
-    keep = guards.needs_snapshot(config)
+    if graph is not None:
+        replicas.engine.reserve_steps(steps)  # no table outgrows a captured step mid-group
     rollback = bool(config.rollback_on_stop)
     rmethod.begin(replicas, records, ctxs)
     rmethod.captured = graph is not None
@@ -545,16 +439,17 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
             model.train()
         for step in range(steps):
             inputs = rmethod.inputs(torch.stack([b[step % len(b)] for b in batches]), step)
-            saved = replicas.snapshot() if (keep or rollback or replicas.stopped) else (None, [])
+            saved = replicas.snapshot_buffers() if (rollback or replicas.stopped) else []
+            spec = replicas.prepare(rmethod.update_spec(step), step, rmethod.seeds, backup=rmethod.backup)
             if graph is None:
                 table = rmethod.step(replicas, *inputs)
             else:
-                table = graph.step((name, k), functools.partial(rmethod.step, replicas), inputs)
-            if saved[1]:
-                replicas.freeze_buffers(saved[1])
+                table = graph.step((name, k, spec), functools.partial(rmethod.step, replicas), inputs)
+            if saved and replicas.stopped:
+                replicas.freeze_buffers(saved)
             rows = int(table.shape[0])
             values = read(table.t())  # (K, rows) flattened: image i's column is values[i*rows:(i+1)*rows]
-            active = replicas.active.tolist()
+            active = list(replicas.running)
             for i, ctx in enumerate(ctxs):
                 if not active[i]:
                     continue
@@ -566,16 +461,16 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
                 entry = base_entry(step, outcome, method.preclip_norm_reported, config.max_grad_norm)
                 if session.amp != "off":
                     entry["amp"] = session.amp
+                undo = _ReplicaRollback(replicas, i, saved)
                 if outcome.skipped:
                     stop = ctx.skip_step(entry, outcome.skip_stop)
                 else:
-                    undo = _ReplicaRollback(replicas, i, saved)
                     stop = ctx.finish_step(entry, float(outcome.loss), arena=undo, buffers=undo if rollback else None,
                                            params_changed=not outcome.abstained, method_stop=outcome.method_stop)
                     if not stop:
                         rmethod.after_step(i, outcome)
                 if stop:
-                    replicas.stop(i)
+                    replicas.stop(i, rollback=undo.rolled_back)
             if replicas.stopped == k:
                 break
     finally:
@@ -593,38 +488,55 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     return reports
 
 
+class Kept:
+    """What sample-parallel groups keep with a session's binding (``StepLoop.parallel``, made by
+    :meth:`of` and used here only; the binding drops it when it closes): the replicas of the last K
+    (``replicas``) and graph mode's replica step (``graph``, decided once: ``graph_decided``)."""
+
+    def __init__(self) -> None:
+        self.replicas: Replicas | None = None
+        self.graph: capture.ReplicaGraph | None = None
+        self.graph_decided = False
+
+    @staticmethod
+    def of(loop: Any) -> "Kept":
+        """The bound ``loop``'s kept state, made at its first group."""
+        if loop.parallel is None:
+            loop.parallel = Kept()
+        return loop.parallel
+
+
 def replicas_for(loop: Any, k: int, graph: Any) -> Replicas:
     """The bound loop's replicas for a group of ``k``, reset to the group's start: made at the first
-    group of ``k`` and kept with the binding (``loop.parallel``), so an export allocates them once and
+    group of ``k`` and kept with the binding (:class:`Kept`), so an export allocates them once and
     a captured step finds them every group (``graph``: :func:`replica_graph`'s). One K at a time:
     another K (a smaller last group) drops the earlier replicas and the graphs captured on them."""
-    state = loop.parallel
-    replicas = state.get("replicas")
+    kept = Kept.of(loop)
+    replicas = kept.replicas
     if replicas is not None and replicas.k == k:
         replicas.reset()
     else:
         if graph is not None:
             graph.forget()
-        state["replicas"] = None  # freed before the next K's are made
-        replicas = state["replicas"] = Replicas(loop, k)
-    replicas.fixed = graph is not None
+        kept.replicas = None  # freed before the next K's are made
+        replicas = kept.replicas = Replicas(loop, k)
     return replicas
 
 
 def replica_graph(session: Any, loop: Any) -> Any:
     """Graph mode's replica step for the bound loop (:class:`~yolozu_ttt.capture.ReplicaGraph`, kept
-    with the binding: one capture per (K, input layouts) for every later group), or
+    with the binding: one capture per (K, step options, input layouts) for every later group), or
     None: graph mode off or not possible (the engine has warned), or mixed precision (a
     ``GraphFallbackWarning`` says so once: the groups run eagerly)."""
-    state = loop.parallel
-    if "graph" not in state:
-        state["graph"] = None
+    kept = Kept.of(loop)
+    if not kept.graph_decided:
+        kept.graph_decided = True
         if session.graph and loop.engine.graph_mode:
             if session.amp != "off":
                 capture.warn_groups_eager(capture.mixed_precision_reason(session.amp), stacklevel=5)
             else:
-                state["graph"] = capture.ReplicaGraph(loop.engine)
-    return state["graph"]
+                kept.graph = capture.ReplicaGraph(loop.engine)
+    return kept.graph
 
 
 def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | None = None) -> list[Any]:
@@ -699,9 +611,9 @@ def group_batches(session: Any, records: list[Any]) -> tuple[list[list[Any]], se
 
 
 def replica_bytes(loop: Any) -> int:
-    """The bytes one replica of a bound loop takes (:class:`Replicas`): the selected parameters 7
-    times (value, grad, two Adam moments, the reset base, the step snapshot, the update's copy of
-    the values before it) and the norm buffers twice (value, snapshot)."""
+    """The bytes one replica of a bound loop takes (:class:`Replicas`), planned for every method: the
+    selected parameters 7 times (value, grad, two Adam moments, the reset base, the snapshot row,
+    and a method's kept row: CoTTA's teacher) and the norm buffers twice (value, snapshot)."""
     params = sum(p.numel() * p.element_size() for p in loop.arena.params)
     buffers = sum(b.numel() * b.element_size() for n, b in loop.model.named_buffers()
                   if b is not None and n.endswith(NORM_BUFFER_SUFFIXES))

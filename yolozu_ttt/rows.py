@@ -110,6 +110,11 @@ class RowArena:
         """Copy every row's values into the held snapshot rows."""
         self._snap_or_raise().copy_(self.flat)
 
+    def restore_snapshot(self) -> None:
+        """Every row back to its snapshot row, bit-exactly (SAR's backup after its second pass)."""
+        with torch.no_grad():
+            self.flat.copy_(self._snap_or_raise())
+
     def restore_rows(self, rows: Sequence[int]) -> None:
         """Rows ``rows`` back to their snapshot rows, bit-exactly (the others untouched)."""
         snap = self._snap_or_raise()

@@ -19,8 +19,8 @@ from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from ..parallel import ReplicaMethod, norm_stats
-from .loop import Method, StepOutcome, entropy, vmap_entropy
+from ..parallel import ReplicaMethod, split
+from .loop import Method, StepOutcome, entropy
 
 SEED_BITS = 63
 
@@ -131,9 +131,10 @@ class CoTTA(Method):
 
 class CoTTAReplicas(ReplicaMethod):
     """CoTTA's K-replica step (``yolozu_ttt.parallel``): per replica its student's augmented forwards,
-    entropy and backward, its own teacher (a stacked EMA of its own student, in the fused step's
-    order: after Adam, before the restore), its consistency and its stochastic restore to its start,
-    drawn from its own restore seed. The augmentations (identity, hflip) draw nothing."""
+    entropy and backward, its own teacher (a stacked EMA of its own student) and its consistency;
+    the EMA and the stochastic restore to its start, drawn from its own restore seed, are the
+    engine's K-row step's (the teachers bound as its teacher rows). The augmentations (identity,
+    hflip) draw nothing."""
 
     name = "cotta"
 
@@ -143,24 +144,25 @@ class CoTTAReplicas(ReplicaMethod):
         m = self.method
         self.teachers = replicas.kept("teachers", replicas.flat)
         self.teacher_values = replicas.views(self.teachers)
+        replicas.engine.bind_teacher([self.teachers.view(-1)])
         self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
-        self.replicas = replicas
 
     def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        """The images, and on a restore step each replica's restore keys for it (``Replicas.restore_keys``)."""
         self.method.rank = x.ndim - 1  # the branch metadata's key (one image's rank, as ``CoTTA.inputs``)
-        if not self.method.restores(step):
-            return (x,)
-        return x, self.replicas.restore_keys(self.seeds, step)
+        return (x,)
 
-    def step(self, replicas: Any, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """The student's passes, the teachers' forwards and consistency, the update, the teachers' EMA
-        and (``keys``: a restore step) the restore."""
+    def update_spec(self, step: int) -> Any:
+        """The EMA every step; the restore every ``restore_interval`` steps (``CoTTA.update``)."""
+        return self.method.update(step)
+
+    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
+        """The student's passes, the teachers' forwards and consistency, then the update (Adam, the
+        teachers' EMA and, on a restore step, the restore)."""
         m, meta = self.method, {}
 
         def student(net, image):
             logits, meta["student"] = forward(net, image, m.aug_set, m.aggregation)
-            return vmap_entropy(logits), logits
+            return entropy(logits), logits
 
         def teacher(net, image):
             logits, meta["teacher"] = forward(net, image, m.aug_set, m.aggregation)
@@ -171,24 +173,11 @@ class CoTTAReplicas(ReplicaMethod):
             teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teacher_values)
             consistency = ((logits - teacher_logits) ** 2).reshape(replicas.k, -1).mean(dim=1)
         m.meta[x.ndim - 1] = (meta["student"], meta["teacher"])
-        self.restored = torch.zeros(replicas.k, dtype=torch.float64, device=x.device)
-        norms = replicas.update(float(self.config.lr), m.max_grad_norm(), after_adam=lambda: self.ema_and_restore(
-            replicas, keys))
-        return torch.cat([torch.stack([losses.double(), consistency.double(), self.restored]), norms])
-
-    def ema_and_restore(self, replicas: Any, keys: torch.Tensor | None) -> None:
-        """Each active replica's teacher EMA of its updated student, then (a restore step: ``keys``) its
-        stochastic restore to its start, counted per replica."""
-        m = self.method
-        with torch.no_grad():
-            t = self.teachers
-            t.copy_(torch.where(replicas.mask(t), t * m.ema_momentum + (1.0 - m.ema_momentum) * replicas.flat, t))
-        if keys is not None:
-            self.restored = replicas.restore_to_base(m.restore_prob, keys)
+        return torch.cat([torch.stack([losses.double(), consistency.double()]), replicas.update()])
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        stats = norm_stats(column[3:])._replace(restored=column[2])
-        return self.method.outcome(stats, column[:2], step)
+        values, stats = split(column)
+        return self.method.outcome(stats, values, step)
 
 
 METHOD = CoTTA

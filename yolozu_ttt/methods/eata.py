@@ -12,8 +12,9 @@ import torch
 from ..seam import integration as _ref
 
 from .. import ops
-from ..parallel import ReplicaMethod, norm_stats
-from .loop import Method, StepOutcome, vmap_entropy
+from ..common import STAT_KEYS
+from ..parallel import ReplicaMethod, split
+from .loop import Method, StepOutcome
 
 RATIO_STOP = "eata_selected_ratio_below_min"
 SELECTION_KEYS = ("step", "selected_count", "batch_count", "selected_ratio", "mean_conf", "mean_entropy",
@@ -50,21 +51,17 @@ def summary(mask: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor, valid
 UNSELECTED_LOGIT = -1.0e4
 
 
-def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, batch: int,
-               entropy: Any = None) -> torch.Tensor:
+def adapt_loss(logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, batch: int) -> torch.Tensor:
     """Mean entropy over the rows of the selected samples, without reading the selection: the rows of
     samples not selected are replaced by rows of entropy 0 and the mean over all rows is rescaled by
     ``batch / count`` (exactly 1 when all are selected; with none selected, the gated update applies
-    nothing, whatever the loss). ``entropy``: the mean-entropy function (default the fused op; the
-    replicas' ``vmap_entropy``)."""
+    nothing, whatever the loss). The fused op batches under ``vmap`` (the sample-parallel replicas)."""
     if logits.ndim < 2 or logits.shape[-1] <= 1:
-        if entropy is not None:
-            return entropy(logits)
         return ops.entropy_loss(logits) if logits.is_floating_point() else _ref._entropy_loss_from_logits(logits)
     row = torch.full(logits.shape[-1:], UNSELECTED_LOGIT, dtype=logits.dtype, device=logits.device)
     row[0] = 0.0
     rows = torch.where(mask.reshape((-1,) + (1,) * (logits.ndim - 1)), logits, row)
-    return (entropy or ops.entropy_loss)(rows) * (float(batch) / count.clamp(min=1).to(torch.float32))
+    return ops.entropy_loss(rows) * (float(batch) / count.clamp(min=1).to(torch.float32))
 
 
 class EATA(Method):
@@ -156,18 +153,6 @@ class EATA(Method):
                            skipped=True, skip_stop=stop, layout=SKIP_LAYOUT)
 
 
-def vmap_signals(logits: torch.Tensor, conf_min: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sample_signals`` of one image's logits in torch ops ``vmap`` can batch (the fused op has no
-    batching rule): the row math of ``ops.entropy_stats``' torch path; other inputs take the reference."""
-    if logits.ndim < 2 or not logits.is_floating_point() or logits.shape[-1] <= 1:
-        return _ref._eata_sample_signals(logits, conf_min=conf_min)
-    batch = int(logits.shape[0])
-    _, h, conf = ops._torch_entropy_rows(logits.detach())
-    conf, h = conf.view(batch, -1), h.view(batch, -1)
-    valid = (conf >= float(conf_min)).to(torch.float32).sum(dim=1) if logits.ndim > 2 else torch.ones_like(conf[:, 0])
-    return conf.mean(dim=1), h.mean(dim=1), valid
-
-
 class EATAReplicas(ReplicaMethod):
     """EATA's K-replica step (``yolozu_ttt.parallel``): per image its own selection, gate (nothing
     selected: no update for that replica), anchor to its own start and skip streak."""
@@ -191,20 +176,22 @@ class EATAReplicas(ReplicaMethod):
             logits = _ref._extract_logits(output)
             if logits.ndim == 0:
                 raise RuntimeError("EATA logits must have batch dimension")
-            conf, entropy, valid = vmap_signals(logits, float(config.eata_conf_min))
+            conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
             mask = select_samples(config, conf, entropy, valid)
             sizes.append(int(conf.shape[0]))
             selection = summary(mask, conf, entropy, valid)
-            return adapt_loss(logits, mask, selection[0], sizes[0], entropy=vmap_entropy), selection
+            return adapt_loss(logits, mask, selection[0], sizes[0]), selection
 
         # nothing selected in any image: no backward (one read); every selected parameter has a grad (the anchor's reach)
         losses, selection = replicas.backward(loss, x, worth=self.any_selected)
-        anchor = replicas.anchor_value()
-        norms = replicas.update(float(config.lr), config.max_grad_norm, gate=selection[:, 0] > 0,
-                                anchor_lambda=self.method.lam)
+        engine = replicas.engine
+        anchor = engine.anchor_value() if self.method.lam == 0.0 else None  # else the update's own
+        engine.gate(selection[:, 0] > 0)
+        stats = replicas.update()
+        anchor = stats[STAT_KEYS.index("anchor_loss")] if anchor is None else anchor
         batch = torch.full_like(anchor, float(sizes[0]))
         return torch.cat([losses.double().unsqueeze(0), selection.double().t(), batch.unsqueeze(0),
-                          anchor.unsqueeze(0), norms])
+                          anchor.unsqueeze(0), stats])
 
     def any_selected(self, got: tuple[torch.Tensor, torch.Tensor]) -> bool:
         """Whether any image of the group selected a sample (read eagerly; a captured group: True)."""
@@ -212,9 +199,9 @@ class EATAReplicas(ReplicaMethod):
         return count is None or count[0] > 0
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        loss, count, conf, entropy, valid, batch, anchor = column[:7]
-        stats = norm_stats(column[7:])
-        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0)
+        (loss, count, conf, entropy, valid, batch, anchor), stats = split(column)
+        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0, clip_coef=1.0,
+                              restored=0.0)
         outcome, self.streaks[i] = self.method.decide(stats, [count, conf, entropy, valid, batch, loss], anchor,
                                                       self.streaks[i], idle, self.ctxs[i].warnings)
         return outcome

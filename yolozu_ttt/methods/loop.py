@@ -310,8 +310,9 @@ class StepLoop:
         self.method = method
         self.arena: ParamArena | None = None
         self.model: Any = None
-        #: ``yolozu_ttt.parallel``'s state kept with the binding (the replicas of the last K, their graph)
-        self.parallel: dict[str, Any] = {}
+        #: what sample-parallel groups keep with the binding (``yolozu_ttt.parallel.Kept``: made and
+        #: used there only), None until a group runs; dropped with the binding
+        self.parallel: Any = None
 
     def fits(self, model: Any) -> bool:
         """Whether a later run on ``model`` can reuse these bindings (same model, its selected
@@ -346,7 +347,7 @@ class StepLoop:
         if self.arena is None:
             return
         arena, self.arena = self.arena, None
-        self.parallel.clear()
+        self.parallel = None
         try:
             self.method.close()
         finally:
@@ -452,13 +453,6 @@ def select_params(ctx: RunContext) -> list[torch.Tensor]:
     torch.optim.Adam(params, lr=float(config.lr))  # the reference's optimizer checks (e.g. lr < 0)
     ctx.updated_param_count = _ref._count_unique_params(params)
     return params
-
-
-def vmap_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean softmax entropy over all rows (the fused op's value) in plain torch ops ``vmap`` can batch
-    (the sample-parallel replicas' loss; the custom op has no batching rule)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
 def entropy(logits: Any, fallback=_ref._entropy_loss_from_logits) -> torch.Tensor:

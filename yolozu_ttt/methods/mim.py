@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from ..seam import ttt_mim as _mim
 
-from ..masking import (draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_mask_ratio,
-                       vmap_masked_pass)
-from ..parallel import ReplicaMethod, norm_stats
+from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_masked_pass
+from ..parallel import ReplicaMethod, split
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -35,9 +34,9 @@ def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_
 
 
 def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float,
-                       feature_loss=structured_loss, grid_ratio=mask_ratio):
+                       feature_loss=structured_loss):
     """Forward and loss of ``ttt_structured_mim_step``; returns ``(loss, loss_mim, entropy, ratio)``
-    (the sample-parallel replicas pass the ``vmap``-able loss and ratio)."""
+    (the sample-parallel replicas pass the ``vmap``-able feature loss)."""
     mask = full_mask(grid, x, patch_size)
     output = model(x, geom_input=_mim._default_geom_input(x), feature_mask=mask, return_mim=True)
     if not isinstance(output, dict):
@@ -58,7 +57,7 @@ def structured_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, 
     if mask_out is not None:
         ratio = mask_out.to(dtype=torch.float32).mean()
     else:
-        ratio = grid_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
+        ratio = mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
     return loss, loss_mim, entropy, ratio
 
 
@@ -126,16 +125,15 @@ class MIMReplicas(ReplicaMethod):
             if not m.structured:
                 return vmap_masked_pass(net, image, grid, m.patch_size, m.mask_value)
             loss, loss_mim, entropy, ratio = structured_forward(net, image, grid, m.patch_size, m.mask_value,
-                                                                vmap_feature_loss, vmap_mask_ratio)
+                                                                vmap_feature_loss)
             return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
 
         got = replicas.backward_passes(passes, x, grids)
-        self.rows = len(got)
-        norms = replicas.update(float(self.config.lr), m.max_grad_norm())
-        return torch.cat([torch.stack([t.double() for t in got]), norms])
+        return torch.cat([torch.stack([t.double() for t in got]), replicas.update()])
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        return self.method.outcome(norm_stats(column[self.rows:]), column[:self.rows], step)
+        values, stats = split(column)
+        return self.method.outcome(stats, values, step)
 
     def after_step(self, i: int, outcome: StepOutcome) -> None:
         self.ctxs[i].mask_ratios.append(outcome.metrics["mask_ratio"])

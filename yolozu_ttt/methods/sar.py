@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from ..seam import integration as _ref
 
-from ..parallel import ReplicaMethod, norm_stats
-from .loop import Method, StepOutcome, entropy, vmap_entropy
+from ..parallel import ReplicaMethod, split
+from .loop import Method, StepOutcome, entropy
 
 
 #: the reference's step entry
@@ -86,6 +86,9 @@ class SARReplicas(ReplicaMethod):
 
     name = "sar"
 
+    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
+        self.backup = self.method.rho_value > 0.0  # the ascent's backup is the snapshot rows
+
     def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
         """The first pass (K at once), each replica's grads clipped (pre-clip norms kept), each
         replica's ascent from the pre-step values, the second pass at the perturbed points, the
@@ -94,23 +97,22 @@ class SARReplicas(ReplicaMethod):
         method = self.method
 
         def loss(output):
-            return vmap_entropy(_ref._extract_logits(output))
+            return entropy(_ref._extract_logits(output))
 
+        engine, arena = replicas.engine, replicas.rows
         first = replicas.backward(loss, x)
-        grad_norm, _ = replicas.clip(self.config.max_grad_norm)
+        grad_norm = engine.clip_grads(self.config.max_grad_norm)
         ascent = ()
         if method.rho_value > 0.0:
-            backup = replicas.copy_values()
-            ascent = (replicas.perturb(method.rho_value, method.adaptive),)
+            ascent = (engine.sar_perturb(method.rho_value, method.adaptive).t(),)  # backup: the snapshot rows
         second = replicas.backward(loss, x)
         if ascent:
-            replicas.restore_values(backup)
-        norms = replicas.update(float(self.config.lr), None)
-        return torch.cat([torch.stack([first.double(), second.double(), grad_norm]), *ascent, norms])
+            arena.restore_snapshot()
+        return torch.cat([torch.stack([first.double(), second.double(), grad_norm]), *ascent, replicas.update()])
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        width = 5 if self.method.rho_value > 0.0 else 3
-        return self.method.outcome(norm_stats(column[width:]), column[:width], step)
+        values, stats = split(column)
+        return self.method.outcome(stats, values, step)
 
 
 METHOD = SAR

@@ -15,8 +15,7 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from ..seam import tent as _tent
 
-from ..parallel import ReplicaMethod, norm_stats
-from .loop import vmap_entropy
+from ..parallel import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 # Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
@@ -114,12 +113,12 @@ class TentReplicas(ReplicaMethod):
         self.method.host_metrics, self.method.abstained = {}, False
 
     def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
-        losses = replicas.backward(lambda output: vmap_entropy(_tent._extract_logits(output)), x)
-        norms = replicas.update(float(self.config.lr), self.config.max_grad_norm)
-        return torch.cat([losses.double().unsqueeze(0), norms])
+        losses = replicas.backward(lambda output: entropy(_tent._extract_logits(output), fallback=_tent._entropy), x)
+        return torch.cat([losses.double().unsqueeze(0), replicas.update()])
 
     def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        return self.method.outcome(norm_stats(column[1:]), [column[0], column[0]], step)
+        (loss,), stats = split(column)
+        return self.method.outcome(stats, [loss, loss], step)
 
 
 METHOD = Tent
