@@ -76,7 +76,7 @@ from . import amp, capture
 from .common import STAT_KEYS, StepStats
 from .engine import StepSpec, UpdateEngine, read
 from .rows import RowArena
-from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome, base_entry
+from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome
 from .seam import integration as _ref
 
 
@@ -411,7 +411,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     from .run import report as make_report, seed_generator
 
     loop, config = session.loop, session.config
-    model, method, name = loop.model, loop.method, rmethod.name
+    model, name = loop.model, rmethod.name
     steps = int(config.steps)
     batches = [batches_of(session, record) for record in records] if batches is None else batches
     ctxs = []
@@ -449,28 +449,8 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
                 replicas.freeze_buffers(saved)
             rows = int(table.shape[0])
             values = read(table.t())  # (K, rows) flattened: image i's column is values[i*rows:(i+1)*rows]
-            active = list(replicas.running)
-            for i, ctx in enumerate(ctxs):
-                if not active[i]:
-                    continue
-                outcome: StepOutcome = rmethod.outcome(i, values[i * rows:(i + 1) * rows], step)
-                ctx.forward_calls += outcome.forwards
-                ctx.backward_calls += outcome.backwards
-                ctx.optimizer_steps += outcome.optimizer_steps
-                ctx.abstained_steps += int(outcome.abstained)
-                entry = base_entry(step, outcome, method.preclip_norm_reported, config.max_grad_norm)
-                if session.amp != "off":
-                    entry["amp"] = session.amp
-                undo = _ReplicaRollback(replicas, i, saved)
-                if outcome.skipped:
-                    stop = ctx.skip_step(entry, outcome.skip_stop)
-                else:
-                    stop = ctx.finish_step(entry, float(outcome.loss), arena=undo, buffers=undo if rollback else None,
-                                           params_changed=not outcome.abstained, method_stop=outcome.method_stop)
-                    if not stop:
-                        rmethod.after_step(i, outcome)
-                if stop:
-                    replicas.stop(i, rollback=undo.rolled_back)
+            for i in [i for i, running in enumerate(replicas.running) if running]:
+                settle_image(session, rmethod, replicas, ctxs[i], i, step, values[i * rows:(i + 1) * rows], saved)
             if replicas.stopped == k:
                 break
     finally:
@@ -504,6 +484,21 @@ class Kept:
         if loop.parallel is None:
             loop.parallel = Kept()
         return loop.parallel
+
+
+def settle_image(session: Any, rmethod: ReplicaMethod, replicas: Replicas, ctx: RunContext, i: int, step: int,
+                 column: list[float], saved: list[Any]) -> None:
+    """Image i's step from its read ``column``: the loop's counters, entry, guards and rollback
+    (``RunContext.settle``) on its own replica; a stop freezes its row."""
+    outcome: StepOutcome = rmethod.outcome(i, column, step)
+    entry = ctx.counted_entry(step, outcome, session.loop.method.preclip_norm_reported)
+    if session.amp != "off":
+        entry["amp"] = session.amp
+    undo = _ReplicaRollback(replicas, i, saved)
+    if ctx.settle(entry, outcome, arena=undo, buffers=undo if bool(session.config.rollback_on_stop) else None):
+        replicas.stop(i, rollback=undo.rolled_back)
+    elif not outcome.skipped:
+        rmethod.after_step(i, outcome)
 
 
 def replicas_for(loop: Any, k: int, graph: Any) -> Replicas:

@@ -137,6 +137,24 @@ class RunContext:
         self.step_metrics.append(entry)
         return True
 
+    def counted_entry(self, step: int, outcome: "StepOutcome", preclip_norm_reported: bool) -> dict[str, Any]:
+        """The step's passes added to the counters; its entry (the base keys and the method's)."""
+        self.forward_calls += outcome.forwards
+        self.backward_calls += outcome.backwards
+        self.optimizer_steps += outcome.optimizer_steps
+        self.abstained_steps += int(outcome.abstained)
+        return base_entry(step, outcome, preclip_norm_reported, self.config.max_grad_norm)
+
+    def settle(self, entry: dict[str, Any], outcome: "StepOutcome", *, arena: Any, buffers: Any) -> bool:
+        """A counted step recorded as skipped, or kept or stopped by the guards (an abstention's norm
+        buffers restored first); True when the run must stop (the loop's and every replica's)."""
+        if outcome.skipped:
+            return self.skip_step(entry, outcome.skip_stop)
+        if outcome.abstained and buffers is not None:
+            buffers.restore()
+        return self.finish_step(entry, float(outcome.loss), arena=arena, buffers=buffers,
+                                params_changed=not outcome.abstained, method_stop=outcome.method_stop)
+
     def skip_step(self, entry: dict[str, Any], stop: str | None) -> bool:
         """Record a step that ran no update and no guard (EATA's empty selection); True to stop."""
         self.step_metrics.append(entry)
@@ -401,23 +419,13 @@ class StepLoop:
                 buffers.save()
             loss_scale = scaler.begin_step() if scaler is not None else None
             outcome = method.adapt(x, step)
-            ctx.forward_calls += outcome.forwards
-            ctx.backward_calls += outcome.backwards
-            ctx.optimizer_steps += outcome.optimizer_steps
-            ctx.abstained_steps += int(outcome.abstained)
-            entry = base_entry(step, outcome, method.preclip_norm_reported, ctx.config.max_grad_norm)
+            entry = ctx.counted_entry(step, outcome, method.preclip_norm_reported)
             if ctx.amp != "off":
                 entry.update(amp_fields(ctx, step, scaler, loss_scale))
-            if outcome.skipped:
-                if ctx.skip_step(entry, outcome.skip_stop):
-                    break
-                continue
-            if outcome.abstained and buffers is not None:
-                buffers.restore()
-            if ctx.finish_step(entry, float(outcome.loss), arena=arena, buffers=buffers,
-                               params_changed=not outcome.abstained, method_stop=outcome.method_stop):
+            if ctx.settle(entry, outcome, arena=arena, buffers=buffers):
                 break
-            method.after_step(outcome)
+            if not outcome.skipped:
+                method.after_step(outcome)
 
 
 def run_steps(ctx: RunContext, method: Method) -> None:
