@@ -180,15 +180,20 @@ def test_nothing_selected_skips_until_the_streak_limit(max_skip_streak, kw):
         assert torch.equal(a, b)
 
 
-def test_skips_between_updates_report_the_current_drift():
-    """Eval mode; batch 1 repeats batch 0's highest-entropy sample, which the entropy band excludes."""
+def skips_every_other_step():
+    """(model, batches, config): eval mode; batch 1 repeats batch 0's highest-entropy sample, which
+    the entropy band excludes, so steps 1 and 3 select nothing."""
     model, (b0,) = eval_model(), make_batches(1, shape=(4, 3, 12, 12))
     entropies = signals(model, b0)[1]
     order = sorted(range(4), key=entropies.__getitem__)
     b1 = b0[order[-1]:order[-1] + 1].repeat(2, 1, 1, 1)
     cfg = eata(steps=4, lr=1e-3, update_filter="norm_only",
                eata_entropy_max=between(entropies[order[-2]], entropies[order[-1]]))
-    _, fast, _ = check_parity(model, [b0, b1], cfg)
+    return model, [b0, b1], cfg
+
+
+def test_skips_between_updates_report_the_current_drift():
+    _, fast, _ = check_parity(*skips_every_other_step())
     steps = fast.step_metrics
     assert [e["skipped"] for e in steps] == [False, True, False, True]
     assert [e["selected_count"] for e in steps] == [3, 0, 3, 0]
@@ -213,15 +218,9 @@ def backwards(monkeypatch):
 def test_a_step_selecting_nothing_runs_no_backward(backwards):
     """As the reference: steps 1 and 3 select nothing and run no backward (counted on the passes
     themselves, the reference's too); the steps that select run one each."""
-    model, (b0,) = eval_model(), make_batches(1, shape=(4, 3, 12, 12))
-    entropies = signals(model, b0)[1]
-    order = sorted(range(4), key=entropies.__getitem__)
-    b1 = b0[order[-1]:order[-1] + 1].repeat(2, 1, 1, 1)
-    cfg = eata(steps=4, lr=1e-3, update_filter="norm_only",
-               eata_entropy_max=between(entropies[order[-2]], entropies[order[-1]]))
     from support_parity import run_both
 
-    ref_model, ref, fast_model, fast = run_both(model, [b0, b1], cfg)
+    _, _, _, fast = run_both(*skips_every_other_step())
     assert [e["skipped"] for e in fast.step_metrics] == [False, True, False, True]
     assert len(backwards) == 2 * 2  # two updates each, the reference's and ours
 

@@ -73,10 +73,10 @@ import torch
 from torch.func import functional_call, vmap
 
 from . import amp, capture
-from .common import STAT_KEYS, StepStats
 from .engine import StepSpec, UpdateEngine, read
 from .rows import RowArena
 from .methods.loop import NORM_BUFFER_SUFFIXES, RunContext, StepOutcome
+from .methods.replica import ReplicaMethod
 from .seam import integration as _ref
 
 
@@ -330,77 +330,6 @@ class _ReplicaRollback:
         self.replicas.restore_buffers(self.i, self.saved)
 
 
-class ReplicaMethod:
-    """What makes a method sample-parallel: its K-replica step and its per-image outcome.
-
-    ``run_group`` owns what every method shares (contexts, snapshots, guards per replica, the one
-    read per step, graph mode, loading replica i for ``on_image``); a method's replica class supplies:
-
-    - ``why_not(session, loop)``: why these runs cannot be adapted K at once (None: they can);
-    - ``begin(replicas, records, ctxs)``: per-group state (e.g. per-image generators; stacked state
-      the step reads lives in ``replicas.kept``, the same tensors every group);
-    - ``inputs(x, step)``: what step ``step`` takes, drawn on the host before it (the stacked images
-      ``x`` (K, B, ...); MIM's grids): a graph's static inputs, whose layouts key its captures;
-    - ``update_spec(step)``: the step's :class:`~yolozu_ttt.engine.StepSpec` (the method's, as its
-      run alone steps; CoTTA's restore steps their own), with ``seeds`` (each replica's restore
-      seed, or None) and ``backup`` (SAR's ascent keeps its backup in the snapshot rows);
-    - ``step(replicas, *inputs)``: the passes and ``replicas.update()`` (the engine's K-row step),
-      device work only: nothing read, and no host state that a later step reads or that changes
-      its launches (graph mode replays it): a (rows, K) float64 tensor, column i image i's values,
-      the update's stats last (:func:`split`);
-    - ``outcome(i, column, step)``: image i's :class:`StepOutcome` from its read column (per-image
-      method state, e.g. EATA's skip streak, is the replica class's, indexed by i);
-    - ``after_step(i, outcome)``: after image i's kept step;
-    - ``trains``: the passes put the model in training mode (Tent's); else they run in the mode it
-      was given, as the loop runs MIM, CoTTA, EATA and SAR.
-    """
-
-    name = ""
-    trains = False
-    #: set by ``run_group``: the group's steps are captured (graph mode), so nothing is read in them
-    captured = False
-    #: each replica's restore seed (CoTTA's), or None
-    seeds: list[int] | None = None
-    #: the step's snapshot rows hold the method's backup (SAR's ascent), not the update's pre-step values
-    backup = False
-
-    def __init__(self, session: Any, loop: Any):
-        self.session, self.loop, self.config, self.method = session, loop, session.config, loop.method
-
-    def read_before_backward(self, *values: Any) -> list[float] | None:
-        """The loop's ``Method.read_before_backward`` for the group: eagerly one read of ``values``,
-        where a decision on them saves the group's backward; a captured group reads nothing (None)."""
-        return None if self.captured else read(*values)
-
-    def why_not(self) -> str | None:
-        return None
-
-    def begin(self, replicas: Replicas, records: list[Any], ctxs: list[RunContext]) -> None:
-        """Per-group state before the first step."""
-
-    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        return (x,)
-
-    def update_spec(self, step: int) -> StepSpec:
-        """Step ``step``'s update options: the method's, as its run alone takes them."""
-        return self.method.spec
-
-    def step(self, replicas: Replicas, *inputs: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        raise NotImplementedError
-
-    def after_step(self, i: int, outcome: StepOutcome) -> None:
-        """After image i's kept step (the loop's ``method.after_step``)."""
-
-
-def split(column: list[float]) -> tuple[list[float], StepStats]:
-    """A read column of ``ReplicaMethod.step``'s table: (the method's values, the update's stats)."""
-    n = len(STAT_KEYS)
-    return column[:-n], StepStats(*column[-n:])
-
-
 def run_group(session: Any, records: list[Any], on_image: Callable | None, first_index: int,
               rmethod: ReplicaMethod, on_group: Callable | None = None,
               batches: list[list[Any]] | None = None) -> list[Any]:
@@ -408,8 +337,6 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     ``on_group(first_index, records, reports, replicas)``, if given, is called once the group is
     adapted, before ``on_image`` (e.g. to predict the group through its replicas at once);
     ``batches``: the records' batches where the caller already loaded them (:func:`group_batches`)."""
-    from .run import report as make_report, seed_generator
-
     loop, config = session.loop, session.config
     model, name = loop.model, rmethod.name
     steps = int(config.steps)
@@ -418,7 +345,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     for got in batches:
         ctxs.append(RunContext(model=model, batches=got, config=config, method=name, steps=steps, generator=None,
                                updated_param_count=loop.updated_param_count, backend="torch"))
-        seed_generator(ctxs[-1])  # each image's own stream, seeded as its run alone seeds it
+        ctxs[-1].seed_generator()  # each image's own stream, seeded as its run alone seeds it
     k = len(records)
     loop.arena.reset_values()
     loop.origin.restore()
@@ -458,7 +385,7 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
         if not was_training:
             model.eval()
     seconds = float(time.time() - start) / k
-    reports = [make_report(ctx, name, b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
+    reports = [ctx.report(name, b, seconds, memory_start) for ctx, b in zip(ctxs, batches)]
     if on_group is not None:
         on_group(first_index, records, reports, replicas)
     for i, (record, rep) in enumerate(zip(records, reports)):

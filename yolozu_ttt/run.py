@@ -13,10 +13,8 @@ import time
 import warnings
 from typing import Any, Callable
 
-import torch
 from yolozu.tta.config import SUPPORTED_TTT_METHODS, TTTConfig
 from yolozu.tta.integration import TTTReport
-from yolozu.tta.method_profiles import get_ttt_method_profile
 
 from .seam import integration as _ref  # first: checks YOLOZU before the methods use it
 from . import _native
@@ -213,7 +211,7 @@ class TTTSession:
 
         ctx = RunContext(model=model, batches=batches, config=config, method=method, steps=steps, generator=None,
                          amp=amp, graph=self.graph)
-        seed_generator(ctx)
+        ctx.seed_generator()
 
         if self.loop is not None and not self.loop.fits(model):
             self.close()
@@ -234,49 +232,7 @@ class TTTSession:
                 except Exception:  # pragma: no cover
                     ctx.warnings.append("failed_to_restore_eval")
         seconds = float(time.time() - start)
-        return report(ctx, method, batches, seconds, memory_start)
-
-
-def seed_generator(ctx: RunContext) -> None:
-    """The run's own random stream (MIM's masks), as the reference seeds it: a CPU generator seeded
-    with ``config.seed``, else None (torch's global RNG)."""
-    if ctx.config.seed is not None:
-        try:
-            ctx.generator = torch.Generator(device="cpu")
-            ctx.generator.manual_seed(int(ctx.config.seed))
-        except Exception:  # pragma: no cover
-            ctx.warnings.append("failed_to_seed_generator")
-            ctx.generator = None
-
-
-def report(ctx: RunContext, method: str, batches: list[Any], seconds: float, memory_start: Any) -> TTTReport:
-    """YOLOZU's report of a finished run."""
-    config, steps = ctx.config, ctx.steps
-    mask_ratio = float(sum(ctx.mask_ratios) / float(len(ctx.mask_ratios))) if ctx.mask_ratios else None
-    return TTTReport(
-        enabled=True,
-        method=method,
-        reset=str(config.reset),
-        steps_requested=steps,
-        steps_run=len(ctx.losses),
-        batches_used=len(batches),
-        seconds=seconds,
-        losses=ctx.losses,
-        mask_ratio=mask_ratio,
-        updated_param_count=ctx.updated_param_count,
-        warnings=ctx.warnings,
-        stopped_early=bool(ctx.stopped_early),
-        stop_reason=ctx.stop_reason,
-        step_metrics=ctx.step_metrics,
-        method_profile=get_ttt_method_profile(method, detector_response=bool(config.detector_response)),
-        forward_calls=int(ctx.forward_calls),
-        backward_calls=int(ctx.backward_calls),
-        optimizer_steps=int(ctx.optimizer_steps),
-        update_ratio=float(ctx.optimizer_steps) / float(max(1, steps)),
-        abstained_steps=int(ctx.abstained_steps),
-        abstention_ratio=float(ctx.abstained_steps) / float(max(1, len(ctx.step_metrics))),
-        memory=_ref._memory_finish(memory_start),
-    )
+        return ctx.report(method, batches, seconds, memory_start)
 
 
 def prepare_session(adapter: Any, config: TTTConfig, amp: str = "off", graph: bool | None = None) -> TTTSession:

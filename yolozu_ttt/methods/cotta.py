@@ -19,7 +19,7 @@ from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from ..parallel import ReplicaMethod, split
+from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 SEED_BITS = 63

@@ -13,7 +13,7 @@ from ..seam import integration as _ref
 
 from .. import ops
 from ..common import STAT_KEYS
-from ..parallel import ReplicaMethod, split
+from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome
 
 RATIO_STOP = "eata_selected_ratio_below_min"

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from ..seam import integration as _ref
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.integration import TTTReport
+from yolozu.tta.method_profiles import get_ttt_method_profile
 from yolozu.tta.ttt_mim import select_parameters
 
 from .. import amp, capture, guards, ops
@@ -136,6 +138,33 @@ class RunContext:
         arena.drop_snapshot()
         self.step_metrics.append(entry)
         return True
+
+    def seed_generator(self) -> None:
+        """The run's own random stream (MIM's masks), as the reference seeds it: a CPU generator
+        seeded with ``config.seed``, else None (torch's global RNG)."""
+        if self.config.seed is not None:
+            try:
+                self.generator = torch.Generator(device="cpu")
+                self.generator.manual_seed(int(self.config.seed))
+            except Exception:  # pragma: no cover
+                self.warnings.append("failed_to_seed_generator")
+                self.generator = None
+
+    def report(self, method: str, batches: list[Any], seconds: float, memory_start: Any) -> TTTReport:
+        """YOLOZU's report of the finished run."""
+        config, steps = self.config, self.steps
+        mask_ratio = float(sum(self.mask_ratios) / float(len(self.mask_ratios))) if self.mask_ratios else None
+        return TTTReport(
+            enabled=True, method=method, reset=str(config.reset), steps_requested=steps,
+            steps_run=len(self.losses), batches_used=len(batches), seconds=seconds, losses=self.losses,
+            mask_ratio=mask_ratio, updated_param_count=self.updated_param_count, warnings=self.warnings,
+            stopped_early=bool(self.stopped_early), stop_reason=self.stop_reason, step_metrics=self.step_metrics,
+            method_profile=get_ttt_method_profile(method, detector_response=bool(config.detector_response)),
+            forward_calls=int(self.forward_calls), backward_calls=int(self.backward_calls),
+            optimizer_steps=int(self.optimizer_steps), update_ratio=float(self.optimizer_steps) / float(max(1, steps)),
+            abstained_steps=int(self.abstained_steps),
+            abstention_ratio=float(self.abstained_steps) / float(max(1, len(self.step_metrics))),
+            memory=_ref._memory_finish(memory_start))
 
     def counted_entry(self, step: int, outcome: "StepOutcome", preclip_norm_reported: bool) -> dict[str, Any]:
         """The step's passes added to the counters; its entry (the base keys and the method's)."""

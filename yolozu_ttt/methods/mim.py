@@ -12,7 +12,7 @@ import torch
 from ..seam import ttt_mim as _mim
 
 from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_masked_pass
-from ..parallel import ReplicaMethod, split
+from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from ..seam import integration as _ref
 
-from ..parallel import ReplicaMethod, split
+from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 

@@ -15,7 +15,7 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from ..seam import tent as _tent
 
-from ..parallel import ReplicaMethod, split
+from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 # Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
