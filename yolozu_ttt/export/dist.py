@@ -121,6 +121,16 @@ class ProcessGroup:
         dist.init_process_group(self.backend, timeout=timeout, **kwargs)
         self._pg = True
 
+    def settle(self) -> None:
+        """Every rank done with the group's collectives before any rank tears it down (on the path
+        where every rank gets here: a finished export). Seen once in ~35 two-worker exports: a rank
+        that destroyed gloo's group while its peer was still in the last collective aborted at
+        exit (std::terminate on a joinable worker thread)."""
+        if self._pg:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def teardown(self) -> None:
         if self._pg:
             import torch.distributed as dist

@@ -58,6 +58,7 @@ class ShardedExport:
                 self._remove_parts()
             if job.env.rank == 0:
                 self._summary(statuses)
+            job.group.settle()                 # no rank tears the group down mid-collective
             return 0
         except (Terminated, KeyboardInterrupt) as exc:
             raise self._interrupted(exc) from None
