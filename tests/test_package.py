@@ -86,3 +86,20 @@ def test_no_import_cycle():
             visit(name, [])
 
 
+
+
+def test_a_cpu_run_does_not_import_triton():
+    """Importing the package and what a CPU run and the command line use leaves Triton unimported
+    (its import is ~80 ms of every export process's start-up); the kernels import it when they run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, yolozu_ttt, yolozu_ttt.run, yolozu_ttt.cli, yolozu_ttt.parallel\n"
+            "from yolozu_ttt import common\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n"
+            "print(common.HAVE_TRITON)")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(importlib.util.find_spec("triton") is not None)

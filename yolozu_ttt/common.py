@@ -7,6 +7,7 @@ engine writes the same layouts by index (``csrc/engine.h``); a test checks the o
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import namedtuple
 
@@ -19,12 +20,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: CUDA arena in a CUDA graph and replays it (``yolozu_ttt.engine``). Read once, here only.
 CUDA_GRAPH = os.environ.get("YOLOZU_TTT_CUDA_GRAPH", "0") == "1"
 
-try:  # Triton is optional (absent off Linux); only needed for CUDA / the interpreter.
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
+#: Triton is installed (optional: absent off Linux; only CUDA and the interpreter need it). Found, not
+#: imported: importing it costs ~80 ms of every process's start-up, which a CPU run never uses (the
+#: kernels modules import it when they first run).
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
