@@ -111,6 +111,22 @@ def fused_rows(impl: Any, arenas: Sequence[Rows], spec: StepSpec, *, counter: in
     return out.view(k, len(STAT_KEYS)), singles
 
 
+def steps_as_singles(impl: Any, arenas: Sequence[Rows], spec: StepSpec, gates: Sequence[Sequence[float]], *,
+                     gated: bool, seeds: Sequence[int], grad_scale: float) -> torch.Tensor:
+    """``len(gates)`` steps of the K-row groups and of each row's singles, fresh grads each step
+    (``gated``: step i with ``gates[i]``, each row's gate): every stats field and state tensor equal
+    at every step. Returns the last step's (K, 7) stats."""
+    for step, row_gates in enumerate(gates):
+        for a in arenas:
+            a.new_grads(scale=grad_scale)
+        gate = torch.tensor(row_gates, dtype=torch.float64) if gated else None
+        rows_out, singles = fused_rows(impl, arenas, spec, counter=step, gate=gate, seeds=seeds)
+        assert_stats_match(rows_out, singles)
+        for a in arenas:
+            a.assert_rows_match()
+    return rows_out
+
+
 def call_rows(impl: Any, fn: str, arenas: Sequence[Rows], *args: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``grad_stats`` or ``sar_perturb`` over the K-row groups and over each row's singles."""
     keys = GRAD_STAT_KEYS if fn == "grad_stats" else SAR_STAT_KEYS

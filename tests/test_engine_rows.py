@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support_rows import Rows, Single, assert_stats_match, call_rows, fused_rows
+from support_rows import Rows, Single, assert_stats_match, call_rows, fused_rows, steps_as_singles
 
 import yolozu_ttt._C as C
 from yolozu_ttt.common import STAT_KEYS, RowStats
@@ -39,15 +39,8 @@ def test_k_rows_step_as_k_single_steps(case, gated):
     row and every state tensor bit for bit (each row's own norms, clip coefficient, step counts,
     gate, anchor, EMA and restore draws from its own seed)."""
     arenas = two_dtype_rows()
-    spec = StepSpec(lr=1e-2, **CASES[case])
-    for step in range(3):
-        for a in arenas:
-            a.new_grads(scale=1e-3)
-        gate = torch.tensor(GATES[step], dtype=torch.float64) if gated else None
-        rows_out, singles = fused_rows(C, arenas, spec, counter=step, gate=gate, seeds=SEEDS)
-        assert_stats_match(rows_out, singles)
-        for a in arenas:
-            a.assert_rows_match()
+    rows_out = steps_as_singles(C, arenas, StepSpec(lr=1e-2, **CASES[case]), GATES, gated=gated, seeds=SEEDS,
+                                grad_scale=1e-3)
     if "max_grad_norm" in CASES[case]:  # the rows clipped apart: their coefficients differ
         assert len(set(rows_out[:, STAT_KEYS.index("clip_coef")].tolist())) > 1
     if "restore_prob" in CASES[case]:  # every open row restored some elements, a closed one none

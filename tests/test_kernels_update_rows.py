@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import UNDER_INTERPRETER, run_under_interpreter, skip_under_interpreter
-from support_rows import Rows, assert_stats_match, call_rows, fused_rows
+from support_rows import Rows, assert_stats_match, call_rows, steps_as_singles
 
 from yolozu_ttt.common import STAT_KEYS
 from yolozu_ttt.engine import StepSpec, UpdateEngine
@@ -48,15 +48,8 @@ def test_k_rows_step_as_k_single_steps(case, gated):
     every row and every state tensor bit for bit (own norms, clip coefficients, step counts, gates,
     anchor, EMA and restore draws from each row's seed)."""
     arenas = two_dtype_rows()
-    spec = StepSpec(lr=1e-2, **CASES[case])
-    for step in range(2):
-        for a in arenas:
-            a.new_grads(scale=1e-2)
-        gate = torch.tensor(GATES[step], dtype=torch.float64) if gated else None
-        rows_out, singles = fused_rows(U, arenas, spec, counter=step, gate=gate, seeds=SEEDS)
-        assert_stats_match(rows_out, singles)
-        for a in arenas:
-            a.assert_rows_match()
+    rows_out = steps_as_singles(U, arenas, StepSpec(lr=1e-2, **CASES[case]), GATES, gated=gated, seeds=SEEDS,
+                                grad_scale=1e-2)
     if "max_grad_norm" in CASES[case]:
         assert len(set(rows_out[:, STAT_KEYS.index("clip_coef")].tolist())) > 1
 
