@@ -61,6 +61,9 @@ class Empty(ListAdapter):
     (ListAdapter(make_model(), make_batches()), tent(include=["no_such_param"])),
     (ListAdapter(make_model(), make_batches()), tent(detector_response=True, response_conf_min=2.0)),
     (ListAdapter(make_model(), make_batches()), tent(detector_response=True, response_min_selected=0)),
+    (ListAdapter(make_model(), make_batches()), tent(detector_response=True, response_topk=1, response_min_selected=2)),
+    (ListAdapter(make_model(), make_batches()), tent(lr=-1.0)),
+    (ListAdapter(make_model(), make_batches()), tent(lr=float("nan"))),
 ])
 def test_bad_input_raises_like_the_reference(adapter, cfg):
     with pytest.raises(Exception) as ref_exc:

@@ -57,6 +57,7 @@ from .. import amp, capture, guards, ops
 from ..arena import ParamArena
 from ..common import StepStats
 from ..engine import StepSpec, UpdateEngine, read
+from .checks import check_adam
 
 NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -487,7 +488,7 @@ def select_params(ctx: RunContext) -> list[torch.Tensor]:
                                exclude=config.exclude)
     if not params:
         raise RuntimeError("no parameters selected for TTT")
-    torch.optim.Adam(params, lr=float(config.lr))  # the reference's optimizer checks (e.g. lr < 0)
+    check_adam(params, float(config.lr))  # the reference's optimizer checks (e.g. lr < 0), no optimizer built
     ctx.updated_param_count = _ref._count_unique_params(params)
     return params
 

@@ -15,6 +15,7 @@ import torch
 from yolozu.response_selection import detector_response_loss
 from ..seam import tent as _tent
 
+from .checks import tent_selection
 from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
@@ -41,11 +42,11 @@ class Tent(Method):
 
     def select(self) -> list[torch.Tensor]:
         self.tc = tent_config(self.config)
-        runner = _tent.TentRunner(self.ctx.model, config=self.tc)  # validates and selects like the reference
-        self.ctx.updated_param_count = int(runner.updated_param_count)
-        self.has_aux, self.has_teacher, self.abstained = runner._has_aux, runner._has_teacher, False
+        chosen = tent_selection(self.ctx.model, self.tc)  # validates and selects as TentRunner does
+        self.ctx.updated_param_count = chosen.updated_param_count
+        self.has_aux, self.has_teacher, self.abstained = chosen.has_aux, chosen.has_teacher, False
         self.capturable = not (self.has_aux or self.has_teacher or self.tc.detector_response)
-        return list(runner.params)
+        return chosen.params
 
     def needs_buffers(self) -> bool:
         return bool(self.config.rollback_on_stop) or self.tc.detector_response
