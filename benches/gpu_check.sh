@@ -137,27 +137,40 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from conftest import rtdetr_param_sizes
 from yolozu_ttt.common import STAT_KEYS
+from yolozu_ttt.engine import StepSpec
 from yolozu_ttt.kernels import update as U
 
 def us(xs):
     return {"median_us": statistics.median(xs) * 1e6, "min_us": min(xs) * 1e6}
 
-result = {}
-if not torch.cuda.is_available():
-    print(json.dumps({"skipped": "no CUDA"}))
-    sys.exit(0)
-for filt in ("all", "norm_only"):
-    sizes = rtdetr_param_sizes(filt)
+def bound(filt, device, numel_cap=None):
+    """One Triton arena group over the RT-DETR selection ``filt`` (the dry run: its first segments,
+    at most ``numel_cap`` elements), its stats buffer and the step's spec."""
+    sizes = list(rtdetr_param_sizes(filt))
+    while numel_cap is not None and sum(sizes) > numel_cap and len(sizes) > 1:
+        sizes.pop()
     n = sum(sizes)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    p = torch.randn(n, device="cuda")
-    grad = torch.randn(n, device="cuda") * 1e-3
+    p = torch.randn(n, device=device)
+    grad = torch.randn(n, device=device) * 1e-3
     group = U.TritonArenaGroup(p, grad, torch.zeros_like(p), torch.zeros_like(p), p.clone(), torch.empty_like(p),
                                offsets, list(sizes), bytearray(b"\x01" * len(sizes)))
-    out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device="cuda")
+    out = torch.empty(len(STAT_KEYS), dtype=torch.float64, device=device)
+    return group, out, StepSpec(lr=1e-4, max_grad_norm=1.0, write_snapshot=True), sizes
+
+result = {}
+if not torch.cuda.is_available():  # the dry run: the same calls once, on the CPU (TRITON_INTERPRET=1)
+    for filt in ("all", "norm_only"):
+        group, out, spec, sizes = bound(filt, "cpu", numel_cap=50_000)
+        U.fused_step([group], out, spec)
+        U.prepare_step([group], out, spec).run()
+        result[filt] = {"tensors": len(sizes), "stats": out.tolist(), "dry_run": True}
+    print(json.dumps(result))
+    sys.exit(0)
+for filt in ("all", "norm_only"):
+    group, out, spec, sizes = bound(filt, "cuda")
     host = torch.empty(len(STAT_KEYS), dtype=torch.float64, pin_memory=True)
-    kw = dict(lr=1e-4, max_grad_norm=1.0, write_snapshot=True)
-    step = lambda: U.fused_step([group], out, **kw)
+    step = lambda: U.fused_step([group], out, spec)
     def read():
         host.copy_(out, non_blocking=True)
         torch.cuda.current_stream().synchronize()
@@ -180,20 +193,24 @@ for filt in ("all", "norm_only"):
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
             dev_us += float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
     group.reset_state()
-    launch = U.prepare_step([group], out, **kw)
+    launch = U.prepare_step([group], out, spec)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch.run()
     graph.replay(); read()
     graphed = []
     for _ in range(100):
-        t0 = time.perf_counter(); U.prepare_step([group], out, **kw); graph.replay(); read()
+        t0 = time.perf_counter(); U.prepare_step([group], out, spec); graph.replay(); read()
         graphed.append(time.perf_counter() - t0)
-    result[filt] = {"tensors": len(sizes), "numel": n, "enqueue": us(enqueue), "wall_with_read": us(wall),
+    result[filt] = {"tensors": len(sizes), "numel": sum(sizes), "enqueue": us(enqueue), "wall_with_read": us(wall),
                     "graph_wall_with_read": us(graphed), "device_kernels_us_per_step": dev_us / 20}
 print(json.dumps(result))
 EOF
-step host_probe 60 bash -c "$PY $WORK/host_probe.py $ROOT/benches > $WORK/host_probe.json"
+if (( DRY )); then
+  step host_probe 120 env TRITON_INTERPRET=1 bash -c "$PY $WORK/host_probe.py $ROOT/benches > $WORK/host_probe.json"
+else
+  step host_probe 60 bash -c "$PY $WORK/host_probe.py $ROOT/benches > $WORK/host_probe.json"
+fi
 
 # 4. one JSON
 cat > "$WORK/merge.py" <<'EOF'
