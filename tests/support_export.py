@@ -182,7 +182,7 @@ def main() -> int:
         if "YTTT_ADAPT_LOG" not in os.environ:
             return report
         # --ttt-parallel: whether YOLOZU's predict is answered from a group's batched forward
-        _log("end", image, answered=self._answer is not None and adapter.get_model().__dict__.get("forward") is self._answer)
+        _log("end", image, answered=self.answer is not None and self.answer.pending)
         return report
 
     cli.FastBackend.__call__ = recorded

@@ -18,6 +18,7 @@ from yolozu.tta.integration import run_ttt as reference_run_ttt
 
 import yolozu_ttt
 from yolozu_ttt import amp as amp_mod
+from yolozu_ttt.run import TTTSession
 
 U_BF16 = 2.0 ** -8  # bf16's unit roundoff (8 significand bits)
 ADAM_STEP_BOUND = 1.004  # max |m_hat / sqrt(v_hat)| of torch's Adam (betas 0.9, 0.999) in its first 3 steps
@@ -52,6 +53,14 @@ def run(model, batches, cfg, amp="off"):
     model = copy.deepcopy(model)
     report = yolozu_ttt.run_ttt(ListAdapter(model, batches), [], config=cfg, amp=amp)
     return model, report
+
+
+def run_engine(model, batches, cfg, amp="off"):
+    """``run``, through the session ``run_ttt`` is (one run, closed), and the engine it says ran."""
+    model = copy.deepcopy(model)
+    with TTTSession(ListAdapter(model, batches), cfg, amp) as session:
+        report = session.run([])
+    return model, report, session.engine
 
 
 def loss_of_outputs(method: str, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +124,7 @@ def test_bf16_tracks_fp32_within_the_derived_tolerance(method):
     model, batches = build(), make_batches()
     cfg = config(method)
     fp32_model, fp32 = run(model, batches, cfg)
-    bf16_model, bf16 = run(model, batches, cfg, amp="bf16")
+    bf16_model, bf16, engine = run_engine(model, batches, cfg, amp="bf16")
     assert bf16.steps_run == fp32.steps_run == 3 and bf16.stop_reason is None
     tol = trajectory_tolerance(method, model, batches, cfg, fp32, depth)
     diffs = [abs(a - b) for a, b in zip(bf16.losses, fp32.losses)]
@@ -131,17 +140,17 @@ def test_bf16_tracks_fp32_within_the_derived_tolerance(method):
     assert "forward" not in vars(bf16_model)  # the model's own forward again
     if method == "cotta":  # the teacher's forwards ran the teacher (its EMA weights), not the student
         assert all(e["consistency_mse"] > 0.0 for e in bf16.step_metrics[1:])
-    assert yolozu_ttt.run.last_engine()["amp"] == "bf16"
+    assert engine["amp"] == "bf16"
 
 
 def test_amp_off_is_the_default_and_changes_nothing():
     model, batches = make_model(), make_batches()
     a_model, a = run(model, batches, config("tent"))
-    b_model, b = run(model, batches, config("tent"), amp="off")
+    b_model, b, engine = run_engine(model, batches, config("tent"), amp="off")
     assert a.losses == b.losses and a.step_metrics == b.step_metrics and "amp" not in a.step_metrics[0]
     for x, y in zip(a_model.state_dict().values(), b_model.state_dict().values()):
         assert torch.equal(x, y)
-    assert "amp" not in yolozu_ttt.run.last_engine()
+    assert "amp" not in engine
 
 
 class DtypeProbe(nn.Module):

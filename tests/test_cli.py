@@ -374,7 +374,6 @@ def test_engine_record_names_the_reference_when_the_engine_cannot_run(sample, tm
 
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: no _C in the source tree")
-    monkeypatch.setattr(run, "_WARNED", set())
     out, log = tmp_path / "fast.json", tmp_path / "fast_log.json"
     args = [*_rtdetr_args(sample), "--ttt", "--ttt-steps", "1", "--ttt-update-filter", "norm_only"]
     with pytest.warns(run.ReferenceFallbackWarning, match="yolozu_ttt._C did not load"):
@@ -474,14 +473,16 @@ def test_parallel_k_equals_one_image_at_a_time(tiny, tmp_path, monkeypatch, k):
     none, _ = _export(tiny, tmp_path, "none", n, ["--ttt-parallel", "1"])
     assert max_prediction_diff(one["predictions"], none["predictions"]) == 0.0  # K = 1 is today's path
 
-    answered, real_answer = [], cli._Answer.__call__
+    from yolozu_ttt.seam import AnsweredForward
+
+    answered, real_answer = [], AnsweredForward.__call__
 
     def spy(self, *args, **kwargs):
         got = real_answer(self, *args, **kwargs)
-        answered.append(got is self.output)
+        answered.append(self.answered and got is self.output)
         return got
 
-    monkeypatch.setattr(cli._Answer, "__call__", spy)
+    monkeypatch.setattr(AnsweredForward, "__call__", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParallelFallbackWarning)
         got, got_log = _export(tiny, tmp_path, f"k{k}", n, ["--ttt-parallel", str(k)])
@@ -506,10 +507,10 @@ def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(ti
     from yolozu.inference.adapter import RTDETRPoseAdapter
     from yolozu.tta.ttt_mim import select_parameters
 
-    from yolozu_ttt import parallel
+    from yolozu_ttt import groups
 
     available = [1]
-    monkeypatch.setattr(parallel, "available_memory", lambda device: (available[0], "available RAM (test)"))
+    monkeypatch.setattr(groups, "available_memory", lambda device: (available[0], "available RAM (test)"))
     out = tmp_path / "out.json"
 
     def refused(k: int) -> str:
@@ -532,7 +533,7 @@ def test_parallel_k_that_does_not_fit_is_refused_naming_the_largest_that_does(ti
     image = torch.zeros(1, 3, 64, 64)
     assert activations > nbytes([image])  # at least one feature map of the input's size is saved
 
-    available[0] = int(2.5 * (replica + activations) / parallel.MEMORY_HEADROOM)
+    available[0] = int(2.5 * (replica + activations) / groups.MEMORY_HEADROOM)
     assert refused(3).endswith("the largest K that fits is 2")
     assert cli.main(["export-predictions", *_tiny_args(tiny, 4), "--ttt-parallel", "2", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["meta"]["ttt"]["engine"]["parallel"] == 2
@@ -542,9 +543,9 @@ def test_a_refused_k_keeps_the_last_exports_files(tiny, tmp_path, monkeypatch):
     """YOLOZU's main deletes the output and the TTT log before any work (here: the temporary paths
     it is given); when the memory check then refuses --ttt-parallel K, the last export's files are
     as they were (a refusal of ours costs the user nothing), with nothing of ours left beside them."""
-    from yolozu_ttt import parallel
+    from yolozu_ttt import groups
 
-    monkeypatch.setattr(parallel, "available_memory", lambda device: (1, "available RAM (test)"))
+    monkeypatch.setattr(groups, "available_memory", lambda device: (1, "available RAM (test)"))
     out, log = tmp_path / "out.json", tmp_path / "ttt_log.json"
     out.write_text('{"last": "export"}')
     log.write_text('{"last": "log"}')

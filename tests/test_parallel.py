@@ -208,6 +208,19 @@ def test_what_cannot_run_k_at_once_runs_one_by_one_and_says_why():
     assert_like_alone(model, start, batches, cfg, reports, states, rtol=0.0, atol=0.0)
 
 
+def test_a_group_whose_batches_differ_in_shape_runs_one_by_one_and_says_why():
+    """Five records, K = 2: the group [3, 4] holds images of two sizes, so it runs one by one with a
+    warning naming the shapes; the group before it runs at once; each record as alone."""
+    model, batches = make_model().eval(), images(4) + images(1, size=16)
+    start = copy.deepcopy(model.state_dict())
+    cfg = method_config("tent", update_filter="norm_only")
+    with pytest.warns(ParallelFallbackWarning, match=r"adapts a group one by one: its records' batches differ in "
+                                                     r"shape \(\[\(\(1, 3, 12, 12\),\), \(\(1, 3, 16, 16\),\)\]\)") as record:
+        reports, states = parallel(model, batches, cfg, 2)
+    assert len([w for w in record if issubclass(w.category, ParallelFallbackWarning)]) == 1
+    assert_like_alone(model, start, batches, cfg, reports, states)
+
+
 def test_bf16_groups_track_fp32_alone_within_the_derived_tolerance():
     """amp=bf16, tent/norm_only: every image of a group of three runs its forwards in bf16 (entries
     say so) and its losses stay within the derived bf16 tolerance of its fp32 run alone; its

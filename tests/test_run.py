@@ -18,6 +18,7 @@ from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import run_ttt as reference_run_ttt
 
 import yolozu_ttt
+from yolozu_ttt.run import TTTSession
 
 
 def tent(**kw) -> TTTConfig:
@@ -206,55 +207,76 @@ def test_non_finite_norms_are_the_references(method, update_filter):
     assert [[repr(v) for v in pair] for pair in got] == [[repr(v) for v in pair] for pair in want]
 
 
-@pytest.fixture
-def fresh_fallback_warnings(monkeypatch):
-    """The once-per-process record of fallback warnings, empty for this test."""
-    monkeypatch.setattr(yolozu_ttt.run, "_WARNED", set())
-
-
 def _fallback_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, yolozu_ttt.run.ReferenceFallbackWarning)]
 
 
-@pytest.mark.parametrize("case", ["float64", "no_extension", "no_method_module"])
-def test_a_fallback_to_the_reference_warns_once_per_reason_and_is_recorded(case, monkeypatch, fresh_fallback_warnings):
-    """No silent fallback: the reference runs (same report as YOLOZU's), a ReferenceFallbackWarning
-    says why once per process and reason, and last_engine() names the engine that ran."""
+def _fallback_case(case: str, monkeypatch) -> tuple[torch.nn.Module, list[torch.Tensor], str]:
+    """(model, batches, the reason the engine cannot run them) for one way the engine cannot run."""
     from yolozu_ttt import _native
 
-    model, batches, config = make_model(), make_batches(), tent()
+    model, batches = make_model(), make_batches()
     if case == "float64":
-        model, batches, reason = model.double(), [b.double() for b in batches], "dtype float64"
-    elif case == "no_extension":  # a plain `pip install .` run from the checkout's root
+        return model.double(), [b.double() for b in batches], "dtype float64"
+    if case == "no_extension":  # a plain `pip install .` run from the checkout's root
         monkeypatch.setattr(_native, "_C", None)
         monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: no _C here")
-        reason = "yolozu_ttt._C did not load (ImportError: no _C here)"
-    else:
-        methods = {k: v for k, v in yolozu_ttt.run._accelerated().items() if k != "tent"}
-        monkeypatch.setattr(yolozu_ttt.run, "_accelerated", lambda: methods)
-        reason = "method 'tent' has no fused implementation"
-    for call in range(2):
+        return model, batches, "yolozu_ttt._C did not load (ImportError: no _C here)"
+    methods = {k: v for k, v in yolozu_ttt.run._accelerated().items() if k != "tent"}
+    monkeypatch.setattr(yolozu_ttt.run, "_accelerated", lambda: methods)
+    return model, batches, "method 'tent' has no fused implementation"
+
+
+@pytest.mark.parametrize("case", ["float64", "no_extension", "no_method_module"])
+def test_a_fallback_to_the_reference_warns_once_per_reason_and_is_recorded(case, monkeypatch):
+    """No silent fallback: the reference runs (same report as YOLOZU's), a ReferenceFallbackWarning
+    says why once per session and reason, and the session's engine names the engine that ran."""
+    model, batches, reason = _fallback_case(case, monkeypatch)
+    config = tent()
+    fast_model = copy.deepcopy(model)
+    with TTTSession(ListAdapter(fast_model, batches), config) as session:
+        for call in range(2):
+            fast_model.load_state_dict(model.state_dict())
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")  # what repeats or not in a session is ours to decide, not the filter's
+                ref_model = copy.deepcopy(model)
+                ref = reference_run_ttt(ListAdapter(ref_model, batches), [], config=config)
+                fast = session.run([])
+            messages = _fallback_warnings(record)
+            if call == 0:
+                assert len(messages) == 1 and reason in messages[0] and "reference" in messages[0], messages
+            else:
+                assert messages == []  # once per session and reason
+            ran = session.engine
+            assert ran["engine"] == "reference" and reason in ran["reason"], ran
+            assert_reports_match(ref, fast, rtol=0, atol=0)
+            assert_models_match(ref_model, fast_model, rtol=0, atol=0)
+
+
+def test_a_bare_run_ttt_leaves_repeats_to_the_warning_filters(monkeypatch):
+    """Each ``run_ttt`` is a session of its own and keeps no module state: Python's default filter
+    shows a fallback once per calling line, "always" shows every call's (and the reports equal YOLOZU's)."""
+    model, batches, reason = _fallback_case("float64", monkeypatch)
+    for action, shown in (("default", 1), ("always", 3)):
         with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")  # what repeats or not is ours to decide, not the filter's
-            ref_model, ref, fast_model, fast = run_both(copy.deepcopy(model), batches, config)
+            warnings.simplefilter(action)
+            for _ in range(3):
+                ref_model, ref, fast_model, fast = run_both(copy.deepcopy(model), batches, tent())
+                assert_reports_match(ref, fast, rtol=0, atol=0)
         messages = _fallback_warnings(record)
-        if call == 0:
-            assert len(messages) == 1 and reason in messages[0] and "reference" in messages[0], messages
-        else:
-            assert messages == []  # once per process and reason
-        ran = yolozu_ttt.run.last_engine()
-        assert ran["engine"] == "reference" and reason in ran["reason"], ran
-        assert_reports_match(ref, fast, rtol=0, atol=0)
-        assert_models_match(ref_model, fast_model, rtol=0, atol=0)
+        assert len(messages) == shown and all(reason in m for m in messages), (action, messages)
 
 
-def test_the_engine_runs_without_a_fallback_warning(fresh_fallback_warnings):
+def test_the_engine_runs_without_a_fallback_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", yolozu_ttt.run.ReferenceFallbackWarning)
         yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=tent())
-        assert yolozu_ttt.run.last_engine() == {"engine": "fast", "backend": "triton" if UNDER_INTERPRETER else "cpp"}
-        yolozu_ttt.run_ttt(ListAdapter(make_model(), make_batches()), [], config=tent(enabled=False))
-        assert yolozu_ttt.run.last_engine() == {"engine": "reference", "reason": None}  # disabled: nothing to adapt
+        with TTTSession(ListAdapter(make_model(), make_batches()), tent()) as session:
+            session.run([])
+        assert session.engine == {"engine": "fast", "backend": "triton" if UNDER_INTERPRETER else "cpp"}
+        with TTTSession(ListAdapter(make_model(), make_batches()), tent(enabled=False)) as session:
+            session.run([])
+        assert session.engine == {"engine": "reference", "reason": None}  # disabled: nothing to adapt
 
 
 def test_engine_backend_follows_the_dispatch_rule():

@@ -85,3 +85,126 @@ def test_rebound_restores_on_failure():
             assert export_cli.build_manifest is None
             raise RuntimeError
     assert export_cli.build_manifest is real
+
+
+# ---- a batched prediction into YOLOZU's decoding (seam.AnsweredForward) ---------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The shrunk RT-DETR and its 16 images (as tests/test_export.py's)."""
+    import support_export
+
+    return support_export.tiny_export_data(tmp_path_factory.mktemp("seam"))
+
+
+def _adapter(tiny, **kw):
+    from yolozu.inference.adapter import RTDETRPoseAdapter
+
+    return RTDETRPoseAdapter(config_path=str(tiny["config"]), checkpoint_path=str(tiny["checkpoint"]),
+                             image_size=(64, 64), score_threshold=0.0, max_detections=3, **kw)
+
+
+def _records(tiny, n: int) -> list[dict]:
+    return [{"image": str(p)} for p in sorted((tiny["dataset"] / "images" / "val").glob("*.png"))[:n]]
+
+
+def _model_calls(model) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_an_answered_predict_is_yolozus_decoding_of_the_answer(tiny):
+    """YOLOZU's own predict with its model call answered: the model does not run, the predictions are
+    exactly what predict gives when the model returns that output (the model's own, on the record's
+    input), and another image's output is decoded as that image's; the slot holds the model again
+    after the call and the model itself is untouched."""
+    import torch
+
+    adapter = _adapter(tiny)
+    model = adapter.get_model().eval()
+    a, b = _records(tiny, 2)
+    xa, xb = (next(iter(adapter.build_loader([r]))) for r in (a, b))
+    want_a, want_b = adapter.predict([a]), adapter.predict([b])
+    with torch.no_grad():
+        out_a, out_b = model(xa), model(xb)
+    calls = _model_calls(model)
+    assert seam.answerable(adapter)
+    answer = seam.AnsweredForward(adapter, xa, out_a)
+    assert answer.pending and answer.answered is None
+    assert adapter.predict([a]) == want_a
+    assert answer.answered is True and not answer.pending and calls == []
+    assert adapter.get_model() is model and "forward" not in vars(model)
+    seam.AnsweredForward(adapter, xa, out_b)  # decodes what it is handed: image b's output
+    got = adapter.predict([a])
+    assert calls == [] and [e["detections"] for e in got] == [e["detections"] for e in want_b]
+    assert got != want_a
+
+
+def test_an_answer_runs_the_model_for_any_other_call(tiny):
+    """Another input, the model in training mode, or keywords: the model runs (answered False) and
+    the slot holds it again; an answer not called is taken back by close(); predict under autocast or
+    torch.compile, an adapter not built, or one without the slot is not answerable."""
+    import torch
+
+    adapter = _adapter(tiny)
+    model = adapter.get_model().eval()
+    a, b = _records(tiny, 2)
+    xa, xb = (next(iter(adapter.build_loader([r]))) for r in (a, b))
+    want_b = adapter.predict([b])
+    with torch.no_grad():
+        out_a = model(xa)
+    calls = _model_calls(model)
+    answer = seam.AnsweredForward(adapter, xa, out_a)
+    assert adapter.predict([b]) == want_b and answer.answered is False and calls == [1]
+    assert adapter.get_model() is model
+    answer = seam.AnsweredForward(adapter, xa, out_a)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    try:
+        assert adapter.get_model()(xa) is not out_a and answer.answered is False and len(calls) == 2
+    finally:
+        model.eval()
+        model.load_state_dict(state)  # the training forward moved the norm statistics
+    answer = seam.AnsweredForward(adapter, xa, out_a)
+    answer.close()
+    answer.close()
+    assert adapter.get_model() is model and adapter.predict([b]) == want_b
+    assert not seam.answerable(_adapter(tiny, amp="bf16")) and not seam.answerable(_adapter(tiny, compile_model=True))
+    assert not seam.answerable(_adapter(tiny))  # not built: its predict builds the model first
+    from yolozu.adapter import DummyAdapter
+
+    assert not seam.answerable(DummyAdapter())
+
+
+def test_a_group_predicted_at_once_decodes_as_yolozus_predict_on_each_adapted_state(tiny):
+    """The export's path: a GroupDriver adapts four records (the first alone, then a group of three)
+    and hands each out with its replica loaded and its row of the group's batched eval forward;
+    YOLOZU's predict answered with that row gives YOLOZU's own predict of the same adapted state
+    (the CLI's tolerance for a batched forward against a single one), without running the model."""
+    from yolozu.tta.config import TTTConfig
+
+    from support_parity import max_prediction_diff
+    from yolozu_ttt.groups import GroupDriver
+    from yolozu_ttt.run import TTTSession
+
+    adapter = _adapter(tiny)
+    model = adapter.get_model().eval()
+    records = _records(tiny, 4)
+    config = TTTConfig(enabled=True, method="tent", reset="sample", steps=1, update_filter="norm_only", lr=0.01)
+    calls = _model_calls(model)
+    answered = []
+    with TTTSession(adapter, config) as session:
+        driver = GroupDriver(session, 3, predict=seam.answerable(adapter), singles_alone=True)
+        driver.plan(records)
+        for i, record in enumerate(records):
+            handout = driver.take(i)
+            want = adapter.predict([record])  # YOLOZU's own, the model holding image i's adapted state
+            assert (handout.output is None) == (i == 0)
+            if handout.output is None:
+                continue
+            answer = seam.AnsweredForward(adapter, handout.x, handout.output)
+            before = len(calls)
+            got = adapter.predict([record])
+            answered.append(answer.answered and len(calls) == before)
+            assert max_prediction_diff(want, got) <= 1e-4, i
+    assert answered == [True, True, True]

@@ -38,12 +38,10 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import sys
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 from .flags import (AMP_FLAG, BACKEND_FLAG, OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG,  # noqa: F401
@@ -226,27 +224,24 @@ class FastBackend:
     are never rebuilt.
 
     With ``parallel`` K > 1 (``--ttt-parallel``, sample mode) YOLOZU's loop still calls
-    ``run_ttt([record])`` then ``predict([record])`` once per record, and this backend answers in
-    groups of K cut from the records :meth:`plan` named (the order YOLOZU adapts them in): the first
-    record runs alone (it binds the session and measures one image's activations for the memory
-    check), then the call for a group's first record adapts the whole group at once
-    (``yolozu_ttt.parallel.run_group``) and predicts it in one batched eval forward through its K
-    replicas (``Replicas.predict``); the call for record i of the group returns its report, loads
-    its replica into the model and hands the model's next forward on that image its precomputed
-    output (:class:`_Answer`), so YOLOZU's own ``predict`` decodes it. Any other forward runs the
-    model, which holds image i's adapted state.
+    ``run_ttt([record])`` then ``predict([record])`` once per record; each call is answered by the
+    session's :class:`~yolozu_ttt.groups.GroupDriver` (the API's driver, with the memory check, a
+    group of one alone, and each group predicted in one batched eval forward), the groups cut from
+    the records :meth:`plan` named (the order YOLOZU adapts them in). The call for record i hands
+    out its report with its replica loaded into the model and, where YOLOZU's ``predict`` can take
+    it (:func:`yolozu_ttt.seam.answerable`), binds that image's row of the batched forward as the
+    answer to ``predict``'s model call (:class:`yolozu_ttt.seam.AnsweredForward`), which YOLOZU's
+    own ``predict`` decodes. Any other model call runs the model, which holds image i's state.
     """
 
     def __init__(self, amp: str = "off", ran: dict[str, Any] | None = None, parallel: int = 1) -> None:
         self.ran = ran  # the engine the part files record (a merge that adapted nothing itself)
         self.amp = amp  # --ttt-amp, passed on only when on (off: the calls are exactly as before)
         self.parallel = parallel  # --ttt-parallel K
-        self.parallel_why: str | None = None  # why the images were adapted one by one after all
-        self._upcoming: list[Any] = []
+        self._planned: list[Any] = []
         self._position: dict[int, int] = {}
-        self._served: dict[int, Callable[[], Any]] = {}
-        self._rmethod: Any = None
-        self._answer: _Answer | None = None
+        self._driver: Any = None  # the session's GroupDriver (--ttt-parallel K)
+        self.answer: Any = None  # the last image's answer to YOLOZU's predict (seam.AnsweredForward)
         self.calls = 0
         self._run_ttt: Callable[..., Any] | None = None
         self._prepare: Callable[..., Any] | None = None
@@ -270,6 +265,9 @@ class FastBackend:
 
     def __call__(self, adapter: Any, records: list[dict[str, Any]], *, config: Any) -> Any:
         self.calls += 1
+        if self.answer is not None:
+            self.answer.close()  # not taken by a predict: the model back in its slot before the next image
+            self.answer = None
         run_ttt = self._resolve()
         if self._prepare is not None:
             model = adapter.get_model() if hasattr(adapter, "get_model") else None
@@ -278,9 +276,9 @@ class FastBackend:
                 if self._session is None or self._session_key != key:
                     self._session = self._prepare(adapter, config, **self._amp_kw())
                     self._session_key = key
-                    self._rmethod, self._served = None, {}
+                    self._driver = None
                 grouped = self.parallel > 1 and str(getattr(config, "reset", "")) == "sample" and len(records) == 1
-                report = self._grouped(adapter, model, records[0]) if grouped else self._session.run(records)
+                report = self._grouped(adapter, records[0]) if grouped else self._session.run(records)
                 self._ran = getattr(self._session, "engine", None)
                 return report
         self._ran = None  # no session to say (a model-less adapter: YOLOZU's error follows)
@@ -289,8 +287,10 @@ class FastBackend:
     # -- --ttt-parallel K -----------------------------------------------------------------
     def plan(self, records: list[Any]) -> None:
         """The records YOLOZU's sample loop adapts, in its order: the K-groups are cut from them."""
-        self._upcoming = list(records)
-        self._position = {id(r): i for i, r in enumerate(self._upcoming)}
+        self._planned = list(records)
+        self._position = {id(r): i for i, r in enumerate(self._planned)}
+        if self._driver is not None:
+            self._driver.plan(self._planned)
 
     def planning(self, build_manifest: Callable[..., Any], max_images: int | None) -> Callable[..., Any]:
         """YOLOZU's ``build_manifest``, telling :meth:`plan` the records its main then adapts."""
@@ -302,67 +302,24 @@ class FastBackend:
 
         return planned
 
-    def _grouped(self, adapter: Any, model: Any, record: Any) -> Any:
-        import torch
+    def _grouped(self, adapter: Any, record: Any) -> Any:
+        """Record ``record`` through the session's driver; its answer to YOLOZU's ``predict`` bound."""
+        from . import seam
+        from .groups import DoesNotFit, GroupDriver
 
-        from .parallel import ParallelFallbackWarning, group_batches, replica_method, run_group
-
-        if self._answer is not None:
-            self._answer.close()  # not taken by a predict: gone before the next image
-        served = self._served.pop(id(record), None)
-        if served is not None:
-            return served()
-        session = self._session
-        if self._rmethod is None and self.parallel_why is None:
-            return self._first(session, model, record, replica_method, ParallelFallbackWarning)
+        if self._driver is None:
+            self._driver = GroupDriver(self._session, self.parallel, subject=f"{PARALLEL_FLAG} {self.parallel}",
+                                       items="the images", check_memory=True, singles_alone=True,
+                                       predict=seam.answerable(adapter), stacklevel=2)
+            self._driver.plan(self._planned)
         position = self._position.get(id(record))
-        group = [record] if self._rmethod is None or position is None else \
-            self._upcoming[position:position + self.parallel]
-        batches, shapes = group_batches(session, group) if len(group) > 1 else ([], set())
-        if len(shapes) != 1:
-            if batches:
-                warnings.warn("yolozu_ttt: --ttt-parallel adapts this image alone: the images of its group "
-                              "differ in shape", ParallelFallbackWarning, stacklevel=2)
-            return session.run([record])
-
-        def on_group(first: int, records: list[Any], reports: list[Any], replicas: Any) -> None:
-            inputs = [got[0] for got in batches]
-            outputs = replicas.predict(torch.stack(inputs)) if _plain_predict(adapter) else None
-            for i, (rec, rep) in enumerate(zip(records, reports)):
-                self._served[id(rec)] = functools.partial(self._serve, model, replicas, i, rep, inputs[i], outputs)
-
-        run_group(session, group, None, 0, self._rmethod, on_group, batches)
-        return self._served.pop(id(record))()
-
-    def _first(self, session: Any, model: Any, record: Any, replica_method: Callable, warning: type) -> Any:
-        """The first image alone: binds the session, measures one image's activations; then the
-        memory check (a K that does not fit: ``SystemExit`` naming the largest that does) or the
-        reason the images go one by one."""
-        from .parallel import ActivationMeter, memory_refusal
-
-        device = next(iter(model.parameters())).device
-        with ActivationMeter(device, model) as meter:
-            report = session.run([record])
-        loop = session.loop
-        why, rmethod = ("the fused engine does not run here", None) if loop is None else replica_method(session, loop)
-        if why is None:
-            refusal = memory_refusal(self.parallel, loop, meter.bytes, device)
-            if refusal is not None:
-                raise ParallelDoesNotFit(f"{PROG} export-predictions: {refusal}")
-            self._rmethod = rmethod
-        else:
-            self.parallel_why = why
-            warnings.warn(f"yolozu_ttt: {PARALLEL_FLAG} {self.parallel} adapts the images one by one: {why}",
-                          warning, stacklevel=3)
-        return report
-
-    def _serve(self, model: Any, replicas: Any, i: int, report: Any, x: Any, outputs: Any) -> Any:
-        """Image i of an adapted group: the model holds its replica; its next forward on ``x`` is
-        its row of the batched outputs."""
-        replicas.load(i)
-        if outputs is not None:
-            self._answer = _Answer(model, x, _row(outputs, i))
-        return report
+        try:
+            handout = self._driver.alone(record) if position is None else self._driver.take(position)
+        except DoesNotFit as refusal:  # a SystemExit: YOLOZU's handler turns any Exception into "TTT failed"
+            raise ParallelDoesNotFit(f"{PROG} export-predictions: {refusal}") from None
+        if handout.output is not None:
+            self.answer = seam.AnsweredForward(adapter, handout.x, handout.output)
+        return handout.report
 
     def engine_ran(self) -> dict[str, Any] | None:
         """The engine the last call ran (its session's :attr:`~yolozu_ttt.run.TTTSession.engine`),
@@ -371,7 +328,7 @@ class FastBackend:
         engine = self._ran
         if engine is None or self.parallel <= 1:
             return engine
-        ran = {"parallel": 1, "parallel_reason": self.parallel_why} if self.parallel_why else {"parallel": self.parallel}
+        ran = self._driver.ran if self._driver is not None else {"parallel": self.parallel}
         return {**engine, **ran}
 
     def _amp_kw(self) -> dict[str, Any]:
@@ -385,50 +342,6 @@ class FastBackend:
                 ran = (self.engine_ran() if self.calls else self.ran) or {}
                 self._engine.update({key: v for key, v in ran.items() if key.startswith("parallel")})
         return dict(self._engine)
-
-
-def _plain_predict(adapter: Any) -> bool:
-    """Whether the adapter's ``predict`` runs the model itself in fp32 (no ``--torch-amp``, no
-    ``--torch-compile``): then its forwards can be answered from the replicas' batched forward."""
-    amp = str(getattr(adapter, "amp", "off") or "off").strip().lower()
-    return amp in ("", "off", "none", "false", "0") and not bool(getattr(adapter, "compile_model", False))
-
-
-def _row(outputs: Any, i: int) -> Any:
-    """Image i's slice of the replicas' stacked outputs (a tensor, or a dict/tuple/list of them)."""
-    if isinstance(outputs, dict):
-        return {key: _row(value, i) for key, value in outputs.items()}
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_row(value, i) for value in outputs)
-    return outputs[i]
-
-
-class _Answer:
-    """The model's next forward, one-shot: on an input equal to ``x`` in eval mode it returns
-    ``output`` (that image's row of the replicas' batched eval forward); any other call runs the
-    model's own forward. Set as the instance's ``forward`` and removed by its first call (or
-    :meth:`close`)."""
-
-    def __init__(self, model: Any, x: Any, output: Any):
-        self.model, self.x, self.output = model, x, output
-        self.prior = model.__dict__.get("forward")
-        model.forward = self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        self.close()
-        x = args[0] if len(args) == 1 and not kwargs else None
-        if torch.is_tensor(x) and not self.model.training and x.shape == self.x.shape \
-                and x.device == self.x.device and x.dtype == self.x.dtype and torch.equal(x, self.x):
-            return self.output
-        return self.model.forward(*args, **kwargs)
-
-    def close(self) -> None:
-        if self.model.__dict__.get("forward") is self:
-            del self.model.forward
-            if self.prior is not None:
-                self.model.forward = self.prior
 
 
 def _backend_patches(mod: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None,

@@ -6,7 +6,10 @@ group may be smaller). Image i of a group has its own replica of everything a ru
 selected parameters, Adam's moments, the norm running statistics, the per-step snapshots and the
 guard state (initial loss, stop, rollback). Its report is the one ``session.run([record])`` gives,
 within float tolerance; ``on_image(index, record, report)`` is called with the model holding that
-image's adapted parameters and norm buffers (so a caller predicts it as after ``run``).
+image's adapted parameters and norm buffers (so a caller predicts it as after ``run``). The driver
+around the groups (the first record alone, the groups cut from an order, the memory check, each
+image handed out) is :mod:`yolozu_ttt.groups`'s, the API's and the export's; this module adapts a
+group (``run_group``).
 
 The replicas (the design, and why):
 
@@ -82,15 +85,6 @@ from .seam import integration as _ref
 
 class ParallelFallbackWarning(UserWarning):
     """``run_parallel`` adapted records one by one instead of K at once, saying why."""
-
-
-def check_k(k: Any) -> int:
-    """``k`` as a positive int, else a clear error."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"yolozu_ttt: run_parallel: k must be an int >= 1 (got {k!r})")
-    if k < 1:
-        raise ValueError(f"yolozu_ttt: run_parallel: k must be >= 1 (got {k})")
-    return k
 
 
 def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod | None]:
@@ -461,28 +455,6 @@ def replica_graph(session: Any, loop: Any) -> Any:
     return kept.graph
 
 
-def run_parallel(session: Any, records: list[Any], k: int, on_image: Callable | None = None) -> list[Any]:
-    """See ``TTTSession.run_parallel``."""
-    k = check_k(k)
-    records = list(records)
-    if not records:
-        return []
-    # the first record runs alone: it binds the session with run_ttt's checks and messages
-    reports: list[Any] = one_by_one(session, records[:1], on_image, 0)
-    loop = session.loop
-    why = "the fused engine does not run here (see the ReferenceFallbackWarning)" if loop is None else None
-    if why is None and k > 1:
-        why, rmethod = replica_method(session, loop)
-    if why is not None and k > 1:
-        warnings.warn(f"yolozu_ttt: run_parallel adapts these records one by one: {why}",
-                      ParallelFallbackWarning, stacklevel=3)
-    if why is not None or k == 1:
-        return reports + one_by_one(session, records[1:], on_image, 1)
-    for first in range(1, len(records), k):
-        reports.extend(run_bound(session, records[first:first + k], rmethod, on_image, first))
-    return reports
-
-
 def batches_of(session: Any, record: Any) -> list[Any]:
     """The batches ``run([record])`` adapts on, with its checks and messages."""
     config = session.config
@@ -493,135 +465,3 @@ def batches_of(session: Any, record: Any) -> list[Any]:
     if not all(torch.is_tensor(x) for x in got):
         raise RuntimeError("yolozu_ttt: run_parallel needs tensor batches")
     return got
-
-
-# --------------------------------------------------------------------------------------
-# groups on a bound session, and what K replicas cost (the export's ``--ttt-parallel K``)
-# --------------------------------------------------------------------------------------
-MEMORY_HEADROOM = 0.9  # the share of the available memory K replicas may be planned to take
-
-
-def one_by_one(session: Any, records: list[Any], on_image: Callable | None, first_index: int) -> list[Any]:
-    """``records`` adapted one after another through ``session.run`` (each alone)."""
-    reports = []
-    for j, record in enumerate(records):
-        reports.append(session.run([record]))
-        if on_image is not None:
-            on_image(first_index + j, record, reports[-1])
-    return reports
-
-
-def run_bound(session: Any, records: list[Any], rmethod: ReplicaMethod, on_image: Callable | None = None,
-              first_index: int = 0, on_group: Callable | None = None) -> list[Any]:
-    """One group (at most K records) on a session already bound (``session.loop`` and ``rmethod``
-    from :func:`replica_method`): adapted at once by ``run_group``, or one by one, with a
-    :class:`ParallelFallbackWarning`, when their batches differ in shape (``on_group`` is then not
-    called)."""
-    batches, shapes = group_batches(session, records)
-    if len(shapes) > 1:
-        warnings.warn("yolozu_ttt: run_parallel adapts a group one by one: its records' batches differ in "
-                      f"shape ({sorted(shapes)})", ParallelFallbackWarning, stacklevel=4)
-        return one_by_one(session, records, on_image, first_index)
-    return run_group(session, records, on_image, first_index, rmethod, on_group, batches)
-
-
-def group_batches(session: Any, records: list[Any]) -> tuple[list[list[Any]], set[tuple[Any, ...]]]:
-    """Each record's batches (:func:`batches_of`, loaded once) and the set of their shapes: more than
-    one shape and the group cannot be adapted at once."""
-    batches = [batches_of(session, r) for r in records]
-    return batches, {tuple(tuple(b.shape) for b in got) for got in batches}
-
-
-def replica_bytes(loop: Any) -> int:
-    """The bytes one replica of a bound loop takes (:class:`Replicas`), planned for every method: the
-    selected parameters 7 times (value, grad, two Adam moments, the reset base, the snapshot row,
-    and a method's kept row: CoTTA's teacher) and the norm buffers twice (value, snapshot)."""
-    params = sum(p.numel() * p.element_size() for p in loop.arena.params)
-    buffers = sum(b.numel() * b.element_size() for n, b in loop.model.named_buffers()
-                  if b is not None and n.endswith(NORM_BUFFER_SUFFIXES))
-    return 7 * params + 2 * buffers
-
-
-class ActivationMeter:
-    """One image's activation bytes, measured around its alone run (``with ActivationMeter(device)
-    as meter: session.run([record])``, then ``meter.bytes``): on CUDA the allocator's peak above
-    where it started; elsewhere the bytes autograd saves for the backward in the first forward
-    (``saved_tensors_hooks``, counted until the first backward reads them back; each storage once,
-    the model's parameters not at all)."""
-
-    def __init__(self, device: Any, model: Any = None):
-        self.device = torch.device(device)
-        self.bytes = 0
-        self._skip = {p.data_ptr() for p in model.parameters()} if model is not None else set()
-        self._seen: set[int] = set()
-        self._counting = True
-        self._hooks: Any = None
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if self._counting and torch.is_tensor(t):
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self._seen and ptr not in self._skip:
-                self._seen.add(ptr)
-                self.bytes += storage.nbytes()
-        return t
-
-    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
-        self._counting = False  # the first backward: the first forward's activations are all saved
-        return t
-
-    def __enter__(self) -> "ActivationMeter":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-            self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
-        else:
-            self._hooks.__exit__(*exc)
-
-
-def available_memory(device: Any) -> tuple[int | None, str]:
-    """(bytes available to new replicas on ``device`` or None where unknown, what was read): CUDA's
-    free device memory (``torch.cuda.mem_get_info``), else ``MemAvailable`` of ``/proc/meminfo``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0]), f"free memory on {device}"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable)"
-    except (OSError, ValueError, IndexError):
-        pass
-    return None, "available RAM (unknown: no /proc/meminfo)"
-
-
-def largest_k(per_image: int, available: int) -> int:
-    """The largest K whose replicas and activations fit ``MEMORY_HEADROOM`` of ``available`` bytes
-    (at least 1: K = 1 adapts each image alone, with no replicas)."""
-    return max(1, int(available * MEMORY_HEADROOM) // max(1, int(per_image)))
-
-
-def memory_refusal(k: int, loop: Any, activation_bytes: int, device: Any) -> str | None:
-    """Why ``k`` replicas of the bound ``loop`` and ``k`` images' activations do not fit the memory
-    available on ``device`` (naming the largest K that does), or None when they do (or where the
-    available memory cannot be read)."""
-    available, what = available_memory(device)
-    per_image = replica_bytes(loop) + int(activation_bytes)
-    if k <= 1 or available is None or k <= largest_k(per_image, available):
-        return None
-    return (f"--ttt-parallel {k} does not fit: {k} x ({_mib(replica_bytes(loop))} replica + "
-            f"{_mib(activation_bytes)} activations) = {_mib(k * per_image)}, {_mib(available)} {what} "
-            f"({MEMORY_HEADROOM:.0%} usable); the largest K that fits is {largest_k(per_image, available)}")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1024.0 ** 2:.4g} MiB"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import threading
 import time
 import warnings
 from typing import Any, Callable
@@ -29,12 +28,10 @@ reference_run_ttt = _ref.run_ttt
 
 
 class ReferenceFallbackWarning(UserWarning):
-    """``yolozu_ttt.run_ttt`` ran YOLOZU's reference instead of the fused engine (once per process
-    and reason; filter it with ``warnings.filterwarnings("ignore", category=...)``)."""
-
-
-_WARNED: set[str] = set()
-_LAST = threading.local()
+    """``yolozu_ttt.run_ttt`` ran YOLOZU's reference instead of the fused engine: issued once per
+    session and reason (a ``run_ttt`` call is a session of its own); across sessions Python's
+    warning filters decide (the default shows it once per calling line). Filter it with
+    ``warnings.filterwarnings("ignore", category=...)``."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,31 +65,6 @@ def engine_problem(model: Any) -> str | None:
     return None
 
 
-def last_engine() -> dict[str, Any] | None:
-    """The engine the last ``run_ttt`` of this thread ran: ``{"engine": "fast", "backend": "cpp" |
-    "triton"}`` (plus ``"amp": "bf16" | "fp16"`` when the passes ran in mixed precision) or
-    ``{"engine": "reference", "reason": ...}``; None before any run. A convenience for callers of
-    the bare ``run_ttt``; a caller holding a :class:`TTTSession` reads its :attr:`TTTSession.engine`
-    (what that session's last run ran), which no other run in the thread changes."""
-    return getattr(_LAST, "engine", None)
-
-
-def _ran(engine: dict[str, Any]) -> dict[str, Any]:
-    _LAST.engine = engine
-    return engine
-
-
-def _fallback(adapter: Any, records: list[dict[str, Any]], config: TTTConfig, reason: str | None,
-              stacklevel: int = 3) -> TTTReport:
-    """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot), say so once per
-    process and reason."""
-    if reason is not None and reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"yolozu_ttt: running YOLOZU's reference run_ttt at reference speed: {reason}",
-                      ReferenceFallbackWarning, stacklevel=stacklevel)
-    return reference_run_ttt(adapter, records, config=config)
-
-
 def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, amp: str = "off",
             graph: bool | None = None) -> TTTReport:
     """Adapt ``adapter.get_model()`` on batches from ``records``; see ``yolozu.tta.integration.run_ttt``.
@@ -111,7 +83,9 @@ def run_ttt(adapter: Any, records: list[dict[str, Any]], *, config: TTTConfig, a
     engine cannot hold (float64, devices other than CPU/CUDA, a CPU model without the compiled
     extension) run it too (in fp32), with a :class:`ReferenceFallbackWarning` saying why.
 
-    One run of a :class:`TTTSession` closed at its end.
+    One run of a :class:`TTTSession` closed at its end; a caller that wants to know which engine ran
+    holds the session instead (``with TTTSession(adapter, config) as s: s.run(records)``, then
+    :attr:`TTTSession.engine`).
     """
     with TTTSession(adapter, config, amp, graph) as session:
         return session._run(records, stacklevel=4)
@@ -140,8 +114,11 @@ class TTTSession:
         self.adapter, self.config, self.amp = adapter, config, check_amp(amp)
         self.graph = CUDA_GRAPH if graph is None else bool(graph)
         self.loop: StepLoop | None = None
-        #: the engine this session's last run ran (see :func:`last_engine`); None before any run
+        #: the engine this session's last run ran: ``{"engine": "fast", "backend": "cpp" | "triton"}`` (plus
+        #: ``"amp"`` where the passes ran in mixed precision) or ``{"engine": "reference", "reason": ...}``;
+        #: None before any run. No other run (another session's, a ``run_ttt`` call) changes it.
         self.engine: dict[str, Any] | None = None
+        self._warned: set[str] = set()  # the fallback reasons this session has warned of
 
     def run(self, records: list[dict[str, Any]]) -> TTTReport:
         """One adaptation on ``records`` from the session's starting values (see the class)."""
@@ -153,8 +130,9 @@ class TTTSession:
         own replica (parameters, Adam state, norm statistics, snapshots, guards): the reports
         ``run([record])`` gives, in order, within float tolerance. ``on_image(index, record,
         report)`` is called for each with the model holding that record's adapted state. What
-        cannot run K at once runs one by one with a warning; see ``yolozu_ttt.parallel``."""
-        from .parallel import run_parallel
+        cannot run K at once runs one by one with a warning; see ``yolozu_ttt.groups`` (the driver) and
+        ``yolozu_ttt.parallel`` (a group at once)."""
+        from .groups import run_parallel
 
         return run_parallel(self, records, k, on_image)
 
@@ -171,12 +149,17 @@ class TTTSession:
         self.close()
 
     def _reference(self, records: list[dict[str, Any]], reason: str | None, stacklevel: int) -> TTTReport:
-        """YOLOZU's reference (:func:`_fallback`); the reference runs in fp32: a requested ``amp``
-        is named in the reason."""
+        """YOLOZU's reference; with a ``reason`` (the engine could have run but cannot) a
+        :class:`ReferenceFallbackWarning` says so, once per session and reason. The reference runs
+        in fp32: a requested ``amp`` is named in the reason."""
         if reason is not None and self.amp != "off":
             reason = f"{reason}; amp={self.amp} not applied (the reference runs in fp32)"
-        self.engine = _ran({"engine": "reference", "reason": reason})
-        return _fallback(self.adapter, records, self.config, reason, stacklevel=stacklevel + 1)
+        self.engine = {"engine": "reference", "reason": reason}
+        if reason is not None and reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"yolozu_ttt: running YOLOZU's reference run_ttt at reference speed: {reason}",
+                          ReferenceFallbackWarning, stacklevel=stacklevel)
+        return reference_run_ttt(self.adapter, records, config=self.config)
 
     def _run(self, records: list[dict[str, Any]], stacklevel: int) -> TTTReport:
         adapter, config, amp = self.adapter, self.config, self.amp
@@ -223,7 +206,7 @@ class TTTSession:
         try:
             self.loop.run(ctx)
         finally:
-            self.engine = _ran({"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})})
+            self.engine = {"engine": "fast", "backend": ctx.backend, **({"amp": amp} if amp != "off" else {})}
             if self.loop.arena is None:  # the first run's binding failed: nothing is bound
                 self.loop = None
             if not was_training:

@@ -11,6 +11,10 @@ Use the modules through this one::
 
     from yolozu_ttt.seam import integration as _ref     # _ref._take_batches(...)
     from yolozu_ttt.seam import export_cli, rebound      # with rebound(export_cli, run_ttt=...):
+
+It also holds how a batched prediction reaches YOLOZU's decoding (:class:`AnsweredForward`: the
+export's ``--ttt-parallel K`` answers the model call of YOLOZU's own ``predict`` through the adapter's
+model slot, :data:`ADAPTER_MODEL_SLOT`).
 """
 from __future__ import annotations
 
@@ -146,5 +150,70 @@ def rebound(module: Any, **names: Any) -> Iterator[None]:
                 setattr(module, name, value)
 
 
+# --------------------------------------------------------------------------------------
+# a batched prediction into YOLOZU's decoding (the export's --ttt-parallel K)
+# --------------------------------------------------------------------------------------
+#: Where YOLOZU's ``RTDETRPoseAdapter`` keeps the model its ``predict`` runs (``_ensure_backend`` sets
+#: ``adapter._backend = {..., "model": model}``; ``get_model()`` returns it). An instance attribute,
+#: so not checked at import: an adapter without it is predicted by its own forward (:func:`answerable`).
+ADAPTER_MODEL_SLOT = ("_backend", "model")
+
+
+def answerable(adapter: Any) -> bool:
+    """Whether ``adapter.predict`` can be answered from outputs computed elsewhere (:class:`AnsweredForward`).
+
+    YOLOZU's ``RTDETRPoseAdapter.predict(records)`` preprocesses the records, runs the model in
+    ``adapter._backend["model"]`` on each batch (under inference mode, autocast where its ``amp`` is
+    on) and decodes what it returns with its own decoder (a closure of ``predict``, not exposed: the
+    softmax scores against the background logit, top-k, threshold, boxes and poses, the entry). So its
+    output is decodable by handing it over through that slot, where ``predict`` runs the model itself
+    in fp32: its ``amp`` off, no ``torch.compile`` (``compile_model``), the slot built and holding it."""
+    slot = getattr(adapter, ADAPTER_MODEL_SLOT[0], None)
+    amp = str(getattr(adapter, "amp", "off") or "off").strip().lower()
+    return (isinstance(slot, dict) and slot.get(ADAPTER_MODEL_SLOT[1]) is not None
+            and amp in ("", "off", "none", "false", "0") and not bool(getattr(adapter, "compile_model", False)))
+
+
+class AnsweredForward:
+    """The next call of the model YOLOZU's ``predict`` runs, answered with ``output`` (one-shot).
+
+    ``AnsweredForward(adapter, x, output)`` (``adapter`` :func:`answerable`) binds the adapter's model
+    slot (:data:`ADAPTER_MODEL_SLOT`) to itself until its first call or :meth:`close`. Its first call,
+    with one positional tensor equal to ``x`` (shape, dtype, device and values) and the model in eval
+    mode, returns ``output`` (``answered`` True): YOLOZU's ``predict`` then decodes ``output`` exactly as
+    it decodes the model's own output, so ``output`` must be what the model gives for ``x`` (the export:
+    that image's row of its group's batched eval forward, the model holding that image's replica). Any
+    other first call (another input, keywords, the model in training mode) runs the model (``answered``
+    False). Either way the slot holds the model again before the call returns; only the slot is
+    touched, never the model (its ``forward``, hooks and flags). ``answered`` is None until a call."""
+
+    def __init__(self, adapter: Any, x: Any, output: Any):
+        self.slot = getattr(adapter, ADAPTER_MODEL_SLOT[0])
+        self.model = self.slot[ADAPTER_MODEL_SLOT[1]]
+        self.x, self.output = x, output
+        self.answered: bool | None = None
+        self.slot[ADAPTER_MODEL_SLOT[1]] = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.close()
+        x = args[0] if len(args) == 1 and not kwargs else None
+        self.answered = bool(torch.is_tensor(x) and not self.model.training and x.shape == self.x.shape
+                             and x.device == self.x.device and x.dtype == self.x.dtype and torch.equal(x, self.x))
+        return self.output if self.answered else self.model(*args, **kwargs)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the slot still holds this answer (not called, not closed)."""
+        return self.slot.get(ADAPTER_MODEL_SLOT[1]) is self
+
+    def close(self) -> None:
+        """The model back in the slot (idempotent)."""
+        if self.pending:
+            self.slot[ADAPTER_MODEL_SLOT[1]] = self.model
+
+
 __all__ = ["SUPPORTED_YOLOZU", "PRIVATE", "EXPORT_GLOBALS", "REBOUND", "UnsupportedYolozu", "check", "missing_names",
-           "cli_commands", "export_orchestrator", "export_cli", "integration", "tent", "ttt_mim", "rebound"]
+           "cli_commands", "export_orchestrator", "export_cli", "integration", "tent", "ttt_mim", "rebound",
+           "ADAPTER_MODEL_SLOT", "answerable", "AnsweredForward"]
