@@ -44,8 +44,8 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from .flags import (AMP_FLAG, BACKEND_FLAG, OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG,  # noqa: F401
-                    TTT_BACKENDS, add_amp, add_backend, add_parallel, check_parallel, take)
+from .flags import (OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG, add_amp, add_backend, add_parallel,
+                    take)
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
 COMMANDS = ("export-predictions", "export", "demo", "doctor")

@@ -203,8 +203,6 @@ def _run_backend(
     bar: Any,
     cap: int,
 ) -> dict[str, Any]:
-    import torch
-
     fn = _backend_fn(name)
     adapter, model = _new_adapter(device, image_size, initial_state, config_path)
     clock = _StepClock(model, bar, cap, device)
