@@ -126,6 +126,10 @@ def test_one_engine_binds_an_arena_and_releases_its_objects_when_the_arena_close
     with pytest.raises(RuntimeError, match="the update engine is closed"):
         engine.step(write_snapshot=False)
     engine.close()  # idempotent
+    with ParamArena(model, norm_params(model)) as again:  # an engine closed by its owner lets the arena go
+        first_engine = E.UpdateEngine(again, lr=1e-2)
+        first_engine.close()
+        E.UpdateEngine(again, lr=1e-2)
 
 
 # ---- the graph cache ---------------------------------------------------------------------------

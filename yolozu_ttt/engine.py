@@ -4,9 +4,10 @@ One signature over two implementations, like ``torch.optim.adam``'s single/forea
 groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
 ``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``. This module is the only place that
 chooses a backend (:func:`backend_for`), builds, binds and releases its group objects
-(:class:`BackendGroups`, owned by the engine; the arena holds only buffers) and calls it. Both write their scalars into a float64 buffer on the arena's device in the layouts
-of ``yolozu_ttt.common``; the engine reads it back once per step (with the caller's extra
-scalars) and returns a :class:`StepStats`.
+(:class:`BackendGroups`, owned by the engine; the arena holds only buffers) and calls it. Both
+write their scalars into a float64 buffer on the arena's device in the layouts of
+``yolozu_ttt.common``; the engine reads it back once per step (with the caller's extra scalars)
+and returns a :class:`StepStats`.
 
 A step's options are one frozen :class:`StepSpec`, built once per run (a method's variants, e.g.
 CoTTA's restore step, once each), validated once here (the backends keep only memory-safety
@@ -43,6 +44,7 @@ import dataclasses
 import functools
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -109,6 +111,7 @@ class BackendGroups:
         rows = arena_rows(arena) or 1
         self.objects: list[Any] = [build_group(binding, rows) for binding in arena.groups]
         self._flats = [binding.buffers.flat for binding in arena.groups]  # the C++ base after close
+        self._arena = weakref.ref(arena)
         arena.listen(self)
 
     @property
@@ -131,9 +134,13 @@ class BackendGroups:
         self.close()
 
     def close(self) -> None:
-        """Drop the run's tensors from the objects and the objects; idempotent."""
+        """Drop the run's tensors from the objects and the objects, and stop listening to the
+        arena (another engine may bind it then); idempotent."""
         if self._flats is None:
             return
+        arena = self._arena()
+        if arena is not None:  # its listener is this (a second engine is refused while this one is open)
+            arena.listen(None)
         for g, flat in zip(self.objects, self._flats):
             g.set_snapshot(None)
             g.set_teacher(None)
