@@ -73,11 +73,18 @@ class HostArena:
         if rows is not None:  # an arena of rows, as UpdateEngine tells them apart
             self.rows = rows
 
+        self.moments, self.base = moments, base
+
     @property
     def groups(self):
-        """The one binding ``engine.bind_groups`` reads (its group object already built)."""
-        return [types.SimpleNamespace(buffers=types.SimpleNamespace(backend="triton", engine=self.group, base=None),
-                                      base=None, snap=self.group.snap)]
+        """The one binding the engine builds its own group object over (``engine.build_group``)."""
+        buffers = types.SimpleNamespace(backend="triton", flat=self.flat, grad=self.grad, exp_avg=self.moments[0],
+                                        exp_avg_sq=self.moments[1], base=self.base, offsets=self.group.offsets,
+                                        sizes=self.group.sizes, has_grad=self.has_grad)
+        return [types.SimpleNamespace(buffers=buffers, base=None, snap=self.group.snap)]
+
+    def listen(self, listener):
+        """The snapshot never changes here: no one to tell."""
 
     def hold_snapshot(self, *, in_grad=False):
         if self.group.snap is None:
@@ -131,8 +138,9 @@ def test_host_k_row_step(benchmark, stubbed, provider, update_filter, method):
     arena = HostArena(sizes, rows=K_ROWS)
     arena.hold_snapshot()
     options = dict(max_grad_norm=1.0, write_snapshot=True)
+    teacher = torch.empty_like(arena.flat) if method == "cotta" else None
     if method == "cotta":
-        arena.group.set_teacher(torch.empty_like(arena.flat))
+        arena.group.set_teacher(teacher)
         options.update(ema_momentum=0.999, restore_prob=0.01)
     seeds = list(range(K_ROWS))
     counter = iter(range(10**9))
@@ -145,6 +153,7 @@ def test_host_k_row_step(benchmark, stubbed, provider, update_filter, method):
     else:
         engine = UpdateEngine(arena, lr=1e-4, max_grad_norm=1.0)
         engine._stats.zero_()
+        engine.bind_teacher(None if teacher is None else [teacher])
         spec = engine.spec.replace(**options)
 
         def step():

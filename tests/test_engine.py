@@ -64,7 +64,8 @@ def test_spec_native_is_the_cpp_options_read_once_from_the_spec():
         native.lr = 1.0  # read-only, like the spec
     model = make_model()
     with ParamArena(model, norm_params(model)) as arena:
-        groups = E.bind_groups(arena)
+        owned = E.BackendGroups(arena)
+        groups = owned.objects
         arena.backward(loss_of(model))
         out = torch.full((len(STAT_KEYS),), float("nan"), dtype=torch.float64)
         with pytest.raises(TypeError):
@@ -81,18 +82,54 @@ def test_backend_choice_is_the_dispatch_rule():
     assert E.backend_module("cpp").__name__ == "yolozu_ttt._C"
 
 
-def test_bind_groups_builds_once_and_reset_state_starts_a_fresh_run():
+def test_the_engine_builds_its_backend_groups_once_and_reset_state_starts_a_fresh_run():
     model = make_model()
     with ParamArena(model, norm_params(model)) as arena:
-        assert all(g.engine is None for g in arena.groups)  # the arena builds no backend object
         engine = E.UpdateEngine(arena, lr=1e-2)
-        (first,) = engine._groups
-        assert E.bind_groups(arena) == [first]
+        (first,) = engine.groups.objects
+        assert all(not hasattr(g, "engine") and not hasattr(g.buffers, "engine") for g in arena.groups)  # buffers only
         arena.backward(loss_of(model))
         engine.step(write_snapshot=False)
         assert max(first.steps) == 1 and engine.total_update_norm > 0.0
         engine.reset_state()  # a session's next run: Adam state and the running total reset
         assert max(first.steps) == 0 and engine.total_update_norm == 0.0
+        assert engine.groups.objects == [first]  # the same object over every run of the engine
+
+
+def test_one_engine_binds_an_arena_and_releases_its_objects_when_the_arena_closes():
+    """The engine owns its backend objects: a second engine over a bound arena is refused (the
+    arena tells one engine of its snapshot buffers), and the arena's close makes the engine drop
+    the run's tensors and its objects: an engine that outlives its arena keeps no buffer alive and
+    runs no step."""
+    import gc
+    import weakref
+
+    model = make_model()
+    arena = ParamArena(model, norm_params(model))
+    engine = E.UpdateEngine(arena, lr=1e-2)
+    with pytest.raises(RuntimeError, match="already bound by another update engine"):
+        E.UpdateEngine(arena, lr=1e-2)
+    arena.keep_own_snapshot()
+    arena.hold_snapshot()  # a buffer of its own, bound after the engine was built: pushed to its object
+    arena.backward(loss_of(model))
+    before = torch.cat([p.detach().reshape(-1) for p in norm_params(model)])
+    engine.step(write_snapshot=True)
+    (group,) = arena.groups
+    own = group.snap
+    assert torch.equal(torch.cat(own) if isinstance(own, list) else own, before)
+    held = [weakref.ref(t) for t in (own if isinstance(own, list) else [own])]
+    (first,) = engine.groups.objects  # held here too: its tensors are dropped, not just the object
+    del own, group
+    arena.close()
+    gc.collect()
+    assert engine.groups.objects == [] and all(r() is None for r in held)
+    with pytest.raises(RuntimeError, match="the update engine is closed"):
+        engine.step(write_snapshot=False)
+    engine.close()  # idempotent
+    with ParamArena(model, norm_params(model)) as again:  # an engine closed by its owner lets the arena go
+        first_engine = E.UpdateEngine(again, lr=1e-2)
+        first_engine.close()
+        E.UpdateEngine(again, lr=1e-2)
 
 
 # ---- the graph cache ---------------------------------------------------------------------------

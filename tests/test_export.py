@@ -837,3 +837,72 @@ def test_torchrun_sigterm_keeps_the_earlier_output_and_resumes(data, tmp_path):
     assert 0 < done < N_FAULT or done == N_FAULT
     assert cli.main(["export-predictions", *args, "--resume"]) == 0
     assert len(json.loads(out.read_text())["predictions"]) == N_FAULT
+
+
+def _launcher_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    """Our launcher (``yolozu-ttt torchrun``) of a ``nproc``-worker export."""
+    return [sys.executable, "-m", "yolozu_ttt", "torchrun", "--standalone", "--nproc-per-node", str(nproc),
+            "export-predictions", *args]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_launcher_stopped_mid_run_ends_in_one_line_and_resumes(data, tmp_path, sig):
+    """``yolozu-ttt torchrun``, 2 workers, Ctrl-C (or SIGTERM) to the launcher mid-run: each worker
+    ends in its own line, the launcher in one more and exit 130 (143), no traceback anywhere; the
+    earlier output stays byte-identical, the part files stay and a --resume rerun through the
+    launcher finishes."""
+    out, log = _earlier(tmp_path)
+    parts = Path(str(out) + ".parts")
+    args = [*_args(data, reset="sample", n=N_SAMPLE), "--output", str(out), "--ttt-log-out", str(log)]
+    tree = _Tree(_launcher_cmd(args), tmp_path)
+    try:  # header + 1 finished image on rank 1: 3 of each rank's 4 images still to do
+        assert support_export.wait_until(lambda: any(_lines(p) >= 2 for p in parts.glob("part-*-r00001.jsonl")), 120)
+        assert len(tree.workers()) >= 2
+        os.kill(tree.proc.pid, sig)
+        status = tree.wait(60)
+    finally:
+        err = tree.close()
+    assert status == 128 + int(sig), err[-4000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-4000:]
+    assert "death signal" not in err and "closing signal" not in err, err[-4000:]  # torch's notes: ours say it
+    how = "Ctrl-C \\(SIGINT\\)" if sig == signal.SIGINT else "SIGTERM"
+    assert len(re.findall(rf"{LINE}rank [01] of 2 stopped by {how}[^;]*; the earlier {re.escape(str(out))}, "
+                          rf"{re.escape(str(log))} are kept unchanged; the images finished so far stay in ", err)) == 2, \
+        err[-4000:]
+    assert len(re.findall(rf"^yolozu-ttt torchrun: stopped by {how}; .* --resume", err, re.M)) == 1, err[-4000:]
+    assert out.read_bytes() == EARLIER_OUT and log.read_bytes() == EARLIER_LOG
+    done = len(_entries(parts))
+    assert 0 < done < N_SAMPLE
+    res = subprocess.run(_launcher_cmd([*args, "--resume"]), cwd=tmp_path, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"{N_SAMPLE - done} computed, {done} from part files" in res.stderr, res.stderr[-4000:]
+    assert len(json.loads(out.read_text())["predictions"]) == N_SAMPLE and not parts.exists()
+
+
+def test_launcher_ends_a_failed_run_in_the_workers_lines_and_one_more(data, tmp_path):
+    """``yolozu-ttt torchrun``, 2 workers that both fail (a usage error: --ttt-parallel 0): each
+    worker's own line, the launcher's one line naming the first failure, its exit status, no
+    traceback."""
+    args = [*_args(data, reset="sample", n=2), "--output", str(tmp_path / "out.json"), "--ttt-parallel", "0"]
+    res = subprocess.run(_launcher_cmd(args), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-4000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-4000:]
+    assert len(re.findall(r"^yolozu-ttt export-predictions: error: .*--ttt-parallel", res.stderr, re.M)) == 2, \
+        res.stderr[-4000:]
+    assert len(re.findall(r"^yolozu-ttt torchrun: worker rank [01] ended with exit status 2 \(2 workers failed\); "
+                          r"its own line above says why$", res.stderr, re.M)) == 1, res.stderr[-4000:]
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_launcher_usage(capsys):
+    """``yolozu-ttt torchrun``: its help shows torch's launcher options; no command, or an option
+    that would choose the workers' command, is a usage error (exit 2) before anything starts."""
+    assert cli.main(["torchrun", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: yolozu-ttt torchrun [TORCHRUN OPTIONS] export-predictions") and "--nproc-per-node" in out
+    assert cli.main(["torchrun", "--standalone", "--nproc-per-node", "2"]) == 2
+    assert "yolozu-ttt torchrun: error: the command is missing" in capsys.readouterr().err
+    for chosen in (["-m", "other"], ["--no-python"], ["--run-path"]):
+        assert cli.main(["torchrun", *chosen, "export-predictions", "--help"]) == 2
+        assert f"yolozu-ttt torchrun: error: {chosen[0]} is not an option here" in capsys.readouterr().err

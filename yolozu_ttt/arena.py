@@ -9,8 +9,7 @@ weight does not require grad, which costs more than the backward saves).
 
 What a group holds is split by lifetime:
 
-- :class:`GroupBuffers`: the flat values, grads, Adam moments, the has-grad flags and the
-  backend's group object.
+- :class:`GroupBuffers`: the flat values, grads, Adam moments and the has-grad flags.
 - :class:`GroupBinding` binds one run: the parameters, their original storages and the grad hooks.
   While the values live in the arena, the originals hold the run's starting values: the C++
   engine reads them as its base snapshot (one pointer per segment, no copy); for the Triton
@@ -21,13 +20,16 @@ What a group holds is split by lifetime:
 - :class:`Snapshot`: the pre-step values for a rollback, in the grad buffer or a buffer of its own.
 
 Methods use the arena's operations (``backward``, the snapshot, ``scale_grads`` ...), never its
-fields; the loop clears the grads (``new_grads`` / ``clear_grads``). The backend is chosen, and its
-group objects built and bound, on the engine side (``yolozu_ttt.engine``): the arena only holds them.
+fields; the loop clears the grads (``new_grads`` / ``clear_grads``). The arena holds buffers only:
+the backend's group objects over them are the update engine's (``yolozu_ttt.engine.BackendGroups``,
+built, bound and released there); the arena tells that one listener (:meth:`ParamArena.listen`)
+when a group's snapshot buffer changes and when it closes.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch._utils import _unflatten_dense_tensors
@@ -49,7 +51,6 @@ class GroupBuffers:
     exp_avg_sq: torch.Tensor | list[torch.Tensor]
     base: torch.Tensor | None  # Triton's flat base copy; the C++ base is the run's originals
     has_grad: bytearray  # one flag per segment, set by autograd hooks, read by the engine
-    engine: Any = None  # _C.ArenaGroup or kernels.update.TritonArenaGroup, built and bound by ``engine.bind_groups``
 
     @classmethod
     def allocate(cls, flat: torch.Tensor, sizes: list[int], backend: str) -> "GroupBuffers":
@@ -70,14 +71,6 @@ class GroupBuffers:
         return cls(backend=backend, offsets=offsets, sizes=sizes, flat=flat, grad=grad, exp_avg=moments[0],
                    exp_avg_sq=moments[1], base=base, has_grad=bytearray(len(sizes)))
 
-    def unbind_run(self) -> None:
-        """Drop the run's tensors from the engine (an engine object that outlives the arena must not
-        keep the originals alive)."""
-        self.engine.set_snapshot(None)
-        self.engine.set_teacher(None)
-        if self.backend == "cpp":
-            self.engine.set_base(self.flat)
-
 
 @dataclass
 class GroupBinding:
@@ -89,7 +82,9 @@ class GroupBinding:
     base: list[torch.Tensor] | None = None  # C++: the originals, contiguous (the engine's base)
     hooks: list[Any] = field(default_factory=list)
     released: list[tuple[torch.UntypedStorage, int]] = field(default_factory=list)  # (storage, nbytes)
-    snap: Any = None  # the pre-step snapshot buffer bound to the engine (see Snapshot)
+    snap: Any = None  # the pre-step snapshot buffer the engine reads (see Snapshot)
+    index: int = 0  # this group's place in its arena's ``groups``
+    watch: "Watch | None" = None  # the arena's, told of a new snapshot buffer
 
     # read-only views of the buffers, for inspection
     flat = property(lambda self: self.buffers.flat)
@@ -98,7 +93,6 @@ class GroupBinding:
     sizes = property(lambda self: self.buffers.sizes)
     backend = property(lambda self: self.buffers.backend)
     has_grad = property(lambda self: self.buffers.has_grad)
-    engine = property(lambda self: self.buffers.engine)
     exp_avg = property(lambda self: self.buffers.exp_avg)
 
     def segments(self) -> list[torch.Tensor]:
@@ -107,8 +101,42 @@ class GroupBinding:
 
     def set_snap(self, snap: Any) -> None:
         self.snap = snap
-        if self.buffers.engine is not None:  # else ``engine.bind_groups`` binds it
-            self.buffers.engine.set_snapshot(snap)
+        listener = None if self.watch is None else self.watch.listener
+        if listener is not None:
+            listener.snapshot_changed(self.index, snap)
+
+
+class ArenaListener(Protocol):
+    """Who binds an arena's buffers elsewhere (the update engine's ``BackendGroups``)."""
+
+    def snapshot_changed(self, index: int, snap: Any) -> None: ...
+
+    def arena_closed(self) -> None: ...
+
+
+class Watch:
+    """An arena's one listener, held weakly (the arena never keeps its engine alive): one engine
+    binds an arena's buffers; another while it lives is an error."""
+
+    def __init__(self) -> None:
+        self._ref: Any = None
+
+    @property
+    def listener(self) -> ArenaListener | None:
+        return None if self._ref is None else self._ref()
+
+    def listen(self, listener: ArenaListener | None) -> None:
+        current = self.listener
+        if listener is not None and current is not None and current is not listener:
+            raise RuntimeError("yolozu_ttt: this arena's buffers are already bound by another update engine "
+                               "(one engine per arena)")
+        self._ref = None if listener is None else weakref.ref(listener)
+
+    def closed(self) -> None:
+        """Tell the listener the buffers go away, and forget it."""
+        listener, self._ref = self.listener, None
+        if listener is not None:
+            listener.arena_closed()
 
 
 class Snapshot:
@@ -186,6 +214,7 @@ class ParamArena:
         self.params = _unique(params)
         self.groups: list[GroupBinding] = []
         self.snapshot = Snapshot(self.groups)
+        self.watch = Watch()
         self._closed = False
         try:
             by_key: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
@@ -209,7 +238,8 @@ class ParamArena:
             # the values first: on CUDA the originals are emptied before the other buffers exist,
             # so the peak during construction holds each selected parameter once
             flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            binding = GroupBinding(buffers=None, params=ps, originals=[p.data for p in ps])  # type: ignore[arg-type]
+            binding = GroupBinding(buffers=None, params=ps, originals=[p.data for p in ps],  # type: ignore[arg-type]
+                                   index=len(self.groups), watch=self.watch)
             self.groups.append(binding)  # registered before rebinding so close() can undo it
             for p, view in zip(ps, _unflatten_dense_tensors(flat, ps)):
                 p.data = view
@@ -224,6 +254,11 @@ class ParamArena:
                 p.grad = view
         for i, p in enumerate(ps):
             binding.hooks.append(p.register_post_accumulate_grad_hook(_flag_setter(buffers.has_grad, i)))
+
+    def listen(self, listener: ArenaListener | None) -> None:
+        """``listener`` (the update engine's backend objects; held weakly) is told when a group's
+        snapshot buffer changes and when the arena closes; None: no one. One at a time."""
+        self.watch.listen(listener)
 
     # ---- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -359,14 +394,13 @@ class ParamArena:
         if self._closed:
             return
         self._closed = True
+        self.watch.closed()  # the engine's objects drop the run's tensors (the originals) first
         with torch.no_grad():
             for g in self.groups:
                 for h in g.hooks:
                     h.remove()
                 for p in g.params:
                     p.grad = None
-                if g.buffers is not None and g.buffers.engine is not None:
-                    g.buffers.unbind_run()
                 # drop the work buffers before the originals grow back
                 g.buffers = g.snap = g.base = None  # type: ignore[assignment]
                 for storage, nbytes in g.released:

@@ -48,7 +48,7 @@ from .flags import (OUR_FLAGS, PARALLEL_FLAG, PROG, RESUME_FLAG, TIMEOUT_FLAG, a
                     take)
 
 EXPORT_MODULE = "yolozu.inference.export_predictions_cli"
-COMMANDS = ("export-predictions", "export", "demo", "doctor")
+COMMANDS = ("export-predictions", "export", "torchrun", "demo", "doctor")
 
 _PATCH_LOCK = threading.RLock()
 
@@ -600,7 +600,7 @@ def demo(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-_USAGE = f"""usage: {PROG} {{export-predictions,export,demo,doctor}} [options]
+_USAGE = f"""usage: {PROG} {{export-predictions,export,torchrun,demo,doctor}} [options]
 
 Compiled, fused test-time adaptation backend for YOLOZU.
 
@@ -612,6 +612,8 @@ commands:
   export              YOLOZU's `yolozu export` (all of its flags) plus the same three
                       flags; with --ttt --ttt-backend fast its export subprocess is
                       `yolozu-ttt export-predictions`
+  torchrun            torchrun's options, then export-predictions and its flags: the
+                      export on N workers, ending in one line when stopped or failed
   demo                offline reference-vs-fast TTT comparison on the builtin RT-DETR
                       (table, summary.json, PNG plots)
   doctor              show the compiled engine / OpenMP / Triton / CUDA status;
@@ -643,6 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .orchestrate import export
 
         return export(rest)
+    if command == "torchrun":
+        from .export.launch import launch
+
+        return launch(rest)
     if command == "demo":
         return demo(rest)
     if command == "doctor":

@@ -3,10 +3,11 @@
 One signature over two implementations, like ``torch.optim.adam``'s single/foreach/fused: CPU
 groups run the C++ engine (``yolozu_ttt._C``); CUDA groups, and CPU groups under
 ``TRITON_INTERPRET=1``, run ``yolozu_ttt.kernels.update``. This module is the only place that
-chooses a backend (:func:`backend_for`), builds and binds its group objects (:func:`bind_groups`)
-and calls it. Both write their scalars into a float64 buffer on the arena's device in the layouts
-of ``yolozu_ttt.common``; the engine reads it back once per step (with the caller's extra
-scalars) and returns a :class:`StepStats`.
+chooses a backend (:func:`backend_for`), builds, binds and releases its group objects
+(:class:`BackendGroups`, owned by the engine; the arena holds only buffers) and calls it. Both
+write their scalars into a float64 buffer on the arena's device in the layouts of
+``yolozu_ttt.common``; the engine reads it back once per step (with the caller's extra scalars)
+and returns a :class:`StepStats`.
 
 A step's options are one frozen :class:`StepSpec`, built once per run (a method's variants, e.g.
 CoTTA's restore step, once each), validated once here (the backends keep only memory-safety
@@ -43,6 +44,7 @@ import dataclasses
 import functools
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -82,21 +84,69 @@ def arena_rows(arena: Any) -> int | None:
     return getattr(arena, "rows", None)
 
 
-def bind_groups(arena: "ParamArena") -> list[Any]:
-    """The backend's group object of every arena group, built over the group's buffers (once: an
-    engine already built for them is the same); an arena of rows binds K rows per group."""
-    groups = []
-    rows = arena_rows(arena) or 1
-    for binding in arena.groups:
-        buffers = binding.buffers
-        if buffers.engine is None:
-            base = buffers.base if buffers.backend == "triton" else binding.base
-            impl = backend_module(buffers.backend)
-            cls = impl.TritonArenaGroup if buffers.backend == "triton" else impl.ArenaGroup
-            buffers.engine = cls(buffers.flat, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq, base,
-                                 binding.snap, buffers.offsets, buffers.sizes, buffers.has_grad, rows=rows)
-        groups.append(buffers.engine)
-    return groups
+def build_group(binding: Any, rows: int = 1) -> Any:
+    """The backend's group object (``_C.ArenaGroup`` or ``kernels.update.TritonArenaGroup``) over one
+    arena group's buffers (``arena.GroupBinding``), with its snapshot as bound now, ``rows`` rows."""
+    buffers = binding.buffers
+    base = buffers.base if buffers.backend == "triton" else binding.base
+    impl = backend_module(buffers.backend)
+    cls = impl.TritonArenaGroup if buffers.backend == "triton" else impl.ArenaGroup
+    return cls(buffers.flat, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq, base, binding.snap,
+               buffers.offsets, buffers.sizes, buffers.has_grad, rows=rows)
+
+
+class BackendGroups:
+    """The backend's group objects of one arena, owned by the :class:`UpdateEngine` that made them.
+
+    Built once over the arena's buffers (an arena of rows: K rows per group) and reused for every
+    step and every later run of the engine; the arena holds only buffers and tells its one listener
+    (this object, held weakly) when a group's snapshot buffer changes and when it closes.
+    :meth:`close` (on the arena's close, or the engine's) drops the run's tensors from the objects
+    (snapshot, teacher, the C++ engine's base: the originals, which must not be kept alive) and
+    the objects themselves.
+    """
+
+    def __init__(self, arena: "ParamArena"):
+        self.backend = arena.backend
+        rows = arena_rows(arena) or 1
+        self.objects: list[Any] = [build_group(binding, rows) for binding in arena.groups]
+        self._flats = [binding.buffers.flat for binding in arena.groups]  # the C++ base after close
+        self._arena = weakref.ref(arena)
+        arena.listen(self)
+
+    @property
+    def live(self) -> list[Any]:
+        """The group objects, to run a step over (an error once closed)."""
+        if self._flats is None:
+            raise RuntimeError("yolozu_ttt: the update engine is closed (its arena was closed)")
+        return self.objects
+
+    def snapshot_changed(self, index: int, snap: Any) -> None:
+        """The arena bound ``snap`` (or None) as group ``index``'s snapshot buffer."""
+        self.objects[index].set_snapshot(snap)
+
+    def set_teacher(self, buffers: Sequence[Any] | None) -> None:
+        """CoTTA's teacher buffers, one per group, or None."""
+        for i, g in enumerate(self.objects):
+            g.set_teacher(None if buffers is None else buffers[i])
+
+    def arena_closed(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the run's tensors from the objects and the objects, and stop listening to the
+        arena (another engine may bind it then); idempotent."""
+        if self._flats is None:
+            return
+        arena = self._arena()
+        if arena is not None:  # its listener is this (a second engine is refused while this one is open)
+            arena.listen(None)
+        for g, flat in zip(self.objects, self._flats):
+            g.set_snapshot(None)
+            g.set_teacher(None)
+            if self.backend == "cpp":
+                g.set_base(flat)
+        self.objects, self._flats = [], None
 
 
 # ---- one step's options ----------------------------------------------------------------------
@@ -243,7 +293,8 @@ class UpdateEngine:
         self.spec = StepSpec(lr=lr, betas=betas, eps=eps, max_grad_norm=max_grad_norm)
         self.backend = arena.backend
         self._impl = backend_module(self.backend)
-        self._groups = bind_groups(arena)
+        #: the backend's group objects, this engine's own (the arena tells them of its buffers' changes)
+        self.groups = BackendGroups(arena)
         #: K rows (replicas) of an arena of rows, else None (one run, whose stats are a StepStats)
         self.rows = arena_rows(arena)
         k = self.rows or 1
@@ -266,13 +317,13 @@ class UpdateEngine:
         """Size what grows with the step count (the Triton engine's bias-correction table) for a run
         of ``steps`` steps up front: a captured step's pointers then hold for the whole run."""
         if self.backend == "triton":
-            for g in self._groups:
+            for g in self.groups.live:
                 g.reserve_steps(steps)
 
     def reset_state(self) -> None:
         """A fresh run on the same groups (a session's next run): Adam moments and step counts
         reset, no update applied yet, the gate open."""
-        for g in self._groups:
+        for g in self.groups.live:
             g.reset_state()
         self.total_update_norm = 0.0 if self.rows is None else (0.0,) * self.rows
         self._gate.fill_(1.0)
@@ -340,8 +391,8 @@ class UpdateEngine:
         counter = int(counter) if spec.restore_prob > 0.0 else 0  # only the restore draws from it
         seeds = self._row_seeds(seeds) if seeds is not None and spec.restore_prob > 0.0 else None
         if self.backend == "triton":
-            return self._impl.prepare_step(self._groups, self._stats, spec, counter, gate, seeds)
-        return _EagerLaunch(self._impl.fused_step, self._groups, self._stats, spec.native, counter, gate, seeds)
+            return self._impl.prepare_step(self.groups.live, self._stats, spec, counter, gate, seeds)
+        return _EagerLaunch(self._impl.fused_step, self.groups.live, self._stats, spec.native, counter, gate, seeds)
 
     def _row_seeds(self, seeds: Sequence[int]) -> tuple[int, ...]:
         """``seeds`` checked (one per row) as uint64s, converted again only when they change (a run
@@ -438,14 +489,14 @@ class UpdateEngine:
     def anchor_value(self) -> torch.Tensor:
         """``sum_i mean((theta_i - theta_i^0)^2)`` as a device scalar (over K rows: (K,), each row's),
         without changing anything."""
-        self._impl.grad_stats(self._groups, self._grad_stats, 0.0, anchor_value=True)
+        self._impl.grad_stats(self.groups.live, self._grad_stats, 0.0, anchor_value=True)
         return self._grad_stat(ANCHOR_VALUE)
 
     def clip_grads(self, max_grad_norm: float | None) -> torch.Tensor:
         """The pre-clip grad norm (a device scalar; over K rows (K,), each row's); with
         ``max_grad_norm``, the grads are clipped in place like ``torch.nn.utils.clip_grad_norm_``
         (its fp32 coefficient expression), each row by its own coefficient."""
-        self._impl.grad_stats(self._groups, self._grad_stats, 0.0)
+        self._impl.grad_stats(self.groups.live, self._grad_stats, 0.0)
         norm = self._grad_stat(GRAD_NORM)
         if max_grad_norm is not None:
             coef = (float(max_grad_norm) / (norm.float() + CLIP_EPS)).clamp(max=1.0)
@@ -457,12 +508,16 @@ class UpdateEngine:
         (written whenever ``rho > 0``): returns the device scalars (direction norm, applied 1/0)
         unread, for the step's one read; over K rows a (K, 2) tensor, each row ascending by its
         own direction norm."""
-        self._impl.sar_perturb(self._groups, self._sar_stats, float(rho), bool(adaptive))
+        self._impl.sar_perturb(self.groups.live, self._sar_stats, float(rho), bool(adaptive))
         if self.rows is None:
             return self._sar_stats
         return self._sar_stats.view(self.rows, len(SAR_STAT_KEYS))
 
     def bind_teacher(self, buffers: Sequence[Any] | None) -> None:
         """Bind CoTTA's teacher buffers (``ParamArena.value_copies``), one per group, or unbind (None)."""
-        for i, g in enumerate(self._groups):
-            g.set_teacher(None if buffers is None else buffers[i])
+        self.groups.set_teacher(buffers)
+
+    def close(self) -> None:
+        """Release the backend's group objects (the arena's close does it too); idempotent. The
+        engine runs no step after."""
+        self.groups.close()

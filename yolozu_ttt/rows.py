@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .arena import GroupBinding, GroupBuffers
+from .arena import ArenaListener, GroupBinding, GroupBuffers, Watch
 from .common import SUPPORTED_DTYPES
 from .engine import backend_for
 
@@ -66,8 +66,14 @@ class RowArena:
         buffers = GroupBuffers(backend=backend_for(flat), offsets=offsets, sizes=sizes, flat=flat.view(-1),
                                grad=grad.view(-1), exp_avg=moments[0].view(-1), exp_avg_sq=moments[1].view(-1),
                                base=base.view(-1), has_grad=bytearray(b"\x01" * len(sizes)))
+        self.watch = Watch()
         #: the one group (the engine binds ``groups``; ``base`` is what the C++ engine reads)
-        self.groups = [GroupBinding(buffers=buffers, params=[], originals=[], base=base.view(-1))]
+        self.groups = [GroupBinding(buffers=buffers, params=[], originals=[], base=base.view(-1), watch=self.watch)]
+
+    def listen(self, listener: ArenaListener | None) -> None:
+        """``listener`` (the update engine's backend objects; held weakly) is told when the snapshot
+        buffer changes; None: no one. One at a time (the arena holds buffers only)."""
+        self.watch.listen(listener)
 
     @property
     def backend(self) -> str:

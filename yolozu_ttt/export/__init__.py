@@ -40,7 +40,8 @@ Failures: a failing rank appends ``(rank R of W, image PATH)`` to YOLOZU's messa
 ...``) and exits 1; torchrun then stops (SIGTERM) or restarts (``--max-restarts``) the group. The
 part files stay the durable record; they are removed only after the output is in place. A write
 error (part file, stream state, the merged files) or Ctrl-C / SIGTERM ends in one line saying what
-was kept (the earlier output, untouched; the part files) and how to continue (exit 1 / 130 / 143).
+was kept (the earlier output, untouched; the part files) and how to continue (exit 1 / 130 / 143);
+launched by ``yolozu-ttt torchrun`` (:mod:`~.launch`), the launcher adds one line, not a traceback.
 
 The parts, one module each:
 
@@ -56,6 +57,8 @@ The parts, one module each:
                included) and the one-line faults (write errors, Ctrl-C, SIGTERM)
 ``job``        what one export is, and how YOLOZU's ``main`` is called
 ``pipeline``   :class:`~.pipeline.ShardedExport`: the steps strung together; :func:`run_sharded`
+``launch``     ``yolozu-ttt torchrun``: torch's launcher with the export as its workers' command,
+               ending in one line when stopped (exit 130 / 143) or when a worker failed
 =============  ==========================================================================
 """
 from __future__ import annotations

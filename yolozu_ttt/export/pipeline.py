@@ -171,7 +171,7 @@ class ShardedExport:
     def _interrupted(self, exc: BaseException) -> Fault:
         """Ctrl-C or SIGTERM: one line, what was kept and how to continue; exit 130 / 143."""
         how, status = signal_name(exc)
-        why = " (torchrun stops every worker when one fails)" if self.job.env.torchrun and status != 130 else ""
+        why = " (torchrun stops every worker when one fails or when it is stopped itself)" if self.job.env.torchrun and status != 130 else ""
         return Interrupted(f"{self.job.where()} stopped by {how}{why}; {self.job.publication.kept()}; "
                            f"{self._then()}", status)
 
