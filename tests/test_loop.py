@@ -25,16 +25,15 @@ class Toy(loop.Method):
         super().__init__(ctx)
         self.apply, self.grads_at_start, self.values = apply, [], []
 
-    def passes(self, x):
-        self.grads_at_start.append(float(sum(g.grad.abs().sum() for g in self.arena.groups)))
-        loss = self.ctx.model(x)["logits"].square().mean()
-        self.arena.backward(loss)
+    def passes(self, run, x):
+        self.grads_at_start.append(float(sum(g.grad.abs().sum() for g in run.arena.groups)))
+        (loss,) = run.backward(lambda net, image: net(image)["logits"].square().mean(), x)
         return loss, torch.tensor([7.0, 8.0])
 
     def update(self, step):
         return self.spec if self.apply(step) else None
 
-    def outcome(self, stats, values, step):
+    def outcome(self, stats, values, step, i):
         self.values.append(values)
         return loop.StepOutcome(loss=values[0], stats=stats, metrics={"seven": values[1]})
 

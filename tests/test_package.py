@@ -103,3 +103,16 @@ def test_a_cpu_run_does_not_import_triton():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == str(importlib.util.find_spec("triton") is not None)
+
+
+def test_each_method_is_written_once():
+    """Each method file defines one class, its ``METHOD``, which both a run alone and a
+    sample-parallel group step (``methods.replica.ReplicaMethod`` drives its passes over K
+    replicas): no second, K-replica form of it."""
+    found = modules()
+    for name in ("tent", "eata", "sar", "mim", "cotta"):
+        tree = ast.parse(found[f"yolozu_ttt.methods.{name}"].read_text())
+        classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+        module = importlib.import_module(f"yolozu_ttt.methods.{name}")
+        assert classes == [module.METHOD.__name__], (name, classes)
+        assert not hasattr(module, "REPLICA"), name

@@ -54,33 +54,22 @@ def mask_input(x: Any, grid: torch.Tensor, patch_size: int, mask_value: float) -
     return _mim.apply_mask(x, full_mask(grid, x, patch_size), mask_value=mask_value)
 
 
-def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``reconstruction_loss(pred, x, mask=mask)`` on the grid when shapes, dtypes and devices agree."""
+def recon_loss(pred: Any, x: Any, grid: torch.Tensor, patch_size: int, batched: bool = False) -> torch.Tensor:
+    """``reconstruction_loss(pred, x, mask=mask)`` on the grid when shapes, dtypes and devices agree;
+    other inputs take the reference (and its errors), or, ``batched`` (under vmap, where its host
+    branch and mask indexing cannot run), its broadcasting loss as a masked mean, up to float
+    summation order."""
     if (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
             and pred.device == x.device):
         return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size)
-    return _mim.reconstruction_loss(pred, x, mask=full_mask(grid, x, patch_size))
-
-
-
-# ---- the sample-parallel replicas' passes (under ``vmap``: the fused ops batch; the reference's
-# losses branch on the host and index by mask, so where they would run, a where/mean stands in) -----
-def vmap_masked_pass(net: Any, x: torch.Tensor, grid: torch.Tensor, patch_size: int,
-                     mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``plain_forward``'s masked forward, loss and mask ratio for one image: the same ops (the fused
-    patch ops batch under vmap), except where ``pred`` is not shaped like ``x``: the reference's
-    broadcasting loss as a masked mean, up to float summation order."""
-    height, width = int(x.shape[-2]), int(x.shape[-1])
-    pred = _mim._default_recon_fn(net(mask_input(x, grid, patch_size, mask_value)))
-    ratio = mask_ratio(grid, height, width, patch_size)
-    if (fast_input(x) and isinstance(pred, torch.Tensor) and pred.shape == x.shape and pred.dtype == x.dtype
-            and pred.device == x.device):
-        return ops.masked_reconstruction_loss(pred, x, grid, patch_size=patch_size), ratio
-    full = full_mask(grid, x, patch_size)
+    if not batched:
+        return _mim.reconstruction_loss(pred, x, mask=full_mask(grid, x, patch_size))
     diff = (pred - x) ** 2
-    return masked_mean(diff, full.expand_as(diff), diff.sum() * 0.0), ratio
+    return masked_mean(diff, full_mask(grid, x, patch_size).expand_as(diff), diff.sum() * 0.0)
 
 
+# ---- under ``vmap`` (a group's replicas): the reference's losses branch on the host and index by
+# mask, so where they would run, a where/mean stands in --------------------------------------------
 def vmap_feature_loss(recon_feat: torch.Tensor, teacher_feat: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """The structured branch's loss (``rtdetr_pose.losses.mim_reconstruction_loss``: L1 over the masked

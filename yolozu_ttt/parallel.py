@@ -44,21 +44,20 @@ The replicas (the design, and why):
   its ``inputs``, copied into the graph before a replay. bf16 groups, and a step whose probe
   sees a host read, run eagerly with a GraphFallbackWarning.
 
-A method is sample-parallel when its module (``yolozu_ttt.methods.<name>``) defines ``REPLICA``, a
-:class:`ReplicaMethod`: its K-replica step (``Replicas.backward`` for the batched passes,
-``Replicas.update`` for the engine's K-row step) and its per-image outcome; ``run_group`` owns the rest.
-Supported: Tent with plain entropy (no aux-consistency, teacher or detector response); EATA (per
-replica its selection, its update gated on the device by it, ``UpdateEngine.gate``, its anchor,
-its skip streak and ratio stop); SAR (per replica its clip, ``UpdateEngine.clip_grads``, its ascent
-by its own direction norm, ``UpdateEngine.sar_perturb`` with the snapshot rows as its backup, its
-second pass); MIM, plain and structured (each image's masks drawn before its steps from its own
-stream: its run's generator, seeded as alone; the fused patch ops batch under vmap, the reference's
-structured feature loss as ``masking.vmap_feature_loss``);
-CoTTA (per replica a stacked teacher, bound as the engine's teacher rows: the EMA of its own
-student and the restore to its own start drawn from its own seed, in the fused step);
-fp32 or bf16 (every forward of a group under autocast, ``amp.autocast_forwards``, as a run's), eager
-or in graph mode (fp32).
-A replica method runs the model in the mode it was given unless it ``trains`` (Tent), as the loop does.
+Every method is sample-parallel with the code of its run alone: its ``passes`` (one image's work,
+``methods.loop.Method``) run on the group's :class:`Replicas`, which answer the calls of a run's
+``methods.loop.Alone`` for K replicas at once (``backward``/``forward`` under vmap, the engine of
+K rows between them); :class:`~yolozu_ttt.methods.replica.ReplicaMethod` drives them, ``run_group``
+owns the rest. Tent with plain entropy (no aux-consistency, teacher or detector response); EATA
+(per replica its selection, its update gated on the device by it, ``UpdateEngine.gate``, its
+anchor, its skip streak and ratio stop); SAR (per replica its clip, ``UpdateEngine.clip_grads``,
+its ascent by its own direction norm, ``UpdateEngine.sar_perturb`` with the snapshot rows as its
+backup, its second pass); MIM, plain and structured (each image's masks drawn before its steps
+from its own stream: its run's generator, seeded as alone; the fused patch ops batch under vmap,
+the reference's host-branching losses as masked means, ``masking``); CoTTA (per replica a stacked
+teacher, bound as the engine's teacher rows: the EMA of its own student and the restore to its
+own start drawn from its own seed, in the fused step); fp32 or bf16 (every forward of a group
+under autocast, ``amp.autocast_forwards``, as a run's), eager or in graph mode (fp32).
 Anything else (those Tent options, fp16, whose loss scale decides on the host per image) runs the
 records one by one through ``session.run`` with a :class:`ParallelFallbackWarning` saying why: their
 steps decide on the host per image, or their loss or draws are not split per image here yet.
@@ -88,16 +87,14 @@ class ParallelFallbackWarning(UserWarning):
 
 
 def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod | None]:
-    """(why these runs cannot be adapted K at once or None, the method's replica step)."""
-    method = str(session.config.method or "tent").lower()
-    cls = getattr(importlib.import_module(f"{__package__}.methods.{method}"), "REPLICA", None)
-    if cls is None:
-        return f"method {method!r} is not sample-parallel yet", None
+    """(why these runs cannot be adapted K at once or None, the bound method's step over replicas:
+    :class:`ReplicaMethod`, or the ``REPLICA`` its module names where it drives its own)."""
+    module = importlib.import_module(f"{__package__}.methods.{str(session.config.method or 'tent').lower()}")
     if session.amp == "fp16":
         return "amp=fp16: its loss scale decides on the host per image (bf16 is sample-parallel)", None
     if any(p.dtype != torch.float32 for p in loop.arena.params):
         return "parameters other than float32", None
-    rmethod = cls(session, loop)
+    rmethod = getattr(module, "REPLICA", ReplicaMethod)(session, loop)
     return rmethod.why_not(), rmethod
 
 
@@ -113,6 +110,8 @@ class Replicas:
     place). A parameter the loss does not reach keeps a zero grad, zero moments and so its value
     (where a run alone skips it). The norm buffers stay per tensor (``buffers``: (K, *shape) each;
     their dtypes differ)."""
+
+    vmapped = True  #: the passes run under vmap (``methods.loop.Alone``'s protocol)
 
     def __init__(self, loop: Any, k: int):
         self.loop, self.k = loop, k
@@ -143,6 +142,7 @@ class Replicas:
         self._kept: dict[str, torch.Tensor] = {}
         self._specs: dict[tuple[StepSpec, bool], StepSpec] = {}
         self.launch: Any = None
+        self.captured = False  #: the group's steps are captured (graph mode): nothing is read in them
         self.reset()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -196,31 +196,55 @@ class Replicas:
         """The active mask shaped to broadcast against the stacked ``t``."""
         return self.active.view((self.k,) + (1,) * (t.ndim - 1))
 
-    def backward(self, loss: Callable[..., Any], x: torch.Tensor, *per_image: Any,
-                 worth: Callable[[Any], bool] | None = None) -> Any:
-        """The K replicas' forwards on their K images ``x`` (K, B, ...) in one batched call, and one
-        backward of their summed losses into the stacked leaves (``grad``).
+    # ---- the passes: what a method's ``passes`` call (``methods.loop.Alone``'s calls, K at once) ----
+    @property
+    def model(self) -> Any:
+        return self.loop.model
 
-        ``loss(output, *per_image_i)`` is one image's loss from its model output: a scalar, or a
-        tuple whose first item is the loss and whose others are returned too; ``per_image`` are
-        stacked (K, ...) inputs sliced per image (e.g. masks). Returns the detached (K,) losses, or
-        the tuple of detached stacked results; ``worth``: as :meth:`backward_passes`'."""
-        return self.backward_passes(lambda net, image, *extra: loss(net(image), *extra), x, *per_image, worth=worth)
+    @property
+    def arena(self) -> RowArena:
+        return self.rows
 
-    def backward_passes(self, passes: Callable[..., Any], x: torch.Tensor, *per_image: Any,
-                        worth: Callable[[Any], bool] | None = None) -> Any:
-        """:meth:`backward` for a method whose passes call the model themselves (several views, keyword
-        inputs): ``passes(net, image, *per_image_i)`` returns one image's loss (or a tuple led by it),
-        ``net(*args, **kwargs)`` being the model with replica i's state. ``worth(got)``: whether the
-        backward can change anything (False: it is not run and the grads stay zero)."""
+    def backward(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, worth: Callable | None = None,
+                 replace: bool = False) -> tuple[torch.Tensor, ...]:
+        """``Alone.backward`` for the K replicas on their K images ``x`` (K, B, ...) in one batched
+        call (:meth:`map`: ``fn(net, image, *per_image_i)``, ``net`` the model with replica i's state),
+        then one backward of their summed losses into the stacked leaves (``grad``, zeroed first:
+        every pass replaces, ``replace`` or not). Returns ``fn``'s detached tuple, stacked. ``worth(columns)``, one list
+        of values per image, read eagerly (a captured group reads nothing): False, and no backward
+        runs (the grads stay zero; the update, gated by the method, runs)."""
         self.grad.zero_()
-        got = self.map(passes, x, *per_image)
-        first = got[0] if isinstance(got, tuple) else got
-        if worth is None or worth(got):
-            with warnings.catch_warnings():  # the grads are strided views of ``grad``, as the leaves are of ``flat``
-                warnings.filterwarnings("ignore", GRAD_LAYOUT_WARNING)
-                first.sum().backward(inputs=self.values)
-        return tuple(t.detach() for t in got) if isinstance(got, tuple) else got.detach()
+        got = self.map(fn, x, *per_image)
+        got = got if isinstance(got, tuple) else (got,)
+        if worth is not None and not self.captured:
+            k = self.k
+            flat = read(torch.cat([t.detach().reshape(k, -1).double() for t in got], dim=1))
+            n = len(flat) // k
+            if not worth([flat[i * n:(i + 1) * n] for i in range(k)]):
+                return tuple(t.detach() for t in got)
+        self._backward(got[0])
+        return tuple(t.detach() for t in got)
+
+    def forward(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None) -> Any:
+        """``Alone.forward`` for the K replicas: ``fn(net, image, *per_image_i)`` without grad;
+        ``module``: what :meth:`map` takes (a method's kept copy: (module, stacked values))."""
+        with torch.no_grad():
+            if module is None:
+                return self.map(fn, x, *per_image)
+            return self.map(fn, x, *per_image, module=module[0], values=module[1])
+
+    def teacher(self, module: Any) -> tuple[Any, list[torch.Tensor]]:
+        """``Alone.teacher`` for the K replicas: ``module`` (a copy of the model) with stacked rows of
+        its selected parameters, kept beside the replicas (:meth:`kept`, each row its replica's
+        start) and bound as the engine's teacher rows (the fused EMA and restore)."""
+        rows = self.kept("teacher", self.flat)
+        self.engine.bind_teacher([rows.view(-1)])
+        return module, self.views(rows)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        with warnings.catch_warnings():  # the grads are strided views of ``grad``, as the leaves are of ``flat``
+            warnings.filterwarnings("ignore", GRAD_LAYOUT_WARNING)
+            loss.sum().backward(inputs=self.values)
 
     def map(self, fn: Callable[..., Any], x: torch.Tensor, *per_image: Any, module: Any = None,
             values: list[torch.Tensor] | None = None) -> Any:
@@ -351,13 +375,11 @@ def run_group(session: Any, records: list[Any], on_image: Callable | None, first
     if graph is not None:
         replicas.engine.reserve_steps(steps)  # no table outgrows a captured step mid-group
     rollback = bool(config.rollback_on_stop)
+    rmethod.captured = replicas.captured = graph is not None
     rmethod.begin(replicas, records, ctxs)
-    rmethod.captured = graph is not None
     precision = contextlib.ExitStack()  # bf16: every forward of the group under autocast, as a run's
     try:
         precision.enter_context(amp.autocast_forwards(model, session.amp))
-        if rmethod.trains:
-            model.train()
         for step in range(steps):
             inputs = rmethod.inputs(torch.stack([b[step % len(b)] for b in batches]), step)
             saved = replicas.snapshot_buffers() if (rollback or replicas.stopped) else []

@@ -19,7 +19,6 @@ from ..seam import integration as _ref
 
 from ..arena import ParamArena
 from ..engine import UpdateEngine
-from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 SEED_BITS = 63
@@ -65,27 +64,30 @@ class CoTTA(Method):
         self.restore_interval = max(1, int(config.cotta_restore_interval))
         self.restore_prob = float(config.cotta_restore_prob)
         self.ema_momentum = float(config.cotta_ema_momentum)
-        params = super().select()
-        self.seed = restore_seed(config) if self.restore_prob > 0.0 else 0
-        return params
+        return super().select()
 
     def update_options(self) -> dict[str, Any]:
-        return {"ema_momentum": self.ema_momentum, "restore_seed": self.seed}
+        return {"ema_momentum": self.ema_momentum}
 
     def start(self) -> None:
         self.teacher, self.teacher_values = build_teacher(self.ctx.model, self.arena, self.engine)
-        self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)  # counter: the step's
         self.meta: dict[int, tuple[dict, dict]] = {}  # input rank: (student, teacher) branch metadata
 
     def reset(self, ctx: Any) -> None:
-        """A session's next run: the teacher back to the (reset) student, a fresh restore seed
-        where the config has none."""
+        """A session's next run: the teacher back to the (reset) student."""
         super().reset(ctx)
         self.arena.refill_copies(self.teacher_values)
-        if self.restore_prob > 0.0 and self.config.seed is None:
-            self.seed = restore_seed(self.config)
-            self.spec = self.spec.replace(restore_seed=self.seed)
-            self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)
+
+    def begin(self, run: Any, ctxs: list[Any]) -> None:
+        """Each image's teacher (``run.teacher``: a run's is the copy ``start`` bound; a group's,
+        stacked rows kept beside its replicas, each its own student's start) and restore seed, as
+        its run alone takes it (``config.seed``, else one draw of torch's global RNG, image by
+        image); the run's spec carries its one seed (a group's rows take theirs, ``restore_seeds``)."""
+        super().begin(run, ctxs)
+        self.net = run.teacher(self.teacher)
+        self.restore_seeds = [restore_seed(self.config) if self.restore_prob > 0.0 else 0 for _ in ctxs]
+        self.spec = self.spec.replace(restore_seed=self.restore_seeds[0])
+        self.restore_spec = self.spec.replace(restore_prob=self.restore_prob)  # counter: the step's
 
     def close(self) -> None:
         self.engine.bind_teacher(None)
@@ -93,28 +95,34 @@ class CoTTA(Method):
     def restores(self, step: int) -> bool:
         return (step + 1) % self.restore_interval == 0 and self.restore_prob > 0.0
 
-    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+    def inputs(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor]:
         self.rank = x.ndim  # the branch metadata's key (see ``passes``)
         return (x,)
 
-    def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def student(self, net: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's aggregated logits over the augmented views and their entropy."""
+        logits, self.student_meta = forward(net, x, self.aug_set, self.aggregation)
+        return entropy(logits), logits
+
+    def consistency(self, net: Any, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """One image's teacher forward and its mean squared difference from the student's logits."""
+        logits, teacher_meta = forward(net, x, self.aug_set, self.aggregation)
+        self.meta[x.ndim] = (self.student_meta, teacher_meta)
+        return ((student_logits - logits) ** 2).mean()
+
+    def passes(self, run: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The student's augmented forward, entropy and backward, then the teacher's forward and the
-        consistency: (loss, consistency) as device scalars. The branches' metadata (which depends on
-        the input's rank only: hflip needs 4-D) is kept by rank: a step whose passes did not run on the host (``capturable``) finds it."""
-        student_logits, aug_meta = forward(self.ctx.model, x, self.aug_set, self.aggregation)
-        loss = entropy(student_logits)
-        self.arena.backward(loss)
-        with torch.no_grad():
-            teacher_logits, teacher_meta = forward(self.teacher, x, self.aug_set, self.aggregation)
-            consistency = ((student_logits.detach() - teacher_logits) ** 2).mean()
-        self.meta[x.ndim] = (aug_meta, teacher_meta)
-        return loss, consistency
+        consistency: (loss, consistency). The branches' metadata (which depends on the input's
+        rank only: hflip needs 4-D) is kept by rank: a step whose passes did not run on the host
+        (``capturable``) finds it."""
+        loss, logits = run.backward(self.student, x)
+        return loss, run.forward(self.consistency, x, logits.detach(), module=self.net)
 
     def update(self, step: int):
         """The teacher EMA every step; the restore every ``restore_interval`` steps."""
         return self.restore_spec if self.restores(step) else self.spec
 
-    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
+    def outcome(self, stats: Any, values: list[float], step: int, i: int) -> StepOutcome:
         loss_value, consistency_value = values
         # p >= 1 restores every element: the exact count even where a float32 stat would round it
         restored = 0
@@ -129,56 +137,4 @@ class CoTTA(Method):
         })
 
 
-class CoTTAReplicas(ReplicaMethod):
-    """CoTTA's K-replica step (``yolozu_ttt.parallel``): per replica its student's augmented forwards,
-    entropy and backward, its own teacher (a stacked EMA of its own student) and its consistency;
-    the EMA and the stochastic restore to its start, drawn from its own restore seed, are the
-    engine's K-row step's (the teachers bound as its teacher rows). The augmentations (identity,
-    hflip) draw nothing."""
-
-    name = "cotta"
-
-    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
-        """Each replica's teacher at its start; its restore seed as its run alone takes it (``config.seed``,
-        else one draw of torch's global RNG per image, in image order)."""
-        m = self.method
-        self.teachers = replicas.kept("teachers", replicas.flat)
-        self.teacher_values = replicas.views(self.teachers)
-        replicas.engine.bind_teacher([self.teachers.view(-1)])
-        self.seeds = [restore_seed(self.config) if m.restore_prob > 0.0 else 0 for _ in records]
-
-    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        self.method.rank = x.ndim - 1  # the branch metadata's key (one image's rank, as ``CoTTA.inputs``)
-        return (x,)
-
-    def update_spec(self, step: int) -> Any:
-        """The EMA every step; the restore every ``restore_interval`` steps (``CoTTA.update``)."""
-        return self.method.update(step)
-
-    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
-        """The student's passes, the teachers' forwards and consistency, then the update (Adam, the
-        teachers' EMA and, on a restore step, the restore)."""
-        m, meta = self.method, {}
-
-        def student(net, image):
-            logits, meta["student"] = forward(net, image, m.aug_set, m.aggregation)
-            return entropy(logits), logits
-
-        def teacher(net, image):
-            logits, meta["teacher"] = forward(net, image, m.aug_set, m.aggregation)
-            return logits
-
-        losses, logits = replicas.backward_passes(student, x)
-        with torch.no_grad():
-            teacher_logits = replicas.map(teacher, x, module=m.teacher, values=self.teacher_values)
-            consistency = ((logits - teacher_logits) ** 2).reshape(replicas.k, -1).mean(dim=1)
-        m.meta[x.ndim - 1] = (meta["student"], meta["teacher"])
-        return torch.cat([torch.stack([losses.double(), consistency.double()]), replicas.update()])
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        values, stats = split(column)
-        return self.method.outcome(stats, values, step)
-
-
 METHOD = CoTTA
-REPLICA = CoTTAReplicas

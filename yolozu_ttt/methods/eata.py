@@ -12,8 +12,6 @@ import torch
 from ..seam import integration as _ref
 
 from .. import ops
-from ..common import STAT_KEYS
-from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome
 
 RATIO_STOP = "eata_selected_ratio_below_min"
@@ -72,12 +70,11 @@ class EATA(Method):
     def select(self) -> list[torch.Tensor]:
         self.lam = float(self.config.eata_anchor_lambda)
         self.ratio_min = float(self.config.eata_selected_ratio_min)
-        self.streak, self.learns = 0, True
         return super().select()
 
-    def reset(self, ctx: Any) -> None:
-        super().reset(ctx)
-        self.streak = 0
+    def begin(self, run: Any, ctxs: list[Any]) -> None:
+        super().begin(run, ctxs)
+        self.streaks = [0] * len(ctxs)  # each image's run of steps with nothing selected
 
     def needs_snapshot(self) -> bool:
         return super().needs_snapshot() or (bool(self.config.rollback_on_stop) and self.ratio_min > 0.0)
@@ -92,55 +89,58 @@ class EATA(Method):
         if x.ndim == 0:
             raise RuntimeError("EATA requires batched tensor input")
 
-    def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Forward and selection; where anything is selected (eagerly read: nothing selected runs no
-        backward, as in the reference), the selected samples' entropy, its backward and the update's
-        gate: (selection summary, batch size, adapt loss[, anchor value])."""
-        config, arena = self.config, self.arena
-        logits = _ref._extract_logits(self.ctx.model(x))
+    def loss(self, net: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image's forward and sample selection: (the selected samples' entropy, the selection
+        summary, the batch size as a device value read with the step)."""
+        if x.ndim == 0:
+            raise RuntimeError("EATA requires batched tensor input")
+        config = self.config
+        logits = _ref._extract_logits(net(x))
         if logits.ndim == 0:
             raise RuntimeError("EATA logits must have batch dimension")
         conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
         mask = select_samples(config, conf, entropy, valid)
         batch = int(conf.shape[0]) if conf.ndim >= 1 else 1
         selection = summary(mask, conf, entropy, valid)
-        early = self.read_before_backward(selection)
-        self.learns = early is None or early[0] > 0
-        if not self.learns:  # the step's values, on the host (the loss and anchor are unread)
-            return (*early, float(batch), 0.0) + ((0.0,) if self.lam == 0.0 else ())
-        loss = adapt_loss(logits, mask, selection[0], batch)
-        if loss.requires_grad:  # the reference's anchor term always makes its loss differentiable
-            arena.backward(loss)
-        arena.mark_all_grads()  # the reference's anchor term reaches every selected parameter, even at lambda 0
-        self.engine.gate(selection[0] > 0)
-        anchor = (self.engine.anchor_value(),) if self.lam == 0.0 else ()
-        # the batch size as a device constant, read with the step (one per input layout)
-        return (selection, torch.full((1,), float(batch), dtype=torch.float64, device=selection.device), loss) + anchor
+        size = torch.full((), float(batch), dtype=torch.float64, device=selection.device)
+        return adapt_loss(logits, mask, selection[0], batch), selection, size
 
-    def update(self, step: int):
-        return self.spec if self.learns else None
+    def passes(self, run: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward and selection; the selected samples' entropy and its backward where anything is
+        selected (read eagerly: nothing selected runs no backward and no update, as in the
+        reference); every selected parameter has a grad (the reference's anchor term reaches them
+        all, even at lambda 0); the update gated by the selection on the device: (adapt loss,
+        selection summary, batch size[, anchor value])."""
+        loss, selection, size = run.backward(self.loss, x, worth=self.selects)
+        run.arena.mark_all_grads()
+        run.engine.gate(selection[..., 0] > 0)
+        anchor = (run.engine.anchor_value(),) if self.lam == 0.0 else ()  # else the update's own
+        return (loss, selection, size) + anchor
 
-    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
-        anchor = values[6] if self.lam == 0.0 else stats.anchor_loss
-        outcome, self.streak = self.decide(stats, values[:6], anchor, self.streak, self.engine.idle_stats(),
-                                           self.ctx.warnings)
-        return outcome
+    @staticmethod
+    def selects(columns: list[list[float]]) -> bool:
+        """Whether any image selected a sample (its read values: adapt loss, selected count, ...)."""
+        return any(column[1] > 0 for column in columns)
 
-    def decide(self, stats: Any, values: list[float], anchor_loss: float, streak: int, idle: Any,
-               warnings: list[str]) -> tuple[StepOutcome, int]:
-        """One image's step outcome and skip streak from its read values (selection summary, batch
-        size, adapt loss) and anchor value; ``idle``: its stats were nothing applied."""
-        count, mean_conf, mean_entropy, mean_valid, batch, adapt_value = values
+    def outcome(self, stats: Any, values: list[float], step: int, i: int) -> StepOutcome:
+        """Image i's outcome and skip streak from its values (``passes``'s, or those read before a
+        backward that did not run); a step with nothing selected reports the stats of no update."""
+        adapt_value, count, mean_conf, mean_entropy, mean_valid, batch = values[:6]
+        anchor_loss = values[6] if self.lam == 0.0 and len(values) > 6 else stats.anchor_loss
         count, batch, lam = int(count), int(batch), self.lam
         ratio = float(count) / float(max(1, batch))
         metrics: dict[str, Any] = {"selected_count": count, "batch_count": batch, "selected_ratio": ratio,
                                    "mean_conf": mean_conf, "mean_entropy": mean_entropy, "mean_valid_dets": mean_valid}
         if count <= 0:  # the gate kept the update from applying anything
-            return self.skip(metrics, streak + 1, idle, warnings), streak + 1
+            self.streaks[i] += 1
+            idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0,
+                                  clip_coef=1.0, restored=0.0)
+            return self.skip(metrics, self.streaks[i], idle, self.ctxs[i].warnings)
+        self.streaks[i] = 0
         metrics.update({"skipped": False, "adapt_loss": float(adapt_value), "anchor_loss": float(anchor_loss),
                         "anchor_lambda": lam})
         return StepOutcome(loss=adapt_value + lam * anchor_loss, stats=stats, metrics=metrics, layout=ENTRY_LAYOUT,
-                           method_stop=RATIO_STOP if ratio < self.ratio_min else None), 0
+                           method_stop=RATIO_STOP if ratio < self.ratio_min else None)
 
     def skip(self, metrics: dict[str, Any], streak: int, idle: Any, warnings: list[str]) -> StepOutcome:
         """A step with nothing selected: no backward, no update, no guard (a captured step runs its
@@ -153,59 +153,4 @@ class EATA(Method):
                            skipped=True, skip_stop=stop, layout=SKIP_LAYOUT)
 
 
-class EATAReplicas(ReplicaMethod):
-    """EATA's K-replica step (``yolozu_ttt.parallel``): per image its own selection, gate (nothing
-    selected: no update for that replica), anchor to its own start and skip streak."""
-
-    name = "eata"
-
-    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
-        self.ctxs, self.streaks = ctxs, [0] * len(records)
-
-    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
-        """Per replica: forward, selection, the selected samples' entropy and its backward (one
-        batched call; none where no image selected anything, read eagerly: a partly selected group
-        runs the whole group's backward); every selected parameter gets a grad (the anchor's reach);
-        the anchor value before the update; then the update gated per replica by its selection.
-        Rows: adapt loss, selection summary (4), batch, anchor value, the four norms."""
-        config, sizes = self.config, []
-        if x.ndim == 1:
-            raise RuntimeError("EATA requires batched tensor input")
-
-        def loss(output):
-            logits = _ref._extract_logits(output)
-            if logits.ndim == 0:
-                raise RuntimeError("EATA logits must have batch dimension")
-            conf, entropy, valid = sample_signals(logits, float(config.eata_conf_min))
-            mask = select_samples(config, conf, entropy, valid)
-            sizes.append(int(conf.shape[0]))
-            selection = summary(mask, conf, entropy, valid)
-            return adapt_loss(logits, mask, selection[0], sizes[0]), selection
-
-        # nothing selected in any image: no backward (one read); every selected parameter has a grad (the anchor's reach)
-        losses, selection = replicas.backward(loss, x, worth=self.any_selected)
-        engine = replicas.engine
-        anchor = engine.anchor_value() if self.method.lam == 0.0 else None  # else the update's own
-        engine.gate(selection[:, 0] > 0)
-        stats = replicas.update()
-        anchor = stats[STAT_KEYS.index("anchor_loss")] if anchor is None else anchor
-        batch = torch.full_like(anchor, float(sizes[0]))
-        return torch.cat([losses.double().unsqueeze(0), selection.double().t(), batch.unsqueeze(0),
-                          anchor.unsqueeze(0), stats])
-
-    def any_selected(self, got: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        """Whether any image of the group selected a sample (read eagerly; a captured group: True)."""
-        count = self.read_before_backward(got[1][:, 0].sum())
-        return count is None or count[0] > 0
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        (loss, count, conf, entropy, valid, batch, anchor), stats = split(column)
-        idle = stats._replace(grad_norm=0.0, grad_norm_clipped=0.0, update_norm=0.0, anchor_loss=0.0, clip_coef=1.0,
-                              restored=0.0)
-        outcome, self.streaks[i] = self.method.decide(stats, [count, conf, entropy, valid, batch, loss], anchor,
-                                                      self.streaks[i], idle, self.ctxs[i].warnings)
-        return outcome
-
-
 METHOD = EATA
-REPLICA = EATAReplicas

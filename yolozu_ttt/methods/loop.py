@@ -5,36 +5,45 @@ update engine, batch choice, the norm-buffer snapshot, the counters (forward/bac
 steps, abstentions), the base step entry (``step``, ``loss``, the four norms, ``rolled_back``),
 the snapshot decision and the guards (``finish_step``: keep, or stop and roll back).
 
+Each method is written once, as one image's step: ``passes(run, *inputs)`` calls its losses
+through ``run`` (``run.backward(loss, x, ...)``: ``loss(net, x, ...)`` and its backward;
+``run.forward``) and hooks the engine between them (``run.engine``: EATA's gate and anchor, SAR's
+clip and ascent). A run's ``run`` is an :class:`Alone` (the model itself, K = 1, no vmap); a
+sample-parallel group's is its ``yolozu_ttt.parallel.Replicas`` (the same calls for K replicas at
+once, under vmap; ``methods.replica.ReplicaMethod`` drives the method's step there).
+
 One step (:meth:`Method.adapt`, the loop's, never overridden):
 
-1. ``inputs = method.inputs(x)``: what the step draws on the host (the batch; MIM's patch grid);
+1. ``inputs = method.inputs(x, 0)``: what the step draws on the host (the batch; MIM's patch grid);
 2. the grads are cleared (the host half ``arena.new_grads`` outside any graph, the buffers by the
-   step's body), then ``values = method.passes(*inputs)``: device work only (forwards, losses,
-   backwards into the arena), the tensors read with the step;
+   step's body), then ``values = method.passes(run, *inputs)``: device work only (forwards,
+   losses, backwards into the arena), the tensors read with the step; where ``run.backward``'s
+   ``worth`` read the values first and ran no backward (EATA's empty selection), no update;
 3. ``spec = method.update(step)``: the fused update's :class:`~yolozu_ttt.engine.StepSpec` (built
-   once per run in ``start``; None: this step applies nothing, Tent's abstention);
+   once per binding in ``bind``; None: this step applies nothing, Tent's abstention);
 4. ``engine.step(spec, extra=values)``: the update and the step's one host read; in graph mode
    steps 2-4 are one captured graph where the method's step decides nothing on the host
    (``capturable``), replayed by ``yolozu_ttt.capture.StepGraph``;
-5. ``method.outcome(stats, values, step)``: the method's metrics and stop, from that read.
+5. ``method.outcome(stats, values, step, 0)``: the method's metrics and stop, from that read.
 
 A method (a :class:`Method` subclass) supplies only what makes it that method: its parameter
-selection, ``passes``, its update options and ``outcome``, and flags for YOLOZU's report quirks
-(``preclip_norm_reported``). It never mentions graphs, grad clearing or a backend.
+selection, ``passes``, its update options, its per-image state (``begin``) and ``outcome``, and
+flags for YOLOZU's report quirks (``preclip_norm_reported``). It never mentions graphs, grad
+clearing, a backend or K.
 
 A run, as data::
 
     run_ttt / TTTSession.run -> StepLoop(Method).run(ctx)
         bound at the first run, kept by a session: selection, arena, engine, spec, step graph
         later runs: parameters, norm buffers, Adam state, method state reset to the first run's start
-        per run: batches, counters, base entry, guards
+        per run: batches, counters, base entry, guards; method.begin(Alone, [ctx])
         spec = engine.spec.replace(**method.update_options())      one frozen StepSpec per binding
         per step (Method.adapt):
-          inputs = method.inputs(batch)                            the batch (MIM: + its patch grid)
-          eager:       new grads; [clear grads, method.passes(*inputs)]; engine.step(method.update(step))
+          inputs = method.inputs(batch, 0)                         the batch (MIM: + its patch grid)
+          eager:       new grads; [clear grads, method.passes(run, *inputs)]; engine.step(method.update(step))
           graph mode:  capture.StepGraph: copy inputs in, replay [clear grads, passes, launch]
                        (where method.capturable; graphs keyed by inputs, spec and launch)
-          stats, values = the one read  ->  method.outcome(stats, values, step) -> StepOutcome
+          stats, values = the one read  ->  method.outcome(stats, values, step, 0) -> StepOutcome
 
 Tent's ``passes`` are forward, entropy, backward; EATA adds sample selection (a gate on the update)
 and the anchor (``update_options``); SAR the ascent pass; CoTTA the teacher, EMA and restore (two
@@ -214,6 +223,56 @@ class StepOutcome:
     # the base keys, then the method's)
 
 
+class Alone:
+    """A run's passes on the model itself (K = 1, no vmap): what a method's ``passes`` call. A
+    group's K replicas (``yolozu_ttt.parallel.Replicas``) answer the same calls for K images at
+    once, so a method's passes are written once, as one image's work:
+
+    - ``backward(fn, x, *inputs, worth=None, replace=False)``: ``fn(net, x, *inputs)`` (``net``: the
+      model; a tuple led by the loss, or the loss) and the loss's backward into the arena's grads
+      (``replace``: instead of adding to an earlier pass's); returns ``fn``'s tuple. ``worth``:
+      eagerly, ``fn``'s values are read first (the step's read before its backward) and
+      ``worth([values])`` (one list per image) decides whether the backward can change anything;
+      where not, none runs (nor does one for a loss that reaches no parameter), ``early`` holds the
+      values read and the loop applies no update (EATA's empty selection). A captured step reads
+      nothing: the backward runs and the method's update is gated on the device instead;
+    - ``forward(fn, x, *inputs, module=None)``: ``fn(net, x, *inputs)`` without grad (``module``: a
+      copy of the model as ``teacher(copy)`` gives it, CoTTA's);
+    - ``model``, ``arena``, ``engine`` (its grad hooks: clip, gate, anchor, ascent), ``k`` (1).
+    """
+
+    k = 1
+    #: the passes run under vmap (a group's), where a loss must be one vmap can batch
+    vmapped = False
+
+    def __init__(self, model: Any, arena: Any, engine: UpdateEngine):
+        self.model, self.arena, self.engine = model, arena, engine
+        self.captured = False  #: graph mode captures the step: nothing is read in it
+        self.early: list[list[float]] | None = None  #: the values read before a backward that did not run
+
+    def backward(self, fn: Any, x: Any, *inputs: Any, worth: Any = None, replace: bool = False) -> tuple[Any, ...]:
+        got = fn(self.model, x, *inputs)
+        got = got if isinstance(got, tuple) else (got,)
+        if worth is not None:
+            early = None if self.captured else read(*got)
+            if early is not None and not worth([early]):
+                self.early = [early]
+                return got
+            if not got[0].requires_grad:
+                return got
+        self.arena.backward(got[0], replace=replace)
+        return got
+
+    def forward(self, fn: Any, x: Any, *inputs: Any, module: Any = None) -> Any:
+        with torch.no_grad():
+            return fn(self.model if module is None else module, x, *inputs)
+
+    def teacher(self, module: Any) -> Any:
+        """A method's copy of the model whose selected parameters are the engine's teacher (CoTTA's,
+        bound by its ``start``), as ``forward``'s ``module``: here the copy itself."""
+        return module
+
+
 class Method:
     """One TTT method's differences from the loop's defaults (Tent's shape); see the module docstring."""
 
@@ -226,6 +285,10 @@ class Method:
     preclip_norm_reported: bool = False
     #: set by the loop: graph mode's capture of the whole step (None: eager)
     step_graph: "capture.StepGraph | None" = None
+    #: each image's restore seed in a group (CoTTA's), or None
+    restore_seeds: list[int] | None = None
+    #: the step's snapshot holds the method's own backup (SAR's ascent), not the update's pre-step values
+    snapshot_backup = False
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -256,13 +319,24 @@ class Method:
         """Method state bound to the run's arena and engine (e.g. CoTTA's teacher)."""
 
     def reset(self, ctx: RunContext) -> None:
-        """A later run on the same bindings (a session's): its context, and the method's run state
-        afresh (e.g. EATA's skip streak, CoTTA's teacher). The parameters, buffers and Adam state
-        are reset by the loop before."""
+        """A later run on the same bindings (a session's): its context, and the method's bound state
+        afresh (e.g. CoTTA's teacher; per-image state is ``begin``'s). The parameters, buffers and
+        Adam state are reset by the loop before."""
         self.ctx = ctx
 
     def close(self) -> None:
         """Release what ``start`` bound (on every exit path)."""
+
+    def why_not_parallel(self) -> str | None:
+        """Why this run's steps cannot run K images at once (``yolozu_ttt.parallel``: they decide on
+        the host per image), or None."""
+        return None
+
+    def begin(self, run: Any, ctxs: list[RunContext]) -> None:
+        """Per-image state before the first step of a run (``ctxs``: its one context, ``run`` an
+        :class:`Alone`) or of a group (K contexts, ``run`` the group's ``parallel.Replicas``): e.g.
+        EATA's skip streaks, indexed by image as ``outcome``'s ``i``."""
+        self.ctxs = ctxs
 
     # ---- one step ----------------------------------------------------------------------------
     def check_batch(self, x: Any) -> None:
@@ -270,58 +344,59 @@ class Method:
         if self.batch_error is not None and not torch.is_tensor(x):
             raise RuntimeError(self.batch_error)
 
-    def inputs(self, x: Any) -> tuple[Any, ...]:
-        """What the step's passes take, drawn on the host before them (a graph's static inputs)."""
+    def inputs(self, x: Any, i: int) -> tuple[Any, ...]:
+        """What image ``i``'s step takes, drawn on the host before its passes (a graph's static
+        inputs; MIM's patch grid): its batch first. A group draws every image's for every step
+        before its first step, image by image, and stacks them."""
         return (x,)
 
-    def passes(self, *inputs: Any) -> tuple[Any, ...]:
-        """Forwards, losses and backwards (into ``self.arena``): the values read with the step."""
+    def passes(self, run: Any, *inputs: Any) -> tuple[Any, ...]:
+        """One step's device work before its update, as one image's: forwards and losses through
+        ``run.backward`` / ``run.forward`` (an :class:`Alone`, or K replicas at once), the grads'
+        hooks on ``run.engine`` / ``run.arena``; returns the values read with the step, each per
+        image (stacked over K replicas), in ``outcome``'s order."""
         raise NotImplementedError
 
     def update(self, step: int) -> StepSpec | None:
         """The step's fused update (None: it applies nothing)."""
         return self.spec
 
-    def read_before_backward(self, *values: Any) -> list[float] | None:
-        """``values`` (device tensors the passes computed, e.g. EATA's selection) read on the host now,
-        where a decision on them saves the backward and the update (what the reference skips, we
-        skip): one read, eagerly. A captured step (graph mode) reads nothing: None, and the method
-        gates its update on the device instead."""
-        return None if self.step_graph is not None else read(*values)
-
-    def outcome(self, stats: StepStats, values: list[float], step: int) -> StepOutcome:
-        """The step's outcome from its stats and the values of ``passes``."""
+    def outcome(self, stats: StepStats, values: list[float], step: int, i: int) -> StepOutcome:
+        """Image ``i``'s step outcome from its stats and its read values of ``passes`` (those read
+        before a backward that did not run, where ``run.backward``'s ``worth`` said so)."""
         raise NotImplementedError
 
-    def after_step(self, outcome: StepOutcome) -> None:
-        """Bookkeeping after a step that kept its update (e.g. MIM's mask ratios)."""
+    def after_step(self, outcome: StepOutcome, i: int) -> None:
+        """Bookkeeping after image ``i``'s step that kept its update (e.g. MIM's mask ratios)."""
 
     # ---- the loop's protocol (not overridden) -------------------------------------------------
     def bind(self, arena: ParamArena, engine: UpdateEngine, write_snapshot: bool) -> None:
         """The run's arena and engine, and its update spec, built once (``update_options`` may
         override ``write_snapshot``, e.g. SAR's backup is the step's snapshot)."""
         self.arena, self.engine = arena, engine
+        self.run = Alone(self.ctx.model, arena, engine)
         self.spec = engine.spec.replace(**{"write_snapshot": write_snapshot, **self.update_options()})
 
     def body(self, *inputs: Any) -> tuple[Any, ...]:
         """The step's device work before the update: the grad buffers cleared, then the passes."""
         self.arena.clear_grads()
-        return self.passes(*inputs)
+        return self.passes(self.run, *inputs)
 
     def adapt(self, x: Any, step: int) -> StepOutcome:
         """One step: inputs, cleared grads, passes, update, one read, outcome (graph or eager)."""
-        inputs = self.inputs(x)
+        inputs = self.inputs(x, 0)
         if self.step_graph is not None:
             stats, values = self.step_graph.step(inputs, self.update(step), counter=step)
         else:
             self.arena.new_grads()
             extra = self.body(*inputs)
-            spec = self.update(step)
+            early, self.run.early = self.run.early, None
+            spec = None if early is not None else self.update(step)
             if spec is None:
-                stats, values = self.engine.idle_stats(), read(*extra)
+                stats, values = self.engine.idle_stats(), (early[0] if early is not None else read(*extra))
             else:
                 stats, values = self.engine.step(spec, counter=step, extra=extra)
-        return self.outcome(stats, values, step)
+        return self.outcome(stats, values, step, 0)
 
 
 BASE_KEYS = ("step", "loss", "grad_norm", "grad_norm_clipped", "update_norm", "total_update_norm", "rolled_back")
@@ -381,6 +456,7 @@ class StepLoop:
             else:
                 self._reset(ctx)
             ctx.updated_param_count, ctx.backend = self.updated_param_count, self.engine.backend
+            self.method.begin(self.method.run, [ctx])
             try:
                 for p, grad in self.grads:
                     p.grad = grad
@@ -418,6 +494,7 @@ class StepLoop:
             method.bind(arena, engine, method.needs_snapshot())
             method.step_graph = capture.whole_step(method.body if method.capturable else None, ctx.method, ctx.amp,
                                                    arena, engine)
+            method.run.captured = method.step_graph is not None
             self.buffers = BufferSnapshot(ctx.model) if method.needs_buffers() else None
             self.origin = BufferSnapshot(ctx.model)  # the norm buffers every later run starts from
             self.grads = [(p, p.grad) for g in arena.groups for p in g.params]
@@ -455,7 +532,7 @@ class StepLoop:
             if ctx.settle(entry, outcome, arena=arena, buffers=buffers):
                 break
             if not outcome.skipped:
-                method.after_step(outcome)
+                method.after_step(outcome, 0)
 
 
 def run_steps(ctx: RunContext, method: Method) -> None:

@@ -6,13 +6,13 @@ reconstruction against the geometry teacher, plus 0.1 x the model's entropy term
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from ..seam import ttt_mim as _mim
 
-from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss, vmap_masked_pass
-from .replica import ReplicaMethod, split
+from ..masking import draw_grid, full_mask, mask_input, mask_ratio, recon_loss, vmap_feature_loss
 from .loop import Method, StepOutcome
 
 try:  # the structured loss YOLOZU uses when rtdetr_pose is importable
@@ -26,10 +26,11 @@ ENTRY_LAYOUT = ("step", "loss", "mask_ratio", "grad_norm", "grad_norm_clipped", 
                 "update_norm", "total_update_norm", "rolled_back")
 
 
-def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float):
-    """Masked forward and loss of ``ttt_mim_step``; returns ``(loss, None, None, mask_ratio)``."""
+def plain_forward(model: Any, x: Any, grid: torch.Tensor, patch_size: int, mask_value: float, batched: bool = False):
+    """Masked forward and loss of ``ttt_mim_step``; returns ``(loss, None, None, mask_ratio)``
+    (``batched``: under vmap, see ``masking.recon_loss``)."""
     output = model(mask_input(x, grid, patch_size, mask_value))
-    loss = recon_loss(_mim._default_recon_fn(output), x, grid, patch_size)
+    loss = recon_loss(_mim._default_recon_fn(output), x, grid, patch_size, batched=batched)
     return loss, None, None, mask_ratio(grid, int(x.shape[-2]), int(x.shape[-1]), patch_size)
 
 
@@ -71,73 +72,40 @@ class MIM(Method):
         self.structured = _mim.supports_structured_mim(self.ctx.model)
         return super().select()
 
-    def inputs(self, x: Any) -> tuple[Any, torch.Tensor]:
-        """The batch and the patch grid, drawn on the host before the step (an input of the step, like the batch)."""
-        return x, draw_grid(x, self.patch_size, self.mask_prob, self.ctx.generator)
+    def why_not_parallel(self) -> str | None:
+        if self.structured and structured_loss is _mim.reconstruction_loss:  # pragma: no cover
+            return "MIM's structured branch without rtdetr_pose's loss (the one masking.vmap_feature_loss follows)"
+        return None
 
-    def passes(self, x: Any, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Masked forward, loss and backward: (loss, mask ratio[, mim loss, entropy]) as device scalars."""
-        forward = structured_forward if self.structured else plain_forward
-        loss, loss_mim, entropy, ratio = forward(self.ctx.model, x, grid, self.patch_size, self.mask_value)
-        self.arena.backward(loss)
+    def inputs(self, x: Any, i: int) -> tuple[Any, torch.Tensor]:
+        """The batch and the patch grid, drawn on the host before the step from image i's stream (its
+        run's generator, seeded as alone; unseeded, torch's global stream)."""
+        return x, draw_grid(x, self.patch_size, self.mask_prob, self.ctxs[i].generator)
+
+    def loss(self, net: Any, x: Any, grid: torch.Tensor, batched: bool = False) -> tuple[torch.Tensor, ...]:
+        """One image's masked forward and loss: (loss, mask ratio[, mim loss, entropy]); ``batched``:
+        under vmap, the losses without a host branch (``masking``)."""
+        if self.structured:
+            feature_loss = vmap_feature_loss if batched else structured_loss
+            got = structured_forward(net, x, grid, self.patch_size, self.mask_value, feature_loss)
+        else:
+            got = plain_forward(net, x, grid, self.patch_size, self.mask_value, batched)
+        loss, loss_mim, entropy, ratio = got
         return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
 
-    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
+    def passes(self, run: Any, x: Any, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Masked forward, loss and backward: (loss, mask ratio[, mim loss, entropy]) as device values."""
+        return run.backward(functools.partial(self.loss, batched=run.vmapped), x, grid)
+
+    def outcome(self, stats: Any, values: list[float], step: int, i: int) -> StepOutcome:
         return StepOutcome(loss=values[0], stats=stats, layout=ENTRY_LAYOUT, metrics={
             "mask_ratio": float(values[1]),
             "mim_loss": values[2] if len(values) > 2 else None,
             "entropy_loss": values[3] if len(values) > 3 else None,
         })
 
-    def after_step(self, outcome: StepOutcome) -> None:
-        self.ctx.mask_ratios.append(outcome.metrics["mask_ratio"])
-
-
-class MIMReplicas(ReplicaMethod):
-    """MIM's K-replica step (``yolozu_ttt.parallel``), plain and structured: each image's patch grids
-    drawn from its own stream (its run's generator, seeded as alone) before its steps, its masked
-    loss and mask ratio its own."""
-
-    name = "mim"
-
-    def why_not(self) -> str | None:
-        if self.method.structured and structured_loss is _mim.reconstruction_loss:  # pragma: no cover
-            return "MIM's structured branch without rtdetr_pose's loss (the one masking.vmap_feature_loss follows)"
-        return None
-
-    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
-        """Each image's grids for every step, in image order: what its run alone draws step by step
-        (a seeded stream each; unseeded, torch's global stream as the images' runs one after another
-        draw it when none stops early)."""
-        m, self.ctxs = self.method, ctxs
-        self.grids = [[draw_grid(c.batches[s % len(c.batches)], m.patch_size, m.mask_prob, c.generator)
-                       for s in range(c.steps)] for c in ctxs]
-
-    def inputs(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images and each one's grid for this step (K, gh, gw)."""
-        return x, torch.stack([g[step] for g in self.grids])
-
-    def step(self, replicas: Any, x: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        m = self.method
-
-        def passes(net, image, grid):
-            """(loss, mask ratio[, mim loss, entropy]): ``MIM.passes``'s values for one image."""
-            if not m.structured:
-                return vmap_masked_pass(net, image, grid, m.patch_size, m.mask_value)
-            loss, loss_mim, entropy, ratio = structured_forward(net, image, grid, m.patch_size, m.mask_value,
-                                                                vmap_feature_loss)
-            return tuple(t for t in (loss, ratio, loss_mim, entropy) if t is not None)
-
-        got = replicas.backward_passes(passes, x, grids)
-        return torch.cat([torch.stack([t.double() for t in got]), replicas.update()])
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        values, stats = split(column)
-        return self.method.outcome(stats, values, step)
-
-    def after_step(self, i: int, outcome: StepOutcome) -> None:
+    def after_step(self, outcome: StepOutcome, i: int) -> None:
         self.ctxs[i].mask_ratios.append(outcome.metrics["mask_ratio"])
 
 
 METHOD = MIM
-REPLICA = MIMReplicas

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from ..seam import integration as _ref
 
-from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 
@@ -33,6 +32,7 @@ class SAR(Method):
         self.rho, self.adaptive = float(config.sar_rho), bool(config.sar_adaptive)
         self.first_step_scale = float(config.sar_first_step_scale)
         self.rho_value = max(0.0, self.rho) * max(0.0, self.first_step_scale)
+        self.snapshot_backup = self.rho_value > 0.0  # the ascent's backup is the step's snapshot
         return super().select()
 
     def max_grad_norm(self) -> float | None:
@@ -40,37 +40,35 @@ class SAR(Method):
 
     def update_options(self) -> dict[str, Any]:
         # with an ascent its backup is the step's snapshot (a rollback restores it)
-        return {"write_snapshot": False} if self.rho_value > 0.0 else {}
+        return {"write_snapshot": False} if self.snapshot_backup else {}
 
     def start(self) -> None:
-        if self.rho_value > 0.0:
+        if self.snapshot_backup:
             self.arena.keep_own_snapshot()  # the backup lives through every second pass anyway
 
-    def entropy_pass(self, x: torch.Tensor, replace: bool) -> torch.Tensor:
-        """Forward, entropy and backward into the arena's grads (``replace``: instead of the first pass's)."""
-        loss = entropy(_ref._extract_logits(self.ctx.model(x)))
-        self.arena.backward(loss, replace=replace)
-        return loss
+    @staticmethod
+    def loss(net: Any, x: torch.Tensor) -> torch.Tensor:
+        """One image's entropy."""
+        return entropy(_ref._extract_logits(net(x)))
 
-    def passes(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def passes(self, run: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The first pass; its grads clipped (pre-clip norm kept), the ascent with the pre-step
-        values as backup; the second pass at the perturbed point; the parameters restored:
-        (first loss, second loss, pre-clip grad norm[, the ascent's direction norm and applied]).
-        A NaN direction norm applies: the parameters with a grad become NaN, as the reference's
-        NaN scale makes them."""
-        arena, engine = self.arena, self.engine
-        loss_first = self.entropy_pass(x, replace=False)
-        grad_norm = engine.clip_grads(self.config.max_grad_norm)
+        values as backup; the second pass at the perturbed point, its grads in place of the first;
+        the parameters restored: (first loss, second loss, pre-clip grad norm[, the ascent's
+        direction norm and applied]). A NaN direction norm applies: the parameters with a grad
+        become NaN, as the reference's NaN scale makes them."""
+        (loss_first,) = run.backward(self.loss, x)
+        grad_norm = run.engine.clip_grads(self.config.max_grad_norm)
         ascent = ()
         if self.rho_value > 0.0:
-            arena.hold_snapshot()
-            ascent = (engine.sar_perturb(self.rho_value, self.adaptive),)
-        loss_second = self.entropy_pass(x, replace=True)
+            run.arena.hold_snapshot()
+            ascent = (run.engine.sar_perturb(self.rho_value, self.adaptive),)
+        (loss_second,) = run.backward(self.loss, x, replace=True)
         if ascent:
-            arena.restore_snapshot()  # the backup: the pre-step values (a no-op copy where not applied)
+            run.arena.restore_snapshot()  # the backup: the pre-step values (a no-op copy where not applied)
         return (loss_first, loss_second, grad_norm) + ascent
 
-    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
+    def outcome(self, stats: Any, values: list[float], step: int, i: int) -> StepOutcome:
         first, second, grad_norm = values[:3]
         applied = len(values) > 3 and values[4] != 0.0
         return StepOutcome(loss=second, stats=stats, forwards=2, backwards=2, layout=ENTRY_LAYOUT, metrics={
@@ -80,40 +78,4 @@ class SAR(Method):
         })
 
 
-class SARReplicas(ReplicaMethod):
-    """SAR's K-replica step (``yolozu_ttt.parallel``): per replica its first grads clipped by its own
-    norm, its ascent scaled by its own direction norm, its second pass at its own perturbed point."""
-
-    name = "sar"
-
-    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
-        self.backup = self.method.rho_value > 0.0  # the ascent's backup is the snapshot rows
-
-    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
-        """The first pass (K at once), each replica's grads clipped (pre-clip norms kept), each
-        replica's ascent from the pre-step values, the second pass at the perturbed points, the
-        pre-step values back, Adam on the second grads (unclipped). Rows: first loss, second loss,
-        pre-clip grad norm[, direction norm, applied], the four norms."""
-        method = self.method
-
-        def loss(output):
-            return entropy(_ref._extract_logits(output))
-
-        engine, arena = replicas.engine, replicas.rows
-        first = replicas.backward(loss, x)
-        grad_norm = engine.clip_grads(self.config.max_grad_norm)
-        ascent = ()
-        if method.rho_value > 0.0:
-            ascent = (engine.sar_perturb(method.rho_value, method.adaptive).t(),)  # backup: the snapshot rows
-        second = replicas.backward(loss, x)
-        if ascent:
-            arena.restore_snapshot()
-        return torch.cat([torch.stack([first.double(), second.double(), grad_norm]), *ascent, replicas.update()])
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        values, stats = split(column)
-        return self.method.outcome(stats, values, step)
-
-
 METHOD = SAR
-REPLICA = SARReplicas

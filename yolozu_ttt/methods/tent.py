@@ -16,7 +16,6 @@ from yolozu.response_selection import detector_response_loss
 from ..seam import tent as _tent
 
 from .checks import tent_selection
-from .replica import ReplicaMethod, split
 from .loop import Method, StepOutcome, entropy
 
 # Step-entry metrics copied from the step's metrics when present (YOLOZU's report contract).
@@ -45,22 +44,41 @@ class Tent(Method):
         chosen = tent_selection(self.ctx.model, self.tc)  # validates and selects as TentRunner does
         self.ctx.updated_param_count = chosen.updated_param_count
         self.has_aux, self.has_teacher, self.abstained = chosen.has_aux, chosen.has_teacher, False
+        self.host_metrics: dict[str, Any] = {}
         self.capturable = not (self.has_aux or self.has_teacher or self.tc.detector_response)
         return chosen.params
+
+    def why_not_parallel(self) -> str | None:
+        if not self.capturable:
+            return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
+        return None
 
     def needs_buffers(self) -> bool:
         return bool(self.config.rollback_on_stop) or self.tc.detector_response
 
-    def passes(self, x: Any) -> tuple[Any, ...]:
+    @staticmethod
+    def loss(net: Any, x: Any) -> torch.Tensor:
+        """One image's Tent loss: the entropy of its logits."""
+        return entropy(_tent._extract_logits(net(x)), fallback=_tent._entropy)
+
+    def passes(self, run: Any, x: Any) -> tuple[Any, ...]:
+        """In training mode: forward, entropy and its backward: (loss,); with YOLOZU's options, the
+        run's :meth:`host_passes`."""
+        run.model.train()
+        if self.capturable:
+            return run.backward(self.loss, x)
+        return self.host_passes(run, x)
+
+    def host_passes(self, run: Any, x: Any) -> tuple[Any, ...]:
         """Teacher (eval, no grad) and student forwards, the Tent loss and its backward: (loss,
-        entropy[, aux, view delta]); the detector response's host metrics decide the abstention."""
-        model, tc, teacher, view = self.ctx.model, self.tc, None, x
+        entropy, aux, view delta); the detector response's host metrics decide the abstention."""
+        model, tc, teacher, view = run.model, self.tc, None, x
         if self.has_teacher:
             model.eval()
             with torch.no_grad():
                 teacher = _tent._extract_outputs(model(x))
             view = _tent._deterministic_weak_photometric_view(x)
-        model.train()
+            model.train()
         output = model(view)
         outputs = _tent._extract_outputs(output)
         loss = entropy_loss = entropy(_tent._extract_logits(output), fallback=_tent._entropy)
@@ -76,18 +94,16 @@ class Tent(Method):
         self.host_metrics = {**self.host_metrics, **response}
         self.abstained = bool(response.get("response_abstained", 0.0)) and aux is None
         if not self.abstained:
-            self.arena.backward(loss)
-        if self.capturable:
-            return loss, entropy_loss
+            run.arena.backward(loss)
         delta = (view.detach() - x.detach()).abs().mean() if torch.is_tensor(view) and view is not x else 0.0
         return loss, entropy_loss, 0.0 if aux is None else aux, delta
 
     def update(self, step: int):
         return None if self.abstained else self.spec
 
-    def outcome(self, stats: Any, values: list[float], step: int) -> StepOutcome:
+    def outcome(self, stats: Any, values: list[float], step: int, i: int) -> StepOutcome:
         """The step's outcome with YOLOZU's entry metrics (those of ``ENTRY_METRICS`` present)."""
-        loss, entropy_value, aux, delta = (values + [0.0, 0.0])[:4]
+        loss, entropy_value, aux, delta = values if len(values) == 4 else (values[0], values[0], 0.0, 0.0)
         metrics = {"loss_entropy": entropy_value, "loss_aux_consistency": aux,
                    "aux_target_current_batch": float(self.has_aux), "aux_student_view_mean_abs_delta": delta,
                    "update_abstained": float(self.abstained), **self.host_metrics}
@@ -98,29 +114,4 @@ class Tent(Method):
                            optimizer_steps=int(not self.abstained), abstained=self.abstained)
 
 
-class TentReplicas(ReplicaMethod):
-    """Tent's K-replica step (``yolozu_ttt.parallel``): plain entropy only."""
-
-    name = "tent"
-    trains = True
-
-    def why_not(self) -> str | None:
-        m = self.method
-        if m.has_aux or m.has_teacher or m.tc.detector_response:
-            return "tent's aux-consistency, teacher and detector-response terms decide on the host per image"
-        return None
-
-    def begin(self, replicas: Any, records: list[Any], ctxs: list[Any]) -> None:
-        self.method.host_metrics, self.method.abstained = {}, False
-
-    def step(self, replicas: Any, x: torch.Tensor) -> torch.Tensor:
-        losses = replicas.backward(lambda output: entropy(_tent._extract_logits(output), fallback=_tent._entropy), x)
-        return torch.cat([losses.double().unsqueeze(0), replicas.update()])
-
-    def outcome(self, i: int, column: list[float], step: int) -> StepOutcome:
-        (loss,), stats = split(column)
-        return self.method.outcome(stats, [loss, loss], step)
-
-
 METHOD = Tent
-REPLICA = TentReplicas
