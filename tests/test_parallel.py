@@ -248,7 +248,7 @@ def test_bf16_groups_track_fp32_alone_within_the_derived_tolerance():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-# ---- update filters (every method with a REPLICA) ---------------------------------------------
+# ---- update filters (every method, K at once) ---------------------------------------------
 @pytest.mark.parametrize("update_filter", ["norm_only", "adapter_only", "lora_only", "lora_norm_only", "all"])
 @pytest.mark.parametrize("method", ["tent", "eata", "sar"])
 def test_every_update_filter_runs_k_at_once_as_alone(method, update_filter):

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import time
 import warnings
 from typing import Any, Callable
@@ -87,14 +86,12 @@ class ParallelFallbackWarning(UserWarning):
 
 
 def replica_method(session: Any, loop: Any) -> tuple[str | None, ReplicaMethod | None]:
-    """(why these runs cannot be adapted K at once or None, the bound method's step over replicas:
-    :class:`ReplicaMethod`, or the ``REPLICA`` its module names where it drives its own)."""
-    module = importlib.import_module(f"{__package__}.methods.{str(session.config.method or 'tent').lower()}")
+    """(why these runs cannot be adapted K at once or None, the bound method's step over replicas)."""
     if session.amp == "fp16":
         return "amp=fp16: its loss scale decides on the host per image (bf16 is sample-parallel)", None
     if any(p.dtype != torch.float32 for p in loop.arena.params):
         return "parameters other than float32", None
-    rmethod = getattr(module, "REPLICA", ReplicaMethod)(session, loop)
+    rmethod = ReplicaMethod(session, loop)
     return rmethod.why_not(), rmethod
 
 
