@@ -6,6 +6,7 @@ also mirrored, so no two records are alike). The single-process runs happen in t
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -752,6 +753,27 @@ def test_a_full_disk_keeps_the_earlier_output_and_ends_in_one_line(data, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.json", "out.json"]
 
 
+def test_the_one_line_is_one_write(data, tmp_path, monkeypatch):
+    """Under torchrun every worker writes to the launcher's stderr, unbuffered (``python -u``):
+    the one line a fault ends in goes out in one write, text and newline together, so two workers'
+    lines never run together on one line (seen with print: "...rerun with --resumeyolozu-ttt ...")."""
+    out, log = _earlier(tmp_path)
+    args = _fault_args(data, None, out, log, resume=False)
+    writes: list[str] = []
+
+    class Unbuffered(io.TextIOBase):  # what -u makes of stderr: each write goes out as it is
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(Path, "write_text", support_export.disk_full("out.json"))
+    monkeypatch.setattr(sys, "stderr", Unbuffered())
+    assert cli.main(["export-predictions", *args]) == 1
+    lines = [w for w in writes if w.startswith(LINE)]
+    assert len(lines) == 1 and lines[0].endswith("\n") and lines[0].count("\n") == 1, writes[-5:]
+    assert out.read_bytes() == EARLIER_OUT
+
+
 @pytest.mark.parametrize("mode, reset, sig", [
     ("one-process", None, "SIGINT"),
     ("one-process", "sample", "SIGTERM"),
@@ -872,7 +894,7 @@ def test_launcher_stopped_mid_run_ends_in_one_line_and_resumes(data, tmp_path, s
     assert len(re.findall(rf"^yolozu-ttt torchrun: stopped by {how}; .* --resume", err, re.M)) == 1, err[-4000:]
     assert out.read_bytes() == EARLIER_OUT and log.read_bytes() == EARLIER_LOG
     done = len(_entries(parts))
-    assert 0 < done < N_SAMPLE
+    assert 0 < done <= N_SAMPLE  # all of them where the workers' SIGTERM came after their last image
     res = subprocess.run(_launcher_cmd([*args, "--resume"]), cwd=tmp_path, env=_env(), capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -882,15 +904,16 @@ def test_launcher_stopped_mid_run_ends_in_one_line_and_resumes(data, tmp_path, s
 
 def test_launcher_ends_a_failed_run_in_the_workers_lines_and_one_more(data, tmp_path):
     """``yolozu-ttt torchrun``, 2 workers that both fail (a usage error: --ttt-parallel 0): each
-    worker's own line, the launcher's one line naming the first failure, its exit status, no
-    traceback."""
+    worker's own line, the launcher's one line naming the first failure (and how many failed:
+    torch's agent stops the other worker once one failed, so it counts one or two), its exit
+    status, no traceback."""
     args = [*_args(data, reset="sample", n=2), "--output", str(tmp_path / "out.json"), "--ttt-parallel", "0"]
     res = subprocess.run(_launcher_cmd(args), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-4000:]
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-4000:]
     assert len(re.findall(r"^yolozu-ttt export-predictions: error: .*--ttt-parallel", res.stderr, re.M)) == 2, \
         res.stderr[-4000:]
-    assert len(re.findall(r"^yolozu-ttt torchrun: worker rank [01] ended with exit status 2 \(2 workers failed\); "
+    assert len(re.findall(r"^yolozu-ttt torchrun: worker rank [01] ended with exit status 2( \(2 workers failed\))?; "
                           r"its own line above says why$", res.stderr, re.M)) == 1, res.stderr[-4000:]
     assert not (tmp_path / "out.json").exists()
 

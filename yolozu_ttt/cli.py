@@ -386,6 +386,7 @@ def export_predictions(argv: Sequence[str]) -> int:
     amp, parallel = ours.amp, ours.parallel
     timeout_s = vars(args).pop("dist_timeout", None)
     from . import export
+    from .export.errors import say
     from .export.publish import Fault
 
     try:
@@ -402,10 +403,10 @@ def export_predictions(argv: Sequence[str]) -> int:
         return 0
     except export.OutputBusy as busy:  # one line, no traceback; torchrun's other ranks stay silent
         if busy.code:
-            print(f"{PROG} export-predictions: {busy.code}", file=sys.stderr, flush=True)
+            say(f"{PROG} export-predictions: {busy.code}")
         return 2
     except Fault as fault:  # a write error, Ctrl-C or SIGTERM: one line, what was kept, how to go on
-        print(f"{PROG} export-predictions: {fault.message}", file=sys.stderr, flush=True)
+        say(f"{PROG} export-predictions: {fault.message}")
         return fault.status
 
 

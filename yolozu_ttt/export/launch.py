@@ -25,6 +25,7 @@ import sys
 from typing import Iterator, Sequence
 
 from ..flags import PROG
+from .errors import say
 
 COMMAND = "export-predictions"
 NAME = f"{PROG} torchrun"
@@ -79,8 +80,8 @@ def _stopped(sigval: int) -> int:
     """The launcher was stopped by ``sigval``: its one line; the exit status 128 + the signal."""
     sig = signal.Signals(int(sigval))
     how = "Ctrl-C (SIGINT)" if sig == signal.SIGINT else sig.name
-    print(f"{NAME}: stopped by {how}; every worker was stopped and said above what it kept; rerun the same "
-          f"command with --resume to continue from the images finished so far", file=sys.stderr, flush=True)
+    say(f"{NAME}: stopped by {how}; every worker was stopped and said above what it kept; rerun the same "
+        f"command with --resume to continue from the images finished so far")
     return 128 + int(sig)
 
 
@@ -93,8 +94,7 @@ def _failed(failures: dict) -> int:
     status = code if code > 0 else 128 + (-code if code < 0 else 1)
     how = f"signal {failure.signal_name()}" if code < 0 else f"exit status {code}"
     others = f" ({len(failures)} workers failed)" if len(failures) > 1 else ""
-    print(f"{NAME}: worker rank {rank} ended with {how}{others}; its own line above says why", file=sys.stderr,
-          flush=True)
+    say(f"{NAME}: worker rank {rank} ended with {how}{others}; its own line above says why")
     return status
 
 

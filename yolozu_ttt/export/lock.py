@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .dist import DistEnv
-from .errors import ExportError, OutputBusy
+from .errors import ExportError, OutputBusy, say
 
 LOCK_HEARTBEAT_S = 5.0   # the lock holder rewrites its heartbeat this often
 LOCK_STALE_S = 60.0      # a lock whose heartbeat is older than this is stale (any host)
@@ -173,7 +172,7 @@ class OutputLock:
     def held(self) -> Iterator["OutputLock"]:
         note = self.acquire()
         if note:
-            print(note, file=sys.stderr, flush=True)
+            say(note)
         try:
             yield self
         finally:

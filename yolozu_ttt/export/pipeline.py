@@ -23,7 +23,7 @@ import traceback
 from typing import Any, Callable
 
 from .dist import DistEnv, die_with_launcher
-from .errors import ExportError, OutputBusy
+from .errors import ExportError, OutputBusy, say
 from .job import Job
 from .lock import OutputLock
 from .merge import Merge
@@ -78,7 +78,7 @@ class ShardedExport:
             try:
                 note = self.lock.acquire()
                 if note:
-                    print(note, file=sys.stderr, flush=True)
+                    say(note)
                 job.publication.clear_leftovers()
                 clear_leftovers(job.parts_dir)
             except ExportError as exc:  # OutputBusy, or an output folder that cannot be written
