@@ -89,8 +89,9 @@ def test_no_import_cycle():
 
 
 def test_a_cpu_run_does_not_import_triton():
-    """Importing the package and what a CPU run and the command line use leaves Triton unimported
-    (its import is ~80 ms of every export process's start-up); the kernels import it when they run."""
+    """Importing the package and what a CPU run and the command line use, and the engine summary an
+    export records in its meta (``build_info``: Triton's version from its metadata), leave Triton
+    unimported (its import is ~80 ms of every export process); the kernels import it when they run."""
     import os
     import subprocess
     import sys
@@ -98,7 +99,9 @@ def test_a_cpu_run_does_not_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys, yolozu_ttt, yolozu_ttt.run, yolozu_ttt.cli, yolozu_ttt.parallel\n"
             "from yolozu_ttt import common\n"
+            "info = yolozu_ttt.build_info()\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n"
+            "assert (info['triton'] is not None) == common.HAVE_TRITON, info\n"
             "print(common.HAVE_TRITON)")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -13,12 +13,7 @@ def build_info() -> dict[str, Any]:
     """What this install can do: compiled engine, OpenMP threads, Triton, CUDA, methods."""
     from . import _native
 
-    try:
-        import triton
-
-        triton_version: str | None = str(triton.__version__)
-    except Exception:  # triton is optional (absent off Linux)
-        triton_version = None
+    triton_version = _triton_version()
     try:
         import torch
 
@@ -53,3 +48,22 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["__version__", "build_info", "run_ttt"]
+
+
+def _triton_version() -> str | None:
+    """The installed Triton's version from its package metadata, or None (Triton is optional:
+    absent off Linux). Not imported: an export records this in its meta after the run, and
+    importing Triton costs a CPU process ~0.1-0.3 s it never uses (and an import a SIGTERM could
+    interrupt)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata: its own attribute
+        import triton
+
+        return str(getattr(triton, "__version__", None) or "") or None
+
