@@ -83,7 +83,6 @@ class ProcessGroup:
         self.timeout_s = float(timeout_s)
         self.backend: str | None = None
         self._pg = False
-        self._met: Any = None  # settle's tensor, held until the group is torn down
 
     def setup(self) -> None:
         import torch
@@ -126,19 +125,14 @@ class ProcessGroup:
         """Every rank done with the group's collectives before any rank tears it down (on the path
         where every rank gets here: a finished export). Seen once in ~35 two-worker exports: a rank
         that destroyed gloo's group while its peer was still in the last collective aborted at
-        exit (std::terminate on a joinable worker thread).
-
-        The ranks meet in an all-reduce of a tensor this object holds until :meth:`teardown`, not in
-        a barrier: gloo's barrier work holds the group's earlier collectives (and their tensors)
-        and a gloo worker thread frees it after the barrier returns; where that frees a tensor
-        Python made while the main thread is destroying the group (which holds the GIL and joins
-        that thread: torch before 2.8), the rank hangs at exit (seen on torch 2.6)."""
+        exit (std::terminate on a joinable worker thread). A barrier, not an all-reduce: with an
+        all-reduce that abort came back (twice in ~60 two-worker exports). On torch before 2.8 a
+        gloo worker thread freeing the barrier's held work needs the GIL that the group's
+        destructor keeps (a rank hung at exit once on 2.6): one reason the floor is 2.8."""
         if self._pg:
-            import torch
             import torch.distributed as dist
 
-            self._met = torch.zeros(1, device=self.device if self.backend == "nccl" else "cpu")
-            dist.all_reduce(self._met)
+            dist.barrier()
 
     def teardown(self) -> None:
         if self._pg:
@@ -147,7 +141,6 @@ class ProcessGroup:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
             self._pg = False
-        self._met = None
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (one collective)."""
