@@ -85,14 +85,28 @@ PROBE = textwrap.dedent("""
         report = backend(ListAdapter(model, batches), [], config=TTTConfig(
             enabled=True, method=method, steps=1, max_batches=1, lr=1e-3, update_filter="all"))
         assert report.steps_run == 1, (method, report)
+    if sys.argv[1] == "fast":  # and K at once: the loss ops' batching rules under vmap
+        from support_models import method_case, method_config
+        from yolozu_ttt.floor import RecordAdapter
+        from yolozu_ttt.parallel import ParallelFallbackWarning
+        from yolozu_ttt.run import TTTSession
+        import warnings
+        warnings.simplefilter("error", ParallelFallbackWarning)
+        for method in ("tent", "eata", "sar", "cotta", "mim"):
+            model, batches = method_case(method)
+            cfg = method_config(method, update_filter="norm_only", steps=1, max_batches=1)
+            with TTTSession(RecordAdapter(model, [b[:1] for b in batches]), cfg) as session:
+                reports = session.run_parallel([{"i": i} for i in range(len(batches))], 2)
+            assert len(reports) == len(batches) and reports[-1].steps_run == 1, (method, reports)
     print("torch._dynamo" in sys.modules)
 """)
 
 
 @pytest.mark.parametrize("backend,imports", [("fast", False), ("reference", True)])
 def test_a_fast_run_never_imports_dynamo(backend, imports):
-    """Every method's fast run in a fresh process leaves ``torch._dynamo`` unimported (~1 s of a
-    short export's start-up); the reference's, which builds a torch.optim.Adam, imports it."""
+    """Every method's fast run in a fresh process, alone and K at once (the loss ops under vmap:
+    ``ops._CustomOp``), leaves ``torch._dynamo`` unimported (~1 s of a short export's start-up);
+    the reference's, which builds a torch.optim.Adam, imports it."""
     tests = str(__import__("pathlib").Path(__file__).parent)
     done = subprocess.run([sys.executable, "-c", PROBE, backend], capture_output=True, text=True, cwd=tests,
                           timeout=300)

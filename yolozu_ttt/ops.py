@@ -9,7 +9,8 @@ Public functions (same semantics as YOLOZU 4.12's reference helpers, see the REA
 * :func:`expand_patch_mask` - the full-resolution mask ``generate_block_mask`` would return
 
 Layers: Triton kernels (``yolozu_ttt.kernels.entropy`` / ``.mim``) or a torch implementation
--> ``torch.library.custom_op`` (``yolozu_ttt::*``) with ``register_fake``,
+-> custom ops (``yolozu_ttt::*``, defined as ``torch.library.custom_op`` would, see
+:class:`_CustomOp`) with ``register_fake``,
 ``register_autograd`` (so ``torch.compile(fullgraph=True)`` traces through and
 ``torch.library.opcheck`` passes) and ``register_vmap`` -> the small public functions below.
 
@@ -39,6 +40,39 @@ import torch
 from torch import Tensor
 
 from .common import use_triton
+
+
+#: The ``yolozu_ttt`` operator namespace (every op of this module is defined in it).
+_LIB = torch.library.Library("yolozu_ttt", "DEF")
+
+
+class _CustomOp:
+    """One ``yolozu_ttt::`` operator, as ``torch.library.custom_op`` would make it (the schema inferred
+    from the function's annotations, the function its implementation on every device, and the
+    same ``register_fake`` / ``register_autograd`` / ``register_vmap``), but defined through
+    ``torch.library.Library``: ``custom_op`` wraps every implementation in torch's
+    ``_disable_dynamo``, whose first call imports ``torch._dynamo`` (~1 s and ~100 MiB of a process
+    that never compiles; the batching rules call the ops on every K-at-once group)."""
+
+    def __init__(self, name: str, fn):
+        self.qualname, self.fn = f"yolozu_ttt::{name}", fn
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.qualname, fn, lib=_LIB)
+        return fn
+
+    def register_autograd(self, backward, *, setup_context=None) -> None:
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIB)
+
+    def register_vmap(self, rule) -> None:
+        torch.library.register_vmap(self.qualname, rule, lib=_LIB)
+
+
+def _custom_op(name: str):
+    """``@_custom_op("name")``: the function as the implementation of ``yolozu_ttt::name`` (:class:`_CustomOp`)."""
+    return lambda fn: _CustomOp(name, fn)
 
 __all__ = [
     "apply_patch_mask",
@@ -137,7 +171,7 @@ def _entropy_loss_fwd_impl(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return h.mean().to(logits.dtype), lse, h
 
 
-@torch.library.custom_op("yolozu_ttt::entropy_loss_fwd", mutates_args=())
+@_custom_op("entropy_loss_fwd")
 def _entropy_loss_fwd(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, lse, H)``: loss 0-d in ``logits.dtype``; ``lse``, ``H`` fp32 ``(N,)`` (N = 0 if C <= 1)."""
     return _entropy_loss_fwd_impl(logits)
@@ -166,7 +200,7 @@ def _entropy_loss_bwd_impl(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor)
     return _torch_entropy_backward(grad, logits, lse, h)
 
 
-@torch.library.custom_op("yolozu_ttt::entropy_loss_bwd", mutates_args=())
+@_custom_op("entropy_loss_bwd")
 def _entropy_loss_bwd(grad: Tensor, logits: Tensor, lse: Tensor, h: Tensor) -> Tensor:
     """Gradient of the mean entropy w.r.t. ``logits`` (zeros when C <= 1); ``grad (B,)``: of the
     per-sample means of ``entropy_loss_samples``."""
@@ -225,7 +259,7 @@ def _entropy_samples_impl(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return h.mean(dim=1).to(logits.dtype), lse.view(batch, n), h
 
 
-@torch.library.custom_op("yolozu_ttt::entropy_loss_samples", mutates_args=())
+@_custom_op("entropy_loss_samples")
 def _entropy_loss_samples(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample ``entropy_loss_fwd`` (its batching rule): ``logits (B, ..., C)`` -> ``(loss (B,),
     lse (B, N), H (B, N))``."""
@@ -270,7 +304,7 @@ def _entropy_stats_impl(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor
     return conf2.mean(dim=1), h.view(batch, -1).mean(dim=1), valid
 
 
-@torch.library.custom_op("yolozu_ttt::entropy_stats", mutates_args=())
+@_custom_op("entropy_stats")
 def _entropy_stats(logits: Tensor, conf_min: float) -> tuple[Tensor, Tensor, Tensor]:
     """EATA per-sample ``(conf, entropy, valid)``, fp32 ``(B,)`` (not differentiable)."""
     return _entropy_stats_impl(logits, conf_min)
@@ -406,7 +440,7 @@ def _apply_patch_mask_impl(x: Tensor, patch_mask: Tensor, patch_size: int, mask_
     return torch.where(_full_mask(layout, x, patch_size), torch.tensor(mask_value, dtype=x.dtype, device=x.device), x)
 
 
-@torch.library.custom_op("yolozu_ttt::apply_patch_mask", mutates_args=())
+@_custom_op("apply_patch_mask")
 def _apply_patch_mask(x: Tensor, patch_mask: Tensor, patch_size: int, mask_value: float) -> Tensor:
     """``x`` with every pixel of a masked patch set to ``mask_value``."""
     return _apply_patch_mask_impl(x, patch_mask, patch_size, mask_value)
@@ -446,7 +480,7 @@ def _masked_recon_impl(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_s
     return _per_masked(torch.dot(d, d), count).to(pred.dtype), count
 
 
-@torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss", mutates_args=())
+@_custom_op("masked_reconstruction_loss")
 def _masked_recon(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
     """Mean of ``(pred - target)^2`` over masked elements (0-d, ``pred.dtype``; 0 if none)."""
     return _masked_recon_impl(pred, target, patch_mask, patch_size)[0]
@@ -473,7 +507,7 @@ def _masked_recon_bwd_impl(grad: Tensor, pred: Tensor, target: Tensor, patch_mas
     return d.mul_(scale.to(d.dtype)).to(pred.dtype).contiguous()
 
 
-@torch.library.custom_op("yolozu_ttt::masked_reconstruction_loss_bwd", mutates_args=())
+@_custom_op("masked_reconstruction_loss_bwd")
 def _masked_recon_bwd(grad: Tensor, pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
     """``d loss / d pred = where(mask, 2 g (pred - target) / n_mask, 0)`` (``d/d target`` is minus it)."""
     return _masked_recon_bwd_impl(grad, pred, target, patch_mask, patch_size)
