@@ -158,6 +158,58 @@ def _signal_at_predict(spec: str) -> None:
     RTDETRPoseAdapter.predict = predict
 
 
+def hold(at: int, where: Path) -> None:
+    """Each worker of the first attempt holds at the start of its ``at``-th adaptation (its earlier
+    images written, this one in hand) until a SIGTERM or SIGINT reaches it, with a ``held-<rank>``
+    file in ``where`` while it waits; the signal then goes to the handler the run installed, and the
+    adaptation goes on. So a test stops a run mid-run for certain, however fast the images go."""
+    from yolozu_ttt import cli
+
+    real, started = cli.FastBackend.__call__, [0]
+
+    def held(self, adapter, records, *, config):
+        started[0] += 1
+        if started[0] == at and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+            got: list[int] = []
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+            def chained(signum, frame):
+                got.append(signum)
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+                if callable(handlers[signum]):
+                    handlers[signum](signum, frame)
+
+            for s in handlers:
+                signal.signal(s, chained)
+            (where / f"held-{os.environ.get('RANK', '0')}").write_text("", encoding="utf-8")
+            deadline = time.monotonic() + 300
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return real(self, adapter, records, config=config)
+
+    cli.FastBackend.__call__ = held
+
+
+def hold_from_env() -> None:
+    """:func:`hold` in a torchrun worker whose environment asks for it (``$YTTT_HOLD_AT=K``,
+    ``$YTTT_HOLD_DIR``): what :func:`held_env`'s ``sitecustomize`` runs at every start-up."""
+    if os.environ.get("YTTT_HOLD_AT") and os.environ.get("LOCAL_RANK") is not None:
+        hold(int(os.environ["YTTT_HOLD_AT"]), Path(os.environ["YTTT_HOLD_DIR"]))
+
+
+def held_env(env: dict[str, str], root: Path, at: int) -> dict[str, str]:
+    """``env`` for a torchrun export whose workers :func:`hold` at their ``at``-th adaptation (whatever
+    command the launcher gives them: a ``sitecustomize`` on ``PYTHONPATH`` installs it)."""
+    site = root / "hold-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import support_export\nsupport_export.hold_from_env()\n", encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    return dict(env, PYTHONPATH=path, YTTT_HOLD_AT=str(at), YTTT_HOLD_DIR=str(root))
+
+
 def main() -> int:
     from yolozu_ttt import cli
 
