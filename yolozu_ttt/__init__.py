@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 def build_info() -> dict[str, Any]:
     """What this install can do: compiled engine, OpenMP threads, Triton, CUDA, methods."""
     from . import _native
+    from .common import triton_version
 
-    triton_version = _triton_version()
     try:
         import torch
 
@@ -30,7 +30,7 @@ def build_info() -> dict[str, Any]:
         "cpp_extension_error": _native.LOAD_ERROR,
         "openmp": bool(native.openmp()) if native is not None else False,
         "threads": int(native.num_threads()) if native is not None else 1,
-        "triton": triton_version,
+        "triton": triton_version(),
         "cuda": cuda,
         "torch": torch_version,
         "accelerated_methods": accelerated_methods(),
@@ -48,22 +48,3 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["__version__", "build_info", "run_ttt"]
-
-
-def _triton_version() -> str | None:
-    """The installed Triton's version from its package metadata, or None (Triton is optional:
-    absent off Linux). Not imported: an export records this in its meta after the run, and
-    importing Triton costs a CPU process ~0.1-0.3 s it never uses (and an import a SIGTERM could
-    interrupt)."""
-    import importlib.metadata
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:  # importable without metadata: its own attribute
-        import triton
-
-        return str(getattr(triton, "__version__", None) or "") or None
-

@@ -26,6 +26,22 @@ CUDA_GRAPH = os.environ.get("YOLOZU_TTT_CUDA_GRAPH", "0") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def triton_version() -> str | None:
+    """The installed Triton's version from its package metadata (None without Triton), not imported:
+    an export records it in its meta after the run, where importing Triton would cost a CPU process
+    ~0.1-0.3 s it never uses (and an import a SIGTERM could interrupt)."""
+    if not HAVE_TRITON:
+        return None
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata: its own attribute
+        import triton
+
+        return str(getattr(triton, "__version__", None) or "") or None
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether work on ``tensor`` takes the Triton kernels (the loss ops and the update engine).
 
