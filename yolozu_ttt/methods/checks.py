@@ -35,6 +35,18 @@ def check_adam(params: list[Any], lr: Any) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
+def checked_selection(model: Any, update_filter: Any, include: Any, exclude: Any, lr: float,
+                      nothing: Exception) -> list[torch.Tensor]:
+    """YOLOZU's ``select_parameters`` with the checks the reference makes around it: ``nothing``
+    raised where nothing is selected (its own type and message per method), then the optimizer's
+    (:func:`check_adam`)."""
+    params = select_parameters(model, update_filter=update_filter, include=include, exclude=exclude)
+    if not params:
+        raise nothing
+    check_adam(params, lr)
+    return list(params)
+
+
 @dataclass(frozen=True)
 class TentSelection:
     """What YOLOZU's ``TentRunner`` decides when it is built: the parameters it adapts and whether
@@ -56,10 +68,8 @@ def tent_selection(model: Any, tc: Any) -> TentSelection:
             raise ValueError("response_min_selected must be >= 1")
         if 0 < int(tc.response_topk) < int(tc.response_min_selected):
             raise ValueError("response_topk must be 0 or >= response_min_selected")
-    params = select_parameters(model, update_filter=tc.update_filter, include=tc.include, exclude=tc.exclude)
-    if not params:
-        raise ValueError("no parameters selected for Tent")
-    check_adam(params, float(tc.lr))
+    params = checked_selection(model, tc.update_filter, tc.include, tc.exclude, float(tc.lr),
+                               ValueError("no parameters selected for Tent"))
     has_aux = any(float(getattr(tc, f"aux_{name}_weight")) > 0 for name in AUX_WEIGHTS)
-    return TentSelection(list(params), _ref._count_unique_params(params), has_aux,
+    return TentSelection(params, _ref._count_unique_params(params), has_aux,
                          has_aux or bool(tc.detector_response))

@@ -60,13 +60,12 @@ from ..seam import integration as _ref
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import TTTReport
 from yolozu.tta.method_profiles import get_ttt_method_profile
-from yolozu.tta.ttt_mim import select_parameters
 
 from .. import amp, capture, guards, ops
 from ..arena import ParamArena
 from ..common import StepStats
 from ..engine import StepSpec, UpdateEngine, read
-from .checks import check_adam
+from .checks import checked_selection
 
 NORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -561,11 +560,8 @@ def amp_fields(ctx: RunContext, step: int, scaler: amp.LossScaler | None, loss_s
 def select_params(ctx: RunContext) -> list[torch.Tensor]:
     """The reference's parameter selection, checks and count (EATA, SAR, CoTTA, MIM)."""
     config = ctx.config
-    params = select_parameters(ctx.model, update_filter=str(config.update_filter), include=config.include,
-                               exclude=config.exclude)
-    if not params:
-        raise RuntimeError("no parameters selected for TTT")
-    check_adam(params, float(config.lr))  # the reference's optimizer checks (e.g. lr < 0), no optimizer built
+    params = checked_selection(ctx.model, str(config.update_filter), config.include, config.exclude, float(config.lr),
+                               RuntimeError("no parameters selected for TTT"))
     ctx.updated_param_count = _ref._count_unique_params(params)
     return params
 
