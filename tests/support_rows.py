@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import pytest
 import torch
 
 from yolozu_ttt.common import GRAD_STAT_KEYS, SAR_STAT_KEYS, STAT_KEYS
@@ -145,3 +146,27 @@ def assert_stats_match(rows_out: torch.Tensor, singles: list[torch.Tensor]) -> N
     """Row r's stats equal its single's, every field bit for bit (NaN where it is NaN)."""
     for r, want in enumerate(singles):
         assert torch.equal(rows_out[r].nan_to_num(nan=-7.0), want.nan_to_num(nan=-7.0)), (r, rows_out[r], want)
+
+
+def assert_bad_rows_refused(impl: Any, spec: Any, out_message: str, gate_message: str) -> None:
+    """A backend's row checks, each a ``ValueError`` with a clear message (``out_message`` and
+    ``gate_message``: the backend's own wording), and nothing changed by a refused call: an ``out``
+    too short for the rows, a gate or seeds not one per row, groups of different row counts, a
+    segment table that does not cover the arena's rows. ``spec``: the step's options as the
+    backend's ``fused_step`` takes them."""
+    rows = Rows(impl, 2, [5, 3], torch.float32, 0)
+    other = Rows(impl, 3, [5, 3], torch.float32, 0)
+    out = torch.zeros(2 * len(STAT_KEYS), dtype=torch.float64)
+    with pytest.raises(ValueError, match=out_message):
+        impl.fused_step([rows.group], torch.zeros(7, dtype=torch.float64), spec)
+    with pytest.raises(ValueError, match=gate_message):
+        impl.fused_step([rows.group], out, spec, 0, torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"seeds must have one seed per row \(2\), got 3"):
+        impl.fused_step([rows.group], out, spec, 0, None, [1, 2, 3])
+    with pytest.raises(ValueError, match="the same number of rows"):
+        impl.fused_step([rows.group, other.group], out, spec)
+    with pytest.raises(ValueError, match="segments cover 8 elements x 3 rows, arena has 16"):
+        make_group(impl, rows.flat.view(-1), rows.grad.view(-1), rows.m.view(-1), rows.v.view(-1),
+                   rows.base.view(-1), None, rows.offsets, rows.sizes, None, 3)
+    assert rows.group.steps == [0, 0, 0, 0]  # nothing changed
+

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support_rows import Rows, Single, assert_stats_match, call_rows, fused_rows, steps_as_singles
+from support_rows import (Rows, Single, assert_bad_rows_refused, assert_stats_match, call_rows, fused_rows,
+                          steps_as_singles)
 
 import yolozu_ttt._C as C
 from yolozu_ttt.common import STAT_KEYS, RowStats
@@ -97,22 +98,8 @@ def test_sar_ascent_per_row_by_its_own_direction_norm(adaptive, rho):
 
 
 def test_bad_row_arguments_have_clear_errors():
-    rows = Rows(C, 2, [5, 3], torch.float32, 0)
-    other = Rows(C, 3, [5, 3], torch.float32, 0)
-    spec = StepSpec(lr=1e-2).native
-    out = torch.zeros(2 * len(STAT_KEYS), dtype=torch.float64)
-    with pytest.raises(ValueError, match="out has 7 elements, fused_step writes 14"):
-        C.fused_step([rows.group], torch.zeros(7, dtype=torch.float64), spec)
-    with pytest.raises(ValueError, match=r"gate must have one element per row \(2\), got 1"):
-        C.fused_step([rows.group], out, spec, 0, torch.ones(1, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"seeds must have one seed per row \(2\), got 3"):
-        C.fused_step([rows.group], out, spec, 0, None, [1, 2, 3])
-    with pytest.raises(ValueError, match="the same number of rows"):
-        C.fused_step([rows.group, other.group], out, spec)
-    with pytest.raises(ValueError, match="segments cover 8 elements x 3 rows, arena has 16"):
-        C.ArenaGroup(rows.flat.view(-1), rows.grad.view(-1), rows.m.view(-1), rows.v.view(-1), rows.base.view(-1),
-                     None, rows.offsets, rows.sizes, None, rows=3)
-    assert rows.group.steps == [0, 0, 0, 0]  # nothing changed
+    assert_bad_rows_refused(C, StepSpec(lr=1e-2).native, "out has 7 elements, fused_step writes 14",
+                            r"gate must have one element per row \(2\), got 1")
 
 
 # ---- through the engine: RowArena + UpdateEngine -------------------------------------------------

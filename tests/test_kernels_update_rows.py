@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import UNDER_INTERPRETER, run_under_interpreter, skip_under_interpreter
-from support_rows import Rows, assert_stats_match, call_rows, steps_as_singles
+from support_rows import Rows, assert_bad_rows_refused, assert_stats_match, call_rows, steps_as_singles
 
 from yolozu_ttt.common import STAT_KEYS
 from yolozu_ttt.engine import StepSpec, UpdateEngine
@@ -81,22 +81,8 @@ def test_sar_ascent_per_row_by_its_own_direction_norm(adaptive):
 
 @needs_triton_path
 def test_bad_row_arguments_have_clear_errors():
-    rows = Rows(U, 2, [5, 3], torch.float32, 0)
-    other = Rows(U, 3, [5, 3], torch.float32, 0)
-    spec = StepSpec(lr=1e-2)
-    out = torch.zeros(2 * len(STAT_KEYS), dtype=torch.float64)
-    with pytest.raises(ValueError, match="expected 1-D with at least 14 elements"):
-        U.fused_step([rows.group], torch.zeros(7, dtype=torch.float64), spec)
-    with pytest.raises(ValueError, match=r"gate must be a float64 tensor of one element per row \(2\)"):
-        U.fused_step([rows.group], out, spec, 0, torch.ones(1, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"seeds must have one seed per row \(2\), got 3"):
-        U.fused_step([rows.group], out, spec, 0, None, [1, 2, 3])
-    with pytest.raises(ValueError, match="the same number of rows"):
-        U.fused_step([rows.group, other.group], out, spec)
-    with pytest.raises(ValueError, match="segments cover 8 elements x 3 rows, arena has 16"):
-        U.TritonArenaGroup(rows.flat.view(-1), rows.grad.view(-1), rows.m.view(-1), rows.v.view(-1),
-                           rows.base.view(-1), None, rows.offsets, rows.sizes, None, rows=3)
-    assert rows.group.steps == [0, 0, 0, 0]
+    assert_bad_rows_refused(U, StepSpec(lr=1e-2), "expected 1-D with at least 14 elements",
+                            r"gate must be a float64 tensor of one element per row \(2\)")
 
 
 @needs_triton_path
