@@ -111,6 +111,16 @@ std::vector<ArenaGroup*> to_groups(const py::list& groups) {
 
 // A step's options from a yolozu_ttt.engine.StepSpec (any object with its fields), read once;
 // the spec has validated them.
+// The groups and the stats buffer of a call that steps nothing else (grad_stats, sar_perturb),
+// converted with the GIL held, then ``call(groups, out)`` run without it.
+template <class Call>
+void on_groups(const py::list& groups, const py::object& out, Call&& call) {
+  const auto gs = to_groups(groups);
+  const Buffer o = to_buffer(out, "out", false, Holds::Stats);
+  py::gil_scoped_release release;
+  call(gs, o);
+}
+
 StepOptions step_options(const py::object& spec) {
   StepOptions o;
   o.lr = spec.attr("lr").cast<double>();
@@ -221,10 +231,7 @@ void bind_calls(py::module_& m) {
   m.def(
       "grad_stats",
       [](const py::list& groups, const py::object& out, double anchor_lambda, bool anchor_value) {
-        const auto gs = to_groups(groups);
-        const Buffer o = to_buffer(out, "out", false, Holds::Stats);
-        py::gil_scoped_release release;
-        yttt::grad_stats(gs, o, anchor_lambda, anchor_value);
+        on_groups(groups, out, [&](const auto& gs, const Buffer& o) { yttt::grad_stats(gs, o, anchor_lambda, anchor_value); });
       },
       py::arg("groups"), py::arg("out"),
         py::arg("anchor_lambda") = 0.0, py::arg("anchor_value") = false,
@@ -234,10 +241,7 @@ void bind_calls(py::module_& m) {
   m.def(
       "sar_perturb",
       [](const py::list& groups, const py::object& out, double rho, bool adaptive) {
-        const auto gs = to_groups(groups);
-        const Buffer o = to_buffer(out, "out", false, Holds::Stats);
-        py::gil_scoped_release release;
-        yttt::sar_perturb(gs, o, rho, adaptive);
+        on_groups(groups, out, [&](const auto& gs, const Buffer& o) { yttt::sar_perturb(gs, o, rho, adaptive); });
       },
       py::arg("groups"), py::arg("out"), py::arg("rho"),
         py::arg("adaptive"),
